@@ -1,0 +1,1 @@
+"""Calibrate stage: base model, Monte Carlo targets, surrogate, conformal calibration, evaluation (torch)."""

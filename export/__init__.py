@@ -1,0 +1,1 @@
+"""Export stage: surrogate to ONNX, precision variants, TensorRT engines, bundles (``rrise-export``)."""

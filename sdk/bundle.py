@@ -1,0 +1,195 @@
+"""The deployable bundle: a folder holding ``manifest.json`` and every file it lists with its sha256.
+
+``Bundle.load`` refuses anything it cannot vouch for — a changed, missing or extra file, a malformed
+manifest, an unknown schema version — with a :class:`BundleError` that names the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .certificate import Calibration
+
+__all__ = ["SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file", "write_manifest"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = (
+    "schema_version", "rrise_version", "created", "model", "preprocess", "smoothing",
+    "calibration", "base_model", "variants", "guarantee", "files",
+)
+GUARANTEE = (
+    "If the calibration inputs and the deployed input are exchangeable (drawn from the same "
+    "distribution), then with probability at least 1 - alpha - beta over calibration, input and "
+    "noise, either the record abstains or the smoothed classifier predicts the record's class and "
+    "is constant on the l2 ball of the record's radius (in [0,1]-pixel units of the model input). "
+    "It is a marginal guarantee over the input distribution, not a per-input one, and it does not "
+    "survive distribution shift or a changed base model."
+)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be trusted or used; the message names the file or key at fault."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Hash every file in ``folder`` into ``manifest['files']`` and write the manifest atomically."""
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".tmp")
+    }
+    manifest = dict(manifest)
+    manifest["files"] = files
+    for entry in [manifest.get("model"), manifest.get("base_model"), *manifest.get("variants", [])]:
+        if isinstance(entry, dict) and entry.get("file") in files:
+            entry["sha256"] = files[entry["file"]]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+@dataclass
+class Bundle:
+    """A verified bundle. Load with :meth:`Bundle.load`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    id: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+        """Read ``path/manifest.json`` and check every file's sha256; raise BundleError if any fails."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"bundle {path} is not a folder")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"bundle {path} has no {MANIFEST}")
+        raw = mpath.read_bytes()
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{mpath} is not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath} must hold a JSON object")
+        bundle = cls(path=path, manifest=manifest, id=hashlib.sha256(raw).hexdigest()[:16])
+        schema_problems = bundle._schema_problems()
+        if schema_problems:
+            raise BundleError(f"{mpath}: " + "; ".join(schema_problems))
+        if verify:
+            problems = bundle.integrity_problems()
+            if problems:
+                raise BundleError(f"bundle {path} failed its integrity check: " + "; ".join(problems))
+        return bundle
+
+    def _schema_problems(self) -> list[str]:
+        m = self.manifest
+        missing = [k for k in REQUIRED_KEYS if k not in m]
+        if missing:
+            return [f"missing key(s) {', '.join(missing)}"]
+        if m["schema_version"] != SCHEMA_VERSION:
+            return [
+                f"unknown schema_version {m['schema_version']!r} (this rrise reads {SCHEMA_VERSION}); "
+                "upgrade rrise or re-export the bundle"
+            ]
+        problems = []
+        for key, sub in (("model", ("file", "input", "output", "num_classes")),
+                         ("calibration", ("score", "alpha", "beta", "n_mc", "quantile", "m")),
+                         ("smoothing", ("sigma",))):
+            if not isinstance(m[key], dict):
+                problems.append(f"'{key}' must be an object")
+                continue
+            problems += [f"missing key {key}.{s}" for s in sub if s not in m[key]]
+        if not isinstance(m["variants"], list) or not m["variants"]:
+            problems.append("'variants' must be a non-empty list")
+        if not isinstance(m["files"], dict):
+            problems.append("'files' must be an object of file name -> sha256")
+        return problems
+
+    def integrity_problems(self) -> list[str]:
+        """Every changed, missing or extra file, and every entry whose hash disagrees with 'files'."""
+        listed: dict[str, str] = self.manifest["files"]
+        problems = []
+        for name, digest in listed.items():
+            p = self.path / name
+            if not p.is_file():
+                problems.append(f"missing file {name}")
+            elif sha256_file(p) != digest:
+                problems.append(f"changed file {name} (sha256 differs from the manifest)")
+        on_disk = {
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.is_file() and p.name != MANIFEST
+        }
+        problems += [f"extra file {name} (not in the manifest)" for name in sorted(on_disk - set(listed))]
+        for entry in self._file_entries():
+            f = entry.get("file")
+            if f not in listed:
+                problems.append(f"manifest names {f!r}, which is not in 'files'")
+            elif entry.get("sha256") not in (None, listed[f]):
+                problems.append(f"manifest sha256 of {f} disagrees with 'files'")
+        return problems
+
+    def _file_entries(self) -> list[dict]:
+        m = self.manifest
+        return [e for e in [m["model"], m["base_model"], *m["variants"]] if isinstance(e, dict)]
+
+    # --- convenient views -------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        labels = self.manifest["model"].get("labels")
+        return list(labels) if labels else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["model"]["num_classes"])
+
+    @property
+    def sigma(self) -> float:
+        return float(self.manifest["smoothing"]["sigma"])
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def variant(self, precision: str = "fp32", backend: str | None = None) -> dict[str, Any]:
+        """The variant entry for ``precision`` (and ``backend``, if given)."""
+        for v in self.manifest["variants"]:
+            if v.get("precision") == precision and backend in (None, v.get("backend")):
+                return v
+        have = ", ".join(f"{v.get('precision')}/{v.get('backend')}" for v in self.manifest["variants"])
+        raise BundleError(f"bundle {self.path} has no {precision}/{backend or 'any'} variant (has {have})")
+
+    def calibration(self, variant: dict[str, Any] | None = None) -> Calibration:
+        """The calibration record, with the quantile of ``variant`` when one is given."""
+        c = self.manifest["calibration"]
+        cal = Calibration(
+            sigma=self.sigma,
+            quantile=float(c["quantile"]),
+            alpha=float(c["alpha"]),
+            beta=float(c["beta"]),
+            n_mc=int(c["n_mc"]),
+            m=int(c["m"]),
+            score=str(c["score"]),
+        )
+        if variant is not None:
+            cal = cal.with_quantile(float(variant["quantile"]))
+        return cal

@@ -1,0 +1,228 @@
+"""The deployment rule: surrogate probabilities + a conformal calibration → a certified radius.
+
+This module is the single place where a radius is computed from a surrogate's output. The runtime,
+the export checks and the evaluation all call :func:`certify_from_probs`.
+
+Guarantee (DESIGN §2): if the calibration inputs and the deployed input are exchangeable, then with
+probability at least ``1 − alpha − beta`` over calibration, input and noise, either the certificate
+abstains or the smoothed classifier ``g`` predicts ``top_class`` and is constant on the ℓ2 ball of
+radius ``radius`` around the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from .stats import norm_cdf, norm_ppf
+
+__all__ = [
+    "TRANSFORMS",
+    "Calibration",
+    "Certificate",
+    "CertificateBatch",
+    "certify_from_probs",
+    "conformal_quantile",
+    "conformal_scores",
+    "min_calibration_size",
+    "p_cap",
+    "transform",
+    "inverse_transform",
+]
+
+TRANSFORMS = ("probit", "logit", "identity")
+
+
+def transform(p: np.ndarray | float, name: str) -> np.ndarray:
+    """The monotone score transform T: ``probit`` = Φ⁻¹, ``logit``, or ``identity``."""
+    p = np.asarray(p, dtype=np.float64)
+    if name == "probit":
+        return np.asarray(norm_ppf(p))
+    if name == "logit":
+        with np.errstate(divide="ignore"):
+            return np.log(p) - np.log1p(-p)
+    if name == "identity":
+        return p
+    raise ValueError(f"unknown score transform {name!r}; expected one of {TRANSFORMS}")
+
+
+def inverse_transform(t: np.ndarray | float, name: str) -> np.ndarray:
+    """T⁻¹, clipped to [0, 1] (the identity transform can leave it)."""
+    t = np.asarray(t, dtype=np.float64)
+    if name == "probit":
+        return np.asarray(norm_cdf(t))
+    if name == "logit":
+        return 1.0 / (1.0 + np.exp(-t))
+    if name == "identity":
+        return np.clip(t, 0.0, 1.0)
+    raise ValueError(f"unknown score transform {name!r}; expected one of {TRANSFORMS}")
+
+
+def p_cap(beta: float, n_mc: int) -> float:
+    """β^(1/N): the largest Clopper–Pearson lower bound that N draws can give (k = N)."""
+    return float(beta ** (1.0 / n_mc))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the deployment rule needs from calibration (mirrors the manifest's ``calibration``)."""
+
+    sigma: float
+    quantile: float
+    alpha: float
+    beta: float
+    n_mc: int
+    m: int
+    score: str = "probit"
+    p_cap: float = field(default=float("nan"))
+
+    def __post_init__(self) -> None:
+        if self.score not in TRANSFORMS:
+            raise ValueError(f"unknown score transform {self.score!r}; expected one of {TRANSFORMS}")
+        if math.isnan(self.p_cap):
+            object.__setattr__(self, "p_cap", p_cap(self.beta, self.n_mc))
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+
+    def with_quantile(self, quantile: float) -> Calibration:
+        """The same calibration with another variant's quantile."""
+        d = asdict(self)
+        d["quantile"] = float(quantile)
+        return Calibration(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One input's certified prediction.
+
+    ``abstain`` is explicit: when it is True, ``pred`` is None and ``radius`` is 0.0. ``score`` is the
+    surrogate's top-class probability ŝ and ``p_lower`` the calibrated lower bound p̃.
+    """
+
+    top_class: int
+    abstain: bool
+    radius: float
+    score: float
+    p_lower: float
+
+    @property
+    def pred(self) -> int | None:
+        return None if self.abstain else self.top_class
+
+
+@dataclass(frozen=True)
+class CertificateBatch:
+    """Certificates for a batch, as arrays; ``pred`` is -1 where the batch abstains."""
+
+    top_class: np.ndarray
+    abstain: np.ndarray
+    radius: np.ndarray
+    score: np.ndarray
+    p_lower: np.ndarray
+
+    @property
+    def pred(self) -> np.ndarray:
+        return np.where(self.abstain, -1, self.top_class)
+
+    def __len__(self) -> int:
+        return len(self.top_class)
+
+    def __getitem__(self, i: int) -> Certificate:
+        return Certificate(
+            top_class=int(self.top_class[i]),
+            abstain=bool(self.abstain[i]),
+            radius=float(self.radius[i]),
+            score=float(self.score[i]),
+            p_lower=float(self.p_lower[i]),
+        )
+
+
+def certify_from_probs(
+    probs: np.ndarray, calibration: Calibration
+) -> Certificate | CertificateBatch:
+    """Certify from surrogate probabilities ``probs`` (``[K]`` → Certificate, ``[B, K]`` → batch).
+
+    Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with
+    radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0.
+
+    Guarantee: with probability ≥ 1 − α − β over calibration, input and noise (calibration and
+    deployed inputs exchangeable), the certificate abstains or the smoothed classifier predicts Â
+    and is constant on the ℓ2 ball of the returned radius. Not a per-input guarantee.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim not in (1, 2) or p.shape[-1] < 2:
+        raise ValueError(f"probs must be [K] or [B, K] with K >= 2, got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs contain NaN or inf")
+    batch = p if p.ndim == 2 else p[None]
+    top = np.argmax(batch, axis=1)
+    s = batch[np.arange(len(batch)), top]
+    capped = np.minimum(s, calibration.p_cap)
+    with np.errstate(invalid="ignore"):
+        t_lower = transform(capped, calibration.score) - calibration.quantile
+        p_lower = np.minimum(inverse_transform(t_lower, calibration.score), calibration.p_cap)
+    p_lower = np.nan_to_num(p_lower, nan=0.0)
+    abstain = ~(p_lower > 0.5)
+    if calibration.score == "probit":
+        # σ·Φ⁻¹(p̃) = σ·min(Φ⁻¹(min(ŝ, p_cap)) − q̂, Φ⁻¹(p_cap)), without a Φ∘Φ⁻¹ round trip.
+        z = np.minimum(t_lower, norm_ppf(calibration.p_cap))
+    else:
+        z = np.asarray(norm_ppf(p_lower))
+    radius = np.where(abstain, 0.0, calibration.sigma * z)
+    out = CertificateBatch(
+        top_class=top.astype(np.int64),
+        abstain=abstain,
+        radius=radius.astype(np.float64),
+        score=s,
+        p_lower=p_lower,
+    )
+    return out[0] if p.ndim == 1 else out
+
+
+def conformal_scores(
+    top_prob: np.ndarray, p_lower_mc: np.ndarray, calibration_p_cap: float, score: str = "probit"
+) -> np.ndarray:
+    """Nonconformity scores e_i = T(min(ŝ_i, p_cap)) − T(p̲_i), +∞ where p̲_i = 0."""
+    s = np.minimum(np.asarray(top_prob, dtype=np.float64), calibration_p_cap)
+    lo = np.asarray(p_lower_mc, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = transform(s, score) - transform(lo, score)
+    return np.where(lo <= 0.0, np.inf, e)
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest m with ⌈(m+1)(1−α)⌉ ≤ m, i.e. the fewest calibration inputs that give a quantile."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
+    while _rank(m, alpha) > m:
+        m += 1
+    return m
+
+
+def _rank(m: int, alpha: float) -> int:
+    """⌈(m+1)(1−α)⌉ in exact rational arithmetic (α read as the decimal it was written as)."""
+    return math.ceil((m + 1) * (1 - Fraction(repr(float(alpha)))))
+
+
+def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
+    """q̂: the ⌈(m+1)(1−α)⌉-th smallest of m scores (split conformal).
+
+    Guarantee: for a new exchangeable score e, P(e ≤ q̂) ≥ 1 − α. Raises ValueError naming the
+    smallest m that works when ⌈(m+1)(1−α)⌉ > m.
+    """
+    e = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    m = len(e)
+    k = _rank(m, alpha)
+    if k > m:
+        raise ValueError(
+            f"{m} calibration inputs are too few for alpha={alpha}: "
+            f"need at least m={min_calibration_size(alpha)}"
+        )
+    return float(e[k - 1])
