@@ -7,7 +7,12 @@ what setuptools needs for both editable and wheel installs.
 
 from setuptools import find_packages, setup
 
-STAGES = {"rrise": "sdk", "rrise.calibrate": "calibrate", "rrise.export": "export", "rrise.runtime": "runtime"}
+STAGES = {
+    "rrise": "sdk",
+    "rrise.calibrate": "calibrate",
+    "rrise.export": "export",
+    "rrise.runtime": "runtime",
+}
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

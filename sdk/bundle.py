@@ -6,6 +6,7 @@ manifest, an unknown schema version — with a :class:`BundleError` that names t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,8 +22,17 @@ __all__ = ["SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file", "write_mani
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = (
-    "schema_version", "rrise_version", "created", "model", "preprocess", "smoothing",
-    "calibration", "base_model", "variants", "guarantee", "files",
+    "schema_version",
+    "rrise_version",
+    "created",
+    "model",
+    "preprocess",
+    "smoothing",
+    "calibration",
+    "base_model",
+    "variants",
+    "guarantee",
+    "files",
 )
 GUARANTEE = (
     "If the calibration inputs and the deployed input are exchangeable (drawn from the same "
@@ -47,24 +57,47 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """Hash every file in ``folder`` into ``manifest['files']`` and write the manifest atomically."""
+    """Hash every file in ``folder`` into ``manifest['files']`` and write the manifest atomically.
+
+    The caller's dict is not modified. The manifest gets the usual file permissions (``0o666`` less
+    the umask), so a bundle made by one user can be read by the service that runs it.
+    """
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".tmp")
     }
-    manifest = dict(manifest)
+    manifest = copy.deepcopy(dict(manifest))
     manifest["files"] = files
     for entry in [manifest.get("model"), manifest.get("base_model"), *manifest.get("variants", [])]:
         if isinstance(entry, dict) and entry.get("file") in files:
             entry["sha256"] = files[entry["file"]]
     fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, folder / MANIFEST)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return folder / MANIFEST
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unsafe_name(name: object) -> bool:
+    """A manifest file name that is not a plain relative path inside the bundle folder."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return True
+    parts = name.split("/")
+    return name.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]
 
 
 @dataclass
@@ -112,17 +145,43 @@ class Bundle:
                 "upgrade rrise or re-export the bundle"
             ]
         problems = []
-        for key, sub in (("model", ("file", "input", "output", "num_classes")),
-                         ("calibration", ("score", "alpha", "beta", "n_mc", "quantile", "m")),
-                         ("smoothing", ("sigma",))):
+        for key, sub in (
+            ("model", ("file", "input", "output", "num_classes")),
+            ("calibration", ("score", "alpha", "beta", "n_mc", "quantile", "m")),
+            ("smoothing", ("sigma",)),
+        ):
             if not isinstance(m[key], dict):
                 problems.append(f"'{key}' must be an object")
                 continue
             problems += [f"missing key {key}.{s}" for s in sub if s not in m[key]]
+        if not isinstance(m["base_model"], dict) or "file" not in m["base_model"]:
+            problems.append("'base_model' must be an object with a 'file'")
         if not isinstance(m["variants"], list) or not m["variants"]:
             problems.append("'variants' must be a non-empty list")
+        else:
+            for i, v in enumerate(m["variants"]):
+                if not isinstance(v, dict):
+                    problems.append(f"variants[{i}] must be an object")
+                    continue
+                problems += [
+                    f"missing key variants[{i}].{s}"
+                    for s in ("precision", "backend", "file", "quantile")
+                    if s not in v
+                ]
         if not isinstance(m["files"], dict):
             problems.append("'files' must be an object of file name -> sha256")
+        else:
+            problems += [
+                f"file name {name!r} in 'files' is not a relative path inside the bundle"
+                for name in m["files"]
+                if _unsafe_name(name)
+            ]
+        if not problems:
+            problems += [
+                f"file name {e['file']!r} is not a relative path inside the bundle"
+                for e in self._file_entries()
+                if _unsafe_name(e.get("file"))
+            ]
         return problems
 
     def integrity_problems(self) -> list[str]:

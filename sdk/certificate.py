@@ -143,9 +143,7 @@ class CertificateBatch:
         )
 
 
-def certify_from_probs(
-    probs: np.ndarray, calibration: Calibration
-) -> Certificate | CertificateBatch:
+def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certificate | CertificateBatch:
     """Certify from surrogate probabilities ``probs`` (``[K]`` → Certificate, ``[B, K]`` → batch).
 
     Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with

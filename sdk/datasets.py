@@ -18,8 +18,16 @@ __all__ = ["DATASETS", "Dataset", "DatasetNotFoundError", "load_dataset"]
 
 DATASETS = ("fashion-mnist", "mnist", "digits")
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -72,7 +80,7 @@ def _read_idx(path: Path) -> np.ndarray:
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
         raise ValueError(f"{path}: only unsigned-byte IDX files are supported")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data")
@@ -119,5 +127,6 @@ def _load_digits(split: str) -> Dataset:
     labels = d.target.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(labels))
     idx = order[:1297] if split == "train" else order[1297:]
-    return Dataset("digits", split, np.ascontiguousarray(images[idx]), labels[idx],
-                   [str(i) for i in range(10)])
+    return Dataset(
+        "digits", split, np.ascontiguousarray(images[idx]), labels[idx], [str(i) for i in range(10)]
+    )

@@ -13,8 +13,21 @@ __all__ = ["RECORD_VERSION", "RECORD_KEYS", "DEFAULT_TOPIC", "RecordError", "mak
 RECORD_VERSION = 1
 DEFAULT_TOPIC = b"rrise"
 RECORD_KEYS = (
-    "v", "seq", "frame", "stamp_ns", "source", "pred", "label", "abstain", "radius", "score",
-    "p_lower", "latency_ms", "bundle", "error", "alarm",
+    "v",
+    "seq",
+    "frame",
+    "stamp_ns",
+    "source",
+    "pred",
+    "label",
+    "abstain",
+    "radius",
+    "score",
+    "p_lower",
+    "latency_ms",
+    "bundle",
+    "error",
+    "alarm",
 )
 
 

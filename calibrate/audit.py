@@ -1,0 +1,92 @@
+"""Spot-check a bundle's certificates against fresh Monte Carlo with the bundle's own base model.
+
+A certificate claims p_Â(x) ≥ p̃. The audit draws ``n_mc`` fresh noisy copies of each input through
+``base.onnx`` and counts a violation when p̃ exceeds the one-sided (1 − ``alpha_ref``) Clopper–Pearson
+upper bound of the observed frequency of Â: evidence at level ``alpha_ref`` that p_Â(x) < p̃. Over the
+audited inputs, the bundle's guarantee allows a violation rate of at most α + β; a one-sided binomial
+test says whether the observed count is compatible with that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rrise.bundle import Bundle
+from rrise.certificate import certify_from_probs
+from rrise.stats import clopper_pearson_upper
+
+__all__ = ["AuditResult", "audit_bundle"]
+
+
+@dataclass
+class AuditResult:
+    pred: np.ndarray  # -1 = abstain
+    radius: np.ndarray
+    p_lower: np.ndarray
+    mc_count: np.ndarray  # fresh MC count of the certified class
+    mc_upper: np.ndarray
+    violation: np.ndarray
+    n_mc: int
+    allowed_rate: float
+    p_value: float  # P(X ≥ violations) for X ~ Binomial(certified, α + β)
+
+    @property
+    def certified(self) -> int:
+        return int(np.sum(self.pred >= 0))
+
+    @property
+    def violations(self) -> int:
+        return int(np.sum(self.violation))
+
+
+def audit_bundle(
+    bundle: Bundle | str | Path,
+    images: np.ndarray,
+    *,
+    n_mc: int = 2_000,
+    alpha_ref: float = 0.001,
+    seed: int = 12345,
+    batch_size: int = 1_000,
+    show_progress: bool = True,
+) -> AuditResult:
+    """Certify ``images`` with the bundle's fp32 variant and check each against fresh MC."""
+    from scipy.stats import binom
+
+    from rrise.runtime.backends import OnnxRuntimeBackend
+
+    from .mc import sample_counts
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    variant = b.variant("fp32", "onnxruntime")
+    cal = b.calibration(variant)
+    probs = OnnxRuntimeBackend(b.file(variant["file"])).run(images.astype(np.float32))
+    cert = certify_from_probs(probs, cal)
+    counts = sample_counts(
+        str(b.file(b.manifest["base_model"]["file"])),
+        images,
+        n=n_mc,
+        sigma=b.sigma,
+        batch_size=batch_size,
+        seed=seed,
+        show_progress=show_progress,
+    )
+    k = counts[np.arange(len(images)), cert.top_class]
+    upper = clopper_pearson_upper(k, n_mc, alpha_ref)
+    violation = (~cert.abstain) & (cert.p_lower > upper)
+    allowed = cal.alpha + cal.beta
+    n_cert, v = int(np.sum(~cert.abstain)), int(np.sum(violation))
+    p_value = float(binom.sf(v - 1, n_cert, allowed)) if n_cert else 1.0
+    return AuditResult(
+        pred=cert.pred,
+        radius=cert.radius,
+        p_lower=cert.p_lower,
+        mc_count=k,
+        mc_upper=upper,
+        violation=violation,
+        n_mc=n_mc,
+        allowed_rate=allowed,
+        p_value=p_value,
+    )

@@ -1,0 +1,91 @@
+"""Split-conformal calibration of the surrogate's radii (DESIGN §2).
+
+For calibration inputs ``x_1..x_m``: ``Â_i = argmax s(x_i)``, ``ŝ_i = s(x_i)[Â_i]``, and from fresh MC
+with ``N_cal`` draws the Clopper–Pearson lower bound ``p̲_i`` on ``p_{Â_i}(x_i)`` at level β. The score
+``e_i = T(min(ŝ_i, p_cap)) − T(p̲_i)`` and its conformal quantile ``q̂`` make the deployment rule
+:func:`rrise.certify_from_probs` conservative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rrise.certificate import Calibration, conformal_quantile, conformal_scores, p_cap
+from rrise.stats import clopper_pearson_lower
+
+__all__ = ["calibrate_from_counts", "mc_lower_bounds"]
+
+
+def mc_lower_bounds(counts: np.ndarray, classes: np.ndarray, n_mc: int, beta: float) -> np.ndarray:
+    """One-sided (1−β) Clopper–Pearson lower bounds on ``p_{classes[i]}(x_i)`` from ``[m, K]`` counts.
+
+    Guarantee: for each i, if ``counts[i]`` comes from ``n_mc`` fresh draws independent of the choice of
+    ``classes[i]``, then ``P(bound_i ≤ p_{classes[i]}(x_i)) ≥ 1 − β``. The bound is 0 when the count is 0.
+    """
+    c = np.asarray(counts)
+    cls = np.asarray(classes, dtype=np.int64)
+    if c.ndim != 2 or cls.shape != (len(c),):
+        raise ValueError(f"counts must be [m, K] and classes [m]; got {c.shape} and {cls.shape}")
+    if np.any((cls < 0) | (cls >= c.shape[1])):
+        raise ValueError(f"classes must lie in [0, {c.shape[1]})")
+    k = c[np.arange(len(c)), cls]
+    return np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n_mc), beta), dtype=np.float64))
+
+
+def calibrate_from_counts(
+    probs: np.ndarray,
+    counts: np.ndarray,
+    *,
+    n_mc: int,
+    sigma: float,
+    alpha: float,
+    beta: float,
+    score: str = "probit",
+) -> Calibration:
+    """The conformal quantile ``q̂`` of the surrogate's scores on ``m`` calibration inputs.
+
+    ``probs`` ``[m, K]``: the surrogate's probabilities (of the exact numerics that will be deployed);
+    ``counts`` ``[m, K]``: fresh MC vote counts of the base classifier, ``n_mc`` draws per row.
+    ``q̂`` is the ``⌈(m+1)(1−α)⌉``-th smallest score ``e_i = T(min(ŝ_i, p_cap)) − T(p̲_i)`` with
+    ``p_cap = β^(1/n_mc)``; too few inputs raise ValueError naming the smallest m that works.
+
+    Guarantee: if the calibration inputs were not used to train or select the base model, the
+    surrogate or ``score``, and they are exchangeable with a deployed input, then with probability at
+    least ``1 − α − β`` over calibration, input and noise, :func:`rrise.certify_from_probs` with the
+    returned Calibration either abstains or gives ``p̃ ≤ p_Â(x)``, so the smoothed classifier
+    predicts ``Â`` and is constant on the ℓ2 ball of radius ``σ·Φ⁻¹(p̃)``. The guarantee is marginal
+    over inputs, not per input.
+    """
+    s = np.asarray(probs, dtype=np.float64)
+    c = np.asarray(counts)
+    if s.ndim != 2 or c.shape != s.shape:
+        raise ValueError(f"probs and counts must both be [m, K]; got {s.shape} and {c.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("probs contain NaN or inf")
+    if not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"counts must be integers, got dtype {c.dtype}")
+    if n_mc < 1:
+        raise ValueError(f"n_mc must be >= 1, got {n_mc}")
+    if np.any(c < 0):
+        raise ValueError("counts must be non-negative")
+    wrong = np.flatnonzero(c.sum(axis=1) != n_mc)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(
+            f"counts row {i} sums to {int(c[i].sum())}, not n_mc={n_mc} ({wrong.size} such row(s))"
+        )
+    top = np.argmax(s, axis=1)
+    top_prob = s[np.arange(len(s)), top]
+    p_low = mc_lower_bounds(c, top, n_mc, beta)
+    cap = p_cap(beta, n_mc)
+    scores = conformal_scores(top_prob, p_low, cap, score)
+    quantile = conformal_quantile(scores, alpha)
+    return Calibration(
+        sigma=float(sigma),
+        quantile=quantile,
+        alpha=float(alpha),
+        beta=float(beta),
+        n_mc=int(n_mc),
+        m=len(s),
+        score=score,
+    )

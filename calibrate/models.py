@@ -1,0 +1,188 @@
+"""Base classifiers and surrogates: small CNNs with the input normalization inside the model.
+
+Every model takes float32 NCHW pixels in [0, 1] at the model's resolution and returns logits. The
+mean/std normalization is the model's first layer, so σ, radii and the exported ONNX all live in
+[0, 1]-pixel units (DESIGN §2). Only Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten and Linear are used,
+which export to plain ONNX operators.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ARCHS", "Normalize", "build_model", "load_model", "save_model"]
+
+FORMAT = "rrise.model/1"
+
+# arch -> (conv widths of the two stages, hidden units of the classifier head)
+ARCHS: dict[str, tuple[tuple[int, int], int]] = {
+    "cnn": ((32, 64), 256),
+    "cnn-small": ((16, 32), 128),
+}
+
+_CONFIG_KEYS = ("arch", "in_channels", "num_classes", "image_size", "mean", "std")
+_MAX_HEAD_SIDE = 8
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x − mean) / std`` with mean and std kept as buffers (saved and exported)."""
+
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float], channels: int):
+        super().__init__()
+        mean_t = _per_channel(mean, channels, "mean")
+        std_t = _per_channel(std, channels, "std")
+        if torch.any(std_t <= 0):
+            raise ValueError(f"std must be positive, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(1, channels, 1, 1))
+        self.register_buffer("std", std_t.view(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _per_channel(value: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
+    arr = np.atleast_1d(np.asarray(value, dtype=np.float32))
+    if arr.ndim != 1 or arr.size not in (1, channels):
+        raise ValueError(f"{name} must be a float or {channels} floats, got {value!r}")
+    return torch.from_numpy(np.broadcast_to(arr, (channels,)).copy())
+
+
+def _head_side(side: int) -> int:
+    """Spatial side fed to the classifier head: the largest divisor of ``side`` that is ≤ 8.
+
+    A divisor keeps the pooling an exact, ONNX-exportable AvgPool (adaptive pooling to a size that
+    does not divide the input has no plain ONNX form) and bounds the head's width for big inputs.
+    """
+    return max(d for d in range(1, min(side, _MAX_HEAD_SIDE) + 1) if side % d == 0)
+
+
+def build_model(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+) -> nn.Module:
+    """A CNN for ``[B, in_channels, image_size, image_size]`` inputs in [0, 1] → ``[B, num_classes]`` logits.
+
+    ``cnn`` (the default base model): conv32-relu-conv32-relu-maxpool-conv64-relu-conv64-relu-maxpool-
+    fc256-relu-fc(K). ``cnn-small`` (an edge-sized surrogate) halves every width, about 4× fewer
+    FLOPs. Convolutions are padded, so 8×8 (digits), 28×28 (MNIST) and 32×32 (CIFAR) all work.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+    if in_channels < 1 or num_classes < 2:
+        raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+    if image_size < 4:
+        raise ValueError(f"image_size must be at least 4 (two 2×2 poolings), got {image_size}")
+    (c1, c2), hidden = ARCHS[arch]
+    side = image_size // 4
+    head = _head_side(side)
+    pool: nn.Module = nn.Identity() if head == side else nn.AvgPool2d(side // head)
+    return nn.Sequential(
+        Normalize(mean, std, in_channels),
+        nn.Conv2d(in_channels, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c2, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        pool,
+        nn.Flatten(),
+        nn.Linear(c2 * head * head, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def _json_like(value, where: str):
+    """``value`` as str/int/float/bool/None/list/dict (what ``torch.load(weights_only=True)`` reads)."""
+    if isinstance(value, np.generic):  # before the builtins: np.float64 is a float subclass
+        return _json_like(value.item(), where)
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # plain builtins, also for subclasses (IntEnum, ...)
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, np.ndarray):
+        return _json_like(value.tolist(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_like(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"model meta keys must be str, got {k!r} in {where}")
+            out[k] = _json_like(v, f"{where}.{k}")
+        return out
+    raise TypeError(f"model meta {where} must be JSON-like (str/int/float/list/dict), got {type(value)}")
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    **meta,
+) -> None:
+    """Write ``{format, config, meta, state_dict}`` with torch.save, atomically (temp file + rename).
+
+    ``meta`` must be JSON-like; numpy scalars/arrays, tuples and paths are converted.
+    """
+    config = {
+        "arch": str(arch),
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "image_size": int(image_size),
+        "mean": _per_channel(mean, int(in_channels), "mean").tolist(),
+        "std": _per_channel(std, int(in_channels), "std").tolist(),
+    }
+    payload = {
+        "format": FORMAT,
+        "config": config,
+        "meta": _json_like(meta, "meta"),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load a model written by :func:`save_model`: ``(model on CPU in eval mode, config + meta)``."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rrise model file (expected format {FORMAT!r})")
+    config = payload["config"]
+    model = build_model(**{k: config[k] for k in _CONFIG_KEYS})
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, {**payload.get("meta", {}), **config}

@@ -1,0 +1,141 @@
+"""Named sizes for the pipeline: ``full`` follows DESIGN §2's defaults, ``quick`` fits a laptop CPU.
+
+Every report made with a profile other than ``full`` says so, with what it lowered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+__all__ = ["Profile", "PROFILES", "get_profile"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # base classifier
+    base_arch: str
+    base_train_size: int
+    base_epochs: int
+    # Monte Carlo training targets for the surrogate
+    n_targets: int
+    target_draws: int
+    n_selection: int
+    surrogate_arch: str  # "base" initialises the surrogate from the base model's weights
+    surrogate_epochs: int
+    # conformal calibration
+    m: int
+    n_cal: int
+    alphas: tuple[float, ...]
+    beta: float
+    # Cohen MC baseline and test set
+    n_test: int
+    n0: int
+    n: int
+    mc_alpha: float
+    # runtime demo
+    video_frames: int
+    batch_size: int = 1000
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FULL = Profile(
+    name="full",
+    base_arch="cnn",
+    base_train_size=50_000,
+    base_epochs=20,
+    n_targets=20_000,
+    target_draws=256,
+    n_selection=2_000,
+    surrogate_arch="base",
+    surrogate_epochs=20,
+    m=3_000,
+    n_cal=10_000,
+    alphas=(0.01, 0.001),
+    beta=0.001,
+    n_test=1_000,
+    n0=100,
+    n=10_000,
+    mc_alpha=0.001,
+    video_frames=200,
+)
+
+QUICK = replace(
+    FULL,
+    name="quick",
+    base_train_size=12_000,
+    base_epochs=3,
+    n_targets=3_000,
+    target_draws=64,
+    n_selection=500,
+    surrogate_epochs=4,
+    m=500,
+    n_cal=1_000,
+    alphas=(0.01,),
+    n_test=200,
+    n0=50,
+    n=1_000,
+    video_frames=60,
+    note=(
+        "Sizes are lowered to finish in minutes on a laptop CPU: N_cal = 1,000 (not 10,000) caps "
+        "every RRISE radius at σ·(Φ⁻¹(β^(1/N_cal)) − q̂), and Cohen's n = 1,000 caps its radius "
+        "likewise; m = 500, 200 test inputs. Use --profile full for the numbers DESIGN §2 names."
+    ),
+)
+
+# Sized for sklearn's digits (1,797 images); every profile shrinks to this on that dataset.
+DIGITS = replace(
+    QUICK,
+    name="digits",
+    base_arch="cnn-small",
+    base_train_size=700,
+    base_epochs=8,
+    n_targets=400,
+    target_draws=32,
+    n_selection=100,
+    surrogate_epochs=3,
+    m=200,
+    n_cal=200,
+    alphas=(0.05,),
+    n_test=60,
+    n0=20,
+    n=200,
+    mc_alpha=0.01,
+    video_frames=12,
+    batch_size=500,
+    note="",
+)
+
+# For tests on real Fashion-MNIST in well under a minute: not a meaningful measurement.
+SMOKE = replace(
+    DIGITS,
+    name="smoke",
+    base_train_size=3_000,
+    base_epochs=4,
+    n_targets=1_000,
+    n_cal=500,
+    note="Smoke-test sizes: nothing here is a meaningful measurement.",
+)
+
+PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
+
+
+DIGITS_NOTE = (
+    "sklearn's digits has 1,797 8×8 images: every size is scaled down to fit it (m = 200, N_cal = 200, "
+    "α = 0.05, 60 test inputs). A check that the pipeline runs, not a measurement; install "
+    "Fashion-MNIST for one."
+)
+
+
+def get_profile(name: str, dataset: str | None = None) -> Profile:
+    """The profile ``name``; on sklearn's small ``digits`` every profile shrinks to fit the data."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}") from None
+    if dataset == "digits" and name != "smoke":
+        return replace(DIGITS, name=name, note=DIGITS_NOTE)
+    return profile

@@ -1,0 +1,226 @@
+"""Training: the base classifier under Gaussian noise, and the surrogate on Monte Carlo counts.
+
+Both loops are deterministic given ``seed`` (shuffling and noise come from generators seeded here;
+on CPU with a fixed thread count the result is bit-reproducible). Inputs are float32 NCHW pixels in
+[0, 1]; models normalize internally.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rrise.progress import progress_bar
+
+__all__ = ["mean_kl", "predict_probs", "train_base", "train_surrogate"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _as_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+def _optimizer(model: nn.Module, lr: float, steps: int):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    return opt, sched
+
+
+def _check_training_args(n: int, epochs: int, batch_size: int, lr: float) -> None:
+    if n == 0:
+        raise ValueError("no training examples")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+
+
+def train_base(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    sigma: float,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` with cross-entropy on ``x + ε``, ``ε ~ N(0, σ²I)`` (not clipped), as Cohen et al.
+
+    Adam with a cosine learning-rate schedule over all steps; deterministic given ``seed``. Trains in
+    place on the model's device and returns the model in eval mode.
+    """
+    device = _device(model)
+    x_all = _as_images(images, device)
+    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+    if len(y_all) != len(x_all):
+        raise ValueError(f"{len(x_all)} images but {len(y_all)} labels")
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    n = len(x_all)
+    _check_training_args(n, epochs, batch_size, lr)
+    steps_per_epoch = math.ceil(n / batch_size)
+    opt, sched = _optimizer(model, lr, epochs * steps_per_epoch)
+    order_rng = np.random.default_rng(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(int(seed))
+    model.train()
+    with progress_bar(epochs * steps_per_epoch, "train base", "batch", enabled=show_progress) as bar:
+        for epoch in range(epochs):
+            order = torch.as_tensor(order_rng.permutation(n), device=device)
+            loss_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                x, y = x_all[idx], y_all[idx]
+                noise = torch.randn(x.shape, generator=noise_gen, device=device)
+                logits = model(x + sigma * noise)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                bar.advance(1)
+            bar.note(
+                f"epoch {epoch + 1}/{epochs} loss {float(loss_sum) / n:.3f} noisy acc {int(correct) / n:.3f}"
+            )
+    return model.eval()
+
+
+def _targets(counts: np.ndarray, n_images: int) -> np.ndarray:
+    c = np.asarray(counts)
+    if c.ndim != 2 or len(c) != n_images:
+        raise ValueError(f"counts must be [N, K] with N = {n_images}, got shape {c.shape}")
+    if np.any(c < 0):
+        raise ValueError("counts must be non-negative")
+    totals = c.sum(axis=1, keepdims=True)
+    if np.any(totals == 0):
+        raise ValueError(f"counts row {int(np.flatnonzero(totals[:, 0] == 0)[0])} sums to zero")
+    return (c / totals).astype(np.float32)
+
+
+def _kl_terms(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(target || softmax(logits)) = Σ t log t − Σ t log s (0·log 0 = 0)."""
+    log_s = F.log_softmax(logits.float(), dim=1)
+    return (torch.xlogy(target, target) - target * log_s).sum(dim=1)
+
+
+def train_surrogate(
+    model: nn.Module,
+    images: np.ndarray,
+    counts: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    val_images: np.ndarray | None = None,
+    val_counts: np.ndarray | None = None,
+    show_progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Fit the surrogate to the smoothed class distribution on CLEAN inputs.
+
+    Loss: ``L = −mean_x Σ_c (k_c/N)·log softmax(h(x))_c`` (soft-label cross-entropy on counts/N).
+    With a validation split, the mean KL(counts/N ‖ softmax) on it is measured after every epoch and
+    the weights of the best epoch are restored (selection on held-out data, never on calibration
+    data). Returns ``(model in eval mode, {"train_kl": [...], "val_kl": [...], "best_epoch": i})``;
+    ``train_kl`` is the running mean KL over each epoch's batches, ``best_epoch`` a 0-based epoch index
+    (the last epoch when no validation split is given).
+    """
+    if (val_images is None) != (val_counts is None):
+        raise ValueError("give both val_images and val_counts, or neither")
+    device = _device(model)
+    x_all = _as_images(images, device)
+    t_all = torch.from_numpy(_targets(counts, len(x_all))).to(device)
+    n = len(x_all)
+    _check_training_args(n, epochs, batch_size, lr)
+    steps_per_epoch = math.ceil(n / batch_size)
+    opt, sched = _optimizer(model, lr, epochs * steps_per_epoch)
+    order_rng = np.random.default_rng(seed)
+    history: dict = {"train_kl": [], "val_kl": [], "best_epoch": epochs - 1}
+    best_state, best_val = None, math.inf
+    with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=show_progress) as bar:
+        for epoch in range(epochs):
+            model.train()
+            order = torch.as_tensor(order_rng.permutation(n), device=device)
+            kl_sum = torch.zeros((), device=device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                target = t_all[idx]
+                logits = model(x_all[idx])
+                loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                kl_sum += _kl_terms(logits.detach(), target).sum()
+                bar.advance(1)
+            train_kl = float(kl_sum) / n
+            history["train_kl"].append(train_kl)
+            note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
+            if val_images is not None:
+                val = mean_kl(model, val_images, val_counts)
+                history["val_kl"].append(val)
+                note += f" val KL {val:.4f}"
+                if val < best_val:
+                    best_val, history["best_epoch"] = val, epoch
+                    best_state = copy.deepcopy(model.state_dict())
+            bar.note(note)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+def _batched_logits(model: nn.Module, images: np.ndarray, batch_size: int):
+    device = _device(model)
+    x_all = _as_images(images, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x_all), batch_size):
+                yield start, model(x_all[start : start + batch_size])
+    finally:
+        model.train(was_training)
+
+
+def mean_kl(model: nn.Module, images: np.ndarray, counts: np.ndarray, batch_size: int = 512) -> float:
+    """Mean over inputs of KL(counts/N ‖ softmax(model(x))), in nats, in eval mode."""
+    target = _targets(counts, len(images))
+    if len(target) == 0:
+        raise ValueError("no images to evaluate")
+    device = _device(model)
+    total = 0.0
+    for start, logits in _batched_logits(model, images, batch_size):
+        t = torch.from_numpy(target[start : start + len(logits)]).to(device)
+        total += float(_kl_terms(logits, t).sum())
+    return total / len(target)
+
+
+def predict_probs(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """``softmax(model(x))`` as float64 ``[N, K]``, computed without gradients in eval mode."""
+    out = [
+        F.softmax(logits.double(), dim=1).cpu().numpy()
+        for _, logits in _batched_logits(model, images, batch_size)
+    ]
+    if not out:
+        raise ValueError("no images to predict")
+    return np.concatenate(out)

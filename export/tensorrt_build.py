@@ -1,0 +1,138 @@
+"""ONNX → TensorRT engine, built on the machine that will run it (a Jetson).
+
+TensorRT and pycuda are imported only when a function here is called; without them every function
+raises RuntimeError saying how to install them. Supported: TensorRT 10 and 11.
+
+- TensorRT 10 networks are explicit-batch by default, so the network is created with flags 0; the
+  ``EXPLICIT_BATCH`` flag is set only on older versions that still need it.
+- TensorRT 11 removed the precision builder flags (``BuilderFlag.FP16``): networks are strongly
+  typed and an engine's precision is the ONNX's own tensor types. There, ``fp16=True`` needs an
+  ONNX that already holds float16 tensors, and ``build_engine`` refuses an all-float32 one rather
+  than silently building an fp32 engine.
+
+An engine is tied to the GPU (compute capability) and TensorRT version it was built with; the
+bundle records both (:func:`engine_info`), and its quantile must be recalibrated from the engine's
+own outputs (:func:`rrise.export.bundler.add_variant`), run through the runtime's own
+``rrise.runtime.backends.TensorRTBackend`` so the numbers are the ones deployment will see.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .onnx_export import INPUT_NAME, atomic_write_bytes
+
+__all__ = ["INSTALL_HINT", "build_engine", "engine_info", "require_tensorrt"]
+
+INSTALL_HINT = (
+    "install it on the target device with `pip install 'rrise[tensorrt]'` (TensorRT wheels come from "
+    "NVIDIA's package index, https://pypi.nvidia.com; on a Jetson, JetPack ships TensorRT)"
+)
+
+
+def require_tensorrt():
+    """Import and return the ``tensorrt`` module, or raise RuntimeError with the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise RuntimeError(f"TensorRT is not installed on this machine: {INSTALL_HINT}") from exc
+    return trt
+
+
+def _require_pycuda():
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        raise RuntimeError(f"pycuda is not installed on this machine: {INSTALL_HINT}") from exc
+    cuda.init()
+    return cuda
+
+
+def _major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def _network_has_half(trt, network) -> bool:
+    half = trt.DataType.HALF
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        tensors += [layer.get_output(j) for j in range(layer.num_outputs)]
+    return any(t is not None and t.dtype == half for t in tensors)
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 64,
+    timing_cache: str | os.PathLike | None = None,
+    fp16: bool = False,
+) -> Path:
+    """Build a serialized TensorRT engine from ``onnx_path`` and write it atomically to ``engine_path``.
+
+    The engine takes ``input`` with any batch in ``[min_batch, max_batch]`` (tuned for
+    ``opt_batch``). ``timing_cache`` (a file) is read if it exists and written back after the build,
+    which makes rebuilds much faster. ``fp16`` sets ``BuilderFlag.FP16`` where it exists (TensorRT
+    10); on TensorRT 11 the precision comes from the ONNX (see the module docstring). Raises
+    RuntimeError if TensorRT is missing, the ONNX does not parse, or the build fails.
+    """
+    trt = require_tensorrt()
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(
+            f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}"
+        )
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if _major(trt) < 10 and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors or 'unknown error'}")
+    inp = network.get_input(0)
+    if network.num_inputs != 1 or inp.name != INPUT_NAME:
+        raise RuntimeError(f"{onnx_path} must have exactly one input named {INPUT_NAME!r}")
+    _, c, h, w = tuple(inp.shape)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    if fp16:
+        if hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif not _network_has_half(trt, network):
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} has no FP16 builder flag: an engine's precision is the "
+                f"ONNX's own tensor types, and {onnx_path} is float32 throughout. Export a float16 ONNX "
+                "to build an fp16 engine."
+            )
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return atomic_write_bytes(engine_path, bytes(serialized))
+
+
+def engine_info() -> dict[str, Any]:
+    """``{"trt_version": "10.3.0", "compute_capability": "8.7", "device": name}`` of this machine's
+    TensorRT and GPU 0: what a bundle records beside an engine built here."""
+    trt = require_tensorrt()
+    cuda = _require_pycuda()
+    dev = cuda.Device(0)
+    major, minor = dev.compute_capability()
+    return {
+        "trt_version": str(trt.__version__),
+        "compute_capability": f"{major}.{minor}",
+        "device": dev.name(),
+    }

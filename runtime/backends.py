@@ -1,0 +1,348 @@
+"""Inference backends: ``[B, C, H, W]`` float32 in, ``[B, K]`` class probabilities out.
+
+``OnnxRuntimeBackend`` runs an ONNX variant (CUDA/TensorRT execution providers when onnxruntime has
+them, else CPU); ``TensorRTBackend`` runs a serialized TensorRT 10+ engine with pycuda. Both are
+imported lazily, so the runtime never needs the backend it does not use.
+
+Each variant carries its own conformal quantile (DESIGN §2, precision variants): whichever backend
+:func:`make_backend` picks, it returns the variant entry too, and the caller must certify with that
+variant's calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rrise.bundle import Bundle
+
+__all__ = [
+    "BACKENDS",
+    "OnnxRuntimeBackend",
+    "TensorRTBackend",
+    "make_backend",
+    "softmax",
+    "tensorrt_available",
+]
+
+log = logging.getLogger("rrise.runtime")
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+OUTPUT_KINDS = ("logits", "probs")
+# Preferred onnxruntime execution providers, fastest first; anything else (e.g. Azure) is ignored.
+ORT_PROVIDER_PREFERENCE = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+TENSORRT_HELP = (
+    "install the tensorrt extra on the target device (pip install 'rrise[tensorrt]', or JetPack's "
+    "python3-libnvinfer plus pycuda) and build an engine there with `rrise-export --engine tensorrt`"
+)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, computed in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - np.max(z, axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def _to_probs(out: np.ndarray, output_kind: str) -> np.ndarray:
+    out = np.asarray(out)
+    if out.ndim != 2:
+        out = out.reshape(out.shape[0], -1)
+    if output_kind == "logits":
+        return softmax(out)
+    return out.astype(np.float64, copy=False)
+
+
+def _check_kind(output_kind: str) -> str:
+    if output_kind not in OUTPUT_KINDS:
+        raise ValueError(f"model output kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+    return output_kind
+
+
+def _check_input(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"backend input must be [B, C, H, W] with B >= 1, got shape {x.shape}")
+    return x
+
+
+class OnnxRuntimeBackend:
+    """An ONNX model under onnxruntime. ``run(x)`` → ``[B, K]`` float64 probabilities."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        providers: list[str] | None = None,
+        *,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        output_kind: str = "logits",
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeError(
+                "the onnxruntime backend needs onnxruntime: pip install 'rrise[runtime]' "
+                "(onnxruntime-gpu for CUDA)"
+            ) from exc
+        self.output_kind = _check_kind(output_kind)
+        if providers is None:
+            available = set(ort.get_available_providers())
+            providers = [p for p in ORT_PROVIDER_PREFERENCE if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; provider fallbacks are reported below
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RuntimeError(f"onnxruntime cannot load {model_path}: {exc}") from exc
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name = _pick(input_name, [i.name for i in inputs], "input", model_path)
+        self.output_name = _pick(output_name, [o.name for o in outputs], "output", model_path)
+        batch = next(i.shape[0] for i in inputs if i.name == self.input_name)
+        self.max_batch = batch if isinstance(batch, int) and batch > 0 else None
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime[{self.providers[0]}]"
+        if providers and self.providers[0] != providers[0]:
+            log.warning("onnxruntime fell back from %s to %s", providers[0], self.providers[0])
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x)
+        step = self.max_batch or len(x)
+        outs = [
+            self.session.run([self.output_name], {self.input_name: x[i : i + step]})[0]
+            for i in range(0, len(x), step)
+        ]
+        return _to_probs(np.concatenate(outs) if len(outs) != 1 else outs[0], self.output_kind)
+
+
+def _pick(wanted: str | None, names: list[str], what: str, path: Any) -> str:
+    if wanted is not None and wanted in names:
+        return wanted
+    if len(names) == 1:
+        return names[0]
+    raise RuntimeError(f"{path} has {what}s {names}; cannot tell which one is {wanted!r}")
+
+
+def tensorrt_available() -> bool:
+    """Whether ``tensorrt`` and ``pycuda`` both import on this machine."""
+    try:
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+    except Exception:  # a broken CUDA install raises more than ImportError
+        return False
+    return True
+
+
+class TensorRTBackend:
+    """A serialized TensorRT engine (TensorRT 10+ name-based I/O), pinned host buffers, one stream.
+
+    The engine runs in GPU 0's primary CUDA context, pushed around every call, so ``run`` works from
+    whichever thread calls it (one call at a time; the Runtime serializes them).
+    """
+
+    def __init__(
+        self,
+        engine_path: str | Path,
+        *,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        output_kind: str = "logits",
+        device: int = 0,
+    ) -> None:
+        try:
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except Exception as exc:  # a broken CUDA install raises more than ImportError
+            raise RuntimeError(f"the TensorRT backend cannot start ({exc}): {TENSORRT_HELP}") from exc
+        self.output_kind = _check_kind(output_kind)
+        self._trt, self._cuda = trt, cuda
+        cuda.init()
+        self._ctx = cuda.Device(device).retain_primary_context()
+        self._ctx.push()
+        try:
+            self._setup(Path(engine_path), input_name, output_name)
+        except BaseException:
+            self._ctx.pop()
+            self._ctx.detach()
+            raise
+        self._ctx.pop()
+        self.name = f"tensorrt[{trt.__version__}]"
+
+    def _setup(self, engine_path: Path, input_name: str | None, output_name: str | None) -> None:
+        trt, cuda = self._trt, self._cuda
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} cannot deserialize {engine_path}: an engine only runs with "
+                "the TensorRT version and GPU it was built on; rebuild it on this device with "
+                "`rrise-export --engine tensorrt`"
+            )
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.input_name = _pick(input_name, ins, "input", engine_path)
+        self.output_name = _pick(output_name, outs, "output", engine_path)
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        if shape[0] == -1:  # dynamic batch: optimization profile 0 bounds it
+            max_shape = tuple(self.engine.get_tensor_profile_shape(self.input_name, 0)[2])
+        else:
+            max_shape = shape
+        self.sample_shape = tuple(int(d) for d in max_shape[1:])
+        self.max_batch = int(max_shape[0])
+        in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        self.context.set_input_shape(self.input_name, max_shape)
+        out_max = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        self._h_in = cuda.pagelocked_empty(int(np.prod(max_shape)), in_dtype)
+        self._h_out = cuda.pagelocked_empty(int(np.prod(out_max)), out_dtype)
+        self._d_in = cuda.mem_alloc(self._h_in.nbytes)
+        self._d_out = cuda.mem_alloc(self._h_out.nbytes)
+        self.context.set_tensor_address(self.input_name, int(self._d_in))
+        self.context.set_tensor_address(self.output_name, int(self._d_out))
+        self._stream = cuda.Stream()
+        self._bound_batch = self.max_batch
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x)
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"engine expects [B, {', '.join(map(str, self.sample_shape))}], got {x.shape}")
+        self._ctx.push()
+        try:
+            probs = [self._run_chunk(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        finally:
+            self._ctx.pop()
+        return probs[0] if len(probs) == 1 else np.concatenate(probs)
+
+    def _run_chunk(self, x: np.ndarray) -> np.ndarray:
+        cuda, b = self._cuda, len(x)
+        if b != self._bound_batch:
+            self.context.set_input_shape(self.input_name, (b, *self.sample_shape))
+            self._bound_batch = b
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        h_in, h_out = self._h_in[: x.size], self._h_out[: int(np.prod(out_shape))]
+        np.copyto(h_in, x.ravel(), casting="same_kind")
+        cuda.memcpy_htod_async(self._d_in, h_in, self._stream)
+        if not self.context.execute_async_v3(stream_handle=self._stream.handle):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        cuda.memcpy_dtoh_async(h_out, self._d_out, self._stream)
+        self._stream.synchronize()
+        return _to_probs(h_out.reshape(out_shape).copy(), self.output_kind)
+
+    def close(self) -> None:
+        """Free the engine's GPU memory and release the CUDA context."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None:
+            return
+        self._ctx = None
+        ctx.push()
+        try:
+            for attr in ("_d_in", "_d_out"):
+                getattr(self, attr).free()
+            del self.context, self.engine, self._stream
+        finally:
+            ctx.pop()
+            ctx.detach()
+
+
+def _variants(bundle: Bundle, backend: str, precision: str | None) -> list[dict[str, Any]]:
+    found = [v for v in bundle.manifest["variants"] if v.get("backend") == backend]
+    if precision is not None:
+        found = [v for v in found if v.get("precision") == precision]
+    if backend == "onnxruntime":  # most faithful first: fp32, then fp16, then int8
+        order = {"fp32": 0, "fp16": 1, "int8": 2}
+        found.sort(key=lambda v: order.get(str(v.get("precision")), 3))
+    return found
+
+
+def _device_compute_capability() -> str | None:
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        major, minor = cuda.Device(0).compute_capability()
+    except Exception:
+        return None
+    return f"{major}.{minor}"
+
+
+def _pick_engine(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The engine built for this GPU (engines do not move between compute capabilities)."""
+    cc = _device_compute_capability()
+    for v in variants:
+        want = v.get("compute_capability")
+        if want is None or cc is None or str(want) == cc:
+            return v
+    return None
+
+
+def _build(bundle: Bundle, variant: dict[str, Any]) -> OnnxRuntimeBackend | TensorRTBackend:
+    model = bundle.manifest["model"]
+    kwargs = {
+        "input_name": model.get("input", {}).get("name"),
+        "output_name": model.get("output", {}).get("name"),
+        "output_kind": variant.get("output_kind", model.get("output", {}).get("kind", "logits")),
+    }
+    path = bundle.file(variant["file"])
+    if variant.get("backend") == "tensorrt":
+        return TensorRTBackend(path, **kwargs)
+    return OnnxRuntimeBackend(path, **kwargs)
+
+
+def make_backend(
+    bundle: Bundle, backend: str = "auto", *, precision: str | None = None
+) -> tuple[OnnxRuntimeBackend | TensorRTBackend, dict[str, Any]]:
+    """The backend for ``bundle`` and the variant it runs (certify with that variant's quantile).
+
+    ``auto`` uses a TensorRT engine when the bundle has one for this GPU and tensorrt + pycuda
+    import, else onnxruntime. ``precision`` restricts the choice to one variant precision.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "tensorrt"):
+        engines = _variants(bundle, "tensorrt", precision)
+        if backend == "tensorrt":
+            if not engines:
+                raise RuntimeError(
+                    f"bundle {bundle.path} has no TensorRT engine variant"
+                    f"{'' if precision is None else f' at {precision}'}: {TENSORRT_HELP}"
+                )
+            if not tensorrt_available():
+                raise RuntimeError(f"tensorrt and pycuda do not import here: {TENSORRT_HELP}")
+        if engines and tensorrt_available():
+            variant = _pick_engine(engines)
+            if variant is None:
+                msg = (
+                    f"no TensorRT engine in {bundle.path} matches this GPU "
+                    f"(compute capability {_device_compute_capability()}): {TENSORRT_HELP}"
+                )
+                if backend == "tensorrt":
+                    raise RuntimeError(msg)
+                log.warning("%s; using onnxruntime", msg)
+            else:
+                try:
+                    return _build(bundle, variant), variant
+                except RuntimeError as exc:
+                    if backend == "tensorrt":
+                        raise
+                    log.warning("TensorRT engine unusable (%s); using onnxruntime", exc)
+    candidates = _variants(bundle, "onnxruntime", precision)
+    if not candidates:
+        have = ", ".join(f"{v.get('precision')}/{v.get('backend')}" for v in bundle.manifest["variants"])
+        raise RuntimeError(
+            f"bundle {bundle.path} has no onnxruntime variant"
+            f"{'' if precision is None else f' at {precision}'} (has {have})"
+        )
+    variant = candidates[0]
+    return _build(bundle, variant), variant

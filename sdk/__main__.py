@@ -1,0 +1,3 @@
+from rrise.cli import main
+
+main()

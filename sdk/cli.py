@@ -1,0 +1,303 @@
+"""The ``rrise`` command line. Every command imports its stage lazily: ``rrise --help`` needs no torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="rrise",
+    help="Certified-robust image classification: randomized smoothing with a calibrated surrogate.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class ProfileName(str, Enum):
+    quick = "quick"
+    full = "full"
+
+
+class DatasetName(str, Enum):
+    fashion_mnist = "fashion-mnist"
+    mnist = "mnist"
+    digits = "digits"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Work folder of the pipeline.")]
+DatasetOpt = Annotated[
+    DatasetName | None, typer.Option(help="Dataset (default: the folder's, else fashion-mnist).")
+]
+ProfileOpt = Annotated[
+    ProfileName | None, typer.Option(help="Sizes: quick (minutes on a CPU) or full (DESIGN defaults).")
+]
+SigmaOpt = Annotated[float | None, typer.Option(help="Noise level σ in [0,1]-pixel units (default 0.25).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for splits, training and Monte Carlo (default 0).")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Folder with MNIST/Fashion-MNIST *-ubyte.gz files.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its outputs exist.")]
+QuietOpt = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _workdir(workdir: Path, dataset, profile, sigma, seed, data_dir, quiet: bool):
+    """Open a work folder; options left out take the folder's recorded values, then the defaults."""
+    from rrise.calibrate.pipeline import RunConfig, Workdir
+    from rrise.datasets import DatasetNotFoundError
+
+    have = {}
+    meta = workdir / "run.json"
+    if meta.exists():
+        have = json.loads(meta.read_text()).get("config", {})
+    given = {
+        "dataset": dataset.value if dataset else None,
+        "profile": profile.value if profile else None,
+        "sigma": sigma,
+        "seed": seed,
+    }
+    fields = {k: v if v is not None else have.get(k) for k, v in given.items()}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    config = RunConfig(**fields, data_dir=str(data_dir) if data_dir else None)
+    try:
+        w = Workdir.open(workdir, config, show_progress=not quiet)
+        w.splits()  # loads the data: a missing dataset fails here, with how to get it
+    except (ValueError, DatasetNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    return w
+
+
+STAGE_HELP = {
+    "train-base": "Train the base classifier with Gaussian noise augmentation (writes base.pt, base.onnx).",
+    "targets": "Monte Carlo class counts of the base model: the surrogate's training targets.",
+    "train-surrogate": "Train the surrogate on counts/N (soft-label cross-entropy), selected on held-out KL.",
+    "calibrate": "Fresh MC on held-out calibration inputs, then the split-conformal quantile q̂.",
+    "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
+    "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
+}
+
+
+def _stage_command(stage: str, example: str):
+    def command(
+        workdir: WorkdirOpt,
+        dataset: DatasetOpt = None,
+        profile: ProfileOpt = None,
+        sigma: SigmaOpt = None,
+        seed: SeedOpt = None,
+        data_dir: DataDirOpt = None,
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        from rrise.calibrate.pipeline import run_stage
+
+        w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+        for path in run_stage(w, stage, force=force):
+            typer.echo(str(path))
+
+    command.__doc__ = f"{STAGE_HELP[stage]}\n\nExample: `{example}`"
+    return command
+
+
+for _name, _example in [
+    ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
+    ("targets", "rrise targets --workdir runs/fmnist"),
+    ("train-surrogate", "rrise train-surrogate --workdir runs/fmnist"),
+    ("calibrate", "rrise calibrate --workdir runs/fmnist"),
+    ("certify", "rrise certify --workdir runs/fmnist"),
+    ("evaluate", "rrise evaluate --workdir runs/fmnist"),
+]:
+    app.command(_name)(_stage_command(_name, _example))
+
+
+@app.command()
+def demo(
+    workdir: WorkdirOpt = Path("runs/demo"),
+    profile: ProfileOpt = None,
+    dataset: DatasetOpt = None,
+    sigma: SigmaOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The whole pipeline on this machine: base model → MC targets → surrogate → calibration →
+    Cohen MC baseline → report → bundle → runtime on a video, publishing records over ZeroMQ.
+
+    Example: `rrise demo --workdir runs/demo --profile quick --dataset fashion-mnist`
+    """
+    from rrise.calibrate.pipeline import run_demo
+
+    from .summary import print_demo_summary
+
+    w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+    result = run_demo(w, force=force)
+    print_demo_summary(w.root, result)
+
+
+@app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export(ctx: typer.Context) -> None:
+    """Bundle a surrogate with its calibration (same as `rrise-export`; see `rrise-export --help`).
+
+    Example: `rrise export --surrogate runs/demo/surrogate.pt --base runs/demo/base.onnx ...`
+    """
+    from rrise.export.cli import main as export_main
+
+    export_main(ctx.args)
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show a bundle's manifest, guarantee and integrity; exit 1 on any integrity failure.
+
+    Example: `rrise inspect runs/demo/bundle`
+    """
+    from .inspect import format_inspection, inspect_bundle
+
+    summary, problems = inspect_bundle(bundle)
+    if as_json:
+        typer.echo(json.dumps({"summary": summary, "problems": problems, "ok": not problems}, indent=2))
+    else:
+        typer.echo(format_inspection(summary, problems))
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder (made by `rrise demo` or `rrise-export`).")],
+    source: Annotated[
+        str, typer.Option(help="Camera index, video file, RTSP/HTTP URL, GStreamer pipeline or image folder.")
+    ],
+    publish: Annotated[
+        str | None, typer.Option(help="ZeroMQ endpoint to bind and publish on, e.g. tcp://*:5555.")
+    ] = None,
+    jsonl: Annotated[
+        str | None, typer.Option(help="Write records as JSON lines to a file, or '-' for stdout.")
+    ] = None,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend.")] = BackendName.auto,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    wait_subscribers: Annotated[
+        int, typer.Option(help="Wait for this many subscribers before the first frame.")
+    ] = 0,
+) -> None:
+    """Certify every frame of a stream and publish one record per frame.
+
+    Example: `rrise run --bundle runs/demo/bundle --source runs/demo/demo_video.avi --jsonl -`
+    """
+    from rrise.bundle import BundleError
+    from rrise.runtime import run_stream
+    from rrise.runtime.sources import SourceError
+
+    try:
+        summary = run_stream(
+            bundle,
+            source,
+            publish=publish,
+            jsonl=jsonl,
+            backend=backend.value,
+            max_frames=max_frames,
+            wait_subscribers=wait_subscribers,
+        )
+    except (BundleError, SourceError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps({"summary": summary}), err=True)
+
+
+@app.command()
+def subscribe(
+    endpoint: Annotated[str, typer.Argument(help="Endpoint to connect to, e.g. tcp://127.0.0.1:5555.")],
+    count: Annotated[int | None, typer.Option(help="Exit after this many records.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Exit after this many seconds without a record.")
+    ] = None,
+    topic: Annotated[str, typer.Option(help="Topic to subscribe to.")] = "rrise",
+) -> None:
+    """Print records from a running `rrise run --publish` as JSON lines.
+
+    Example: `rrise subscribe tcp://127.0.0.1:5555 --count 10`
+    """
+    from .subscriber import subscribe as subscribe_records
+
+    stats: dict[str, int] = {}
+    records = subscribe_records(endpoint, topic=topic, timeout_s=timeout, stats=stats)
+    for n, record in enumerate(records, start=1):
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+        if count is not None and n >= count:
+            break
+    if stats.get("malformed"):
+        typer.echo(f"skipped {stats['malformed']} malformed message(s)", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="rrise")
+
+
+@app.command()
+def audit(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder to audit.")],
+    dataset: Annotated[
+        DatasetName, typer.Option(help="Inputs from the deployment distribution.")
+    ] = DatasetName.fashion_mnist,
+    split: Annotated[str, typer.Option(help="Dataset split to draw inputs from.")] = "test",
+    n: Annotated[int, typer.Option(help="How many inputs to audit.")] = 100,
+    n_mc: Annotated[int, typer.Option(help="Fresh Monte Carlo draws per input.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed for the input choice and the noise.")] = 12345,
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write per-input results here (TSV).")] = None,
+) -> None:
+    """Spot-check a bundle's certificates against fresh MC with its base model (base.onnx).
+
+    Example: `rrise audit --bundle runs/demo/bundle --dataset fashion-mnist --n 100 --n-mc 2000`
+    """
+    import numpy as np
+
+    from rrise.bundle import BundleError
+    from rrise.calibrate.audit import audit_bundle
+    from rrise.datasets import DatasetNotFoundError, load_dataset
+
+    try:
+        ds = load_dataset(dataset.value, split, data_dir)
+        idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+        result = audit_bundle(bundle, ds.images[idx], n_mc=n_mc, seed=seed)
+    except (BundleError, DatasetNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if out is not None:
+        rows = ["idx\tlabel\tpred\tradius\tp_lower\tmc_count\tmc_upper\tviolation"]
+        for j, i in enumerate(idx):
+            rows.append(
+                f"{i}\t{ds.labels[i]}\t{result.pred[j]}\t{result.radius[j]:.4f}\t{result.p_lower[j]:.6f}\t"
+                f"{result.mc_count[j]}\t{result.mc_upper[j]:.6f}\t{int(result.violation[j])}"
+            )
+        out.write_text("\n".join(rows) + "\n")
+    typer.echo(
+        f"audited {len(idx)} inputs with {n_mc} fresh draws each: {result.certified} certified, "
+        f"{result.violations} violation(s) (rate {result.violations / max(result.certified, 1):.4f}; "
+        f"the guarantee allows α+β = {result.allowed_rate:g}); binomial test p = {result.p_value:.3g}"
+    )
+    if result.p_value < 0.01:
+        typer.secho(
+            "the violation rate is above what the guarantee allows: recalibrate or check for "
+            "distribution shift",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)

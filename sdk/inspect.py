@@ -1,0 +1,126 @@
+"""Describe a bundle and check its integrity: what ``rrise inspect BUNDLE [--json]`` prints.
+
+numpy only (no torch, no scipy), so it runs on the edge device next to the bundle. A damaged bundle
+is still described: the manifest is read without verification first, then every file is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from .bundle import Bundle, BundleError
+
+__all__ = ["format_inspection", "guarantee_text", "inspect_bundle"]
+
+_WIDTH = 100
+
+
+def guarantee_text(guarantee: str, alpha: float | None, beta: float | None) -> str:
+    """The bundle's guarantee with its own α and β filled in: "... at least 1 − α − β = 0.989 ..."."""
+    if alpha is None or beta is None:
+        return guarantee
+    level = f"1 − α − β = {1.0 - float(alpha) - float(beta):.6g} (α = {float(alpha):g}, β = {float(beta):g})"
+    for phrase in ("1 - alpha - beta", "1 − α − β"):
+        if phrase in guarantee:
+            return guarantee.replace(phrase, level, 1)
+    return f"{guarantee} Here {level}."
+
+
+def inspect_bundle(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """``(summary, problems)`` for the bundle at ``path``.
+
+    ``summary`` is JSON-serializable: id, path, created, rrise_version, schema_version, model (file,
+    input, output), num_classes, labels, sigma, preprocess, calibration, variants (with their
+    quantiles), base_model (its file), guarantee (as written and with α, β filled in), export, files.
+    ``problems`` is empty exactly when :meth:`Bundle.load` would accept the bundle; otherwise it
+    lists each changed, missing or extra file (by name) or the manifest error.
+    """
+    path = Path(path)
+    try:
+        bundle = Bundle.load(path, verify=False)
+    except BundleError as exc:
+        return {"path": str(path), "id": None}, [str(exc)]
+    problems = bundle.integrity_problems()
+    m = bundle.manifest
+    cal = dict(m["calibration"])
+    summary: dict[str, Any] = {
+        "id": bundle.id,
+        "path": str(path),
+        "created": m["created"],
+        "rrise_version": m["rrise_version"],
+        "schema_version": m["schema_version"],
+        "model": {k: m["model"].get(k) for k in ("file", "input", "output")},
+        "num_classes": m["model"]["num_classes"],
+        "labels": m["model"].get("labels") or [],
+        "sigma": m["smoothing"]["sigma"],
+        "preprocess": m["preprocess"],
+        "calibration": cal,
+        "variants": [{k: v for k, v in variant.items() if k != "sha256"} for variant in m["variants"]],
+        "base_model": m["base_model"].get("file"),
+        "guarantee": m["guarantee"],
+        "guarantee_filled": guarantee_text(str(m["guarantee"]), cal.get("alpha"), cal.get("beta")),
+        "export": m.get("export"),
+        "files": dict(m["files"]),
+    }
+    return summary, problems
+
+
+def _num(x: Any) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    return textwrap.fill(text, width=_WIDTH, initial_indent=indent, subsequent_indent=indent)
+
+
+def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
+    """Human-readable text of :func:`inspect_bundle`'s result, ending with an "Integrity: OK" or
+    "Integrity: FAILED" section that lists every problem."""
+    lines = [f"Bundle       {summary.get('path')}" + (f"  (id {summary['id']})" if summary.get("id") else "")]
+    if summary.get("id"):
+        model = summary["model"]
+        inp, out = model.get("input") or {}, model.get("output") or {}
+        labels = summary["labels"]
+        cal = summary["calibration"]
+        lines += [
+            f"Created      {summary['created']} by rrise {summary['rrise_version']} "
+            f"(schema {summary['schema_version']})",
+            f"Model        {model.get('file')}: {inp.get('name')} {inp.get('shape')} {inp.get('dtype')} "
+            f"in {inp.get('range')} -> {out.get('name')} (kind {out.get('kind')}), "
+            f"{summary['num_classes']} classes",
+            f"Labels       {', '.join(map(str, labels)) if labels else '(none: class indices)'}",
+            "Preprocess   " + ", ".join(f"{k} {v}" for k, v in summary["preprocess"].items()),
+            f"Smoothing    sigma = {_num(summary['sigma'])} ([0,1]-pixel units of the model input)",
+            "Calibration  "
+            + ", ".join(
+                f"{k} = {_num(cal[k])}"
+                for k in ("score", "alpha", "beta", "m", "n_mc", "quantile", "p_cap", "dataset")
+                if k in cal
+            ),
+            "Variants",
+        ]
+        for v in summary["variants"]:
+            extra = ", ".join(f"{k} {v[k]}" for k in ("trt_version", "compute_capability") if k in v)
+            name = f"{v.get('precision')}/{v.get('backend')}"
+            lines.append(
+                f"  {name}  {v.get('file')}  quantile = {_num(v.get('quantile'))}"
+                + (f"  ({extra})" if extra else "")
+            )
+        lines.append(f"Base model   {summary['base_model']} (for audits)")
+        parity = (summary.get("export") or {}).get("parity_max_abs_diff")
+        if parity is not None:
+            lines.append(f"Export       max |logits torch - onnx| = {parity:.3g}")
+        lines += ["Guarantee", _wrap(summary["guarantee_filled"]), "Files"]
+        lines += [f"  {name}  sha256 {digest[:16]}…" for name, digest in summary["files"].items()]
+    if problems:
+        lines.append(f"Integrity: FAILED ({len(problems)} problem{'s' if len(problems) > 1 else ''})")
+        lines += [
+            textwrap.fill(f"- {p}", width=_WIDTH, initial_indent="  ", subsequent_indent="    ")
+            for p in problems
+        ]
+    else:
+        lines.append("Integrity: OK (every file matches its sha256; no file missing or extra)")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+from rrise.datasets import DEBIAN_FASHION_DIR
+
+FASHION_AVAILABLE = (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+# Run a Python snippet with torch made unimportable, as on an edge image without it.
+NO_TORCH_PRELUDE = """
+import sys, importlib.abc
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this edge image")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real bundle (digits CNN, real MC calibration) and a folder of frames with one corrupt file."""
+    from tests.tiny_bundle import make_tiny_bundle
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny_bundle(root / "bundle", root / "frames")
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,224 @@
+"""Bundle.load refuses what it cannot vouch for; inspect_bundle reports the same; variants' quantiles.
+
+The bundles here are built by rrise.export.build_bundle from a hand-made ONNX graph (no torch), with
+synthetic calibration data, so every file in a real bundle is present and hashed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rrise import Bundle, BundleError, Calibration
+from rrise.bundle import write_manifest
+from rrise.export.bundler import build_bundle, variant_quantile
+from rrise.export.onnx_export import onnx_logits
+from rrise.inspect import format_inspection, inspect_bundle
+
+SHAPE = (1, 4, 4)
+K = 3
+M = 40
+N_MC = 1000
+ALPHA, BETA = 0.1, 0.01
+
+
+def linear_onnx(path: Path, seed: int, input_name: str = "input") -> Path:
+    """input [batch, 1, 4, 4] → Flatten → MatMul + Add → logits [batch, 3]."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((3 * rng.standard_normal((16, K))).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+            helper.make_node("Add", ["mm", "b"], ["logits"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    """surrogate.onnx, base.onnx, calibration.npz and the Calibration record for them."""
+    d = tmp_path_factory.mktemp("sources")
+    surrogate = linear_onnx(d / "surrogate.onnx", seed=0)
+    base = linear_onnx(d / "base.onnx", seed=1, input_name="x")
+    rng = np.random.default_rng(2)
+    images = rng.random((M, *SHAPE), dtype=np.float32)
+    probs = softmax(onnx_logits(surrogate, images).astype(np.float64))
+    counts = np.stack([rng.multinomial(N_MC, p) for p in probs]).astype(np.int64)
+    np.savez(d / "calibration.npz", images=images, counts=counts, probs=probs)
+    q = variant_quantile(probs, counts, n_mc=N_MC, alpha=ALPHA, beta=BETA)
+    cal = Calibration(sigma=0.25, quantile=q, alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M)
+    return {"surrogate": surrogate, "base": base, "npz": d / "calibration.npz", "cal": cal}
+
+
+def make_bundle(sources: dict, out: Path) -> Bundle:
+    return build_bundle(
+        out,
+        surrogate_onnx=sources["surrogate"],
+        base_onnx=sources["base"],
+        calibration=sources["cal"],
+        calibration_npz=sources["npz"],
+        labels=["a", "b", "c"],
+        preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
+        dataset="synthetic",
+        input_shape=SHAPE,
+        parity_max_abs_diff=0.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def good(sources, tmp_path_factory) -> Path:
+    return make_bundle(sources, tmp_path_factory.mktemp("good") / "bundle").path
+
+
+@pytest.fixture
+def bundle_dir(good, tmp_path) -> Path:
+    """A fresh copy of the good bundle, free to damage."""
+    return Path(shutil.copytree(good, tmp_path / "bundle"))
+
+
+def edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def refused(folder: Path, *names: str) -> str:
+    """Bundle.load refuses ``folder``; inspect_bundle reports it; both messages name ``names``."""
+    with pytest.raises(BundleError) as info:
+        Bundle.load(folder)
+    message = str(info.value)
+    summary, problems = inspect_bundle(folder)
+    assert problems, "inspect_bundle found nothing wrong"
+    text = format_inspection(summary, problems)
+    assert "Integrity: FAILED" in text and "Integrity: OK" not in text
+    for name in names:
+        assert name in message, message
+        assert any(name in p for p in problems), problems
+        assert name in text
+    return message
+
+
+def test_good_bundle_loads_and_inspects_ok(good):
+    b = Bundle.load(good)
+    assert sorted(b.manifest["files"]) == ["base.onnx", "calibration.npz", "surrogate.onnx"]
+    summary, problems = inspect_bundle(good)
+    assert problems == []
+    assert summary["id"] == b.id and summary["num_classes"] == K and summary["labels"] == ["a", "b", "c"]
+    assert summary["variants"][0]["quantile"] == b.manifest["variants"][0]["quantile"]
+    assert summary["base_model"] == "base.onnx" and summary["sigma"] == 0.25
+    json.dumps(summary)  # what `rrise inspect --json` prints
+    text = format_inspection(summary, problems)
+    assert "Integrity: OK" in text and "FAILED" not in text
+    assert "1 − α − β = 0.89" in text  # 1 − 0.1 − 0.01
+    assert "fp32/onnxruntime" in text and b.id in text
+
+
+def test_changed_file_is_refused(bundle_dir):
+    with open(bundle_dir / "base.onnx", "ab") as f:
+        f.write(b"\0")
+    assert "changed file base.onnx" in refused(bundle_dir, "base.onnx")
+
+
+def test_missing_file_is_refused(bundle_dir):
+    (bundle_dir / "calibration.npz").unlink()
+    assert "missing file calibration.npz" in refused(bundle_dir, "calibration.npz")
+
+
+def test_extra_file_is_refused(bundle_dir):
+    (bundle_dir / "notes.txt").write_text("not in the manifest")
+    assert "extra file notes.txt" in refused(bundle_dir, "notes.txt")
+
+
+def test_malformed_json_is_refused(bundle_dir):
+    (bundle_dir / "manifest.json").write_text('{"schema_version": 1,')
+    assert "not valid JSON" in refused(bundle_dir, "manifest.json")
+    summary, _ = inspect_bundle(bundle_dir)
+    assert summary["id"] is None and summary["path"] == str(bundle_dir)
+
+
+def test_unknown_schema_version_is_refused(bundle_dir):
+    edit_manifest(bundle_dir, lambda m: m.update(schema_version=99))
+    assert "unknown schema_version 99" in refused(bundle_dir, "manifest.json")
+
+
+@pytest.mark.parametrize("drop", ["guarantee", "variants", "calibration.alpha", "smoothing.sigma"])
+def test_missing_required_key_is_refused(bundle_dir, drop):
+    def edit(m):
+        *parents, leaf = drop.split(".")
+        for p in parents:
+            m = m[p]
+        del m[leaf]
+
+    edit_manifest(bundle_dir, edit)
+    assert drop in refused(bundle_dir, "manifest.json")
+
+
+def test_variant_without_quantile_is_refused(bundle_dir):
+    edit_manifest(bundle_dir, lambda m: m["variants"][0].pop("quantile"))
+    assert "variants[0].quantile" in refused(bundle_dir, "manifest.json")
+
+
+def test_file_names_outside_the_bundle_are_refused(bundle_dir, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copyfile(bundle_dir / "base.onnx", outside)
+
+    def edit(m):
+        m["files"]["../outside.onnx"] = m["files"].pop("base.onnx")
+        m["base_model"]["file"] = "../outside.onnx"
+
+    (bundle_dir / "base.onnx").unlink()
+    edit_manifest(bundle_dir, edit)
+    assert "not a relative path inside the bundle" in refused(bundle_dir, "../outside.onnx")
+
+
+def test_calibration_uses_the_variants_quantile(bundle_dir):
+    edit_manifest(bundle_dir, lambda m: m.pop("files"))
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["variants"][0]["quantile"] = 0.123
+    write_manifest(bundle_dir, manifest)
+    b = Bundle.load(bundle_dir)
+    record = b.calibration()
+    variant = b.calibration(b.variant("fp32", "onnxruntime"))
+    assert record.quantile == pytest.approx(b.manifest["calibration"]["quantile"]) != 0.123
+    assert variant.quantile == 0.123
+    assert (variant.alpha, variant.beta, variant.n_mc, variant.sigma) == (ALPHA, BETA, N_MC, 0.25)
+    with pytest.raises(BundleError, match="no int8"):
+        b.variant("int8")
+
+
+def test_write_manifest_leaves_the_callers_dict_alone(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["model"]["sha256"] = None
+    write_manifest(bundle_dir, manifest)
+    assert manifest["model"]["sha256"] is None
+    assert Bundle.load(bundle_dir).manifest["model"]["sha256"] == manifest["files"]["surrogate.onnx"]
+
+
+def test_inspect_imports_neither_torch_nor_scipy():
+    import subprocess
+
+    code = "import sys, rrise.inspect; sys.exit(any(m in sys.modules for m in ('torch', 'scipy')))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

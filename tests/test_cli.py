@@ -1,0 +1,108 @@
+"""The command line as a user meets it: help, bad input, tampered bundles, no torch at the edge."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from rrise.cli import app
+from tests.conftest import NO_TORCH_PRELUDE
+
+runner = CliRunner()
+COMMANDS = [
+    "demo",
+    "train-base",
+    "targets",
+    "train-surrogate",
+    "calibrate",
+    "certify",
+    "evaluate",
+    "export",
+    "inspect",
+    "run",
+    "subscribe",
+    "audit",
+]
+
+
+def test_help_lists_every_command_without_importing_torch():
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rrise", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for name in COMMANDS:
+        assert name in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+    assert "torch" not in imported and "scipy" not in imported
+
+
+@pytest.mark.parametrize("name", [c for c in COMMANDS if c != "export"])
+def test_each_command_has_help_with_an_example(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train-base",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "nothing-here"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "mnist not found" in result.output and "--data-dir" in result.output
+
+
+def test_run_refuses_a_source_that_does_not_open(tiny_bundle, tmp_path):
+    missing = runner.invoke(app, ["run", "--bundle", str(tiny_bundle), "--source", str(tmp_path / "no.avi")])
+    assert missing.exit_code != 0 and "no.avi" in missing.output
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"\x00" * 4096)
+    bad = runner.invoke(app, ["run", "--bundle", str(tiny_bundle), "--source", str(garbage)])
+    assert bad.exit_code != 0 and "garbage.avi" in bad.output
+
+
+def test_tampered_bundle_is_refused_by_name(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    with open(bundle / "surrogate.onnx", "ab") as f:
+        f.write(b"\x00")
+    result = runner.invoke(
+        app, ["run", "--bundle", str(bundle), "--source", str(tiny_bundle.parent / "frames")]
+    )
+    assert result.exit_code == 1 and "surrogate.onnx" in result.output
+    inspected = runner.invoke(app, ["inspect", str(bundle)])
+    assert inspected.exit_code == 1 and "surrogate.onnx" in inspected.output
+    ok = runner.invoke(app, ["inspect", str(tiny_bundle), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
+
+
+def test_run_without_torch_certifies_every_frame_and_reports_bad_ones(tiny_bundle, tmp_path):
+    frames = tiny_bundle.parent / "frames"
+    out = tmp_path / "records.jsonl"
+    code = NO_TORCH_PRELUDE + (
+        "from rrise.cli import main\n"
+        f"main(['run', '--bundle', {str(tiny_bundle)!r}, '--source', {str(frames)!r},"
+        f" '--jsonl', {str(out)!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 9  # 8 frames and one corrupt file
+    errors = [r for r in records if r["error"]]
+    assert len(errors) == 1 and errors[0]["pred"] is None
+    good = [r for r in records if not r["error"]]
+    assert all(r["v"] == 1 and r["bundle"] for r in good)
+    assert any(r["pred"] is not None for r in good)

@@ -1,0 +1,188 @@
+"""Split-conformal calibration against a problem whose smoothed probabilities are known exactly.
+
+Base classifier: 2-class linear, so p₁(x) = Φ((w·x + b)/(σ‖w‖)). Surrogate: the true p plus noise.
+The guarantee to check: the rate of "certified and p̃ > p_Â(x)" is at most α + β (plus sampling slack).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from rrise import Calibration, certify_from_probs
+from rrise.calibrate.conformal import calibrate_from_counts, mc_lower_bounds
+from rrise.calibrate.mc import sample_counts
+from rrise.certificate import min_calibration_size
+from rrise.stats import clopper_pearson_lower
+
+SIGMA, ALPHA, BETA, N_MC = 0.25, 0.1, 0.01, 1000
+SLACK = 0.03
+
+
+def _surrogate(p1: np.ndarray, rng: np.random.Generator, noise: float = 0.05) -> np.ndarray:
+    """An honest but noisy surrogate: [1 − s, s] with s = p₁ + N(0, noise²), clipped into (0, 1)."""
+    s1 = np.clip(p1 + rng.normal(0.0, noise, p1.shape), 1e-4, 1 - 1e-4)
+    return np.stack([1 - s1, s1], axis=1)
+
+
+def _overconfident(probs: np.ndarray, power: float = 3.0) -> np.ndarray:
+    """The same surrogate pushed toward 1: s ∝ s^power."""
+    t = probs**power
+    return t / t.sum(axis=1, keepdims=True)
+
+
+def _counts_for(top: np.ndarray, k_top: np.ndarray, n_mc: int) -> np.ndarray:
+    counts = np.zeros((len(top), 2), dtype=np.int64)
+    rows = np.arange(len(top))
+    counts[rows, top] = k_top
+    counts[rows, 1 - top] = n_mc - k_top
+    return counts
+
+
+def _violation_rate(probs: np.ndarray, p1: np.ndarray, cal: Calibration) -> float:
+    """Fraction of inputs certified with p̃ > p_Â(x), i.e. where the certificate could be wrong."""
+    cert = certify_from_probs(probs, cal)
+    p_top = np.where(cert.top_class == 1, p1, 1 - p1)
+    return float(np.mean(~cert.abstain & (cert.p_lower > p_top)))
+
+
+def test_mc_lower_bounds_are_clopper_pearson_of_the_chosen_class():
+    counts = np.array([[0, 100], [37, 63], [100, 0], [50, 50]])
+    classes = np.array([0, 1, 0, 1])
+    got = mc_lower_bounds(counts, classes, 100, 0.001)
+    np.testing.assert_allclose(got, clopper_pearson_lower(np.array([0, 63, 100, 50]), 100, 0.001))
+    assert got[0] == 0.0 and 0.0 < got[1] < 0.63 and got[2] == pytest.approx(0.001 ** (1 / 100))
+    with pytest.raises(ValueError):
+        mc_lower_bounds(counts, np.array([0, 1, 2, 0]), 100, 0.001)
+
+
+def test_quantile_follows_the_definition():
+    """q̂ = the ⌈(m+1)(1−α)⌉-th smallest e_i = Φ⁻¹(min(ŝ_i, p_cap)) − Φ⁻¹(p̲_i), from scratch."""
+    from scipy.stats import beta as beta_dist
+
+    rng = np.random.default_rng(3)
+    m = 57
+    p1 = norm.cdf(rng.normal(1.0, 1.0, m))
+    probs = _surrogate(p1, rng)
+    top = probs.argmax(axis=1)
+    k = rng.binomial(N_MC, np.where(top == 1, p1, 1 - p1))
+    k[0] = N_MC  # p̲ = p_cap exactly
+    counts = _counts_for(top, k, N_MC)
+    cal = calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    cap = BETA ** (1 / N_MC)
+    lower = np.where(k > 0, beta_dist.ppf(BETA, np.maximum(k, 1), N_MC - k + 1), 0.0)
+    scores = norm.ppf(np.minimum(probs.max(axis=1), cap)) - norm.ppf(lower)
+    rank = int(np.ceil((m + 1) * (1 - ALPHA)))
+    assert cal.quantile == pytest.approx(np.sort(scores)[rank - 1], abs=1e-9)
+    logit = calibrate_from_counts(
+        probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA, score="logit"
+    )
+    logit_scores = np.log(np.minimum(probs.max(1), cap) / (1 - np.minimum(probs.max(1), cap)))
+    logit_scores -= np.log(lower / (1 - lower))
+    assert logit.score == "logit"
+    assert logit.quantile == pytest.approx(np.sort(logit_scores)[rank - 1], abs=1e-9)
+
+
+def test_calibration_with_real_monte_carlo_counts():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, 16, generator=gen))
+        model[1].bias.zero_()
+    weight = model[1].weight.detach().double().numpy()
+    w = weight[1] - weight[0]
+    rng = np.random.default_rng(0)
+    m, m_test = 300, 2000
+    x = rng.normal(0.0, 0.4, (m + m_test, 1, 4, 4)).astype(np.float32)
+    p1 = norm.cdf(x.reshape(len(x), -1).astype(np.float64) @ w / (SIGMA * np.linalg.norm(w)))
+    probs = _surrogate(p1, rng)
+    counts = sample_counts(model, x[:m], N_MC, SIGMA, batch_size=1000, seed=1)
+    assert counts.shape == (m, 2) and np.all(counts.sum(axis=1) == N_MC)
+    cal = calibrate_from_counts(probs[:m], counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    assert isinstance(cal, Calibration)
+    assert (cal.sigma, cal.alpha, cal.beta, cal.n_mc, cal.m, cal.score) == (
+        SIGMA,
+        ALPHA,
+        BETA,
+        N_MC,
+        m,
+        "probit",
+    )
+    assert cal.p_cap == pytest.approx(BETA ** (1 / N_MC))
+    assert np.isfinite(cal.quantile) and cal.quantile > 0
+    assert _violation_rate(probs[m:], p1[m:], cal) <= ALPHA + BETA + 0.05
+    assert np.mean(~certify_from_probs(probs[m:], cal).abstain) > 0.3  # not vacuous
+
+
+def _trial(seed: int, m: int = 200, m_test: int = 2000) -> dict[str, tuple[float, float, float]]:
+    """One calibration + test draw with closed-form binomial MC counts: (q̂, mean radius, violations)."""
+    rng = np.random.default_rng(seed)
+    p1 = norm.cdf(rng.normal(0.8, 1.2, m + m_test))
+    honest = _surrogate(p1, rng)
+    top = honest.argmax(axis=1)
+    p_top = np.where(top == 1, p1, 1 - p1)
+    counts = _counts_for(top[:m], rng.binomial(N_MC, p_top[:m]), N_MC)
+    out = {}
+    for name, probs in (("honest", honest), ("overconfident", _overconfident(honest))):
+        cal = calibrate_from_counts(probs[:m], counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+        radius = certify_from_probs(probs[m:], cal).radius.mean()
+        out[name] = (cal.quantile, radius, _violation_rate(probs[m:], p1[m:], cal))
+        out[name + "/uncalibrated"] = (0.0, 0.0, _violation_rate(probs[m:], p1[m:], cal.with_quantile(0)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trials() -> list[dict]:
+    """30 cheap repetitions (fresh calibration and test sets each)."""
+    return [_trial(seed) for seed in range(30)]
+
+
+def test_violation_rate_is_at_most_alpha_plus_beta_over_repetitions(trials):
+    for name in ("honest", "overconfident"):
+        violations = np.array([t[name][2] for t in trials])
+        assert violations.mean() <= ALPHA + BETA + SLACK, (name, violations.mean())
+        # the check has power: without the conformal correction (q̂ = 0) it fails by far
+        uncalibrated = np.mean([t[name + "/uncalibrated"][2] for t in trials])
+        assert uncalibrated > ALPHA + BETA + 0.2, (name, uncalibrated)
+
+
+def test_overconfident_surrogate_gets_a_larger_quantile_not_larger_radii(trials):
+    q_honest = np.array([t["honest"][0] for t in trials])
+    q_over = np.array([t["overconfident"][0] for t in trials])
+    assert np.all(q_over > q_honest)
+    r_honest = np.mean([t["honest"][1] for t in trials])
+    r_over = np.mean([t["overconfident"][1] for t in trials])
+    assert r_over <= r_honest, (r_over, r_honest)
+
+
+def test_too_few_calibration_inputs_name_the_smallest_m():
+    m_min = min_calibration_size(ALPHA)
+    rng = np.random.default_rng(0)
+    probs = _surrogate(np.full(m_min - 1, 0.9), rng)
+    counts = _counts_for(probs.argmax(axis=1), np.full(m_min - 1, 900), N_MC)
+    with pytest.raises(ValueError, match=f"m={m_min}"):
+        calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    probs = _surrogate(np.full(m_min, 0.9), rng)
+    counts = _counts_for(probs.argmax(axis=1), np.full(m_min, 900), N_MC)
+    cal = calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    assert cal.m == m_min
+
+
+def test_bad_counts_are_rejected():
+    rng = np.random.default_rng(0)
+    probs = _surrogate(np.full(20, 0.9), rng)
+    counts = _counts_for(probs.argmax(axis=1), np.full(20, 900), N_MC)
+    kwargs = dict(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    short = counts.copy()
+    short[4, 0] -= 1
+    with pytest.raises(ValueError, match="row 4"):
+        calibrate_from_counts(probs, short, **kwargs)
+    with pytest.raises(ValueError):
+        calibrate_from_counts(probs, counts[:10], **kwargs)
+    with pytest.raises(ValueError):
+        calibrate_from_counts(probs, counts.astype(np.float64), **kwargs)
+    with pytest.raises(ValueError, match="score transform"):
+        calibrate_from_counts(probs, counts, score="cubic", **kwargs)

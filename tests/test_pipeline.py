@@ -1,0 +1,78 @@
+"""The whole pipeline end to end: digits through the CLI, and real Fashion-MNIST in-process."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rrise import Bundle
+from rrise.cli import app
+from tests.conftest import FASHION_AVAILABLE
+
+runner = CliRunner()
+
+
+def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
+    work = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--workdir", str(work), "--dataset", "digits", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for name in [
+        "base.pt",
+        "base.onnx",
+        "bundle/manifest.json",
+        "report/metrics.json",
+        "report/report.md",
+        "report/certified_accuracy.png",
+    ]:
+        assert (work / name).is_file(), name
+    metrics = json.loads((work / "report/metrics.json").read_text())
+    methods = metrics["methods"]
+    assert any(k.startswith("RRISE") for k in methods) and any(k.startswith("Cohen") for k in methods)
+    for m in methods.values():
+        ca = m["certified_accuracy"]
+        assert all(a >= b for a, b in zip(ca, ca[1:])), "certified accuracy must not grow with the radius"
+        assert m["per_query_s"] > 0
+    assert "Certified accuracy" in result.output and "r = 0.75" in result.output
+    assert "records received" in result.output
+    received = (work / "received.jsonl").read_text().splitlines()
+    assert len(received) == 12
+    Bundle.load(work / "bundle")
+
+    # Every stage resumes: a second run skips everything up to the runtime.
+    again = runner.invoke(app, ["demo", "--workdir", str(work), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipping") == 7
+
+
+def test_workdir_refuses_another_configuration(tmp_path):
+    work = tmp_path / "w"
+    runner.invoke(app, ["train-base", "--workdir", str(work), "--dataset", "digits", "--no-progress"])
+    result = runner.invoke(app, ["targets", "--workdir", str(work), "--sigma", "0.5"])
+    assert result.exit_code == 1 and "sigma" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not FASHION_AVAILABLE, reason="Fashion-MNIST is not installed")
+def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
+    from rrise.calibrate.pipeline import STAGES, RunConfig, Workdir, run_stage
+
+    w = Workdir.open(
+        tmp_path / "fm", RunConfig(dataset="fashion-mnist", profile="smoke"), show_progress=False
+    )
+    sp = w.splits()
+    assert not set(sp["base"]) & set(sp["calibration"])
+    assert not set(sp["selection"]) & set(sp["calibration"])
+    assert not set(sp["base"]) & set(sp["selection"])
+    for name in STAGES:
+        run_stage(w, name)
+    metrics = json.loads(w.path("report/metrics.json").read_text())
+    rrise = next(v for k, v in metrics["methods"].items() if k.startswith("RRISE"))
+    cohen = next(v for k, v in metrics["methods"].items() if k.startswith("Cohen"))
+    assert rrise["certified_accuracy"][0] > 0.4 and cohen["certified_accuracy"][0] > 0.4
+    cal = np.load(w.path("calibration.npz"))
+    assert (cal["counts"].sum(1) == w.prof.n_cal).all()
+    b = Bundle.load(w.path("bundle"))
+    assert (
+        b.manifest["calibration"]["m"] == w.prof.m and b.manifest["calibration"]["dataset"] == "fashion-mnist"
+    )

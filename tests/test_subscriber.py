@@ -1,0 +1,201 @@
+"""ZeroMQ publisher ↔ ``rrise.subscribe``: round trips over tcp and ipc, malformed messages, timeouts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+import rrise
+from rrise.certificate import Certificate
+from rrise.records import DEFAULT_TOPIC, make_record, pack
+from rrise.runtime.sinks import SinkError, ZmqPublisher
+from rrise.subscriber import subscribe
+
+
+def record(seq: int, *, error: str | None = None) -> dict:
+    cert = Certificate(
+        top_class=seq % 3, abstain=seq % 2 == 1, radius=0.1 * (seq % 2 == 0), score=0.9, p_lower=0.8
+    )
+    return make_record(
+        seq=seq,
+        frame=seq,
+        stamp_ns=time.time_ns(),
+        source="test",
+        bundle="b" * 16,
+        certificate=None if error else cert,
+        labels=["a", "b", "c"],
+        error=error,
+    )
+
+
+class Collector(threading.Thread):
+    """Subscribes in its own thread (ZeroMQ sockets belong to one thread) and gathers ``n`` records."""
+
+    def __init__(self, endpoint: str, n: int, topic: bytes | str = DEFAULT_TOPIC, timeout_s: float = 5.0):
+        super().__init__(daemon=True)
+        self.endpoint, self.n, self.topic, self.timeout_s = endpoint, n, topic, timeout_s
+        self.records: list[dict] = []
+        self.stats: dict = {}
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        sub = subscribe(self.endpoint, self.topic, timeout_s=self.timeout_s, stats=self.stats)
+        self.ready.set()
+        for rec in sub:
+            self.records.append(rec)
+            if len(self.records) >= self.n:
+                break
+        sub.close()
+
+
+def round_trip(endpoint: str) -> None:
+    with ZmqPublisher(endpoint) as pub:
+        sub = Collector(pub.endpoint, 20)
+        sub.start()
+        assert pub.wait_for_subscribers(1, timeout_s=5) >= 1
+        sent = [record(i, error="bad frame" if i == 7 else None) for i in range(20)]
+        for r in sent:
+            assert pub.send(r)
+        sub.join(10)
+    assert not sub.is_alive()
+    assert sub.records == sent
+    assert sub.stats["received"] == 20 and sub.stats["malformed"] == 0
+    assert pub.sent == 20 and pub.drops == 0
+
+
+def test_round_trip_over_tcp_on_a_free_port() -> None:
+    round_trip("tcp://127.0.0.1:*")
+
+
+def test_round_trip_over_ipc(tmp_path: Path) -> None:
+    folder = tmp_path if len(str(tmp_path)) < 80 else Path(tempfile.mkdtemp())  # sun_path is short
+    round_trip(f"ipc://{folder / 'rrise.sock'}")
+
+
+def test_publisher_endpoint_reports_the_bound_port() -> None:
+    with ZmqPublisher("tcp://127.0.0.1:*") as pub:
+        assert pub.endpoint.startswith("tcp://127.0.0.1:") and int(pub.endpoint.rsplit(":", 1)[1]) > 0
+        with pytest.raises(SinkError, match="cannot publish"):
+            ZmqPublisher(pub.endpoint)  # already bound
+
+
+def test_wait_for_subscribers_times_out_and_counts() -> None:
+    with ZmqPublisher("tcp://127.0.0.1:*") as pub:
+        t0 = time.monotonic()
+        assert pub.wait_for_subscribers(1, timeout_s=0.2) == 0
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        subs = [Collector(pub.endpoint, 1, timeout_s=3) for _ in range(2)]
+        other = Collector(pub.endpoint, 1, topic=b"elsewhere", timeout_s=0.5)
+        for s in [*subs, other]:
+            s.start()
+        assert pub.wait_for_subscribers(2, timeout_s=5) == 2
+        pub.send(record(0))
+        for s in subs:
+            s.join(5)
+            assert len(s.records) == 1
+        other.join(5)
+        assert other.records == []  # another topic gets nothing
+
+
+def test_malformed_messages_and_other_versions_are_skipped_and_counted() -> None:
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        sub = Collector(f"tcp://127.0.0.1:{port}", 2, timeout_s=3)
+        sub.start()
+        assert pub.poll(5000), "no subscription arrived"
+        assert pub.recv() == b"\x01" + DEFAULT_TOPIC
+        v2 = dict(record(1), v=2)
+        missing = record(2)
+        del missing["radius"]
+        for parts in (
+            [DEFAULT_TOPIC, b"\xc1 not msgpack"],
+            [DEFAULT_TOPIC, pack(v2)],
+            [DEFAULT_TOPIC],
+            [DEFAULT_TOPIC, msgpack.packb([1, 2, 3])],
+            [DEFAULT_TOPIC, pack(missing)],
+            [DEFAULT_TOPIC, pack(record(3)), b"extra part"],
+            [DEFAULT_TOPIC, pack(record(4))],
+            [DEFAULT_TOPIC, pack(record(5))],
+        ):
+            pub.send_multipart(parts)
+        sub.join(10)
+    finally:
+        pub.close()
+    assert [r["seq"] for r in sub.records] == [4, 5]
+    assert sub.stats == {"received": 2, "malformed": 6, "unsupported_version": 1}
+
+
+def test_subscribe_stops_after_timeout_without_messages() -> None:
+    stats: dict = {}
+    t0 = time.monotonic()
+    got = list(subscribe("tcp://127.0.0.1:1", "rrise", timeout_s=0.3, stats=stats))
+    assert got == [] and stats["received"] == 0
+    assert 0.25 < time.monotonic() - t0 < 3.0
+
+
+def test_subscriber_reconnects_when_the_publisher_restarts() -> None:
+    with ZmqPublisher("tcp://127.0.0.1:*") as first:
+        endpoint = first.endpoint
+        sub = Collector(endpoint, 2, timeout_s=8)
+        sub.start()
+        assert first.wait_for_subscribers(1, 5) == 1
+        first.send(record(0))
+        deadline = time.monotonic() + 5
+        while not sub.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    second = None
+    deadline = time.monotonic() + 5
+    while second is None:  # ZeroMQ closes the old listener asynchronously: the port frees soon after
+        try:
+            second = ZmqPublisher(endpoint)
+        except SinkError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with second:
+        assert second.wait_for_subscribers(1, 8) == 1
+        second.send(record(1))
+        sub.join(10)
+    assert [r["seq"] for r in sub.records] == [0, 1]
+
+
+def test_nodrop_publisher_counts_drops_instead_of_blocking(tmp_path: Path) -> None:
+    with ZmqPublisher("tcp://127.0.0.1:*", hwm=1, nodrop=True) as pub:
+        ctx = zmq.Context.instance()
+        slow = ctx.socket(zmq.SUB)  # subscribes but never reads
+        slow.setsockopt(zmq.LINGER, 0)
+        slow.setsockopt(zmq.RCVHWM, 1)
+        slow.setsockopt(zmq.RCVBUF, 4096)
+        slow.setsockopt(zmq.SUBSCRIBE, DEFAULT_TOPIC)
+        slow.connect(pub.endpoint)
+        try:
+            assert pub.wait_for_subscribers(1, 5) == 1
+            t0 = time.monotonic()
+            big = dict(record(0), source="x" * 20_000)
+            for _ in range(2000):
+                pub.send(big)
+                if pub.drops:
+                    break
+            assert pub.drops > 0 and time.monotonic() - t0 < 10
+        finally:
+            slow.close()
+
+
+def test_import_rrise_does_not_import_zmq() -> None:
+    code = (
+        "import sys, rrise; assert 'zmq' not in sys.modules; rrise.subscribe; assert 'zmq' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert rrise.subscribe is subscribe
