@@ -41,6 +41,7 @@ def calibrate_from_counts(
     alpha: float,
     beta: float,
     score: str = "probit",
+    delta: float | None = None,
 ) -> Calibration:
     """The conformal quantile ``q̂`` of the surrogate's scores on ``m`` calibration inputs.
 
@@ -55,6 +56,10 @@ def calibrate_from_counts(
     returned Calibration either abstains or gives ``p̃ ≤ p_Â(x)``, so the smoothed classifier
     predicts ``Â`` and is constant on the ℓ2 ball of radius ``σ·Φ⁻¹(p̃)``. The guarantee is marginal
     over inputs, not per input.
+
+    With ``delta`` (training-conditional, PAC): with probability at least ``1 − δ`` over the
+    calibration draw, the calibration obtained is one for which the statement above holds at
+    ``1 − α − β`` for every later exchangeable input. It costs a slightly larger ``q̂``.
     """
     s = np.asarray(probs, dtype=np.float64)
     c = np.asarray(counts)
@@ -79,7 +84,7 @@ def calibrate_from_counts(
     p_low = mc_lower_bounds(c, top, n_mc, beta)
     cap = p_cap(beta, n_mc)
     scores = conformal_scores(top_prob, p_low, cap, score)
-    quantile = conformal_quantile(scores, alpha)
+    quantile = conformal_quantile(scores, alpha, delta)
     return Calibration(
         sigma=float(sigma),
         quantile=quantile,
@@ -88,4 +93,5 @@ def calibrate_from_counts(
         n_mc=int(n_mc),
         m=len(s),
         score=score,
+        delta=delta,
     )

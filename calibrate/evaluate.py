@@ -14,6 +14,9 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_RADII",
+    "pseudo_count_certify",
+    "reliability_plot",
+    "violation_stats",
     "certified_accuracy",
     "average_certified_radius",
     "method_metrics",
@@ -61,6 +64,88 @@ def method_metrics(
     }
 
 
+def pseudo_count_certify(
+    probs: np.ndarray, n: int, sigma: float, alpha: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Accelerated Smoothing radius (arXiv 2402.07498): Clopper–Pearson on pseudo-counts ⌊n·ŝ⌋.
+
+    No calibration and NO guarantee: the surrogate's ŝ is treated as if it were an MC frequency.
+    Returns ``(pred with -1 = abstain, radius, p_lower)``.
+    """
+    from rrise.stats import clopper_pearson_lower, norm_ppf
+
+    p = np.asarray(probs, dtype=np.float64)
+    top = p.argmax(1)
+    k = np.floor(n * p[np.arange(len(p)), top]).astype(np.int64)
+    p_low = np.atleast_1d(clopper_pearson_lower(k, n, alpha))
+    certified = p_low > 0.5
+    radius = np.where(certified, sigma * np.asarray(norm_ppf(np.where(certified, p_low, 0.5))), 0.0)
+    return np.where(certified, top, -1), radius, p_low
+
+
+def violation_stats(
+    pred: np.ndarray, p_lower: np.ndarray, ref_counts: np.ndarray, *, level: float = 0.001
+) -> dict[str, Any]:
+    """How often a certified ``p_lower`` exceeds what a high-budget reference MC run supports.
+
+    A violation is a certified input whose ``p_lower`` lies above the one-sided (1 − ``level``)
+    Clopper–Pearson upper bound on ``p_Â`` from the reference counts ``[B, K]`` (independent draws).
+    Returns the count, the rate among certified inputs and its 95% Clopper–Pearson interval.
+    """
+    from rrise.stats import clopper_pearson_lower, clopper_pearson_upper
+
+    pred = np.asarray(pred)
+    ref = np.asarray(ref_counts)
+    n_ref = int(ref[0].sum()) if len(ref) else 0
+    cert = pred >= 0
+    k = ref[np.arange(len(ref)), np.where(cert, pred, 0)]
+    upper = np.atleast_1d(clopper_pearson_upper(k, n_ref, level))
+    violation = cert & (np.asarray(p_lower) > upper)
+    v, c = int(violation.sum()), int(cert.sum())
+    lo = float(clopper_pearson_lower(v, c, 0.025)) if c else 0.0
+    hi = float(clopper_pearson_upper(v, c, 0.025)) if c else 1.0
+    return {
+        "violations": v,
+        "certified": c,
+        "rate": v / c if c else 0.0,
+        "ci95": [round(lo, 6), round(hi, 6)],
+        "n_ref": n_ref,
+        "level": level,
+    }
+
+
+def reliability_plot(top_prob: np.ndarray, mc_freq: np.ndarray, path: Path, bins: int = 12) -> None:
+    """Surrogate ŝ against the MC frequency of the same class, binned on ŝ (calibration inputs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, f = np.asarray(top_prob), np.asarray(mc_freq)
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, max(len(edges) - 2, 0))
+    groups = [which == b for b in range(max(len(edges) - 1, 1)) if np.any(which == b)]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=120)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.scatter(s, f, s=3, alpha=0.15, label="calibration inputs")
+    ax.plot(
+        [s[g].mean() for g in groups],
+        [f[g].mean() for g in groups],
+        marker="o",
+        color="C3",
+        label="binned mean",
+    )
+    ax.set_xlabel("surrogate top-class probability ŝ")
+    ax.set_ylabel("MC frequency of that class")
+    ax.set_title("Reliability of the surrogate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -70,15 +155,21 @@ def format_markdown_table(metrics: dict[str, Any], radii: tuple[float, ...] | No
     all_radii = metrics["radii"]
     show = list(radii) if radii is not None else all_radii
     cols = [all_radii.index(r) for r in show]
-    head = "| method | " + " | ".join(f"r={r:g}" for r in show) + " | ACR | abstain | per query |"
-    sep = "|---" * (len(show) + 4) + "|"
+    head = (
+        "| method | " + " | ".join(f"r={r:g}" for r in show) + " | ACR | abstain | violations | per query |"
+    )
+    sep = "|---" * (len(show) + 5) + "|"
     rows = [head, sep]
     for name, m in metrics["methods"].items():
         ca = [_pct(m["certified_accuracy"][c]) for c in cols]
         t = m.get("per_query_s")
         t_txt = "—" if t is None else _fmt_seconds(t)
+        v = m.get("violations")
+        v_txt = m.get("guarantee_kind", "—") if v is None else f"{v['violations']}/{v['certified']}"
         rows.append(
-            f"| {name} | " + " | ".join(ca) + f" | {m['acr']:.3f} | {_pct(m['abstain_rate'])}% | {t_txt} |"
+            f"| {name} | "
+            + " | ".join(ca)
+            + f" | {m['acr']:.3f} | {_pct(m['abstain_rate'])}% | {v_txt} | {t_txt} |"
         )
     return "\n".join(rows)
 
@@ -126,6 +217,8 @@ def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict
         "report": report_dir / "report.md",
         "plot": report_dir / "certified_accuracy.png",
     }
+    if (report_dir / "reliability.png").exists():
+        paths["reliability"] = report_dir / "reliability.png"
     tmp = paths["metrics"].with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, paths["metrics"])
@@ -145,6 +238,10 @@ def _markdown(metrics: dict[str, Any]) -> str:
         format_markdown_table(metrics),
         "",
         "![certified accuracy](certified_accuracy.png)",
+        "",
+        metrics.get("violation_note", ""),
+        "",
+        "![reliability](reliability.png)",
         "",
         "## Guarantee",
         "",

@@ -123,6 +123,24 @@ def _kl_terms(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(target, target) - target * log_s).sum(dim=1)
 
 
+def soft_label_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``−mean Σ_c t_c log softmax(h)_c``: the RRISE surrogate loss against counts/N."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def jensen_shannon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen–Shannon divergence between counts/N and softmax(h) (nats)."""
+    s = F.softmax(logits, dim=1)
+    mix = 0.5 * (s + target)
+    log_mix = torch.log(mix.clamp_min(1e-12))
+    kl_t = (torch.xlogy(target, target) - target * log_mix).sum(dim=1)
+    kl_s = (torch.xlogy(s, s) - s * log_mix).sum(dim=1)
+    return (0.5 * (kl_t + kl_s)).mean()
+
+
+SURROGATE_LOSSES = {"ce": soft_label_cross_entropy, "js": jensen_shannon}
+
+
 def train_surrogate(
     model: nn.Module,
     images: np.ndarray,
@@ -135,6 +153,7 @@ def train_surrogate(
     val_images: np.ndarray | None = None,
     val_counts: np.ndarray | None = None,
     show_progress: bool = True,
+    loss: str = "ce",
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate to the smoothed class distribution on CLEAN inputs.
 
@@ -144,7 +163,13 @@ def train_surrogate(
     data). Returns ``(model in eval mode, {"train_kl": [...], "val_kl": [...], "best_epoch": i})``;
     ``train_kl`` is the running mean KL over each epoch's batches, ``best_epoch`` a 0-based epoch index
     (the last epoch when no validation split is given).
+
+    ``loss="js"`` trains with the Jensen–Shannon divergence to counts/N instead: the "Accelerated
+    Smoothing" baseline (arXiv 2402.07498), kept for comparison; RRISE uses ``"ce"``.
     """
+    if loss not in SURROGATE_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(SURROGATE_LOSSES)}, got {loss!r}")
+    loss_fn = SURROGATE_LOSSES[loss]
     if (val_images is None) != (val_counts is None):
         raise ValueError("give both val_images and val_counts, or neither")
     device = _device(model)
@@ -166,9 +191,9 @@ def train_surrogate(
                 idx = order[start : start + batch_size]
                 target = t_all[idx]
                 logits = model(x_all[idx])
-                loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+                batch_loss = loss_fn(logits, target)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_loss.backward()
                 opt.step()
                 sched.step()
                 kl_sum += _kl_terms(logits.detach(), target).sum()

@@ -26,6 +26,7 @@ __all__ = [
     "CertificateBatch",
     "certify_from_probs",
     "conformal_quantile",
+    "conformal_rank",
     "conformal_scores",
     "min_calibration_size",
     "p_cap",
@@ -78,6 +79,7 @@ class Calibration:
     m: int
     score: str = "probit"
     p_cap: float = field(default=float("nan"))
+    delta: float | None = None  # set for a training-conditional (PAC) quantile
 
     def __post_init__(self) -> None:
         if self.score not in TRANSFORMS:
@@ -194,33 +196,56 @@ def conformal_scores(
     return np.where(lo <= 0.0, np.inf, e)
 
 
-def min_calibration_size(alpha: float) -> int:
-    """Smallest m with ⌈(m+1)(1−α)⌉ ≤ m, i.e. the fewest calibration inputs that give a quantile."""
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
-    while _rank(m, alpha) > m:
-        m += 1
-    return m
-
-
 def _rank(m: int, alpha: float) -> int:
     """⌈(m+1)(1−α)⌉ in exact rational arithmetic (α read as the decimal it was written as)."""
     return math.ceil((m + 1) * (1 - Fraction(repr(float(alpha)))))
 
 
-def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
-    """q̂: the ⌈(m+1)(1−α)⌉-th smallest of m scores (split conformal).
+def conformal_rank(m: int, alpha: float, delta: float | None = None) -> int:
+    """The rank k (1-based) of the order statistic that serves as q̂ among m scores.
 
-    Guarantee: for a new exchangeable score e, P(e ≤ q̂) ≥ 1 − α. Raises ValueError naming the
-    smallest m that works when ⌈(m+1)(1−α)⌉ > m.
+    ``delta=None``: ⌈(m+1)(1−α)⌉, the split-conformal rank (marginal: P(e ≤ q̂) ≥ 1 − α).
+    ``delta`` given: the smallest k with P(Binomial(m, 1−α) ≥ k) ≤ δ, the training-conditional (PAC)
+    rank: with probability ≥ 1 − δ over the calibration draw, P(e ≤ q̂ | calibration) ≥ 1 − α.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if delta is None:
+        return _rank(m, alpha)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    from scipy.stats import binom  # lazy: only the PAC rank needs it
+
+    return int(binom.ppf(1.0 - delta, m, 1.0 - alpha)) + 1
+
+
+def min_calibration_size(alpha: float, delta: float | None = None) -> int:
+    """Smallest m whose conformal rank is at most m: the fewest calibration inputs that give q̂."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
+    while conformal_rank(m, alpha, delta) > m:
+        m += 1 if delta is None else max(1, m // 50)
+    if delta is not None:  # step back to the exact smallest m
+        while m > 1 and conformal_rank(m - 1, alpha, delta) <= m - 1:
+            m -= 1
+    return m
+
+
+def conformal_quantile(scores: np.ndarray, alpha: float, delta: float | None = None) -> float:
+    """q̂: the k-th smallest of m scores, k = :func:`conformal_rank` (m, α, δ).
+
+    Guarantee (δ = None): for a new exchangeable score e, P(e ≤ q̂) ≥ 1 − α. With δ: with
+    probability ≥ 1 − δ over the calibration scores, P(e ≤ q̂ | calibration) ≥ 1 − α. Raises
+    ValueError naming the smallest m that works when k > m.
     """
     e = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     m = len(e)
-    k = _rank(m, alpha)
+    k = conformal_rank(m, alpha, delta)
     if k > m:
+        what = f"alpha={alpha}" + ("" if delta is None else f", delta={delta}")
         raise ValueError(
-            f"{m} calibration inputs are too few for alpha={alpha}: "
-            f"need at least m={min_calibration_size(alpha)}"
+            f"{m} calibration inputs are too few for {what}: "
+            f"need at least m={min_calibration_size(alpha, delta)}"
         )
     return float(e[k - 1])

@@ -86,8 +86,8 @@ STAGE_HELP = {
     "train-base": "Train the base classifier with Gaussian noise augmentation (writes base.pt, base.onnx).",
     "targets": "Monte Carlo class counts of the base model: the surrogate's training targets.",
     "train-surrogate": "Train the surrogate on counts/N (soft-label cross-entropy), selected on held-out KL.",
-    "calibrate": "Fresh MC on held-out calibration inputs, then the split-conformal quantile q̂.",
     "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
+    "train-baseline": "Train the Accelerated Smoothing baseline (JS-divergence surrogate) for the report.",
     "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
 }
 
@@ -117,11 +117,59 @@ for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
     ("targets", "rrise targets --workdir runs/fmnist"),
     ("train-surrogate", "rrise train-surrogate --workdir runs/fmnist"),
-    ("calibrate", "rrise calibrate --workdir runs/fmnist"),
+    ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
     ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:
     app.command(_name)(_stage_command(_name, _example))
+
+
+class ScoreName(str, Enum):
+    probit = "probit"
+    logit = "logit"
+    identity = "identity"
+
+
+@app.command()
+def calibrate(
+    workdir: WorkdirOpt,
+    alpha: Annotated[float | None, typer.Option(help="Miscoverage α (default: the profile's, 0.01).")] = None,
+    beta: Annotated[float | None, typer.Option(help="MC lower-bound level β (default 0.001).")] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            help="Training-conditional (PAC) quantile: holds with probability ≥ 1−δ over calibration."
+        ),
+    ] = None,
+    score: Annotated[ScoreName, typer.Option(help="Score transform T.")] = ScoreName.probit,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    sigma: SigmaOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fresh MC on held-out calibration inputs, then the split-conformal quantile q̂.
+
+    Refuses too few calibration inputs and names the smallest m that works. The MC counts are kept:
+    calibrating again with another --alpha, --delta or --score costs one surrogate pass.
+
+    Example: `rrise calibrate --workdir runs/fmnist --alpha 0.01 --delta 0.05`
+    """
+    from rrise.calibrate.pipeline import run_stage
+
+    w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+    options = {k: v for k, v in {"alpha": alpha, "beta": beta, "delta": delta}.items() if v is not None}
+    if score is not ScoreName.probit:
+        options["score"] = score.value
+    try:
+        paths = run_stage(w, "calibrate", force=force, **options)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo(w.path("calibration.json").read_text())
 
 
 @app.command()

@@ -181,3 +181,36 @@ def test_conformal_coverage_on_exchangeable_scores():
         covered.append(e[-1] <= conformal_quantile(e[:-1], alpha))
     # E[coverage] ≥ 1 − α = 0.9; 400 reps give a standard error of 0.015.
     assert np.mean(covered) >= 0.9 - 3 * 0.015
+
+
+def test_pac_rank_matches_its_definition():
+    from scipy.stats import binom
+
+    from rrise.certificate import conformal_rank
+
+    m, alpha, delta = 3000, 0.01, 0.05
+    k = conformal_rank(m, alpha, delta)
+    assert binom.sf(k - 1, m, 1 - alpha) <= delta < binom.sf(k - 2, m, 1 - alpha)
+    assert k > conformal_rank(m, alpha)  # PAC asks for a higher order statistic
+
+
+def test_pac_quantile_holds_conditionally_on_the_calibration_draw():
+    from rrise.certificate import conformal_rank
+
+    rng = np.random.default_rng(3)
+    alpha, delta, m, reps = 0.1, 0.1, 300, 400
+    k = conformal_rank(m, alpha, delta)
+    # With uniform scores, coverage given the calibration is the k-th order statistic itself.
+    coverage = np.sort(rng.uniform(size=(reps, m)), axis=1)[:, k - 1]
+    bad = np.mean(coverage < 1 - alpha)
+    assert bad <= delta + 3 * np.sqrt(delta * (1 - delta) / reps)
+    plain = np.sort(rng.uniform(size=(reps, m)), axis=1)[:, conformal_rank(m, alpha) - 1]
+    assert np.mean(plain < 1 - alpha) > bad  # the marginal rank fails more often
+
+
+def test_pac_minimum_size_is_tight():
+    m = min_calibration_size(0.01, delta=0.1)
+    assert m == int(np.ceil(np.log(0.1) / np.log(0.99)))
+    conformal_quantile(np.zeros(m), 0.01, delta=0.1)
+    with pytest.raises(ValueError, match=f"m={m}"):
+        conformal_quantile(np.zeros(m - 1), 0.01, delta=0.1)

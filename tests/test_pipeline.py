@@ -42,7 +42,7 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
     # Every stage resumes: a second run skips everything up to the runtime.
     again = runner.invoke(app, ["demo", "--workdir", str(work), "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert again.output.count("skipping") == 7
+    assert again.output.count("skipping") == 8
 
 
 def test_workdir_refuses_another_configuration(tmp_path):
