@@ -8,12 +8,21 @@ with ``N_cal`` draws the Clopper–Pearson lower bound ``p̲_i`` on ``p_{Â_i}(x
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from rrise.certificate import Calibration, conformal_quantile, conformal_scores, p_cap
+from rrise.certificate import (
+    Calibration,
+    conformal_quantile,
+    conformal_scores,
+    min_calibration_size,
+    mondrian_quantiles,
+    p_cap,
+)
 from rrise.stats import clopper_pearson_lower
 
-__all__ = ["calibrate_from_counts", "mc_lower_bounds"]
+__all__ = ["calibrate_from_counts", "confidence_bin_edges", "mc_lower_bounds"]
 
 
 def mc_lower_bounds(counts: np.ndarray, classes: np.ndarray, n_mc: int, beta: float) -> np.ndarray:
@@ -42,6 +51,7 @@ def calibrate_from_counts(
     beta: float,
     score: str = "probit",
     delta: float | None = None,
+    bin_edges: tuple[float, ...] | list[float] = (),
 ) -> Calibration:
     """The conformal quantile ``q̂`` of the surrogate's scores on ``m`` calibration inputs.
 
@@ -60,6 +70,11 @@ def calibrate_from_counts(
     With ``delta`` (training-conditional, PAC): with probability at least ``1 − δ`` over the
     calibration draw, the calibration obtained is one for which the statement above holds at
     ``1 − α − β`` for every later exchangeable input. It costs a slightly larger ``q̂``.
+
+    With ``bin_edges`` (fixed beforehand, e.g. by :func:`confidence_bin_edges` on a selection split,
+    never on these calibration inputs): one quantile per confidence bin of ŝ (Mondrian), so that a
+    tail of over-confident inputs in one bin no longer shrinks the radii of every other bin. The
+    guarantee then holds within each bin, hence marginally too.
     """
     s = np.asarray(probs, dtype=np.float64)
     c = np.asarray(counts)
@@ -85,6 +100,7 @@ def calibrate_from_counts(
     cap = p_cap(beta, n_mc)
     scores = conformal_scores(top_prob, p_low, cap, score)
     quantile = conformal_quantile(scores, alpha, delta)
+    bin_quantiles = mondrian_quantiles(scores, top_prob, bin_edges, alpha, delta) if len(bin_edges) else ()
     return Calibration(
         sigma=float(sigma),
         quantile=quantile,
@@ -94,4 +110,23 @@ def calibrate_from_counts(
         m=len(s),
         score=score,
         delta=delta,
+        bin_edges=tuple(bin_edges),
+        bin_quantiles=bin_quantiles,
     )
+
+
+def confidence_bin_edges(
+    selection_top_prob: np.ndarray, m: int, alpha: float, *, max_bins: int = 4, delta: float | None = None
+) -> tuple[float, ...]:
+    """Inner edges of up to ``max_bins`` equal-mass confidence bins, from a SELECTION split's ŝ.
+
+    The number of bins keeps about 1.5× the minimum calibration size per bin at ``m`` calibration
+    inputs. Choose the edges on data disjoint from calibration, or the guarantee is void.
+    """
+    s = np.asarray(selection_top_prob, dtype=np.float64)
+    need = min_calibration_size(alpha, delta)
+    bins = int(max(1, min(max_bins, m // math.ceil(1.5 * need))))
+    if bins == 1 or len(s) == 0:
+        return ()
+    edges = np.unique(np.quantile(s, np.arange(1, bins) / bins))
+    return tuple(float(e) for e in edges if 0.0 < e <= 1.0)

@@ -27,6 +27,8 @@ __all__ = [
     "certify_from_probs",
     "conformal_quantile",
     "conformal_rank",
+    "confidence_bin",
+    "mondrian_quantiles",
     "conformal_scores",
     "min_calibration_size",
     "p_cap",
@@ -80,6 +82,11 @@ class Calibration:
     score: str = "probit"
     p_cap: float = field(default=float("nan"))
     delta: float | None = None  # set for a training-conditional (PAC) quantile
+    # Mondrian calibration by confidence: inner edges on ŝ (ascending) and one q̂ per bin (None
+    # in JSON = +inf: that bin always abstains). Empty: ``quantile`` serves every input. When set,
+    # ``quantile`` stays the plain single-quantile calibration, valid on its own.
+    bin_edges: tuple[float, ...] = ()
+    bin_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.score not in TRANSFORMS:
@@ -88,15 +95,44 @@ class Calibration:
             object.__setattr__(self, "p_cap", p_cap(self.beta, self.n_mc))
         if not self.sigma > 0:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
+        object.__setattr__(self, "bin_edges", tuple(float(e) for e in self.bin_edges))
+        object.__setattr__(
+            self, "bin_quantiles", tuple(math.inf if q is None else float(q) for q in self.bin_quantiles)
+        )
+        if self.bin_edges or self.bin_quantiles:
+            if len(self.bin_quantiles) != len(self.bin_edges) + 1:
+                raise ValueError(
+                    f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} bin quantiles, "
+                    f"got {len(self.bin_quantiles)}"
+                )
+            if any(b <= a for a, b in zip(self.bin_edges, self.bin_edges[1:])):
+                raise ValueError(f"bin edges must increase strictly, got {self.bin_edges}")
 
-    def with_quantile(self, quantile: float) -> Calibration:
-        """The same calibration with another variant's quantile."""
+    def quantiles_for(self, top_prob: np.ndarray) -> np.ndarray:
+        """q̂ for each input: its confidence bin's quantile, or the single quantile."""
+        s = np.asarray(top_prob, dtype=np.float64)
+        if not self.bin_edges:
+            return np.full(s.shape, self.quantile)
+        return np.asarray(self.bin_quantiles)[confidence_bin(s, self.bin_edges)]
+
+    def with_quantile(self, quantile: float, bin_quantiles: tuple[float, ...] | None = None) -> Calibration:
+        """The same calibration with another variant's quantile(s)."""
         d = asdict(self)
         d["quantile"] = float(quantile)
+        if bin_quantiles is not None:
+            d["bin_quantiles"] = tuple(bin_quantiles)
         return Calibration(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["bin_edges"] = list(self.bin_edges)
+        d["bin_quantiles"] = [q if math.isfinite(q) else None for q in self.bin_quantiles]
+        return d
+
+
+def confidence_bin(top_prob: np.ndarray, edges: tuple[float, ...] | list[float]) -> np.ndarray:
+    """Bin index of each ŝ: 0 below the first edge, ``len(edges)`` at or above the last."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), top_prob, side="right")
 
 
 @dataclass(frozen=True)
@@ -149,7 +185,8 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     """Certify from surrogate probabilities ``probs`` (``[K]`` → Certificate, ``[B, K]`` → batch).
 
     Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with
-    radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0.
+    radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0. With confidence bins, q̂ is the quantile of
+    the bin that s[Â] falls in (Mondrian calibration: the guarantee then also holds within each bin).
 
     Guarantee: with probability ≥ 1 − α − β over calibration, input and noise (calibration and
     deployed inputs exchangeable), the certificate abstains or the smoothed classifier predicts Â
@@ -165,7 +202,7 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     s = batch[np.arange(len(batch)), top]
     capped = np.minimum(s, calibration.p_cap)
     with np.errstate(invalid="ignore"):
-        t_lower = transform(capped, calibration.score) - calibration.quantile
+        t_lower = transform(capped, calibration.score) - calibration.quantiles_for(s)
         p_lower = np.minimum(inverse_transform(t_lower, calibration.score), calibration.p_cap)
     p_lower = np.nan_to_num(p_lower, nan=0.0)
     abstain = ~(p_lower > 0.5)
@@ -199,6 +236,36 @@ def conformal_scores(
 def _rank(m: int, alpha: float) -> int:
     """⌈(m+1)(1−α)⌉ in exact rational arithmetic (α read as the decimal it was written as)."""
     return math.ceil((m + 1) * (1 - Fraction(repr(float(alpha)))))
+
+
+def mondrian_quantiles(
+    scores: np.ndarray,
+    top_prob: np.ndarray,
+    edges: tuple[float, ...] | list[float],
+    alpha: float,
+    delta: float | None = None,
+) -> tuple[float, ...]:
+    """One conformal quantile per confidence bin (Mondrian split conformal).
+
+    Guarantee: if the edges were fixed without looking at the calibration inputs, then for a new
+    exchangeable input whose ŝ falls in bin g, P(e ≤ q̂_g) ≥ 1 − α; so also marginally. Each bin
+    must hold at least :func:`min_calibration_size` inputs: a ValueError names the bin that does not.
+    """
+    e = np.asarray(scores, dtype=np.float64)
+    which = confidence_bin(np.asarray(top_prob, dtype=np.float64), edges)
+    bounds = [0.0, *edges, 1.0]
+    out = []
+    for g in range(len(edges) + 1):
+        in_bin = e[which == g]
+        need = min_calibration_size(alpha, delta)
+        if len(in_bin) < need:
+            raise ValueError(
+                f"confidence bin {g} (ŝ in [{bounds[g]:.6g}, {bounds[g + 1]:.6g})) holds {len(in_bin)} "
+                f"calibration inputs; alpha={alpha} needs at least {need} per bin: use fewer bins "
+                "or more calibration inputs"
+            )
+        out.append(conformal_quantile(in_bin, alpha, delta))
+    return tuple(out)
 
 
 def conformal_rank(m: int, alpha: float, delta: float | None = None) -> int:

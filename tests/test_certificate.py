@@ -214,3 +214,89 @@ def test_pac_minimum_size_is_tight():
     conformal_quantile(np.zeros(m), 0.01, delta=0.1)
     with pytest.raises(ValueError, match=f"m={m}"):
         conformal_quantile(np.zeros(m - 1), 0.01, delta=0.1)
+
+
+def test_mondrian_quantiles_are_per_bin_conformal_quantiles():
+    from rrise.certificate import confidence_bin, mondrian_quantiles
+
+    rng = np.random.default_rng(5)
+    s = rng.uniform(0.5, 1.0, 1000)
+    e = rng.normal(size=1000) * (1.5 - s)  # less confident → larger scores
+    edges = (0.7, 0.9)
+    q = mondrian_quantiles(e, s, edges, 0.05)
+    which = confidence_bin(s, edges)
+    for g in range(3):
+        assert q[g] == conformal_quantile(e[which == g], 0.05)
+    assert q[2] < q[0]
+
+
+def test_mondrian_refuses_a_bin_with_too_few_inputs_and_names_it():
+    from rrise.certificate import mondrian_quantiles
+
+    s = np.r_[np.full(200, 0.6), np.full(50, 0.99)]
+    with pytest.raises(ValueError, match=r"confidence bin 1 .*holds 50 .*at least 99"):
+        mondrian_quantiles(np.zeros(250), s, (0.9,), 0.01)
+
+
+def test_binned_calibration_uses_each_inputs_bin():
+    c = Calibration(
+        sigma=SIGMA,
+        quantile=0.8,
+        alpha=0.01,
+        beta=0.001,
+        n_mc=10_000,
+        m=3000,
+        bin_edges=(0.99,),
+        bin_quantiles=(0.8, 0.1),
+    )
+    low = certify_from_probs(probs_with_top(0.95), c)
+    high = certify_from_probs(probs_with_top(0.999), c)
+    assert low.radius == pytest.approx(SIGMA * (norm.ppf(0.95) - 0.8))
+    assert high.radius == pytest.approx(SIGMA * (norm.ppf(0.999) - 0.1))
+    d = c.to_dict()
+    assert Calibration(**d) == c
+
+
+def test_infinite_bin_quantile_round_trips_through_json_and_abstains():
+    import json
+
+    c = Calibration(
+        sigma=SIGMA,
+        quantile=0.8,
+        alpha=0.01,
+        beta=0.001,
+        n_mc=10_000,
+        m=3000,
+        bin_edges=(0.9,),
+        bin_quantiles=(np.inf, 0.2),
+    )
+    d = json.loads(json.dumps(c.to_dict(), allow_nan=False))
+    assert d["bin_quantiles"] == [None, 0.2]
+    back = Calibration(**d)
+    assert back == c
+    assert certify_from_probs(probs_with_top(0.85), back).abstain
+
+
+def test_bad_bins_are_refused():
+    with pytest.raises(ValueError, match="bin quantiles"):
+        Calibration(
+            sigma=SIGMA,
+            quantile=0.5,
+            alpha=0.01,
+            beta=0.001,
+            n_mc=100,
+            m=100,
+            bin_edges=(0.9,),
+            bin_quantiles=(0.5,),
+        )
+    with pytest.raises(ValueError, match="increase"):
+        Calibration(
+            sigma=SIGMA,
+            quantile=0.5,
+            alpha=0.01,
+            beta=0.001,
+            n_mc=100,
+            m=100,
+            bin_edges=(0.9, 0.8),
+            bin_quantiles=(0.5, 0.4, 0.3),
+        )

@@ -186,3 +186,49 @@ def test_bad_counts_are_rejected():
         calibrate_from_counts(probs, counts.astype(np.float64), **kwargs)
     with pytest.raises(ValueError, match="score transform"):
         calibrate_from_counts(probs, counts, score="cubic", **kwargs)
+
+
+def test_mondrian_calibration_is_conservative_within_each_bin_and_widens_confident_radii():
+    """A surrogate whose low-confidence inputs are badly over-confident: with one quantile, that
+    tail shrinks every radius; per-bin quantiles keep the confident bin's radii and the guarantee."""
+    import dataclasses
+
+    from rrise import certify_from_probs
+    from rrise.calibrate.conformal import calibrate_from_counts, confidence_bin_edges
+    from rrise.certificate import confidence_bin
+
+    rng = np.random.default_rng(11)
+    n_mc, alpha, beta, m = 2000, 0.05, 0.001, 1200
+
+    def draw(size):
+        true_p = np.where(
+            rng.uniform(size=size) < 0.5, rng.uniform(0.55, 0.8, size), rng.uniform(0.995, 1, size)
+        )
+        # over-confident below 0.9, honest above
+        s_hat = np.where(true_p < 0.9, np.minimum(true_p + 0.15, 0.95), true_p)
+        probs = np.stack([s_hat, 1 - s_hat], axis=1)
+        counts0 = rng.binomial(n_mc, true_p)
+        return probs, np.stack([counts0, n_mc - counts0], axis=1).astype(np.int64), true_p
+
+    sel_probs, _, _ = draw(2000)
+    edges = confidence_bin_edges(sel_probs.max(1), m, alpha, max_bins=2)
+    assert len(edges) == 1
+    violations, single_radius, binned_radius = [], [], []
+    for _ in range(20):
+        cal_probs, cal_counts, _ = draw(m)
+        binned = calibrate_from_counts(
+            cal_probs, cal_counts, n_mc=n_mc, sigma=0.25, alpha=alpha, beta=beta, bin_edges=edges
+        )
+        test_probs, _, test_p = draw(4000)
+        cert = certify_from_probs(test_probs, binned)
+        single = certify_from_probs(test_probs, dataclasses.replace(binned, bin_edges=(), bin_quantiles=()))
+        top_bin = confidence_bin(test_probs.max(1), edges) == 1
+        single_radius.append(single.radius[top_bin].mean())
+        binned_radius.append(cert.radius[top_bin].mean())
+        for g in (0, 1):
+            in_g = (confidence_bin(test_probs.max(1), edges) == g) & ~cert.abstain
+            violations.append((g, np.mean(cert.p_lower[in_g] > test_p[in_g]) if in_g.any() else 0.0))
+    for g in (0, 1):
+        rate = np.mean([v for b, v in violations if b == g])
+        assert rate <= alpha + beta + 0.02, (g, rate)
+    assert np.mean(binned_radius) > np.mean(single_radius) + 0.05
