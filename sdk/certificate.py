@@ -93,6 +93,7 @@ class Calibration:
             raise ValueError(f"unknown score transform {self.score!r}; expected one of {TRANSFORMS}")
         if math.isnan(self.p_cap):
             object.__setattr__(self, "p_cap", p_cap(self.beta, self.n_mc))
+        object.__setattr__(self, "_z_cap", norm_ppf(float(self.p_cap)))  # Φ⁻¹(p_cap), once
         if not self.sigma > 0:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
         object.__setattr__(self, "bin_edges", tuple(float(e) for e in self.bin_edges))
@@ -197,7 +198,9 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
         raise ValueError(f"probs must be [K] or [B, K] with K >= 2, got shape {p.shape}")
     if not np.all(np.isfinite(p)):
         raise ValueError("probs contain NaN or inf")
-    batch = p if p.ndim == 2 else p[None]
+    if p.ndim == 1:
+        return _certify_one(p, calibration)
+    batch = p
     top = np.argmax(batch, axis=1)
     s = batch[np.arange(len(batch)), top]
     capped = np.minimum(s, calibration.p_cap)
@@ -208,7 +211,7 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     abstain = ~(p_lower > 0.5)
     if calibration.score == "probit":
         # σ·Φ⁻¹(p̃) = σ·min(Φ⁻¹(min(ŝ, p_cap)) − q̂, Φ⁻¹(p_cap)), without a Φ∘Φ⁻¹ round trip.
-        z = np.minimum(t_lower, norm_ppf(calibration.p_cap))
+        z = np.minimum(t_lower, calibration._z_cap)
     else:
         z = np.asarray(norm_ppf(p_lower))
     radius = np.where(abstain, 0.0, calibration.sigma * z)
@@ -219,7 +222,32 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
         score=s,
         p_lower=p_lower,
     )
-    return out[0] if p.ndim == 1 else out
+    return out
+
+
+def _certify_one(p: np.ndarray, calibration: Calibration) -> Certificate:
+    """The same rule for one input, in Python floats: the runtime's per-frame path."""
+    top = int(np.argmax(p))
+    s = float(p[top])
+    q = float(calibration.quantiles_for(np.array([s]))[0]) if calibration.bin_edges else calibration.quantile
+    capped = min(s, calibration.p_cap)
+    if calibration.score == "probit":
+        z = min(norm_ppf(capped) - q, calibration._z_cap)
+        p_lower = min(norm_cdf(z), calibration.p_cap)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = float(transform(capped, calibration.score)) - q
+            p_lower = min(float(inverse_transform(t, calibration.score)), calibration.p_cap)
+        p_lower = 0.0 if math.isnan(p_lower) else p_lower
+        z = norm_ppf(p_lower)
+    abstain = not p_lower > 0.5
+    return Certificate(
+        top_class=top,
+        abstain=abstain,
+        radius=0.0 if abstain else calibration.sigma * z,
+        score=s,
+        p_lower=p_lower,
+    )
 
 
 def conformal_scores(

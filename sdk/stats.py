@@ -8,6 +8,7 @@ library's ``erfc``. The Clopper–Pearson bounds need the Beta quantile and impo
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -89,8 +90,15 @@ def _poly(coefs: tuple[float, ...], x: np.ndarray) -> np.ndarray:
     return out
 
 
+_STD_NORMAL = NormalDist()
+
+
 def norm_ppf(p: np.ndarray | float) -> np.ndarray | float:
     """Standard normal quantile Φ⁻¹(p); -inf at 0, +inf at 1, nan outside [0, 1]."""
+    if isinstance(p, float):  # the per-frame path: the standard library's AS241, no array set-up
+        if 0.0 < p < 1.0:
+            return _STD_NORMAL.inv_cdf(p)
+        return -math.inf if p == 0.0 else math.inf if p == 1.0 else math.nan
     scalar = np.ndim(p) == 0
     p = np.asarray(p, dtype=np.float64)
     q = p - 0.5
@@ -124,6 +132,8 @@ _erfc = np.frompyfunc(math.erfc, 1, 1)
 
 def norm_cdf(x: np.ndarray | float) -> np.ndarray | float:
     """Standard normal CDF Φ(x) = erfc(-x/√2)/2, accurate in both tails."""
+    if isinstance(x, float):
+        return 0.5 * math.erfc(-x / math.sqrt(2.0))
     scalar = np.ndim(x) == 0
     x = np.asarray(x, dtype=np.float64)
     out = 0.5 * _erfc(-x / math.sqrt(2.0)).astype(np.float64)

@@ -65,9 +65,37 @@ def test_batch_matches_single():
     batch = certify_from_probs(probs, c)
     assert len(batch) == 64
     for i in range(64):
-        single = certify_from_probs(probs[i], c)
-        assert single == batch[i]
+        single, row = certify_from_probs(probs[i], c), batch[i]
+        assert (single.top_class, single.abstain) == (row.top_class, row.abstain)
+        assert single.score == row.score
+        assert single.radius == pytest.approx(row.radius, rel=1e-12, abs=1e-15)
+        assert single.p_lower == pytest.approx(row.p_lower, rel=1e-12, abs=1e-15)
     assert np.all(batch.pred[batch.abstain] == -1)
+
+
+@pytest.mark.parametrize("score", ["probit", "logit", "identity"])
+def test_single_path_matches_batch_path_for_every_transform_and_bins(score):
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.full(10, 0.1), size=200)
+    for c in (
+        cal(0.3, score),
+        Calibration(
+            sigma=SIGMA,
+            quantile=0.4,
+            alpha=0.01,
+            beta=0.001,
+            n_mc=10_000,
+            m=3000,
+            score=score,
+            bin_edges=(0.9,),
+            bin_quantiles=(0.6, 0.2),
+        ),
+    ):
+        batch = certify_from_probs(probs, c)
+        for i in range(len(probs)):
+            one = certify_from_probs(probs[i], c)
+            assert one.abstain == batch.abstain[i] and one.top_class == batch.top_class[i]
+            assert one.radius == pytest.approx(batch.radius[i], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("bad", [np.array([0.5]), np.zeros((2, 2, 2)), np.array([np.nan, 1.0])])

@@ -71,3 +71,11 @@ def test_binom_test_matches_scipy():
         binom_test_two_sided(np.array([3, 50]), np.array([10, 100])),
         [binomtest(3, 10).pvalue, binomtest(50, 100).pvalue],
     )
+
+
+def test_scalar_fast_paths_match_the_array_paths():
+    for p in [1e-300, 1e-10, 0.001, 0.3, 0.5, 0.7, 0.999, 1 - 1e-12]:
+        assert norm_ppf(p) == pytest.approx(float(norm_ppf(np.array([p]))[0]), rel=1e-13)
+    assert norm_ppf(0.0) == -np.inf and norm_ppf(1.0) == np.inf and np.isnan(norm_ppf(2.0))
+    for x in [-30.0, -3.0, 0.0, 1.5, 8.0]:
+        assert norm_cdf(x) == pytest.approx(norm.cdf(x), rel=1e-13)
