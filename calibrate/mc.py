@@ -5,32 +5,47 @@ model's input space (float32 pixels in [0, 1]). :func:`sample_counts` estimates 
 distribution by counting ``f``'s votes on fresh noise; :func:`certify` and :func:`predict` are
 Cohen's CERTIFY and PREDICT on top of it.
 
-Backends: a torch ``nn.Module`` (noise drawn on the model's device, votes counted there), an
-``onnxruntime.InferenceSession`` or a path to an ``.onnx`` file (noise drawn in numpy float32).
+Backends: a torch ``nn.Module`` (noise drawn on the model's device, votes counted there with
+``bincount``, no host round-trip per batch; ``channels_last`` and ``autocast`` options for GPUs), an
+``onnxruntime.InferenceSession``, a path to an ``.onnx`` file, or a :class:`PreparedModel` from
+:func:`prepare_model`. On the CPU both backends draw the very same noise (torch's CPU generator), so
+they differ only where float rounding flips an argmax. ``backend="auto"`` with a CPU module exports
+it to ONNX in memory, times a short probe of each backend and keeps the faster; the progress line
+names the backend in use.
 
 Reproducibility: the noise of input ``i`` (``index_offset + i`` when a data set is processed in
 pieces) comes from its own streams ``SeedSequence([seed, stream, i, chunk])``, one per fixed-size
-chunk of its draws. Its counts therefore depend only on ``(seed, i, n)`` and the input itself, not on
-``batch_size`` nor on how inputs are grouped into calls or forward batches. Cohen's selection and
+chunk of its draws. Its counts therefore depend only on ``(seed, i, n)``, the input itself and the
+device type (CPU or CUDA noise generator), not on ``batch_size``, order, sharding, resumption, nor on
+how inputs are grouped into calls or forward batches. Cohen's selection and
 estimation draws use different streams, so they are independent.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rrise.progress import progress_bar
+from rrise.progress import Bar, progress_bar
 from rrise.stats import binom_test_two_sided, clopper_pearson_lower, norm_ppf
 
-__all__ = ["CohenResult", "certify", "predict", "sample_counts"]
+__all__ = ["BACKENDS", "CohenResult", "PreparedModel", "certify", "predict", "prepare_model", "sample_counts"]
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+AUTOCAST_DTYPES = ("float16", "bfloat16")
+# backend="auto" on a CPU module probes both backends only for jobs this large (draws); smaller jobs
+# run on torch directly: the probe (an ONNX export and a few timed batches) would cost more than it saves.
+AUTO_PROBE_MIN_DRAWS = 200_000
 
 # Noise streams: sample_counts, Cohen's selection, Cohen's estimation, Cohen's PREDICT.
 _STREAM_COUNTS, _STREAM_SELECT, _STREAM_ESTIMATE, _STREAM_PREDICT = 0, 1, 2, 3
@@ -106,6 +121,15 @@ def _stream(seed: int, stream: int, index: int, chunk: int) -> np.random.SeedSeq
     return np.random.SeedSequence([seed, stream, index, chunk])
 
 
+def _generator(seq: np.random.SeedSequence, device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded (63 bits) from one chunk's seed sequence."""
+    hi, lo = seq.generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(((int(hi) << 32) | int(lo)) >> 1)
+
+
+_CPU = torch.device("cpu")
+
+
 def _plan(num_inputs: int, n: int, chunk: int, batch_size: int) -> Iterator[list[tuple]]:
     """Forward batches as lists of segments ``(i, c, lo, hi)``: rows ``lo:hi`` of chunk ``c`` of input ``i``.
 
@@ -139,11 +163,32 @@ def _check_width(width: int, num_classes: int | None) -> int:
 # torch backend: noise on the model's device, votes counted there with bincount
 
 
+def _module_device(model: nn.Module) -> torch.device:
+    tensors = [*model.parameters(), *model.buffers()]
+    return tensors[0].device if tensors else _CPU
+
+
 class _TorchBackend:
-    def __init__(self, model: nn.Module, x, num_classes: int | None):
+    name = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x,
+        num_classes: int | None,
+        channels_last: bool = False,
+        autocast: str | None = None,
+    ):
         self.model = model
-        tensors = [*model.parameters(), *model.buffers()]
-        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.device = _module_device(model)
+        self.channels_last = bool(channels_last)
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {autocast!r}")
+        self.autocast = autocast
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.label = f"torch:{self.device.type}" + (" channels_last" if channels_last else "")
+        self.label += f" autocast {autocast}" if autocast else ""
         xb, self.single = _as_batch(x)
         self.x = torch.as_tensor(xb, dtype=torch.float32, device=self.device).detach()
         _check_finite((~torch.isfinite(self.x)).flatten(1).any(1).cpu().numpy())
@@ -167,15 +212,19 @@ class _TorchBackend:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         try:
             with torch.inference_mode():
-                return self.model(batch)
+                if self.autocast is None:
+                    return self.model(batch)
+                with torch.autocast(self.device.type, dtype=getattr(torch, self.autocast)):
+                    return self.model(batch)
         finally:
             self.model.train(was_training)
 
     def noisy_chunk(self, i: int, seq: np.random.SeedSequence, rows: int, sigma: float):
-        hi, lo = seq.generate_state(2, np.uint32)
-        gen = torch.Generator(device=self.device).manual_seed(((int(hi) << 32) | int(lo)) >> 1)
+        gen = _generator(seq, self.device)
         with torch.inference_mode():
             eps = torch.randn((rows, *self.x.shape[1:]), generator=gen, device=self.device)
             return eps.mul_(sigma).add_(self.x[i])
@@ -203,10 +252,11 @@ class _TorchBackend:
 # onnxruntime backend: noise in numpy float32, votes counted with np.bincount
 
 
-def _open_session(path: str | os.PathLike):
+def _open_session(path: str | os.PathLike | bytes):
+    """An onnxruntime session on an ``.onnx`` path (or serialized model bytes), all cores, CUDA first."""
     import onnxruntime as ort
 
-    if not Path(path).is_file():
+    if not isinstance(path, bytes) and not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
     opts = ort.SessionOptions()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -216,10 +266,14 @@ def _open_session(path: str | os.PathLike):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [p for p in wanted if p in ort.get_available_providers()]
-    return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=providers)
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 
 class _OrtBackend:
+    name = "onnxruntime"
+    label = "onnxruntime"
+
     def __init__(self, session, x, num_classes: int | None):
         self.session = session
         spec = session.get_inputs()[0]
@@ -262,7 +316,8 @@ class _OrtBackend:
         return np.concatenate(outs)
 
     def noisy_chunk(self, i: int, seq: np.random.SeedSequence, rows: int, sigma: float):
-        eps = np.random.default_rng(seq).standard_normal((rows, *self.x.shape[1:]), dtype=np.float32)
+        # torch's CPU generator: the same noise as the torch backend on the CPU (and faster than numpy)
+        eps = torch.randn((rows, *self.x.shape[1:]), generator=_generator(seq, _CPU)).numpy()
         eps *= np.float32(sigma)
         eps += self.x[i]
         return eps
@@ -283,17 +338,181 @@ class _OrtBackend:
         return counts
 
 
-def _backend(model, x, num_classes: int | None):
+@dataclass
+class PreparedModel:
+    """A model bound to one backend, ready for many :func:`sample_counts` calls (e.g. shard by shard).
+
+    ``backend`` is ``"torch"`` or ``"onnxruntime"``; ``target`` the ``nn.Module`` or the
+    ``InferenceSession``; ``probe`` the probe's seconds per draw of each backend when ``auto`` chose.
+    """
+
+    backend: str
+    target: object
+    channels_last: bool = False
+    autocast: str | None = None
+    probe: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device_type(self) -> str:
+        return _module_device(self.target).type if self.backend == "torch" else "cpu"
+
+    @property
+    def label(self) -> str:
+        """What the progress line shows, e.g. ``onnxruntime (auto: 2.1x torch)``."""
+        text = f"torch:{self.device_type}" if self.backend == "torch" else "onnxruntime"
+        if len(self.probe) == 2:
+            other = "torch" if self.backend == "onnxruntime" else "onnxruntime"
+            text += f" (auto: {self.probe[other] / self.probe[self.backend]:.1f}x {other})"
+        return text
+
+
+def _export_onnx_bytes(model: nn.Module, sample: torch.Tensor) -> bytes:
+    """The module as an in-memory ONNX model with a dynamic batch (input ``input``, output ``logits``)."""
+    import warnings
+
+    buf = io.BytesIO()
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (sample,),
+                buf,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
+    return buf.getvalue()
+
+
+def _seconds_per_draw(backend, sample: np.ndarray, rows: int, repeats: int = 2) -> float:
+    """Median seconds per draw of ``repeats`` timed forward passes of ``rows`` noisy copies (one warm-up)."""
+    batch = np.repeat(sample[None], rows, axis=0)
+    batch += np.random.default_rng(0).standard_normal(batch.shape, dtype=np.float32) * np.float32(0.1)
+    if backend.name == "torch":
+        batch = torch.from_numpy(batch).to(backend.device)
+    times = []
+    for k in range(repeats + 1):
+        t0 = time.perf_counter()
+        backend._forward(batch)
+        if k:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / rows
+
+
+def prepare_model(
+    model,
+    backend: str = "auto",
+    *,
+    sample=None,
+    onnx: str | os.PathLike | None = None,
+    batch_size: int = 1000,
+    channels_last: bool = False,
+    autocast: str | None = None,
+) -> PreparedModel:
+    """Bind ``model`` to a backend once, for many :func:`sample_counts` calls.
+
+    ``model``: an ``nn.Module``, an ``.onnx`` path, an ``InferenceSession`` or a ``PreparedModel``.
+    ``backend``: ``"torch"`` (modules only), ``"onnxruntime"`` (a module is exported to ONNX in memory,
+    or ``onnx`` — the same model already exported — is opened), or ``"auto"``: a module on a GPU stays
+    on torch; a module on the CPU is timed against its ONNX twin on ``sample`` (one input
+    ``[C, H, W]`` or a batch; needed for ``auto``), with forward batches of up to ``batch_size`` rows,
+    and the faster is kept. A module whose ONNX export fails stays on torch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(model, PreparedModel):
+        if backend not in ("auto", model.backend):
+            raise ValueError(f"model is prepared for {model.backend}, not {backend}")
+        return model
+    if not isinstance(model, nn.Module):
+        if backend == "torch":
+            raise ValueError("backend='torch' needs a torch nn.Module, got an ONNX model")
+        if isinstance(model, (str, os.PathLike)):
+            return PreparedModel("onnxruntime", _open_session(model))
+        if hasattr(model, "run") and hasattr(model, "get_inputs"):
+            return PreparedModel("onnxruntime", model)
+        raise TypeError(
+            f"model must be a torch nn.Module, an onnxruntime.InferenceSession or an .onnx path, "
+            f"got {type(model)}"
+        )
+    opts = {"channels_last": channels_last, "autocast": autocast}
+    on_cpu = _module_device(model).type == "cpu"
+    if backend == "torch" or (backend == "auto" and not on_cpu):
+        return PreparedModel("torch", model, **opts)
+    if not on_cpu:
+        raise ValueError(f"backend='onnxruntime' needs a CPU module, this one is on {_module_device(model)}")
+    if sample is None and onnx is None:
+        raise ValueError("prepare_model needs sample=[C, H, W] input(s) to export or probe a module")
+    if sample is not None:
+        xb, _ = _as_batch(sample)
+        first = torch.as_tensor(xb[:1], dtype=torch.float32)
+    if onnx is not None:
+        session = _open_session(onnx)
+    else:
+        try:
+            session = _open_session(_export_onnx_bytes(model, first))
+        except Exception as exc:  # noqa: BLE001 - an unexportable module simply stays on torch
+            if backend == "onnxruntime":
+                raise ValueError(f"cannot export the module to ONNX: {exc}") from exc
+            return PreparedModel("torch", model, **opts)
+    if backend == "onnxruntime":
+        return PreparedModel("onnxruntime", session)
+    if sample is None:
+        raise ValueError("backend='auto' needs sample=[C, H, W] input(s) to time both backends on")
+    rows = max(1, min(int(batch_size), 256))
+    x0 = first[0].numpy()
+    probe = {
+        "torch": _seconds_per_draw(_TorchBackend(model, first, None, **opts), x0, rows),
+        "onnxruntime": _seconds_per_draw(_OrtBackend(session, first, None), x0, rows),
+    }
+    if probe["onnxruntime"] < probe["torch"]:
+        return PreparedModel("onnxruntime", session, probe=probe)
+    return PreparedModel("torch", model, probe=probe, **opts)
+
+
+def _backend(
+    model,
+    x,
+    num_classes: int | None,
+    backend: str = "auto",
+    n: int = 0,
+    batch_size: int = 1000,
+    channels_last: bool = False,
+    autocast: str | None = None,
+):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    opts = {"batch_size": batch_size, "channels_last": channels_last, "autocast": autocast}
     if isinstance(model, nn.Module):
-        return _TorchBackend(model, x, num_classes)
-    if isinstance(model, (str, os.PathLike)):
-        return _OrtBackend(_open_session(model), x, num_classes)
-    if hasattr(model, "run") and hasattr(model, "get_inputs"):
-        return _OrtBackend(model, x, num_classes)
-    raise TypeError(
-        f"model must be a torch nn.Module, an onnxruntime.InferenceSession or an .onnx path, "
-        f"got {type(model)}"
-    )
+        xb, _ = _as_batch(x)  # a wrong shape or a NaN is reported before any export or probe
+        _check_finite_any(xb)
+        small = len(xb) * max(n, 0) < AUTO_PROBE_MIN_DRAWS
+        if backend == "auto" and small and _module_device(model).type == "cpu":
+            backend = "torch"  # too small a job to pay for a probe; the noise is the same either way
+        prepared = prepare_model(model, backend, sample=xb[:1] if len(xb) else None, **opts)
+    else:
+        prepared = prepare_model(model, backend, **opts)
+    if prepared.backend == "torch":
+        be = _TorchBackend(prepared.target, x, num_classes, prepared.channels_last, prepared.autocast)
+    else:
+        be = _OrtBackend(prepared.target, x, num_classes)
+    if prepared.probe:
+        be.label = prepared.label
+    return be
+
+
+def _check_finite_any(xb) -> None:
+    """NaN/inf check before a probe or an export touches the inputs (names the first bad index)."""
+    if isinstance(xb, torch.Tensor):
+        _check_finite((~torch.isfinite(xb)).flatten(1).any(1).cpu().numpy())
+    else:
+        _check_finite(~np.isfinite(np.asarray(xb, dtype=np.float32).reshape(len(xb), -1)).all(axis=1))
 
 
 def _draw_counts(
@@ -306,8 +525,12 @@ def _draw_counts(
     index_offset: int,
     desc: str,
     show_progress: bool,
+    bar: Bar | None = None,
 ) -> np.ndarray:
-    """``[B, K]`` vote counts of ``n`` noisy draws per input (the shared driver of both backends)."""
+    """``[B, K]`` vote counts of ``n`` noisy draws per input (the shared driver of both backends).
+
+    ``bar``: an open progress bar to advance instead of opening one (e.g. one bar over many shards).
+    """
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     if not (np.isfinite(sigma) and sigma >= 0):
@@ -316,7 +539,8 @@ def _draw_counts(
     chunk = _chunk_rows(backend.input_elems)
     key, block = None, None
     total = backend.num_inputs * n
-    with progress_bar(total, desc, "draws", enabled=show_progress) as bar:
+    with _bar_or_new(bar, total, desc, show_progress) as bar:
+        bar.note(f"backend {backend.label}")
         for segments in _plan(backend.num_inputs, n, chunk, batch_size):
             parts, owners, lens = [], [], []
             for i, c, lo, hi in segments:
@@ -330,6 +554,15 @@ def _draw_counts(
             backend.vote(counts, parts, owners, lens)
             bar.advance(sum(lens))
     return backend.to_numpy(counts)
+
+
+@contextmanager
+def _bar_or_new(bar: Bar | None, total: int, desc: str, show_progress: bool) -> Iterator[Bar]:
+    if bar is not None:
+        yield bar
+        return
+    with progress_bar(total, desc, "draws", enabled=show_progress) as new:
+        yield new
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,21 +581,32 @@ def sample_counts(
     show_progress: bool = False,
     *,
     index_offset: int = 0,
+    backend: str = "auto",
+    channels_last: bool = False,
+    autocast: str | None = None,
+    bar: Bar | None = None,
 ) -> np.ndarray:
     """Vote counts ``k_c = #{j ≤ n : argmax f(x + ε_j) = c}`` with fresh ``ε_j ~ N(0, σ²I)``.
 
     ``x``: one input ``[C, H, W]`` (→ ``[K]``) or a batch ``[B, C, H, W]`` (→ ``[B, K]``), float32
     pixels as numpy or torch. ``model``: torch ``nn.Module`` (run in eval mode under
-    ``inference_mode``), ``onnxruntime.InferenceSession`` or ``.onnx`` path. Forward batches hold up to
-    ``batch_size`` draws, spanning several inputs.
+    ``inference_mode``), ``onnxruntime.InferenceSession``, ``.onnx`` path or :class:`PreparedModel`.
+    Forward batches hold up to ``batch_size`` draws, spanning several inputs.
+
+    ``backend``: ``"auto"`` (default; a CPU module is timed against its in-memory ONNX export on jobs
+    of at least ``AUTO_PROBE_MIN_DRAWS`` draws and the faster is used), ``"torch"`` or
+    ``"onnxruntime"``; see :func:`prepare_model`. ``channels_last`` (converts the module's weights in
+    place) and ``autocast`` (``"float16"`` or ``"bfloat16"``) apply to the torch backend and are meant
+    for GPUs; counts are those of the model as run, with these numerics. ``bar``: an open progress
+    bar to advance instead of a new one.
 
     Seeding: the draws of input ``i`` depend only on ``(seed, index_offset + i)``; without ``seed`` it
     is drawn from ``generator`` (torch or numpy), and without either from fresh entropy. Each count
     vector is then exactly Multinomial(n, p(x)) with ``p_c(x) = P(f(x+ε) = c)``.
     """
-    backend = _backend(model, x, num_classes)
+    be = _backend(model, x, num_classes, backend, int(n), int(batch_size), channels_last, autocast)
     counts = _draw_counts(
-        backend,
+        be,
         int(n),
         sigma,
         _resolve_seed(seed, generator),
@@ -371,8 +615,9 @@ def sample_counts(
         int(index_offset),
         "Monte Carlo",
         show_progress,
+        bar,
     )
-    return counts[0] if backend.single else counts
+    return counts[0] if be.single else counts
 
 
 def certify(
@@ -388,12 +633,17 @@ def certify(
     show_progress: bool = False,
     *,
     index_offset: int = 0,
+    backend: str = "auto",
+    channels_last: bool = False,
+    autocast: str | None = None,
 ) -> CohenResult:
     """Cohen's CERTIFY for one input or a batch (arrays are ``[B]``; ``B = 1`` for one input).
 
     ``Â`` = argmax of ``n0`` selection draws; ``k`` = votes for ``Â`` among ``n`` fresh, independent
     estimation draws; ``p̲ = clopper_pearson_lower(k, n, α)``; abstain if ``p̲ < 1/2``, else predict
-    ``Â`` with radius ``σ·Φ⁻¹(p̲)``.
+    ``Â`` with radius ``σ·Φ⁻¹(p̲)``. All inputs share forward batches; input ``i``'s draws depend only
+    on ``(seed, index_offset + i)`` as in :func:`sample_counts`, so a data set may be certified in
+    pieces with the same result.
 
     Guarantee (Cohen et al. 2019, Thm. 1 + Prop. 2), per input: with probability at least ``1 − α``
     over the estimation noise, if it does not abstain then ``p_Â(x) ≥ p̲ > 1/2``, so the smoothed
@@ -403,11 +653,11 @@ def certify(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if not sigma > 0:
         raise ValueError(f"sigma must be positive to certify, got {sigma}")
-    backend = _backend(model, x, num_classes)
+    be = _backend(model, x, num_classes, backend, int(n0) + int(n), int(batch_size), channels_last, autocast)
     seed = _resolve_seed(seed, None)
     args = (int(batch_size), int(index_offset))
-    sel = _draw_counts(backend, int(n0), sigma, seed, _STREAM_SELECT, *args, "selection", show_progress)
-    est = _draw_counts(backend, int(n), sigma, seed, _STREAM_ESTIMATE, *args, "estimation", show_progress)
+    sel = _draw_counts(be, int(n0), sigma, seed, _STREAM_SELECT, *args, "selection", show_progress)
+    est = _draw_counts(be, int(n), sigma, seed, _STREAM_ESTIMATE, *args, "estimation", show_progress)
     top = sel.argmax(axis=1)
     k = est[np.arange(len(est)), top]
     p_lower = np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n), alpha), dtype=np.float64))
@@ -434,6 +684,9 @@ def predict(
     seed: int = 0,
     *,
     index_offset: int = 0,
+    backend: str = "auto",
+    channels_last: bool = False,
+    autocast: str | None = None,
 ) -> np.ndarray:
     """Cohen's PREDICT: int64 ``[B]`` predicted classes, -1 where it abstains.
 
@@ -445,9 +698,9 @@ def predict(
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    backend = _backend(model, x, num_classes)
+    be = _backend(model, x, num_classes, backend, int(n), int(batch_size), channels_last, autocast)
     counts = _draw_counts(
-        backend,
+        be,
         int(n),
         sigma,
         _resolve_seed(seed, None),

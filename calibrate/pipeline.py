@@ -73,7 +73,7 @@ class Workdir:
                     f"{root} was made with another configuration ({'; '.join(diff)}); use another --workdir"
                 )
         else:
-            meta.write_text(json.dumps({"config": wanted, "stage_seconds": {}}, indent=2) + "\n")
+            _write_json(meta, {"config": wanted, "stage_seconds": {}})
         return cls(root=root, config=config, **kw)
 
     # --- paths ----------------------------------------------------------------------------
@@ -120,10 +120,17 @@ class Workdir:
     def record_seconds(self, stage: str, seconds: float) -> None:
         meta = json.loads(self.path("run.json").read_text())
         meta.setdefault("stage_seconds", {})[stage] = round(seconds, 2)
-        self.path("run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _write_json(self.path("run.json"), meta)
 
     def stage_seconds(self) -> dict[str, float]:
         return json.loads(self.path("run.json").read_text()).get("stage_seconds", {})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (several torchrun ranks may write the same file at once)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -179,51 +186,154 @@ def stage_train_base(w: Workdir) -> list[Path]:
     return [w.path("base.pt"), w.path("base.onnx")]
 
 
-def _mc_counts(w: Workdir, images: np.ndarray, n: int, stream: str) -> np.ndarray:
-    from .mc import sample_counts
+# Count stores written by `rrise targets` (and `rrise calibrate`), relative to the work folder.
+TARGET_STORES = {"targets": "targets/train", "selection": "targets/selection"}
+CALIBRATION_STORE = "calibration_counts"
 
-    return sample_counts(
-        str(w.path("base.onnx")),
-        images,
-        n=n,
-        sigma=w.config.sigma,
-        batch_size=w.prof.batch_size,
-        seed=w.seed(stream),
-        show_progress=w.show_progress,
+
+def mc_shard_size(num_inputs: int) -> int:
+    """Inputs per store shard: about 16 shards (work for up to 16 ranks), 16 to 1024 inputs each."""
+    return int(min(1024, max(16, -(-num_inputs // 16))))
+
+
+def _mc_backend(w: Workdir, sample: np.ndarray, draws: int, device: str) -> str:
+    """The backend a new store is sampled with: torch on a GPU; else the faster of torch and
+    onnxruntime on this CPU (timed on a short probe), or onnxruntime for jobs too small to time."""
+    from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
+    from .models import load_model
+
+    if device.startswith("cuda"):
+        return "torch:cuda"
+    if draws < AUTO_PROBE_MIN_DRAWS:
+        return "onnxruntime"
+    model, _ = load_model(w.path("base.pt"))
+    prepared = prepare_model(
+        model, "auto", sample=sample, onnx=w.path("base.onnx"), batch_size=w.prof.batch_size
     )
+    w.log(f"[mc] backend {prepared.label}")
+    return "onnxruntime" if prepared.backend == "onnxruntime" else "torch:cpu"
 
 
-def stage_targets(w: Workdir) -> list[Path]:
-    """Monte Carlo class counts of the base model for the surrogate's training and selection inputs."""
-    ds, sp, p = w.data("train"), w.splits(), w.prof
-    out = []
-    w.path("targets").mkdir(exist_ok=True)
-    for part in ("targets", "selection"):
-        idx = sp[part]
-        counts = _mc_counts(w, ds.images[idx], p.target_draws, part)
-        path = w.path(f"targets/{'train' if part == 'targets' else part}.npz")
-        _save_npz(
+def _mc_model(w: Workdir, backend: str, device: str):
+    """The base model bound to ``backend`` (as recorded in a store's metadata)."""
+    from .mc import PreparedModel, prepare_model
+    from .models import load_model
+
+    if backend == "onnxruntime":
+        return prepare_model(str(w.path("base.onnx")), "onnxruntime")
+    if backend in ("torch:cpu", "torch:cuda"):
+        if backend == "torch:cuda" and not device.startswith("cuda"):
+            raise ValueError("this store was sampled with backend='torch:cuda' and this machine has no GPU")
+        model, _ = load_model(w.path("base.pt"))
+        return PreparedModel("torch", model.to(device if backend == "torch:cuda" else "cpu").eval())
+    raise ValueError(f"unknown Monte Carlo backend {backend!r}")
+
+
+def _mc_counts(
+    w: Workdir, name: str, index: np.ndarray, n: int, stream: str, split: str, resume: bool = True
+) -> Path:
+    """Fill the count store ``name`` with ``n`` draws per input of ``w.data(split)[index]``.
+
+    Under ``torchrun`` every rank samples its share of the shards and rank 0 merges them; the store
+    is byte-identical to a single-process run. Returns the store's ``manifest.json``.
+    """
+    from . import distributed as dist
+    from .store import CountStore, IndexedRows, fill_store, is_store
+
+    info, device = dist.init()
+    ds, path = w.data(split), w.path(name)
+    images = IndexedRows(ds.images, index)
+    base_sha = sha256_file(w.path("base.onnx"))
+
+    def open_store(backend: str | None) -> CountStore:
+        if backend is None and resume and is_store(path):
+            backend = json.loads((path / "meta.json").read_text()).get("backend")
+        if backend is None:
+            backend = _mc_backend(w, images[:1], len(index) * n, device)
+        return CountStore.open(
             path,
-            index=idx,
-            counts=counts,
-            n=p.target_draws,
+            index,
+            n=n,
             sigma=w.config.sigma,
-            seed=w.seed(part),
-            base_sha256=sha256_file(w.path("base.onnx")),
+            seed=w.seed(stream),
+            num_classes=len(ds.classes),
+            shard_size=mc_shard_size(len(index)),
+            base_sha256=base_sha,
+            dataset=w.config.dataset,
+            split=split,
+            backend=backend,
+            resume=resume,
         )
-        out.append(path)
-    return out
+
+    store = dist.run_on_rank0_first(info, lambda: open_store(None) if info.is_main else None)
+    backend = dist.broadcast(info, store.meta["backend"] if info.is_main else None)
+    if not info.is_main:
+        store = open_store(backend)
+    shards = dist.assign_shards(store.num_shards, info.rank, info.world_size)
+    if any(not store.has(s) for s in shards):
+        desc = f"MC {name}" + (f" (rank {info.rank}/{info.world_size})" if info.distributed else "")
+        fill_store(
+            store,
+            images,
+            _mc_model(w, backend, device),
+            batch_size=w.prof.batch_size,
+            shards=shards,
+            show_progress=w.show_progress and info.is_main,
+            desc=desc,
+        )
+    dist.merge(info, store)
+    return path / "manifest.json"
+
+
+def stage_targets(w: Workdir, resume: bool = True) -> list[Path]:
+    """Monte Carlo class counts of the base model for the surrogate's training and selection inputs."""
+    sp, p = w.splits(), w.prof
+    return [
+        _mc_counts(w, TARGET_STORES[part], sp[part], p.target_draws, part, "train", resume)
+        for part in ("targets", "selection")
+    ]
+
+
+def load_targets(w: Workdir, part: str) -> dict[str, np.ndarray]:
+    """A finished count store as ``{"index", "counts"}``: ``part`` is ``targets``, ``selection`` or
+    ``calibration`` (what the later stages read)."""
+    from .store import load_store
+
+    name = CALIBRATION_STORE if part == "calibration" else TARGET_STORES[part]
+    index, counts, _ = load_store(w.path(name))
+    return {"index": index, "counts": counts}
+
+
+def run_targets(w: Workdir, force: bool = False, resume: bool = True) -> list[Path]:
+    """`rrise targets`, also under ``torchrun``: ``force`` or ``resume=False`` start the stores over;
+    by default a partial store is resumed when its metadata matches, and refused (naming the field
+    that differs) when it does not."""
+    from . import distributed as dist
+    from .store import discard
+
+    info, _ = dist.init()
+    try:
+        if info.is_main and (force or not resume):
+            for name in TARGET_STORES.values():
+                discard(w.path(name))
+        outputs = [w.path(o) for o in STAGES["targets"][1]]
+        done = dist.broadcast(info, all(o.exists() for o in outputs) and not force)
+        if info.is_main:
+            return run_stage(w, "targets", force=force)
+        return outputs if done else stage_targets(w, resume=True)
+    finally:
+        dist.shutdown()
 
 
 def _fit_surrogate(w: Workdir, loss: str, stem: str) -> list[Path]:
+    """Train a surrogate (from the base model's weights by default) on the MC targets."""
     from rrise.export.onnx_export import export_onnx
 
     from .models import build_model, load_model, save_model
     from .train import train_surrogate
 
     ds, p = w.data("train"), w.prof
-    tr = np.load(w.path("targets/train.npz"))
-    sel = np.load(w.path("targets/selection.npz"))
+    tr, sel = load_targets(w, "targets"), load_targets(w, "selection")
     spec = _model_spec(w)
     if p.surrogate_arch == "base":
         model, _ = load_model(w.path("base.pt"))
@@ -282,34 +392,39 @@ def stage_calibrate(
     beta: float | None = None,
     delta: float | None = None,
     score: str = "probit",
+    bins: int = 1,
 ) -> list[Path]:
     """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
 
     ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
-    quantile; ``score`` is the transform (probit, logit, identity). The MC counts are kept, so a
-    re-calibration with other settings costs one surrogate pass.
+    quantile; ``score`` is the transform (probit, logit, identity); ``bins`` > 1 adds Mondrian
+    quantiles per confidence bin, with edges fixed on the selection split. The MC counts are kept,
+    so a re-calibration with other settings costs one surrogate pass.
     """
-    from .conformal import calibrate_from_counts
+    from .conformal import calibrate_from_counts, confidence_bin_edges
 
     ds, p = w.data("train"), w.prof
     idx = w.splits()["calibration"]
     images = ds.images[idx]
-    counts_path = w.path("calibration_counts.npz")
-    if counts_path.exists():  # MC is the expensive half: keep it across re-calibrations
-        counts = np.load(counts_path)["counts"]
-    else:
-        counts = _mc_counts(w, images, p.n_cal, "calibration")
-        _save_npz(counts_path, index=idx, counts=counts, n=p.n_cal, seed=w.seed("calibration"))
+    # MC is the expensive half: its store is kept (and resumed) across re-calibrations
+    _mc_counts(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train")
+    counts = load_targets(w, "calibration")["counts"]
     probs = surrogate_probs(w.path("surrogate.onnx"), images)
+    alpha = p.alphas[0] if alpha is None else alpha
+    edges: tuple[float, ...] = ()
+    if bins > 1:
+        sel = surrogate_probs(w.path("surrogate.onnx"), ds.images[w.splits()["selection"]])
+        edges = confidence_bin_edges(sel.max(1), len(idx), alpha, max_bins=bins, delta=delta)
     cal = calibrate_from_counts(
         probs,
         counts,
         n_mc=p.n_cal,
         sigma=w.config.sigma,
-        alpha=p.alphas[0] if alpha is None else alpha,
+        alpha=alpha,
         beta=p.beta if beta is None else beta,
         score=score,
         delta=delta,
+        bin_edges=edges,
     )
     _save_npz(
         w.path("calibration.npz"),
@@ -321,44 +436,83 @@ def stage_calibrate(
         n_mc=p.n_cal,
     )
     record = {**cal.to_dict(), "dataset": w.config.dataset}
-    w.path("calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(w.path("calibration.json"), record)
     return [w.path("calibration.npz"), w.path("calibration.json")]
 
 
 def stage_certify(w: Workdir) -> list[Path]:
     """Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline."""
+    from rrise.progress import progress_bar
+
     from .mc import certify
 
     ds, p = w.data("test"), w.prof
     idx = w.splits()["test"]
-    t0 = time.perf_counter()
-    res = certify(
-        str(w.path("base.onnx")),
-        ds.images[idx],
-        n0=p.n0,
-        n=p.n,
-        sigma=w.config.sigma,
-        alpha=p.mc_alpha,
-        batch_size=p.batch_size,
-        seed=w.seed("certify"),
-        show_progress=w.show_progress,
-    )
-    seconds = time.perf_counter() - t0
+    info_device = "cpu"
+    try:
+        import torch
+
+        info_device = "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - the calibrate stage always has torch
+        pass
+    images = ds.images[idx]
+    backend = _mc_backend(w, images[:1], len(idx) * (p.n0 + p.n), info_device)
+    model = _mc_model(w, backend, info_device)
+    # Pieces of inputs share forward batches; input i's draws depend only on (seed, i), so the
+    # pieces give the same certificates as one call, plus a wall time per piece for the table.
+    piece = max(1, min(len(idx), p.batch_size // 10 or 1))
+    parts, per_input = [], np.zeros(len(idx))
+    with progress_bar(len(idx), "Cohen CERTIFY", "inputs", enabled=w.show_progress) as bar:
+        bar.note(f"backend {backend}")
+        for lo in range(0, len(idx), piece):
+            hi = min(lo + piece, len(idx))
+            t0 = time.perf_counter()
+            parts.append(
+                certify(
+                    model,
+                    images[lo:hi],
+                    n0=p.n0,
+                    n=p.n,
+                    sigma=w.config.sigma,
+                    alpha=p.mc_alpha,
+                    batch_size=p.batch_size,
+                    num_classes=len(ds.classes),
+                    seed=w.seed("certify"),
+                    index_offset=lo,
+                )
+            )
+            per_input[lo:hi] = (time.perf_counter() - t0) / (hi - lo)
+            bar.advance(hi - lo)
+    pred = np.concatenate([r.pred for r in parts])
+    radius = np.concatenate([r.radius for r in parts])
+    p_lower = np.concatenate([r.p_lower for r in parts])
+    counts = np.concatenate([r.counts_estimation for r in parts])
+    counts_sel = np.concatenate([r.counts_selection for r in parts])
+    seconds = float(per_input.sum())
     labels = ds.labels[idx]
     _save_npz(
         w.path("certify.npz"),
         index=idx,
         labels=labels,
-        pred=res.pred,
-        radius=res.radius,
-        p_lower=res.p_lower,
-        counts=res.counts_estimation,
+        pred=pred,
+        radius=radius,
+        p_lower=p_lower,
+        counts=counts,
+        counts_selection=counts_sel,
         seconds=seconds,
+        time=per_input,
     )
-    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
-    per = seconds / max(len(idx), 1)
-    for i, lab, pr, r in zip(idx, labels, res.pred, res.radius):
-        lines.append(f"{i}\t{lab}\t{pr}\t{r:.4f}\t{int(pr == lab)}\t{per:.4f}")
+    # Per-input table as in Cohen et al.'s logs, plus the counts behind each certificate: `count` is
+    # k (votes for the selected class among the n estimation draws), `counts` the full vector.
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\tcount\tn\tp_lower\tcounts\ttime"]
+    top = counts_sel.argmax(axis=1)
+    for j, (i, lab, pr, r) in enumerate(zip(idx, labels, pred, radius)):
+        k = int(counts[j, top[j]])
+        vec = ",".join(str(int(c)) for c in counts[j])
+        lines.append(
+            f"{i}\t{lab}\t{pr}\t{r:.4f}\t{int(pr == lab)}\t{k}\t{p.n}\t{p_lower[j]:.6f}\t{vec}"
+            f"\t{per_input[j]:.4f}"
+        )
     w.path("certify.tsv").write_text("\n".join(lines) + "\n")
     return [w.path("certify.tsv"), w.path("certify.npz")]
 
@@ -379,7 +533,7 @@ def _per_query_seconds(onnx_path: Path, x: np.ndarray, cal: Calibration, repeats
 
 def stage_evaluate(w: Workdir) -> list[Path]:
     """RRISE beside Cohen MC and Accelerated Smoothing on the same test inputs → report/."""
-    from .conformal import calibrate_from_counts
+    from .conformal import calibrate_from_counts, confidence_bin_edges
     from .evaluate import (
         DEFAULT_RADII,
         method_metrics,
@@ -411,6 +565,31 @@ def stage_evaluate(w: Workdir) -> list[Path]:
             labels,
             per_query_s=None,
             quantile=round(cal.quantile, 6),
+            violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
+        )
+    # Mondrian by confidence: bin edges from the selection split, quantiles from calibration.
+    sel_probs = surrogate_probs(w.path("surrogate.onnx"), w.data("train").images[w.splits()["selection"]])
+    for alpha in p.alphas:
+        edges = confidence_bin_edges(sel_probs.max(1), p.m, alpha)
+        if not edges:
+            continue
+        cal = calibrate_from_counts(
+            calnpz["probs"],
+            calnpz["counts"],
+            n_mc=p.n_cal,
+            sigma=w.config.sigma,
+            alpha=alpha,
+            beta=p.beta,
+            bin_edges=edges,
+        )
+        cert = certify_from_probs(probs, cal)
+        methods[f"RRISE (probit, {len(edges) + 1} confidence bins, α={alpha:g})"] = method_metrics(
+            cert.radius,
+            cert.pred,
+            labels,
+            per_query_s=None,
+            quantile=[None if not np.isfinite(q) else round(q, 6) for q in cal.bin_quantiles],
+            bin_edges=list(edges),
             violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
         )
     per_query = _per_query_seconds(w.path("surrogate.onnx"), ds.images[idx], cals[p.alphas[0]])
@@ -514,7 +693,7 @@ def stage_bundle(w: Workdir) -> list[Path]:
 
 STAGES: dict[str, tuple[Callable[[Workdir], list[Path]], list[str]]] = {
     "train-base": (stage_train_base, ["base.pt", "base.onnx"]),
-    "targets": (stage_targets, ["targets/train.npz", "targets/selection.npz"]),
+    "targets": (stage_targets, [f"{name}/manifest.json" for name in TARGET_STORES.values()]),
     "train-surrogate": (stage_train_surrogate, ["surrogate.pt", "surrogate.onnx"]),
     "train-baseline": (stage_train_baseline, ["baseline_js.pt", "baseline_js.onnx"]),
     "calibrate": (stage_calibrate, ["calibration.npz", "calibration.json"]),

@@ -312,6 +312,8 @@ def build_bundle(
                 "file": SURROGATE_FILE,
                 "sha256": None,
                 "quantile": quantile,
+                "calibrated_with": "onnxruntime-cpu",
+                "monitor": _monitor_entry(probs, calibration.with_quantile(quantile)),
             },
         ],
         "guarantee": GUARANTEE,
@@ -333,6 +335,14 @@ def build_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle.load(out_dir)
+
+
+def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any]:
+    """A variant's ``monitor`` entry: the calibration-time distribution of its top-class
+    probability and abstentions, for the runtime's distribution-shift alarm (rrise.monitor)."""
+    from rrise.monitor import reference_from_probs
+
+    return reference_from_probs(probs, calibration)
 
 
 def _bundle_quantile(bundle: Bundle, probs: np.ndarray) -> float:
@@ -374,7 +384,7 @@ def add_variant(
     *,
     precision: str,
     backend: str,
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     name: str | None = None,
     **extra: Any,
 ) -> Bundle:
@@ -382,14 +392,28 @@ def add_variant(
     q̂ recalibrated from ``probs`` (that variant's own outputs on the calibration images) and
     ``extra`` keys (for engines: ``trt_version``, ``compute_capability``).
 
-    The bundle is rebuilt in a hard-linked copy and renamed into place, so readers see the old
-    bundle or the new one. Raises ValueError if the variant's quantile is infinite.
+    ``probs=None`` records a variant that could not be run here: its ``quantile`` is null and
+    ``extra`` must say why in ``needs_recalibration``; the runtime refuses to run it until it is
+    recalibrated where it can run. The bundle is rebuilt in a hard-linked copy and renamed into
+    place, so readers see the old bundle or the new one. Raises ValueError if the variant's quantile
+    is infinite.
     """
     bundle = Bundle.load(bundle_dir)
     src = Path(file)
-    quantile = _bundle_quantile(bundle, probs)
-    if not math.isfinite(quantile):
-        raise ValueError(f"the {precision}/{backend} variant's quantile is infinite: it would always abstain")
+    if probs is None:
+        if not extra.get("needs_recalibration"):
+            raise ValueError(
+                f"the {precision}/{backend} variant has no outputs to calibrate from: pass probs, or say "
+                "why in needs_recalibration"
+            )
+        quantile = None
+    else:
+        extra.pop("needs_recalibration", None)
+        quantile = _bundle_quantile(bundle, probs)
+        if not math.isfinite(quantile):
+            raise ValueError(
+                f"the {precision}/{backend} variant's quantile is infinite: it would always abstain"
+            )
     name = name or f"surrogate.{precision}.{backend}{src.suffix}"
     manifest = dict(bundle.manifest)
     manifest.pop("files", None)
@@ -407,6 +431,11 @@ def add_variant(
             "file": name,
             "sha256": None,
             "quantile": quantile,
+            **(
+                {}
+                if probs is None
+                else {"monitor": _monitor_entry(probs, bundle.calibration().with_quantile(quantile))}
+            ),
             **extra,
         },
     ]

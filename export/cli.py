@@ -28,6 +28,8 @@ app = typer.Typer(
 
 class Precision(str, Enum):
     fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
 
 
 class EngineKind(str, Enum):
@@ -71,45 +73,57 @@ def _input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     return int(meta["in_channels"]), int(h), int(w)
 
 
+_BUILD_OPTS = ("--surrogate", "--base", "--calibration", "--calibration-record", "--out")
+
+
 @app.command()
 def export_command(
     surrogate: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--surrogate",
             exists=True,
             dir_okay=False,
             help="Surrogate model file (.pt, written by rrise.calibrate.models.save_model).",
         ),
-    ],
+    ] = None,
     base: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--base",
             exists=True,
             dir_okay=False,
             help="Base classifier as ONNX (base.onnx), kept for audits.",
         ),
-    ],
+    ] = None,
     calibration: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--calibration",
             exists=True,
             dir_okay=False,
             help="calibration.npz: `images` [m,C,H,W] float32 and full MC `counts` [m,K].",
         ),
-    ],
+    ] = None,
     calibration_record: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--calibration-record",
             exists=True,
             dir_okay=False,
             help="calibration.json: the Calibration record (sigma, quantile, alpha, beta, n_mc, m, score).",
         ),
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Bundle folder to create.")],
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Bundle folder to create.")] = None,
+    bundle_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            file_okay=False,
+            help="An existing bundle to add a precision variant or an engine to (instead of "
+            "--surrogate/--base/--calibration/--calibration-record/--out); rewritten atomically.",
+        ),
+    ] = None,
     labels: Annotated[
         str | None, typer.Option(help="Class names, comma-separated (default: the surrogate's own labels).")
     ] = None,
@@ -120,19 +134,53 @@ def export_command(
         ),
     ] = None,
     precision: Annotated[
-        Precision, typer.Option(help="Numeric precision of the ONNX variant.")
+        Precision,
+        typer.Option(
+            help="Numerics of the variant to add (fp32 is always in the bundle). int8: onnxruntime "
+            "static quantization (QDQ), needs --quant-data. fp16: a strongly typed FP16 ONNX (float32 "
+            "I/O), the source of fp16 TensorRT engines. Each variant gets its own quantile from its "
+            "own outputs on the calibration inputs; with --engine, the engine's precision."
+        ),
     ] = Precision.fp32,
+    quant_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--quant-data",
+            exists=True,
+            dir_okay=False,
+            help="int8 only: an .npz with `images` [n,C,H,W] in [0,1] from a selection split (e.g. the "
+            "surrogate's training or selection inputs) for the activation ranges. calibration.npz is "
+            "refused, and so is any calibration image: a choice made from the conformal calibration "
+            "split voids the guarantee.",
+        ),
+    ] = None,
+    quant_samples: Annotated[
+        int, typer.Option(min=1, help="int8 only: at most this many --quant-data images are used.")
+    ] = 1000,
     engine: Annotated[
         EngineKind | None,
         typer.Option(
-            help="Also build a TensorRT engine on this machine, with a quantile from its own outputs."
+            help="Also build a TensorRT engine on this machine from the bundle's ONNX of --precision, "
+            "with a quantile from its own outputs; records trt_version and compute_capability."
         ),
     ] = None,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--timing-cache",
+            dir_okay=False,
+            help="--engine: TensorRT timing cache file (read, then updated).",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="--engine: largest batch the engine accepts.")
+    ] = 64,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")
     ] = False,
 ) -> None:
-    r"""Bundle a surrogate with its conformal calibration: ONNX export, parity check, manifest.
+    r"""Bundle a surrogate with its conformal calibration: ONNX export, parity check, manifest;
+    add int8/fp16 variants and TensorRT engines, each recalibrated from its own outputs.
 
     Every variant carries its own quantile, recomputed from that variant's outputs on the
     calibration inputs. Prints the bundle's path, id, quantiles and the torch/ONNX parity.
@@ -142,14 +190,39 @@ def export_command(
         rrise-export --surrogate runs/demo/surrogate.pt --base runs/demo/base.onnx \
             --calibration runs/demo/calibration.npz --calibration-record runs/demo/calibration.json \
             --out runs/demo/bundle-fp32
+
+    Add an int8 variant to that bundle, then (on a Jetson) an fp16 TensorRT engine:
+
+        rrise-export --bundle runs/demo/bundle-fp32 --precision int8 --quant-data selection.npz
+
+        rrise-export --bundle runs/demo/bundle-fp32 --precision fp16 --engine tensorrt
     """
-    import numpy as np
+    from rrise import Bundle, BundleError
 
-    from rrise import BundleError
-
-    cal, record_dataset = _read_record(calibration_record)
-    if out.exists() and not overwrite:
-        raise _fail(f"{out} already exists; pass --overwrite to replace it")
+    prec = precision.value
+    given = [
+        name
+        for name, v in zip(_BUILD_OPTS, (surrogate, base, calibration, calibration_record, out))
+        if v is not None
+    ]
+    if bundle_dir is not None and given:
+        raise typer.BadParameter(
+            f"--bundle adds to an existing bundle; it does not take {', '.join(given)}", param_hint="--bundle"
+        )
+    if bundle_dir is None and len(given) != len(_BUILD_OPTS):
+        missing = [name for name in _BUILD_OPTS if name not in given]
+        raise typer.BadParameter(
+            f"building a bundle needs {', '.join(missing)} (or pass --bundle DIR to add to one)",
+            param_hint=missing[0],
+        )
+    if prec == "int8" and quant_data is None:
+        raise typer.BadParameter(
+            "--precision int8 needs --quant-data (images from a selection split, not the calibration split)",
+            param_hint="--quant-data",
+        )
+    if prec != "int8" and quant_data is not None:
+        raise typer.BadParameter("--quant-data is only for --precision int8", param_hint="--quant-data")
+    trt_info: dict[str, Any] | None = None
     if engine is not None:
         from .tensorrt_build import engine_info
 
@@ -157,6 +230,90 @@ def export_command(
             trt_info = engine_info()
         except RuntimeError as exc:
             raise _fail(str(exc)) from None
+
+    parity = None
+    cal = None
+    try:
+        if bundle_dir is not None:
+            bundle = Bundle.load(bundle_dir)
+        else:
+            assert out is not None and calibration is not None
+            if out.exists() and not overwrite:
+                raise _fail(f"{out} already exists; pass --overwrite to replace it")
+            quant = _quant_images(quant_data, calibration, None, quant_samples) if quant_data else None
+            bundle, parity, cal = _build(
+                surrogate, base, calibration, calibration_record, out, labels, dataset, overwrite
+            )
+        if prec != "fp32":
+            have = [
+                v
+                for v in bundle.manifest["variants"]
+                if (v["precision"], v["backend"]) == (prec, "onnxruntime")
+            ]
+            if not (engine is not None and have):  # an engine reuses the bundle's own fp16/int8 ONNX
+                from .variants import add_precision_variant
+
+                if prec == "int8":
+                    if bundle_dir is not None:
+                        quant = _quant_images(quant_data, None, bundle, quant_samples)
+                    bundle = add_precision_variant(
+                        bundle.path, "int8", quant_images=quant, quant_source=quant_data.name
+                    )
+                else:
+                    bundle = add_precision_variant(bundle.path, "fp16")
+        if engine is not None:
+            assert trt_info is not None
+            with tempfile.TemporaryDirectory(prefix="rrise-engine-") as work:
+                bundle = _add_engine(bundle, Path(work), trt_info, prec, timing_cache, max_batch)
+    except (ValueError, TypeError, OSError, RuntimeError, BundleError) as exc:
+        raise _fail(str(exc)) from None
+
+    typer.echo(f"bundle    {bundle.path.resolve()}")
+    typer.echo(f"id        {bundle.id}")
+    if cal is not None:
+        typer.echo(
+            f"quantile  {cal.quantile:.6g} (calibration record, alpha={cal.alpha:g}, beta={cal.beta:g})"
+        )
+    for v in bundle.manifest["variants"]:
+        q = v["quantile"]
+        shown = f"quantile {q:.6g}" if q is not None else f"NO quantile: {v.get('needs_recalibration')}"
+        typer.echo(f"variant   {v['precision']}/{v['backend']} {v['file']}: {shown}")
+    if parity is not None:
+        typer.echo(f"parity    max |logits torch - onnxruntime| = {parity:.3g}")
+        if parity > 1e-4:
+            typer.echo(
+                "warning: the ONNX file's logits differ from torch by more than 1e-4; each variant's "
+                "quantile is computed from its own outputs, so certificates stay valid, but check the export"
+            )
+
+
+def _quant_images(path: Path, calibration: Path | None, bundle: Any, max_images: int):
+    """Images for the int8 ranges, refused if the file is (or shares an image with) the calibration."""
+    import numpy as np
+
+    from rrise.bundle import sha256_file
+
+    from .bundler import CALIBRATION_FILE
+    from .variants import check_disjoint, load_quant_data
+
+    cal_file = calibration if calibration is not None else bundle.file(CALIBRATION_FILE)
+    if sha256_file(path) == sha256_file(cal_file):
+        raise ValueError(
+            f"--quant-data {path} is the calibration file: int8 ranges must come from a selection split, "
+            "never the conformal calibration split, or the guarantee is void"
+        )
+    with np.load(cal_file, allow_pickle=False) as z:
+        cal_images = z["images"]
+    images = load_quant_data(path, cal_images.shape[1:], max_images=max_images)
+    check_disjoint(images, cal_images)
+    return images
+
+
+def _build(surrogate, base, calibration, calibration_record, out, labels, dataset, overwrite):
+    """The fp32 bundle from a surrogate .pt: export, parity, build. → (bundle, parity, calibration)."""
+    import numpy as np
+
+    cal, record_dataset = _read_record(calibration_record)
     try:
         from rrise.calibrate.models import load_model
 
@@ -190,49 +347,38 @@ def export_command(
             probe = z["images"][:256]  # the parity check's inputs
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise _fail(f"{calibration} is not an .npz with an `images` array: {exc}") from None
-    try:
-        with tempfile.TemporaryDirectory(prefix="rrise-export-") as work:
-            onnx_path = export_onnx(model, Path(work) / "surrogate.onnx", shape)
-            parity = onnx_parity(model, onnx_path, probe)
-            bundle = build_bundle(
-                out,
-                surrogate_onnx=onnx_path,
-                base_onnx=base,
-                calibration=cal,
-                calibration_npz=calibration,
-                labels=names,
-                preprocess=meta.get("preprocess") or default_preprocess(shape),
-                dataset=dataset,
-                input_shape=shape,
-                parity_max_abs_diff=parity,
-                overwrite=overwrite,
-            )
-            if engine is not None:
-                bundle = _add_engine(bundle, Path(work), trt_info)
-    except (ValueError, TypeError, OSError, RuntimeError, BundleError) as exc:
-        raise _fail(str(exc)) from None
-
-    typer.echo(f"bundle    {bundle.path.resolve()}")
-    typer.echo(f"id        {bundle.id}")
-    typer.echo(f"quantile  {cal.quantile:.6g} (calibration record, alpha={cal.alpha:g}, beta={cal.beta:g})")
-    for v in bundle.manifest["variants"]:
-        typer.echo(f"variant   {v['precision']}/{v['backend']} {v['file']}: quantile {v['quantile']:.6g}")
-    typer.echo(f"parity    max |logits torch - onnxruntime| = {parity:.3g}")
-    if parity > 1e-4:
-        typer.echo(
-            "warning: the ONNX file's logits differ from torch by more than 1e-4; each variant's "
-            "quantile is computed from its own outputs, so certificates stay valid, but check the export"
+    with tempfile.TemporaryDirectory(prefix="rrise-export-") as work:
+        onnx_path = export_onnx(model, Path(work) / "surrogate.onnx", shape)
+        parity = onnx_parity(model, onnx_path, probe)
+        bundle = build_bundle(
+            out,
+            surrogate_onnx=onnx_path,
+            base_onnx=base,
+            calibration=cal,
+            calibration_npz=calibration,
+            labels=names,
+            preprocess=meta.get("preprocess") or default_preprocess(shape),
+            dataset=dataset,
+            input_shape=shape,
+            parity_max_abs_diff=parity,
+            overwrite=overwrite,
         )
+    return bundle, parity, cal
 
 
-def _add_engine(bundle, work: Path, trt_info: dict[str, Any]):
-    """Build a TensorRT engine from the bundle's fp32 ONNX, run it on the calibration images through
-    the runtime's TensorRT backend (the numerics deployment will see) and add it as a variant with
-    its own recalibrated quantile."""
+def _add_engine(
+    bundle, work: Path, trt_info: dict[str, Any], precision: str, timing_cache: Path | None, max_batch: int
+):
+    """Build a TensorRT engine from the bundle's ONNX of ``precision``, run it on the calibration
+    images through the runtime's TensorRT backend (the numerics deployment will see), check its
+    parity with that ONNX on onnxruntime's CPU provider, and add it as a variant with its own
+    recalibrated quantile."""
     import numpy as np
 
-    from .bundler import CALIBRATION_FILE, add_variant
+    from .bundler import CALIBRATION_FILE, add_variant, softmax
+    from .onnx_export import onnx_logits
     from .tensorrt_build import build_engine
+    from .variants import variant_file_name
 
     try:
         from rrise.runtime.backends import TensorRTBackend
@@ -240,7 +386,15 @@ def _add_engine(bundle, work: Path, trt_info: dict[str, Any]):
         raise RuntimeError(
             f"running the engine needs the rrise runtime ({exc}): pip install 'rrise[runtime,tensorrt]'"
         ) from None
-    engine_path = build_engine(bundle.file(bundle.manifest["model"]["file"]), work / "surrogate.engine")
+    source = bundle.variant(precision, "onnxruntime")["file"]
+    engine_path = build_engine(
+        bundle.file(source),
+        work / "surrogate.engine",
+        opt_batch=min(8, max_batch),
+        max_batch=max_batch,
+        timing_cache=timing_cache,
+        strongly_typed=precision != "fp32",
+    )
     with np.load(bundle.file(CALIBRATION_FILE), allow_pickle=False) as z:
         images = z["images"]
     backend = TensorRTBackend(engine_path)
@@ -248,15 +402,25 @@ def _add_engine(bundle, work: Path, trt_info: dict[str, Any]):
         probs = backend.run(images)
     finally:
         backend.close()
+    reference = softmax(onnx_logits(bundle.file(source), images))
     return add_variant(
         bundle.path,
         engine_path,
-        precision="fp32",
+        precision=precision,
         backend="tensorrt",
         probs=probs,
-        name="surrogate.fp32.engine",
+        name=variant_file_name(precision, "tensorrt"),
         trt_version=trt_info["trt_version"],
         compute_capability=trt_info["compute_capability"],
+        device=trt_info.get("device"),
+        calibrated_with="tensorrt",
+        built_from=source,
+        batch_range=[1, max_batch],
+        parity={
+            "reference": f"{source} on onnxruntime-cpu",
+            "max_abs_diff_probs": float(np.max(np.abs(probs - reference))),
+            "argmax_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+        },
     )
 
 

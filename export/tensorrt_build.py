@@ -72,16 +72,25 @@ def build_engine(
     max_batch: int = 64,
     timing_cache: str | os.PathLike | None = None,
     fp16: bool = False,
+    strongly_typed: bool = False,
 ) -> Path:
     """Build a serialized TensorRT engine from ``onnx_path`` and write it atomically to ``engine_path``.
 
     The engine takes ``input`` with any batch in ``[min_batch, max_batch]`` (tuned for
     ``opt_batch``). ``timing_cache`` (a file) is read if it exists and written back after the build,
     which makes rebuilds much faster. ``fp16`` sets ``BuilderFlag.FP16`` where it exists (TensorRT
-    10); on TensorRT 11 the precision comes from the ONNX (see the module docstring). Raises
+    10); on TensorRT 11 the precision comes from the ONNX (see the module docstring).
+    ``strongly_typed`` builds a strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``;
+    the default on TensorRT 11): every tensor keeps the ONNX's own type, which is how the bundle's
+    fp16 ONNX and int8 QDQ ONNX become fp16 and int8 engines; it excludes ``fp16``. Raises
     RuntimeError if TensorRT is missing, the ONNX does not parse, or the build fails.
     """
     trt = require_tensorrt()
+    if strongly_typed and fp16:
+        raise ValueError(
+            "fp16 (a builder flag) and strongly_typed exclude each other: a strongly typed network takes "
+            "its precision from the ONNX, so build it from the bundle's fp16 ONNX instead"
+        )
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(
             f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}"
@@ -91,6 +100,14 @@ def build_engine(
     flags = 0
     if _major(trt) < 10 and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed:
+        strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strong is not None:
+            flags |= 1 << int(strong)
+        elif _major(trt) < 11:
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} cannot build strongly typed networks; install TensorRT 10 or 11"
+            )
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):

@@ -186,7 +186,7 @@ class TensorRTBackend:
             raise RuntimeError(
                 f"TensorRT {trt.__version__} cannot deserialize {engine_path}: an engine only runs with "
                 "the TensorRT version and GPU it was built on; rebuild it on this device with "
-                "`rrise-export --engine tensorrt`"
+                "`rrise-export --engine tensorrt --bundle BUNDLE`"
             )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -260,6 +260,14 @@ def _variants(bundle: Bundle, backend: str, precision: str | None) -> list[dict[
     found = [v for v in bundle.manifest["variants"] if v.get("backend") == backend]
     if precision is not None:
         found = [v for v in found if v.get("precision") == precision]
+    uncalibrated = [v for v in found if v.get("quantile") is None]
+    found = [v for v in found if v.get("quantile") is not None]  # never run without its own quantile
+    if not found and uncalibrated and precision is not None:
+        v = uncalibrated[0]
+        raise RuntimeError(
+            f"the {v.get('precision')}/{backend} variant of {bundle.path} has no quantile of its own and "
+            f"cannot be run: {v.get('needs_recalibration')}"
+        )
     if backend == "onnxruntime":  # most faithful first: fp32, then fp16, then int8
         order = {"fp32": 0, "fp16": 1, "int8": 2}
         found.sort(key=lambda v: order.get(str(v.get("precision")), 3))
@@ -277,12 +285,39 @@ def _device_compute_capability() -> str | None:
     return f"{major}.{minor}"
 
 
+def _installed_trt_version() -> str | None:
+    try:
+        import tensorrt as trt
+    except Exception:
+        return None
+    return str(getattr(trt, "__version__", "")) or None
+
+
+def _rebuild_command(bundle: Bundle, variant: dict[str, Any]) -> str:
+    """The command that rebuilds ``variant``'s engine on this device, recalibrating its quantile."""
+    precision = variant.get("precision", "fp32")
+    return f"rrise-export --engine tensorrt --precision {precision} --bundle {bundle.path}"
+
+
+def _engine_mismatch(variant: dict[str, Any]) -> str | None:
+    """Why the engine ``variant`` cannot run here, or None: a serialized TensorRT engine runs only
+    with the TensorRT version and the GPU compute capability it was built with."""
+    problems = []
+    want_trt, have_trt = variant.get("trt_version"), _installed_trt_version()
+    if want_trt is not None and have_trt is not None and str(want_trt) != have_trt:
+        problems.append(f"built with TensorRT {want_trt}, this device has TensorRT {have_trt}")
+    want_cc, have_cc = variant.get("compute_capability"), _device_compute_capability()
+    if want_cc is not None and have_cc is not None and str(want_cc) != have_cc:
+        problems.append(f"built for compute capability {want_cc}, this GPU is compute capability {have_cc}")
+    if not problems:
+        return None
+    return f"engine {variant.get('file')} was " + " and ".join(problems)
+
+
 def _pick_engine(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The engine built for this GPU (engines do not move between compute capabilities)."""
-    cc = _device_compute_capability()
+    """The engine built for this GPU and TensorRT version (engines do not move between them)."""
     for v in variants:
-        want = v.get("compute_capability")
-        if want is None or cc is None or str(want) == cc:
+        if _engine_mismatch(v) is None:
             return v
     return None
 
@@ -296,7 +331,15 @@ def _build(bundle: Bundle, variant: dict[str, Any]) -> OnnxRuntimeBackend | Tens
     }
     path = bundle.file(variant["file"])
     if variant.get("backend") == "tensorrt":
+        mismatch = _engine_mismatch(variant)
+        if mismatch is not None:
+            raise RuntimeError(
+                f"{mismatch}: rebuild it on this device with `{_rebuild_command(bundle, variant)}`"
+            )
         return TensorRTBackend(path, **kwargs)
+    if variant.get("calibrated_with") == "onnxruntime-cpu":
+        # Its quantile holds for onnxruntime's CPU numerics only: a GPU provider would run other kernels.
+        return OnnxRuntimeBackend(path, ["CPUExecutionProvider"], **kwargs)
     return OnnxRuntimeBackend(path, **kwargs)
 
 
@@ -325,7 +368,9 @@ def make_backend(
             if variant is None:
                 msg = (
                     f"no TensorRT engine in {bundle.path} matches this GPU "
-                    f"(compute capability {_device_compute_capability()}): {TENSORRT_HELP}"
+                    f"(compute capability {_device_compute_capability()}) and TensorRT "
+                    f"{_installed_trt_version()}: {_engine_mismatch(engines[0])}; rebuild it on this "
+                    f"device with `{_rebuild_command(bundle, engines[0])}`"
                 )
                 if backend == "tensorrt":
                     raise RuntimeError(msg)

@@ -17,6 +17,7 @@ import numpy as np
 
 from rrise.bundle import Bundle
 from rrise.certificate import Calibration, Certificate, certify_from_probs
+from rrise.monitor import ShiftMonitor
 from rrise.records import make_record
 
 from .backends import make_backend
@@ -33,6 +34,13 @@ class Runtime:
     A frame that cannot be certified (unreadable, wrong shape or dtype, NaN, a failed inference)
     gives an error record (``error`` says why, ``pred`` None, ``abstain`` True) instead of raising,
     so a stream goes on. Thread-safe for ``seq`` numbering; the backend serializes inference.
+
+    When the running variant's manifest entry has a ``monitor`` reference (bundles built by this
+    version of ``rrise-export`` do), every record also goes through the distribution-shift test
+    of :class:`rrise.monitor.ShiftMonitor` and carries its ``alarm`` word (``None`` while the
+    stream looks like the calibration data). Without one, or with ``monitor=False``, ``alarm`` is
+    always ``None``. ``monitor_options`` (``window``, ``false_alarm``, ``stride``) override the
+    reference's settings.
     """
 
     def __init__(
@@ -42,6 +50,8 @@ class Runtime:
         source_name: str = "api",
         *,
         precision: str | None = None,
+        monitor: bool = True,
+        monitor_options: dict[str, Any] | None = None,
     ) -> None:
         self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         manifest = self._bundle.manifest
@@ -54,6 +64,9 @@ class Runtime:
                 f"bundle {self._bundle.path} has {len(self._labels)} labels for "
                 f"{self._bundle.num_classes} classes"
             )
+        self._monitor = (
+            ShiftMonitor.from_variant(self._variant, **(monitor_options or {})) if monitor else None
+        )
         self.source_name = str(source_name)
         self._seq = 0
         self._lock = threading.Lock()
@@ -76,6 +89,11 @@ class Runtime:
     @property
     def variant(self) -> dict[str, Any]:
         return dict(self._variant)
+
+    @property
+    def monitor(self) -> ShiftMonitor | None:
+        """The distribution-shift monitor, or None (no monitor entry in the bundle, or turned off)."""
+        return self._monitor
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -130,10 +148,15 @@ class Runtime:
             self._infer(np.stack(inputs), ok, certs, errors)
 
         records = []
+        monitor = self._monitor
         with self._lock:
             for i in range(n):
                 seq = self._seq
                 self._seq += 1
+                cert = certs[i]
+                alarm = None
+                if monitor is not None:  # error records carry the current alarm, untested
+                    alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain)
                 records.append(
                     make_record(
                         seq=seq,
@@ -145,6 +168,7 @@ class Runtime:
                         labels=self._labels,
                         latency_ms=(time.time_ns() - stamps[i]) / 1e6,
                         error=errors[i],
+                        alarm=alarm,
                     )
                 )
         return records

@@ -1,7 +1,17 @@
 """Where records go: a ZeroMQ publisher, a JSON-lines file (or stdout), or a Python callback.
 
 Every sink has ``send(record)`` and ``close()``. None of them may stall inference: the publisher
-never blocks (a full queue drops the record and counts it).
+never blocks.
+
+Back-pressure policy of the publisher (the project's choice): ZeroMQ keeps one outgoing queue per
+subscriber, ``hwm`` messages deep. A subscriber that stalls fills only its own queue; from then on
+*that* subscriber loses new records (ZeroMQ drops them silently, and PUB gives no per-subscriber
+count) while every other subscriber and inference go on untouched. Records a subscriber lost show
+up on its side as gaps in ``seq``. Capture-side drops — frames a live source produced faster than
+inference could take them — are counted separately by the runner (``drops`` in its summary and
+status records). ``nodrop=True`` is there for the rare consumer that prefers the publisher to
+fail sends (counted in :attr:`ZmqPublisher.drops`) over losing records silently; it makes a
+stalled subscriber cost every subscriber, so it is off by default.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import IO, Any
 
 import zmq
 
-from rrise.records import DEFAULT_TOPIC, pack
+from rrise.records import DEFAULT_TOPIC, pack, status_topic
 
 __all__ = ["CallbackSink", "JsonlSink", "SinkError", "ZmqPublisher"]
 
@@ -51,6 +61,7 @@ class ZmqPublisher:
         nodrop: bool = False,
     ) -> None:
         self.topic = topic.encode() if isinstance(topic, str) else bytes(topic)
+        self.status_topic = status_topic(self.topic)
         self.drops = 0
         self.sent = 0
         self._subscriptions: dict[bytes, int] = {}
@@ -105,6 +116,14 @@ class ZmqPublisher:
             self.drops += 1
             return False
         self.sent += 1
+        return True
+
+    def send_status(self, status: dict[str, Any]) -> bool:
+        """Queue one status record on :attr:`status_topic` (``<topic>.status``), never blocking."""
+        try:
+            self._sock.send_multipart([self.status_topic, pack(status)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         return True
 
     def close(self) -> None:

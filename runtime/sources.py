@@ -3,16 +3,20 @@
 ``open_source(spec)`` gives a :class:`FrameSource`: iterate it for ``(frame_index, frame, stamp_ns)``
 with ``stamp_ns`` the capture time (Unix ns). A frame is ``None`` when one image of a folder cannot
 be read, so the caller emits an error record for it and goes on. Video files end cleanly at their
-last frame; live sources retry a failed read, reopen a few times, then end.
+last frame; live sources retry a failed read, then reconnect with exponential backoff (forever by
+default). :class:`PushSource` is the in-process source: a robot stack pushes frames into it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,6 +25,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FrameSource",
     "ImageFolderSource",
+    "PushSource",
     "SourceError",
     "VideoCaptureSource",
     "open_source",
@@ -39,6 +44,7 @@ IMAGE_EXTENSIONS = (
     ".pbm",
     ".pnm",
 )
+log = logging.getLogger("rrise.runtime")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 Frame = tuple[int, "np.ndarray | None", int]
@@ -53,9 +59,16 @@ class FrameSource:
 
     name: str = "source"
     is_live: bool = False
+    reconnects: int = 0
+    dropped: int = 0  # frames the source itself discarded (a full PushSource)
 
     def __init__(self) -> None:
         self._stop = threading.Event()
+
+    @property
+    def state(self) -> str:
+        """``"open"``, ``"reconnecting"`` (a live source that lost its device) or ``"ended"``."""
+        return "open"
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -111,7 +124,15 @@ class ImageFolderSource(FrameSource):
 
 
 class VideoCaptureSource(FrameSource):
-    """Anything ``cv2.VideoCapture`` opens: camera index, video file, URL or GStreamer pipeline."""
+    """Anything ``cv2.VideoCapture`` opens: camera index, video file, URL or GStreamer pipeline.
+
+    Files give every frame in order and end cleanly at the last one. Live sources (camera, device,
+    URL, pipeline) treat ``max_read_failures`` failed reads in a row as a lost device or stream:
+    they release it and reopen with exponential backoff (``backoff_s`` doubling up to
+    ``backoff_max_s``), forever unless ``max_reconnects`` is given; :attr:`state` is
+    ``"reconnecting"`` meanwhile and :attr:`reconnects` counts successful reopens.
+    ``capture_factory(target, api)`` makes the capture object (default ``cv2.VideoCapture``).
+    """
 
     def __init__(
         self,
@@ -120,16 +141,31 @@ class VideoCaptureSource(FrameSource):
         api: int = cv2.CAP_ANY,
         *,
         max_read_failures: int = 20,
-        reconnects: int = 3,
-        retry_sleep_s: float = 0.05,
+        max_reconnects: int | None = None,
+        retry_sleep_s: float = 0.01,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        capture_factory: Callable[[int | str, int], Any] | None = None,
     ) -> None:
         super().__init__()
         self.target, self.kind, self.api = target, kind, api
         self.name = f"camera:{target}" if kind == "camera" else str(target)
         self.is_live = kind != "file"
+        if max_read_failures < 1:
+            raise ValueError(f"max_read_failures must be >= 1, got {max_read_failures}")
+        if max_reconnects is not None and max_reconnects < 0:
+            raise ValueError(f"max_reconnects must be >= 0 or None, got {max_reconnects}")
+        if not 0 < backoff_s <= backoff_max_s:
+            raise ValueError(f"need 0 < backoff_s <= backoff_max_s, got {backoff_s}, {backoff_max_s}")
         self.max_read_failures = max_read_failures
-        self.reconnects = reconnects
+        self.max_reconnects = max_reconnects
         self.retry_sleep_s = retry_sleep_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.reconnects = 0
+        self.reconnect_attempts = 0
+        self._factory = capture_factory or _default_capture
+        self._state = "open"
         self._cap = self._open()
         self._first: np.ndarray | None = None
         if not self.is_live:
@@ -140,11 +176,20 @@ class VideoCaptureSource(FrameSource):
                 raise SourceError(f"video file {target} opened but no frame decodes from it")
             self._first = frame
 
-    def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(self.target, self.api)
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _open(self) -> Any:
+        try:
+            cap = self._factory(self.target, self.api)
+        except Exception as exc:  # OpenCV raises cv2.error on some backends
+            raise SourceError(f"{self._open_failure()}: {exc}") from None
         if not cap.isOpened():
             cap.release()
             raise SourceError(self._open_failure())
+        if self.kind in ("camera", "device"):
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # newest frame, not a driver-buffered old one
         return cap
 
     def _open_failure(self) -> str:
@@ -177,9 +222,12 @@ class VideoCaptureSource(FrameSource):
             frame, self._first = self._first, None
             yield index, frame, time.time_ns()
             index += 1
-        failures, reopened = 0, 0
+        failures = 0
         while not self._stop.is_set():
-            ok, frame = self._cap.read()
+            try:
+                ok, frame = self._cap.read()
+            except Exception:  # a backend error on a dying device reads as a failed read
+                ok, frame = False, None
             stamp = time.time_ns()
             if ok and frame is not None:
                 failures = 0
@@ -187,42 +235,138 @@ class VideoCaptureSource(FrameSource):
                 index += 1
                 continue
             if not self.is_live:
+                self._state = "ended"
                 return  # end of file
             failures += 1
             if failures < self.max_read_failures:
                 self._stop.wait(self.retry_sleep_s)
                 continue
-            if reopened >= self.reconnects:
+            if not self._reconnect():
+                self._state = "ended"
                 return
-            reopened += 1
             failures = 0
-            self._cap.release()
+
+    def _reconnect(self) -> bool:
+        """Release and reopen with exponential backoff; False when stopped or out of attempts."""
+        self._state = "reconnecting"
+        self._cap.release()
+        delay = self.backoff_s
+        attempts = 0
+        while not self._stop.is_set():
+            if self.max_reconnects is not None and attempts >= self.max_reconnects:
+                log.error("%s: gave up after %d reconnect attempt(s)", self.name, attempts)
+                return False
+            if self._stop.wait(delay):
+                return False
+            attempts += 1
+            self.reconnect_attempts += 1
             try:
                 self._cap = self._open()
-            except SourceError:
-                self._stop.wait(self.retry_sleep_s * self.max_read_failures)
+            except SourceError as exc:
+                log.warning("%s: reconnect attempt %d failed: %s", self.name, attempts, exc)
+                delay = min(delay * 2, self.backoff_max_s)
+                continue
+            self.reconnects += 1
+            self._state = "open"
+            log.warning("%s: reconnected after %d attempt(s)", self.name, attempts)
+            return True
+        return False
 
     def close(self) -> None:
         super().close()
         self._cap.release()
 
 
-def open_source(spec: str | int | Path) -> FrameSource:
+def _default_capture(target: int | str, api: int) -> Any:
+    if isinstance(target, str) and _URL.match(target):
+        # Bounded waits, so a dead stream is noticed and reconnected instead of hanging a read.
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
+        return cv2.VideoCapture(target, api, params)
+    return cv2.VideoCapture(target, api)
+
+
+class PushSource(FrameSource):
+    """The in-process source for robot stacks: another thread calls :meth:`push` with frames
+    (BGR/grey uint8 arrays, as a camera driver gives them) and ``run_stream`` certifies them.
+
+    Live by default (``run_stream`` keeps the newest frames and counts drops); ``live=False``
+    makes :meth:`push` wait for room instead, so every pushed frame is certified in order.
+    :meth:`end` finishes the stream after the frames already pushed.
+    """
+
+    def __init__(self, name: str = "push", *, live: bool = True, capacity: int = 64) -> None:
+        super().__init__()
+        self.name = name
+        self.is_live = live
+        self._items: deque[Frame | None] = deque()
+        self._cond = threading.Condition()
+        self._capacity = capacity
+        self._index = 0
+        self._ended = False
+
+    def push(self, frame: Any, stamp_ns: int | None = None) -> int:
+        """Hand one frame over (``stamp_ns``: its capture time, default now); returns its index.
+
+        A live source never blocks here: beyond ``capacity`` waiting frames the oldest is dropped.
+        """
+        stamp = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        with self._cond:
+            if self._ended:
+                raise RuntimeError(f"push source {self.name!r} has ended")
+            while not self.is_live and len(self._items) >= self._capacity and not self._stop.is_set():
+                self._cond.wait(0.1)
+            if self.is_live and len(self._items) >= self._capacity:
+                self._items.popleft()
+                self.dropped += 1
+            index = self._index
+            self._index += 1
+            self._items.append((index, frame, stamp))
+            self._cond.notify_all()
+        return index
+
+    def end(self) -> None:
+        """No more frames: the stream ends after those already pushed."""
+        with self._cond:
+            self._ended = True
+            self._items.append(None)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        super().stop()
+        with self._cond:
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            with self._cond:
+                while not self._items and not self._stop.is_set():
+                    self._cond.wait(0.1)
+                if self._stop.is_set():
+                    return
+                item = self._items.popleft()
+                self._cond.notify_all()
+            if item is None:
+                return
+            yield item
+
+
+def open_source(spec: str | int | Path, **options: Any) -> FrameSource:
     """Open ``spec``: ``"0"`` camera index, ``"a ! b"`` GStreamer pipeline, ``rtsp://``/``http(s)://``
-    URL, image folder, image file, or video file. Raises :class:`SourceError` if it cannot."""
+    URL, image folder, image file, or video file. Raises :class:`SourceError` if it cannot.
+    ``options`` go to :class:`VideoCaptureSource` (reconnect and backoff settings)."""
     if isinstance(spec, (int, np.integer)):
-        return VideoCaptureSource(int(spec), "camera")
+        return VideoCaptureSource(int(spec), "camera", **options)
     text = str(spec).strip()
     if not text:
         raise SourceError("empty source: give a camera index, video file, URL, pipeline or folder")
     if text.isdigit():
-        return VideoCaptureSource(int(text), "camera")
+        return VideoCaptureSource(int(text), "camera", **options)
     if "!" in text and not Path(text).exists():
-        return VideoCaptureSource(text, "gstreamer", cv2.CAP_GSTREAMER)
+        return VideoCaptureSource(text, "gstreamer", cv2.CAP_GSTREAMER, **options)
     if text.lower().startswith("file://"):
         text = text[len("file://") :]
     elif _URL.match(text):
-        return VideoCaptureSource(text, "url", cv2.CAP_FFMPEG)
+        return VideoCaptureSource(text, "url", cv2.CAP_FFMPEG, **options)
     path = Path(text)
     if path.is_dir():
         return ImageFolderSource(path)
@@ -234,4 +378,4 @@ def open_source(spec: str | int | Path) -> FrameSource:
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageFolderSource(path, files=[path])
     # Video files, and device nodes such as /dev/video0 (live).
-    return VideoCaptureSource(text, "file" if path.is_file() else "device")
+    return VideoCaptureSource(text, "file" if path.is_file() else "device", **options)

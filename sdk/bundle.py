@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -100,6 +101,21 @@ def _unsafe_name(name: object) -> bool:
     return name.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]
 
 
+def _quantile_problems(i: int, v: dict[str, Any]) -> list[str]:
+    """A variant's quantile is a finite number, or null for a variant that says why it
+    ``needs_recalibration`` (it could not be run where it was made)."""
+    if "quantile" not in v:
+        return []
+    q = v["quantile"]
+    if q is None:
+        if not v.get("needs_recalibration"):
+            return [f"variants[{i}].quantile is null but the variant does not say why (needs_recalibration)"]
+        return []
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
+        return [f"variants[{i}].quantile must be a finite number, got {q!r}"]
+    return []
+
+
 @dataclass
 class Bundle:
     """A verified bundle. Load with :meth:`Bundle.load`."""
@@ -168,6 +184,7 @@ class Bundle:
                     for s in ("precision", "backend", "file", "quantile")
                     if s not in v
                 ]
+                problems += _quantile_problems(i, v)
         if not isinstance(m["files"], dict):
             problems.append("'files' must be an object of file name -> sha256")
         else:
@@ -250,5 +267,9 @@ class Bundle:
             score=str(c["score"]),
         )
         if variant is not None:
+            if variant.get("quantile") is None:
+                name = f"{variant.get('precision')}/{variant.get('backend')} ({variant.get('file')})"
+                why = variant.get("needs_recalibration") or "not calibrated"
+                raise BundleError(f"variant {name} of bundle {self.path} has no quantile: {why}")
             cal = cal.with_quantile(float(variant["quantile"]))
         return cal

@@ -31,6 +31,12 @@ class DatasetName(str, Enum):
     digits = "digits"
 
 
+class DropPolicy(str, Enum):
+    auto = "auto"
+    latest = "latest"
+    block = "block"
+
+
 class BackendName(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -115,13 +121,51 @@ def _stage_command(stage: str, example: str):
 
 for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
-    ("targets", "rrise targets --workdir runs/fmnist"),
     ("train-surrogate", "rrise train-surrogate --workdir runs/fmnist"),
     ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
     ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:
     app.command(_name)(_stage_command(_name, _example))
+
+
+@app.command("targets")
+def targets(
+    workdir: WorkdirOpt,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    sigma: SigmaOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue a partial count store if its metadata (base-model hash, σ, N, seed, dataset, "
+            "split) matches, refusing and naming the field if not (default); --no-resume starts over.",
+        ),
+    ] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Monte Carlo class counts of the base model: the surrogate's training targets.
+
+    Writes sharded count stores (targets/train/, targets/selection/), each shard atomically; an
+    interrupted run resumes where it stopped. Multi-GPU or multi-node: launch it with torchrun, e.g.
+    `torchrun --nproc-per-node 4 -m rrise targets --workdir runs/fmnist` (each rank samples its shards).
+
+    Example: `rrise targets --workdir runs/fmnist --resume`
+    """
+    from rrise.calibrate.pipeline import run_targets
+    from rrise.calibrate.store import StoreMismatchError
+
+    w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+    try:
+        paths = run_targets(w, force=force, resume=resume)
+    except StoreMismatchError as exc:
+        raise _fail(str(exc)) from None
+    for path in paths:
+        typer.echo(str(path))
 
 
 class ScoreName(str, Enum):
@@ -142,6 +186,12 @@ def calibrate(
         ),
     ] = None,
     score: Annotated[ScoreName, typer.Option(help="Score transform T.")] = ScoreName.probit,
+    bins: Annotated[
+        int,
+        typer.Option(
+            help="Mondrian quantiles over up to this many confidence bins (edges from the selection split)."
+        ),
+    ] = 1,
     dataset: DatasetOpt = None,
     profile: ProfileOpt = None,
     sigma: SigmaOpt = None,
@@ -163,6 +213,8 @@ def calibrate(
     options = {k: v for k, v in {"alpha": alpha, "beta": beta, "delta": delta}.items() if v is not None}
     if score is not ScoreName.probit:
         options["score"] = score.value
+    if bins > 1:
+        options["bins"] = bins
     try:
         paths = run_stage(w, "calibrate", force=force, **options)
     except ValueError as exc:
@@ -228,6 +280,12 @@ def inspect(
         raise typer.Exit(1)
 
 
+class PrecisionName(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Option(help="Bundle folder (made by `rrise demo` or `rrise-export`).")],
@@ -245,13 +303,44 @@ def run(
     wait_subscribers: Annotated[
         int, typer.Option(help="Wait for this many subscribers before the first frame.")
     ] = 0,
+    batch: Annotated[
+        int, typer.Option(min=1, help="Certify up to this many queued frames per backend call.")
+    ] = 1,
+    drop_policy: Annotated[
+        DropPolicy,
+        typer.Option(
+            help="latest: keep the newest frames, count drops (live default); block: every frame "
+            "in order (file default); auto: by source."
+        ),
+    ] = DropPolicy.auto,
+    queue_size: Annotated[
+        int | None, typer.Option(min=1, help="Frames the capture queue holds (default by policy).")
+    ] = None,
+    status_interval: Annotated[
+        float,
+        typer.Option(min=0.0, help="Seconds between status records on TOPIC.status (0: none)."),
+    ] = 1.0,
+    no_monitor: Annotated[
+        bool, typer.Option("--no-monitor", help="Turn the distribution-shift alarm off.")
+    ] = False,
+    precision: Annotated[
+        PrecisionName | None,
+        typer.Option(
+            help="Run the bundle's variant of this precision (certified with that variant's own quantile); "
+            "default: an engine for this GPU if any, else fp32."
+        ),
+    ] = None,
 ) -> None:
     """Certify every frame of a stream and publish one record per frame.
+
+    Capture runs in its own thread; live sources keep the newest frames and count drops, files
+    give every frame in order. SIGINT/SIGTERM flush every output and exit 0.
 
     Example: `rrise run --bundle runs/demo/bundle --source runs/demo/demo_video.avi --jsonl -`
     """
     from rrise.bundle import BundleError
     from rrise.runtime import run_stream
+    from rrise.runtime.sinks import SinkError
     from rrise.runtime.sources import SourceError
 
     try:
@@ -263,10 +352,18 @@ def run(
             backend=backend.value,
             max_frames=max_frames,
             wait_subscribers=wait_subscribers,
+            batch=batch,
+            drop_policy=drop_policy.value,
+            queue_size=queue_size,
+            status_interval_s=status_interval,
+            monitor=not no_monitor,
+            precision=None if precision is None else precision.value,
         )
-    except (BundleError, SourceError, RuntimeError) as exc:
+    except (BundleError, SourceError, SinkError, RuntimeError, ValueError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(json.dumps({"summary": summary}), err=True)
+    if summary.get("source_error"):
+        raise _fail(f"the source failed: {summary['source_error']}")
 
 
 @app.command()
@@ -277,22 +374,35 @@ def subscribe(
         float | None, typer.Option(help="Exit after this many seconds without a record.")
     ] = None,
     topic: Annotated[str, typer.Option(help="Topic to subscribe to.")] = "rrise",
+    status: Annotated[
+        bool, typer.Option("--status", help="Print the runtime's status records too (kind=status).")
+    ] = False,
 ) -> None:
     """Print records from a running `rrise run --publish` as JSON lines.
+
+    Reconnects by itself when the publisher restarts; skips and counts malformed messages and
+    records of another schema version.
 
     Example: `rrise subscribe tcp://127.0.0.1:5555 --count 10`
     """
     from .subscriber import subscribe as subscribe_records
 
     stats: dict[str, int] = {}
-    records = subscribe_records(endpoint, topic=topic, timeout_s=timeout, stats=stats)
-    for n, record in enumerate(records, start=1):
-        sys.stdout.write(json.dumps(record) + "\n")
-        sys.stdout.flush()
-        if count is not None and n >= count:
-            break
+    records = subscribe_records(endpoint, topic=topic, timeout_s=timeout, stats=stats, status=status)
+    try:
+        for n, record in enumerate(records, start=1):
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+            if count is not None and n >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        records.close()
     if stats.get("malformed"):
         typer.echo(f"skipped {stats['malformed']} malformed message(s)", err=True)
+    if stats.get("missed"):
+        typer.echo(f"missed {stats['missed']} record(s) (gaps in seq)", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

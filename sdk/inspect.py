@@ -103,12 +103,15 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
             "Variants",
         ]
         for v in summary["variants"]:
-            extra = ", ".join(f"{k} {v[k]}" for k in ("trt_version", "compute_capability") if k in v)
-            name = f"{v.get('precision')}/{v.get('backend')}"
-            lines.append(
-                f"  {name}  {v.get('file')}  quantile = {_num(v.get('quantile'))}"
-                + (f"  ({extra})" if extra else "")
+            extra = ", ".join(
+                f"{k} {v[k]}" for k in ("calibrated_with", "trt_version", "compute_capability") if k in v
             )
+            name = f"{v.get('precision')}/{v.get('backend')}"
+            q = v.get("quantile")
+            shown = f"quantile = {_num(q)}" if q is not None else "NO quantile (the runtime refuses it)"
+            lines.append(f"  {name}  {v.get('file')}  {shown}" + (f"  ({extra})" if extra else ""))
+            if q is None:
+                lines.append(_wrap(f"needs recalibration: {v.get('needs_recalibration')}", "    "))
         lines.append(f"Base model   {summary['base_model']} (for audits)")
         parity = (summary.get("export") or {}).get("parity_max_abs_diff")
         if parity is not None:

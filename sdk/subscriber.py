@@ -1,9 +1,12 @@
 """Subscriber client: ``rrise.subscribe(endpoint)`` yields validated records from a runtime.
 
 pyzmq is imported when a subscription is opened, so ``import rrise`` does not need it. The SUB
-socket connects (ZeroMQ reconnects by itself if the publisher restarts), and every message is
-checked: anything that is not a ``[topic, msgpack record]`` of a known schema version is skipped
-and counted, never yielded.
+socket connects (ZeroMQ reconnects by itself, with backoff, if the publisher restarts or the link
+drops), and every message is checked: anything that is not a ``[topic, msgpack record]`` of a known
+schema version is skipped and counted, never yielded. Status records (topic ``<topic>.status``)
+are yielded only with ``status=True``; otherwise they are counted and skipped. Records the
+publisher dropped for this subscriber (it fell ``hwm`` behind) show as gaps in ``seq`` and are
+counted in ``stats["missed"]``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from typing import Any
 
 import msgpack
 
-from .records import DEFAULT_TOPIC, RECORD_VERSION, RecordError, unpack
+from .records import (
+    DEFAULT_TOPIC,
+    RECORD_VERSION,
+    STATUS_SUFFIX,
+    RecordError,
+    status_topic,
+    unpack,
+    unpack_status,
+)
 
 __all__ = ["Subscription", "subscribe"]
 
@@ -26,8 +37,10 @@ _POLL_MS = 200  # poll in slices so Ctrl-C and close() are noticed promptly
 
 class Subscription:
     """An open SUB socket; iterate it for records. ``stats`` counts ``received`` (records yielded),
-    ``malformed`` (messages skipped, for any reason) and ``unsupported_version`` (those among the
-    malformed that carried another schema version). Use as a context manager or call ``close()``."""
+    ``malformed`` (messages skipped, for any reason), ``unsupported_version`` (those among the
+    malformed that carried another schema version), ``status`` (status records seen) and
+    ``missed`` (frame records lost on the way, from gaps in ``seq``). Use as a context manager or
+    call ``close()``."""
 
     def __init__(
         self,
@@ -36,6 +49,7 @@ class Subscription:
         *,
         timeout_s: float | None = None,
         stats: dict[str, int] | None = None,
+        status: bool = False,
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
         rcvhwm: int = 10_000,
@@ -47,9 +61,12 @@ class Subscription:
         self._zmq = zmq
         self.endpoint = endpoint
         self.topic = topic.encode() if isinstance(topic, str) else bytes(topic)
+        self.status_topic = status_topic(self.topic)
+        self.want_status = bool(status)
         self.timeout_s = timeout_s
         self.stats = stats if stats is not None else {}
-        for key in ("received", "malformed", "unsupported_version"):
+        self._last_seq: dict[tuple[str, str], int] = {}
+        for key in ("received", "malformed", "unsupported_version", "status", "missed"):
             self.stats.setdefault(key, 0)
         self._sock = zmq.Context.instance().socket(zmq.SUB)
         try:
@@ -93,11 +110,19 @@ class Subscription:
                 return record
 
     def _parse(self, parts: list[bytes]) -> dict[str, Any] | None:
+        if len(parts) == 2 and parts[0].startswith(self.topic) and parts[0].endswith(STATUS_SUFFIX):
+            try:
+                status = unpack_status(parts[1])
+            except RecordError:
+                self.stats["malformed"] += 1
+                return None
+            self.stats["status"] += 1
+            return status if self.want_status else None
         if len(parts) != 2 or not parts[0].startswith(self.topic):
             self.stats["malformed"] += 1
             return None
         try:
-            return unpack(parts[1])
+            record = unpack(parts[1])
         except RecordError as exc:
             self.stats["malformed"] += 1
             if _other_version(parts[1]):
@@ -111,6 +136,18 @@ class Subscription:
                         RECORD_VERSION,
                     )
             return None
+        self._count_gap(record)
+        return record
+
+    def _count_gap(self, record: dict[str, Any]) -> None:
+        seq = record.get("seq")
+        if not isinstance(seq, int):
+            return
+        key = (str(record.get("source")), str(record.get("bundle")))
+        last = self._last_seq.get(key)
+        if last is not None and seq > last + 1:
+            self.stats["missed"] += seq - last - 1
+        self._last_seq[key] = seq  # a lower seq: the publisher restarted, count afresh
 
     def close(self) -> None:
         if not self._closed:
@@ -144,17 +181,20 @@ def subscribe(
     *,
     timeout_s: float | None = None,
     stats: dict[str, int] | None = None,
+    status: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Connect to ``endpoint`` and yield validated records published on ``topic``.
 
     Malformed messages and records of another schema version are skipped and counted in ``stats``
-    (``stats["malformed"]``; ``stats["unsupported_version"]`` for the latter). Iteration stops when
-    ``timeout_s`` passes without any message (``None``: never). The socket is connected when this
-    returns, so a publisher can wait for it before sending.
+    (``stats["malformed"]``; ``stats["unsupported_version"]`` for the latter). With
+    ``status=True`` the runtime's periodic status records (``kind == "status"``) are yielded too.
+    ZeroMQ reconnects by itself when the publisher restarts. Iteration stops when ``timeout_s``
+    passes without any message (``None``: never). The socket is connected when this returns, so a
+    publisher can wait for it before sending.
 
     Example::
 
         for record in rrise.subscribe("tcp://127.0.0.1:5555", timeout_s=10):
             print(record["pred"], record["radius"])
     """
-    return Subscription(endpoint, topic, timeout_s=timeout_s, stats=stats)
+    return Subscription(endpoint, topic, timeout_s=timeout_s, stats=stats, status=status)

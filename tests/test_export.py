@@ -539,13 +539,33 @@ def test_cli_exports_a_bundle_end_to_end(cli_inputs, tmp_path):
     assert b2.labels == ["x", "y", "z"] and b2.manifest["calibration"]["dataset"] == "other"
 
 
-def test_cli_help_has_an_example_and_only_fp32_precision(cli_inputs, tmp_path):
+def test_cli_help_has_an_example_and_precision_choices(cli_inputs, tmp_path):
     help_text = CliRunner().invoke(app, ["--help"]).output
     assert "Example" in help_text and "rrise-export --surrogate" in help_text
-    result = CliRunner().invoke(
-        app, [*cli_inputs["args"], "--out", str(tmp_path / "b"), "--precision", "int8"]
-    )
-    assert result.exit_code == 2 and not (tmp_path / "b").exists()
+    assert "fp32|int8|fp16" in help_text
+    for bad in (
+        ["--precision", "int4"],
+        ["--precision", "int8"],
+        ["--quant-data", str(cli_inputs["args"][5])],
+    ):
+        result = CliRunner().invoke(app, [*cli_inputs["args"], "--out", str(tmp_path / "b"), *bad])
+        assert result.exit_code == 2, bad
+        assert not (tmp_path / "b").exists()
+
+
+def test_cli_builds_a_bundle_with_an_fp16_variant(cli_inputs, tmp_path):
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, [*cli_inputs["args"], "--out", str(out), "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    b = Bundle.load(out)
+    assert [(v["precision"], v["backend"]) for v in b.manifest["variants"]] == [
+        ("fp32", "onnxruntime"),
+        ("fp16", "onnxruntime"),
+    ]
+    v = b.variant("fp16")
+    with np.load(cli_inputs["dir"] / "calibration.npz") as z:
+        want = quantile_from_scratch(softmax(onnx_logits(b.file(v["file"]), z["images"])), z["counts"])
+    assert v["quantile"] == pytest.approx(want, abs=1e-12) and v["calibrated_with"] == "onnxruntime-cpu"
 
 
 def test_cli_engine_without_tensorrt_exits_1_with_the_hint(cli_inputs, tmp_path, monkeypatch):

@@ -213,3 +213,45 @@ def test_shape_and_width_errors(linear, onnx_path):
         mc.sample_counts(model, x, 0, SIGMA, seed=0)
     with pytest.raises(TypeError):
         mc.sample_counts(object(), x, 10, SIGMA, seed=0)
+
+
+def test_cpu_backends_draw_the_same_noise(linear, onnx_path):
+    model, _, _, x = linear
+    torch_counts = mc.sample_counts(model, x, 3000, SIGMA, batch_size=700, seed=9, backend="torch")
+    ort_counts = mc.sample_counts(onnx_path, x, 3000, SIGMA, batch_size=300, seed=9)
+    exported = mc.sample_counts(model, x, 3000, SIGMA, seed=9, backend="onnxruntime")
+    np.testing.assert_array_equal(torch_counts, ort_counts)
+    np.testing.assert_array_equal(exported, ort_counts)
+
+
+def test_auto_keeps_the_faster_backend_and_names_it(linear, monkeypatch):
+    model, _, _, x = linear
+    speeds = {"torch": 2e-6, "onnxruntime": 1e-6}
+    monkeypatch.setattr(mc, "_seconds_per_draw", lambda be, *a, **k: speeds[be.name])
+    fast = mc.prepare_model(model, "auto", sample=x)
+    assert fast.backend == "onnxruntime" and fast.label == "onnxruntime (auto: 2.0x torch)"
+    speeds["torch"] = 1e-7
+    slow = mc.prepare_model(model, "auto", sample=x)
+    assert slow.backend == "torch" and slow.target is model and slow.label.startswith("torch:cpu (auto")
+    ref = mc.sample_counts(model, x, 300, SIGMA, seed=2, backend="torch")
+    np.testing.assert_array_equal(mc.sample_counts(fast, x, 300, SIGMA, seed=2), ref)
+    # small jobs skip the probe (its cost would exceed the gain) and stay on torch
+    monkeypatch.setattr(mc, "_seconds_per_draw", lambda *a, **k: pytest.fail("probed a small job"))
+    mc.sample_counts(model, x, 10, SIGMA, seed=0)
+
+
+def test_backend_options_are_checked(linear, onnx_path):
+    model, _, _, x = linear
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mc.sample_counts(model, x, 10, SIGMA, seed=0, backend="tensorflow")
+    with pytest.raises(ValueError, match="needs a torch nn.Module"):
+        mc.sample_counts(onnx_path, x, 10, SIGMA, seed=0, backend="torch")
+    with pytest.raises(ValueError, match="autocast"):
+        mc.sample_counts(model, x, 10, SIGMA, seed=0, backend="torch", autocast="int4")
+    bad = x.copy()
+    bad[4, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="index 4"):  # before any export or probe
+        mc.sample_counts(model, bad, 10, SIGMA, seed=0, backend="onnxruntime")
+    # channels_last (meant for GPUs) gives the same votes on the CPU
+    cl = mc.sample_counts(model, x, 500, SIGMA, seed=1, backend="torch", channels_last=True)
+    np.testing.assert_array_equal(cl, mc.sample_counts(model, x, 500, SIGMA, seed=1, backend="torch"))

@@ -386,14 +386,18 @@ class EndlessSource(FrameSource):
         while not self._stop.is_set() and i < 10_000:
             yield i, frame, time.time_ns()
             i += 1
+            self._stop.wait(0.002)  # a 500 frames/s camera
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_the_stream_cleanly(tmp_path: Path, bundle_dir: Path, sig: int) -> None:
     before = signal.getsignal(sig)
 
+    seen: list[int] = []
+
     def on_record(record: dict) -> None:
-        if record["frame"] == 4:
+        seen.append(record["frame"])
+        if len(seen) == 5:
             os.kill(os.getpid(), sig)
 
     summary = run_stream(bundle_dir, EndlessSource(), jsonl=str(tmp_path / "r.jsonl"), callback=on_record)

@@ -133,7 +133,13 @@ def test_malformed_messages_and_other_versions_are_skipped_and_counted() -> None
     finally:
         pub.close()
     assert [r["seq"] for r in sub.records] == [4, 5]
-    assert sub.stats == {"received": 2, "malformed": 6, "unsupported_version": 1}
+    assert sub.stats == {
+        "received": 2,
+        "malformed": 6,
+        "unsupported_version": 1,
+        "status": 0,
+        "missed": 0,
+    }
 
 
 def test_subscribe_stops_after_timeout_without_messages() -> None:

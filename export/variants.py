@@ -1,0 +1,364 @@
+"""Precision variants of a bundle's surrogate (int8, fp16), each with its own conformal quantile.
+
+A conformal quantile holds only for the numerics it was computed with (DESIGN §2, "Precision
+variants"), so every variant made here is run on the bundle's calibration images with onnxruntime on
+the CPU — the exact file and execution provider the runtime will use for it — and its q̂ is
+recomputed from those outputs against the full MC count vectors in ``calibration.npz``
+(:func:`rrise.export.bundler.add_variant`). The variant entry says so: ``"calibrated_with":
+"onnxruntime-cpu"``; the runtime pins such a variant to onnxruntime's CPU execution provider.
+
+- ``int8``: onnxruntime static quantization, QDQ format, int8 weights (per output channel) and int8
+  activations, with activation ranges (MinMax) taken from ``quant_images``. Those images are a
+  choice made from data, so by DESIGN §2 they must come from a selection split (e.g. the
+  surrogate's training or selection inputs), never from the conformal calibration split:
+  :func:`check_disjoint` refuses any image that is also a calibration image.
+- ``fp16``: a strongly typed FP16 ONNX — every weight and every intermediate tensor is float16; the
+  graph input and output stay float32 with one Cast after the input and one before the output, so
+  the runtime, the manifest's ``model.input`` and the preprocessing are the same for every variant.
+  That file is what ``rrise-export --engine tensorrt --precision fp16`` builds a TensorRT 10/11
+  engine from (strongly typed networks take their precision from the ONNX's own types). Its
+  onnxruntime-CPU quantile is not the engine's: the engine gets its own on the device. If
+  onnxruntime's CPU provider cannot run the file, the variant is recorded with ``"quantile": null``
+  and ``needs_recalibration`` instead of an invented quantile, and the runtime refuses to run it.
+
+Only onnx and onnxruntime are needed (no torch): a variant can be added on the device itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rrise.bundle import Bundle, BundleError
+
+from .bundler import CALIBRATION_FILE, add_variant, softmax
+from .onnx_export import INPUT_NAME, atomic_write_bytes, onnx_logits
+
+__all__ = [
+    "CALIBRATED_WITH_ORT_CPU",
+    "PRECISIONS",
+    "add_precision_variant",
+    "check_disjoint",
+    "convert_fp16",
+    "float32_intermediates",
+    "load_quant_data",
+    "quantize_int8",
+    "variant_file_name",
+]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATED_WITH_ORT_CPU = "onnxruntime-cpu"
+DEFAULT_QUANT_SAMPLES = 1000
+
+
+def variant_file_name(precision: str, backend: str = "onnxruntime") -> str:
+    """The bundle file name of a variant: ``surrogate.int8.onnx``, ``surrogate.fp16.engine``, ..."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "onnxruntime":
+        return "surrogate.onnx" if precision == "fp32" else f"surrogate.{precision}.onnx"
+    if backend == "tensorrt":
+        return f"surrogate.{precision}.engine"
+    raise ValueError(f"backend must be 'onnxruntime' or 'tensorrt', got {backend!r}")
+
+
+# --- data for int8 ranges ---------------------------------------------------------------------------
+def _row_digests(images: np.ndarray) -> set[bytes]:
+    flat = np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1)
+    return {hashlib.sha256(row.tobytes()).digest() for row in flat}
+
+
+def check_disjoint(quant_images: np.ndarray, calibration_images: np.ndarray) -> None:
+    """Raise ValueError if any quantization image is (bit for bit) a calibration image.
+
+    Why: the int8 activation ranges are chosen from these images; a choice made from the conformal
+    calibration split breaks the exchangeability the quantile's guarantee rests on (DESIGN §2).
+    """
+    cal = _row_digests(calibration_images)
+    flat = np.ascontiguousarray(quant_images, dtype=np.float32).reshape(len(quant_images), -1)
+    shared = [i for i, row in enumerate(flat) if hashlib.sha256(row.tobytes()).digest() in cal]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of the {len(quant_images)} quantization images (first: row {shared[0]}) are "
+            "calibration images; int8 ranges must come from a selection split (e.g. the surrogate's "
+            "training or selection inputs), never from the conformal calibration split, or the "
+            "quantile's guarantee is void"
+        )
+
+
+def load_quant_data(
+    path: str | os.PathLike,
+    input_shape: tuple[int, ...],
+    *,
+    max_images: int = DEFAULT_QUANT_SAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """``images`` float32 [n, C, H, W] in [0, 1] from the .npz at ``path`` (at most ``max_images``,
+    drawn without replacement with ``seed``). Raises ValueError naming what is wrong."""
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"quantization data {path} is not a readable .npz file: {exc}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"quantization data {path} is a single .npy array, not an .npz with `images`")
+    with z:
+        if "images" not in z.files:
+            raise ValueError(f"quantization data {path} has no `images` array (has {', '.join(z.files)})")
+        images = z["images"]
+    want = tuple(int(d) for d in input_shape)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want or len(images) == 0:
+        raise ValueError(
+            f"quantization data {path}: `images` must be [n, {', '.join(map(str, want))}] with n >= 1, "
+            f"got {list(images.shape)}"
+        )
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"quantization data {path}: `images` must be float pixels in [0, 1], got {images.dtype}"
+        )
+    images = images.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
+        raise ValueError(f"quantization data {path}: `images` must be pixels in [0, 1] (what the model sees)")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    if len(images) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+        images = images[keep]
+    return np.ascontiguousarray(images)
+
+
+# --- int8 -----------------------------------------------------------------------------------------
+def quantize_int8(
+    onnx_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    quant_images: np.ndarray,
+    *,
+    per_channel: bool = True,
+    batch_size: int = 64,
+) -> Path:
+    """Statically quantize ``onnx_path`` to int8 (QDQ) and write it atomically to ``out_path``.
+
+    Activation ranges (MinMax) come from ``quant_images`` [n, C, H, W]; weights are int8 per output
+    channel when ``per_channel``. The graph is first preprocessed with onnxruntime's
+    ``quant_pre_process`` (shape inference and graph optimization). The output keeps the float32
+    input ``input`` and output ``logits`` and the dynamic batch axis.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    x = np.ascontiguousarray(quant_images, dtype=np.float32)
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"quant_images must be [n, C, H, W] with n >= 1, got {x.shape}")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = (
+                {INPUT_NAME: x[i : i + batch_size]} for i in range(0, len(x), batch_size)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    out_path = Path(out_path)
+    work = Path(
+        tempfile.mkdtemp(prefix=".tmp.int8.", dir=out_path.parent if out_path.parent.exists() else None)
+    )
+    try:
+        pre = work / "pre.onnx"
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        q = work / "int8.onnx"
+        quantize_static(
+            str(pre),
+            str(q),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+        data = q.read_bytes()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return atomic_write_bytes(out_path, data)
+
+
+# --- fp16 -----------------------------------------------------------------------------------------
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (the fp16
+    converter appends the input Cast at the end, which onnx.checker rejects)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            names = ", ".join(n.name or n.op_type for n in pending[:3])
+            raise ValueError(f"the fp16 graph has a cycle or a dangling input near {names}")
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def float32_intermediates(model) -> list[str]:
+    """Names of float32 tensors of an ONNX model other than its graph inputs and outputs (weights
+    included): empty for a strongly typed FP16 model with float32 I/O."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    io = {t.name for t in [*inferred.graph.input, *inferred.graph.output]}
+    f32 = onnx.TensorProto.FLOAT
+    names = [t.name for t in inferred.graph.initializer if t.data_type == f32]
+    names += [
+        v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == f32 and v.name not in io
+    ]
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.t.data_type == f32:
+                    names.append(node.output[0])
+    return names
+
+
+def convert_fp16(onnx_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Convert ``onnx_path`` to a strongly typed FP16 ONNX at ``out_path`` (written atomically).
+
+    Guarantees: every weight and intermediate tensor is float16 (checked with ONNX shape inference;
+    ValueError otherwise); the graph input and output stay float32 (one Cast each), so the I/O
+    contract of the fp32 model is unchanged; the file passes ``onnx.checker``.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(onnx_path))
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(half.graph)
+    onnx.checker.check_model(half, full_check=True)
+    left = float32_intermediates(half)
+    if left:
+        raise ValueError(
+            f"the fp16 conversion of {onnx_path} left float32 tensors ({', '.join(left[:5])}); "
+            "it would not be a strongly typed FP16 model"
+        )
+    return atomic_write_bytes(out_path, half.SerializeToString())
+
+
+# --- adding a variant to a bundle ----------------------------------------------------------------
+def _cpu_probs(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+    """The variant's probabilities on the calibration images, on onnxruntime's CPU provider (what
+    :class:`rrise.runtime.backends.OnnxRuntimeBackend` runs for a ``onnxruntime-cpu`` variant)."""
+    return softmax(onnx_logits(onnx_path, images))
+
+
+def add_precision_variant(
+    bundle_dir: str | os.PathLike,
+    precision: str,
+    *,
+    quant_images: np.ndarray | None = None,
+    quant_source: str | None = None,
+    per_channel: bool = True,
+) -> Bundle:
+    """Add (or replace) the ``int8`` or ``fp16`` onnxruntime variant of the bundle at ``bundle_dir``.
+
+    The variant is made from the bundle's fp32 ``surrogate.onnx``, run on ``calibration.npz``'s images
+    with onnxruntime on the CPU, and given the quantile computed from exactly those outputs (its own
+    argmax class per input, scored against that class's MC count). Guarantee: certificates made with
+    this variant's quantile, from this file run on onnxruntime's CPU provider, carry the bundle's
+    1 − α − β guarantee. The manifest is rewritten atomically (readers see the old bundle or the new).
+
+    ``int8`` needs ``quant_images`` from a selection split (refused if any is a calibration image);
+    ``quant_source`` (e.g. the file name) is recorded. Raises ValueError / BundleError naming the
+    problem.
+    """
+    if precision not in ("int8", "fp16"):
+        raise ValueError(f"precision variants made here are 'int8' and 'fp16', got {precision!r}")
+    bundle = Bundle.load(bundle_dir)
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
+    with np.load(bundle.file(CALIBRATION_FILE), allow_pickle=False) as z:
+        cal_images = z["images"]
+    fp32_file = bundle.file(bundle.manifest["model"]["file"])
+    extra: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix=".rrise-variant-") as work:
+        out = Path(work) / variant_file_name(precision)
+        if precision == "int8":
+            if quant_images is None:
+                raise ValueError(
+                    "an int8 variant needs quantization data from a selection split (--quant-data); "
+                    "the calibration inputs may not be used"
+                )
+            input_shape = tuple(bundle.manifest["model"]["input"]["shape"][1:])
+            if tuple(np.shape(quant_images)[1:]) != input_shape:
+                raise ValueError(
+                    f"quantization images are {list(np.shape(quant_images))}, the model takes "
+                    f"[n, {', '.join(map(str, input_shape))}]"
+                )
+            check_disjoint(quant_images, cal_images)
+            quantize_int8(fp32_file, out, quant_images, per_channel=per_channel)
+            extra["quantization"] = {
+                "method": "onnxruntime.quantize_static",
+                "format": "QDQ",
+                "weights": "int8, per channel" if per_channel else "int8, per tensor",
+                "activations": "int8",
+                "calibrate_method": "MinMax",
+                "n_images": len(quant_images),
+                "data": quant_source or "selection split",
+            }
+        else:
+            convert_fp16(fp32_file, out)
+            extra["numerics"] = (
+                "strongly typed fp16: float16 weights and tensors, float32 graph input and output"
+            )
+        try:
+            probs = _cpu_probs(out, cal_images)
+        except Exception as exc:  # onnxruntime raises its own types when it has no kernel
+            if precision != "fp16":
+                raise
+            return add_variant(
+                bundle.path,
+                out,
+                precision=precision,
+                backend="onnxruntime",
+                probs=None,
+                name=variant_file_name(precision),
+                needs_recalibration=(
+                    f"onnxruntime's CPU provider cannot run this fp16 model ({str(exc)[:200]}); build a "
+                    "TensorRT engine from it on the device (rrise-export --engine tensorrt --precision "
+                    "fp16 --bundle ...), which gets its own quantile"
+                ),
+                **extra,
+            )
+        fp32_probs = _cpu_probs(fp32_file, cal_images)
+        extra["calibrated_with"] = CALIBRATED_WITH_ORT_CPU
+        extra["agreement_with_fp32"] = float(np.mean(probs.argmax(1) == fp32_probs.argmax(1)))
+        extra["max_abs_diff_probs_vs_fp32"] = float(np.max(np.abs(probs - fp32_probs)))
+        bundle = add_variant(
+            bundle.path,
+            out,
+            precision=precision,
+            backend="onnxruntime",
+            probs=probs,
+            name=variant_file_name(precision),
+            **extra,
+        )
+    q = bundle.variant(precision, "onnxruntime")["quantile"]
+    if not math.isfinite(q):  # add_variant refuses this already; keep the promise explicit
+        raise ValueError(f"the {precision} variant's quantile is {q}")
+    return bundle
