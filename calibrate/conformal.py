@@ -1,4 +1,4 @@
-"""Split-conformal calibration of the surrogate's radii (DESIGN §2).
+"""Split-conformal calibration of the surrogate's radii (docs/CERTIFICATE.md).
 
 For calibration inputs ``x_1..x_m``: ``Â_i = argmax s(x_i)``, ``ŝ_i = s(x_i)[Â_i]``, and from fresh MC
 with ``N_cal`` draws the Clopper–Pearson lower bound ``p̲_i`` on ``p_{Â_i}(x_i)`` at level β. The score

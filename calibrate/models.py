@@ -2,8 +2,8 @@
 
 Every model takes float32 NCHW pixels in [0, 1] at the model's resolution and returns logits. The
 mean/std normalization is the model's first layer, so σ, radii and the exported ONNX all live in
-[0, 1]-pixel units (DESIGN §2). Only Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten and Linear are used,
-which export to plain ONNX operators.
+[0, 1]-pixel units (docs/CERTIFICATE.md). Only Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten and
+Linear are used, which export to plain ONNX operators.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Named sizes for the pipeline: ``full`` follows DESIGN §2's defaults, ``quick`` fits a laptop CPU.
+"""Named sizes for the pipeline: ``full`` follows docs/CERTIFICATE.md's defaults, ``quick`` fits a laptop CPU.
 
 Every report made with a profile other than ``full`` says so, with what it lowered.
 """
@@ -82,7 +82,8 @@ QUICK = replace(
     note=(
         "Sizes are lowered to finish in minutes on a laptop CPU: N_cal = 1,000 (not 10,000) caps "
         "every RRISE radius at σ·(Φ⁻¹(β^(1/N_cal)) − q̂), and Cohen's n = 1,000 caps its radius "
-        "likewise; m = 500, 200 test inputs. Use --profile full for the numbers DESIGN §2 names."
+        "likewise; m = 500, 200 test inputs. Use --profile full for the default sizes "
+        "(N_cal = 10,000, m = 3,000, n = 10,000)."
     ),
 )
 

@@ -1,10 +1,10 @@
-"""Assemble a bundle (DESIGN §3) and give every precision variant its own conformal quantile.
+"""Assemble a bundle and give every precision variant its own conformal quantile.
 
 A bundle is published whole or not at all: it is built in a temp folder next to its destination,
 verified with :meth:`rrise.Bundle.load`, and renamed into place. Adding a variant later works the
 same way on a hard-linked copy, so a crash never leaves a half-written bundle at the destination.
 
-Engine-aware recalibration (DESIGN §2, "Precision variants"): a quantile holds only for the numerics
+Engine-aware recalibration (docs/CERTIFICATE.md, "Numerics"): a quantile holds only for the numerics
 it was computed with, so each variant's q̂ comes from that variant's own probabilities on the
 calibration inputs, scored against the full MC count vectors stored in ``calibration.npz``. This
 module runs no torch; onnxruntime is imported only to run the fp32 ONNX.
@@ -25,8 +25,7 @@ import numpy as np
 
 from rrise import __version__
 from rrise.bundle import GUARANTEE, MANIFEST, SCHEMA_VERSION, Bundle, BundleError, _umask, write_manifest
-from rrise.certificate import Calibration, conformal_quantile, conformal_scores, p_cap
-from rrise.stats import clopper_pearson_lower
+from rrise.certificate import Calibration, p_cap
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_logits
 
@@ -64,6 +63,47 @@ def default_preprocess(input_shape: tuple[int, int, int]) -> dict[str, Any]:
     return {"color": "gray" if c == 1 else "rgb", "resize": [h, w], "interpolation": "area", "layout": "NCHW"}
 
 
+def variant_calibration(probs: np.ndarray, counts: np.ndarray, template: Calibration) -> Calibration:
+    """One variant's calibration: ``template``'s settings (σ, α, β, N, score, δ, confidence-bin
+    edges) with the quantile(s) recomputed from the variant's own ``probs`` [m, K] on the
+    calibration inputs, scored against the full MC count vectors ``counts`` [m, K].
+
+    ``Â_i = argmax probs[i]``, so a variant that picks another class than fp32 is scored against that
+    class's count. Guarantee: deployed with the same numerics, the variant's certificates carry the
+    1 − α − β guarantee (rrise.calibrate.conformal.calibrate_from_counts). Raises ValueError on
+    mismatched shapes, non-probabilities, or counts that do not add up to N.
+    """
+    from rrise.calibrate.conformal import calibrate_from_counts  # numpy + scipy: no torch
+
+    p = np.asarray(probs, dtype=np.float64)
+    k = np.asarray(counts)
+    if p.ndim != 2 or k.ndim != 2 or p.shape != k.shape:
+        raise ValueError(f"probs {p.shape} and counts {k.shape} must both be [m, K]")
+    if not np.issubdtype(k.dtype, np.integer):
+        raise ValueError(f"counts must be integers, got {k.dtype}")
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 or not np.allclose(p.sum(1), 1, atol=1e-3):
+        raise ValueError("probs must be probabilities (rows of a softmax), not logits")
+    n_mc = template.n_mc
+    bad = np.flatnonzero((k.sum(axis=1) != n_mc) | (k.min(axis=1) < 0))
+    if bad.size:
+        row = k[bad[0]]
+        raise ValueError(
+            f"counts row {bad[0]} sums to {int(row.sum())} with min {int(row.min())}; every row must be "
+            f"non-negative and sum to n_mc={n_mc} (the MC draws per calibration input)"
+        )
+    return calibrate_from_counts(
+        p,
+        k,
+        n_mc=n_mc,
+        sigma=template.sigma,
+        alpha=template.alpha,
+        beta=template.beta,
+        score=template.score,
+        delta=template.delta,
+        bin_edges=template.bin_edges,
+    )
+
+
 def variant_quantile(
     probs: np.ndarray,
     counts: np.ndarray,
@@ -73,34 +113,19 @@ def variant_quantile(
     beta: float,
     score: str = "probit",
 ) -> float:
-    """q̂ of one variant from its own probabilities ``probs`` [m, K] on the calibration inputs.
+    """The single conformal quantile q̂ of one variant (see :func:`variant_calibration`)."""
+    template = Calibration(
+        sigma=1.0, quantile=0.0, alpha=alpha, beta=beta, n_mc=n_mc, m=len(probs), score=score
+    )
+    return variant_calibration(probs, counts, template).quantile
 
-    ``Â_i = argmax probs[i]``; ``p̲_i`` = Clopper–Pearson lower bound (level β) of ``counts[i, Â_i]``
-    out of ``n_mc``; scores ``e_i = T(min(ŝ_i, p_cap)) − T(p̲_i)``; q̂ = the ⌈(m+1)(1−α)⌉-th smallest
-    (DESIGN §2). Guarantee: deployed with the same numerics, the variant's certificates carry the
-    1 − α − β guarantee. Raises ValueError on mismatched shapes, non-probabilities, or counts that
-    do not add up to ``n_mc``.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    k = np.asarray(counts)
-    if p.ndim != 2 or k.ndim != 2 or p.shape != k.shape:
-        raise ValueError(f"probs {p.shape} and counts {k.shape} must both be [m, K]")
-    if not np.issubdtype(k.dtype, np.integer):
-        raise ValueError(f"counts must be integers, got {k.dtype}")
-    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 or not np.allclose(p.sum(1), 1, atol=1e-3):
-        raise ValueError("probs must be probabilities (rows of a softmax), not logits")
-    bad = np.flatnonzero((k.sum(axis=1) != n_mc) | (k.min(axis=1) < 0))
-    if bad.size:
-        row = k[bad[0]]
-        raise ValueError(
-            f"counts row {bad[0]} sums to {int(row.sum())} with min {int(row.min())}; every row must be "
-            f"non-negative and sum to n_mc={n_mc} (the MC draws per calibration input)"
-        )
-    top = np.argmax(p, axis=1)
-    rows = np.arange(len(p))
-    p_lower = np.asarray(clopper_pearson_lower(k[rows, top], n_mc, beta), dtype=np.float64)
-    scores = conformal_scores(p[rows, top], p_lower, p_cap(beta, n_mc), score)
-    return conformal_quantile(scores, alpha)
+
+def _variant_quantile_keys(cal: Calibration) -> dict[str, Any]:
+    """A variant entry's quantile keys: ``quantile``, and ``bin_quantiles`` when calibrated by bins."""
+    keys: dict[str, Any] = {"quantile": float(cal.quantile)}
+    if cal.bin_edges:
+        keys["bin_quantiles"] = cal.to_dict()["bin_quantiles"]
+    return keys
 
 
 def _read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +239,7 @@ def build_bundle(
 
     The folder holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a byte copy of
     ``calibration_npz``, which needs ``counts`` int [m, K] summing to ``n_mc`` per row and ``images``
-    float32 [m, C, H, W]) and ``manifest.json`` with every DESIGN §3 key. The manifest's
+    float32 [m, C, H, W]) and ``manifest.json`` with every key of the manifest format. The manifest's
     ``calibration.quantile`` is the given record's; the fp32 onnxruntime variant gets its own q̂,
     recomputed from ``surrogate.onnx``'s outputs on the calibration images (engine-aware).
 
@@ -267,14 +292,8 @@ def build_bundle(
     if base_out.shape != (min(2, len(images)), num_classes):
         raise ValueError(f"base model {base_onnx} gives {base_out.shape} on two calibration images")
     probs = softmax(onnx_logits(surrogate_onnx, images))
-    quantile = variant_quantile(
-        probs,
-        counts,
-        n_mc=calibration.n_mc,
-        alpha=calibration.alpha,
-        beta=calibration.beta,
-        score=calibration.score,
-    )
+    fp32 = variant_calibration(probs, counts, calibration)
+    quantile = fp32.quantile
     if not math.isfinite(quantile):
         raise ValueError("the fp32 ONNX variant's quantile is infinite: every certificate would abstain")
 
@@ -303,6 +322,7 @@ def build_bundle(
             "quantile": float(calibration.quantile),
             "p_cap": float(calibration.p_cap),
             "dataset": dataset,
+            **_optional_calibration_keys(calibration),
         },
         "base_model": {"file": BASE_FILE, "sha256": None},
         "variants": [
@@ -311,9 +331,9 @@ def build_bundle(
                 "backend": "onnxruntime",
                 "file": SURROGATE_FILE,
                 "sha256": None,
-                "quantile": quantile,
+                **_variant_quantile_keys(fp32),
                 "calibrated_with": "onnxruntime-cpu",
-                "monitor": _monitor_entry(probs, calibration.with_quantile(quantile)),
+                "monitor": _monitor_entry(probs, fp32),
             },
         ],
         "guarantee": GUARANTEE,
@@ -337,6 +357,19 @@ def build_bundle(
     return Bundle.load(out_dir)
 
 
+def _optional_calibration_keys(calibration: Calibration) -> dict[str, Any]:
+    """Calibration-record keys beyond the manifest format's, present only when used: the PAC δ and the
+    confidence-bin edges and quantiles of a Mondrian calibration."""
+    d = calibration.to_dict()
+    keys: dict[str, Any] = {}
+    if calibration.delta is not None:
+        keys["delta"] = float(calibration.delta)
+    if calibration.bin_edges:
+        keys["bin_edges"] = d["bin_edges"]
+        keys["bin_quantiles"] = d["bin_quantiles"]
+    return keys
+
+
 def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any]:
     """A variant's ``monitor`` entry: the calibration-time distribution of its top-class
     probability and abstentions, for the runtime's distribution-shift alarm (rrise.monitor)."""
@@ -345,8 +378,7 @@ def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any
     return reference_from_probs(probs, calibration)
 
 
-def _bundle_quantile(bundle: Bundle, probs: np.ndarray) -> float:
-    c = bundle.manifest["calibration"]
+def _bundle_variant_calibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
     path = bundle.file(CALIBRATION_FILE)
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
@@ -357,14 +389,7 @@ def _bundle_quantile(bundle: Bundle, probs: np.ndarray) -> float:
             f"probs must be [m, K] = {list(counts.shape)} (the variant on the bundle's calibration "
             f"images, in order), got {list(np.shape(probs))}"
         )
-    return variant_quantile(
-        probs,
-        counts,
-        n_mc=int(c["n_mc"]),
-        alpha=float(c["alpha"]),
-        beta=float(c["beta"]),
-        score=str(c["score"]),
-    )
+    return variant_calibration(probs, counts, bundle.calibration())
 
 
 def recalibrate_variant(bundle_dir: str | os.PathLike, probs: np.ndarray) -> float:
@@ -375,7 +400,7 @@ def recalibrate_variant(bundle_dir: str | os.PathLike, probs: np.ndarray) -> flo
     some inputs is scored against that class's count; α, β, N and the score transform come from the
     manifest. The bundle is verified first (Bundle.load). See :func:`variant_quantile`.
     """
-    return _bundle_quantile(Bundle.load(bundle_dir), probs)
+    return _bundle_variant_calibration(Bundle.load(bundle_dir), probs).quantile
 
 
 def add_variant(
@@ -406,10 +431,11 @@ def add_variant(
                 f"the {precision}/{backend} variant has no outputs to calibrate from: pass probs, or say "
                 "why in needs_recalibration"
             )
-        quantile = None
+        quantile, cal = None, None
     else:
         extra.pop("needs_recalibration", None)
-        quantile = _bundle_quantile(bundle, probs)
+        cal = _bundle_variant_calibration(bundle, probs)
+        quantile = cal.quantile
         if not math.isfinite(quantile):
             raise ValueError(
                 f"the {precision}/{backend} variant's quantile is infinite: it would always abstain"
@@ -430,12 +456,8 @@ def add_variant(
             "backend": backend,
             "file": name,
             "sha256": None,
-            "quantile": quantile,
-            **(
-                {}
-                if probs is None
-                else {"monitor": _monitor_entry(probs, bundle.calibration().with_quantile(quantile))}
-            ),
+            **({"quantile": None} if cal is None else _variant_quantile_keys(cal)),
+            **({} if cal is None else {"monitor": _monitor_entry(probs, cal)}),
             **extra,
         },
     ]

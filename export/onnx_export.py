@@ -2,7 +2,7 @@
 
 The exported graph takes ``input`` (float32 ``[batch, C, H, W]`` pixels in [0, 1], dynamic batch) and
 returns ``logits`` (``[batch, K]``); the normalization layer is part of the model, so nothing outside
-the graph touches the numbers (DESIGN §2). Torch is imported inside the functions that need it, so
+the graph touches the numbers (docs/CERTIFICATE.md). Torch is imported inside the functions that need it, so
 :func:`onnx_logits` and :func:`atomic_write_bytes` work on an edge device without torch.
 """
 

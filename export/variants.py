@@ -1,15 +1,15 @@
 """Precision variants of a bundle's surrogate (int8, fp16), each with its own conformal quantile.
 
-A conformal quantile holds only for the numerics it was computed with (DESIGN §2, "Precision
-variants"), so every variant made here is run on the bundle's calibration images with onnxruntime on
-the CPU — the exact file and execution provider the runtime will use for it — and its q̂ is
+A conformal quantile holds only for the numerics it was computed with (docs/CERTIFICATE.md,
+"Numerics"), so every variant made here is run on the bundle's calibration images with onnxruntime
+on the CPU — the exact file and execution provider the runtime will use for it — and its q̂ is
 recomputed from those outputs against the full MC count vectors in ``calibration.npz``
 (:func:`rrise.export.bundler.add_variant`). The variant entry says so: ``"calibrated_with":
 "onnxruntime-cpu"``; the runtime pins such a variant to onnxruntime's CPU execution provider.
 
 - ``int8``: onnxruntime static quantization, QDQ format, int8 weights (per output channel) and int8
   activations, with activation ranges (MinMax) taken from ``quant_images``. Those images are a
-  choice made from data, so by DESIGN §2 they must come from a selection split (e.g. the
+  choice made from data, so by the certificate's rules they must come from a selection split (e.g. the
   surrogate's training or selection inputs), never from the conformal calibration split:
   :func:`check_disjoint` refuses any image that is also a calibration image.
 - ``fp16``: a strongly typed FP16 ONNX — every weight and every intermediate tensor is float16; the
@@ -80,7 +80,7 @@ def check_disjoint(quant_images: np.ndarray, calibration_images: np.ndarray) -> 
     """Raise ValueError if any quantization image is (bit for bit) a calibration image.
 
     Why: the int8 activation ranges are chosen from these images; a choice made from the conformal
-    calibration split breaks the exchangeability the quantile's guarantee rests on (DESIGN §2).
+    calibration split breaks the exchangeability the quantile's guarantee rests on (docs/CERTIFICATE.md).
     """
     cal = _row_digests(calibration_images)
     flat = np.ascontiguousarray(quant_images, dtype=np.float32).reshape(len(quant_images), -1)

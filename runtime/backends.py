@@ -4,7 +4,7 @@
 them, else CPU); ``TensorRTBackend`` runs a serialized TensorRT 10+ engine with pycuda. Both are
 imported lazily, so the runtime never needs the backend it does not use.
 
-Each variant carries its own conformal quantile (DESIGN §2, precision variants): whichever backend
+Each variant carries its own conformal quantile (docs/CERTIFICATE.md, "Numerics"): whichever backend
 :func:`make_backend` picks, it returns the variant entry too, and the caller must certify with that
 variant's calibration.
 """

@@ -1,4 +1,4 @@
-"""``Runtime``: frames in, certified-prediction records out (DESIGN §3), one surrogate pass per frame.
+"""``Runtime``: frames in, certified-prediction records out, one surrogate pass per frame.
 
 The radius comes from :func:`rrise.certify_from_probs` with the calibration of the variant that
 actually runs: a quantile is valid only for the numerics it was calibrated on.

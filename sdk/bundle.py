@@ -265,11 +265,22 @@ class Bundle:
             n_mc=int(c["n_mc"]),
             m=int(c["m"]),
             score=str(c["score"]),
+            delta=c.get("delta"),
+            bin_edges=tuple(c.get("bin_edges") or ()),
+            bin_quantiles=tuple(c.get("bin_quantiles") or ()),
         )
         if variant is not None:
+            name = f"{variant.get('precision')}/{variant.get('backend')} ({variant.get('file')})"
             if variant.get("quantile") is None:
-                name = f"{variant.get('precision')}/{variant.get('backend')} ({variant.get('file')})"
                 why = variant.get("needs_recalibration") or "not calibrated"
                 raise BundleError(f"variant {name} of bundle {self.path} has no quantile: {why}")
-            cal = cal.with_quantile(float(variant["quantile"]))
+            bins = None
+            if cal.bin_edges:
+                if not isinstance(variant.get("bin_quantiles"), list):
+                    raise BundleError(
+                        f"variant {name} of bundle {self.path} has no bin_quantiles, but the calibration "
+                        "is by confidence bins: recalibrate it with rrise-export"
+                    )
+                bins = tuple(variant["bin_quantiles"])
+            cal = cal.with_quantile(float(variant["quantile"]), bins)
         return cal

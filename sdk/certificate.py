@@ -3,7 +3,7 @@
 This module is the single place where a radius is computed from a surrogate's output. The runtime,
 the export checks and the evaluation all call :func:`certify_from_probs`.
 
-Guarantee (DESIGN §2): if the calibration inputs and the deployed input are exchangeable, then with
+Guarantee (docs/CERTIFICATE.md): if the calibration inputs and the deployed input are exchangeable, then with
 probability at least ``1 − alpha − beta`` over calibration, input and noise, either the certificate
 abstains or the smoothed classifier ``g`` predicts ``top_class`` and is constant on the ℓ2 ball of
 radius ``radius`` around the input.

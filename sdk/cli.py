@@ -48,7 +48,7 @@ DatasetOpt = Annotated[
     DatasetName | None, typer.Option(help="Dataset (default: the folder's, else fashion-mnist).")
 ]
 ProfileOpt = Annotated[
-    ProfileName | None, typer.Option(help="Sizes: quick (minutes on a CPU) or full (DESIGN defaults).")
+    ProfileName | None, typer.Option(help="Sizes: quick (minutes on a CPU) or full (the default sizes).")
 ]
 SigmaOpt = Annotated[float | None, typer.Option(help="Noise level σ in [0,1]-pixel units (default 0.25).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for splits, training and Monte Carlo (default 0).")]

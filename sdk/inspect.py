@@ -97,7 +97,18 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
             "Calibration  "
             + ", ".join(
                 f"{k} = {_num(cal[k])}"
-                for k in ("score", "alpha", "beta", "m", "n_mc", "quantile", "p_cap", "dataset")
+                for k in (
+                    "score",
+                    "alpha",
+                    "beta",
+                    "delta",
+                    "m",
+                    "n_mc",
+                    "quantile",
+                    "p_cap",
+                    "dataset",
+                    "bin_edges",
+                )
                 if k in cal
             ),
             "Variants",
@@ -109,6 +120,10 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
             name = f"{v.get('precision')}/{v.get('backend')}"
             q = v.get("quantile")
             shown = f"quantile = {_num(q)}" if q is not None else "NO quantile (the runtime refuses it)"
+            if v.get("bin_quantiles") is not None:
+                shown += ", per confidence bin " + ", ".join(
+                    "inf (abstain)" if b is None else _num(b) for b in v["bin_quantiles"]
+                )
             lines.append(f"  {name}  {v.get('file')}  {shown}" + (f"  ({extra})" if extra else ""))
             if q is None:
                 lines.append(_wrap(f"needs recalibration: {v.get('needs_recalibration')}", "    "))

@@ -1,6 +1,6 @@
 """Distribution-shift monitor: is the deployed stream still drawn like the calibration inputs?
 
-The certificate (DESIGN §2) holds only while deployed inputs are exchangeable with the calibration
+The certificate (docs/CERTIFICATE.md) holds only while deployed inputs are exchangeable with the calibration
 inputs. This module keeps, per precision variant, the calibration-time distribution of the two
 things the runtime sees for every frame — the surrogate's top-class probability ŝ and whether the
 record abstains — and tests the stream against it. numpy only.

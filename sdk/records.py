@@ -1,4 +1,4 @@
-"""The record schema (DESIGN §3): one msgpack map per frame, sent as ZeroMQ ``[topic, payload]``."""
+"""The record schema: one msgpack map per frame, sent as ZeroMQ ``[topic, payload]``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deployment rule and the conformal quantile (DESIGN §2), by example and by property."""
+"""The deployment rule and the conformal quantile (docs/CERTIFICATE.md), by example and by property."""
 
 import math
 

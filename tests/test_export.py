@@ -1,4 +1,4 @@
-"""Export stage: ONNX export and parity, bundle assembly per DESIGN §3, engine-aware recalibration,
+"""Export stage: ONNX export and parity, bundle assembly per the public interface, engine-aware recalibration,
 TensorRT gating, and the ``rrise-export`` CLI end to end on a tiny model."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ALPHA, BETA = 0.1, 0.01
 LABELS = ["cat", "dog", "eel"]
 PREPROCESS = {"color": "gray", "resize": [8, 8], "interpolation": "area", "layout": "NCHW"}
 
-# DESIGN §3, the manifest: every key, nested ones under their parent.
+# the public interface, the manifest: every key, nested ones under their parent.
 DESIGN_KEYS = {
     "": [
         "schema_version",
@@ -71,7 +71,7 @@ def tiny_model(seed: int) -> nn.Module:
 
 
 def quantile_from_scratch(probs: np.ndarray, counts: np.ndarray) -> float:
-    """DESIGN §2 calibration, written out with the rrise.certificate functions."""
+    """docs/CERTIFICATE.md calibration, written out with the rrise.certificate functions."""
     rows = np.arange(len(probs))
     top = probs.argmax(1)
     p_lower = clopper_pearson_lower(counts[rows, top], N_MC, BETA)

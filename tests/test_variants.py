@@ -37,7 +37,7 @@ def flat(text: str) -> str:
 
 
 def own_quantile(bundle: Bundle, onnx_file: Path) -> float:
-    """DESIGN §2 calibration from scratch: the file's own CPU outputs on the calibration images."""
+    """docs/CERTIFICATE.md calibration from scratch: the file's own CPU outputs on the calibration images."""
     c = bundle.manifest["calibration"]
     with np.load(bundle.file("calibration.npz")) as z:
         images, counts = z["images"], z["counts"]

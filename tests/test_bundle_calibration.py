@@ -1,0 +1,89 @@
+"""Calibration settings beyond the single quantile survive bundling: PAC δ and confidence bins."""
+
+import numpy as np
+import pytest
+
+from rrise import Bundle, Calibration, certify_from_probs
+from rrise.calibrate.conformal import calibrate_from_counts
+from rrise.export.bundler import add_variant, build_bundle
+from rrise.runtime.backends import OnnxRuntimeBackend
+
+
+def _rebuild(tiny_bundle, out, **settings):
+    src = Bundle.load(tiny_bundle)
+    with np.load(src.file("calibration.npz")) as z:
+        images, counts = z["images"], z["counts"]
+    probs = OnnxRuntimeBackend(src.file("surrogate.onnx")).run(images)
+    base = src.calibration()
+    cal = calibrate_from_counts(
+        probs, counts, n_mc=base.n_mc, sigma=base.sigma, alpha=base.alpha, beta=base.beta, **settings
+    )
+    bundle = build_bundle(
+        out,
+        surrogate_onnx=src.file("surrogate.onnx"),
+        base_onnx=src.file("base.onnx"),
+        calibration=cal,
+        calibration_npz=src.file("calibration.npz"),
+        labels=src.labels,
+        preprocess=src.manifest["preprocess"],
+        dataset="digits",
+        input_shape=(1, 8, 8),
+    )
+    return bundle, cal, probs, images
+
+
+def test_pac_delta_is_kept_by_the_bundle_and_its_variants(tiny_bundle, tmp_path):
+    bundle, cal, _, _ = _rebuild(tiny_bundle, tmp_path / "b", delta=0.1)
+    assert bundle.manifest["calibration"]["delta"] == 0.1
+    fp32 = bundle.calibration(bundle.variant("fp32"))
+    assert fp32.delta == 0.1
+    assert fp32.quantile == pytest.approx(cal.quantile)  # the PAC rank, not the marginal one
+
+
+def test_confidence_bins_travel_to_the_runtime_and_each_variant_gets_its_own(tiny_bundle, tmp_path):
+    from rrise.runtime import Runtime
+
+    src = Bundle.load(tiny_bundle)
+    with np.load(src.file("calibration.npz")) as z:
+        top = OnnxRuntimeBackend(src.file("surrogate.onnx")).run(z["images"]).max(1)
+    edge = float(np.median(top))
+    bundle, cal, probs, images = _rebuild(tiny_bundle, tmp_path / "b", bin_edges=(edge,))
+    assert bundle.manifest["calibration"]["bin_edges"] == [edge]
+    variant = bundle.variant("fp32")
+    deployed = bundle.calibration(variant)
+    assert deployed.bin_edges == (edge,) and len(deployed.bin_quantiles) == 2
+    assert deployed.bin_quantiles == pytest.approx(cal.bin_quantiles)
+    rt = Runtime(bundle.path, backend="onnxruntime")
+    frame = np.rint(images[0, 0] * 255).astype(np.uint8)
+    record = rt.certify(frame)
+    expected = certify_from_probs(rt._backend.run(rt.preprocessor(frame)[None])[0], deployed)
+    assert record["radius"] == pytest.approx(expected.radius)
+
+    # A variant with other numerics gets its own bin quantiles, from its own outputs.
+    sharper = probs**1.05 / (probs**1.05).sum(1, keepdims=True)
+    updated = add_variant(
+        bundle.path,
+        bundle.file("surrogate.onnx"),
+        precision="fp16",
+        backend="test",
+        probs=sharper,
+        name="surrogate.sharper.onnx",
+    )
+    v = updated.variant("fp16", "test")
+    assert len(v["bin_quantiles"]) == 2
+    assert tuple(v["bin_quantiles"]) != tuple(variant["bin_quantiles"])
+    assert updated.calibration(v).bin_quantiles != deployed.bin_quantiles
+
+
+def test_a_binned_bundle_variant_without_bin_quantiles_is_refused(tiny_bundle, tmp_path):
+    from rrise import BundleError
+
+    src = Bundle.load(tiny_bundle)
+    with np.load(src.file("calibration.npz")) as z:
+        top = OnnxRuntimeBackend(src.file("surrogate.onnx")).run(z["images"]).max(1)
+    bundle, _, _, _ = _rebuild(tiny_bundle, tmp_path / "b", bin_edges=(float(np.median(top)),))
+    variant = dict(bundle.variant("fp32"))
+    del variant["bin_quantiles"]
+    with pytest.raises(BundleError, match="bin_quantiles"):
+        bundle.calibration(variant)
+    assert isinstance(bundle.calibration(), Calibration)
