@@ -182,6 +182,9 @@ class CertificateBatch:
         )
 
 
+_SMALL_BATCH = 16
+
+
 def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certificate | CertificateBatch:
     """Certify from surrogate probabilities ``probs`` (``[K]`` → Certificate, ``[B, K]`` → batch).
 
@@ -200,6 +203,15 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
         raise ValueError("probs contain NaN or inf")
     if p.ndim == 1:
         return _certify_one(p, calibration)
+    if len(p) <= _SMALL_BATCH:  # a runtime micro-batch: floats beat array set-up below ~16 rows
+        rows = [_certify_one(row, calibration) for row in p]
+        return CertificateBatch(
+            top_class=np.array([c.top_class for c in rows], dtype=np.int64),
+            abstain=np.array([c.abstain for c in rows], dtype=bool),
+            radius=np.array([c.radius for c in rows], dtype=np.float64),
+            score=np.array([c.score for c in rows], dtype=np.float64),
+            p_lower=np.array([c.p_lower for c in rows], dtype=np.float64),
+        )
     batch = p
     top = np.argmax(batch, axis=1)
     s = batch[np.arange(len(batch)), top]

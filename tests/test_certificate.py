@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from rrise import Calibration, certify_from_probs
+from rrise import Calibration, CertificateBatch, certify_from_probs
 from rrise.certificate import (
     conformal_quantile,
     conformal_scores,
@@ -71,6 +71,10 @@ def test_batch_matches_single():
         assert single.radius == pytest.approx(row.radius, rel=1e-12, abs=1e-15)
         assert single.p_lower == pytest.approx(row.p_lower, rel=1e-12, abs=1e-15)
     assert np.all(batch.pred[batch.abstain] == -1)
+    small = certify_from_probs(probs[:5], c)  # the micro-batch path
+    assert isinstance(small, CertificateBatch) and len(small) == 5
+    np.testing.assert_array_equal(small.pred, batch.pred[:5])
+    np.testing.assert_allclose(small.radius, batch.radius[:5], rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("score", ["probit", "logit", "identity"])
