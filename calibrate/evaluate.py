@@ -139,6 +139,13 @@ def reliability_plot(top_prob: np.ndarray, mc_freq: np.ndarray, path: Path, bins
     ax.set_ylabel("MC frequency of that class")
     ax.set_title("Reliability of the surrogate")
     ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -201,11 +208,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Path]:

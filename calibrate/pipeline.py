@@ -552,46 +552,35 @@ def stage_evaluate(w: Workdir) -> list[Path]:
     calnpz = np.load(w.path("calibration.npz"))
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[idx])
     methods: dict[str, Any] = {}
+    # One quantile, and Mondrian quantiles by confidence (bin edges from the selection split).
+    sel_probs = surrogate_probs(w.path("surrogate.onnx"), w.data("train").images[w.splits()["selection"]])
     cals = {}
     for alpha in p.alphas:
-        cal = calibrate_from_counts(
-            calnpz["probs"], calnpz["counts"], n_mc=p.n_cal, sigma=w.config.sigma, alpha=alpha, beta=p.beta
-        )
-        cals[alpha] = cal
-        cert = certify_from_probs(probs, cal)
-        methods[f"RRISE (probit, α={alpha:g})"] = method_metrics(
-            cert.radius,
-            cert.pred,
-            labels,
-            per_query_s=None,
-            quantile=round(cal.quantile, 6),
-            violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
-        )
-    # Mondrian by confidence: bin edges from the selection split, quantiles from calibration.
-    sel_probs = surrogate_probs(w.path("surrogate.onnx"), w.data("train").images[w.splits()["selection"]])
-    for alpha in p.alphas:
-        edges = confidence_bin_edges(sel_probs.max(1), p.m, alpha)
-        if not edges:
-            continue
-        cal = calibrate_from_counts(
-            calnpz["probs"],
-            calnpz["counts"],
-            n_mc=p.n_cal,
-            sigma=w.config.sigma,
-            alpha=alpha,
-            beta=p.beta,
-            bin_edges=edges,
-        )
-        cert = certify_from_probs(probs, cal)
-        methods[f"RRISE (probit, {len(edges) + 1} confidence bins, α={alpha:g})"] = method_metrics(
-            cert.radius,
-            cert.pred,
-            labels,
-            per_query_s=None,
-            quantile=[None if not np.isfinite(q) else round(q, 6) for q in cal.bin_quantiles],
-            bin_edges=list(edges),
-            violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
-        )
+        for edges in ((), confidence_bin_edges(sel_probs.max(1), p.m, alpha)):
+            if alpha in cals and not edges:
+                continue  # no room for more than one bin at this m
+            cal = calibrate_from_counts(
+                calnpz["probs"],
+                calnpz["counts"],
+                n_mc=p.n_cal,
+                sigma=w.config.sigma,
+                alpha=alpha,
+                beta=p.beta,
+                bin_edges=edges,
+            )
+            cals.setdefault(alpha, cal)
+            cert = certify_from_probs(probs, cal)
+            rule = f"{len(edges) + 1} confidence bins, " if edges else ""
+            quantile = [None if not np.isfinite(q) else round(q, 6) for q in cal.bin_quantiles]
+            methods[f"RRISE (probit, {rule}α={alpha:g})"] = method_metrics(
+                cert.radius,
+                cert.pred,
+                labels,
+                per_query_s=None,
+                quantile=quantile if edges else round(cal.quantile, 6),
+                **({"bin_edges": list(edges)} if edges else {}),
+                violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
+            )
     per_query = _per_query_seconds(w.path("surrogate.onnx"), ds.images[idx], cals[p.alphas[0]])
     for m in methods.values():
         m["per_query_s"] = per_query
