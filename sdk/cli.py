@@ -249,15 +249,14 @@ def demo(
     print_demo_summary(w.root, result)
 
 
-@app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export(ctx: typer.Context) -> None:
-    """Bundle a surrogate with its calibration (same as `rrise-export`; see `rrise-export --help`).
+def _mount_export() -> None:
+    """`rrise export` is `rrise-export`: the same command, options and help (no torch at import)."""
+    from rrise.export.cli import export_command
 
-    Example: `rrise export --surrogate runs/demo/surrogate.pt --base runs/demo/base.onnx ...`
-    """
-    from rrise.export.cli import main as export_main
+    app.command("export")(export_command)
 
-    export_main(ctx.args)
+
+_mount_export()
 
 
 @app.command()
