@@ -47,10 +47,11 @@ TENSORRT_HELP = (
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis, computed in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - np.max(z, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    z = np.array(logits, dtype=np.float64)  # a private copy, then in place: the per-frame path
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
 
 
 def _to_probs(out: np.ndarray, output_kind: str) -> np.ndarray:

@@ -145,7 +145,7 @@ class Runtime:
             except FrameError as exc:
                 errors[i] = f"bad frame: {exc}"
         if ok:
-            self._infer(np.stack(inputs), ok, certs, errors)
+            self._infer(inputs[0][None] if len(inputs) == 1 else np.stack(inputs), ok, certs, errors)
 
         records = []
         monitor = self._monitor
@@ -193,15 +193,19 @@ class Runtime:
             for i in rows:
                 errors[i] = f"model output shape {probs.shape} is not [{len(rows)}, {k}]"
             return
-        finite = np.all(np.isfinite(probs), axis=1)
+        finite = np.isfinite(probs.sum(axis=1))  # NaN and ±inf survive the sum
         good = [i for i, f in zip(rows, finite, strict=True) if f]
         for i, f in zip(rows, finite, strict=True):
             if not f:
                 errors[i] = "model output contains NaN or inf"
-        if good:
+        if len(good) > 16:  # large batches: the vectorized rule
             batch = certify_from_probs(probs[finite], self._calibration)
             for j, i in enumerate(good):
                 certs[i] = batch[j]
+        else:  # a frame or a micro-batch: one Certificate per row, no batch object in between
+            for i, row in zip(rows, probs, strict=True):
+                if errors[i] is None:
+                    certs[i] = certify_from_probs(row, self._calibration)
 
     def close(self) -> None:
         """Release the backend's resources (GPU memory for TensorRT); the Runtime is unusable after."""

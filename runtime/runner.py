@@ -118,17 +118,17 @@ def run_stream(
     inference thread). With ``wait_subscribers=n`` the first frame waits up to ``wait_timeout_s``
     for ``n`` subscribers.
 
-    ``drop_policy``: ``"latest"`` keeps the newest ``queue_size`` (default ``max(2, batch)``)
-    frames and drops older ones (counted in ``drops``), ``"block"`` makes capture wait so every
-    frame is certified in order (default queue ``2 * batch``); ``"auto"`` is ``"latest"`` for live
-    sources and ``"block"`` for files and folders. ``batch`` > 1 certifies up to that many queued
-    frames in one backend call. ``status_interval_s`` (``None`` or 0: off) paces status records,
-    published on ``<topic>.status`` and passed to ``on_status``. ``monitor=False`` turns the
-    distribution-shift alarm off (it is also off for bundles without a monitor entry). A
-    ``runtime`` may be passed in to reuse a loaded model (it is not closed here). ``threaded``:
-    capture in its own thread (default for live sources, and whenever the policy is ``"latest"``)
-    or in the inference thread (default for files and folders under ``"block"``, where a thread
-    only adds hand-off cost and queueing latency).
+    ``drop_policy``: ``"latest"`` keeps the newest ``queue_size`` frames (default ``batch``: with batch
+    1 only the newest frame waits) and drops older ones (counted in ``drops``); ``"block"`` makes
+    capture wait so every frame is certified in order (default queue ``2 * batch``); ``"auto"`` is
+    ``"latest"`` for live sources and ``"block"`` for files and folders. ``batch`` > 1 certifies up to
+    that many queued frames in one backend call. ``status_interval_s`` (``None`` or 0: off) paces status
+    records, published on ``<topic>.status`` and passed to ``on_status``. ``monitor=False`` turns the
+    distribution-shift alarm off (it is also off for bundles without a monitor entry). A ``runtime`` may
+    be passed in to reuse a loaded model (it is not closed here). ``threaded``: capture in its own
+    thread (default for live sources, and whenever the policy is ``"latest"``) or in the inference
+    thread (default for files and folders under ``"block"``, where a thread only adds hand-off cost and
+    queueing latency).
 
     Summary keys: ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``,
     ``latency_p50_ms``, ``latency_p99_ms``, ``drops`` (frames captured but never certified),
@@ -148,7 +148,7 @@ def run_stream(
         raise ValueError(f"status_interval_s must be >= 0 (0 or None: off), got {status_interval_s}")
     src = source if isinstance(source, FrameSource) else open_source(source)
     policy = drop_policy if drop_policy != "auto" else ("latest" if src.is_live else "block")
-    capacity = queue_size or (max(2, batch) if policy == "latest" else 2 * batch)
+    capacity = queue_size or (batch if policy == "latest" else 2 * batch)
     if threaded is None:
         threaded = policy == "latest" or src.is_live
     if not threaded and policy == "latest":

@@ -104,7 +104,7 @@ def test_a_camera_that_never_comes_back_ends_the_stream_when_told_to(bundle_dir:
     world = {"plan": ["ok"] * 3 + ["unplug"], "opens": [True]}
     src = camera(world, max_reconnects=2)
     summary = run_stream(bundle_dir, src, status_interval_s=None)
-    assert summary["frames"] + summary["drops"] == 3 and summary["frames"] >= 2
+    assert summary["frames"] + summary["drops"] == 3 and summary["frames"] >= 1
     assert summary["reconnects"] == 0 and src.state == "ended" and summary["source_error"] is None
     assert src.reconnect_attempts == 2
 
