@@ -73,7 +73,7 @@ def _fashion_cnn(workdir: Path):
 
     if (workdir / "base.pt").is_file():
         model, _ = load_model(workdir / "base.pt")
-        return model.eval(), f"{workdir / 'base.pt'} (trained)"
+        return model.eval(), f"{workdir.name}/base.pt (trained)"
     return build_model("cnn", 1, 10, 28).eval(), "cnn with random weights (no demo work folder)"
 
 
