@@ -16,7 +16,6 @@ import numpy as np
 
 from rrise.bundle import Bundle
 from rrise.certificate import certify_from_probs
-from rrise.stats import clopper_pearson_upper
 
 __all__ = ["AuditResult", "audit_bundle"]
 
@@ -57,6 +56,7 @@ def audit_bundle(
 
     from rrise.runtime.backends import OnnxRuntimeBackend
 
+    from .evaluate import reference_violations
     from .mc import sample_counts
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -73,9 +73,9 @@ def audit_bundle(
         seed=seed,
         show_progress=show_progress,
     )
-    k = counts[np.arange(len(images)), cert.top_class]
-    upper = clopper_pearson_upper(k, n_mc, alpha_ref)
-    violation = (~cert.abstain) & (cert.p_lower > upper)
+    k, upper, violation = reference_violations(
+        cert.top_class, ~cert.abstain, cert.p_lower, counts, level=alpha_ref
+    )
     allowed = cal.alpha + cal.beta
     n_cert, v = int(np.sum(~cert.abstain)), int(np.sum(violation))
     p_value = float(binom.sf(v - 1, n_cert, allowed)) if n_cert else 1.0

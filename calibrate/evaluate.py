@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_RADII",
     "pseudo_count_certify",
+    "reference_violations",
     "reliability_plot",
     "violation_stats",
     "certified_accuracy",
@@ -83,6 +84,20 @@ def pseudo_count_certify(
     return np.where(certified, top, -1), radius, p_low
 
 
+def reference_violations(
+    classes: np.ndarray, certified: np.ndarray, p_lower: np.ndarray, ref_counts: np.ndarray, *, level: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per input: the reference count ``k`` of ``classes``, its one-sided (1 − ``level``)
+    Clopper–Pearson upper bound, and whether a certified ``p_lower`` lies above that bound."""
+    from rrise.stats import clopper_pearson_upper
+
+    ref = np.asarray(ref_counts)
+    n_ref = int(ref[0].sum()) if len(ref) else 0
+    k = ref[np.arange(len(ref)), np.asarray(classes)]
+    upper = np.atleast_1d(clopper_pearson_upper(k, n_ref, level))
+    return k, upper, np.asarray(certified) & (np.asarray(p_lower) > upper)
+
+
 def violation_stats(
     pred: np.ndarray, p_lower: np.ndarray, ref_counts: np.ndarray, *, level: float = 0.001
 ) -> dict[str, Any]:
@@ -98,9 +113,7 @@ def violation_stats(
     ref = np.asarray(ref_counts)
     n_ref = int(ref[0].sum()) if len(ref) else 0
     cert = pred >= 0
-    k = ref[np.arange(len(ref)), np.where(cert, pred, 0)]
-    upper = np.atleast_1d(clopper_pearson_upper(k, n_ref, level))
-    violation = cert & (np.asarray(p_lower) > upper)
+    _, _, violation = reference_violations(np.where(cert, pred, 0), cert, p_lower, ref, level=level)
     v, c = int(violation.sum()), int(cert.sum())
     lo = float(clopper_pearson_lower(v, c, 0.025)) if c else 0.0
     hi = float(clopper_pearson_upper(v, c, 0.025)) if c else 1.0
