@@ -52,6 +52,7 @@ def calibrate_from_counts(
     score: str = "probit",
     delta: float | None = None,
     bin_edges: tuple[float, ...] | list[float] = (),
+    score_map: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Calibration:
     """The conformal quantile ``q̂`` of the surrogate's scores on ``m`` calibration inputs.
 
@@ -75,6 +76,11 @@ def calibrate_from_counts(
     never on these calibration inputs): one quantile per confidence bin of ŝ (Mondrian), so that a
     tail of over-confident inputs in one bin no longer shrinks the radii of every other bin. The
     guarantee then holds within each bin, hence marginally too.
+
+    With ``score_map`` (knots of a monotone map g on the probit scale, fitted on a selection split by
+    :func:`rrise.calibrate.score_map.fit_score_map`, never on these inputs): the score is
+    ``g(Φ⁻¹(min(ŝ_i, p_cap))) − Φ⁻¹(p̲_i)``; any g fixed beforehand keeps the guarantee, and a g close
+    to a low quantile of Φ⁻¹(p̲) given ŝ makes q̂ small wherever the surrogate is well calibrated.
     """
     s = np.asarray(probs, dtype=np.float64)
     c = np.asarray(counts)
@@ -98,7 +104,7 @@ def calibrate_from_counts(
     top_prob = s[np.arange(len(s)), top]
     p_low = mc_lower_bounds(c, top, n_mc, beta)
     cap = p_cap(beta, n_mc)
-    scores = conformal_scores(top_prob, p_low, cap, score)
+    scores = conformal_scores(top_prob, p_low, cap, score, score_map)
     quantile = conformal_quantile(scores, alpha, delta)
     bin_quantiles = mondrian_quantiles(scores, top_prob, bin_edges, alpha, delta) if len(bin_edges) else ()
     return Calibration(
@@ -112,6 +118,8 @@ def calibrate_from_counts(
         delta=delta,
         bin_edges=tuple(bin_edges),
         bin_quantiles=bin_quantiles,
+        score_map_x=() if score_map is None else tuple(score_map[0]),
+        score_map_y=() if score_map is None else tuple(score_map[1]),
     )
 
 

@@ -243,6 +243,58 @@ def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict
     return paths
 
 
+def _rules_section(rules: dict[str, Any] | None) -> list[str]:
+    """Each calibration rule tried: on the selection split (where the choice is made) and on test."""
+    if not rules:
+        return []
+    lines = ["## Calibration rules", ""]
+    sel = rules.get("selection") or {}
+    radii = [f"{r:g}" for r in sel.get("radii", [0.0, 0.25, 0.5, 0.75])]
+    if sel.get("rules"):
+        lines += [
+            f"Chosen on the selection split ({sel['inputs']} inputs with N = {sel['n_mc']} MC draws, "
+            f"α = {sel['alpha']:g}; {sel['split']}; mean certified accuracy over r = "
+            f"{', '.join(radii)}): **{rules['chosen']}**.",
+            "",
+            "| rule | " + " | ".join(f"r={r}" for r in radii) + " | mean | ACR | abstain | miss rate |",
+            "|---" * (len(radii) + 6) + "|",
+        ]
+        for name, row in sel["rules"].items():
+            if "error" in row:
+                lines.append(f"| {name} ({row['rule']}) | could not run: {row['error']} |")
+                continue
+            cells = " | ".join(f"{row['certified_accuracy'][r]:.1f}" for r in radii)
+            lines.append(
+                f"| {name} ({row['rule']}) | {cells} | {row['mean_certified_accuracy']:.2f} | "
+                f"{row['acr']:.3f} | {row['abstain_pct']:.1f}% | {row['miss_rate']:.4f} |"
+            )
+        lines.append("")
+    elif sel.get("note"):
+        lines += [f"No rule selection: {sel['note']}; the one-quantile rule is used.", ""]
+    test = rules.get("test") or {}
+    if test:
+        lines += [
+            "Every rule on the test inputs, for transparency (not used to choose):",
+            "",
+            "| rule | r=0 | r=0.25 | r=0.5 | r=0.75 | ACR | abstain | violations |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in test.items():
+            if "error" in row:
+                lines.append(f"| {name} ({row['rule']}) | could not run: {row['error']} |")
+                continue
+            ca = row["certified_accuracy"]
+            v = row.get("violations") or {}
+            lines.append(
+                f"| {name} ({row['rule']}) | "
+                + " | ".join(_pct(ca[i]) for i in range(4))
+                + f" | {row['acr']:.3f} | {_pct(row['abstain_rate'])}% | "
+                f"{v.get('violations', '—')}/{v.get('certified', '—')} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _markdown(metrics: dict[str, Any]) -> str:
     cfg = metrics["config"]
     lines = [f"# RRISE evaluation: {metrics['dataset']}, σ = {metrics['sigma']:g}", ""]
@@ -259,6 +311,7 @@ def _markdown(metrics: dict[str, Any]) -> str:
         "",
         "![reliability](reliability.png)",
         "",
+        *_rules_section(metrics.get("rules")),
         "## Guarantee",
         "",
         metrics["guarantee"],

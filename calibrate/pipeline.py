@@ -28,7 +28,7 @@ from .profiles import Profile, get_profile
 
 __all__ = ["RunConfig", "Workdir", "STAGES", "run_stage", "run_demo"]
 
-SEED_STREAMS = {"targets": 1, "selection": 2, "calibration": 3, "certify": 4}
+SEED_STREAMS = {"targets": 1, "selection": 2, "calibration": 3, "certify": 4, "rules": 5}
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class Workdir:
             "base": base,
             "targets": base[: p.n_targets],
             "selection": sel,
+            "rules": sel[: p.n_rule],
             "calibration": cal,
             "test": test,
         }
@@ -131,6 +132,10 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -189,6 +194,7 @@ def stage_train_base(w: Workdir) -> list[Path]:
 # Count stores written by `rrise targets` (and `rrise calibrate`), relative to the work folder.
 TARGET_STORES = {"targets": "targets/train", "selection": "targets/selection"}
 CALIBRATION_STORE = "calibration_counts"
+RULE_STORE = "selection_counts"
 
 
 def mc_shard_size(num_inputs: int) -> int:
@@ -386,23 +392,124 @@ def surrogate_probs(onnx_path: Path, images: np.ndarray, batch_size: int = 512) 
     ).astype(np.float64)
 
 
+def selection_data(w: Workdir, with_mc: bool = True) -> dict[str, np.ndarray]:
+    """What calibration rules are fitted on, all from the selection split: ``bin_probs`` (the
+    surrogate on every selection input: bin edges need only ŝ) and, once ``select-rule`` has sampled
+    them, ``probs``, ``counts`` (full-size MC) and ``labels`` of the rule-selection inputs."""
+    from .store import load_store
+
+    ds = w.data("train")
+    out = {"bin_probs": surrogate_probs(w.path("surrogate.onnx"), ds.images[w.splits()["selection"]])}
+    if with_mc and w.prof.n_rule and (w.path(RULE_STORE) / "manifest.json").exists():
+        index, counts, _ = load_store(w.path(RULE_STORE))
+        out.update(
+            probs=surrogate_probs(w.path("surrogate.onnx"), ds.images[index]),
+            counts=counts,
+            labels=ds.labels[index],
+        )
+    return out
+
+
+def stage_select_rule(w: Workdir) -> list[Path]:
+    """Choose the calibration rule on the selection split (full-size MC there; never calibration)."""
+    from .rules import compare_rules
+
+    p = w.prof
+    out = w.path("rules.json")
+    if not p.n_rule:
+        _write_json(out, {"winner": "single", "note": f"profile {p.name!r} has no rule-selection inputs"})
+        return [out]
+    _mc_counts(w, RULE_STORE, w.splits()["rules"], p.n_cal, "rules", "train")
+    data = selection_data(w)
+    result = compare_rules(
+        data["probs"],
+        data["counts"],
+        data["labels"],
+        n_mc=p.n_cal,
+        sigma=w.config.sigma,
+        alpha=p.alphas[0],
+        beta=p.beta,
+        seed=w.config.seed,
+    )
+    _write_json(out, result)
+    w.log(f"[select-rule] winner on the selection split: {result['winner']}")
+    return [out]
+
+
+def chosen_rule(w: Workdir) -> str:
+    """The rule the selection split chose (``rules.json``), or ``single`` before it has run."""
+    path = w.path("rules.json")
+    return json.loads(path.read_text())["winner"] if path.exists() else "single"
+
+
+def rule_calibration(
+    w: Workdir,
+    rule_name: str,
+    calnpz: Any,
+    *,
+    alpha: float,
+    beta: float | None = None,
+    delta: float | None = None,
+    score: str = "probit",
+    bins: int | None = None,
+    selection: dict[str, np.ndarray] | None = None,
+) -> Calibration:
+    """Calibrate with a rule whose choices (bin edges, score map) come from the selection split."""
+    from dataclasses import replace
+
+    from .rules import calibrate_with_rule, fit_rule, get_rule
+
+    p = w.prof
+    rule = get_rule(rule_name)
+    if bins is not None:
+        rule = replace(rule, bins=bins)
+    if rule.map_tau is not None and score != "probit":
+        raise ValueError(f"rule {rule.name!r} learns a probit score map; it cannot use score {score!r}")
+    beta = p.beta if beta is None else beta
+    if selection is None:
+        selection = selection_data(w)
+    bin_probs = selection["bin_probs"]
+    choices = fit_rule(
+        rule,
+        selection.get("probs", bin_probs),
+        selection.get("counts"),
+        m=len(calnpz["probs"]),
+        n_mc=p.n_cal,
+        alpha=alpha,
+        beta=beta,
+        delta=delta,
+        bin_probs=bin_probs,
+    )
+    return calibrate_with_rule(
+        choices,
+        calnpz["probs"],
+        calnpz["counts"],
+        n_mc=p.n_cal,
+        sigma=w.config.sigma,
+        alpha=alpha,
+        beta=beta,
+        delta=delta,
+        score=score,
+    )
+
+
 def stage_calibrate(
     w: Workdir,
     alpha: float | None = None,
     beta: float | None = None,
     delta: float | None = None,
     score: str = "probit",
-    bins: int = 1,
+    bins: int | None = None,
+    rule: str | None = None,
 ) -> list[Path]:
     """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
 
     ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
-    quantile; ``score`` is the transform (probit, logit, identity); ``bins`` > 1 adds Mondrian
-    quantiles per confidence bin, with edges fixed on the selection split. The MC counts are kept,
-    so a re-calibration with other settings costs one surrogate pass.
+    quantile; ``score`` is the transform (probit, logit, identity); ``rule`` the calibration rule
+    (default: the one the selection split chose, see ``select-rule``); ``bins`` overrides the rule's
+    number of confidence bins. The MC counts are kept, so a re-calibration with other settings
+    costs one surrogate pass.
     """
-    from .conformal import calibrate_from_counts, confidence_bin_edges
-
     ds, p = w.data("train"), w.prof
     idx = w.splits()["calibration"]
     images = ds.images[idx]
@@ -410,22 +517,6 @@ def stage_calibrate(
     _mc_counts(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train")
     counts = load_targets(w, "calibration")["counts"]
     probs = surrogate_probs(w.path("surrogate.onnx"), images)
-    alpha = p.alphas[0] if alpha is None else alpha
-    edges: tuple[float, ...] = ()
-    if bins > 1:
-        sel = surrogate_probs(w.path("surrogate.onnx"), ds.images[w.splits()["selection"]])
-        edges = confidence_bin_edges(sel.max(1), len(idx), alpha, max_bins=bins, delta=delta)
-    cal = calibrate_from_counts(
-        probs,
-        counts,
-        n_mc=p.n_cal,
-        sigma=w.config.sigma,
-        alpha=alpha,
-        beta=p.beta if beta is None else beta,
-        score=score,
-        delta=delta,
-        bin_edges=edges,
-    )
     _save_npz(
         w.path("calibration.npz"),
         index=idx,
@@ -435,7 +526,18 @@ def stage_calibrate(
         probs=probs,
         n_mc=p.n_cal,
     )
-    record = {**cal.to_dict(), "dataset": w.config.dataset}
+    rule = rule or chosen_rule(w)
+    cal = rule_calibration(
+        w,
+        rule,
+        {"probs": probs, "counts": counts},
+        alpha=p.alphas[0] if alpha is None else alpha,
+        beta=beta,
+        delta=delta,
+        score=score,
+        bins=bins,
+    )
+    record = {**cal.to_dict(), "dataset": w.config.dataset, "rule": rule}
     _write_json(w.path("calibration.json"), record)
     return [w.path("calibration.npz"), w.path("calibration.json")]
 
@@ -533,7 +635,6 @@ def _per_query_seconds(onnx_path: Path, x: np.ndarray, cal: Calibration, repeats
 
 def stage_evaluate(w: Workdir) -> list[Path]:
     """RRISE beside Cohen MC and Accelerated Smoothing on the same test inputs → report/."""
-    from .conformal import calibrate_from_counts, confidence_bin_edges
     from .evaluate import (
         DEFAULT_RADII,
         method_metrics,
@@ -542,6 +643,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         violation_stats,
         write_report,
     )
+    from .rules import RULES, get_rule
 
     ds, p = w.data("test"), w.prof
     cohen = np.load(w.path("certify.npz"))
@@ -552,37 +654,44 @@ def stage_evaluate(w: Workdir) -> list[Path]:
     calnpz = np.load(w.path("calibration.npz"))
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[idx])
     methods: dict[str, Any] = {}
-    # One quantile, and Mondrian quantiles by confidence (bin edges from the selection split).
-    sel_probs = surrogate_probs(w.path("surrogate.onnx"), w.data("train").images[w.splits()["selection"]])
+    # Every calibration rule at the first α (the choice itself was made on the selection split, see
+    # select-rule; these test rows are shown for transparency, not used to choose); at other α the
+    # chosen rule and the plain one-quantile rule.
+    selection = selection_data(w)
+    chosen = chosen_rule(w)
+    rules_test: dict[str, Any] = {}
     cals = {}
     for alpha in p.alphas:
-        for edges in ((), confidence_bin_edges(sel_probs.max(1), p.m, alpha)):
-            if alpha in cals and not edges:
-                continue  # no room for more than one bin at this m
-            cal = calibrate_from_counts(
-                calnpz["probs"],
-                calnpz["counts"],
-                n_mc=p.n_cal,
-                sigma=w.config.sigma,
-                alpha=alpha,
-                beta=p.beta,
-                bin_edges=edges,
-            )
-            cals.setdefault(alpha, cal)
+        names = [r.name for r in RULES] if alpha == p.alphas[0] else list(dict.fromkeys([chosen, "single"]))
+        for name in names:
+            try:
+                cal = rule_calibration(w, name, calnpz, alpha=alpha, selection=selection)
+            except ValueError as exc:
+                rules_test[name] = {"rule": get_rule(name).describe(), "error": str(exc)}
+                continue
+            if name == chosen:
+                cals[alpha] = cal
+            elif name == "single":
+                cals.setdefault(alpha, cal)
             cert = certify_from_probs(probs, cal)
-            rule = f"{len(edges) + 1} confidence bins, " if edges else ""
             quantile = [None if not np.isfinite(q) else round(q, 6) for q in cal.bin_quantiles]
-            methods[f"RRISE (probit, {rule}α={alpha:g})"] = method_metrics(
+            row = method_metrics(
                 cert.radius,
                 cert.pred,
                 labels,
                 per_query_s=None,
-                quantile=quantile if edges else round(cal.quantile, 6),
-                **({"bin_edges": list(edges)} if edges else {}),
+                quantile=quantile if cal.bin_edges else round(cal.quantile, 6),
+                **({"bin_edges": list(cal.bin_edges)} if cal.bin_edges else {}),
+                **({"score_map": [list(k) for k in cal.score_map]} if cal.score_map else {}),
                 violations=violation_stats(cert.pred, cert.p_lower, ref_counts),
             )
+            if alpha == p.alphas[0]:
+                rules_test[name] = {"rule": get_rule(name).describe(), **row}
+            if name in (chosen, "single"):
+                tag = " (chosen on the selection split)" if name == chosen and chosen != "single" else ""
+                methods[f"RRISE (probit, {get_rule(name).describe()}, α={alpha:g}){tag}"] = row
     per_query = _per_query_seconds(w.path("surrogate.onnx"), ds.images[idx], cals[p.alphas[0]])
-    for m in methods.values():
+    for m in (*methods.values(), *(r for r in rules_test.values() if "error" not in r)):
         m["per_query_s"] = per_query
     mc_per_query = float(cohen["seconds"]) / len(idx)
     methods[f"Cohen MC (n0={p.n0}, n={p.n}, α={p.mc_alpha:g})"] = method_metrics(
@@ -602,9 +711,9 @@ def stage_evaluate(w: Workdir) -> list[Path]:
     top = calnpz["probs"].argmax(1)
     mc_freq = calnpz["counts"][np.arange(len(top)), top] / p.n_cal
     reliability_plot(calnpz["probs"][np.arange(len(top)), top], mc_freq, w.path("report/reliability.png"))
-    one_time_evals = (p.n_targets + p.n_selection) * p.target_draws + p.m * p.n_cal
+    one_time_evals = (p.n_targets + p.n_selection) * p.target_draws + (p.m + p.n_rule) * p.n_cal
     stage_s = w.stage_seconds()
-    one_time_s = sum(stage_s.get(s, 0.0) for s in ("targets", "train-surrogate", "calibrate"))
+    one_time_s = sum(stage_s.get(s, 0.0) for s in ("targets", "train-surrogate", "select-rule", "calibrate"))
     metrics = {
         "dataset": w.config.dataset,
         "sigma": w.config.sigma,
@@ -613,6 +722,11 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         "radii": list(DEFAULT_RADII),
         "methods": methods,
         "guarantee": GUARANTEE,
+        "rules": {
+            "chosen": chosen,
+            "selection": _read_json(w.path("rules.json")),
+            "test": rules_test,
+        },
         "violation_note": (
             f"Violations: certified p̃ above the one-sided 99.9% Clopper–Pearson upper bound of the "
             f"reference frequency of the certified class, from {int(ref_counts[0].sum())} fresh MC draws "
@@ -632,7 +746,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         },
         "cost": {
             "one-time base-model evaluations": one_time_evals,
-            "one-time seconds (targets + surrogate + calibration)": round(one_time_s, 1),
+            "one-time seconds (targets + surrogate + rule selection + calibration)": round(one_time_s, 1),
             "MC per query (s)": round(mc_per_query, 6),
             "RRISE per query (s)": round(per_query, 7),
             "speedup per query": round(mc_per_query / per_query, 1),
@@ -654,6 +768,7 @@ def stage_bundle(w: Workdir) -> list[Path]:
     ds = w.data("train")
     cal_record = json.loads(w.path("calibration.json").read_text())
     dataset = cal_record.pop("dataset")
+    cal_record.pop("rule", None)
     cal = Calibration(**cal_record)
     model, _ = load_model(w.path("surrogate.pt"))
     calnpz = np.load(w.path("calibration.npz"))
@@ -685,6 +800,7 @@ STAGES: dict[str, tuple[Callable[[Workdir], list[Path]], list[str]]] = {
     "targets": (stage_targets, [f"{name}/manifest.json" for name in TARGET_STORES.values()]),
     "train-surrogate": (stage_train_surrogate, ["surrogate.pt", "surrogate.onnx"]),
     "train-baseline": (stage_train_baseline, ["baseline_js.pt", "baseline_js.onnx"]),
+    "select-rule": (stage_select_rule, ["rules.json"]),
     "calibrate": (stage_calibrate, ["calibration.npz", "calibration.json"]),
     "certify": (stage_certify, ["certify.tsv", "certify.npz"]),
     "evaluate": (

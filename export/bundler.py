@@ -101,6 +101,7 @@ def variant_calibration(probs: np.ndarray, counts: np.ndarray, template: Calibra
         score=template.score,
         delta=template.delta,
         bin_edges=template.bin_edges,
+        score_map=template.score_map,
     )
 
 
@@ -359,7 +360,7 @@ def build_bundle(
 
 def _optional_calibration_keys(calibration: Calibration) -> dict[str, Any]:
     """Calibration-record keys beyond the manifest format's, present only when used: the PAC δ and the
-    confidence-bin edges and quantiles of a Mondrian calibration."""
+    confidence-bin edges and quantiles of a Mondrian calibration, the knots of a learned score map."""
     d = calibration.to_dict()
     keys: dict[str, Any] = {}
     if calibration.delta is not None:
@@ -367,6 +368,9 @@ def _optional_calibration_keys(calibration: Calibration) -> dict[str, Any]:
     if calibration.bin_edges:
         keys["bin_edges"] = d["bin_edges"]
         keys["bin_quantiles"] = d["bin_quantiles"]
+    if calibration.score_map is not None:
+        keys["score_map_x"] = d["score_map_x"]
+        keys["score_map_y"] = d["score_map_y"]
     return keys
 
 

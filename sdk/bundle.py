@@ -268,6 +268,8 @@ class Bundle:
             delta=c.get("delta"),
             bin_edges=tuple(c.get("bin_edges") or ()),
             bin_quantiles=tuple(c.get("bin_quantiles") or ()),
+            score_map_x=tuple(c.get("score_map_x") or ()),
+            score_map_y=tuple(c.get("score_map_y") or ()),
         )
         if variant is not None:
             name = f"{variant.get('precision')}/{variant.get('backend')} ({variant.get('file')})"

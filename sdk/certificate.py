@@ -12,6 +12,7 @@ radius ``radius`` around the input.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -22,6 +23,7 @@ from .stats import norm_cdf, norm_ppf
 __all__ = [
     "TRANSFORMS",
     "Calibration",
+    "apply_score_map",
     "Certificate",
     "CertificateBatch",
     "certify_from_probs",
@@ -87,10 +89,17 @@ class Calibration:
     # ``quantile`` stays the plain single-quantile calibration, valid on its own.
     bin_edges: tuple[float, ...] = ()
     bin_quantiles: tuple[float, ...] = ()
+    # A learned monotone map g on the probit scale (knots x → y, linear between, flat beyond), fitted
+    # on a selection split: the score becomes g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). Empty: g is the identity.
+    score_map_x: tuple[float, ...] = ()
+    score_map_y: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.score not in TRANSFORMS:
             raise ValueError(f"unknown score transform {self.score!r}; expected one of {TRANSFORMS}")
+        object.__setattr__(self, "score_map_x", tuple(float(v) for v in self.score_map_x))
+        object.__setattr__(self, "score_map_y", tuple(float(v) for v in self.score_map_y))
+        _check_score_map(self.score_map_x, self.score_map_y, self.score)
         if math.isnan(self.p_cap):
             object.__setattr__(self, "p_cap", p_cap(self.beta, self.n_mc))
         object.__setattr__(self, "_z_cap", norm_ppf(float(self.p_cap)))  # Φ⁻¹(p_cap), once
@@ -116,6 +125,11 @@ class Calibration:
             return np.full(s.shape, self.quantile)
         return np.asarray(self.bin_quantiles)[confidence_bin(s, self.bin_edges)]
 
+    @property
+    def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The knots ``(x, y)`` of the learned probit map, or None for the plain transform."""
+        return (self.score_map_x, self.score_map_y) if self.score_map_x else None
+
     def with_quantile(self, quantile: float, bin_quantiles: tuple[float, ...] | None = None) -> Calibration:
         """The same calibration with another variant's quantile(s)."""
         d = asdict(self)
@@ -128,7 +142,40 @@ class Calibration:
         d = asdict(self)
         d["bin_edges"] = list(self.bin_edges)
         d["bin_quantiles"] = [q if math.isfinite(q) else None for q in self.bin_quantiles]
+        d["score_map_x"] = list(self.score_map_x)
+        d["score_map_y"] = list(self.score_map_y)
         return d
+
+
+def _check_score_map(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
+    if not x and not y:
+        return
+    if score != "probit":
+        raise ValueError(f"a learned score map works on the probit scale only, not with score {score!r}")
+    if len(x) != len(y) or len(x) < 1:
+        raise ValueError(f"score map needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
+    if not all(math.isfinite(v) for v in (*x, *y)):
+        raise ValueError("score map knots must be finite")
+    if any(b <= a for a, b in zip(x, x[1:])):
+        raise ValueError("score map x knots must increase strictly")
+    if any(b < a for a, b in zip(y, y[1:])):
+        raise ValueError("score map y values must not decrease (the map must be monotone)")
+
+
+def apply_score_map(z: np.ndarray | float, score_map: tuple[tuple[float, ...], tuple[float, ...]] | None):
+    """g(z): piecewise linear through the knots, flat beyond the end knots; identity when None."""
+    if score_map is None:
+        return z
+    x, y = score_map
+    if isinstance(z, float):  # the runtime's per-frame path: bisect beats np.interp's set-up
+        i = bisect_right(x, z)
+        if i == 0:
+            return y[0]
+        if i == len(x):
+            return y[-1]
+        x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+        return y0 + (y1 - y0) * (z - x0) / (x1 - x0)
+    return np.interp(z, x, y)
 
 
 def confidence_bin(top_prob: np.ndarray, edges: tuple[float, ...] | list[float]) -> np.ndarray:
@@ -191,6 +238,8 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with
     radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0. With confidence bins, q̂ is the quantile of
     the bin that s[Â] falls in (Mondrian calibration: the guarantee then also holds within each bin).
+    With a learned score map g (probit only), T(min(s[Â], p_cap)) is replaced by g(Φ⁻¹(min(s[Â], p_cap))),
+    exactly as in the calibration scores, so the same argument holds.
 
     Guarantee: with probability ≥ 1 − α − β over calibration, input and noise (calibration and
     deployed inputs exchangeable), the certificate abstains or the smoothed classifier predicts Â
@@ -217,7 +266,8 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     s = batch[np.arange(len(batch)), top]
     capped = np.minimum(s, calibration.p_cap)
     with np.errstate(invalid="ignore"):
-        t_lower = transform(capped, calibration.score) - calibration.quantiles_for(s)
+        t = apply_score_map(transform(capped, calibration.score), calibration.score_map)
+        t_lower = t - calibration.quantiles_for(s)
         p_lower = np.minimum(inverse_transform(t_lower, calibration.score), calibration.p_cap)
     p_lower = np.nan_to_num(p_lower, nan=0.0)
     abstain = ~(p_lower > 0.5)
@@ -244,7 +294,7 @@ def _certify_one(p: np.ndarray, calibration: Calibration) -> Certificate:
     q = float(calibration.quantiles_for(np.array([s]))[0]) if calibration.bin_edges else calibration.quantile
     capped = min(s, calibration.p_cap)
     if calibration.score == "probit":
-        z = min(norm_ppf(capped) - q, calibration._z_cap)
+        z = min(apply_score_map(norm_ppf(capped), calibration.score_map) - q, calibration._z_cap)
         p_lower = min(norm_cdf(z), calibration.p_cap)
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -263,13 +313,18 @@ def _certify_one(p: np.ndarray, calibration: Calibration) -> Certificate:
 
 
 def conformal_scores(
-    top_prob: np.ndarray, p_lower_mc: np.ndarray, calibration_p_cap: float, score: str = "probit"
+    top_prob: np.ndarray,
+    p_lower_mc: np.ndarray,
+    calibration_p_cap: float,
+    score: str = "probit",
+    score_map: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> np.ndarray:
-    """Nonconformity scores e_i = T(min(ŝ_i, p_cap)) − T(p̲_i), +∞ where p̲_i = 0."""
+    """Nonconformity scores e_i = g(T(min(ŝ_i, p_cap))) − T(p̲_i), +∞ where p̲_i = 0 (g: the learned
+    score map, identity when None)."""
     s = np.minimum(np.asarray(top_prob, dtype=np.float64), calibration_p_cap)
     lo = np.asarray(p_lower_mc, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        e = transform(s, score) - transform(lo, score)
+        e = apply_score_map(transform(s, score), score_map) - transform(lo, score)
     return np.where(lo <= 0.0, np.inf, e)
 
 

@@ -22,7 +22,20 @@ app = typer.Typer(
 
 class ProfileName(str, Enum):
     quick = "quick"
+    medium = "medium"
     full = "full"
+    full_small = "full-small"
+
+
+class RuleName(str, Enum):
+    """Mirrors rrise.calibrate.rules.RULES (kept here: `rrise --help` must not import numpy-heavy code)."""
+
+    single = "single"
+    bins = "bins"
+    map = "map"
+    map_tau005 = "map-tau0.05"
+    map_tau05 = "map-tau0.5"
+    map_bins = "map+bins"
 
 
 class DatasetName(str, Enum):
@@ -48,7 +61,11 @@ DatasetOpt = Annotated[
     DatasetName | None, typer.Option(help="Dataset (default: the folder's, else fashion-mnist).")
 ]
 ProfileOpt = Annotated[
-    ProfileName | None, typer.Option(help="Sizes: quick (minutes on a CPU) or full (the default sizes).")
+    ProfileName | None,
+    typer.Option(
+        help="Sizes: quick (minutes on a CPU), medium (quick models, full-size MC on fewer inputs), "
+        "full (the default sizes) or full-small (full sizes, edge-sized base model)."
+    ),
 ]
 SigmaOpt = Annotated[float | None, typer.Option(help="Noise level σ in [0,1]-pixel units (default 0.25).")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for splits, training and Monte Carlo (default 0).")]
@@ -95,6 +112,10 @@ STAGE_HELP = {
     "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
     "train-baseline": "Train the Accelerated Smoothing baseline (JS-divergence surrogate) for the report.",
     "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
+    "select-rule": (
+        "Choose the calibration rule (one quantile, confidence bins, learned score map) on the selection "
+        "split, with full-size MC there: writes rules.json, which `rrise calibrate` then follows."
+    ),
 }
 
 
@@ -123,6 +144,7 @@ for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
     ("train-surrogate", "rrise train-surrogate --workdir runs/fmnist"),
     ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
+    ("select-rule", "rrise select-rule --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
     ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:
@@ -186,12 +208,17 @@ def calibrate(
         ),
     ] = None,
     score: Annotated[ScoreName, typer.Option(help="Score transform T.")] = ScoreName.probit,
+    rule: Annotated[
+        RuleName | None,
+        typer.Option(help="Calibration rule (default: the one `rrise select-rule` chose, else single)."),
+    ] = None,
     bins: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Mondrian quantiles over up to this many confidence bins (edges from the selection split)."
+            help="Override the rule's number of confidence bins (Mondrian quantiles, edges from the "
+            "selection split); 1 = one quantile."
         ),
-    ] = 1,
+    ] = None,
     dataset: DatasetOpt = None,
     profile: ProfileOpt = None,
     sigma: SigmaOpt = None,
@@ -213,8 +240,10 @@ def calibrate(
     options = {k: v for k, v in {"alpha": alpha, "beta": beta, "delta": delta}.items() if v is not None}
     if score is not ScoreName.probit:
         options["score"] = score.value
-    if bins > 1:
+    if bins is not None:
         options["bins"] = bins
+    if rule is not None:
+        options["rule"] = rule.value
     try:
         paths = run_stage(w, "calibrate", force=force, **options)
     except ValueError as exc:

@@ -111,6 +111,14 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
                 )
                 if k in cal
             ),
+            *(
+                [
+                    f"Score map    learned on the selection split, {len(cal['score_map_x'])} knots: "
+                    + ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_map_x"], cal["score_map_y"]))
+                ]
+                if cal.get("score_map_x")
+                else []
+            ),
             "Variants",
         ]
         for v in summary["variants"]:

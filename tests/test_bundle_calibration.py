@@ -87,3 +87,34 @@ def test_a_binned_bundle_variant_without_bin_quantiles_is_refused(tiny_bundle, t
     with pytest.raises(BundleError, match="bin_quantiles"):
         bundle.calibration(variant)
     assert isinstance(bundle.calibration(), Calibration)
+
+
+def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tmp_path):
+    from rrise.inspect import format_inspection, inspect_bundle
+    from rrise.runtime import Runtime
+
+    score_map = ((-0.5, 0.5, 1.5, 2.5), (-1.0, 0.2, 1.1, 2.3))
+    bundle, cal, probs, images = _rebuild(tiny_bundle, tmp_path / "b", score_map=score_map)
+    assert bundle.manifest["calibration"]["score_map_x"] == list(score_map[0])
+    deployed = bundle.calibration(bundle.variant("fp32"))
+    assert deployed.score_map == score_map and deployed.quantile == pytest.approx(cal.quantile)
+    rt = Runtime(bundle.path, backend="onnxruntime")
+    frame = np.rint(images[0, 0] * 255).astype(np.uint8)
+    expected = certify_from_probs(rt._backend.run(rt.preprocessor(frame)[None])[0], deployed)
+    plain = certify_from_probs(rt._backend.run(rt.preprocessor(frame)[None])[0], cal.with_quantile(0.0))
+    record = rt.certify(frame)
+    assert record["p_lower"] == pytest.approx(expected.p_lower)
+    assert record["p_lower"] != pytest.approx(plain.p_lower)
+    # another variant is recalibrated through the same map
+    sharper = probs**1.05 / (probs**1.05).sum(1, keepdims=True)
+    updated = add_variant(
+        bundle.path, bundle.file("surrogate.onnx"), precision="fp16", backend="test", probs=sharper,
+        name="surrogate.sharper.onnx",
+    )  # fmt: skip
+    expected_q = calibrate_from_counts(
+        sharper, np.load(bundle.file("calibration.npz"))["counts"], n_mc=cal.n_mc, sigma=cal.sigma,
+        alpha=cal.alpha, beta=cal.beta, score_map=score_map,
+    ).quantile  # fmt: skip
+    assert updated.variant("fp16", "test")["quantile"] == pytest.approx(expected_q)
+    summary, problems = inspect_bundle(bundle.path)
+    assert not problems and "Score map" in format_inspection(summary, problems)

@@ -42,7 +42,9 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
     # Every stage resumes: a second run skips everything up to the runtime.
     again = runner.invoke(app, ["demo", "--workdir", str(work), "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert again.output.count("skipping") == 8
+    from rrise.calibrate.pipeline import STAGES
+
+    assert again.output.count("skipping") == len(STAGES)
 
 
 def test_workdir_refuses_another_configuration(tmp_path):
@@ -56,6 +58,7 @@ def test_workdir_refuses_another_configuration(tmp_path):
 @pytest.mark.skipif(not FASHION_AVAILABLE, reason="Fashion-MNIST is not installed")
 def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     from rrise.calibrate.pipeline import STAGES, RunConfig, Workdir, run_stage
+    from rrise.calibrate.rules import get_rule
 
     w = Workdir.open(
         tmp_path / "fm", RunConfig(dataset="fashion-mnist", profile="smoke"), show_progress=False
@@ -76,3 +79,11 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     assert (
         b.manifest["calibration"]["m"] == w.prof.m and b.manifest["calibration"]["dataset"] == "fashion-mnist"
     )
+    # The rule was chosen on the selection split's own MC, and calibration followed it.
+    rules = json.loads(w.path("rules.json").read_text())
+    assert rules["inputs"] == w.prof.n_rule and rules["winner"] in rules["rules"]
+    assert json.loads(w.path("calibration.json").read_text())["rule"] == rules["winner"]
+    assert set(metrics["rules"]["test"]) == set(rules["rules"])
+    winner_has_map = get_rule(rules["winner"]).map_tau is not None
+    assert ("score_map_x" in b.manifest["calibration"]) == winner_has_map
+    assert "## Calibration rules" in w.path("report/report.md").read_text()
