@@ -331,21 +331,29 @@ def run_targets(w: Workdir, force: bool = False, resume: bool = True) -> list[Pa
         dist.shutdown()
 
 
-def _fit_surrogate(w: Workdir, loss: str, stem: str) -> list[Path]:
-    """Train a surrogate (from the base model's weights by default) on the MC targets."""
+def _fit_surrogate(
+    w: Workdir, loss: str, stem: str, arch: str | None = None, augment: str | None = None
+) -> list[Path]:
+    """Train a surrogate on the MC targets: from the base model's weights (``arch="base"``, the
+    profile's default) or a fresh architecture; checkpointed every epoch and resumed after a crash."""
     from rrise.export.onnx_export import export_onnx
 
-    from .models import build_model, load_model, save_model
+    from .models import ARCHS, build_model, load_model, save_model
     from .train import train_surrogate
 
     ds, p = w.data("train"), w.prof
     tr, sel = load_targets(w, "targets"), load_targets(w, "selection")
     spec = _model_spec(w)
-    if p.surrogate_arch == "base":
+    arch = arch or p.surrogate_arch
+    augment = augment or p.surrogate_augment
+    if arch == "base":
         model, _ = load_model(w.path("base.pt"))
         arch = p.base_arch
+    elif arch in ARCHS:
+        model = build_model(arch, **spec)
     else:
-        model, arch = build_model(p.surrogate_arch, **spec), p.surrogate_arch
+        raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
+    ckpt = w.path(f"{stem}.ckpt")
     model, history = train_surrogate(
         model,
         ds.images[tr["index"]],
@@ -356,6 +364,8 @@ def _fit_surrogate(w: Workdir, loss: str, stem: str) -> list[Path]:
         val_counts=sel["counts"],
         show_progress=w.show_progress,
         loss=loss,
+        augment=augment,
+        checkpoint=ckpt,
     )
     save_model(
         model,
@@ -367,14 +377,16 @@ def _fit_surrogate(w: Workdir, loss: str, stem: str) -> list[Path]:
         sigma=w.config.sigma,
         history=history,
         loss=loss,
+        augment=augment,
     )
     export_onnx(model, w.path(f"{stem}.onnx"), ds.shape)
+    ckpt.unlink(missing_ok=True)  # the finished model supersedes it
     return [w.path(f"{stem}.pt"), w.path(f"{stem}.onnx")]
 
 
-def stage_train_surrogate(w: Workdir) -> list[Path]:
+def stage_train_surrogate(w: Workdir, arch: str | None = None, augment: str | None = None) -> list[Path]:
     """Fit the surrogate to counts/N (soft-label cross-entropy), selected by held-out KL."""
-    return _fit_surrogate(w, "ce", "surrogate")
+    return _fit_surrogate(w, "ce", "surrogate", arch, augment)
 
 
 def stage_train_baseline(w: Workdir) -> list[Path]:

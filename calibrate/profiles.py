@@ -38,6 +38,7 @@ class Profile:
     # runtime demo
     video_frames: int
     batch_size: int = 1000
+    surrogate_augment: str = "none"
     note: str = ""
 
     def to_dict(self) -> dict:

@@ -8,7 +8,11 @@ on CPU with a fixed thread count the result is bit-reproducible). Inputs are flo
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +21,7 @@ from torch import nn
 
 from rrise.progress import progress_bar
 
-__all__ = ["mean_kl", "predict_probs", "train_base", "train_surrogate"]
+__all__ = ["AUGMENTATIONS", "augment_batch", "mean_kl", "predict_probs", "train_base", "train_surrogate"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -141,6 +145,38 @@ def jensen_shannon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 SURROGATE_LOSSES = {"ce": soft_label_cross_entropy, "js": jensen_shannon}
 
 
+AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
+CHECKPOINT_FORMAT = "rrise.surrogate-checkpoint/1"
+
+
+def augment_batch(x: torch.Tensor, how: str, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random label-free augmentation of a batch [B, C, H, W]: ``shift`` translates each image by up
+    to ``max_shift`` pixels (zero fill), ``flip`` mirrors half of them left-right.
+
+    The MC targets belong to the un-augmented image, so this trades exactness of the targets for
+    regularisation; held-out KL (on un-augmented selection inputs) says which wins.
+    """
+    if how not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {how!r}")
+    if how == "none":
+        return x
+    b, _, h, w = x.shape
+    if "flip" in how:
+        flip = torch.rand(b, generator=gen, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if "shift" in how:
+        k = max_shift
+        padded = F.pad(x, (k, k, k, k))
+        dy = torch.randint(0, 2 * k + 1, (b,), generator=gen, device=x.device)
+        dx = torch.randint(0, 2 * k + 1, (b,), generator=gen, device=x.device)
+        rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
+        cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    return x
+
+
 def train_surrogate(
     model: nn.Module,
     images: np.ndarray,
@@ -154,6 +190,9 @@ def train_surrogate(
     val_counts: np.ndarray | None = None,
     show_progress: bool = True,
     loss: str = "ce",
+    augment: str = "none",
+    checkpoint: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate to the smoothed class distribution on CLEAN inputs.
 
@@ -166,9 +205,15 @@ def train_surrogate(
 
     ``loss="js"`` trains with the Jensen–Shannon divergence to counts/N instead: the "Accelerated
     Smoothing" baseline (arXiv 2402.07498), kept for comparison; RRISE uses ``"ce"``.
+    ``augment``: see :func:`augment_batch`. ``checkpoint``: a file written (atomically) after every
+    epoch; when it exists and was made with the same settings, training resumes from it and ends
+    with the same weights as an uninterrupted run. ``on_epoch_end(epoch, history)`` is called after
+    each epoch's checkpoint.
     """
     if loss not in SURROGATE_LOSSES:
         raise ValueError(f"loss must be one of {sorted(SURROGATE_LOSSES)}, got {loss!r}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     loss_fn = SURROGATE_LOSSES[loss]
     if (val_images is None) != (val_counts is None):
         raise ValueError("give both val_images and val_counts, or neither")
@@ -180,17 +225,43 @@ def train_surrogate(
     steps_per_epoch = math.ceil(n / batch_size)
     opt, sched = _optimizer(model, lr, epochs * steps_per_epoch)
     order_rng = np.random.default_rng(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
     history: dict = {"train_kl": [], "val_kl": [], "best_epoch": epochs - 1}
     best_state, best_val = None, math.inf
+    signature = {
+        "n": n,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "loss": loss,
+        "augment": augment,
+        "targets": _digest(t_all),
+    }
+    first_epoch = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("signature") != signature:
+            raise ValueError(
+                f"checkpoint {checkpoint} was made with other settings or targets; delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        order_rng.bit_generator.state = state["order_rng"]
+        aug_gen.set_state(state["aug_rng"])
+        history, best_state, best_val = state["history"], state["best_state"], state["best_val"]
+        first_epoch = state["epoch"] + 1
     with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=show_progress) as bar:
-        for epoch in range(epochs):
+        bar.advance(first_epoch * steps_per_epoch)
+        for epoch in range(first_epoch, epochs):
             model.train()
             order = torch.as_tensor(order_rng.permutation(n), device=device)
             kl_sum = torch.zeros((), device=device)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 target = t_all[idx]
-                logits = model(x_all[idx])
+                logits = model(augment_batch(x_all[idx], augment, aug_gen))
                 batch_loss = loss_fn(logits, target)
                 opt.zero_grad(set_to_none=True)
                 batch_loss.backward()
@@ -209,9 +280,39 @@ def train_surrogate(
                     best_val, history["best_epoch"] = val, epoch
                     best_state = copy.deepcopy(model.state_dict())
             bar.note(note)
+            if checkpoint is not None:
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "signature": signature,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "order_rng": order_rng.bit_generator.state,
+                        "aug_rng": aug_gen.get_state(),
+                        "history": history,
+                        "best_state": best_state,
+                        "best_val": best_val,
+                    },
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history)
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), history
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()
+
+
+def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _batched_logits(model: nn.Module, images: np.ndarray, batch_size: int):

@@ -38,6 +38,15 @@ class RuleName(str, Enum):
     map_bins = "map+bins"
 
 
+class AugmentName(str, Enum):
+    """Mirrors rrise.calibrate.train.AUGMENTATIONS."""
+
+    none = "none"
+    shift = "shift"
+    flip = "flip"
+    shift_flip = "shift+flip"
+
+
 class DatasetName(str, Enum):
     fashion_mnist = "fashion-mnist"
     mnist = "mnist"
@@ -108,7 +117,6 @@ def _workdir(workdir: Path, dataset, profile, sigma, seed, data_dir, quiet: bool
 STAGE_HELP = {
     "train-base": "Train the base classifier with Gaussian noise augmentation (writes base.pt, base.onnx).",
     "targets": "Monte Carlo class counts of the base model: the surrogate's training targets.",
-    "train-surrogate": "Train the surrogate on counts/N (soft-label cross-entropy), selected on held-out KL.",
     "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
     "train-baseline": "Train the Accelerated Smoothing baseline (JS-divergence surrogate) for the report.",
     "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
@@ -142,7 +150,6 @@ def _stage_command(stage: str, example: str):
 
 for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
-    ("train-surrogate", "rrise train-surrogate --workdir runs/fmnist"),
     ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
     ("select-rule", "rrise select-rule --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
@@ -194,6 +201,46 @@ class ScoreName(str, Enum):
     probit = "probit"
     logit = "logit"
     identity = "identity"
+
+
+@app.command("train-surrogate")
+def train_surrogate(
+    workdir: WorkdirOpt,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="base: start from the base model's weights (the default); cnn or cnn-small: a fresh "
+            "network, e.g. smaller for the edge."
+        ),
+    ] = None,
+    augment: Annotated[
+        AugmentName | None,
+        typer.Option(help="Augment training inputs (the targets stay the clean image's): default none."),
+    ] = None,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    sigma: SigmaOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the surrogate on counts/N (soft-label cross-entropy), selected on held-out KL.
+
+    Checkpointed after every epoch: run it again after a crash and it resumes where it stopped.
+
+    Example: `rrise train-surrogate --workdir runs/fmnist --arch cnn-small --augment shift`
+    """
+    from rrise.calibrate.pipeline import run_stage
+
+    w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+    options = {k: v for k, v in {"arch": arch, "augment": augment and augment.value}.items() if v}
+    try:
+        paths = run_stage(w, "train-surrogate", force=force, **options)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    for path in paths:
+        typer.echo(str(path))
 
 
 @app.command()

@@ -239,3 +239,63 @@ def test_train_surrogate_without_validation_and_bad_counts(digits):
         train_surrogate(model, x, bad, epochs=1, show_progress=False)
     with pytest.raises(ValueError):
         train_surrogate(model, x, counts[:10], epochs=1, show_progress=False)
+
+
+def test_surrogate_checkpoint_resumes_to_the_same_weights(digits, tmp_path):
+    """A crash after epoch 2 of 4, then a rerun with the same checkpoint: identical final weights."""
+    from rrise.calibrate.train import train_surrogate
+
+    train, test = digits
+    x, y = train.images[:256], train.labels[:256]
+    rng = np.random.default_rng(2)
+    counts, val_counts = _soft_counts(y, rng), _soft_counts(test.labels[:64], rng)
+    kw = dict(
+        epochs=4, batch_size=64, seed=3, val_images=test.images[:64], val_counts=val_counts,
+        show_progress=False, augment="shift+flip",
+    )  # fmt: skip
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("cnn-small", 1, 10, 8)
+
+    straight, h_straight = train_surrogate(fresh(), x, counts, **kw)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(epoch, _history):
+        if epoch == 1:
+            raise Crash
+
+    ckpt = tmp_path / "s.ckpt"
+    with pytest.raises(Crash):
+        train_surrogate(fresh(), x, counts, checkpoint=ckpt, on_epoch_end=crash_after_two, **kw)
+    assert ckpt.exists()
+    epochs_run = []
+    resumed, h_resumed = train_surrogate(
+        fresh(), x, counts, checkpoint=ckpt, on_epoch_end=lambda e, h: epochs_run.append(e), **kw
+    )
+    assert epochs_run == [2, 3]  # only the epochs the crash left
+    assert h_resumed == h_straight
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # a checkpoint made with other settings is refused, not silently mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        train_surrogate(fresh(), x, counts, checkpoint=ckpt, **{**kw, "seed": 4})
+
+
+def test_augment_batch_shifts_and_flips_without_changing_content():
+    from rrise.calibrate.train import augment_batch
+
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, 0, 3:5, 2:4] = 1.0  # a 2×2 blob away from the border
+    gen = torch.Generator().manual_seed(0)
+    out = augment_batch(x, "shift", gen)
+    assert out.shape == x.shape and torch.equal(out.sum((1, 2, 3)), x.sum((1, 2, 3)))  # nothing clipped
+    assert (out != x).any(dim=(1, 2, 3)).float().mean() > 0.7  # most images moved
+    flipped = augment_batch(x, "flip", gen)
+    moved = (flipped != x).any(dim=(1, 2, 3))
+    assert 0.2 < moved.float().mean() < 0.8 and torch.equal(flipped[moved], x[moved].flip(-1))
+    assert augment_batch(x, "none", gen) is x
+    with pytest.raises(ValueError, match="augment"):
+        augment_batch(x, "rotate", gen)

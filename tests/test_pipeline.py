@@ -46,6 +46,16 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
 
     assert again.output.count("skipping") == len(STAGES)
 
+    # Calibration rules from the CLI: bins need only the selection split's ŝ; a score map needs its
+    # full-size MC, which the digits profile does not sample, and says so.
+    assert json.loads((work / "rules.json").read_text())["winner"] == "single"
+    binned = runner.invoke(app, ["calibrate", "--workdir", str(work), "--rule", "bins", "--bins", "2"])
+    assert binned.exit_code == 0, binned.output
+    record = json.loads((work / "calibration.json").read_text())
+    assert record["rule"] == "bins" and len(record["bin_edges"]) == 1 and len(record["bin_quantiles"]) == 2
+    mapped = runner.invoke(app, ["calibrate", "--workdir", str(work), "--rule", "map"])
+    assert mapped.exit_code == 1 and "full-size MC counts on the selection split" in mapped.output
+
 
 def test_workdir_refuses_another_configuration(tmp_path):
     work = tmp_path / "w"
@@ -87,3 +97,19 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     winner_has_map = get_rule(rules["winner"]).map_tau is not None
     assert ("score_map_x" in b.manifest["calibration"]) == winner_has_map
     assert "## Calibration rules" in w.path("report/report.md").read_text()
+
+
+def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(tmp_path):
+    from rrise.calibrate.models import load_model
+
+    work = str(tmp_path / "w")
+    common = ["--workdir", work, "--dataset", "digits", "--no-progress"]
+    for stage in ("train-base", "targets"):
+        assert runner.invoke(app, [stage, *common]).exit_code == 0
+    bad = runner.invoke(app, ["train-surrogate", *common, "--arch", "resnet-9000"])
+    assert bad.exit_code == 1 and "unknown surrogate arch" in bad.output
+    ok = runner.invoke(app, ["train-surrogate", *common, "--arch", "cnn", "--augment", "shift"])
+    assert ok.exit_code == 0, ok.output
+    _, info = load_model(tmp_path / "w" / "surrogate.pt")
+    assert info["arch"] == "cnn" and info["augment"] == "shift"
+    assert not (tmp_path / "w" / "surrogate.ckpt").exists()  # the finished model supersedes it
