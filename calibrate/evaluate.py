@@ -326,6 +326,10 @@ def _markdown(metrics: dict[str, Any]) -> str:
     if cost:
         lines += ["", "## Cost", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in cost.items()]
+    cap = metrics.get("cap", {})
+    if cap:
+        lines += ["", "## The Monte Carlo cap", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in cap.items()]
     stages = metrics.get("stage_seconds", {})
     if stages:
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]

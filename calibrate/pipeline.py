@@ -764,10 +764,28 @@ def stage_evaluate(w: Workdir) -> list[Path]:
             "speedup per query": round(mc_per_query / per_query, 1),
             "break-even queries": int(np.ceil(one_time_s / max(mc_per_query - per_query, 1e-12))),
         },
+        "cap": _cap_summary(calnpz, p.n_cal, p.beta, w.config.sigma),
         "stage_seconds": stage_s,
     }
     paths = write_report(w.path("report"), metrics)
     return list(paths.values())
+
+
+def _cap_summary(calnpz: Any, n_cal: int, beta: float, sigma: float) -> dict[str, Any]:
+    """How much the MC budget N_cal limits the radii: the share of calibration inputs whose every
+    draw voted for the surrogate's class (their p̲ is at the cap), and the radius the cap allows."""
+    from rrise.certificate import p_cap
+    from rrise.stats import norm_ppf
+
+    counts, probs = calnpz["counts"], calnpz["probs"]
+    top = probs.argmax(axis=1)
+    at_cap = float(np.mean(counts[np.arange(len(top)), top] == n_cal))
+    cap = p_cap(beta, n_cal)
+    return {
+        "calibration inputs with every draw on the surrogate's class": round(at_cap, 4),
+        "p_cap = β^(1/N_cal)": round(cap, 8),
+        "largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)": round(sigma * float(norm_ppf(cap)), 4),
+    }
 
 
 def stage_bundle(w: Workdir) -> list[Path]:
