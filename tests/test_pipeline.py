@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 from typer.testing import CliRunner
 
 from rrise import Bundle
@@ -97,6 +98,13 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     winner_has_map = get_rule(rules["winner"]).map_tau is not None
     assert ("score_map_x" in b.manifest["calibration"]) == winner_has_map
     assert "## Calibration rules" in w.path("report/report.md").read_text()
+    cap = metrics["cap"]
+    top = cal["probs"].argmax(1)
+    at_cap = np.mean(cal["counts"][np.arange(len(top)), top] == w.prof.n_cal)
+    share = cap["calibration inputs with every draw on the surrogate's class"]
+    assert share == pytest.approx(at_cap, abs=1e-4)
+    z_cap = norm.ppf(w.prof.beta ** (1 / w.prof.n_cal))
+    assert cap["largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)"] == pytest.approx(w.config.sigma * z_cap, abs=1e-4)
 
 
 def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(tmp_path):
