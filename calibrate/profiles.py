@@ -37,6 +37,9 @@ class Profile:
     mc_alpha: float
     # runtime demo
     video_frames: int
+    # high-budget reference MC for violation rates (`rrise reference`, not part of the demo)
+    n_ref: int = 100_000
+    n_ref_inputs: int = 200
     batch_size: int = 1000
     surrogate_augment: str = "none"
     note: str = ""
@@ -143,6 +146,8 @@ DIGITS = replace(
     n=200,
     mc_alpha=0.01,
     video_frames=12,
+    n_ref=5_000,
+    n_ref_inputs=30,
     batch_size=500,
     note="",
 )

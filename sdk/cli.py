@@ -120,6 +120,10 @@ STAGE_HELP = {
     "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
     "train-baseline": "Train the Accelerated Smoothing baseline (JS-divergence surrogate) for the report.",
     "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
+    "reference": (
+        "High-budget reference MC (N_ref = 10⁵ draws on 200 test inputs with the full profiles) for "
+        "`rrise evaluate`'s violation rates; not part of the demo."
+    ),
     "select-rule": (
         "Choose the calibration rule (one quantile, confidence bins, learned score map) on the selection "
         "split, with full-size MC there: writes rules.json, which `rrise calibrate` then follows."
@@ -152,6 +156,7 @@ for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
     ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
     ("select-rule", "rrise select-rule --workdir runs/fmnist"),
+    ("reference", "rrise reference --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
     ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:

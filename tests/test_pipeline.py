@@ -57,6 +57,16 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
     mapped = runner.invoke(app, ["calibrate", "--workdir", str(work), "--rule", "map"])
     assert mapped.exit_code == 1 and "full-size MC counts on the selection split" in mapped.output
 
+    # A high-budget reference replaces Cohen's draws as the violation reference, on its inputs only.
+    assert runner.invoke(app, ["reference", "--workdir", str(work), "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "--workdir", str(work), "--force", "--no-progress"]).exit_code == 0
+    metrics = json.loads((work / "report/metrics.json").read_text())
+    rrise = next(v for k, v in metrics["methods"].items() if k.startswith("RRISE"))
+    v = rrise["violations"]
+    assert v["n_ref"] == 5000 and v["certified"] <= 30
+    assert v["against Cohen's estimation draws on every test input"]["n_ref"] == 200
+    assert "5000 fresh MC draws on each of 30 test inputs" in metrics["violation_note"]
+
 
 def test_workdir_refuses_another_configuration(tmp_path):
     work = tmp_path / "w"
