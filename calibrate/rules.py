@@ -127,8 +127,12 @@ def compare_rules(
     radii: tuple[float, ...] = TARGET_RADII,
     repeats: int = 50,
     seed: int = 0,
+    fit_share: float = 0.25,
+    calibrate_share: float = 0.5,
 ) -> dict[str, Any]:
-    """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test thirds.
+    """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits
+    (``fit_share`` and ``calibrate_share`` of the inputs, the rest for test; calibration gets the
+    largest part because rules with bins need the most inputs there).
 
     ``probs``, ``counts`` and ``labels`` are the surrogate's outputs, fresh MC counts (``n_mc`` draws)
     and labels of SELECTION inputs. Also reported per rule: ACR, abstain rate and the miss rate (test
@@ -141,7 +145,9 @@ def compare_rules(
     y = np.asarray(labels)
     n = len(p)
     rng = np.random.default_rng(seed)
-    third = n // 3
+    n_fit, n_cal = int(n * fit_share), int(n * calibrate_share)
+    if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
+        raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
     top = p.argmax(axis=1)
     p_low = mc_lower_bounds(k, top, n_mc, beta)
     acc = {r.name: [] for r in rules}
@@ -151,7 +157,7 @@ def compare_rules(
     errors: dict[str, str] = {}
     for _ in range(repeats):
         perm = rng.permutation(n)
-        fit, cal, test = perm[:third], perm[third : 2 * third], perm[2 * third :]
+        fit, cal, test = perm[:n_fit], perm[n_fit : n_fit + n_cal], perm[n_fit + n_cal :]
         for rule in rules:
             if rule.name in errors:
                 continue
@@ -193,7 +199,7 @@ def compare_rules(
         "beta": beta,
         "n_mc": n_mc,
         "inputs": n,
-        "split": f"{repeats} random thirds: fit {third}, calibrate {third}, test {n - 2 * third}",
+        "split": f"{repeats} random splits: fit {n_fit}, calibrate {n_cal}, test {n - n_fit - n_cal}",
         "radii": list(radii),
         "rules": table,
         "winner": winner,

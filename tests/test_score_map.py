@@ -162,7 +162,7 @@ def test_compare_rules_prefers_the_map_where_errors_depend_on_confidence():
 
 def test_rules_that_cannot_run_say_why_and_map_rules_need_counts():
     rng = np.random.default_rng(6)
-    probs, counts, _ = _draw(rng, 150)  # thirds of 50: too few for maps with groups of 100
+    probs, counts, _ = _draw(rng, 150)  # a fit part of 37: too few for maps with groups of 100
     result = compare_rules(
         probs, counts, np.zeros(150, dtype=int), n_mc=N_MC, sigma=SIGMA, alpha=0.05, beta=BETA, repeats=3
     )
