@@ -405,7 +405,7 @@ def surrogate_probs(onnx_path: Path, images: np.ndarray, batch_size: int = 512) 
     ).astype(np.float64)
 
 
-def selection_data(w: Workdir, with_mc: bool = True) -> dict[str, np.ndarray]:
+def selection_data(w: Workdir) -> dict[str, np.ndarray]:
     """What calibration rules are fitted on, all from the selection split: ``bin_probs`` (the
     surrogate on every selection input: bin edges need only ŝ) and, once ``select-rule`` has sampled
     them, ``probs``, ``counts`` (full-size MC) and ``labels`` of the rule-selection inputs."""
@@ -413,7 +413,7 @@ def selection_data(w: Workdir, with_mc: bool = True) -> dict[str, np.ndarray]:
 
     ds = w.data("train")
     out = {"bin_probs": surrogate_probs(w.path("surrogate.onnx"), ds.images[w.splits()["selection"]])}
-    if with_mc and w.prof.n_rule and (w.path(RULE_STORE) / "manifest.json").exists():
+    if w.prof.n_rule and (w.path(RULE_STORE) / "manifest.json").exists():
         index, counts, _ = load_store(w.path(RULE_STORE))
         out.update(
             probs=surrogate_probs(w.path("surrogate.onnx"), ds.images[index]),
