@@ -6,7 +6,8 @@ guarantee because its choices come from data disjoint from the calibration input
 
 :func:`compare_rules` scores each rule on repeated random three-way splits of the selection inputs
 that have full-size MC counts: fit the rule's choices on one part, calibrate on the second, certify
-the third. The rule with the best mean certified accuracy over the target radii wins.
+the third. The simplest rule within one standard error of the best mean certified accuracy over the
+target radii wins.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def compare_rules(
     and labels of SELECTION inputs. Also reported per rule: ACR, abstain rate and the miss rate (test
     inputs whose calibrated p̃ exceeds their own MC lower bound p̲, which the conformal step bounds
     by α in expectation). A rule that cannot run at this size (too few inputs per bin, say) is
-    reported with its reason. The winner maximises mean certified accuracy over ``radii``.
+    reported with its reason. The winner is the simplest rule (earliest in ``rules``) whose mean
+    certified accuracy over ``radii`` is within one paired standard error (over the repeats) of the
+    best rule's: the one-standard-error rule of model selection.
     """
     p = np.asarray(probs, dtype=np.float64)
     k = np.asarray(counts)
@@ -193,13 +196,26 @@ def compare_rules(
     if not ranked:
         why = "; ".join(errors.values())
         raise ValueError(f"no calibration rule could run on this selection split: {why}")
-    winner = max(ranked, key=lambda name: (table[name]["mean_certified_accuracy"], -_rank(rules, name)))
+    # One-standard-error rule: the simplest (earliest) rule whose mean is within one paired standard
+    # error of the best one's, so that noise between near-equal rules does not pick the complex one.
+    per_repeat = {name: np.asarray(acc[name]).mean(axis=1) for name in ranked}
+    best = max(ranked, key=lambda name: per_repeat[name].mean())
+    for name in ranked:
+        diff = per_repeat[best] - per_repeat[name]
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        table[name]["behind_best"] = round(float(diff.mean()), 3)
+        table[name]["behind_best_se"] = round(se, 3)
+    winner = min(
+        (name for name in ranked if table[name]["behind_best"] <= table[name]["behind_best_se"]),
+        key=lambda name: _rank(rules, name),
+    )
     return {
         "alpha": alpha,
         "beta": beta,
         "n_mc": n_mc,
         "inputs": n,
         "split": f"{repeats} random splits: fit {n_fit}, calibrate {n_cal}, test {n - n_fit - n_cal}",
+        "criterion": "simplest rule within one paired standard error of the best mean certified accuracy",
         "radii": list(radii),
         "rules": table,
         "winner": winner,
