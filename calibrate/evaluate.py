@@ -254,10 +254,12 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
         lines += [
             f"Chosen on the selection split ({sel['inputs']} inputs with N = {sel['n_mc']} MC draws, "
             f"α = {sel['alpha']:g}; {sel['split']}; mean certified accuracy over r = "
-            f"{', '.join(radii)}): **{rules['chosen']}**.",
+            f"{', '.join(radii)}; {sel.get('criterion', 'best mean')}): **{rules['chosen']}**.",
             "",
-            "| rule | " + " | ".join(f"r={r}" for r in radii) + " | mean | ACR | abstain | miss rate |",
-            "|---" * (len(radii) + 6) + "|",
+            "| rule | "
+            + " | ".join(f"r={r}" for r in radii)
+            + " | mean | behind best (SE) | ACR | abstain | miss rate |",
+            "|---" * (len(radii) + 7) + "|",
         ]
         for name, row in sel["rules"].items():
             if "error" in row:
@@ -266,6 +268,7 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
             cells = " | ".join(f"{row['certified_accuracy'][r]:.1f}" for r in radii)
             lines.append(
                 f"| {name} ({row['rule']}) | {cells} | {row['mean_certified_accuracy']:.2f} | "
+                f"{row.get('behind_best', 0):.2f} ({row.get('behind_best_se', 0):.2f}) | "
                 f"{row['acr']:.3f} | {row['abstain_pct']:.1f}% | {row['miss_rate']:.4f} |"
             )
         lines.append("")
