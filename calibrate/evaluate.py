@@ -273,7 +273,7 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
             )
         lines.append("")
     elif sel.get("note"):
-        lines += [f"No rule selection: {sel['note']}; the one-quantile rule is used.", ""]
+        lines += [f"{sel['note'].rstrip('.')}. Rule used: **{rules['chosen']}**.", ""]
     test = rules.get("test") or {}
     if test:
         lines += [
