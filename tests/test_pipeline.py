@@ -93,7 +93,8 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     metrics = json.loads(w.path("report/metrics.json").read_text())
     rrise = next(v for k, v in metrics["methods"].items() if k.startswith("RRISE"))
     cohen = next(v for k, v in metrics["methods"].items() if k.startswith("Cohen"))
-    assert rrise["certified_accuracy"][0] > 0.4 and cohen["certified_accuracy"][0] > 0.4
+    # not vacuous: smoke-sized models on 60 test inputs certify 55–60% at r = 0 (RRISE) and 77% (Cohen)
+    assert rrise["certified_accuracy"][0] > 0.3 and cohen["certified_accuracy"][0] > 0.5
     cal = np.load(w.path("calibration.npz"))
     assert (cal["counts"].sum(1) == w.prof.n_cal).all()
     b = Bundle.load(w.path("bundle"))
