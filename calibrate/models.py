@@ -70,13 +70,19 @@ def build_model(
     image_size: int,
     mean: float | Sequence[float] = 0.5,
     std: float | Sequence[float] = 0.5,
+    seed: int | None = None,
 ) -> nn.Module:
     """A CNN for ``[B, in_channels, image_size, image_size]`` inputs in [0, 1] → ``[B, num_classes]`` logits.
 
     ``cnn`` (the default base model): conv32-relu-conv32-relu-maxpool-conv64-relu-conv64-relu-maxpool-
     fc256-relu-fc(K). ``cnn-small`` (an edge-sized surrogate) halves every width, about 4× fewer
     FLOPs. Convolutions are padded, so 8×8 (digits), 28×28 (MNIST) and 32×32 (CIFAR) all work.
+    With ``seed``, the initial weights depend only on it (torch's global RNG is left as it was).
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return build_model(arch, in_channels, num_classes, image_size, mean, std)
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     if in_channels < 1 or num_classes < 2:

@@ -168,7 +168,7 @@ def stage_train_base(w: Workdir) -> list[Path]:
 
     ds, idx, p = w.data("train"), w.splits()["base"], w.prof
     spec = _model_spec(w)
-    model = build_model(p.base_arch, **spec)
+    model = build_model(p.base_arch, seed=w.config.seed, **spec)
     train_base(
         model,
         ds.images[idx],
@@ -351,7 +351,7 @@ def _fit_surrogate(
         model, _ = load_model(w.path("base.pt"))
         arch = p.base_arch
     elif arch in ARCHS:
-        model = build_model(arch, **spec)
+        model = build_model(arch, seed=w.config.seed, **spec)
     else:
         raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
     ckpt = w.path(f"{stem}.ckpt")

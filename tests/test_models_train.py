@@ -299,3 +299,16 @@ def test_augment_batch_shifts_and_flips_without_changing_content():
     assert augment_batch(x, "none", gen) is x
     with pytest.raises(ValueError, match="augment"):
         augment_batch(x, "rotate", gen)
+
+
+def test_seeded_models_start_from_the_same_weights_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_model("cnn-small", 1, 10, 8, seed=7)
+    b = build_model("cnn-small", 1, 10, 8, seed=7)
+    c = build_model("cnn-small", 1, 10, 8, seed=8)
+    assert torch.equal(torch.rand(3), expected_next)  # the global stream did not move
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    assert any(not torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))

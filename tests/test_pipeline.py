@@ -132,3 +132,18 @@ def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(tmp_path)
     _, info = load_model(tmp_path / "w" / "surrogate.pt")
     assert info["arch"] == "cnn" and info["augment"] == "shift"
     assert not (tmp_path / "w" / "surrogate.ckpt").exists()  # the finished model supersedes it
+
+
+def test_train_base_is_reproducible_across_runs(tmp_path):
+    """Same configuration, two work folders: the same base model, weight for weight."""
+    import torch
+
+    from rrise.calibrate.models import load_model
+
+    for name in ("a", "b"):
+        args = ["train-base", "--workdir", str(tmp_path / name), "--dataset", "digits", "--no-progress"]
+        assert runner.invoke(app, args).exit_code == 0
+    a, _ = load_model(tmp_path / "a" / "base.pt")
+    b, _ = load_model(tmp_path / "b" / "base.pt")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
