@@ -640,7 +640,7 @@ def certify(
     """Cohen's CERTIFY for one input or a batch (arrays are ``[B]``; ``B = 1`` for one input).
 
     ``Â`` = argmax of ``n0`` selection draws; ``k`` = votes for ``Â`` among ``n`` fresh, independent
-    estimation draws; ``p̲ = clopper_pearson_lower(k, n, α)``; abstain if ``p̲ < 1/2``, else predict
+    estimation draws; ``p̲ = clopper_pearson_lower(k, n, α)``; abstain if ``p̲ ≤ 1/2``, else predict
     ``Â`` with radius ``σ·Φ⁻¹(p̲)``. All inputs share forward batches; input ``i``'s draws depend only
     on ``(seed, index_offset + i)`` as in :func:`sample_counts`, so a data set may be certified in
     pieces with the same result.
@@ -661,7 +661,7 @@ def certify(
     top = sel.argmax(axis=1)
     k = est[np.arange(len(est)), top]
     p_lower = np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n), alpha), dtype=np.float64))
-    abstain = p_lower < 0.5
+    abstain = p_lower <= 0.5  # at exactly 1/2 no class is certified (Cohen: abstain unless p̲ > 1/2)
     with np.errstate(invalid="ignore"):
         radius = np.where(abstain, 0.0, sigma * np.asarray(norm_ppf(p_lower), dtype=np.float64))
     return CohenResult(

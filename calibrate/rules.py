@@ -12,17 +12,18 @@ target radii wins.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rrise.certificate import Calibration, certify_from_probs
+from rrise.calibration import CalibrationSpec, conformalize, mc_lower_bounds, min_calibration_size
+from rrise.certificate import certify_from_probs
 
-from .conformal import calibrate_from_counts, confidence_bin_edges, mc_lower_bounds
 from .score_map import fit_score_map
 
-__all__ = ["Rule", "RULES", "compare_rules", "fit_rule", "calibrate_with_rule", "get_rule"]
+__all__ = ["Rule", "RULES", "compare_rules", "confidence_bin_edges", "fit_rule", "get_rule"]
 
 TARGET_RADII = (0.0, 0.25, 0.5, 0.75)
 
@@ -62,56 +63,66 @@ def get_rule(name: str) -> Rule:
     raise ValueError(f"unknown calibration rule {name!r}; expected one of {', '.join(r.name for r in RULES)}")
 
 
+def confidence_bin_edges(
+    selection_top_prob: np.ndarray, m: int, alpha: float, *, max_bins: int = 4, delta: float | None = None
+) -> tuple[float, ...]:
+    """Inner edges of up to ``max_bins`` equal-mass confidence bins, from a SELECTION split's ŝ.
+
+    The number of bins G keeps about 1.5× the minimum calibration size per bin at ``m`` calibration
+    inputs (at δ/G per bin for a PAC calibration). Choose the edges on data disjoint from
+    calibration, or the guarantee is void.
+    """
+    s = np.asarray(selection_top_prob, dtype=np.float64)
+    bins = 1
+    for g in range(max(1, max_bins), 1, -1):
+        need = min_calibration_size(alpha, None if delta is None else delta / g)
+        if m // math.ceil(1.5 * need) >= g:
+            bins = g
+            break
+    if bins == 1 or len(s) == 0:
+        return ()
+    edges = np.unique(np.quantile(s, np.arange(1, bins) / bins))
+    return tuple(float(e) for e in edges if 0.0 < e <= 1.0)
+
+
 def fit_rule(
     rule: Rule,
     sel_probs: np.ndarray,
     sel_counts: np.ndarray | None,
     *,
+    sigma: float,
     m: int,
     n_mc: int,
     alpha: float,
     beta: float,
     delta: float | None = None,
+    score: str = "probit",
     bin_probs: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """The choices of ``rule`` from SELECTION data: ``score_map`` from the surrogate's ``sel_probs`` and
-    full-size MC ``sel_counts`` (``n_mc`` draws per input), and ``bin_edges`` from the ŝ of
-    ``bin_probs`` (default ``sel_probs``: bins need no MC), sized for ``m`` calibration inputs."""
-    choices: dict[str, Any] = {"bin_edges": (), "score_map": None}
+) -> CalibrationSpec:
+    """The :class:`rrise.CalibrationSpec` of ``rule``, its choices fitted on SELECTION data: the score
+    map from the surrogate's ``sel_probs`` and full-size MC ``sel_counts`` (``n_mc`` draws per input),
+    the bin edges from the ŝ of ``bin_probs`` (default ``sel_probs``: bins need no MC), sized for ``m``
+    calibration inputs. Never pass calibration inputs here: the guarantee needs the choices fixed
+    before calibration."""
+    score_map = None
     if rule.map_tau is not None:
         if sel_counts is None:
             raise ValueError(f"rule {rule.name!r} needs full-size MC counts on the selection split")
-        choices["score_map"] = fit_score_map(sel_probs, sel_counts, n_mc=n_mc, beta=beta, tau=rule.map_tau)
+        score_map = fit_score_map(sel_probs, sel_counts, n_mc=n_mc, beta=beta, tau=rule.map_tau)
+    edges: tuple[float, ...] = ()
     if rule.bins > 1:
         top_prob = np.asarray(sel_probs if bin_probs is None else bin_probs).max(axis=1)
-        choices["bin_edges"] = confidence_bin_edges(top_prob, m, alpha, max_bins=rule.bins, delta=delta)
-    return choices
-
-
-def calibrate_with_rule(
-    choices: dict[str, Any],
-    probs: np.ndarray,
-    counts: np.ndarray,
-    *,
-    n_mc: int,
-    sigma: float,
-    alpha: float,
-    beta: float,
-    delta: float | None = None,
-    score: str = "probit",
-) -> Calibration:
-    """Split-conformal calibration with a rule's fixed choices (see :func:`fit_rule`)."""
-    return calibrate_from_counts(
-        probs,
-        counts,
-        n_mc=n_mc,
+        edges = confidence_bin_edges(top_prob, m, alpha, max_bins=rule.bins, delta=delta)
+    return CalibrationSpec(
         sigma=sigma,
+        n_mc=n_mc,
         alpha=alpha,
         beta=beta,
-        delta=delta,
         score=score,
-        bin_edges=choices["bin_edges"],
-        score_map=choices["score_map"],
+        delta=delta,
+        bin_edges=edges,
+        score_map_x=() if score_map is None else score_map[0],
+        score_map_y=() if score_map is None else score_map[1],
     )
 
 
@@ -165,10 +176,10 @@ def compare_rules(
             if rule.name in errors:
                 continue
             try:
-                choices = fit_rule(rule, p[fit], k[fit], m=len(cal), n_mc=n_mc, alpha=alpha, beta=beta)
-                calibration = calibrate_with_rule(
-                    choices, p[cal], k[cal], n_mc=n_mc, sigma=sigma, alpha=alpha, beta=beta
+                spec = fit_rule(
+                    rule, p[fit], k[fit], sigma=sigma, m=len(cal), n_mc=n_mc, alpha=alpha, beta=beta
                 )
+                calibration = conformalize(spec, p[cal], k[cal])
             except ValueError as exc:
                 errors[rule.name] = str(exc)
                 continue

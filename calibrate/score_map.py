@@ -7,7 +7,7 @@ below is a low quantile (level ``tau``) of ``Φ⁻¹(p̲)`` given ``z = Φ⁻¹(
 (the conformalized-quantile-regression idea with ŝ as the only feature).
 
 Guarantee: any ``g`` fixed before the calibration inputs are seen keeps split conformal's guarantee
-(rrise.calibrate.conformal.calibrate_from_counts); fit it on a selection split, never on the
+(rrise.calibration.conformalize); fit it on a selection split, never on the
 calibration split.
 """
 
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rrise.certificate import p_cap
+from rrise.calibration import mc_lower_bounds
+from rrise.scores import p_cap
 from rrise.stats import norm_ppf
-
-from .conformal import mc_lower_bounds
 
 __all__ = ["fit_score_map", "isotonic_increasing"]
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,34 +25,30 @@ from typing import Any
 import numpy as np
 
 from rrise import __version__
-from rrise.bundle import GUARANTEE, MANIFEST, SCHEMA_VERSION, Bundle, BundleError, _umask, write_manifest
-from rrise.certificate import Calibration, p_cap
+from rrise.bundle import GUARANTEE, MANIFEST, SCHEMA_VERSION, Bundle, BundleError, sha256_file, write_manifest
+from rrise.calibration import Calibration
+from rrise.fileio import load_npz, umask
+from rrise.numerics import MICRO_BATCH_LIMIT, softmax
+from rrise.onnx_session import open_session
 
-from .onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_logits
+from .onnx_export import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
     "CALIBRATION_FILE",
     "PREPROCESS_KEYS",
     "add_variant",
     "build_bundle",
+    "calibration_outputs",
     "default_preprocess",
+    "onnx_probs_runner",
     "recalibrate_variant",
-    "softmax",
-    "variant_quantile",
+    "variant_recalibration",
 ]
 
 SURROGATE_FILE = "surrogate.onnx"
 BASE_FILE = "base.onnx"
 CALIBRATION_FILE = "calibration.npz"
 PREPROCESS_KEYS = ("color", "resize", "interpolation", "layout")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (shifted by the row maximum, so it never overflows)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def default_preprocess(input_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -63,62 +60,37 @@ def default_preprocess(input_shape: tuple[int, int, int]) -> dict[str, Any]:
     return {"color": "gray" if c == 1 else "rgb", "resize": [h, w], "interpolation": "area", "layout": "NCHW"}
 
 
-def variant_calibration(probs: np.ndarray, counts: np.ndarray, template: Calibration) -> Calibration:
-    """One variant's calibration: ``template``'s settings (σ, α, β, N, score, δ, confidence-bin
-    edges) with the quantile(s) recomputed from the variant's own ``probs`` [m, K] on the
-    calibration inputs, scored against the full MC count vectors ``counts`` [m, K].
+def onnx_probs_runner(path: str | os.PathLike, calibrated_with: str = "onnxruntime-cpu"):
+    """A function ``[B, C, H, W] float32 → [B, K] float64 probabilities`` running the ONNX model at
+    ``path`` exactly as a variant ``calibrated_with`` this runs at deployment (one session factory)."""
+    session = open_session(path, calibrated_with)
+    name = session.get_inputs()[0].name
 
-    ``Â_i = argmax probs[i]``, so a variant that picks another class than fp32 is scored against that
-    class's count. Guarantee: deployed with the same numerics, the variant's certificates carry the
-    1 − α − β guarantee (rrise.calibrate.conformal.calibrate_from_counts). Raises ValueError on
-    mismatched shapes, non-probabilities, or counts that do not add up to N.
+    def run(x: np.ndarray) -> np.ndarray:
+        return softmax(session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
+
+    return run
+
+
+def calibration_outputs(
+    run: Callable[[np.ndarray], np.ndarray], images: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """A variant's probabilities on the calibration ``images`` at batch size 1 (the runtime's
+    per-frame path), and the largest runtime micro-batch whose outputs are bit-identical to them.
+
+    ``run`` maps ``[B, C, H, W]`` float32 to ``[B, K]`` probabilities. The returned ``max_batch`` is
+    :data:`rrise.numerics.MICRO_BATCH_LIMIT` when every batch of that size (the last one may be
+    shorter) reproduces the batch-1 outputs exactly, else 1: a quantile holds only for the numerics
+    it was computed with, so the runtime must never run this variant in larger batches.
     """
-    from rrise.calibrate.conformal import calibrate_from_counts  # numpy + scipy: no torch
-
-    p = np.asarray(probs, dtype=np.float64)
-    k = np.asarray(counts)
-    if p.ndim != 2 or k.ndim != 2 or p.shape != k.shape:
-        raise ValueError(f"probs {p.shape} and counts {k.shape} must both be [m, K]")
-    if not np.issubdtype(k.dtype, np.integer):
-        raise ValueError(f"counts must be integers, got {k.dtype}")
-    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 or not np.allclose(p.sum(1), 1, atol=1e-3):
-        raise ValueError("probs must be probabilities (rows of a softmax), not logits")
-    n_mc = template.n_mc
-    bad = np.flatnonzero((k.sum(axis=1) != n_mc) | (k.min(axis=1) < 0))
-    if bad.size:
-        row = k[bad[0]]
-        raise ValueError(
-            f"counts row {bad[0]} sums to {int(row.sum())} with min {int(row.min())}; every row must be "
-            f"non-negative and sum to n_mc={n_mc} (the MC draws per calibration input)"
-        )
-    return calibrate_from_counts(
-        p,
-        k,
-        n_mc=n_mc,
-        sigma=template.sigma,
-        alpha=template.alpha,
-        beta=template.beta,
-        score=template.score,
-        delta=template.delta,
-        bin_edges=template.bin_edges,
-        score_map=template.score_map,
-    )
-
-
-def variant_quantile(
-    probs: np.ndarray,
-    counts: np.ndarray,
-    *,
-    n_mc: int,
-    alpha: float,
-    beta: float,
-    score: str = "probit",
-) -> float:
-    """The single conformal quantile q̂ of one variant (see :func:`variant_calibration`)."""
-    template = Calibration(
-        sigma=1.0, quantile=0.0, alpha=alpha, beta=beta, n_mc=n_mc, m=len(probs), score=score
-    )
-    return variant_calibration(probs, counts, template).quantile
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    probs = np.concatenate([np.asarray(run(x[i : i + 1]), dtype=np.float64) for i in range(len(x))])
+    step = MICRO_BATCH_LIMIT
+    for i in range(0, len(x), step):
+        batched = np.asarray(run(x[i : i + step]), dtype=np.float64)
+        if not np.array_equal(batched, probs[i : i + step]):
+            return probs, 1
+    return probs, step
 
 
 def _variant_quantile_keys(cal: Calibration) -> dict[str, Any]:
@@ -130,17 +102,8 @@ def _variant_quantile_keys(cal: Calibration) -> dict[str, Any]:
 
 
 def _read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable .npz file: {exc}") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a single .npy array, not an .npz with counts and images")
-    with z:
-        missing = [k for k in ("counts", "images") if k not in z.files]
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)} (has {', '.join(z.files)})")
-        return z["counts"], z["images"]
+    z = load_npz(path, ("counts", "images"), "calibration file")
+    return z["counts"], z["images"]
 
 
 def _check_calibration_arrays(
@@ -163,11 +126,9 @@ def _check_calibration_arrays(
 
 def _check_onnx(path: Path, input_shape: tuple[int, ...], num_classes: int, role: str, names: bool) -> None:
     """Load ``path`` in onnxruntime and check it maps [B, C, H, W] to [B, K]."""
-    import onnxruntime as ort
-
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
+        session = open_session(path, "onnxruntime-cpu")
+    except ValueError as exc:
         raise ValueError(f"{role} {path} is not a loadable ONNX model: {exc}") from None
     ins, outs = session.get_inputs(), session.get_outputs()
     if len(ins) != 1 or len(outs) != 1:
@@ -218,8 +179,145 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
 def _temp_folder(out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0o700; a bundle is for others to read
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0o700; a bundle is for others to read
     return tmp
+
+
+def _check_build_inputs(
+    calibration: Calibration,
+    input_shape: tuple[int, ...],
+    preprocess: dict[str, Any],
+    dataset: str,
+    parity_max_abs_diff: float | None,
+    files: dict[str, Path],
+) -> tuple[int, int, int]:
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be an rrise.Calibration, got {type(calibration).__name__}")
+    if not math.isfinite(calibration.quantile):
+        raise ValueError(
+            f"the calibration quantile is {calibration.quantile}: every certificate would abstain"
+        )
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
+    if missing:
+        raise ValueError(f"preprocess lacks {', '.join(missing)} (needs {', '.join(PREPROCESS_KEYS)})")
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError("dataset must name the calibration data, e.g. 'fashion-mnist'")
+    if parity_max_abs_diff is not None and not (
+        math.isfinite(parity_max_abs_diff) and parity_max_abs_diff >= 0
+    ):
+        raise ValueError(f"parity_max_abs_diff must be a finite number >= 0, got {parity_max_abs_diff}")
+    for role, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"{role} file {f} does not exist")
+    _check_provenance(calibration, files["base model"], files["surrogate"])
+    return shape  # type: ignore[return-value]
+
+
+def _check_provenance(calibration: Calibration, base_onnx: Path, surrogate_onnx: Path) -> None:
+    """The calibration must say which models it came from, and they must be the ones packed: a
+    certificate about another model than the one shipped is worse than none."""
+    for role, recorded, path in (
+        ("base model", calibration.base_sha256, base_onnx),
+        ("surrogate", calibration.surrogate_sha256, surrogate_onnx),
+    ):
+        key = "base_sha256" if role == "base model" else "surrogate_sha256"
+        if recorded is None:
+            raise ValueError(
+                f"the calibration record has no {key}: it does not say which {role} its "
+                f"{'MC counts' if role == 'base model' else 'probabilities'} came from; recalibrate"
+            )
+        actual = sha256_file(path)
+        if recorded != actual:
+            raise ValueError(
+                f"{role} {path} (sha256 {actual[:12]}…) is not the {role} the calibration was made "
+                f"with ({key} {recorded[:12]}…): rerun calibration with this {role}"
+            )
+
+
+def _manifest(
+    calibration: Calibration,
+    fp32: dict[str, Any],
+    *,
+    labels: list[str],
+    preprocess: dict[str, Any],
+    dataset: str,
+    shape: tuple[int, int, int],
+    parity_max_abs_diff: float | None,
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    record = calibration.to_dict()
+    record["dataset"] = dataset
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "rrise_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": {
+            "file": SURROGATE_FILE,
+            "sha256": None,
+            "input": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": "float32", "range": [0.0, 1.0]},
+            "output": {"name": OUTPUT_NAME, "kind": "logits"},
+            "num_classes": len(labels),
+            "labels": labels,
+        },
+        "preprocess": {k: preprocess[k] for k in PREPROCESS_KEYS},
+        "smoothing": {"sigma": float(calibration.sigma)},
+        "calibration": record,
+        "base_model": {"file": BASE_FILE, "sha256": None},
+        "variants": [fp32],
+        "guarantee": GUARANTEE,
+        "export": {
+            "parity_max_abs_diff": None if parity_max_abs_diff is None else float(parity_max_abs_diff),
+            "onnxruntime_version": ort.__version__,
+        },
+    }
+
+
+def _variant_entry(
+    precision: str,
+    backend: str,
+    file: str,
+    probs: np.ndarray,
+    cal: Calibration,
+    *,
+    calibrated_with: str,
+    max_batch: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A calibrated variant's manifest entry: its own quantile(s), the numerics they hold for
+    (``calibrated_with``, ``max_batch``) and the calibration-time reference of the shift monitor."""
+    if not math.isfinite(cal.quantile):
+        raise ValueError(f"the {precision}/{backend} variant's quantile is infinite: it would always abstain")
+    return {
+        "precision": precision,
+        "backend": backend,
+        "file": file,
+        "sha256": None,
+        **_variant_quantile_keys(cal),
+        "calibrated_with": calibrated_with,
+        "max_batch": int(max_batch),
+        "monitor": _monitor_entry(probs, cal),
+        **extra,
+    }
+
+
+def _publish_folder(
+    out_dir: Path, fill: Callable[[Path], None], manifest: dict[str, Any], overwrite: bool
+) -> None:
+    """Fill a temp folder beside ``out_dir``, write its manifest, verify it, and rename it into place."""
+    tmp = _temp_folder(out_dir)
+    try:
+        fill(tmp)
+        write_manifest(tmp, manifest)
+        Bundle.load(tmp)
+        _check_replaceable(out_dir, overwrite)  # again: something may have appeared meanwhile
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def build_bundle(
@@ -239,139 +337,60 @@ def build_bundle(
     """Write a bundle folder at ``out_dir`` and return it, loaded and verified.
 
     The folder holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a byte copy of
-    ``calibration_npz``, which needs ``counts`` int [m, K] summing to ``n_mc`` per row and ``images``
-    float32 [m, C, H, W]) and ``manifest.json`` with every key of the manifest format. The manifest's
-    ``calibration.quantile`` is the given record's; the fp32 onnxruntime variant gets its own q̂,
-    recomputed from ``surrogate.onnx``'s outputs on the calibration images (engine-aware).
+    ``calibration_npz``: ``counts`` int [m, K] summing to ``n_mc`` per row, ``images`` float32
+    [m, C, H, W]) and ``manifest.json``. The manifest's ``calibration`` is the given record (its
+    ``base_sha256`` and ``surrogate_sha256`` must be those of the files packed, or ValueError); the
+    fp32 onnxruntime variant gets its own q̂, recomputed from ``surrogate.onnx``'s CPU outputs on the
+    calibration images at batch 1, with the micro-batch size that reproduces them (engine-aware).
 
     Guarantees: nothing is written at ``out_dir`` unless the whole bundle was built and passed
     :meth:`Bundle.load`; an existing ``out_dir`` is replaced only with ``overwrite=True`` and only if
     it is an rrise bundle (or empty). Raises ValueError on inconsistent inputs (shapes, class count,
-    m, counts) and FileExistsError when refusing to overwrite.
+    m, counts, models) and FileExistsError when refusing to overwrite.
     """
     out_dir = Path(out_dir)
-    surrogate_onnx, base_onnx, calibration_npz = Path(surrogate_onnx), Path(base_onnx), Path(calibration_npz)
+    files = {
+        "surrogate": Path(surrogate_onnx),
+        "base model": Path(base_onnx),
+        "calibration": Path(calibration_npz),
+    }
     _check_replaceable(out_dir, overwrite)
-    if not isinstance(calibration, Calibration):
-        raise TypeError(f"calibration must be an rrise.Calibration, got {type(calibration).__name__}")
-    if not math.isfinite(calibration.quantile):
-        raise ValueError(
-            f"the calibration quantile is {calibration.quantile}: every certificate would abstain"
-        )
-    cap = p_cap(calibration.beta, calibration.n_mc)
-    if not math.isclose(calibration.p_cap, cap, rel_tol=1e-12):
-        raise ValueError(f"calibration p_cap {calibration.p_cap} is not beta^(1/n_mc) = {cap}")
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
-    if missing:
-        raise ValueError(f"preprocess lacks {', '.join(missing)} (needs {', '.join(PREPROCESS_KEYS)})")
-    if not isinstance(dataset, str) or not dataset:
-        raise ValueError("dataset must name the calibration data, e.g. 'fashion-mnist'")
-    if parity_max_abs_diff is not None and not (
-        math.isfinite(parity_max_abs_diff) and parity_max_abs_diff >= 0
-    ):
-        raise ValueError(f"parity_max_abs_diff must be a finite number >= 0, got {parity_max_abs_diff}")
-    for role, f in (
-        ("surrogate", surrogate_onnx),
-        ("base model", base_onnx),
-        ("calibration", calibration_npz),
-    ):
-        if not f.is_file():
-            raise FileNotFoundError(f"{role} file {f} does not exist")
-
-    counts, images = _read_calibration_npz(calibration_npz)
+    shape = _check_build_inputs(calibration, input_shape, preprocess, dataset, parity_max_abs_diff, files)
+    counts, images = _read_calibration_npz(files["calibration"])
     _check_calibration_arrays(counts, images, calibration, shape)
     num_classes = counts.shape[1]
     labels = [str(label) for label in labels]
     if len(labels) != num_classes:
         raise ValueError(f"{len(labels)} labels given, but the calibration counts have {num_classes} classes")
-    _check_onnx(surrogate_onnx, shape, num_classes, "surrogate", names=True)
-    _check_onnx(base_onnx, shape, num_classes, "base model", names=False)
-    base_out = onnx_logits(base_onnx, images[:2])
-    if base_out.shape != (min(2, len(images)), num_classes):
-        raise ValueError(f"base model {base_onnx} gives {base_out.shape} on two calibration images")
-    probs = softmax(onnx_logits(surrogate_onnx, images))
-    fp32 = variant_calibration(probs, counts, calibration)
-    quantile = fp32.quantile
-    if not math.isfinite(quantile):
-        raise ValueError("the fp32 ONNX variant's quantile is infinite: every certificate would abstain")
+    _check_onnx(files["surrogate"], shape, num_classes, "surrogate", names=True)
+    _check_onnx(files["base model"], shape, num_classes, "base model", names=False)
+    probs, max_batch = calibration_outputs(onnx_probs_runner(files["surrogate"]), images)
+    fp32 = _variant_entry(
+        "fp32",
+        "onnxruntime",
+        SURROGATE_FILE,
+        probs,
+        calibration.recalibrate(probs, counts, surrogate_sha256=calibration.surrogate_sha256),
+        calibrated_with="onnxruntime-cpu",
+        max_batch=max_batch,
+    )
+    manifest = _manifest(
+        calibration,
+        fp32,
+        labels=labels,
+        preprocess=preprocess,
+        dataset=dataset,
+        shape=shape,
+        parity_max_abs_diff=parity_max_abs_diff,
+    )
 
-    import onnxruntime as ort
+    def fill(tmp: Path) -> None:
+        shutil.copyfile(files["surrogate"], tmp / SURROGATE_FILE)
+        shutil.copyfile(files["base model"], tmp / BASE_FILE)
+        shutil.copyfile(files["calibration"], tmp / CALIBRATION_FILE)
 
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "rrise_version": __version__,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {
-            "file": SURROGATE_FILE,
-            "sha256": None,
-            "input": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": "float32", "range": [0.0, 1.0]},
-            "output": {"name": OUTPUT_NAME, "kind": "logits"},
-            "num_classes": num_classes,
-            "labels": labels,
-        },
-        "preprocess": {k: preprocess[k] for k in PREPROCESS_KEYS},
-        "smoothing": {"sigma": float(calibration.sigma)},
-        "calibration": {
-            "score": calibration.score,
-            "alpha": float(calibration.alpha),
-            "beta": float(calibration.beta),
-            "m": int(calibration.m),
-            "n_mc": int(calibration.n_mc),
-            "quantile": float(calibration.quantile),
-            "p_cap": float(calibration.p_cap),
-            "dataset": dataset,
-            **_optional_calibration_keys(calibration),
-        },
-        "base_model": {"file": BASE_FILE, "sha256": None},
-        "variants": [
-            {
-                "precision": "fp32",
-                "backend": "onnxruntime",
-                "file": SURROGATE_FILE,
-                "sha256": None,
-                **_variant_quantile_keys(fp32),
-                "calibrated_with": "onnxruntime-cpu",
-                "monitor": _monitor_entry(probs, fp32),
-            },
-        ],
-        "guarantee": GUARANTEE,
-        "export": {
-            "parity_max_abs_diff": None if parity_max_abs_diff is None else float(parity_max_abs_diff),
-            "onnxruntime_version": ort.__version__,
-        },
-    }
-    tmp = _temp_folder(out_dir)
-    try:
-        shutil.copyfile(surrogate_onnx, tmp / SURROGATE_FILE)
-        shutil.copyfile(base_onnx, tmp / BASE_FILE)
-        shutil.copyfile(calibration_npz, tmp / CALIBRATION_FILE)
-        write_manifest(tmp, manifest)
-        Bundle.load(tmp)
-        _check_replaceable(out_dir, overwrite)  # again: something may have appeared meanwhile
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _publish_folder(out_dir, fill, manifest, overwrite)
     return Bundle.load(out_dir)
-
-
-def _optional_calibration_keys(calibration: Calibration) -> dict[str, Any]:
-    """Calibration-record keys beyond the manifest format's, present only when used: the PAC δ and the
-    confidence-bin edges and quantiles of a Mondrian calibration, the knots of a learned score map."""
-    d = calibration.to_dict()
-    keys: dict[str, Any] = {}
-    if calibration.delta is not None:
-        keys["delta"] = float(calibration.delta)
-    if calibration.bin_edges:
-        keys["bin_edges"] = d["bin_edges"]
-        keys["bin_quantiles"] = d["bin_quantiles"]
-    if calibration.score_map is not None:
-        keys["score_map_x"] = d["score_map_x"]
-        keys["score_map_y"] = d["score_map_y"]
-    return keys
 
 
 def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any]:
@@ -382,29 +401,42 @@ def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any
     return reference_from_probs(probs, calibration)
 
 
-def _bundle_variant_calibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
-    path = bundle.file(CALIBRATION_FILE)
+def variant_recalibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
+    """The calibration of a variant whose probabilities on the bundle's calibration images
+    (``calibration.npz['images']``, in order) are ``probs`` [m, K]: the bundle's own record
+    (α, β, N, δ, score, bins, map) recomputed with those outputs against the stored full MC count
+    vectors, so a variant that picks another class than fp32 is scored against that class's count."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
-    with np.load(path, allow_pickle=False) as z:
-        counts = z["counts"]
+    counts = load_npz(bundle.file(CALIBRATION_FILE), ("counts",), "calibration file")["counts"]
     if np.shape(probs) != counts.shape:
         raise ValueError(
             f"probs must be [m, K] = {list(counts.shape)} (the variant on the bundle's calibration "
             f"images, in order), got {list(np.shape(probs))}"
         )
-    return variant_calibration(probs, counts, bundle.calibration())
+    return bundle.calibration().recalibrate(probs, counts)
 
 
 def recalibrate_variant(bundle_dir: str | os.PathLike, probs: np.ndarray) -> float:
-    """The conformal quantile q̂ of a variant whose probabilities on the bundle's calibration images
-    (``calibration.npz['images']``, in order) are ``probs`` [m, K].
+    """The conformal quantile q̂ of a variant with ``probs`` on the calibration images of the bundle
+    at ``bundle_dir`` (verified first): see :func:`variant_recalibration`."""
+    return variant_recalibration(Bundle.load(bundle_dir), probs).quantile
 
-    Uses the stored full MC count vectors, so a variant that picks a different class than fp32 on
-    some inputs is scored against that class's count; α, β, N and the score transform come from the
-    manifest. The bundle is verified first (Bundle.load). See :func:`variant_quantile`.
-    """
-    return _bundle_variant_calibration(Bundle.load(bundle_dir), probs).quantile
+
+def _variant_manifest(bundle: Bundle, entry: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The manifest with ``entry`` replacing any variant of its precision/backend, and the bundle
+    files to keep (a replaced variant's file is dropped)."""
+    manifest = dict(bundle.manifest)
+    manifest.pop("files", None)
+    key = (entry["precision"], entry["backend"])
+    kept = [v for v in manifest["variants"] if (v.get("precision"), v.get("backend")) != key]
+    entries = [manifest["model"], manifest["base_model"], *kept]
+    dropped = {v["file"] for v in manifest["variants"]} - {e["file"] for e in entries}
+    keep_files = [f for f in bundle.manifest["files"] if f not in dropped]
+    if entry["file"] in keep_files:
+        raise ValueError(f"{entry['file']} is already a file of bundle {bundle.path}; choose another name")
+    manifest["variants"] = [*kept, entry]
+    return manifest, keep_files
 
 
 def add_variant(
@@ -414,72 +446,61 @@ def add_variant(
     precision: str,
     backend: str,
     probs: np.ndarray | None,
+    calibrated_with: str | None = None,
+    max_batch: int = 1,
     name: str | None = None,
     **extra: Any,
 ) -> Bundle:
-    """Add (or replace) the ``precision``/``backend`` variant: copy ``file`` into the bundle with the
-    q̂ recalibrated from ``probs`` (that variant's own outputs on the calibration images) and
-    ``extra`` keys (for engines: ``trt_version``, ``compute_capability``).
+    """Add (or replace) the ``precision``/``backend`` variant: copy ``file`` into the bundle with its
+    q̂ recalibrated from ``probs`` (that variant's own batch-1 outputs on the calibration images, as
+    :func:`calibration_outputs` gives them), the numerics they hold for (``calibrated_with``:
+    ``onnxruntime-cpu``, ``onnxruntime-cuda`` or ``tensorrt``; ``max_batch``) and ``extra`` keys
+    (engines: ``trt_version``, ``compute_capability``).
 
     ``probs=None`` records a variant that could not be run here: its ``quantile`` is null and
-    ``extra`` must say why in ``needs_recalibration``; the runtime refuses to run it until it is
+    ``extra`` must say why in ``needs_recalibration``; the runtime refuses it until it is
     recalibrated where it can run. The bundle is rebuilt in a hard-linked copy and renamed into
-    place, so readers see the old bundle or the new one. Raises ValueError if the variant's quantile
-    is infinite.
+    place, so readers see the old bundle or the new one. Raises ValueError if the quantile is infinite.
     """
     bundle = Bundle.load(bundle_dir)
     src = Path(file)
+    name = name or f"surrogate.{precision}.{backend}{src.suffix}"
     if probs is None:
         if not extra.get("needs_recalibration"):
             raise ValueError(
                 f"the {precision}/{backend} variant has no outputs to calibrate from: pass probs, or say "
                 "why in needs_recalibration"
             )
-        quantile, cal = None, None
+        entry = {"precision": precision, "backend": backend, "file": name, "sha256": None, "quantile": None}
+        entry.update({"calibrated_with": calibrated_with} if calibrated_with else {}, **extra)
     else:
-        extra.pop("needs_recalibration", None)
-        cal = _bundle_variant_calibration(bundle, probs)
-        quantile = cal.quantile
-        if not math.isfinite(quantile):
+        if calibrated_with is None:
             raise ValueError(
-                f"the {precision}/{backend} variant's quantile is infinite: it would always abstain"
+                f"the {precision}/{backend} variant must say which numerics it was calibrated with"
             )
-    name = name or f"surrogate.{precision}.{backend}{src.suffix}"
-    manifest = dict(bundle.manifest)
-    manifest.pop("files", None)
-    kept = [v for v in manifest["variants"] if (v.get("precision"), v.get("backend")) != (precision, backend)]
-    entries = [manifest["model"], manifest["base_model"], *kept]
-    dropped = {v["file"] for v in manifest["variants"]} - {e["file"] for e in entries}
-    keep_files = [f for f in bundle.manifest["files"] if f not in dropped]
-    if name in keep_files:
-        raise ValueError(f"{name} is already a file of bundle {bundle.path}; choose another name")
-    manifest["variants"] = [
-        *kept,
-        {
-            "precision": precision,
-            "backend": backend,
-            "file": name,
-            "sha256": None,
-            **({"quantile": None} if cal is None else _variant_quantile_keys(cal)),
-            **({} if cal is None else {"monitor": _monitor_entry(probs, cal)}),
+        extra.pop("needs_recalibration", None)
+        cal = variant_recalibration(bundle, probs)
+        entry = _variant_entry(
+            precision,
+            backend,
+            name,
+            probs,
+            cal,
+            calibrated_with=calibrated_with,
+            max_batch=max_batch,
             **extra,
-        },
-    ]
-    out_dir = bundle.path
-    tmp = _temp_folder(out_dir)
-    try:
+        )
+    manifest, keep_files = _variant_manifest(bundle, entry)
+
+    def fill(tmp: Path) -> None:
         for rel in keep_files:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(out_dir / rel, dst)
+                os.link(bundle.path / rel, dst)
             except OSError:
-                shutil.copyfile(out_dir / rel, dst)
+                shutil.copyfile(bundle.path / rel, dst)
         shutil.copyfile(src, tmp / name)
-        write_manifest(tmp, manifest)
-        Bundle.load(tmp)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle.load(out_dir)
+
+    _publish_folder(bundle.path, fill, manifest, overwrite=True)
+    return Bundle.load(bundle.path)

@@ -6,7 +6,8 @@ Import cost is kept small: numpy and msgpack only. Torch lives in ``rrise.calibr
 
 from ._version import __version__
 from .bundle import Bundle, BundleError
-from .certificate import Calibration, Certificate, CertificateBatch, certify_from_probs
+from .calibration import Calibration, CalibrationSpec, conformalize
+from .certificate import Certificate, CertificateBatch, certify_from_probs
 from .records import RECORD_KEYS, RECORD_VERSION, RecordError
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Calibration",
+    "CalibrationSpec",
     "Certificate",
     "CertificateBatch",
     "certify_from_probs",
+    "conformalize",
     "RECORD_KEYS",
     "RECORD_VERSION",
     "RecordError",

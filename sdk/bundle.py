@@ -11,12 +11,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .certificate import Calibration
+from .calibration import Calibration
+from .fileio import atomic_path
+from .numerics import MICRO_BATCH_LIMIT
 
 __all__ = ["SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file", "write_manifest"]
 
@@ -74,23 +75,10 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     for entry in [manifest.get("model"), manifest.get("base_model"), *manifest.get("variants", [])]:
         if isinstance(entry, dict) and entry.get("file") in files:
             entry["sha256"] = files[entry["file"]]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / MANIFEST) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False, allow_nan=False)
+        f.write("\n")
     return folder / MANIFEST
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _unsafe_name(name: object) -> bool:
@@ -101,9 +89,13 @@ def _unsafe_name(name: object) -> bool:
     return name.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]
 
 
+CALIBRATED_WITH = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+
+
 def _quantile_problems(i: int, v: dict[str, Any]) -> list[str]:
     """A variant's quantile is a finite number, or null for a variant that says why it
-    ``needs_recalibration`` (it could not be run where it was made)."""
+    ``needs_recalibration`` (it could not be run where it was made). A calibrated variant says
+    which numerics its quantile holds for: ``calibrated_with`` and ``max_batch``."""
     if "quantile" not in v:
         return []
     q = v["quantile"]
@@ -113,7 +105,22 @@ def _quantile_problems(i: int, v: dict[str, Any]) -> list[str]:
         return []
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
         return [f"variants[{i}].quantile must be a finite number, got {q!r}"]
-    return []
+    problems = []
+    cw = v.get("calibrated_with")
+    if cw not in CALIBRATED_WITH:
+        problems.append(
+            f"variants[{i}].calibrated_with must be one of {', '.join(CALIBRATED_WITH)} (the numerics its "
+            f"quantile holds for), got {cw!r}: re-export the bundle"
+        )
+    elif (cw == "tensorrt") != (v.get("backend") == "tensorrt"):
+        problems.append(f"variants[{i}] runs on {v.get('backend')!r} but was calibrated with {cw!r}")
+    mb = v.get("max_batch")
+    if isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= MICRO_BATCH_LIMIT:
+        problems.append(
+            f"variants[{i}].max_batch must be an integer in [1, {MICRO_BATCH_LIMIT}] (the batch sizes its "
+            f"quantile was checked at), got {mb!r}: re-export the bundle"
+        )
+    return problems
 
 
 @dataclass
@@ -170,6 +177,11 @@ class Bundle:
                 problems.append(f"'{key}' must be an object")
                 continue
             problems += [f"missing key {key}.{s}" for s in sub if s not in m[key]]
+        if not problems:
+            try:
+                Calibration.from_dict(m["calibration"], sigma=m["smoothing"]["sigma"])
+            except ValueError as exc:
+                problems.append(str(exc))
         if not isinstance(m["base_model"], dict) or "file" not in m["base_model"]:
             problems.append("'base_model' must be an object with a 'file'")
         if not isinstance(m["variants"], list) or not m["variants"]:
@@ -256,21 +268,10 @@ class Bundle:
 
     def calibration(self, variant: dict[str, Any] | None = None) -> Calibration:
         """The calibration record, with the quantile of ``variant`` when one is given."""
-        c = self.manifest["calibration"]
-        cal = Calibration(
-            sigma=self.sigma,
-            quantile=float(c["quantile"]),
-            alpha=float(c["alpha"]),
-            beta=float(c["beta"]),
-            n_mc=int(c["n_mc"]),
-            m=int(c["m"]),
-            score=str(c["score"]),
-            delta=c.get("delta"),
-            bin_edges=tuple(c.get("bin_edges") or ()),
-            bin_quantiles=tuple(c.get("bin_quantiles") or ()),
-            score_map_x=tuple(c.get("score_map_x") or ()),
-            score_map_y=tuple(c.get("score_map_y") or ()),
-        )
+        try:
+            cal = Calibration.from_dict(self.manifest["calibration"], sigma=self.sigma)
+        except ValueError as exc:
+            raise BundleError(f"bundle {self.path}: {exc}") from None
         if variant is not None:
             name = f"{variant.get('precision')}/{variant.get('backend')} ({variant.get('file')})"
             if variant.get("quantile") is None:

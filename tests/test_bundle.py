@@ -6,6 +6,7 @@ synthetic calibration data, so every file in a real bundle is present and hashed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,9 +17,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rrise import Bundle, BundleError, Calibration
-from rrise.bundle import write_manifest
-from rrise.export.bundler import build_bundle, variant_quantile
+from rrise import Bundle, BundleError, CalibrationSpec, conformalize
+from rrise.bundle import sha256_file, write_manifest
+from rrise.export.bundler import build_bundle, calibration_outputs
 from rrise.export.onnx_export import onnx_logits
 from rrise.inspect import format_inspection, inspect_bundle
 
@@ -68,17 +69,19 @@ def sources(tmp_path_factory) -> dict:
     probs = softmax(onnx_logits(surrogate, images).astype(np.float64))
     counts = np.stack([rng.multinomial(N_MC, p) for p in probs]).astype(np.int64)
     np.savez(d / "calibration.npz", images=images, counts=counts, probs=probs)
-    q = variant_quantile(probs, counts, n_mc=N_MC, alpha=ALPHA, beta=BETA)
-    cal = Calibration(sigma=0.25, quantile=q, alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M)
+    spec = CalibrationSpec(sigma=0.25, n_mc=N_MC, alpha=ALPHA, beta=BETA)
+    cal = conformalize(
+        spec, probs, counts, base_sha256=sha256_file(base), surrogate_sha256=sha256_file(surrogate)
+    )
     return {"surrogate": surrogate, "base": base, "npz": d / "calibration.npz", "cal": cal}
 
 
-def make_bundle(sources: dict, out: Path) -> Bundle:
+def make_bundle(sources: dict, out: Path, **changes) -> Bundle:
     return build_bundle(
         out,
-        surrogate_onnx=sources["surrogate"],
-        base_onnx=sources["base"],
-        calibration=sources["cal"],
+        surrogate_onnx=changes.get("surrogate", sources["surrogate"]),
+        base_onnx=changes.get("base", sources["base"]),
+        calibration=changes.get("cal", sources["cal"]),
         calibration_npz=sources["npz"],
         labels=["a", "b", "c"],
         preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
@@ -222,3 +225,71 @@ def test_inspect_imports_neither_torch_nor_scipy():
 
     code = "import sys, rrise.inspect; sys.exit(any(m in sys.modules for m in ('torch', 'scipy')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("role", ["base", "surrogate"])
+def test_a_calibration_from_other_models_is_refused_by_name(sources, tmp_path, role):
+    other = linear_onnx(tmp_path / "other.onnx", seed=5, input_name="x" if role == "base" else "input")
+    with pytest.raises(ValueError, match=f"is not the {'base model' if role == 'base' else 'surrogate'} the"):
+        make_bundle(sources, tmp_path / "b", **{role: other})
+    assert not (tmp_path / "b").exists()
+    key = f"{role}_sha256"
+    unknown = dataclasses.replace(sources["cal"], **{key: None})
+    with pytest.raises(ValueError, match=f"has no {key}"):
+        make_bundle(sources, tmp_path / "b", cal=unknown)
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_manifest_records_the_models_and_numerics_of_its_calibration(good, sources):
+    b = Bundle.load(good)
+    assert b.manifest["calibration"]["base_sha256"] == sha256_file(sources["base"])
+    assert b.manifest["calibration"]["surrogate_sha256"] == sha256_file(sources["surrogate"])
+    v = b.variant("fp32")
+    assert v["calibrated_with"] == "onnxruntime-cpu" and v["max_batch"] == 16
+
+
+def test_calibration_outputs_catch_batch_dependent_numerics():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, *SHAPE), dtype=np.float32)
+    w = rng.standard_normal((16, K))
+
+    def steady(batch):  # row by row: bit-identical whatever the batch size
+        return np.concatenate([softmax(row.reshape(1, -1) @ w) for row in batch])
+
+    def drifting(batch):  # e.g. an engine whose kernels change with the batch size
+        return softmax((1 + 1e-3 * len(batch)) * (batch.reshape(len(batch), -1) @ w))
+
+    probs, max_batch = calibration_outputs(steady, x)
+    assert max_batch == 16 and np.array_equal(probs, steady(x))
+    probs, max_batch = calibration_outputs(drifting, x)
+    assert max_batch == 1
+    assert np.array_equal(probs[3], drifting(x[3:4])[0])  # the batch-1 numerics, the runtime's per frame
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda v: v.pop("calibrated_with"), "calibrated_with must be one of"),
+        (lambda v: v.update(calibrated_with="cuda-maybe"), "calibrated_with must be one of"),
+        (lambda v: v.update(calibrated_with="tensorrt"), "was calibrated with 'tensorrt'"),
+        (lambda v: v.update(max_batch=64), "max_batch must be an integer in"),
+        (lambda v: v.pop("max_batch"), "max_batch must be an integer in"),
+    ],
+)
+def test_a_variant_must_say_which_numerics_its_quantile_holds_for(bundle_dir, edit, match):
+    edit_manifest(bundle_dir, lambda m: edit(m["variants"][0]))
+    assert match in refused(bundle_dir, "manifest.json")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("alpha", 2, "alpha must be"), ("beta", -1, "beta must be"), ("quantile", "lots", "quantile must be")],
+)
+def test_calibration_values_are_validated_at_load(bundle_dir, key, value, match):
+    edit_manifest(bundle_dir, lambda m: m["calibration"].update({key: value}))
+    assert match in refused(bundle_dir, "manifest.json")
+
+
+def test_a_calibration_sigma_that_disagrees_with_smoothing_is_refused(bundle_dir):
+    edit_manifest(bundle_dir, lambda m: m["smoothing"].update(sigma=0.5))
+    assert "disagrees with smoothing sigma 0.5" in refused(bundle_dir, "manifest.json")

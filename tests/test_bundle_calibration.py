@@ -1,10 +1,12 @@
 """Calibration settings beyond the single quantile survive bundling: PAC δ and confidence bins."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from rrise import Bundle, Calibration, certify_from_probs
-from rrise.calibrate.conformal import calibrate_from_counts
+from rrise.calibration import conformalize
 from rrise.export.bundler import add_variant, build_bundle
 from rrise.runtime.backends import OnnxRuntimeBackend
 
@@ -15,8 +17,9 @@ def _rebuild(tiny_bundle, out, **settings):
         images, counts = z["images"], z["counts"]
     probs = OnnxRuntimeBackend(src.file("surrogate.onnx")).run(images)
     base = src.calibration()
-    cal = calibrate_from_counts(
-        probs, counts, n_mc=base.n_mc, sigma=base.sigma, alpha=base.alpha, beta=base.beta, **settings
+    spec = replace(base.spec, **settings)
+    cal = conformalize(
+        spec, probs, counts, base_sha256=base.base_sha256, surrogate_sha256=base.surrogate_sha256
     )
     bundle = build_bundle(
         out,
@@ -68,6 +71,7 @@ def test_confidence_bins_travel_to_the_runtime_and_each_variant_gets_its_own(tin
         backend="test",
         probs=sharper,
         name="surrogate.sharper.onnx",
+        calibrated_with="onnxruntime-cpu",
     )
     v = updated.variant("fp16", "test")
     assert len(v["bin_quantiles"]) == 2
@@ -94,7 +98,9 @@ def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tm
     from rrise.runtime import Runtime
 
     score_map = ((-0.5, 0.5, 1.5, 2.5), (-1.0, 0.2, 1.1, 2.3))
-    bundle, cal, probs, images = _rebuild(tiny_bundle, tmp_path / "b", score_map=score_map)
+    bundle, cal, probs, images = _rebuild(
+        tiny_bundle, tmp_path / "b", score_map_x=score_map[0], score_map_y=score_map[1]
+    )
     assert bundle.manifest["calibration"]["score_map_x"] == list(score_map[0])
     deployed = bundle.calibration(bundle.variant("fp32"))
     assert deployed.score_map == score_map and deployed.quantile == pytest.approx(cal.quantile)
@@ -110,11 +116,10 @@ def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tm
     updated = add_variant(
         bundle.path, bundle.file("surrogate.onnx"), precision="fp16", backend="test", probs=sharper,
         name="surrogate.sharper.onnx",
+        calibrated_with="onnxruntime-cpu",
     )  # fmt: skip
-    expected_q = calibrate_from_counts(
-        sharper, np.load(bundle.file("calibration.npz"))["counts"], n_mc=cal.n_mc, sigma=cal.sigma,
-        alpha=cal.alpha, beta=cal.beta, score_map=score_map,
-    ).quantile  # fmt: skip
+    counts = np.load(bundle.file("calibration.npz"))["counts"]
+    expected_q = conformalize(cal.spec, sharper, counts).quantile
     assert updated.variant("fp16", "test")["quantile"] == pytest.approx(expected_q)
     summary, problems = inspect_bundle(bundle.path)
     assert not problems and "Score map" in format_inspection(summary, problems)

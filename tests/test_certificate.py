@@ -9,14 +9,8 @@ from hypothesis import strategies as st
 from scipy.stats import norm
 
 from rrise import Calibration, CertificateBatch, certify_from_probs
-from rrise.certificate import (
-    conformal_quantile,
-    conformal_scores,
-    inverse_transform,
-    min_calibration_size,
-    p_cap,
-    transform,
-)
+from rrise.calibration import conformal_quantile, min_calibration_size
+from rrise.scores import conformal_scores, inverse_transform, p_cap, transform
 from rrise.stats import clopper_pearson_lower
 
 SIGMA = 0.25
@@ -218,7 +212,7 @@ def test_conformal_coverage_on_exchangeable_scores():
 def test_pac_rank_matches_its_definition():
     from scipy.stats import binom
 
-    from rrise.certificate import conformal_rank
+    from rrise.calibration import conformal_rank
 
     m, alpha, delta = 3000, 0.01, 0.05
     k = conformal_rank(m, alpha, delta)
@@ -227,7 +221,7 @@ def test_pac_rank_matches_its_definition():
 
 
 def test_pac_quantile_holds_conditionally_on_the_calibration_draw():
-    from rrise.certificate import conformal_rank
+    from rrise.calibration import conformal_rank
 
     rng = np.random.default_rng(3)
     alpha, delta, m, reps = 0.1, 0.1, 300, 400
@@ -249,7 +243,8 @@ def test_pac_minimum_size_is_tight():
 
 
 def test_mondrian_quantiles_are_per_bin_conformal_quantiles():
-    from rrise.certificate import confidence_bin, mondrian_quantiles
+    from rrise.calibration import mondrian_quantiles
+    from rrise.scores import confidence_bin
 
     rng = np.random.default_rng(5)
     s = rng.uniform(0.5, 1.0, 1000)
@@ -263,7 +258,7 @@ def test_mondrian_quantiles_are_per_bin_conformal_quantiles():
 
 
 def test_mondrian_refuses_a_bin_with_too_few_inputs_and_names_it():
-    from rrise.certificate import mondrian_quantiles
+    from rrise.calibration import mondrian_quantiles
 
     s = np.r_[np.full(200, 0.6), np.full(50, 0.99)]
     with pytest.raises(ValueError, match=r"confidence bin 1 .*holds 50 .*at least 99"):

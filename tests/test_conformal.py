@@ -13,9 +13,8 @@ from scipy.stats import norm
 from torch import nn
 
 from rrise import Calibration, certify_from_probs
-from rrise.calibrate.conformal import calibrate_from_counts, mc_lower_bounds
 from rrise.calibrate.mc import sample_counts
-from rrise.certificate import min_calibration_size
+from rrise.calibration import CalibrationSpec, conformalize, mc_lower_bounds, min_calibration_size
 from rrise.stats import clopper_pearson_lower
 
 SIGMA, ALPHA, BETA, N_MC = 0.25, 0.1, 0.01, 1000
@@ -71,14 +70,14 @@ def test_quantile_follows_the_definition():
     k = rng.binomial(N_MC, np.where(top == 1, p1, 1 - p1))
     k[0] = N_MC  # p̲ = p_cap exactly
     counts = _counts_for(top, k, N_MC)
-    cal = calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    cal = conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs, counts)
     cap = BETA ** (1 / N_MC)
     lower = np.where(k > 0, beta_dist.ppf(BETA, np.maximum(k, 1), N_MC - k + 1), 0.0)
     scores = norm.ppf(np.minimum(probs.max(axis=1), cap)) - norm.ppf(lower)
     rank = int(np.ceil((m + 1) * (1 - ALPHA)))
     assert cal.quantile == pytest.approx(np.sort(scores)[rank - 1], abs=1e-9)
-    logit = calibrate_from_counts(
-        probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA, score="logit"
+    logit = conformalize(
+        CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA, score="logit"), probs, counts
     )
     logit_scores = np.log(np.minimum(probs.max(1), cap) / (1 - np.minimum(probs.max(1), cap)))
     logit_scores -= np.log(lower / (1 - lower))
@@ -101,7 +100,7 @@ def test_calibration_with_real_monte_carlo_counts():
     probs = _surrogate(p1, rng)
     counts = sample_counts(model, x[:m], N_MC, SIGMA, batch_size=1000, seed=1)
     assert counts.shape == (m, 2) and np.all(counts.sum(axis=1) == N_MC)
-    cal = calibrate_from_counts(probs[:m], counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    cal = conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs[:m], counts)
     assert isinstance(cal, Calibration)
     assert (cal.sigma, cal.alpha, cal.beta, cal.n_mc, cal.m, cal.score) == (
         SIGMA,
@@ -127,7 +126,7 @@ def _trial(seed: int, m: int = 200, m_test: int = 2000) -> dict[str, tuple[float
     counts = _counts_for(top[:m], rng.binomial(N_MC, p_top[:m]), N_MC)
     out = {}
     for name, probs in (("honest", honest), ("overconfident", _overconfident(honest))):
-        cal = calibrate_from_counts(probs[:m], counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+        cal = conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs[:m], counts)
         radius = certify_from_probs(probs[m:], cal).radius.mean()
         out[name] = (cal.quantile, radius, _violation_rate(probs[m:], p1[m:], cal))
         out[name + "/uncalibrated"] = (0.0, 0.0, _violation_rate(probs[m:], p1[m:], cal.with_quantile(0)))
@@ -164,10 +163,10 @@ def test_too_few_calibration_inputs_name_the_smallest_m():
     probs = _surrogate(np.full(m_min - 1, 0.9), rng)
     counts = _counts_for(probs.argmax(axis=1), np.full(m_min - 1, 900), N_MC)
     with pytest.raises(ValueError, match=f"m={m_min}"):
-        calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+        conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs, counts)
     probs = _surrogate(np.full(m_min, 0.9), rng)
     counts = _counts_for(probs.argmax(axis=1), np.full(m_min, 900), N_MC)
-    cal = calibrate_from_counts(probs, counts, n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA)
+    cal = conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs, counts)
     assert cal.m == m_min
 
 
@@ -179,13 +178,13 @@ def test_bad_counts_are_rejected():
     short = counts.copy()
     short[4, 0] -= 1
     with pytest.raises(ValueError, match="row 4"):
-        calibrate_from_counts(probs, short, **kwargs)
+        conformalize(CalibrationSpec(**kwargs), probs, short)
     with pytest.raises(ValueError):
-        calibrate_from_counts(probs, counts[:10], **kwargs)
+        conformalize(CalibrationSpec(**kwargs), probs, counts[:10])
     with pytest.raises(ValueError):
-        calibrate_from_counts(probs, counts.astype(np.float64), **kwargs)
+        conformalize(CalibrationSpec(**kwargs), probs, counts.astype(np.float64))
     with pytest.raises(ValueError, match="score transform"):
-        calibrate_from_counts(probs, counts, score="cubic", **kwargs)
+        conformalize(CalibrationSpec(score="cubic", **kwargs), probs, counts)
 
 
 def test_mondrian_calibration_is_conservative_within_each_bin_and_widens_confident_radii():
@@ -194,8 +193,8 @@ def test_mondrian_calibration_is_conservative_within_each_bin_and_widens_confide
     import dataclasses
 
     from rrise import certify_from_probs
-    from rrise.calibrate.conformal import calibrate_from_counts, confidence_bin_edges
-    from rrise.certificate import confidence_bin
+    from rrise.calibrate.rules import confidence_bin_edges
+    from rrise.scores import confidence_bin
 
     rng = np.random.default_rng(11)
     n_mc, alpha, beta, m = 2000, 0.05, 0.001, 1200
@@ -216,8 +215,10 @@ def test_mondrian_calibration_is_conservative_within_each_bin_and_widens_confide
     violations, single_radius, binned_radius = [], [], []
     for _ in range(20):
         cal_probs, cal_counts, _ = draw(m)
-        binned = calibrate_from_counts(
-            cal_probs, cal_counts, n_mc=n_mc, sigma=0.25, alpha=alpha, beta=beta, bin_edges=edges
+        binned = conformalize(
+            CalibrationSpec(n_mc=n_mc, sigma=0.25, alpha=alpha, beta=beta, bin_edges=edges),
+            cal_probs,
+            cal_counts,
         )
         test_probs, _, test_p = draw(4000)
         cert = certify_from_probs(test_probs, binned)

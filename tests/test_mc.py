@@ -180,6 +180,15 @@ def test_certify_abstains_on_the_decision_boundary(linear, onnx_path):
         assert res.p_lower[0] < 0.5
 
 
+def test_certify_abstains_when_the_lower_bound_is_exactly_one_half(linear, monkeypatch):
+    """p̲ = 1/2 certifies nothing (radius σ·Φ⁻¹(1/2) = 0 and no class has a majority): abstain."""
+    monkeypatch.setattr(mc, "clopper_pearson_lower", lambda k, n, a: np.full(np.shape(k), 0.5))
+    _, w, b, _ = linear
+    x = _inputs_with_p(w, b, np.array([0.99]), seed=3)
+    res = mc.certify(linear[0], x, 10, 50, SIGMA, 0.001, seed=1)
+    assert res.p_lower[0] == 0.5 and res.abstain[0] and res.pred[0] == -1 and res.radius[0] == 0.0
+
+
 def test_predict_abstains_near_ties_and_answers_clear_cases(linear):
     model, _, _, x = linear
     pred = mc.predict(model, x, 1000, SIGMA, alpha=0.001, seed=0)

@@ -15,10 +15,10 @@ from scipy.stats import norm
 from sklearn.isotonic import IsotonicRegression
 
 from rrise import Calibration, certify_from_probs
-from rrise.calibrate.conformal import calibrate_from_counts
 from rrise.calibrate.rules import RULES, Rule, compare_rules, fit_rule, get_rule
 from rrise.calibrate.score_map import fit_score_map, isotonic_increasing
-from rrise.certificate import apply_score_map
+from rrise.calibration import CalibrationSpec, conformalize
+from rrise.scores import apply_score_map
 
 N_MC, BETA, SIGMA = 2000, 0.001, 0.25
 
@@ -77,8 +77,10 @@ def test_mapped_calibration_keeps_the_guarantee_and_widens_radii():
     for _ in range(20):
         cal_probs, cal_counts, _ = _draw(rng, m)
         kw = dict(n_mc=N_MC, sigma=SIGMA, alpha=alpha, beta=BETA)
-        mapped = calibrate_from_counts(cal_probs, cal_counts, score_map=score_map, **kw)
-        single = calibrate_from_counts(cal_probs, cal_counts, **kw)
+        mapped = conformalize(
+            CalibrationSpec(score_map_x=score_map[0], score_map_y=score_map[1], **kw), cal_probs, cal_counts
+        )
+        single = conformalize(CalibrationSpec(**kw), cal_probs, cal_counts)
         test_probs, _, test_p = _draw(rng, 4000)
         cert = certify_from_probs(test_probs, mapped)
         p_top = np.where(cert.top_class == 0, test_p, 1 - test_p)
@@ -173,7 +175,7 @@ def test_rules_that_cannot_run_say_why_and_map_rules_need_counts():
     )
     assert "too few" in result["rules"]["map-tau0.05"]["error"]
     with pytest.raises(ValueError, match="MC counts"):
-        fit_rule(get_rule("map"), probs, None, m=100, n_mc=N_MC, alpha=0.05, beta=BETA)
+        fit_rule(get_rule("map"), probs, None, sigma=SIGMA, m=100, n_mc=N_MC, alpha=0.05, beta=BETA)
     with pytest.raises(ValueError, match="unknown calibration rule"):
         get_rule("magic")
     assert Rule("x", bins=3, map_tau=0.1).describe() == "score map τ=0.1, ≤3 confidence bins"

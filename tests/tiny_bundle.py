@@ -16,10 +16,11 @@ def make_tiny_bundle(bundle_dir: Path, frames_dir: Path | None = None, n_cal: in
     import cv2
     import torch
 
-    from rrise.calibrate.conformal import calibrate_from_counts
+    from rrise.bundle import sha256_file
     from rrise.calibrate.mc import sample_counts
     from rrise.calibrate.models import build_model
     from rrise.calibrate.train import train_base
+    from rrise.calibration import CalibrationSpec, conformalize
     from rrise.datasets import load_dataset
     from rrise.export.bundler import build_bundle
     from rrise.export.onnx_export import export_onnx, onnx_parity
@@ -35,7 +36,9 @@ def make_tiny_bundle(bundle_dir: Path, frames_dir: Path | None = None, n_cal: in
     from rrise.runtime.backends import OnnxRuntimeBackend
 
     probs = OnnxRuntimeBackend(onnx_path).run(cal_images)
-    cal = calibrate_from_counts(probs, counts, n_mc=n_cal, sigma=0.25, alpha=0.05, beta=0.001)
+    spec = CalibrationSpec(n_mc=n_cal, sigma=0.25, alpha=0.05, beta=0.001)
+    digest = sha256_file(onnx_path)  # the base model doubles as the surrogate here
+    cal = conformalize(spec, probs, counts, base_sha256=digest, surrogate_sha256=digest)
     np.savez_compressed(work / "calibration.npz", images=cal_images, counts=counts, probs=probs)
     build_bundle(
         bundle_dir,

@@ -1,0 +1,491 @@
+"""The one home of split-conformal calibration (docs/CERTIFICATE.md), torch-free.
+
+Three steps, kept apart:
+
+1. :class:`CalibrationSpec` — everything fixed *before* the calibration inputs are seen: σ, the MC
+   draws N, α, β, the PAC δ, the score transform, confidence-bin edges and the learned score map.
+   Rules (``rrise.calibrate.rules.fit_rule``) produce one from a selection split.
+2. :func:`conformalize` — the one verb: a spec, the surrogate's probabilities and fresh MC count
+   vectors on the calibration inputs → a :class:`Calibration`.
+3. :func:`rrise.certify_from_probs` — the deployment rule, which reads the Calibration.
+
+A :class:`Calibration` carries its spec and what it was made from (``dataset``, ``base_sha256`` of
+the base model whose counts were used, ``surrogate_sha256`` of the model whose probabilities were
+used), so recalibrating a precision variant is ``calibration.recalibrate(probs, counts)``. One codec,
+:meth:`Calibration.to_dict` / :meth:`Calibration.from_dict`, serves ``calibration.json``, the bundle
+manifest and :class:`rrise.Bundle`; ``from_dict`` validates every value and names the bad one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .scores import TRANSFORMS, confidence_bin, conformal_scores, p_cap
+from .stats import clopper_pearson_lower, norm_ppf
+
+__all__ = [
+    "Calibration",
+    "CalibrationSpec",
+    "conformal_quantile",
+    "conformal_rank",
+    "conformalize",
+    "mc_lower_bounds",
+    "min_calibration_size",
+    "mondrian_quantiles",
+]
+
+_SHA256_LEN = 64
+
+
+def _number(name: str, value: Any, *, lo: float, hi: float, open_lo: bool, open_hi: bool) -> float:
+    """``value`` as a float inside the interval, or a ValueError that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+    if not ok:
+        interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return v
+
+
+def _probability(name: str, value: Any) -> float:
+    return _number(name, value, lo=0.0, hi=1.0, open_lo=True, open_hi=True)
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _floats(name: str, values: Any) -> tuple[float, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}")
+    return tuple(
+        _number(f"{name}[{i}]", v, lo=-math.inf, hi=math.inf, open_lo=True, open_hi=True)
+        for i, v in enumerate(values)
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What is fixed before the calibration inputs are seen; every field is validated here.
+
+    ``bin_edges``: inner edges on ŝ (strictly increasing, in (0, 1]) of Mondrian confidence bins.
+    ``score_map_x/y``: knots of a monotone map g on the probit scale (probit only); the score becomes
+    g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). Both must come from data disjoint from the calibration inputs.
+    """
+
+    sigma: float
+    n_mc: int
+    alpha: float
+    beta: float
+    score: str = "probit"
+    delta: float | None = None
+    bin_edges: tuple[float, ...] = ()
+    score_map_x: tuple[float, ...] = ()
+    score_map_y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "sigma", _number("sigma", self.sigma, lo=0.0, hi=math.inf, open_lo=True, open_hi=True))
+        put(self, "n_mc", _count("n_mc", self.n_mc))
+        put(self, "alpha", _probability("alpha", self.alpha))
+        put(self, "beta", _probability("beta", self.beta))
+        if self.delta is not None:
+            put(self, "delta", _probability("delta", self.delta))
+        if self.score not in TRANSFORMS:
+            raise ValueError(f"unknown score transform {self.score!r}; expected one of {TRANSFORMS}")
+        put(self, "bin_edges", _floats("bin_edges", self.bin_edges))
+        if any(not 0.0 < e <= 1.0 for e in self.bin_edges):
+            raise ValueError(f"bin edges must lie in (0, 1], got {self.bin_edges}")
+        if any(b <= a for a, b in zip(self.bin_edges, self.bin_edges[1:])):
+            raise ValueError(f"bin edges must increase strictly, got {self.bin_edges}")
+        put(self, "score_map_x", _floats("score_map_x", self.score_map_x))
+        put(self, "score_map_y", _floats("score_map_y", self.score_map_y))
+        _check_score_map(self.score_map_x, self.score_map_y, self.score)
+
+    @property
+    def p_cap(self) -> float:
+        """β^(1/N): the largest lower bound N_cal draws can give."""
+        return p_cap(self.beta, self.n_mc)
+
+    @property
+    def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The knots ``(x, y)`` of the learned probit map, or None for the plain transform."""
+        return (self.score_map_x, self.score_map_y) if self.score_map_x else None
+
+    @property
+    def bins(self) -> int:
+        return len(self.bin_edges) + 1
+
+    @property
+    def bin_delta(self) -> float | None:
+        """The PAC δ of each confidence bin: δ/G, so that all G bins hold at once with prob. ≥ 1 − δ."""
+        return None if self.delta is None else self.delta / self.bins
+
+
+def _check_score_map(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
+    if not x and not y:
+        return
+    if score != "probit":
+        raise ValueError(f"a learned score map works on the probit scale only, not with score {score!r}")
+    if len(x) != len(y) or len(x) < 1:
+        raise ValueError(f"score map needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
+    if any(b <= a for a, b in zip(x, x[1:])):
+        raise ValueError("score map x knots must increase strictly")
+    if any(b < a for a, b in zip(y, y[1:])):
+        raise ValueError("score map y values must not decrease (the map must be monotone)")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A conformal calibration: its spec's settings, the quantile(s) and what it was made from.
+
+    Made by :func:`conformalize` (or read back by :meth:`from_dict`); read by the deployment rule
+    :func:`rrise.certify_from_probs`. ``quantile`` is the single conformal quantile; with confidence
+    bins, ``bin_quantiles`` holds one q̂ per bin (+inf: that bin always abstains) and ``quantile``
+    stays the plain single-quantile calibration, valid on its own.
+    """
+
+    sigma: float
+    quantile: float
+    alpha: float
+    beta: float
+    n_mc: int
+    m: int
+    score: str = "probit"
+    p_cap: float = field(default=float("nan"))
+    delta: float | None = None
+    bin_edges: tuple[float, ...] = ()
+    bin_quantiles: tuple[float, ...] = ()
+    score_map_x: tuple[float, ...] = ()
+    score_map_y: tuple[float, ...] = ()
+    dataset: str | None = None
+    base_sha256: str | None = None
+    surrogate_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        spec = self.spec  # validates σ, N, α, β, δ, score, edges and map
+        put = object.__setattr__
+        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", "score_map_x", "score_map_y"):
+            put(self, name, getattr(spec, name))
+        put(self, "m", _count("m", self.m))
+        q = self.quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) or math.isnan(q):
+            raise ValueError(f"quantile must be a number, got {q!r}")
+        put(self, "quantile", float(q))
+        cap = spec.p_cap
+        if isinstance(self.p_cap, float) and math.isnan(self.p_cap):
+            put(self, "p_cap", cap)
+        elif not math.isclose(
+            _number("p_cap", self.p_cap, lo=0, hi=1, open_lo=True, open_hi=False), cap, rel_tol=1e-9
+        ):
+            raise ValueError(f"p_cap {self.p_cap} is not beta^(1/n_mc) = {cap}")
+        put(self, "bin_quantiles", tuple(math.inf if v is None else float(v) for v in self.bin_quantiles))
+        if (self.bin_edges or self.bin_quantiles) and len(self.bin_quantiles) != len(self.bin_edges) + 1:
+            raise ValueError(
+                f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} bin quantiles, "
+                f"got {len(self.bin_quantiles)}"
+            )
+        if any(math.isnan(v) for v in self.bin_quantiles):
+            raise ValueError("bin quantiles must be numbers (null for an always-abstaining bin)")
+        for name in ("base_sha256", "surrogate_sha256"):
+            _check_sha(name, getattr(self, name))
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset):
+            raise ValueError(f"dataset must be a non-empty name, got {self.dataset!r}")
+        put(self, "_z_cap", norm_ppf(float(self.p_cap)))  # Φ⁻¹(p_cap), once for the per-frame path
+
+    @property
+    def spec(self) -> CalibrationSpec:
+        """The settings this calibration was made with (everything but its quantiles)."""
+        return CalibrationSpec(
+            sigma=self.sigma,
+            n_mc=self.n_mc,
+            alpha=self.alpha,
+            beta=self.beta,
+            score=self.score,
+            delta=self.delta,
+            bin_edges=self.bin_edges,
+            score_map_x=self.score_map_x,
+            score_map_y=self.score_map_y,
+        )
+
+    @property
+    def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return (self.score_map_x, self.score_map_y) if self.score_map_x else None
+
+    def quantiles_for(self, top_prob: np.ndarray) -> np.ndarray:
+        """q̂ for each input: its confidence bin's quantile, or the single quantile."""
+        s = np.asarray(top_prob, dtype=np.float64)
+        if not self.bin_edges:
+            return np.full(s.shape, self.quantile)
+        return np.asarray(self.bin_quantiles)[confidence_bin(s, self.bin_edges)]
+
+    def max_radius(self) -> float:
+        """An upper bound on every radius this calibration can certify: σ·min(g_max − min q̂, Φ⁻¹(p_cap))
+        with g_max = Φ⁻¹(p_cap) (or the score map's top knot); 0 when that is not positive."""
+        q = min((self.quantile, *self.bin_quantiles)) if self.bin_quantiles else self.quantile
+        g_max = max(self.score_map_y) if self.score_map is not None else self._z_cap
+        z = min(g_max - q, self._z_cap)
+        return self.sigma * z if z > 0 else 0.0
+
+    def recalibrate(self, probs: np.ndarray, counts: np.ndarray, *, surrogate_sha256: str | None = None):
+        """This calibration's spec applied to other numerics (a precision variant's ``probs`` on the
+        same calibration inputs, with their full MC ``counts``): see :func:`conformalize`."""
+        return conformalize(
+            self.spec,
+            probs,
+            counts,
+            dataset=self.dataset,
+            base_sha256=self.base_sha256,
+            surrogate_sha256=surrogate_sha256,
+        )
+
+    def with_quantile(self, quantile: float, bin_quantiles: tuple[float, ...] | None = None) -> Calibration:
+        """The same calibration with another variant's quantile(s)."""
+        extra = {} if bin_quantiles is None else {"bin_quantiles": tuple(bin_quantiles)}
+        return replace(self, quantile=float(quantile), **extra)
+
+    # --- the one codec -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (``calibration.json`` and the manifest's ``calibration``): optional keys
+        (δ, bins, score map, provenance) only when set; an infinite bin quantile is null."""
+        d: dict[str, Any] = {
+            "score": self.score,
+            "sigma": self.sigma,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "m": self.m,
+            "n_mc": self.n_mc,
+            "quantile": self.quantile if math.isfinite(self.quantile) else None,
+            "p_cap": self.p_cap,
+        }
+        if self.delta is not None:
+            d["delta"] = self.delta
+        if self.bin_edges:
+            d["bin_edges"] = list(self.bin_edges)
+            d["bin_quantiles"] = [q if math.isfinite(q) else None for q in self.bin_quantiles]
+        if self.score_map is not None:
+            d["score_map_x"] = list(self.score_map_x)
+            d["score_map_y"] = list(self.score_map_y)
+        for key in ("dataset", "base_sha256", "surrogate_sha256"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, *, sigma: float | None = None) -> Calibration:
+        """Read a record written by :meth:`to_dict` (or a manifest's ``calibration``, with ``sigma``
+        from its ``smoothing``). Raises ValueError naming the missing or invalid key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a calibration record must be an object, got {type(d).__name__}")
+        d = dict(d)
+        if sigma is not None:
+            if "sigma" in d and d["sigma"] != sigma:
+                raise ValueError(f"calibration sigma {d['sigma']} disagrees with smoothing sigma {sigma}")
+            d["sigma"] = sigma
+        missing = [k for k in ("score", "sigma", "alpha", "beta", "m", "n_mc", "quantile") if k not in d]
+        if missing:
+            raise ValueError(f"calibration record lacks {', '.join(missing)}")
+        if d["quantile"] is None:
+            d["quantile"] = math.inf
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for key in ("bin_edges", "bin_quantiles", "score_map_x", "score_map_y"):
+            value = kwargs.get(key)
+            if value is not None and not isinstance(value, list | tuple):
+                raise ValueError(f"calibration {key} must be a list, got {value!r}")
+            kwargs[key] = tuple(value or ())
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid calibration record: {exc}") from None
+
+
+def _check_sha(name: str, value: Any) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, str) and len(value) == _SHA256_LEN and all(c in "0123456789abcdef" for c in value)
+    if not ok:
+        raise ValueError(f"{name} must be a sha256 hex digest, got {value!r}")
+
+
+def mc_lower_bounds(counts: np.ndarray, classes: np.ndarray, n_mc: int, beta: float) -> np.ndarray:
+    """One-sided (1−β) Clopper–Pearson lower bounds on ``p_{classes[i]}(x_i)`` from ``[m, K]`` counts.
+
+    Guarantee: for each i, if ``counts[i]`` comes from ``n_mc`` fresh draws independent of the choice
+    of ``classes[i]``, then ``P(bound_i ≤ p_{classes[i]}(x_i)) ≥ 1 − β``. The bound is 0 at count 0.
+    """
+    c = np.asarray(counts)
+    cls = np.asarray(classes, dtype=np.int64)
+    if c.ndim != 2 or cls.shape != (len(c),):
+        raise ValueError(f"counts must be [m, K] and classes [m]; got {c.shape} and {cls.shape}")
+    if np.any((cls < 0) | (cls >= c.shape[1])):
+        raise ValueError(f"classes must lie in [0, {c.shape[1]})")
+    k = c[np.arange(len(c)), cls]
+    return np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n_mc), beta), dtype=np.float64))
+
+
+def _check_inputs(probs: np.ndarray, counts: np.ndarray, n_mc: int) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    k = np.asarray(counts)
+    if p.ndim != 2 or k.shape != p.shape:
+        raise ValueError(f"probs and counts must both be [m, K]; got {p.shape} and {k.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs contain NaN or inf")
+    if p.size and (p.min() < 0 or p.max() > 1 or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3)):
+        raise ValueError("probs must be probabilities (rows of a softmax), not logits")
+    if not np.issubdtype(k.dtype, np.integer):
+        raise ValueError(f"counts must be integers, got dtype {k.dtype}")
+    bad = np.flatnonzero((k.sum(axis=1) != n_mc) | (k.min(axis=1, initial=0) < 0))
+    if bad.size:
+        row = k[bad[0]]
+        raise ValueError(
+            f"counts row {bad[0]} sums to {int(row.sum())} with min {int(row.min())}; every row must be "
+            f"non-negative and sum to n_mc={n_mc} ({bad.size} such row(s))"
+        )
+    return p, k
+
+
+def conformalize(
+    spec: CalibrationSpec,
+    probs: np.ndarray,
+    counts: np.ndarray,
+    *,
+    dataset: str | None = None,
+    base_sha256: str | None = None,
+    surrogate_sha256: str | None = None,
+) -> Calibration:
+    """Split-conformal calibration of the surrogate's radii on ``m`` calibration inputs.
+
+    ``probs`` ``[m, K]``: the surrogate's probabilities, from the exact numerics that will be
+    deployed; ``counts`` ``[m, K]``: fresh MC vote counts of the base classifier, ``spec.n_mc`` draws
+    per row. For each input Â = argmax probs, p̲ = the (1−β) Clopper–Pearson lower bound on p_Â from
+    its count, score e = g(T(min(ŝ, p_cap))) − T(p̲) (+∞ when p̲ = 0); q̂ is the
+    ``conformal_rank(m, α, δ)``-th smallest score, and with bins one such q̂ per bin at δ/G.
+
+    Guarantee: if the calibration inputs were not used to train or select the base model, the
+    surrogate or anything in ``spec``, and they are exchangeable with a deployed input, then with
+    probability at least ``1 − α − β`` over calibration, input and noise,
+    :func:`rrise.certify_from_probs` with the returned Calibration either abstains or gives
+    ``p̃ ≤ p_Â(x)``, so the smoothed classifier predicts ``Â`` and is constant on the ℓ2 ball of
+    radius ``σ·Φ⁻¹(p̃)``. Marginal over inputs, not per input. With confidence bins it also holds
+    within each bin. With ``delta`` (PAC): with probability ≥ 1 − δ over the calibration draw, the
+    statement holds at ``1 − α − β`` for every later exchangeable input — with bins, in every bin at
+    once (each bin's quantile is taken at δ/G). Too few inputs raise ValueError naming the smallest m.
+    """
+    if not isinstance(spec, CalibrationSpec):
+        raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
+    p, k = _check_inputs(probs, counts, spec.n_mc)
+    top = np.argmax(p, axis=1)
+    top_prob = p[np.arange(len(p)), top]
+    p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta)
+    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map)
+    quantile = conformal_quantile(scores, spec.alpha, spec.delta)
+    bin_quantiles = ()
+    if spec.bin_edges:
+        bin_quantiles = mondrian_quantiles(scores, top_prob, spec.bin_edges, spec.alpha, spec.bin_delta)
+    return Calibration(
+        **{k: v for k, v in asdict(spec).items()},
+        quantile=quantile,
+        m=len(p),
+        bin_quantiles=bin_quantiles,
+        dataset=dataset,
+        base_sha256=base_sha256,
+        surrogate_sha256=surrogate_sha256,
+    )
+
+
+def _rank(m: int, alpha: float) -> int:
+    """⌈(m+1)(1−α)⌉ in exact rational arithmetic (α read as the decimal it was written as)."""
+    return math.ceil((m + 1) * (1 - Fraction(repr(float(alpha)))))
+
+
+def conformal_rank(m: int, alpha: float, delta: float | None = None) -> int:
+    """The rank k (1-based) of the order statistic that serves as q̂ among m scores.
+
+    ``delta=None``: ⌈(m+1)(1−α)⌉, the split-conformal rank (marginal: P(e ≤ q̂) ≥ 1 − α).
+    ``delta`` given: the smallest k with P(Binomial(m, 1−α) ≥ k) ≤ δ, the training-conditional (PAC)
+    rank: with probability ≥ 1 − δ over the calibration draw, P(e ≤ q̂ | calibration) ≥ 1 − α.
+    """
+    _probability("alpha", alpha)
+    if delta is None:
+        return _rank(m, alpha)
+    _probability("delta", delta)
+    from scipy.stats import binom  # lazy: only the PAC rank needs it
+
+    return int(binom.ppf(1.0 - delta, m, 1.0 - alpha)) + 1
+
+
+@lru_cache(maxsize=256)
+def min_calibration_size(alpha: float, delta: float | None = None) -> int:
+    """Smallest m whose conformal rank is at most m: the fewest calibration inputs that give q̂."""
+    _probability("alpha", alpha)
+    m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
+    while conformal_rank(m, alpha, delta) > m:
+        m += 1 if delta is None else max(1, m // 50)
+    if delta is not None:  # step back to the exact smallest m
+        while m > 1 and conformal_rank(m - 1, alpha, delta) <= m - 1:
+            m -= 1
+    return m
+
+
+def conformal_quantile(scores: np.ndarray, alpha: float, delta: float | None = None) -> float:
+    """q̂: the k-th smallest of m scores, k = :func:`conformal_rank` (m, α, δ).
+
+    Guarantee (δ = None): for a new exchangeable score e, P(e ≤ q̂) ≥ 1 − α. With δ: with
+    probability ≥ 1 − δ over the calibration scores, P(e ≤ q̂ | calibration) ≥ 1 − α. Raises
+    ValueError naming the smallest m that works when k > m.
+    """
+    e = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    m = len(e)
+    k = conformal_rank(m, alpha, delta)
+    if k > m:
+        what = f"alpha={alpha}" + ("" if delta is None else f", delta={delta:g}")
+        raise ValueError(
+            f"{m} calibration inputs are too few for {what}: "
+            f"need at least m={min_calibration_size(alpha, delta)}"
+        )
+    return float(e[k - 1])
+
+
+def mondrian_quantiles(
+    scores: np.ndarray,
+    top_prob: np.ndarray,
+    edges: tuple[float, ...] | list[float],
+    alpha: float,
+    delta: float | None = None,
+) -> tuple[float, ...]:
+    """One conformal quantile per confidence bin (Mondrian split conformal), each at ``delta``.
+
+    Guarantee: if the edges were fixed without looking at the calibration inputs, then for a new
+    exchangeable input whose ŝ falls in bin g, P(e ≤ q̂_g) ≥ 1 − α; so also marginally. With a PAC
+    ``delta`` per bin, all G bins hold at once with probability ≥ 1 − G·delta (pass δ/G for 1 − δ,
+    as :func:`conformalize` does). Each bin must hold :func:`min_calibration_size` inputs: a
+    ValueError names the bin that does not.
+    """
+    e = np.asarray(scores, dtype=np.float64)
+    which = confidence_bin(np.asarray(top_prob, dtype=np.float64), edges)
+    bounds = [0.0, *edges, 1.0]
+    need = min_calibration_size(alpha, delta)
+    out = []
+    for g in range(len(edges) + 1):
+        in_bin = e[which == g]
+        if len(in_bin) < need:
+            raise ValueError(
+                f"confidence bin {g} (ŝ in [{bounds[g]:.6g}, {bounds[g + 1]:.6g})) holds {len(in_bin)} "
+                f"calibration inputs; alpha={alpha} needs at least {need} per bin: use fewer bins "
+                "or more calibration inputs"
+            )
+        out.append(conformal_quantile(in_bin, alpha, delta))
+    return tuple(out)
