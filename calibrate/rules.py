@@ -154,72 +154,39 @@ def compare_rules(
     certified accuracy over ``radii`` is within one paired standard error (over the repeats) of the
     best rule's: the one-standard-error rule of model selection.
     """
-    p = np.asarray(probs, dtype=np.float64)
-    k = np.asarray(counts)
-    y = np.asarray(labels)
+    p, k, y = np.asarray(probs, dtype=np.float64), np.asarray(counts), np.asarray(labels)
     n = len(p)
     rng = np.random.default_rng(seed)
     n_fit, n_cal = int(n * fit_share), int(n * calibrate_share)
     if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
         raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
-    top = p.argmax(axis=1)
-    p_low = mc_lower_bounds(k, top, n_mc, beta)
-    acc = {r.name: [] for r in rules}
-    acr = {r.name: [] for r in rules}
-    abstain = {r.name: [] for r in rules}
-    miss = {r.name: [] for r in rules}
+    p_low = mc_lower_bounds(k, p.argmax(axis=1), n_mc, beta)
+    settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
+    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rules}
     errors: dict[str, str] = {}
     for _ in range(repeats):
         perm = rng.permutation(n)
         fit, cal, test = perm[:n_fit], perm[n_fit : n_fit + n_cal], perm[n_fit + n_cal :]
-        for rule in rules:
-            if rule.name in errors:
-                continue
+        for rule in (r for r in rules if r.name not in errors):
             try:
-                spec = fit_rule(
-                    rule, p[fit], k[fit], sigma=sigma, m=len(cal), n_mc=n_mc, alpha=alpha, beta=beta
-                )
+                spec = fit_rule(rule, p[fit], k[fit], m=len(cal), **settings)
                 calibration = conformalize(spec, p[cal], k[cal])
             except ValueError as exc:
                 errors[rule.name] = str(exc)
                 continue
-            cert = certify_from_probs(p[test], calibration)
-            correct = (cert.pred == y[test]) & ~cert.abstain
-            acc[rule.name].append([100.0 * np.mean(correct & (cert.radius >= r)) for r in radii])
-            acr[rule.name].append(float(np.mean(np.where(correct, cert.radius, 0.0))))
-            abstain[rule.name].append(100.0 * float(np.mean(cert.abstain)))
-            miss[rule.name].append(float(np.mean(~cert.abstain & (cert.p_lower > p_low[test]))))
-    table: dict[str, Any] = {}
-    for rule in rules:
-        if rule.name in errors:
-            table[rule.name] = {"rule": rule.describe(), "error": errors[rule.name]}
-            continue
-        a = np.asarray(acc[rule.name])
-        table[rule.name] = {
-            "rule": rule.describe(),
-            "certified_accuracy": {f"{r:g}": round(float(v), 2) for r, v in zip(radii, a.mean(axis=0))},
-            "mean_certified_accuracy": round(float(a.mean()), 3),
-            "acr": round(float(np.mean(acr[rule.name])), 4),
-            "abstain_pct": round(float(np.mean(abstain[rule.name])), 2),
-            "miss_rate": round(float(np.mean(miss[rule.name])), 4),
-        }
-    ranked = [r.name for r in rules if "error" not in table[r.name]]
+            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, radii))
+    table = {
+        r.name: {"rule": r.describe(), "error": errors[r.name]}
+        if r.name in errors
+        else _summary(r, runs[r.name], radii)
+        for r in rules
+    }
+    ranked = [r.name for r in rules if r.name not in errors]
     if not ranked:
-        why = "; ".join(errors.values())
-        raise ValueError(f"no calibration rule could run on this selection split: {why}")
-    # One-standard-error rule: the simplest (earliest) rule whose mean is within one paired standard
-    # error of the best one's, so that noise between near-equal rules does not pick the complex one.
-    per_repeat = {name: np.asarray(acc[name]).mean(axis=1) for name in ranked}
-    best = max(ranked, key=lambda name: per_repeat[name].mean())
-    for name in ranked:
-        diff = per_repeat[best] - per_repeat[name]
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-        table[name]["behind_best"] = round(float(diff.mean()), 3)
-        table[name]["behind_best_se"] = round(se, 3)
-    winner = min(
-        (name for name in ranked if table[name]["behind_best"] <= table[name]["behind_best_se"]),
-        key=lambda name: _rank(rules, name),
-    )
+        raise ValueError(
+            f"no calibration rule could run on this selection split: {'; '.join(errors.values())}"
+        )
+    winner = _one_standard_error_winner(rules, ranked, runs, table)
     return {
         "alpha": alpha,
         "beta": beta,
@@ -231,6 +198,51 @@ def compare_rules(
         "rules": table,
         "winner": winner,
     }
+
+
+def _test_metrics(
+    probs: np.ndarray, labels: np.ndarray, p_low: np.ndarray, calibration, radii: tuple[float, ...]
+) -> dict[str, Any]:
+    """One split's test metrics: certified accuracy (%) at ``radii``, ACR, abstain (%), miss rate."""
+    cert = certify_from_probs(probs, calibration)
+    correct = (cert.pred == labels) & ~cert.abstain
+    return {
+        "acc": [100.0 * np.mean(correct & (cert.radius >= r)) for r in radii],
+        "acr": float(np.mean(np.where(correct, cert.radius, 0.0))),
+        "abstain": 100.0 * float(np.mean(cert.abstain)),
+        "miss": float(np.mean(~cert.abstain & (cert.p_lower > p_low))),
+    }
+
+
+def _summary(rule: Rule, runs: list[dict[str, Any]], radii: tuple[float, ...]) -> dict[str, Any]:
+    a = np.asarray([r["acc"] for r in runs])
+    return {
+        "rule": rule.describe(),
+        "certified_accuracy": {f"{r:g}": round(float(v), 2) for r, v in zip(radii, a.mean(axis=0))},
+        "mean_certified_accuracy": round(float(a.mean()), 3),
+        "acr": round(float(np.mean([r["acr"] for r in runs])), 4),
+        "abstain_pct": round(float(np.mean([r["abstain"] for r in runs])), 2),
+        "miss_rate": round(float(np.mean([r["miss"] for r in runs])), 4),
+    }
+
+
+def _one_standard_error_winner(
+    rules: tuple[Rule, ...], ranked: list[str], runs: dict[str, list[dict[str, Any]]], table: dict[str, Any]
+) -> str:
+    """The simplest (earliest) rule whose mean is within one paired standard error of the best one's,
+    so that noise between near-equal rules does not pick the complex one. Adds each rule's
+    ``behind_best`` and ``behind_best_se`` to ``table``."""
+    per_repeat = {name: np.asarray([r["acc"] for r in runs[name]]).mean(axis=1) for name in ranked}
+    best = max(ranked, key=lambda name: per_repeat[name].mean())
+    for name in ranked:
+        diff = per_repeat[best] - per_repeat[name]
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        table[name]["behind_best"] = round(float(diff.mean()), 3)
+        table[name]["behind_best_se"] = round(se, 3)
+    return min(
+        (name for name in ranked if table[name]["behind_best"] <= table[name]["behind_best_se"]),
+        key=lambda name: _rank(rules, name),
+    )
 
 
 def _rank(rules: tuple[Rule, ...], name: str) -> int:

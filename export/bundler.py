@@ -216,6 +216,20 @@ def _check_build_inputs(
     return shape  # type: ignore[return-value]
 
 
+def _checked_calibration_data(
+    files: dict[str, Path], calibration: Calibration, shape: tuple[int, int, int], num_labels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration counts and images, checked against the record, the labels and both models."""
+    counts, images = _read_calibration_npz(files["calibration"])
+    _check_calibration_arrays(counts, images, calibration, shape)
+    num_classes = counts.shape[1]
+    if num_labels != num_classes:
+        raise ValueError(f"{num_labels} labels given, but the calibration counts have {num_classes} classes")
+    _check_onnx(files["surrogate"], shape, num_classes, "surrogate", names=True)
+    _check_onnx(files["base model"], shape, num_classes, "base model", names=False)
+    return counts, images
+
+
 def _check_provenance(calibration: Calibration, base_onnx: Path, surrogate_onnx: Path) -> None:
     """The calibration must say which models it came from, and they must be the ones packed: a
     certificate about another model than the one shipped is worse than none."""
@@ -336,17 +350,15 @@ def build_bundle(
 ) -> Bundle:
     """Write a bundle folder at ``out_dir`` and return it, loaded and verified.
 
-    The folder holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a byte copy of
-    ``calibration_npz``: ``counts`` int [m, K] summing to ``n_mc`` per row, ``images`` float32
-    [m, C, H, W]) and ``manifest.json``. The manifest's ``calibration`` is the given record (its
-    ``base_sha256`` and ``surrogate_sha256`` must be those of the files packed, or ValueError); the
-    fp32 onnxruntime variant gets its own q̂, recomputed from ``surrogate.onnx``'s CPU outputs on the
-    calibration images at batch 1, with the micro-batch size that reproduces them (engine-aware).
+    It holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a copy of ``calibration_npz``:
+    ``counts`` int [m, K] summing to ``n_mc``, ``images`` float32 [m, C, H, W]) and ``manifest.json``
+    whose ``calibration`` is the given record; its ``base_sha256``/``surrogate_sha256`` must be those of
+    the files packed. The fp32 variant gets its own q̂ from ``surrogate.onnx``'s CPU outputs at batch
+    1, with the micro-batch size that reproduces them (:func:`calibration_outputs`).
 
-    Guarantees: nothing is written at ``out_dir`` unless the whole bundle was built and passed
-    :meth:`Bundle.load`; an existing ``out_dir`` is replaced only with ``overwrite=True`` and only if
-    it is an rrise bundle (or empty). Raises ValueError on inconsistent inputs (shapes, class count,
-    m, counts, models) and FileExistsError when refusing to overwrite.
+    Nothing is written at ``out_dir`` unless the whole bundle passed :meth:`Bundle.load`; an existing
+    ``out_dir`` is replaced only with ``overwrite=True`` and only if it is a bundle (or empty). Raises
+    ValueError on inconsistent inputs and FileExistsError when refusing to overwrite.
     """
     out_dir = Path(out_dir)
     files = {
@@ -356,14 +368,8 @@ def build_bundle(
     }
     _check_replaceable(out_dir, overwrite)
     shape = _check_build_inputs(calibration, input_shape, preprocess, dataset, parity_max_abs_diff, files)
-    counts, images = _read_calibration_npz(files["calibration"])
-    _check_calibration_arrays(counts, images, calibration, shape)
-    num_classes = counts.shape[1]
     labels = [str(label) for label in labels]
-    if len(labels) != num_classes:
-        raise ValueError(f"{len(labels)} labels given, but the calibration counts have {num_classes} classes")
-    _check_onnx(files["surrogate"], shape, num_classes, "surrogate", names=True)
-    _check_onnx(files["base model"], shape, num_classes, "base model", names=False)
+    counts, images = _checked_calibration_data(files, calibration, shape, len(labels))
     probs, max_batch = calibration_outputs(onnx_probs_runner(files["surrogate"]), images)
     fp32 = _variant_entry(
         "fp32",
@@ -439,6 +445,21 @@ def _variant_manifest(bundle: Bundle, entry: dict[str, Any]) -> tuple[dict[str, 
     return manifest, keep_files
 
 
+def _uncalibrated_entry(
+    precision: str, backend: str, name: str, calibrated_with: str | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The entry of a variant that could not be run where it was made: null quantile, and why."""
+    if not extra.get("needs_recalibration"):
+        raise ValueError(
+            f"the {precision}/{backend} variant has no outputs to calibrate from: pass probs, or say "
+            "why in needs_recalibration"
+        )
+    entry = {"precision": precision, "backend": backend, "file": name, "sha256": None, "quantile": None}
+    if calibrated_with:
+        entry["calibrated_with"] = calibrated_with
+    return {**entry, **extra}
+
+
 def add_variant(
     bundle_dir: str | os.PathLike,
     file: str | os.PathLike,
@@ -466,13 +487,7 @@ def add_variant(
     src = Path(file)
     name = name or f"surrogate.{precision}.{backend}{src.suffix}"
     if probs is None:
-        if not extra.get("needs_recalibration"):
-            raise ValueError(
-                f"the {precision}/{backend} variant has no outputs to calibrate from: pass probs, or say "
-                "why in needs_recalibration"
-            )
-        entry = {"precision": precision, "backend": backend, "file": name, "sha256": None, "quantile": None}
-        entry.update({"calibrated_with": calibrated_with} if calibrated_with else {}, **extra)
+        entry = _uncalibrated_entry(precision, backend, name, calibrated_with, extra)
     else:
         if calibrated_with is None:
             raise ValueError(

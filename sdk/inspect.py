@@ -58,7 +58,7 @@ def inspect_bundle(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         "sigma": m["smoothing"]["sigma"],
         "preprocess": m["preprocess"],
         "calibration": cal,
-        "variants": [{k: v for k, v in variant.items() if k != "sha256"} for variant in m["variants"]],
+        "variants": [_variant_summary(bundle, variant) for variant in m["variants"]],
         "base_model": m["base_model"].get("file"),
         "guarantee": m["guarantee"],
         "guarantee_filled": guarantee_text(str(m["guarantee"]), cal.get("alpha"), cal.get("beta")),
@@ -66,6 +66,17 @@ def inspect_bundle(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         "files": dict(m["files"]),
     }
     return summary, problems
+
+
+def _variant_summary(bundle: Bundle, variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant's manifest entry (less its hash) and ``max_radius``: the largest radius it can ever
+    certify, σ·(Φ⁻¹(p_cap) − q̂) (None when it has no usable quantile)."""
+    out = {k: v for k, v in variant.items() if k != "sha256"}
+    try:
+        out["max_radius"] = bundle.calibration(variant).max_radius()
+    except BundleError:
+        out["max_radius"] = None
+    return out
 
 
 def _num(x: Any) -> str:
@@ -76,65 +87,75 @@ def _wrap(text: str, indent: str = "  ") -> str:
     return textwrap.fill(text, width=_WIDTH, initial_indent=indent, subsequent_indent=indent)
 
 
+_CALIBRATION_KEYS = (
+    "score",
+    "alpha",
+    "beta",
+    "delta",
+    "m",
+    "n_mc",
+    "quantile",
+    "p_cap",
+    "dataset",
+    "bin_edges",
+)
+
+
+def _model_lines(summary: dict[str, Any]) -> list[str]:
+    model, labels = summary["model"], summary["labels"]
+    inp, out = model.get("input") or {}, model.get("output") or {}
+    return [
+        f"Created      {summary['created']} by rrise {summary['rrise_version']} "
+        f"(schema {summary['schema_version']})",
+        f"Model        {model.get('file')}: {inp.get('name')} {inp.get('shape')} {inp.get('dtype')} "
+        f"in {inp.get('range')} -> {out.get('name')} (kind {out.get('kind')}), "
+        f"{summary['num_classes']} classes",
+        f"Labels       {', '.join(map(str, labels)) if labels else '(none: class indices)'}",
+        "Preprocess   " + ", ".join(f"{k} {v}" for k, v in summary["preprocess"].items()),
+        f"Smoothing    sigma = {_num(summary['sigma'])} ([0,1]-pixel units of the model input)",
+    ]
+
+
+def _calibration_lines(cal: dict[str, Any]) -> list[str]:
+    lines = ["Calibration  " + ", ".join(f"{k} = {_num(cal[k])}" for k in _CALIBRATION_KEYS if k in cal)]
+    if cal.get("score_map_x"):
+        knots = ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_map_x"], cal["score_map_y"]))
+        lines.append(f"Score map    learned on the selection split, {len(cal['score_map_x'])} knots: {knots}")
+    made_from = [f"{k} {cal[k][:16]}…" for k in ("base_sha256", "surrogate_sha256") if cal.get(k)]
+    if made_from:
+        lines.append("Made from    " + ", ".join(made_from))
+    return lines
+
+
+def _variant_lines(v: dict[str, Any]) -> list[str]:
+    extra = ", ".join(
+        f"{k} {v[k]}" for k in ("calibrated_with", "max_batch", "trt_version", "compute_capability") if k in v
+    )
+    q = v.get("quantile")
+    shown = f"quantile = {_num(q)}" if q is not None else "NO quantile (the runtime refuses it)"
+    if v.get("bin_quantiles") is not None:
+        shown += ", per confidence bin " + ", ".join(
+            "inf (abstain)" if b is None else _num(b) for b in v["bin_quantiles"]
+        )
+    if v.get("max_radius") is not None:
+        shown += f", largest radius {v['max_radius']:.4g}"
+    lines = [
+        f"  {v.get('precision')}/{v.get('backend')}  {v.get('file')}  {shown}"
+        + (f"  ({extra})" if extra else "")
+    ]
+    if q is None:
+        lines.append(_wrap(f"needs recalibration: {v.get('needs_recalibration')}", "    "))
+    return lines
+
+
 def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
     """Human-readable text of :func:`inspect_bundle`'s result, ending with an "Integrity: OK" or
     "Integrity: FAILED" section that lists every problem."""
     lines = [f"Bundle       {summary.get('path')}" + (f"  (id {summary['id']})" if summary.get("id") else "")]
     if summary.get("id"):
-        model = summary["model"]
-        inp, out = model.get("input") or {}, model.get("output") or {}
-        labels = summary["labels"]
-        cal = summary["calibration"]
-        lines += [
-            f"Created      {summary['created']} by rrise {summary['rrise_version']} "
-            f"(schema {summary['schema_version']})",
-            f"Model        {model.get('file')}: {inp.get('name')} {inp.get('shape')} {inp.get('dtype')} "
-            f"in {inp.get('range')} -> {out.get('name')} (kind {out.get('kind')}), "
-            f"{summary['num_classes']} classes",
-            f"Labels       {', '.join(map(str, labels)) if labels else '(none: class indices)'}",
-            "Preprocess   " + ", ".join(f"{k} {v}" for k, v in summary["preprocess"].items()),
-            f"Smoothing    sigma = {_num(summary['sigma'])} ([0,1]-pixel units of the model input)",
-            "Calibration  "
-            + ", ".join(
-                f"{k} = {_num(cal[k])}"
-                for k in (
-                    "score",
-                    "alpha",
-                    "beta",
-                    "delta",
-                    "m",
-                    "n_mc",
-                    "quantile",
-                    "p_cap",
-                    "dataset",
-                    "bin_edges",
-                )
-                if k in cal
-            ),
-            *(
-                [
-                    f"Score map    learned on the selection split, {len(cal['score_map_x'])} knots: "
-                    + ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_map_x"], cal["score_map_y"]))
-                ]
-                if cal.get("score_map_x")
-                else []
-            ),
-            "Variants",
-        ]
+        lines += [*_model_lines(summary), *_calibration_lines(summary["calibration"]), "Variants"]
         for v in summary["variants"]:
-            extra = ", ".join(
-                f"{k} {v[k]}" for k in ("calibrated_with", "trt_version", "compute_capability") if k in v
-            )
-            name = f"{v.get('precision')}/{v.get('backend')}"
-            q = v.get("quantile")
-            shown = f"quantile = {_num(q)}" if q is not None else "NO quantile (the runtime refuses it)"
-            if v.get("bin_quantiles") is not None:
-                shown += ", per confidence bin " + ", ".join(
-                    "inf (abstain)" if b is None else _num(b) for b in v["bin_quantiles"]
-                )
-            lines.append(f"  {name}  {v.get('file')}  {shown}" + (f"  ({extra})" if extra else ""))
-            if q is None:
-                lines.append(_wrap(f"needs recalibration: {v.get('needs_recalibration')}", "    "))
+            lines += _variant_lines(v)
         lines.append(f"Base model   {summary['base_model']} (for audits)")
         parity = (summary.get("export") or {}).get("parity_max_abs_diff")
         if parity is not None:

@@ -137,6 +137,10 @@ def test_good_bundle_loads_and_inspects_ok(good):
     assert "Integrity: OK" in text and "FAILED" not in text
     assert "1 − α − β = 0.89" in text  # 1 − 0.1 − 0.01
     assert "fp32/onnxruntime" in text and b.id in text
+    # the largest radius the bundle can ever certify, so a quick bundle does not look like a full one
+    cal = b.calibration(b.variant("fp32"))
+    assert summary["variants"][0]["max_radius"] == pytest.approx(cal.max_radius())
+    assert f"largest radius {cal.max_radius():.4g}" in text and "max_batch 16" in text
 
 
 def test_changed_file_is_refused(bundle_dir):
