@@ -12,8 +12,9 @@ raises RuntimeError saying how to install them. Supported: TensorRT 10 and 11.
 
 An engine is tied to the GPU (compute capability) and TensorRT version it was built with; the
 bundle records both (:func:`engine_info`), and its quantile must be recalibrated from the engine's
-own outputs (:func:`rrise.export.bundler.add_variant`), run through the runtime's own
-``rrise.runtime.backends.TensorRTBackend`` so the numbers are the ones deployment will see.
+own outputs, run through the runtime's own ``rrise.runtime.backends.TensorRTBackend`` at the
+runtime's batch sizes so the numbers are the ones deployment will see: :mod:`rrise.export.engine`
+does that.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .onnx_export import INPUT_NAME, atomic_write_bytes
+from rrise.fileio import atomic_write_bytes
+
+from .onnx_export import INPUT_NAME
 
 __all__ = ["INSTALL_HINT", "build_engine", "engine_info", "require_tensorrt"]
 
@@ -97,6 +100,24 @@ def build_engine(
         )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, strongly_typed))
+    parser = trt.OnnxParser(network, logger)  # the network keeps no reference to its parser: keep it alive
+    _parse(trt, parser, network, onnx_path)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    config = _builder_config(trt, builder, network, (min_batch, opt_batch, max_batch), cache_path)
+    if fp16:
+        _set_fp16(trt, config, network, onnx_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return atomic_write_bytes(engine_path, bytes(serialized))
+
+
+def _network_flags(trt, strongly_typed: bool) -> int:
+    """Network creation flags: explicit batch where TensorRT still needs the flag (< 10), and
+    ``STRONGLY_TYPED`` when asked (refused on a TensorRT that cannot do it)."""
     flags = 0
     if _major(trt) < 10 and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
@@ -108,37 +129,43 @@ def build_engine(
             raise RuntimeError(
                 f"TensorRT {trt.__version__} cannot build strongly typed networks; install TensorRT 10 or 11"
             )
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    return flags
+
+
+def _parse(trt, parser, network, onnx_path: str | os.PathLike) -> None:
+    """Parse the ONNX file into ``network``; it must have exactly the one input ``input``."""
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors or 'unknown error'}")
-    inp = network.get_input(0)
-    if network.num_inputs != 1 or inp.name != INPUT_NAME:
+    if network.num_inputs != 1 or network.get_input(0).name != INPUT_NAME:
         raise RuntimeError(f"{onnx_path} must have exactly one input named {INPUT_NAME!r}")
-    _, c, h, w = tuple(inp.shape)
+
+
+def _builder_config(trt, builder, network, batches: tuple[int, int, int], cache_path: Path | None):
+    """A builder config with one optimization profile over ``batches`` (min, opt, max) and the
+    timing cache read from ``cache_path`` (empty when there is none yet)."""
+    _, c, h, w = tuple(network.get_input(0).shape)
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    lo, opt, hi = ((b, c, h, w) for b in batches)
+    profile.set_shape(INPUT_NAME, lo, opt, hi)
     config = builder.create_builder_config()
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-    if fp16:
-        if hasattr(trt.BuilderFlag, "FP16"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif not _network_has_half(trt, network):
-            raise RuntimeError(
-                f"TensorRT {trt.__version__} has no FP16 builder flag: an engine's precision is the "
-                f"ONNX's own tensor types, and {onnx_path} is float32 throughout. Export a float16 ONNX "
-                "to build an fp16 engine."
-            )
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    return atomic_write_bytes(engine_path, bytes(serialized))
+    return config
+
+
+def _set_fp16(trt, config, network, onnx_path: str | os.PathLike) -> None:
+    """``BuilderFlag.FP16`` where it exists (TensorRT 10); TensorRT 11 takes the precision from the
+    ONNX, so an all-float32 network is refused rather than silently built as fp32."""
+    if hasattr(trt.BuilderFlag, "FP16"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif not _network_has_half(trt, network):
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} has no FP16 builder flag: an engine's precision is the "
+            f"ONNX's own tensor types, and {onnx_path} is float32 throughout. Export a float16 ONNX "
+            "to build an fp16 engine."
+        )
 
 
 def engine_info() -> dict[str, Any]:

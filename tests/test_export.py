@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import types
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from typer.testing import CliRunner
 
 from rrise import Bundle, BundleError, Calibration
 from rrise.bundle import GUARANTEE, SCHEMA_VERSION, sha256_file
-from rrise.certificate import conformal_quantile, conformal_scores
+from rrise.calibration import conformal_quantile
 from rrise.export import tensorrt_build
-from rrise.export.bundler import add_variant, build_bundle, recalibrate_variant, softmax
+from rrise.export.bundler import add_variant, build_bundle, recalibrate_variant
 from rrise.export.cli import app
 from rrise.export.onnx_export import export_onnx, onnx_logits, onnx_parity
+from rrise.numerics import MICRO_BATCH_LIMIT, softmax
+from rrise.scores import conformal_scores
 from rrise.stats import clopper_pearson_lower
 
 SHAPE = (1, 8, 8)
@@ -89,11 +92,18 @@ def src(tmp_path_factory) -> dict:
         probs = torch.softmax(model(torch.from_numpy(images)).double(), 1).numpy()
     counts = np.stack([rng.multinomial(N_MC, p) for p in probs]).astype(np.int64)
     np.savez(d / "calibration.npz", images=images, counts=counts, probs=probs)
-    cal = Calibration(
-        sigma=0.25, quantile=quantile_from_scratch(probs, counts), alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M
-    )
     surrogate = export_onnx(model, d / "surrogate.onnx", SHAPE)
     base = export_onnx(tiny_model(1), d / "base.onnx", SHAPE)
+    cal = Calibration(
+        sigma=0.25,
+        quantile=quantile_from_scratch(probs, counts),
+        alpha=ALPHA,
+        beta=BETA,
+        n_mc=N_MC,
+        m=M,
+        base_sha256=sha256_file(base),
+        surrogate_sha256=sha256_file(surrogate),
+    )
     return {
         "dir": d,
         "model": model,
@@ -229,7 +239,7 @@ def test_fp32_variant_quantile_comes_from_onnxruntime_outputs(src, bundle, tmp_p
     assert bundle.variant("fp32", "onnxruntime")["quantile"] == pytest.approx(want, abs=1e-12)
     assert bundle.calibration(bundle.variant()).quantile == pytest.approx(want, abs=1e-12)
     # The record's own quantile is kept as given; the variant's is recomputed whatever it says.
-    record = Calibration(sigma=0.25, quantile=0.777, alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M)
+    record = replace(src["cal"], quantile=0.777)
     other = build_bundle(tmp_path / "b", **bundle_kwargs(src, calibration=record))
     assert other.manifest["calibration"]["quantile"] == 0.777 == other.calibration().quantile
     assert other.variant()["quantile"] == pytest.approx(want, abs=1e-12)
@@ -287,25 +297,13 @@ def test_refuses_to_overwrite_unless_asked(src, bundle, tmp_path):
         ({"labels": ["a", "b"]}, "2 labels"),
         ({"input_shape": (1, 4, 4)}, r"\[m, C, H, W\]"),
         ({"preprocess": {"color": "gray"}}, "preprocess lacks"),
-        (
-            {
-                "calibration": Calibration(
-                    sigma=0.25, quantile=0.1, alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M + 1
-                )
-            },
-            "m=61",
-        ),
-        (
-            {
-                "calibration": Calibration(
-                    sigma=0.25, quantile=0.1, alpha=ALPHA, beta=BETA, n_mc=N_MC + 1, m=M
-                )
-            },
-            "n_mc=1001",
-        ),
+        ({"calibration": {"m": M + 1}}, "m=61"),
+        ({"calibration": {"n_mc": N_MC + 1, "p_cap": float("nan")}}, "n_mc=1001"),
     ],
 )
 def test_build_bundle_refuses_inconsistent_inputs(src, tmp_path, override, match):
+    if "calibration" in override:  # changes to the fixture's record
+        override = {"calibration": replace(src["cal"], quantile=0.1, **override["calibration"])}
     with pytest.raises(ValueError, match=match):
         build_bundle(tmp_path / "bundle", **bundle_kwargs(src, **override))
     assert list(tmp_path.iterdir()) == []
@@ -324,6 +322,7 @@ def test_add_variant_gets_its_own_quantile(src, bundle, tmp_path):
         precision="fp32",
         backend="tensorrt",
         probs=sharper,
+        calibrated_with="tensorrt",
         name="surrogate.fp32.engine",
         trt_version="10.3.0",
         compute_capability="8.7",
@@ -347,6 +346,7 @@ def test_add_variant_gets_its_own_quantile(src, bundle, tmp_path):
         precision="fp32",
         backend="tensorrt",
         probs=src["probs"],
+        calibrated_with="tensorrt",
         name="surrogate.fp32.engine",
         trt_version="10.3.0",
         compute_capability="8.7",
@@ -487,6 +487,7 @@ def cli_inputs(src, tmp_path_factory) -> dict:
         std=0.25,
         labels=LABELS,
         dataset="synthetic",
+        sigma=0.25,
     )
     images = src["images"]
     with torch.no_grad():
@@ -494,9 +495,18 @@ def cli_inputs(src, tmp_path_factory) -> dict:
     counts = np.stack([np.random.default_rng(i).multinomial(N_MC, p) for i, p in enumerate(probs)])
     np.savez(d / "calibration.npz", images=images, counts=counts.astype(np.int64), probs=probs)
     cal = Calibration(
-        sigma=0.25, quantile=quantile_from_scratch(probs, counts), alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M
+        sigma=0.25,
+        quantile=quantile_from_scratch(probs, counts),
+        alpha=ALPHA,
+        beta=BETA,
+        n_mc=N_MC,
+        m=M,
+        dataset="synthetic",
+        base_sha256=sha256_file(src["base"]),
+        # the ONNX export of a model is byte-for-byte reproducible: rrise-export makes this same file
+        surrogate_sha256=sha256_file(export_onnx(model, d / "surrogate.onnx", SHAPE)),
     )
-    (d / "calibration.json").write_text(json.dumps({**cal.to_dict(), "dataset": "synthetic"}))
+    (d / "calibration.json").write_text(json.dumps(cal.to_dict()))
     args = [
         "--surrogate",
         str(d / "surrogate.pt"),
@@ -600,3 +610,86 @@ def test_bundle_error_is_raised_for_a_damaged_bundle_during_recalibration(bundle
     (folder / "calibration.npz").write_bytes(b"tampered")
     with pytest.raises(BundleError, match="calibration.npz"):
         recalibrate_variant(folder, np.full((M, K), 1 / K))
+
+
+def test_cli_refuses_a_sigma_mismatch_by_name(cli_inputs, tmp_path):
+    record = json.loads((cli_inputs["dir"] / "calibration.json").read_text())
+    other = tmp_path / "calibration-sigma05.json"
+    other.write_text(json.dumps({**record, "sigma": 0.5}))
+    args = [*cli_inputs["args"][:-1], str(other)]
+    for cmd, extra in (([], ["--precision", "fp16"]), (["build"], [])):
+        out = tmp_path / ("built" if cmd else "flat")
+        result = CliRunner().invoke(app, [*cmd, *args, "--out", str(out), *extra])
+        assert result.exit_code == 1, result.output
+        text = " ".join(result.output.split())
+        assert "sigma mismatch" in text and "sigma=0.5" in text and "sigma=0.25" in text
+        assert str(other.name) in text and "surrogate.pt" in text
+        assert "Traceback" not in result.output
+        assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+            result.output.splitlines()[0]
+        ]
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]  # nothing written
+
+
+def test_check_sigma_without_a_recorded_sigma_says_so():
+    from rrise.export.from_surrogate import SigmaMismatchError, check_sigma
+
+    cal = Calibration(sigma=0.25, quantile=0.1, alpha=ALPHA, beta=BETA, n_mc=N_MC, m=M)
+    assert check_sigma(cal, {"sigma": 0.25}, record="r", surrogate="s") is True
+    assert check_sigma(cal, {}, record="r", surrogate="s") is False
+    with pytest.raises(SigmaMismatchError, match="record r has sigma=0.25, but the surrogate s"):
+        check_sigma(cal, {"sigma": 0.12}, record="r", surrogate="s")
+
+
+def test_cli_build_and_add_variant_verbs(cli_inputs, tmp_path):
+    from rrise.cli import app as rrise_app
+
+    out = tmp_path / "bundle"
+    help_text = CliRunner().invoke(app, ["--help"]).output
+    assert "build" in help_text and "add-variant" in help_text
+    for cmd in (["build"], ["add-variant"]):
+        sub = CliRunner().invoke(app, [*cmd, "--help"])
+        assert sub.exit_code == 0 and "Example" in sub.output
+    built = CliRunner().invoke(app, ["build", *cli_inputs["args"], "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    b = Bundle.load(out)
+    assert [(v["precision"], v["backend"]) for v in b.manifest["variants"]] == [("fp32", "onnxruntime")]
+    assert "parity" in built.output and b.id in built.output
+    fp32 = b.variant("fp32")
+    assert fp32["calibrated_with"] == "onnxruntime-cpu" and fp32["max_batch"] in (1, MICRO_BATCH_LIMIT)
+
+    # `rrise export add-variant` is the same command
+    added = CliRunner().invoke(
+        rrise_app, ["export", "add-variant", "--bundle", str(out), "--precision", "fp16"]
+    )
+    assert added.exit_code == 0, added.output
+    assert "error" not in added.output
+    v = Bundle.load(out).variant("fp16", "onnxruntime")
+    assert v["calibrated_with"] == "onnxruntime-cpu" and v["max_batch"] in (1, MICRO_BATCH_LIMIT)
+    assert f"fp16/onnxruntime surrogate.fp16.onnx: quantile {v['quantile']:.6g}" in added.output
+
+    # usage errors exit 2 and change nothing
+    before = (out / "manifest.json").read_bytes()
+    for bad in (
+        ["add-variant", "--bundle", str(out)],  # fp32 is there already
+        ["add-variant", "--bundle", str(out), "--precision", "int8"],  # needs --quant-data
+        ["--bundle", str(out), "add-variant", "--precision", "fp16"],  # options before the command
+        ["build", "--out", str(tmp_path / "x")],  # missing inputs
+    ):
+        result = CliRunner().invoke(app, bad)
+        assert result.exit_code == 2, (bad, result.output)
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_cli_errors_are_one_line_without_a_stray_exit_code(cli_inputs, tmp_path):
+    bogus = tmp_path / "surrogate.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    args = ["--surrogate", str(bogus), *cli_inputs["args"][2:], "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0].startswith("error: cannot load the surrogate")
+    assert [line for line in lines if line.startswith("error:")] == lines[:1]  # no stray "error: 1"
+    assert not (tmp_path / "b").exists()

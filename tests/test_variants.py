@@ -16,16 +16,17 @@ from typer.testing import CliRunner
 
 from rrise import Bundle, BundleError
 from rrise.bundle import sha256_file, write_manifest
-from rrise.certificate import conformal_quantile, conformal_scores, p_cap
+from rrise.calibration import conformal_quantile
 from rrise.datasets import load_dataset
 from rrise.export import tensorrt_build, variants
-from rrise.export.bundler import softmax
 from rrise.export.cli import app as export_app
 from rrise.export.onnx_export import onnx_logits
 from rrise.export.variants import add_precision_variant, check_disjoint, float32_intermediates
 from rrise.inspect import format_inspection, inspect_bundle
+from rrise.numerics import MICRO_BATCH_LIMIT, softmax
 from rrise.runtime import Runtime
 from rrise.runtime.backends import make_backend
+from rrise.scores import conformal_scores, p_cap
 from rrise.stats import clopper_pearson_lower
 
 runner = CliRunner()
@@ -79,6 +80,7 @@ def test_int8_variant_is_quantized_and_has_its_own_quantile(with_variants):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
     assert v["quantile"] == pytest.approx(own_quantile(b, path), abs=1e-12)
     assert v["calibrated_with"] == "onnxruntime-cpu" and v["sha256"] == sha256_file(path)
+    assert v["max_batch"] in (1, MICRO_BATCH_LIMIT)
     assert v["quantization"]["format"] == "QDQ" and v["quantization"]["n_images"] == 300
     fp32 = b.variant("fp32", "onnxruntime")
     assert fp32["quantile"] == pytest.approx(own_quantile(b, b.file("surrogate.onnx")), abs=1e-12)
@@ -128,11 +130,11 @@ def test_fp16_that_cpu_cannot_run_is_recorded_as_needing_recalibration(copy, mon
     def no_kernel(path, images):
         raise RuntimeError("Could not find an implementation for Conv(11) node")
 
-    monkeypatch.setattr(variants, "_cpu_probs", no_kernel)
+    monkeypatch.setattr(variants, "_cpu_outputs", no_kernel)
     b = add_precision_variant(copy, "fp16")
     v = b.variant("fp16", "onnxruntime")
     assert v["quantile"] is None and "Could not find an implementation" in v["needs_recalibration"]
-    assert "calibrated_with" not in v
+    assert "calibrated_with" not in v and "max_batch" not in v
     with pytest.raises(RuntimeError, match="no quantile of its own"):
         make_backend(b, "onnxruntime", precision="fp16")
     with pytest.raises(BundleError, match="has no quantile"):
@@ -233,22 +235,32 @@ def test_cli_refuses_calibration_npz_and_bad_combinations(tiny_bundle, tmp_path)
 # --- TensorRT, faked ----------------------------------------------------------------------------------
 class FakeEngineBackend:
     """Stands in for rrise.runtime.backends.TensorRTBackend: the "engine" is the ONNX it was built
-    from, with slightly different numerics (as a real engine has)."""
+    from, with slightly different numerics (as a real engine has), the same at every batch size."""
 
-    built: list = []
+    scale_per_extra_row = 0.0
 
     def __init__(self, engine_path):
-        self.source = Path(engine_path).read_text()
+        from rrise.onnx_session import open_session
+
+        self.session = open_session(Path(engine_path).read_text(), "onnxruntime-cpu")
 
     def run(self, x):
-        return softmax(1.3 * onnx_logits(self.source, x))
+        logits = np.concatenate([self.session.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+        return softmax((1.3 + self.scale_per_extra_row * (len(x) - 1)) * logits)
 
     def close(self):
         pass
 
 
-def test_cli_engine_builds_recalibrates_and_records_the_device(with_variants, tmp_path, monkeypatch):
-    folder = Path(shutil.copytree(with_variants.path, tmp_path / "bundle"))
+class BatchDependentEngine(FakeEngineBackend):
+    """An engine whose kernels change with the batch size (TensorRT picks tactics per shape): its
+    outputs at batch 16 differ from batch 1's in the last digits."""
+
+    scale_per_extra_row = 1e-6
+
+
+def fake_engine_build(monkeypatch, backend=FakeEngineBackend) -> dict:
+    """TensorRT faked: build_engine writes the ONNX path as the "engine"; returns its arguments."""
     calls = {}
 
     def fake_build(onnx_path, engine_path, **kw):
@@ -264,7 +276,23 @@ def test_cli_engine_builds_recalibrates_and_records_the_device(with_variants, tm
     )
     import rrise.runtime.backends as backends
 
-    monkeypatch.setattr(backends, "TensorRTBackend", FakeEngineBackend)
+    monkeypatch.setattr(backends, "TensorRTBackend", backend)
+    return calls
+
+
+def own_engine_quantile(bundle: Bundle, probs: np.ndarray) -> float:
+    c = bundle.manifest["calibration"]
+    with np.load(bundle.file("calibration.npz")) as z:
+        counts = z["counts"]
+    top = probs.argmax(1)
+    lower = clopper_pearson_lower(counts[np.arange(len(probs)), top], c["n_mc"], c["beta"])
+    scores = conformal_scores(probs.max(1), lower, p_cap(c["beta"], c["n_mc"]), "probit")
+    return conformal_quantile(scores, c["alpha"])
+
+
+def test_cli_engine_builds_recalibrates_and_records_the_device(with_variants, tmp_path, monkeypatch):
+    folder = Path(shutil.copytree(with_variants.path, tmp_path / "bundle"))
+    calls = fake_engine_build(monkeypatch)
     args = ["--bundle", str(folder), "--precision", "fp16", "--engine", "tensorrt"]
     result = runner.invoke(
         export_app, [*args, "--timing-cache", str(tmp_path / "t.cache"), "--max-batch", "32"]
@@ -280,19 +308,37 @@ def test_cli_engine_builds_recalibrates_and_records_the_device(with_variants, tm
         "8.7",
     )
     assert v["calibrated_with"] == "tensorrt" and v["built_from"] == "surrogate.fp16.onnx"
+    # the same outputs at every batch size: exact up to the runtime's micro-batch (the profile allows 32)
+    assert v["max_batch"] == MICRO_BATCH_LIMIT and v["batch_range"] == [1, 32]
     with np.load(b.file("calibration.npz")) as z:
-        x, counts = z["images"], z["counts"]
+        x = z["images"]
     probs = softmax(1.3 * onnx_logits(b.file("surrogate.fp16.onnx"), x))
-    c = b.manifest["calibration"]
-    top = probs.argmax(1)
-    lower = clopper_pearson_lower(counts[np.arange(len(x)), top], c["n_mc"], c["beta"])
-    want = conformal_quantile(
-        conformal_scores(probs.max(1), lower, p_cap(c["beta"], c["n_mc"]), "probit"), c["alpha"]
-    )
-    assert v["quantile"] == pytest.approx(want, abs=1e-12)
+    assert v["quantile"] == pytest.approx(own_engine_quantile(b, probs), abs=1e-12)
     assert v["quantile"] != b.variant("fp16", "onnxruntime")["quantile"]
     assert v["parity"]["argmax_agreement"] == 1.0 and v["parity"]["max_abs_diff_probs"] > 0
     assert "fp16/tensorrt surrogate.fp16.engine" in result.output
+    assert "error" not in result.output
+
+
+def test_engine_whose_outputs_depend_on_the_batch_size_gets_max_batch_1(with_variants, tmp_path, monkeypatch):
+    folder = Path(shutil.copytree(with_variants.path, tmp_path / "bundle"))
+    calls = fake_engine_build(monkeypatch, BatchDependentEngine)
+    args = ["add-variant", "--bundle", str(folder), "--engine", "tensorrt"]  # an fp32 engine
+    result = runner.invoke(export_app, args)
+    assert result.exit_code == 0, result.output
+    assert calls["onnx"] == "surrogate.onnx" and calls["strongly_typed"] is False
+    assert calls["max_batch"] == MICRO_BATCH_LIMIT  # the profile covers what the runtime hands it
+    b = Bundle.load(folder)
+    v = b.variant("fp32", "tensorrt")
+    assert v["max_batch"] == 1 and v["calibrated_with"] == "tensorrt"
+    assert "max batch 1" in result.output
+    # its quantile holds for the batch-1 outputs, the ones the runtime may use
+    with np.load(b.file("calibration.npz")) as z:
+        x = z["images"]
+    probs = np.concatenate(
+        [softmax(1.3 * onnx_logits(b.file("surrogate.onnx"), x[i : i + 1])) for i in range(len(x))]
+    )
+    assert v["quantile"] == pytest.approx(own_engine_quantile(b, probs), abs=1e-12)
 
 
 def test_build_engine_strongly_typed_sets_the_network_flag(monkeypatch, tmp_path):
@@ -328,6 +374,8 @@ def test_engine_from_another_tensorrt_version_says_to_rebuild_and_how(copy, monk
             "backend": "tensorrt",
             "file": "surrogate.fp16.engine",
             "quantile": 0.9,
+            "calibrated_with": "tensorrt",
+            "max_batch": 1,
             "trt_version": "10.3.0",
             "compute_capability": "8.7",
         }
@@ -355,14 +403,14 @@ def test_variants_calibrated_on_the_cpu_are_pinned_to_the_cpu_provider(with_vari
     asked = {}
 
     class Recorder:
-        def __init__(self, path, providers=None, **kw):
-            asked[Path(path).name] = providers
+        def __init__(self, path, calibrated_with=None, **kw):
+            asked[Path(path).name] = calibrated_with
 
     monkeypatch.setattr(backends, "OnnxRuntimeBackend", Recorder)
     for precision in ("fp32", "int8", "fp16"):
         make_backend(with_variants, "onnxruntime", precision=precision)
     assert asked == {
-        "surrogate.onnx": ["CPUExecutionProvider"],
-        "surrogate.int8.onnx": ["CPUExecutionProvider"],
-        "surrogate.fp16.onnx": ["CPUExecutionProvider"],
+        "surrogate.onnx": "onnxruntime-cpu",
+        "surrogate.int8.onnx": "onnxruntime-cpu",
+        "surrogate.fp16.onnx": "onnxruntime-cpu",
     }

@@ -1,0 +1,176 @@
+"""A calibrated surrogate checkpoint → a verified bundle: what ``rrise-export build`` does.
+
+:func:`export_bundle` loads the surrogate (``surrogate.pt``, written by
+``rrise.calibrate.models.save_model``), cross-checks its noise level σ against the calibration
+record's, exports it to ONNX, measures the torch/ONNX parity and builds the fp32 bundle
+(:func:`rrise.export.bundler.build_bundle`). Every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rrise.bundle import Bundle
+from rrise.calibration import Calibration
+from rrise.fileio import load_npz
+
+from .bundler import build_bundle, default_preprocess
+
+__all__ = [
+    "ExportResult",
+    "SigmaMismatchError",
+    "check_sigma",
+    "export_bundle",
+    "load_surrogate",
+    "read_calibration_record",
+    "surrogate_input_shape",
+]
+
+PARITY_IMAGES = 256  # calibration images the torch/ONNX parity is measured on
+
+
+class SigmaMismatchError(ValueError):
+    """The calibration record and the surrogate disagree on σ."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Bundle
+    calibration: Calibration  # the record the bundle was built from
+    parity: float  # max |logits torch − onnxruntime| on calibration images
+    notes: tuple[str, ...] = ()  # what was assumed (e.g. default labels), for the user
+
+
+def read_calibration_record(path: str | os.PathLike) -> Calibration:
+    """The :class:`rrise.Calibration` in ``calibration.json``; ValueError naming the file otherwise."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from None
+    try:
+        return Calibration.from_dict(record)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a calibration record: {exc}") from None
+
+
+def load_surrogate(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """``(model, metadata)`` of a surrogate written by ``rrise.calibrate.models.save_model``."""
+    try:
+        from rrise.calibrate.models import load_model
+    except ImportError as exc:
+        raise RuntimeError(f"exporting needs torch and onnx ({exc}): pip install 'rrise[export]'") from None
+    try:
+        return load_model(path)
+    except Exception as exc:  # torch.load raises many types on a foreign file
+        raise ValueError(f"cannot load the surrogate {path}: {exc}") from None
+
+
+def check_sigma(calibration: Calibration, meta: dict[str, Any], *, record: str, surrogate: str) -> bool:
+    """Refuse (SigmaMismatchError) a surrogate trained for another σ than the calibration's.
+
+    A quantile holds only for the noise level its MC counts were drawn with, and the surrogate
+    predicts the smoothed classifier at its own σ: a mismatch would certify the wrong radii.
+    Returns False when the surrogate records no σ (nothing to check against), True otherwise.
+    """
+    sigma = meta.get("sigma")
+    if sigma is None:
+        return False
+    try:
+        sigma = float(sigma)
+    except (TypeError, ValueError):
+        raise ValueError(f"the surrogate {surrogate} records sigma={sigma!r}, not a number") from None
+    if not math.isclose(sigma, calibration.sigma, rel_tol=1e-9, abs_tol=1e-12):
+        raise SigmaMismatchError(
+            f"sigma mismatch: the calibration record {record} has sigma={calibration.sigma:g}, but the "
+            f"surrogate {surrogate} was trained for sigma={sigma:g}; a quantile holds only for the "
+            "noise level its MC counts were drawn with. Calibrate this surrogate at its own sigma, or "
+            "pass the surrogate and calibration record of one run"
+        )
+    return True
+
+
+def surrogate_input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """The model input ``(C, H, W)`` a surrogate's metadata records."""
+    try:
+        if "input_shape" in meta:
+            c, h, w = (int(d) for d in meta["input_shape"])
+        else:
+            size = meta["image_size"]
+            h, w = (size, size) if isinstance(size, int) else size
+            c = meta["in_channels"]
+        return int(c), int(h), int(w)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the surrogate does not record its input shape (in_channels, image_size)") from None
+
+
+def _labels(labels: list[str] | None, meta: dict[str, Any], surrogate: str) -> tuple[list[str], list[str]]:
+    """Class names: given, else the surrogate's, else 0..K-1 (with a note saying so)."""
+    if labels is not None:
+        return [str(s) for s in labels], []
+    if meta.get("labels"):
+        return [str(s) for s in meta["labels"]], []
+    k = int(meta.get("num_classes", 0))
+    return [str(i) for i in range(k)], [f"{surrogate} names no labels; using 0..{k - 1}"]
+
+
+def export_bundle(
+    surrogate: str | os.PathLike,
+    *,
+    base: str | os.PathLike,
+    calibration_npz: str | os.PathLike,
+    calibration: Calibration,
+    out: str | os.PathLike,
+    labels: list[str] | None = None,
+    dataset: str | None = None,
+    overwrite: bool = False,
+    record_name: str = "the calibration record",
+) -> ExportResult:
+    """Build the fp32 bundle at ``out`` from a surrogate checkpoint and its calibration.
+
+    ``calibration`` is the record (:func:`read_calibration_record`; ``record_name`` names it in
+    errors); ``calibration_npz`` holds the calibration ``images`` and full MC ``counts``; ``base`` is
+    the base classifier's ONNX (kept for audits). ``labels`` default to the surrogate's, ``dataset``
+    to the record's, then the surrogate's. Checks σ (:func:`check_sigma`) and every input before
+    writing anything. Raises SigmaMismatchError, ValueError, FileExistsError (``out`` exists and not
+    ``overwrite``) or RuntimeError (torch/onnx missing).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    model, meta = load_surrogate(surrogate)
+    notes = []
+    if not check_sigma(calibration, meta, record=record_name, surrogate=str(surrogate)):
+        notes.append(f"{surrogate} records no sigma; it was not cross-checked with {record_name}")
+    shape = surrogate_input_shape(meta)
+    names, label_notes = _labels(labels, meta, str(surrogate))
+    dataset = dataset or calibration.dataset or meta.get("dataset")
+    if not dataset:
+        raise ValueError(
+            "neither the calibration record nor the surrogate names the calibration data: pass --dataset"
+        )
+    probe = load_npz(calibration_npz, ("images",), "calibration file")["images"][:PARITY_IMAGES]
+    from .onnx_export import export_onnx, onnx_parity
+
+    with tempfile.TemporaryDirectory(prefix="rrise-export-") as work:
+        onnx_path = export_onnx(model, Path(work) / "surrogate.onnx", shape)
+        parity = onnx_parity(model, onnx_path, probe)
+        bundle = build_bundle(
+            out,
+            surrogate_onnx=onnx_path,
+            base_onnx=base,
+            calibration=calibration,
+            calibration_npz=calibration_npz,
+            labels=names,
+            preprocess=meta.get("preprocess") or default_preprocess(shape),
+            dataset=dataset,
+            input_shape=shape,
+            parity_max_abs_diff=parity,
+            overwrite=overwrite,
+        )
+    return ExportResult(bundle, calibration, parity, tuple(notes + label_notes))
