@@ -142,17 +142,13 @@ def compare_rules(
     fit_share: float = 0.25,
     calibrate_share: float = 0.5,
 ) -> dict[str, Any]:
-    """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits
-    (``fit_share`` and ``calibrate_share`` of the inputs, the rest for test; calibration gets the
-    largest part because rules with bins need the most inputs there).
+    """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits of
+    SELECTION inputs (``probs``: surrogate outputs, ``counts``: fresh MC with ``n_mc`` draws, ``labels``).
 
-    ``probs``, ``counts`` and ``labels`` are the surrogate's outputs, fresh MC counts (``n_mc`` draws)
-    and labels of SELECTION inputs. Also reported per rule: ACR, abstain rate and the miss rate (test
-    inputs whose calibrated p̃ exceeds their own MC lower bound p̲, which the conformal step bounds
-    by α in expectation). A rule that cannot run at this size (too few inputs per bin, say) is
-    reported with its reason. The winner is the simplest rule (earliest in ``rules``) whose mean
-    certified accuracy over ``radii`` is within one paired standard error (over the repeats) of the
-    best rule's: the one-standard-error rule of model selection.
+    Per rule also ACR, abstain rate and miss rate (test inputs whose p̃ exceeds their own MC lower
+    bound p̲, which the conformal step bounds by α in expectation); a rule that cannot run at this
+    size is reported with its reason. Winner: the simplest rule (earliest in ``rules``) within one
+    paired standard error of the best mean certified accuracy over ``radii`` (the one-SE rule).
     """
     p, k, y = np.asarray(probs, dtype=np.float64), np.asarray(counts), np.asarray(labels)
     n = len(p)
@@ -160,21 +156,12 @@ def compare_rules(
     n_fit, n_cal = int(n * fit_share), int(n * calibrate_share)
     if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
         raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
-    p_low = mc_lower_bounds(k, p.argmax(axis=1), n_mc, beta)
     settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
-    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rules}
-    errors: dict[str, str] = {}
+    splits = []
     for _ in range(repeats):
         perm = rng.permutation(n)
-        fit, cal, test = perm[:n_fit], perm[n_fit : n_fit + n_cal], perm[n_fit + n_cal :]
-        for rule in (r for r in rules if r.name not in errors):
-            try:
-                spec = fit_rule(rule, p[fit], k[fit], m=len(cal), **settings)
-                calibration = conformalize(spec, p[cal], k[cal])
-            except ValueError as exc:
-                errors[rule.name] = str(exc)
-                continue
-            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, radii))
+        splits.append((perm[:n_fit], perm[n_fit : n_fit + n_cal], perm[n_fit + n_cal :]))
+    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii)
     table = {
         r.name: {"rule": r.describe(), "error": errors[r.name]}
         if r.name in errors
@@ -198,6 +185,32 @@ def compare_rules(
         "rules": table,
         "winner": winner,
     }
+
+
+def _run_splits(
+    rules: tuple[Rule, ...],
+    splits: list,
+    p: np.ndarray,
+    k: np.ndarray,
+    y: np.ndarray,
+    settings: dict[str, Any],
+    radii: tuple[float, ...],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Each rule fitted, calibrated and tested on every (fit, calibrate, test) split; a rule that
+    raises ValueError (too few inputs per bin, say) is dropped with its reason."""
+    p_low = mc_lower_bounds(k, p.argmax(axis=1), settings["n_mc"], settings["beta"])
+    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rules}
+    errors: dict[str, str] = {}
+    for fit, cal, test in splits:
+        for rule in (r for r in rules if r.name not in errors):
+            try:
+                spec = fit_rule(rule, p[fit], k[fit], m=len(cal), **settings)
+                calibration = conformalize(spec, p[cal], k[cal])
+            except ValueError as exc:
+                errors[rule.name] = str(exc)
+                continue
+            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, radii))
+    return runs, errors
 
 
 def _test_metrics(
