@@ -18,6 +18,23 @@ with random weights (throughput does not depend on the weights). For each backen
 
 Every number is the median of ``--rounds`` interleaved rounds. Peak RSS (VmHWM) is measured in fresh
 subprocesses filling a count store of 1k and 10k Fashion-MNIST test inputs read through a memory map.
+
+User models (``user_models``; ``--only user`` runs just this part), on a user-style residual network
+at 3×32×32 (normalization outside the model, as training code usually has it, so ``--mean/--std``
+wrap it inside):
+
+- ``onnx``: the user's ONNX file through ``load_user_model`` → ``sample_counts(user_model, ...)``
+  against the raw onnxruntime forward of the same canonical ONNX (goal ≥ 0.9), and of the user's
+  original file;
+- ``torch_module_per_batch``: ``sample_counts(module, batch_of_inputs, n, σ, batch_size)`` called
+  batch after batch with a plain ``nn.Module`` (no ``prepare_model``), in steady state, against the
+  raw onnxruntime forward of its ONNX twin (goal ≥ 0.85); ``first_call_s`` and
+  ``calls_before_switch`` say what the first calls cost (torch until the module has spent
+  ``AUTO_PROBE_CUMULATIVE_DRAWS`` draws, then one export and probe);
+- ``torch_module_bs4000_calls``: the same module called as in issue 11's measurement,
+  ``sample_counts(module, x, n, σ, 4000)`` again and again (0.15× the raw forward before the
+  module's prepared form was remembered: every call exported and probed it);
+- ``weights_digest_ms``: the cost of checking the module's weights on every call.
 """
 
 from __future__ import annotations
@@ -234,15 +251,178 @@ def bench_rss(model, counts: list[int], n: int) -> dict:
     return {"draws_per_input": n, "by_inputs": out, "ratio_largest_to_smallest": round(hi / lo, 3)}
 
 
+def _user_resnet(num_classes: int = 10):
+    """A user's residual network: like ``_resnet_cifar`` but without the normalization layer."""
+    model = _resnet_cifar(num_classes)
+    return type(model)(*list(model)[1:]).eval()
+
+
+def bench_user(args) -> dict:
+    """MC throughput on user models (see the module docstring)."""
+    import warnings
+
+    import torch
+
+    from rrise.calibrate import mc
+    from rrise.calibrate.user_model import load_user_model
+
+    torch.manual_seed(0)
+    shape, sigma, bs = (3, 32, 32), 0.25, args.batch_size
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    user_net = _user_resnet()
+    rng = np.random.default_rng(0)
+    out: dict = {
+        "model": "user residual net (3 stages × 2 blocks, 16/32/64 wide)",
+        "input_shape": list(shape),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "user.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                user_net,
+                (torch.zeros(1, *shape),),
+                str(path),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        t0 = time.perf_counter()
+        um = load_user_model(path, mean=mean, std=std)
+        out["load_user_model_s"] = round(time.perf_counter() - t0, 2)
+        original = mc._open_session(str(path))
+        canonical = um.session()
+        module = load_user_model(user_net, input_size=32, mean=mean, std=std).module  # Normalize + net
+        twin = mc._open_session(mc._export_onnx_bytes(module, torch.zeros(1, *shape)))
+
+        x = rng.random((args.inputs, *shape), dtype=np.float32)
+        noisy = np.clip(x[:1], 0, 1) + np.float32(sigma) * rng.standard_normal((bs, *shape), dtype=np.float32)
+        norm_noisy = (noisy - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(
+            std, np.float32
+        ).reshape(1, 3, 1, 1)
+        per_input = max(1, args.draws // args.inputs)
+        draws = per_input * args.inputs
+        raw_batches = max(1, draws // bs)
+
+        def raw(session, batch):
+            name = session.get_inputs()[0].name
+            t = time.perf_counter()
+            for _ in range(raw_batches):
+                session.run(None, {name: batch})[0].argmax(1)
+            return raw_batches * bs / (time.perf_counter() - t)
+
+        # per-batch calls of a plain module: the first calls (torch, then one export + probe) ...
+        call_inputs, call_n = args.call_inputs, args.call_n
+        batches = [rng.random((call_inputs, *shape), dtype=np.float32) for _ in range(64)]
+        mc.forget(module)
+        t0 = time.perf_counter()
+        mc.sample_counts(module, batches[0], call_n, sigma, bs, seed=0)
+        first_call = time.perf_counter() - t0
+        calls = 1
+        while mc._memo(module, shape, False, None).choice is None and calls < 60:
+            mc.sample_counts(module, batches[calls % 64], call_n, sigma, bs, seed=calls)
+            calls += 1
+        switch_s = time.perf_counter() - t0
+        memo = mc._memo(module, shape, False, None)
+        out["torch_module_per_batch_warmup"] = {
+            "inputs_per_call": call_inputs,
+            "draws_per_input": call_n,
+            "first_call_s": round(first_call, 2),
+            "calls_before_switch": calls,
+            "seconds_to_switch": round(switch_s, 2),
+            "choice": memo.choice,
+            "probe_s_per_draw": {k: float(f"{v:.3g}") for k, v in memo.probe.items()},
+        }
+        rates: dict[str, list[float]] = {
+            k: []
+            for k in ("raw_canonical", "raw_original", "sc_user_onnx", "raw_twin", "sc_per_batch", "sc_large")
+        }
+        for_rounds = range(args.rounds)
+        for r in for_rounds:
+            rates["raw_canonical"].append(raw(canonical, noisy))
+            t = time.perf_counter()
+            counts = mc.sample_counts(um, x, per_input, sigma, bs, seed=r)
+            rates["sc_user_onnx"].append(draws / (time.perf_counter() - t))
+            assert (counts.sum(1) == per_input).all()
+            rates["raw_original"].append(raw(original, norm_noisy))
+            rates["raw_twin"].append(raw(twin, noisy))
+            t = time.perf_counter()
+            k = args.calls_per_round
+            for j in range(k):
+                mc.sample_counts(module, batches[(r * k + j) % 64], call_n, sigma, bs, seed=j)
+            rates["sc_per_batch"].append(k * call_inputs * call_n / (time.perf_counter() - t))
+            t = time.perf_counter()
+            mc.sample_counts(module, x, args.big_n, sigma, 4000, seed=r)
+            rates["sc_large"].append(args.big_n * args.inputs / (time.perf_counter() - t))
+        med = {k: float(np.median(v)) for k, v in rates.items()}
+        t = time.perf_counter()
+        for _ in range(10):
+            mc.weights_digest(module)
+        digest_ms = (time.perf_counter() - t) / 10 * 1e3
+    mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6
+    out.update(
+        {
+            "batch_size": bs,
+            "rounds": args.rounds,
+            "onnx": {
+                "inputs": args.inputs,
+                "draws_per_input": per_input,
+                "raw_canonical_samples_per_s": round(med["raw_canonical"], 1),
+                "raw_original_samples_per_s": round(med["raw_original"], 1),
+                "sample_counts_samples_per_s": round(med["sc_user_onnx"], 1),
+                "ratio_to_raw": round(med["sc_user_onnx"] / med["raw_canonical"], 3),
+                "ratio_to_raw_original": round(med["sc_user_onnx"] / med["raw_original"], 3),
+                "goal": 0.9,
+            },
+            "torch_module_per_batch": {
+                "inputs_per_call": call_inputs,
+                "draws_per_input": call_n,
+                "calls_per_round": args.calls_per_round,
+                "raw_onnx_twin_samples_per_s": round(med["raw_twin"], 1),
+                "sample_counts_samples_per_s": round(med["sc_per_batch"], 1),
+                "ratio_to_raw_twin": round(med["sc_per_batch"] / med["raw_twin"], 3),
+                "goal": 0.85,
+            },
+            "torch_module_bs4000_calls": {
+                "draws_per_call": args.big_n * args.inputs,
+                "sample_counts_samples_per_s": round(med["sc_large"], 1),
+                "ratio_to_raw_twin": round(med["sc_large"] / med["raw_twin"], 3),
+            },
+            "weights_digest_ms": round(digest_ms, 2),
+            "weights_mb": round(mb, 2),
+            "samples_per_round_raw": raw_batches * bs,
+        }
+    )
+    return out
+
+
 def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks mc", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a fast smoke run (seconds)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--only", choices=("all", "engine", "user"), default="all", help="which part to run")
     args = ap.parse_args(argv)
     import torch
 
     threads = torch.get_num_threads()
+    user = None
+    if args.only in ("all", "user"):
+        uargs = argparse.Namespace(
+            quick=args.quick,
+            batch_size=500 if not args.quick else 250,
+            inputs=8,
+            draws=4000 if not args.quick else 500,
+            rounds=args.rounds or (5 if not args.quick else 1),
+            call_inputs=8,
+            call_n=500 if not args.quick else 50,
+            calls_per_round=2,
+            big_n=2000 if not args.quick else 100,
+        )
+        user = bench_user(uargs)
+    if args.only == "user":
+        return {"cpu_threads_torch": threads, "user_models": user}
     cnn, cnn_source = _fashion_cnn(args.workdir)
     resnet = _resnet_cifar()
     results = {"cpu_threads_torch": threads, "gpu": "none: no GPU on this machine; CPU numbers only"}
@@ -267,6 +447,8 @@ def main(argv: list[str]) -> dict:
     results["models"][0]["source"] = cnn_source
     sizes = [1000, 10000] if not args.quick else [200, 1000]
     results["peak_rss"] = bench_rss(cnn, sizes, n=2 if not args.quick else 1)
+    if user is not None:
+        results["user_models"] = user
     return results
 
 

@@ -7,11 +7,19 @@ Cohen's CERTIFY and PREDICT on top of it.
 
 Backends: a torch ``nn.Module`` (noise drawn on the model's device, votes counted there with
 ``bincount``, no host round-trip per batch; ``channels_last`` and ``autocast`` options for GPUs), an
-``onnxruntime.InferenceSession``, a path to an ``.onnx`` file, or a :class:`PreparedModel` from
-:func:`prepare_model`. On the CPU both backends draw the very same noise (torch's CPU generator), so
-they differ only where float rounding flips an argmax. ``backend="auto"`` with a CPU module exports
-it to ONNX in memory, times a short probe of each backend and keeps the faster; the progress line
-names the backend in use.
+``onnxruntime.InferenceSession``, a path to an ``.onnx`` file, a :class:`PreparedModel` from
+:func:`prepare_model`, or a user model from :func:`rrise.calibrate.user_model.load_user_model`. On
+the CPU both backends draw the very same noise (torch's CPU generator), so they differ only where
+float rounding flips an argmax. ``backend="auto"`` with a CPU module exports it to ONNX in memory,
+times a short probe of each backend and keeps the faster; the progress line names the backend in use.
+
+A CPU module passed to :func:`sample_counts` again and again (as users call it, batch after batch)
+is exported and probed once, not per call: the choice and the ONNX twin are remembered per module
+(weakly: forgetting the module frees them) together with a SHA-256 of its parameters and buffers,
+checked on every call (about 1 ms per MB of weights), so a module whose weights changed is exported
+again and a stale twin is never run. Only parameters, buffers and the module tree are watched: after
+changing anything else a forward pass depends on, call :func:`forget`. Calls too small to pay for a
+probe run on torch until the module has spent ``AUTO_PROBE_CUMULATIVE_DRAWS`` draws there.
 
 Reproducibility: the noise of input ``i`` (``index_offset + i`` when a data set is processed in
 pieces) comes from its own streams ``SeedSequence([seed, stream, i, chunk])``, one per fixed-size
@@ -23,29 +31,45 @@ estimation draws use different streams, so they are independent.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from rrise.onnx_session import FASTEST, open_session
 from rrise.progress import Bar, progress_bar
 from rrise.stats import binom_test_two_sided, clopper_pearson_lower, norm_ppf
 
-__all__ = ["BACKENDS", "CohenResult", "PreparedModel", "certify", "predict", "prepare_model", "sample_counts"]
+__all__ = [
+    "BACKENDS",
+    "CohenResult",
+    "PreparedModel",
+    "certify",
+    "forget",
+    "predict",
+    "prepare_model",
+    "sample_counts",
+    "weights_digest",
+]
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 AUTOCAST_DTYPES = ("float16", "bfloat16")
 # backend="auto" on a CPU module probes both backends only for jobs this large (draws); smaller jobs
 # run on torch directly: the probe (an ONNX export and a few timed batches) would cost more than it saves.
 AUTO_PROBE_MIN_DRAWS = 200_000
+# ... unless the same module has already spent this many draws on torch in such small calls (a user's
+# loop over batches): then it is probed once, and the choice is remembered for the module.
+AUTO_PROBE_CUMULATIVE_DRAWS = 10_000
 
 # Noise streams: sample_counts, Cohen's selection, Cohen's estimation, Cohen's PREDICT.
 _STREAM_COUNTS, _STREAM_SELECT, _STREAM_ESTIMATE, _STREAM_PREDICT = 0, 1, 2, 3
@@ -151,6 +175,13 @@ def _plan(num_inputs: int, n: int, chunk: int, batch_size: int) -> Iterator[list
         yield segments
 
 
+def _check_output(shape: tuple, num_classes: int | None) -> int:
+    """Checks a forward pass's output shape: ``[B, K]`` with ``K`` = num_classes (when given) and >= 2."""
+    if len(shape) != 2:
+        raise ValueError(f"model output must be [B, K], got shape {shape}")
+    return _check_width(int(shape[1]), num_classes)
+
+
 def _check_width(width: int, num_classes: int | None) -> int:
     if num_classes is not None and width != num_classes:
         raise ValueError(f"model outputs {width} classes but num_classes={num_classes}")
@@ -230,17 +261,19 @@ class _TorchBackend:
             return eps.mul_(sigma).add_(self.x[i])
 
     def new_counts(self) -> torch.Tensor:
-        return torch.zeros((self.num_inputs, self.num_classes), dtype=torch.int64, device=self.device)
+        # one extra column counts the draws whose output had a NaN or inf (checked once, at the end)
+        return torch.zeros((self.num_inputs, self.num_classes + 1), dtype=torch.int64, device=self.device)
 
     def vote(self, counts: torch.Tensor, parts: list, owners: list[int], lens: list[int]) -> None:
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         out = self._forward(batch)
-        if out.shape[1] != self.num_classes:
-            _check_width(out.shape[1], self.num_classes)
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            _check_output(tuple(out.shape), self.num_classes)
         first, span = owners[0], owners[-1] - owners[0] + 1
+        width = self.num_classes + 1
         rel = torch.as_tensor(np.repeat(np.asarray(owners) - first, lens), device=self.device)
-        flat = rel * self.num_classes + out.argmax(dim=1)
-        votes = torch.bincount(flat, minlength=span * self.num_classes).view(span, -1)
+        vote = torch.where(torch.isfinite(out).all(dim=1), out.argmax(dim=1), self.num_classes)
+        votes = torch.bincount(rel * width + vote, minlength=span * width).view(span, -1)
         counts[first : first + span] += votes
 
     @staticmethod
@@ -252,22 +285,15 @@ class _TorchBackend:
 # onnxruntime backend: noise in numpy float32, votes counted with np.bincount
 
 
-def _open_session(path: str | os.PathLike | bytes):
-    """An onnxruntime session on an ``.onnx`` path (or serialized model bytes), all cores, CUDA first."""
-    import onnxruntime as ort
-
-    if not isinstance(path, bytes) and not Path(path).is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
-    opts = ort.SessionOptions()
+def _cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    opts.intra_op_num_threads = max(1, cores or 1)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    model = path if isinstance(path, bytes) else os.fspath(path)
-    return ort.InferenceSession(model, sess_options=opts, providers=providers)
+    return max(1, cores or 1)
+
+
+def _open_session(model: str | os.PathLike | bytes):
+    """The SDK's onnxruntime session (rrise.onnx_session) on an ``.onnx`` path or serialized bytes:
+    the fastest providers here (CUDA first), one intra-op thread per usable core."""
+    return open_session(model if isinstance(model, bytes) else os.fspath(model), FASTEST, threads=_cores())
 
 
 class _OrtBackend:
@@ -323,15 +349,21 @@ class _OrtBackend:
         return eps
 
     def new_counts(self) -> np.ndarray:
-        return np.zeros((self.num_inputs, self.num_classes), dtype=np.int64)
+        # one extra column counts the draws whose output had a NaN or inf (checked once, at the end)
+        return np.zeros((self.num_inputs, self.num_classes + 1), dtype=np.int64)
 
     def vote(self, counts: np.ndarray, parts: list, owners: list[int], lens: list[int]) -> None:
         out = self._forward(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        if out.shape[1] != self.num_classes:
-            _check_width(out.shape[1], self.num_classes)
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            _check_output(tuple(out.shape), self.num_classes)
         first, span = owners[0], owners[-1] - owners[0] + 1
-        flat = np.repeat(np.asarray(owners) - first, lens) * self.num_classes + out.argmax(axis=1)
-        counts[first : first + span] += np.bincount(flat, minlength=span * self.num_classes).reshape(span, -1)
+        width = self.num_classes + 1
+        vote = out.argmax(axis=1)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            vote[~finite] = self.num_classes
+        flat = np.repeat(np.asarray(owners) - first, lens) * width + vote
+        counts[first : first + span] += np.bincount(flat, minlength=span * width).reshape(span, -1)
 
     @staticmethod
     def to_numpy(counts: np.ndarray) -> np.ndarray:
@@ -410,19 +442,23 @@ def prepare_model(
     backend: str = "auto",
     *,
     sample=None,
-    onnx: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | bytes | None = None,
     batch_size: int = 1000,
     channels_last: bool = False,
     autocast: str | None = None,
 ) -> PreparedModel:
     """Bind ``model`` to a backend once, for many :func:`sample_counts` calls.
 
-    ``model``: an ``nn.Module``, an ``.onnx`` path, an ``InferenceSession`` or a ``PreparedModel``.
+    ``model``: an ``nn.Module``, an ``.onnx`` path, an ``InferenceSession``, a ``PreparedModel`` or a
+    user model (anything with a ``prepare_for_mc(backend, sample=..., batch_size=...)`` method, as
+    :class:`rrise.calibrate.user_model.UserModel`).
     ``backend``: ``"torch"`` (modules only), ``"onnxruntime"`` (a module is exported to ONNX in memory,
-    or ``onnx`` — the same model already exported — is opened), or ``"auto"``: a module on a GPU stays
-    on torch; a module on the CPU is timed against its ONNX twin on ``sample`` (one input
-    ``[C, H, W]`` or a batch; needed for ``auto``), with forward batches of up to ``batch_size`` rows,
-    and the faster is kept. A module whose ONNX export fails stays on torch.
+    or ``onnx`` — the same model already exported, as a path or serialized bytes — is opened), or
+    ``"auto"``: a module on a GPU stays on torch; a module on the CPU is timed against its ONNX twin on
+    ``sample`` (one input ``[C, H, W]`` or a batch; needed for ``auto``), with forward batches of up to
+    ``batch_size`` rows, and the faster is kept. A module whose ONNX export fails stays on torch.
+    The choice and the in-memory export are remembered for the module (see :func:`sample_counts`);
+    an explicit call always probes afresh.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -431,6 +467,8 @@ def prepare_model(
             raise ValueError(f"model is prepared for {model.backend}, not {backend}")
         return model
     if not isinstance(model, nn.Module):
+        if hasattr(model, "prepare_for_mc"):
+            return model.prepare_for_mc(backend, sample=sample, batch_size=batch_size)
         if backend == "torch":
             raise ValueError("backend='torch' needs a torch nn.Module, got an ONNX model")
         if isinstance(model, (str, os.PathLike)):
@@ -449,21 +487,25 @@ def prepare_model(
         raise ValueError(f"backend='onnxruntime' needs a CPU module, this one is on {_module_device(model)}")
     if sample is None and onnx is None:
         raise ValueError("prepare_model needs sample=[C, H, W] input(s) to export or probe a module")
+    first = None
     if sample is not None:
         xb, _ = _as_batch(sample)
         first = torch.as_tensor(xb[:1], dtype=torch.float32)
     if onnx is not None:
-        session = _open_session(onnx)
+        session, memo = _open_session(onnx), None
     else:
+        memo = _memo(model, tuple(first.shape[1:]), channels_last, autocast)
         try:
-            session = _open_session(_export_onnx_bytes(model, first))
+            session = _twin(model, first, memo)
         except Exception as exc:  # noqa: BLE001 - an unexportable module simply stays on torch
             if backend == "onnxruntime":
                 raise ValueError(f"cannot export the module to ONNX: {exc}") from exc
+            if memo is not None:
+                memo.choice, memo.probe = "torch", {}
             return PreparedModel("torch", model, **opts)
     if backend == "onnxruntime":
         return PreparedModel("onnxruntime", session)
-    if sample is None:
+    if first is None:
         raise ValueError("backend='auto' needs sample=[C, H, W] input(s) to time both backends on")
     rows = max(1, min(int(batch_size), 256))
     x0 = first[0].numpy()
@@ -471,9 +513,115 @@ def prepare_model(
         "torch": _seconds_per_draw(_TorchBackend(model, first, None, **opts), x0, rows),
         "onnxruntime": _seconds_per_draw(_OrtBackend(session, first, None), x0, rows),
     }
-    if probe["onnxruntime"] < probe["torch"]:
+    choice = "onnxruntime" if probe["onnxruntime"] < probe["torch"] else "torch"
+    if memo is not None:
+        memo.choice, memo.probe = choice, probe
+    if choice == "onnxruntime":
         return PreparedModel("onnxruntime", session, probe=probe)
     return PreparedModel("torch", model, probe=probe, **opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# What is remembered per module: the backend choice and the ONNX twin of its current weights
+
+
+@dataclass
+class _Memo:
+    """Per (module, input shape, options): the probe's choice, and the ONNX twin of weights ``digest``."""
+
+    choice: str | None = None
+    probe: dict[str, float] = field(default_factory=dict)
+    digest: bytes | None = None
+    session: object = None
+    torch_draws: int = 0  # draws run on torch by ``auto`` while no choice was made
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → {key: _Memo}
+_MEMO_LOCK = threading.Lock()
+_MEMO_KEYS_PER_MODULE = 4
+
+
+def _memo(model: nn.Module, shape: tuple, channels_last: bool, autocast: str | None) -> _Memo | None:
+    """The memo of ``model`` for inputs of ``shape`` (made on first use); None if the module cannot be
+    a weak dictionary key (e.g. a subclass defining ``__eq__`` without ``__hash__``)."""
+    key = (tuple(int(d) for d in shape), bool(channels_last), autocast)
+    with _MEMO_LOCK:
+        try:
+            memos = _MEMOS.setdefault(model, {})
+        except TypeError:
+            return None
+        if key not in memos:
+            while len(memos) >= _MEMO_KEYS_PER_MODULE:
+                memos.pop(next(iter(memos)))
+            memos[key] = _Memo()
+        return memos[key]
+
+
+def forget(model: nn.Module | None = None) -> None:
+    """Drop what :func:`sample_counts` remembers about ``model`` (every module when None): its backend
+    choice and ONNX twin. Needed only after changing something other than its parameters, buffers or
+    module tree that its forward pass depends on (a plain attribute, a hook, a patched method)."""
+    with _MEMO_LOCK:
+        if model is None:
+            _MEMOS.clear()
+        else:
+            _MEMOS.pop(model, None)
+
+
+def weights_digest(model: nn.Module) -> bytes:
+    """SHA-256 of a module's tree (names and types of its submodules), parameters and buffers (names,
+    shapes, dtypes and bytes). Equal digests: the same weights. About 1 ms per MB on a CPU."""
+    h = hashlib.sha256()
+    for name, sub in model.named_modules():
+        h.update(f"{name}:{type(sub).__module__}.{type(sub).__qualname__};".encode())
+    tensors = [*model.named_parameters(prefix="p"), *model.named_buffers(prefix="b")]
+    for name, t in tensors:
+        data = t.detach()
+        h.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        if data.device.type != "cpu":
+            data = data.cpu()
+        if data.numel():
+            h.update(memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.digest()
+
+
+def _twin(model: nn.Module, first: torch.Tensor, memo: _Memo | None):
+    """An onnxruntime session on the module's in-memory ONNX export: the remembered one when the
+    module's weights still have the digest it was made from, else a fresh export (remembered)."""
+    if memo is None:
+        return _open_session(_export_onnx_bytes(model, first))
+    digest = weights_digest(model)
+    if memo.session is None or memo.digest != digest:
+        memo.session, memo.digest = None, None
+        memo.session, memo.digest = _open_session(_export_onnx_bytes(model, first)), digest
+    return memo.session
+
+
+def _remembered(model: nn.Module, backend: str, xb, draws: int, opts: dict) -> PreparedModel:
+    """A CPU module bound to ``backend`` (``auto`` or ``onnxruntime``) for a ``sample_counts`` call of
+    ``draws`` draws on inputs ``xb``, using and updating what is remembered about it."""
+    first = torch.as_tensor(xb[:1], dtype=torch.float32)
+    topts = {k: opts[k] for k in ("channels_last", "autocast")}
+    memo = _memo(model, tuple(first.shape[1:]), **topts)
+    if memo is None:  # not weakly referenceable: no memory, the old per-call behaviour
+        if backend == "auto" and draws < AUTO_PROBE_MIN_DRAWS:
+            return PreparedModel("torch", model, **topts)
+        return prepare_model(model, backend, sample=first, **opts)
+    if backend == "auto" and memo.choice is None:
+        if draws < AUTO_PROBE_MIN_DRAWS and memo.torch_draws + draws < AUTO_PROBE_CUMULATIVE_DRAWS:
+            memo.torch_draws += draws  # too small a job to pay for a probe (yet)
+            return PreparedModel("torch", model, **topts)
+        return prepare_model(model, "auto", sample=first, **opts)  # probes once, remembers
+    if backend == "auto" and memo.choice == "torch":
+        return PreparedModel("torch", model, probe=memo.probe, **topts)
+    try:
+        session = _twin(model, first, memo)
+    except Exception as exc:  # noqa: BLE001
+        if backend == "onnxruntime":
+            raise ValueError(f"cannot export the module to ONNX: {exc}") from exc
+        memo.choice, memo.probe = "torch", {}
+        return PreparedModel("torch", model, **topts)
+    return PreparedModel("onnxruntime", session, probe=memo.probe if backend == "auto" else {})
 
 
 def _backend(
@@ -492,10 +640,17 @@ def _backend(
     if isinstance(model, nn.Module):
         xb, _ = _as_batch(x)  # a wrong shape or a NaN is reported before any export or probe
         _check_finite_any(xb)
-        small = len(xb) * max(n, 0) < AUTO_PROBE_MIN_DRAWS
-        if backend == "auto" and small and _module_device(model).type == "cpu":
-            backend = "torch"  # too small a job to pay for a probe; the noise is the same either way
-        prepared = prepare_model(model, backend, sample=xb[:1] if len(xb) else None, **opts)
+        on_cpu = _module_device(model).type == "cpu"
+        if backend != "torch" and on_cpu and len(xb):
+            prepared = _remembered(model, backend, xb, len(xb) * max(n, 0), opts)
+        else:
+            prepared = prepare_model(model, backend, sample=xb[:1] if len(xb) else None, **opts)
+    elif hasattr(model, "prepare_for_mc"):
+        xb, _ = _as_batch(x)
+        _check_finite_any(xb)
+        prepared = model.prepare_for_mc(
+            backend, sample=xb[:1] if len(xb) else None, batch_size=batch_size, draws=len(xb) * max(n, 0)
+        )
     else:
         prepared = prepare_model(model, backend, **opts)
     if prepared.backend == "torch":
@@ -535,7 +690,7 @@ def _draw_counts(
         raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     if not (np.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-    counts = backend.new_counts()
+    counts = backend.new_counts()  # [B, K + 1]: the last column counts non-finite outputs
     chunk = _chunk_rows(backend.input_elems)
     key, block = None, None
     total = backend.num_inputs * n
@@ -553,7 +708,15 @@ def _draw_counts(
                 lens.append(hi - lo)
             backend.vote(counts, parts, owners, lens)
             bar.advance(sum(lens))
-    return backend.to_numpy(counts)
+    counts = backend.to_numpy(counts)
+    bad = np.flatnonzero(counts[:, -1])
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"model output has NaN or inf on {int(counts[i, -1])} of {n} noisy draws of input index "
+            f"{index_offset + i} ({bad.size} input(s) affected): its votes would be meaningless"
+        )
+    return np.ascontiguousarray(counts[:, :-1])
 
 
 @contextmanager
@@ -590,8 +753,12 @@ def sample_counts(
 
     ``x``: one input ``[C, H, W]`` (→ ``[K]``) or a batch ``[B, C, H, W]`` (→ ``[B, K]``), float32
     pixels as numpy or torch. ``model``: torch ``nn.Module`` (run in eval mode under
-    ``inference_mode``), ``onnxruntime.InferenceSession``, ``.onnx`` path or :class:`PreparedModel`.
-    Forward batches hold up to ``batch_size`` draws, spanning several inputs.
+    ``inference_mode``), ``onnxruntime.InferenceSession``, ``.onnx`` path, :class:`PreparedModel` or
+    a user model (:func:`rrise.calibrate.user_model.load_user_model`: its canonical ONNX).
+    Forward batches hold up to ``batch_size`` draws, spanning several inputs. A CPU module's backend
+    choice and ONNX twin are remembered between calls (see the module docstring). A NaN or inf in
+    the model's output on any draw raises ValueError naming the input index (its votes would mean
+    nothing).
 
     ``backend``: ``"auto"`` (default; a CPU module is timed against its in-memory ONNX export on jobs
     of at least ``AUTO_PROBE_MIN_DRAWS`` draws and the faster is used), ``"torch"`` or

@@ -49,6 +49,7 @@ SURROGATE_FILE = "surrogate.onnx"
 BASE_FILE = "base.onnx"
 CALIBRATION_FILE = "calibration.npz"
 PREPROCESS_KEYS = ("color", "resize", "interpolation", "layout")
+OPTIONAL_PREPROCESS_KEYS = ("crop", "crop_fraction")  # centre crop, as the runtime applies it
 
 
 def default_preprocess(input_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -277,7 +278,9 @@ def _manifest(
             "num_classes": len(labels),
             "labels": labels,
         },
-        "preprocess": {k: preprocess[k] for k in PREPROCESS_KEYS},
+        "preprocess": {
+            k: preprocess[k] for k in (*PREPROCESS_KEYS, *OPTIONAL_PREPROCESS_KEYS) if k in preprocess
+        },
         "smoothing": {"sigma": float(calibration.sigma)},
         "calibration": record,
         "base_model": {"file": BASE_FILE, "sha256": None},

@@ -264,3 +264,113 @@ def test_backend_options_are_checked(linear, onnx_path):
     # channels_last (meant for GPUs) gives the same votes on the CPU
     cl = mc.sample_counts(model, x, 500, SIGMA, seed=1, backend="torch", channels_last=True)
     np.testing.assert_array_equal(cl, mc.sample_counts(model, x, 500, SIGMA, seed=1, backend="torch"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared form remembered per module (sample_counts as users call it, again and again)
+
+
+def _small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+
+
+def _count_exports(monkeypatch) -> list[int]:
+    calls = []
+    real = mc._export_onnx_bytes
+    monkeypatch.setattr(mc, "_export_onnx_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_repeated_calls_export_and_probe_a_module_once(monkeypatch):
+    model = _small_cnn()
+    x = np.random.default_rng(0).random((4, *SHAPE), dtype=np.float32)
+    exports = _count_exports(monkeypatch)
+    probes = []
+    monkeypatch.setattr(
+        mc,
+        "_seconds_per_draw",
+        lambda be, *a, **k: probes.append(be.name) or {"torch": 2.0, "onnxruntime": 1.0}[be.name],
+    )
+    monkeypatch.setattr(mc, "AUTO_PROBE_MIN_DRAWS", 2000)
+    n = mc.AUTO_PROBE_MIN_DRAWS // 4  # one big call: probed
+    first = mc.sample_counts(model, x, n, SIGMA, batch_size=4000, seed=1)
+    assert len(exports) == 1 and probes == ["torch", "onnxruntime"]
+    for seed in (2, 3, 1):
+        again = mc.sample_counts(model, x, n, SIGMA, batch_size=4000, seed=seed)
+    assert len(exports) == 1 and len(probes) == 2  # remembered: no export, no probe
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(again, mc.sample_counts(model, x, n, SIGMA, 4000, seed=1, backend="torch"))
+
+
+def test_small_calls_switch_once_their_draws_add_up(monkeypatch):
+    model = _small_cnn(1)
+    x = np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32)
+    exports = _count_exports(monkeypatch)
+    monkeypatch.setattr(
+        mc, "_seconds_per_draw", lambda be, *a, **k: {"torch": 2.0, "onnxruntime": 1.0}[be.name]
+    )
+    per_call = 2 * 1000
+    calls = mc.AUTO_PROBE_CUMULATIVE_DRAWS // per_call
+    for i in range(calls - 1):  # below the cumulative threshold: torch, no export
+        mc.sample_counts(model, x, 1000, SIGMA, seed=i)
+    assert not exports
+    mc.sample_counts(model, x, 1000, SIGMA, seed=0)
+    assert len(exports) == 1
+    prepared = mc._remembered(
+        model, "auto", x, 10, {"batch_size": 1000, "channels_last": False, "autocast": None}
+    )
+    assert prepared.backend == "onnxruntime" and prepared.label == "onnxruntime (auto: 2.0x torch)"
+
+
+def test_changed_weights_are_noticed_and_stale_twins_never_run(monkeypatch):
+    model = _small_cnn(2)
+    x = np.random.default_rng(0).random((3, *SHAPE), dtype=np.float32)
+    exports = _count_exports(monkeypatch)
+    run = lambda: mc.sample_counts(model, x, 300, SIGMA, seed=4, backend="onnxruntime")  # noqa: E731
+    before = run()
+    digest = mc.weights_digest(model)
+    assert len(exports) == 1 and len(digest) == 32
+    with torch.no_grad():
+        model[3].bias.copy_(torch.tensor([5.0, -5.0, -5.0]))  # in place: class 0 always wins
+    after = run()
+    assert len(exports) == 2 and (after[:, 0] == 300).all() and not np.array_equal(after, before)
+    model[3].bias.data.copy_(torch.tensor([-5.0, 5.0, -5.0]))  # through .data: no version bump
+    assert (run()[:, 1] == 300).all() and len(exports) == 3
+    model[1] = nn.Tanh()  # the module tree changed (no parameter did)
+    assert mc.weights_digest(model) != digest
+    run()
+    assert len(exports) == 4
+    run()
+    assert len(exports) == 4
+    mc.forget(model)
+    run()
+    assert len(exports) == 5
+
+
+def test_remembered_forms_are_held_weakly():
+    import gc
+    import weakref
+
+    model = _small_cnn(3)
+    x = np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32)
+    mc.sample_counts(model, x, 50, SIGMA, seed=0, backend="onnxruntime")
+    assert model in mc._MEMOS
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the memo (and its ONNX session) did not keep the module alive
+
+
+def test_nan_model_outputs_name_the_input_index(linear):
+    class NanOnSecond(nn.Module):
+        def forward(self, x):
+            out = torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+            bad = (x[:, 0, 0, 0] > 10).unsqueeze(1)
+            return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+    x = np.zeros((3, *SHAPE), np.float32)
+    x[1, 0, 0, 0] = 100.0
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(ValueError, match="NaN or inf on 50 of 50 noisy draws of input index 6"):
+            mc.sample_counts(NanOnSecond(), x, 50, 0.1, seed=0, index_offset=5, backend=backend)
