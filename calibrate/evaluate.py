@@ -5,12 +5,13 @@ Numpy and matplotlib only, so a report can be rebuilt from ``metrics.json`` anyw
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rrise.fileio import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
     "DEFAULT_RADII",
@@ -160,10 +161,11 @@ def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def _pct(v: float) -> str:
@@ -235,11 +237,9 @@ def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict
     }
     if (report_dir / "reliability.png").exists():
         paths["reliability"] = report_dir / "reliability.png"
-    tmp = paths["metrics"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, paths["metrics"])
+    atomic_write_json(paths["metrics"], metrics)
     _plot(metrics, paths["plot"])
-    paths["report"].write_text(_markdown(metrics))
+    atomic_write_text(paths["report"], _markdown(metrics))
     return paths
 
 
@@ -273,7 +273,12 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
             )
         lines.append("")
     elif sel.get("note"):
-        lines += [f"{sel['note'].rstrip('.')}. Rule used: **{rules['chosen']}**.", ""]
+        lines += [f"{sel['note'].rstrip('.')}. Rule used: **{rules.get('used', rules['chosen'])}**.", ""]
+    if sel.get("rules") and rules.get("used", rules["chosen"]) != rules["chosen"]:
+        lines += [
+            f"The bundle's calibration uses rule **{rules['used']}** instead (`rrise calibrate --rule`).",
+            "",
+        ]
     test = rules.get("test") or {}
     if test:
         lines += [

@@ -9,13 +9,13 @@ Linear are used, which export to plain ONNX operators.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from rrise.fileio import atomic_path
 
 __all__ = ["ARCHS", "Normalize", "build_model", "load_model", "save_model"]
 
@@ -168,18 +168,8 @@ def save_model(
         "meta": _json_like(meta, "meta"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object: the archive's name does not depend on the temp name
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -188,7 +178,18 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rrise model file (expected format {FORMAT!r})")
     config = payload["config"]
-    model = build_model(**{k: config[k] for k in _CONFIG_KEYS})
+    model = _rebuild(config, payload.get("meta", {}))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, {**payload.get("meta", {}), **config}
+
+
+def _rebuild(config: dict, meta: dict) -> nn.Module:
+    """The untrained network of a saved model: :func:`build_model` for ``cnn``/``cnn-small``; other
+    surrogate archs (``edge-resnet``, factories, copies of a user's base) from the spec that
+    :func:`rrise.calibrate.surrogates.save_surrogate` records in ``meta``."""
+    if config["arch"] in ARCHS:
+        return build_model(**{k: config[k] for k in _CONFIG_KEYS})
+    from .surrogates import rebuild_surrogate
+
+    return rebuild_surrogate(config, meta)

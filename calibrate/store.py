@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from rrise.fileio import atomic_write_bytes, read_json
+
 __all__ = [
     "FORMAT",
     "CountStore",
@@ -70,15 +72,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _npy_bytes(arr: np.ndarray) -> bytes:
     import io
 
@@ -109,6 +102,21 @@ def discard(path: str | os.PathLike) -> bool:
         raise ValueError(f"{path} is not a count store (no {FORMAT} meta.json); not removing it")
     shutil.rmtree(path)
     return True
+
+
+def _check_existing(path: Path, meta: dict[str, Any], resume: bool) -> None:
+    """Refuse (or with ``resume=False`` remove) a store at ``path`` made with other metadata."""
+    if not (path.exists() and any(path.iterdir())):
+        return
+    if not is_store(path):
+        raise ValueError(f"{path} exists and is not a count store; not writing into it")
+    have = read_json(path / "meta.json")
+    for key in META_FIELDS:
+        if have.get(key) != meta[key]:
+            if not resume:
+                discard(path)
+                return
+            raise StoreMismatchError(path, key, have.get(key), meta[key])
 
 
 class CountStore:
@@ -166,22 +174,13 @@ class CountStore:
             "index_sha256": _sha256(index_bytes),
             "backend": str(backend),
         }
-        if path.exists() and any(path.iterdir()):
-            if not is_store(path):
-                raise ValueError(f"{path} exists and is not a count store; not writing into it")
-            have = json.loads((path / "meta.json").read_text())
-            for key in META_FIELDS:
-                if have.get(key) != meta[key]:
-                    if not resume:
-                        discard(path)
-                        break
-                    raise StoreMismatchError(path, key, have.get(key), meta[key])
+        _check_existing(path, meta, resume)
         path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob(".*.tmp-*"):
+        for stale in (*path.glob(".tmp.*"), *path.glob(".*.tmp-*")):  # (the second: older versions)
             stale.unlink(missing_ok=True)
         if not (path / "meta.json").exists():
-            _write_atomic(path / "index.npy", index_bytes)
-            _write_atomic(path / "meta.json", _json_bytes(meta))
+            atomic_write_bytes(path / "index.npy", index_bytes)
+            atomic_write_bytes(path / "meta.json", _json_bytes(meta))
         return cls(path, meta, index)
 
     @classmethod
@@ -190,8 +189,8 @@ class CountStore:
         path = Path(path)
         if not is_store(path):
             raise FileNotFoundError(f"no count store at {path} (missing or foreign meta.json)")
-        meta = json.loads((path / "meta.json").read_text())
-        index = np.load(path / "index.npy")
+        meta = read_json(path / "meta.json")
+        index = np.load(path / "index.npy", allow_pickle=False)
         if _sha256(_npy_bytes(index)) != meta["index_sha256"]:
             raise ValueError(f"count store {path}: index.npy does not match meta.json")
         return cls(path, meta, index)
@@ -234,11 +233,11 @@ class CountStore:
         if bad.size:
             raise ValueError(f"shard {shard}: counts of store position {lo + int(bad[0])} do not sum to n")
         path = self.shard_path(shard)
-        _write_atomic(path, _npy_bytes(counts.astype(np.int64)))
+        atomic_write_bytes(path, _npy_bytes(counts.astype(np.int64)))
         return path
 
     def read_shard(self, shard: int) -> np.ndarray:
-        return np.load(self.shard_path(shard))
+        return np.load(self.shard_path(shard), allow_pickle=False)
 
     def finalize(self) -> Path:
         """Once every shard is there, write ``manifest.json`` (sha256 of each file): the store is complete."""
@@ -247,7 +246,7 @@ class CountStore:
             raise ValueError(f"count store {self.path} is incomplete: shard(s) {missing[:10]} missing")
         files = ["index.npy", "meta.json", *(self.shard_path(s).name for s in range(self.num_shards))]
         manifest = {"files": {f: _sha256((self.path / f).read_bytes()) for f in files}}
-        _write_atomic(self.path / "manifest.json", _json_bytes(manifest))
+        atomic_write_bytes(self.path / "manifest.json", _json_bytes(manifest))
         return self.path / "manifest.json"
 
     def counts(self) -> np.ndarray:

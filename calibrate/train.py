@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rrise.fileio import atomic_path
 from rrise.progress import progress_bar
 
 __all__ = ["AUGMENTATIONS", "augment_batch", "mean_kl", "predict_probs", "train_base", "train_surrogate"]
@@ -214,7 +216,6 @@ def train_surrogate(
         raise ValueError(f"loss must be one of {sorted(SURROGATE_LOSSES)}, got {loss!r}")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    loss_fn = SURROGATE_LOSSES[loss]
     if (val_images is None) != (val_counts is None):
         raise ValueError("give both val_images and val_counts, or neither")
     device = _device(model)
@@ -223,85 +224,125 @@ def train_surrogate(
     n = len(x_all)
     _check_training_args(n, epochs, batch_size, lr)
     steps_per_epoch = math.ceil(n / batch_size)
-    opt, sched = _optimizer(model, lr, epochs * steps_per_epoch)
-    order_rng = np.random.default_rng(seed)
-    aug_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
-    history: dict = {"train_kl": [], "val_kl": [], "best_epoch": epochs - 1}
-    best_state, best_val = None, math.inf
-    signature = {
-        "n": n,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "loss": loss,
-        "augment": augment,
-        "targets": _digest(t_all),
-    }
-    first_epoch = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    fit = _SurrogateFit.start(model, lr, epochs, steps_per_epoch, seed)
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+    signature = _signature(model, t_all, **settings, loss=loss, augment=augment)
+    first_epoch = 0 if checkpoint is None else fit.restore(checkpoint, signature, device)
+    with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=show_progress) as bar:
+        bar.advance(first_epoch * steps_per_epoch)
+        for epoch in range(first_epoch, epochs):
+            train_kl = fit.epoch(x_all, t_all, SURROGATE_LOSSES[loss], augment, batch_size, bar)
+            fit.history["train_kl"].append(train_kl)
+            note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
+            if val_images is not None:
+                note += f" val KL {fit.validate(epoch, val_images, val_counts):.4f}"
+            bar.note(note)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, fit.state(signature, epoch))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, fit.history)
+    if fit.best_state is not None:
+        model.load_state_dict(fit.best_state)
+    return model.eval(), fit.history
+
+
+@dataclass
+class _SurrogateFit:
+    """Everything a surrogate fit carries from epoch to epoch (and a checkpoint holds)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    order_rng: np.random.Generator
+    aug_gen: torch.Generator
+    history: dict
+    best_state: dict | None = None
+    best_val: float = math.inf
+
+    @classmethod
+    def start(
+        cls, model: nn.Module, lr: float, epochs: int, steps_per_epoch: int, seed: int
+    ) -> _SurrogateFit:
+        opt, sched = _optimizer(model, lr, epochs * steps_per_epoch)
+        aug_gen = torch.Generator(device=_device(model)).manual_seed(int(seed) + 1)
+        history = {"train_kl": [], "val_kl": [], "best_epoch": epochs - 1}
+        return cls(model, opt, sched, np.random.default_rng(seed), aug_gen, history)
+
+    def epoch(self, x_all, t_all, loss_fn, augment: str, batch_size: int, bar) -> float:
+        """One pass over the shuffled inputs; returns the running mean KL over its batches."""
+        self.model.train()
+        n, device = len(x_all), x_all.device
+        order = torch.as_tensor(self.order_rng.permutation(n), device=device)
+        kl_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            target = t_all[idx]
+            logits = self.model(augment_batch(x_all[idx], augment, self.aug_gen))
+            batch_loss = loss_fn(logits, target)
+            self.opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            self.opt.step()
+            self.sched.step()
+            kl_sum += _kl_terms(logits.detach(), target).sum()
+            bar.advance(1)
+        return float(kl_sum) / n
+
+    def validate(self, epoch: int, val_images: np.ndarray, val_counts: np.ndarray) -> float:
+        """Held-out KL after ``epoch``; keeps the weights of the best epoch so far."""
+        val = mean_kl(self.model, val_images, val_counts)
+        self.history["val_kl"].append(val)
+        if val < self.best_val:
+            self.best_val, self.history["best_epoch"] = val, epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return val
+
+    def state(self, signature: dict, epoch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "signature": signature,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "order_rng": self.order_rng.bit_generator.state,
+            "aug_rng": self.aug_gen.get_state(),
+            "history": self.history,
+            "best_state": self.best_state,
+            "best_val": self.best_val,
+        }
+
+    def restore(self, checkpoint: str | os.PathLike, signature: dict, device: torch.device) -> int:
+        """Continue from ``checkpoint`` when it exists (tensors and plain data only: never unpickles
+        code); returns the first epoch still to run. Refuses one made with other settings."""
+        if not Path(checkpoint).exists():
+            return 0
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT or state.get("signature") != signature:
             raise ValueError(
                 f"checkpoint {checkpoint} was made with other settings or targets; delete it to start over"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        order_rng.bit_generator.state = state["order_rng"]
-        aug_gen.set_state(state["aug_rng"])
-        history, best_state, best_val = state["history"], state["best_state"], state["best_val"]
-        first_epoch = state["epoch"] + 1
-    with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=show_progress) as bar:
-        bar.advance(first_epoch * steps_per_epoch)
-        for epoch in range(first_epoch, epochs):
-            model.train()
-            order = torch.as_tensor(order_rng.permutation(n), device=device)
-            kl_sum = torch.zeros((), device=device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                target = t_all[idx]
-                logits = model(augment_batch(x_all[idx], augment, aug_gen))
-                batch_loss = loss_fn(logits, target)
-                opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                opt.step()
-                sched.step()
-                kl_sum += _kl_terms(logits.detach(), target).sum()
-                bar.advance(1)
-            train_kl = float(kl_sum) / n
-            history["train_kl"].append(train_kl)
-            note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
-            if val_images is not None:
-                val = mean_kl(model, val_images, val_counts)
-                history["val_kl"].append(val)
-                note += f" val KL {val:.4f}"
-                if val < best_val:
-                    best_val, history["best_epoch"] = val, epoch
-                    best_state = copy.deepcopy(model.state_dict())
-            bar.note(note)
-            if checkpoint is not None:
-                _save_checkpoint(
-                    checkpoint,
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "signature": signature,
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "order_rng": order_rng.bit_generator.state,
-                        "aug_rng": aug_gen.get_state(),
-                        "history": history,
-                        "best_state": best_state,
-                        "best_val": best_val,
-                    },
-                )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, history)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model.eval(), history
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.order_rng.bit_generator.state = state["order_rng"]
+        self.aug_gen.set_state(state["aug_rng"])
+        self.history, self.best_state, self.best_val = (
+            state["history"],
+            state["best_state"],
+            state["best_val"],
+        )
+        return state["epoch"] + 1
+
+
+def _signature(model: nn.Module, targets: torch.Tensor, **settings) -> dict:
+    """What a checkpoint must have been made with to be resumed: the settings, the targets and the
+    model's parameter shapes (another architecture is refused, not half-loaded)."""
+    return {
+        "n": len(targets),
+        **settings,
+        "targets": _digest(targets),
+        "parameters": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+    }
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -309,10 +350,8 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def _batched_logits(model: nn.Module, images: np.ndarray, batch_size: int):

@@ -1,6 +1,9 @@
 """The whole pipeline end to end: digits through the CLI, and real Fashion-MNIST in-process."""
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +17,24 @@ from tests.conftest import FASHION_AVAILABLE
 runner = CliRunner()
 
 
-def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
-    work = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def digits_demo(tmp_path_factory):
+    """`rrise demo` on digits, run once for this module: ``(work folder, CLI result)``. Tests that
+    change the folder work on a copy (:func:`_copy`)."""
+    work = tmp_path_factory.mktemp("digits-demo") / "demo"
     result = runner.invoke(app, ["demo", "--workdir", str(work), "--dataset", "digits", "--no-progress"])
+    return work, result
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_demo_on_digits_writes_every_output_and_streams_records(digits_demo, tmp_path):
+    src, result = digits_demo
     assert result.exit_code == 0, result.output
+    work = _copy(src, tmp_path / "demo")
     for name in [
         "base.pt",
         "base.onnx",
@@ -38,7 +55,13 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
     assert "records received" in result.output
     received = (work / "received.jsonl").read_text().splitlines()
     assert len(received) == 12
-    Bundle.load(work / "bundle")
+    bundle = Bundle.load(work / "bundle")
+    # The report and the bundle describe one calibration, made with the work folder's two models.
+    record = json.loads((work / "calibration.json").read_text())
+    hashes = {"base_sha256": _sha(work / "base.onnx"), "surrogate_sha256": _sha(work / "surrogate.onnx")}
+    assert {k: record[k] for k in hashes} == hashes == metrics["models"]
+    assert {k: bundle.manifest["calibration"][k] for k in hashes} == hashes
+    assert metrics["calibration"] == record
 
     # Every stage resumes: a second run skips everything up to the runtime.
     again = runner.invoke(app, ["demo", "--workdir", str(work), "--no-progress"])
@@ -56,21 +79,25 @@ def test_demo_on_digits_writes_every_output_and_streams_records(tmp_path):
     assert record["rule"] == "bins" and len(record["bin_edges"]) == 1 and len(record["bin_quantiles"]) == 2
     mapped = runner.invoke(app, ["calibrate", "--workdir", str(work), "--rule", "map"])
     assert mapped.exit_code == 1 and "full-size MC counts on the selection split" in mapped.output
+    assert json.loads((work / "calibration.json").read_text()) == record  # a refusal changes nothing
 
     # A high-budget reference replaces Cohen's draws as the violation reference, on its inputs only.
     assert runner.invoke(app, ["reference", "--workdir", str(work), "--no-progress"]).exit_code == 0
-    assert runner.invoke(app, ["evaluate", "--workdir", str(work), "--force", "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "--workdir", str(work), "--no-progress"]).exit_code == 0
     metrics = json.loads((work / "report/metrics.json").read_text())
-    rrise = next(v for k, v in metrics["methods"].items() if k.startswith("RRISE"))
+    name, rrise = next((k, v) for k, v in metrics["methods"].items() if k.startswith("RRISE"))
     v = rrise["violations"]
     assert v["n_ref"] == 5000 and v["certified"] <= 30
     assert v["against Cohen's estimation draws on every test input"]["n_ref"] == 200
     assert "5000 fresh MC draws on each of 30 test inputs" in metrics["violation_note"]
+    # The RRISE row is the calibration the bundle gets (--rule bins --bins 2), not a default one.
+    assert name.endswith("as bundled") and "confidence bins" in name
+    assert rrise["bin_edges"] == record["bin_edges"] and len(rrise["quantile"]) == 2
+    assert metrics["calibration"] == record and metrics["rules"]["used"] == "bins"
 
 
-def test_workdir_refuses_another_configuration(tmp_path):
-    work = tmp_path / "w"
-    runner.invoke(app, ["train-base", "--workdir", str(work), "--dataset", "digits", "--no-progress"])
+def test_workdir_refuses_another_configuration(digits_demo, tmp_path):
+    work = _copy(digits_demo[0], tmp_path / "w")
     result = runner.invoke(app, ["targets", "--workdir", str(work), "--sigma", "0.5"])
     assert result.exit_code == 1 and "sigma" in result.output
 
@@ -95,7 +122,7 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     cohen = next(v for k, v in metrics["methods"].items() if k.startswith("Cohen"))
     # not vacuous: smoke-sized models on 60 test inputs certify 55–60% at r = 0 (RRISE) and 77% (Cohen)
     assert rrise["certified_accuracy"][0] > 0.3 and cohen["certified_accuracy"][0] > 0.5
-    cal = np.load(w.path("calibration.npz"))
+    cal = np.load(w.path("calibration.npz"), allow_pickle=False)
     assert (cal["counts"].sum(1) == w.prof.n_cal).all()
     b = Bundle.load(w.path("bundle"))
     assert (
@@ -118,32 +145,182 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     assert cap["largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)"] == pytest.approx(w.config.sigma * z_cap, abs=1e-4)
 
 
-def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(tmp_path):
+def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(digits_demo, tmp_path):
     from rrise.calibrate.models import load_model
 
-    work = str(tmp_path / "w")
-    common = ["--workdir", work, "--dataset", "digits", "--no-progress"]
-    for stage in ("train-base", "targets"):
-        assert runner.invoke(app, [stage, *common]).exit_code == 0
+    work = _copy(digits_demo[0], tmp_path / "w")
+    common = ["--workdir", str(work), "--no-progress"]
     bad = runner.invoke(app, ["train-surrogate", *common, "--arch", "resnet-9000"])
     assert bad.exit_code == 1 and "unknown surrogate arch" in bad.output
     ok = runner.invoke(app, ["train-surrogate", *common, "--arch", "cnn", "--augment", "shift"])
     assert ok.exit_code == 0, ok.output
-    _, info = load_model(tmp_path / "w" / "surrogate.pt")
+    _, info = load_model(work / "surrogate.pt")
     assert info["arch"] == "cnn" and info["augment"] == "shift"
-    assert not (tmp_path / "w" / "surrogate.ckpt").exists()  # the finished model supersedes it
+    assert not (work / "surrogate.ckpt").exists()  # the finished model supersedes it
 
 
-def test_train_base_is_reproducible_across_runs(tmp_path):
+def test_train_base_is_reproducible_across_runs(digits_demo, tmp_path):
     """Same configuration, two work folders: the same base model, weight for weight."""
     import torch
 
     from rrise.calibrate.models import load_model
 
-    for name in ("a", "b"):
-        args = ["train-base", "--workdir", str(tmp_path / name), "--dataset", "digits", "--no-progress"]
-        assert runner.invoke(app, args).exit_code == 0
-    a, _ = load_model(tmp_path / "a" / "base.pt")
+    args = ["train-base", "--workdir", str(tmp_path / "b"), "--dataset", "digits", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    a, _ = load_model(digits_demo[0] / "base.pt")
     b, _ = load_model(tmp_path / "b" / "base.pt")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
+
+
+# --- provenance: stale inputs are refused by name, never mixed ---------------------------------
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _open(work: Path, log: list[str] | None = None):
+    from rrise.calibrate.pipeline import RunConfig, Workdir
+
+    sink = log.append if log is not None else (lambda _msg: None)
+    return Workdir.open(work, RunConfig(dataset="digits"), show_progress=False, log=sink)
+
+
+def _outputs_of(work: Path) -> dict[str, str]:
+    names = ["calibration.json", "calibration.npz", "report/metrics.json", "bundle/manifest.json"]
+    return {n: _sha(work / n) for n in names} | {
+        "bundle/surrogate.onnx": _sha(work / "bundle/surrogate.onnx")
+    }
+
+
+def test_stage_run_too_early_names_the_stage_to_run_first(digits_demo, tmp_path):
+    fresh = ["--workdir", str(tmp_path / "fresh"), "--dataset", "digits", "--no-progress"]
+    for stage in ("targets", "calibrate", "evaluate", "certify"):
+        result = runner.invoke(app, [stage, *fresh])
+        assert result.exit_code == 1, (stage, result.output)
+        assert "run `rrise train-base` first" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    work = _copy(digits_demo[0], tmp_path / "w")
+    (work / "surrogate.pt").unlink()
+    result = runner.invoke(app, ["calibrate", "--workdir", str(work), "--no-progress"])
+    assert result.exit_code == 1
+    assert "needs the outputs of train-surrogate (missing surrogate.pt)" in result.output
+    assert "run `rrise train-surrogate` first" in result.output
+
+
+def test_retrained_surrogate_is_never_mixed_with_the_old_calibration(digits_demo, tmp_path, monkeypatch):
+    from rrise.calibrate import train
+    from rrise.calibrate.pipeline import STAGES, StageNotReady, run_stage
+
+    work = _copy(digits_demo[0], tmp_path / "w")
+    before = _outputs_of(work)
+    common = ["--workdir", str(work), "--no-progress"]
+    # Another surrogate, as good as the first (the digits profile's 3 epochs make a fresh arch or an
+    # augmented one too weak to certify anything): the same fit with another shuffling seed.
+    fit = train.train_surrogate
+    monkeypatch.setattr(train, "train_surrogate", lambda *a, **kw: fit(*a, **{**kw, "seed": kw["seed"] + 1}))
+    retrain = runner.invoke(app, ["train-surrogate", *common, "--force"])
+    assert retrain.exit_code == 0, retrain.output
+    assert _sha(work / "surrogate.onnx") != before["bundle/surrogate.onnx"]
+
+    # evaluate and the bundle refuse, naming the first stale stage and the command that remakes it
+    for args in (["evaluate", *common], ["evaluate", *common, "--force"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert "select-rule is stale (surrogate.onnx changed since it ran)" in result.output
+        assert "run `rrise select-rule` first, then `rrise calibrate`" in result.output
+    with pytest.raises(StageNotReady, match="select-rule is stale") as info:
+        run_stage(_open(work), "bundle")
+    assert info.value.command == "rrise select-rule"
+    calibrate = runner.invoke(app, ["calibrate", *common])
+    assert calibrate.exit_code == 1 and "run `rrise select-rule` first" in calibrate.output
+    assert _outputs_of(work) == before  # nothing was made from the two surrogates mixed
+
+    # Every stage, as the demo runs them: the stale ones run again, the others are skipped.
+    log: list[str] = []
+    w = _open(work, log)
+    counts = _sha(work / "calibration_counts/manifest.json")
+    for name in STAGES:
+        run_stage(w, name)
+    ran = {m.split("]")[0][1:] for m in log if " done in " in m}
+    assert ran == {"select-rule", "calibrate", "evaluate", "bundle"}
+    assert _sha(work / "calibration_counts/manifest.json") == counts  # the base model's MC is reused
+    new = _sha(work / "surrogate.onnx")
+    assert json.loads((work / "calibration.json").read_text())["surrogate_sha256"] == new
+    assert json.loads((work / "report/metrics.json").read_text())["models"]["surrogate_sha256"] == new
+    bundle = Bundle.load(work / "bundle")
+    assert bundle.manifest["calibration"]["surrogate_sha256"] == new == _sha(work / "bundle/surrogate.onnx")
+
+
+def test_retrained_base_model_makes_everything_made_from_it_stale(digits_demo, tmp_path, monkeypatch):
+    from rrise.calibrate import train
+    from rrise.calibrate.pipeline import StageNotReady, run_stage
+
+    work = _copy(digits_demo[0], tmp_path / "w")
+    before = _outputs_of(work)
+    old_base = _sha(work / "base.onnx")
+    fit = train.train_base
+    monkeypatch.setattr(train, "train_base", lambda *a, **kw: fit(*a, **{**kw, "epochs": 1}))
+    run_stage(_open(work), "train-base", force=True)  # another base model
+    assert _sha(work / "base.onnx") != old_base
+
+    common = ["--workdir", str(work), "--no-progress"]
+    for stage in ("evaluate", "calibrate", "train-surrogate"):
+        result = runner.invoke(app, [stage, *common])
+        assert result.exit_code == 1, result.output
+        assert "targets is stale (base.onnx changed since it ran): run `rrise targets` first" in result.output
+    with pytest.raises(StageNotReady, match="targets is stale") as info:
+        run_stage(_open(work), "bundle")
+    assert info.value.stage == "targets"
+    assert _outputs_of(work) == before
+
+    # A calibration record made with another base model is refused by name, even with a current
+    # provenance record (e.g. calibration.json copied from another work folder).
+    for name in ("base.pt", "base.onnx"):  # the first base model again
+        shutil.copy(digits_demo[0] / name, work / name)
+    record = json.loads((work / "calibration.json").read_text())
+    (work / "calibration.json").write_text(json.dumps({**record, "base_sha256": "0" * 64}))
+    result = runner.invoke(app, ["evaluate", *common])
+    assert result.exit_code == 1 and "calibration.json was made with another base.onnx" in result.output
+    with pytest.raises(StageNotReady, match="another base.onnx"):
+        run_stage(_open(work), "bundle")
+
+
+def test_provenance_on_a_toy_pipeline(tmp_path):
+    """a → b → c (c also uses the optional d): missing, stale and appeared inputs, by name."""
+    from rrise.calibrate import provenance as prov
+
+    def stage(name, needs=(), uses=()):
+        return prov.Stage(name, lambda: None, (f"{name}.txt",), needs=needs, uses=uses)
+
+    stages = {
+        s.name: s for s in (stage("a"), stage("b", ("a",)), stage("d", ("a",)), stage("c", ("b",), ("d",)))
+    }
+
+    def run(name, text="x"):
+        prov.check_ready(tmp_path, stages, name)
+        inputs = prov.current_inputs(tmp_path, stages, name)
+        (tmp_path / f"{name}.txt").write_text(text)
+        prov.write_record(tmp_path, stages, name, inputs)
+
+    with pytest.raises(prov.StageNotReady, match=r"c needs the outputs of a \(missing a.txt\)") as info:
+        prov.check_ready(tmp_path, stages, "c")
+    assert info.value.stage == "a" and "then `rrise b`" in str(info.value)
+    for name in "abc":
+        run(name)
+    assert all(prov.is_current(tmp_path, stages, n) for n in "abc")
+    run("a", "another a")  # a root stage's new outputs make what was made from the old ones stale
+    assert prov.is_current(tmp_path, stages, "a") and not prov.is_current(tmp_path, stages, "b")
+    with pytest.raises(prov.StageNotReady, match=r"b is stale \(a.txt changed since it ran\): run `rrise b`"):
+        prov.check_ready(tmp_path, stages, "c")
+    run("b")  # the same bytes as before: c, made from them, is still current (content, not time)
+    assert prov.is_current(tmp_path, stages, "c")
+    run("b", "another b")
+    assert not prov.is_current(tmp_path, stages, "c")  # c is stale itself: it reruns when asked
+    prov.check_ready(tmp_path, stages, "c")
+    run("c")
+    run("d")  # an optional input that appears after c ran makes c stale too
+    assert not prov.is_current(tmp_path, stages, "c")
+    (tmp_path / "d.txt").unlink()
+    assert prov.is_current(tmp_path, stages, "c")

@@ -1,0 +1,204 @@
+"""The select-rule and calibrate stages: a rule's :class:`rrise.CalibrationSpec` from the selection
+split, then :func:`rrise.conformalize` on the calibration inputs → ``calibration.json``.
+
+``calibration.json`` is :meth:`rrise.Calibration.to_dict` plus the ``rule``: the record the bundle
+gets and the one ``rrise evaluate`` reports. It keeps ``base_sha256`` and ``surrogate_sha256``, the
+models its counts and probabilities came from; :func:`load_calibration` refuses it when the work
+folder's models are other ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rrise.calibration import Calibration, CalibrationSpec, conformalize
+from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz
+
+from .counts import CALIBRATION_STORE, RULE_STORE, fill_count_store, load_store_counts
+from .provenance import StageNotReady, file_sha256
+from .workdir import Workdir
+
+__all__ = [
+    "chosen_rule",
+    "load_calibration",
+    "load_calibration_npz",
+    "rule_spec",
+    "selection_data",
+    "stage_calibrate",
+    "stage_select_rule",
+    "surrogate_probs",
+]
+
+CALIBRATION_NPZ_KEYS = ("index", "images", "labels", "counts", "probs")
+
+
+def surrogate_probs(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+    """The surrogate's probabilities with the numerics of the bundle's fp32 variant: onnxruntime on
+    the CPU, one input at a time (the runtime's per-frame path)."""
+    from rrise.export.bundler import onnx_probs_runner
+
+    run = onnx_probs_runner(onnx_path, "onnxruntime-cpu")
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    return np.concatenate([run(x[i : i + 1]) for i in range(len(x))]).astype(np.float64)
+
+
+def selection_data(w: Workdir) -> dict[str, np.ndarray]:
+    """What calibration rules are fitted on, all from the selection split: ``bin_probs`` (the
+    surrogate on every selection input: bin edges need only ŝ) and, once ``select-rule`` has sampled
+    them, ``probs``, ``counts`` (full-size MC) and ``labels`` of the rule-selection inputs."""
+    ds = w.data("train")
+    surrogate = w.path("surrogate.onnx")
+    out = {"bin_probs": surrogate_probs(surrogate, ds.images[w.splits()["selection"]])}
+    if w.prof.n_rule and (w.path(RULE_STORE) / "manifest.json").exists():
+        index, counts = load_store_counts(w, RULE_STORE)
+        out.update(probs=surrogate_probs(surrogate, ds.images[index]), counts=counts, labels=ds.labels[index])
+    return out
+
+
+def stage_select_rule(w: Workdir, resume: bool = True) -> list[Path]:
+    """Choose the calibration rule on the selection split (full-size MC there; never calibration)."""
+    from .rules import compare_rules
+
+    p = w.prof
+    out = w.path("rules.json")
+    if not p.n_rule:
+        atomic_write_json(
+            out, {"winner": "single", "note": f"profile {p.name!r} has no rule-selection inputs"}
+        )
+        return [out]
+    fill_count_store(w, RULE_STORE, w.splits()["rules"], p.n_cal, "rules", "train", resume)
+    data = selection_data(w)
+    result = compare_rules(
+        data["probs"],
+        data["counts"],
+        data["labels"],
+        n_mc=p.n_cal,
+        sigma=w.config.sigma,
+        alpha=p.alphas[0],
+        beta=p.beta,
+        seed=w.config.seed,
+    )
+    atomic_write_json(out, result)
+    w.log(f"[select-rule] winner on the selection split: {result['winner']}")
+    return [out]
+
+
+def chosen_rule(w: Workdir) -> str:
+    """The rule the selection split chose (``rules.json``), or ``single`` before it has run."""
+    return (read_json(w.path("rules.json")) or {}).get("winner", "single")
+
+
+def rule_spec(
+    w: Workdir,
+    rule_name: str,
+    *,
+    m: int,
+    alpha: float,
+    beta: float | None = None,
+    delta: float | None = None,
+    score: str = "probit",
+    bins: int | None = None,
+    selection: dict[str, np.ndarray] | None = None,
+) -> CalibrationSpec:
+    """The spec of rule ``rule_name`` (``bins`` overrides its number of confidence bins), its choices
+    (bin edges, score map) fitted on the selection split for ``m`` calibration inputs."""
+    from .rules import fit_rule, get_rule
+
+    rule = get_rule(rule_name)
+    if bins is not None:
+        rule = replace(rule, bins=bins)
+    if rule.map_tau is not None and score != "probit":
+        raise ValueError(f"rule {rule.name!r} learns a probit score map; it cannot use score {score!r}")
+    selection = selection_data(w) if selection is None else selection
+    return fit_rule(
+        rule,
+        selection.get("probs", selection["bin_probs"]),
+        selection.get("counts"),
+        sigma=w.config.sigma,
+        m=m,
+        n_mc=w.prof.n_cal,
+        alpha=alpha,
+        beta=w.prof.beta if beta is None else beta,
+        delta=delta,
+        score=score,
+        bin_probs=selection["bin_probs"],
+    )
+
+
+def model_hashes(w: Workdir) -> dict[str, str | None]:
+    """sha256 of the work folder's ``base.onnx`` and ``surrogate.onnx``, as calibration records keep them."""
+    return {
+        "base_sha256": file_sha256(w.path("base.onnx")),
+        "surrogate_sha256": file_sha256(w.path("surrogate.onnx")),
+    }
+
+
+def stage_calibrate(
+    w: Workdir,
+    alpha: float | None = None,
+    beta: float | None = None,
+    delta: float | None = None,
+    score: str = "probit",
+    bins: int | None = None,
+    rule: str | None = None,
+    resume: bool = True,
+) -> list[Path]:
+    """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
+
+    ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
+    quantile; ``score`` is the transform (probit, logit, identity); ``rule`` the calibration rule
+    (default: the one the selection split chose, see ``select-rule``); ``bins`` overrides the rule's
+    number of confidence bins. The MC counts are kept, so a re-calibration with other settings
+    costs one surrogate pass.
+    """
+    ds, p = w.data("train"), w.prof
+    idx = w.splits()["calibration"]
+    hashes = model_hashes(w)  # before reading the models: a model changed meanwhile shows as stale
+    # MC is the expensive half: its store is kept (and resumed) across re-calibrations
+    fill_count_store(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train", resume)
+    index, counts = load_store_counts(w, CALIBRATION_STORE)
+    probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[index])
+    rule = rule or chosen_rule(w)
+    alpha = p.alphas[0] if alpha is None else alpha
+    spec = rule_spec(w, rule, m=len(index), alpha=alpha, beta=beta, delta=delta, score=score, bins=bins)
+    cal = conformalize(spec, probs, counts, dataset=w.config.dataset, **hashes)
+    arrays = {"index": index, "images": ds.images[index], "labels": ds.labels[index]}
+    save_npz(w.path("calibration.npz"), **arrays, counts=counts, probs=probs, n_mc=p.n_cal)
+    atomic_write_json(w.path("calibration.json"), {**cal.to_dict(), "rule": rule})
+    return [w.path("calibration.npz"), w.path("calibration.json")]
+
+
+def load_calibration(w: Workdir) -> tuple[Calibration, dict[str, Any]]:
+    """``(Calibration, record)`` of ``calibration.json``, refused (naming the model) unless it was
+    made with the work folder's ``base.onnx`` and ``surrogate.onnx``."""
+    record = read_json(w.path("calibration.json"))
+    if record is None:
+        raise StageNotReady(f"no calibration.json in {w.root}: run `rrise calibrate` first", *_CAL)
+    cal = Calibration.from_dict(record)
+    for key, have in model_hashes(w).items():
+        made = getattr(cal, key)
+        model = "base.onnx" if key == "base_sha256" else "surrogate.onnx"
+        if made is None:
+            raise StageNotReady(
+                f"calibration.json records no {key} (made by an older rrise): run `rrise calibrate` first",
+                *_CAL,
+            )
+        if made != have:
+            raise StageNotReady(
+                f"calibration.json was made with another {model} ({key} {made[:12]}…, the work folder's "
+                f"is {str(have)[:12]}…): run `rrise calibrate` first",
+                *_CAL,
+            )
+    return cal, record
+
+
+_CAL = ("calibrate", "rrise calibrate")
+
+
+def load_calibration_npz(w: Workdir) -> dict[str, np.ndarray]:
+    """The arrays of ``calibration.npz`` (read without unpickling)."""
+    return load_npz(w.path("calibration.npz"), CALIBRATION_NPZ_KEYS, "calibration file")
