@@ -41,6 +41,19 @@ class AuditResult:
         return int(np.sum(self.violation))
 
 
+def _deployed_probs(bundle: Bundle, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The fp32 variant's probabilities on ``images``, computed exactly as the runtime computes them:
+    the runtime's own backend (the variant's ``calibrated_with`` providers) in batches of at most the
+    variant's ``max_batch``, so the audit checks the numerics its quantile was calibrated for."""
+    from rrise.runtime.backends import make_backend, variant_max_batch
+
+    backend, variant = make_backend(bundle, "onnxruntime", precision="fp32")
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    step = variant_max_batch(variant)
+    probs = np.concatenate([backend.run(x[i : i + step]) for i in range(0, len(x), step)])
+    return probs, variant
+
+
 def audit_bundle(
     bundle: Bundle | str | Path,
     images: np.ndarray,
@@ -54,15 +67,12 @@ def audit_bundle(
     """Certify ``images`` with the bundle's fp32 variant and check each against fresh MC."""
     from scipy.stats import binom
 
-    from rrise.runtime.backends import OnnxRuntimeBackend
-
     from .evaluate import reference_violations
     from .mc import sample_counts
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    variant = b.variant("fp32", "onnxruntime")
+    probs, variant = _deployed_probs(b, images)
     cal = b.calibration(variant)
-    probs = OnnxRuntimeBackend(b.file(variant["file"])).run(images.astype(np.float32))
     cert = certify_from_probs(probs, cal)
     counts = sample_counts(
         str(b.file(b.manifest["base_model"]["file"])),
