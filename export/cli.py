@@ -195,7 +195,7 @@ def _print_bundle(bundle, result=None) -> None:
         else:
             shown = f"quantile {q:.6g} ({v.get('calibrated_with', '?')}, max batch {v.get('max_batch', '?')})"
         typer.echo(f"variant   {v['precision']}/{v['backend']} {v['file']}: {shown}")
-    if result is not None:
+    if result is not None and result.parity is not None:
         typer.echo(f"parity    max |logits torch - onnxruntime| = {result.parity:.3g}")
         if result.parity > 1e-4:
             typer.echo(

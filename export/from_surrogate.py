@@ -1,9 +1,11 @@
-"""A calibrated surrogate checkpoint → a verified bundle: what ``rrise-export build`` does.
+"""A calibrated surrogate → a verified bundle: what ``rrise-export build`` does.
 
-:func:`export_bundle` loads the surrogate (``surrogate.pt``, written by
-``rrise.calibrate.models.save_model``), cross-checks its noise level σ against the calibration
-record's, exports it to ONNX, measures the torch/ONNX parity and builds the fp32 bundle
-(:func:`rrise.export.bundler.build_bundle`). Every check runs before anything is written.
+:func:`export_bundle` takes the surrogate's ONNX — the very file whose probabilities the calibration
+was computed from (its sha256 is the record's ``surrogate_sha256``), so nothing is re-exported —
+reads the checkpoint beside it (``surrogate.pt``: σ, labels, input shape, preprocessing, read with
+``torch.load(weights_only=True)`` and no model code), cross-checks σ against the calibration record
+and builds the fp32 bundle (:func:`rrise.export.bundler.build_bundle`). Every check runs before
+anything is written. Export never imports the calibrate stage.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ __all__ = [
     "SigmaMismatchError",
     "check_sigma",
     "export_bundle",
-    "load_surrogate",
+    "read_surrogate",
     "read_calibration_record",
     "surrogate_input_shape",
 ]
 
-PARITY_IMAGES = 256  # calibration images the torch/ONNX parity is measured on
+MODEL_FORMAT = "rrise.model/1"  # the checkpoint format of rrise.calibrate.models.save_model
 
 
 class SigmaMismatchError(ValueError):
@@ -43,7 +44,7 @@ class SigmaMismatchError(ValueError):
 class ExportResult:
     bundle: Bundle
     calibration: Calibration  # the record the bundle was built from
-    parity: float  # max |logits torch − onnxruntime| on calibration images
+    parity: float | None  # max |logits torch − onnxruntime| as the checkpoint records it, if it does
     notes: tuple[str, ...] = ()  # what was assumed (e.g. default labels), for the user
 
 
@@ -59,16 +60,43 @@ def read_calibration_record(path: str | os.PathLike) -> Calibration:
         raise ValueError(f"{path} is not a calibration record: {exc}") from None
 
 
-def load_surrogate(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """``(model, metadata)`` of a surrogate written by ``rrise.calibrate.models.save_model``."""
+def read_surrogate(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(ONNX path, metadata)`` of a surrogate given as its ``.onnx`` or its ``.pt`` checkpoint: the
+    two files live side by side (``rrise train-surrogate`` writes both); the metadata is the
+    checkpoint's (empty when there is none beside an ``.onnx``)."""
+    path = Path(path)
+    onnx_path, checkpoint = (
+        (path, path.with_suffix(".pt")) if path.suffix == ".onnx" else (path.with_suffix(".onnx"), path)
+    )
+    if not onnx_path.is_file():
+        raise ValueError(
+            f"the surrogate's ONNX {onnx_path} does not exist: pass the .onnx that was calibrated "
+            "(rrise train-surrogate writes it beside the .pt)"
+        )
+    return onnx_path, (_checkpoint_meta(checkpoint) if checkpoint.is_file() else {})
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
     try:
-        from rrise.calibrate.models import load_model
+        import torch
     except ImportError as exc:
-        raise RuntimeError(f"exporting needs torch and onnx ({exc}): pip install 'rrise[export]'") from None
+        raise RuntimeError(f"reading {path} needs torch ({exc}): pip install 'rrise[export]'") from None
     try:
-        return load_model(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types on a foreign file
-        raise ValueError(f"cannot load the surrogate {path}: {exc}") from None
+        raise ValueError(f"cannot read the surrogate checkpoint {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an rrise model file (expected format {MODEL_FORMAT!r})")
+    return {**payload.get("meta", {}), **payload.get("config", {})}
+
+
+def _onnx_input_shape(onnx_path: Path) -> tuple[int, int, int]:
+    from rrise.onnx_session import open_session
+
+    shape = open_session(onnx_path, "onnxruntime-cpu").get_inputs()[0].shape
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        raise ValueError(f"{onnx_path} takes {shape}: export needs a fixed [C, H, W] input")
+    return int(shape[1]), int(shape[2]), int(shape[3])
 
 
 def check_sigma(calibration: Calibration, meta: dict[str, Any], *, record: str, surrogate: str) -> bool:
@@ -119,6 +147,11 @@ def _labels(labels: list[str] | None, meta: dict[str, Any], surrogate: str) -> t
     return [str(i) for i in range(k)], [f"{surrogate} names no labels; using 0..{k - 1}"]
 
 
+def calibration_classes(calibration_npz: str | os.PathLike) -> int:
+    """The class count K of the calibration counts [m, K]."""
+    return int(load_npz(calibration_npz, ("counts",), "calibration file")["counts"].shape[1])
+
+
 def export_bundle(
     surrogate: str | os.PathLike,
     *,
@@ -143,34 +176,33 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    model, meta = load_surrogate(surrogate)
+    onnx_path, meta = read_surrogate(surrogate)
     notes = []
     if not check_sigma(calibration, meta, record=record_name, surrogate=str(surrogate)):
         notes.append(f"{surrogate} records no sigma; it was not cross-checked with {record_name}")
-    shape = surrogate_input_shape(meta)
-    names, label_notes = _labels(labels, meta, str(surrogate))
+    shape = surrogate_input_shape(meta) if meta else _onnx_input_shape(onnx_path)
+    names, label_notes = _labels(
+        labels, meta or {"num_classes": calibration_classes(calibration_npz)}, str(surrogate)
+    )
     dataset = dataset or calibration.dataset or meta.get("dataset")
     if not dataset:
         raise ValueError(
             "neither the calibration record nor the surrogate names the calibration data: pass --dataset"
         )
-    probe = load_npz(calibration_npz, ("images",), "calibration file")["images"][:PARITY_IMAGES]
-    from .onnx_export import export_onnx, onnx_parity
-
-    with tempfile.TemporaryDirectory(prefix="rrise-export-") as work:
-        onnx_path = export_onnx(model, Path(work) / "surrogate.onnx", shape)
-        parity = onnx_parity(model, onnx_path, probe)
-        bundle = build_bundle(
-            out,
-            surrogate_onnx=onnx_path,
-            base_onnx=base,
-            calibration=calibration,
-            calibration_npz=calibration_npz,
-            labels=names,
-            preprocess=meta.get("preprocess") or default_preprocess(shape),
-            dataset=dataset,
-            input_shape=shape,
-            parity_max_abs_diff=parity,
-            overwrite=overwrite,
-        )
-    return ExportResult(bundle, calibration, parity, tuple(notes + label_notes))
+    parity = meta.get("onnx_parity")
+    bundle = build_bundle(
+        out,
+        surrogate_onnx=onnx_path,
+        base_onnx=base,
+        calibration=calibration,
+        calibration_npz=calibration_npz,
+        labels=names,
+        preprocess=meta.get("preprocess") or default_preprocess(shape),
+        dataset=dataset,
+        input_shape=shape,
+        parity_max_abs_diff=None if parity is None else float(parity),
+        overwrite=overwrite,
+    )
+    return ExportResult(
+        bundle, calibration, None if parity is None else float(parity), tuple(notes + label_notes)
+    )
