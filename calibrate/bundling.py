@@ -20,7 +20,17 @@ def stage_bundle(w: Workdir) -> list[Path]:
 
     ds = w.data("train")
     cal, _ = load_calibration(w)  # refuses a calibration made with other models than these
-    model, _ = load_model(w.path("surrogate.pt"))
+    if w.is_user:  # `rrise build`: any surrogate arch, and the data's own preprocessing
+        from .building import user_model
+        from .surrogates import load_surrogate
+
+        u = w.config.user
+        base = user_model(w) if u.get("model") is None else None
+        model, _ = load_surrogate(w.path("surrogate.pt"), base=base, trust_code=True)
+        preprocess, dataset = u["preprocess"], u.get("data_name") or w.config.dataset
+    else:
+        model, _ = load_model(w.path("surrogate.pt"))
+        preprocess, dataset = default_preprocess(ds.shape), w.config.dataset
     parity = onnx_parity(model, w.path("surrogate.onnx"), load_calibration_npz(w)["images"][:256])
     build_bundle(
         w.path("bundle"),
@@ -29,8 +39,8 @@ def stage_bundle(w: Workdir) -> list[Path]:
         calibration=cal,
         calibration_npz=w.path("calibration.npz"),
         labels=ds.classes,
-        preprocess=default_preprocess(ds.shape),
-        dataset=cal.dataset or w.config.dataset,
+        preprocess=preprocess,
+        dataset=dataset if w.is_user else (cal.dataset or w.config.dataset),
         input_shape=ds.shape,
         parity_max_abs_diff=parity,
         overwrite=True,

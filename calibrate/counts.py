@@ -54,6 +54,8 @@ def prepare_base_model(w: Workdir, backend: str, device: str, sample: np.ndarray
     from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
     from .models import load_model
 
+    if backend == "auto" and w.is_user:  # `rrise build`: base.onnx is the user's model (no base.pt)
+        backend = "onnxruntime"
     if backend == "auto" and draws < AUTO_PROBE_MIN_DRAWS and not device.startswith("cuda"):
         backend = "onnxruntime"
     if backend == "onnxruntime":

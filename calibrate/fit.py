@@ -14,6 +14,11 @@ def stage_train_base(w: Workdir) -> list[Path]:
     """Train the base classifier with Gaussian noise augmentation; write base.pt and base.onnx."""
     from rrise.export.onnx_export import export_onnx
 
+    if w.is_user:  # `rrise build`: the user's model is the base, nothing is trained
+        from .building import import_base
+
+        return import_base(w)
+
     from .models import build_model, save_model
     from .train import train_base
 
@@ -39,11 +44,48 @@ def _initial_surrogate(w: Workdir, arch: str):
     """``(model, arch)``: the base model's weights (``arch="base"``) or a fresh seeded architecture."""
     from .models import ARCHS, build_model, load_model
 
+    if w.is_user:
+        return _user_surrogate(w, arch), arch
     if arch == "base":
         return load_model(w.path("base.pt"))[0], w.prof.base_arch
     if arch in ARCHS:
         return build_model(arch, seed=w.config.seed, **model_spec(w)), arch
     raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
+
+
+def _user_surrogate(w: Workdir, arch: str):
+    """`rrise build`: :func:`rrise.calibrate.surrogates.build_surrogate` for the user's base."""
+    from .building import user_model
+    from .surrogates import build_surrogate
+
+    ds = w.data("train")
+    base = user_model(w) if arch in ("auto", "base") else None
+    model = build_surrogate(base, ds.shape, len(ds.classes), arch=arch, seed=w.config.seed)
+    from .surrogates import surrogate_spec
+
+    w.log(f"[train-surrogate] surrogate: {surrogate_spec(model)['why']}")
+    return model
+
+
+# `rrise build`: a surrogate that does not start from the base's weights gets at least this many
+# optimizer steps (batches of 128): the profiles' epoch counts are sized for fine-tuning a copy.
+FRESH_MIN_STEPS = 300
+FRESH_MAX_EPOCHS = 60
+
+
+def _user_epochs(w: Workdir, model, n_targets: int) -> int:
+    from .surrogates import surrogate_spec
+
+    epochs = w.prof.surrogate_epochs
+    if surrogate_spec(model)["arch"] == "base":
+        return epochs
+    fresh = min(FRESH_MAX_EPOCHS, -(-FRESH_MIN_STEPS * 128 // max(n_targets, 1)))
+    if fresh > epochs:
+        w.log(
+            f"[train-surrogate] a fresh network on {n_targets} targets: {fresh} epochs "
+            f"(at least {FRESH_MIN_STEPS} steps; the profile's {epochs} are for a copy of the base)"
+        )
+    return max(epochs, fresh)
 
 
 def _fit_surrogate(
@@ -59,13 +101,15 @@ def _fit_surrogate(
     tr_index, tr_counts = load_store_counts(w, TARGET_STORES["targets"])
     sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
     augment = augment or p.surrogate_augment
-    model, arch = _initial_surrogate(w, arch or p.surrogate_arch)
+    default = w.config.user.get("surrogate_arch", "auto") if w.is_user else p.surrogate_arch
+    model, arch = _initial_surrogate(w, arch or default)
     ckpt = w.path(f"{stem}.ckpt")
+    epochs = _user_epochs(w, model, len(tr_index)) if w.is_user else p.surrogate_epochs
     model, history = train_surrogate(
         model,
         ds.images[tr_index],
         tr_counts,
-        epochs=p.surrogate_epochs,
+        epochs=epochs,
         seed=w.config.seed,
         val_images=ds.images[sel_index],
         val_counts=sel_counts,
@@ -76,7 +120,12 @@ def _fit_surrogate(
     )
     meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
     meta.update(history=history, loss=loss, augment=augment)
-    save_model(model, w.path(f"{stem}.pt"), arch=arch, **model_spec(w), **meta)
+    if w.is_user:
+        from .surrogates import save_surrogate
+
+        save_surrogate(model, w.path(f"{stem}.pt"), **meta)
+    else:
+        save_model(model, w.path(f"{stem}.pt"), arch=arch, **model_spec(w), **meta)
     export_onnx(model, w.path(f"{stem}.onnx"), ds.shape)
     ckpt.unlink(missing_ok=True)  # the finished model supersedes it
     return [w.path(f"{stem}.pt"), w.path(f"{stem}.onnx")]

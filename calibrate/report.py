@@ -246,8 +246,11 @@ def _config(w: Workdir, cal: Calibration, rule: str, n_test: int) -> dict[str, A
         "dataset": w.config.dataset,
         "sigma": w.config.sigma,
         "seed": w.config.seed,
-        "base model": p.base_arch,
-        "base training inputs": p.base_train_size,
+        **(
+            {"base model": f"the user's ({(w.config.user or {}).get('model') or 'nn.Module'})"}
+            if w.is_user
+            else {"base model": p.base_arch, "base training inputs": p.base_train_size}
+        ),
         "surrogate targets": f"{p.n_targets} inputs × {p.target_draws} draws",
         "calibration": (
             f"m = {cal.m}, N_cal = {cal.n_mc}, α = {cal.alpha:g}, β = {cal.beta:g}{delta}, "

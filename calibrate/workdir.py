@@ -37,6 +37,9 @@ class RunConfig:
     sigma: float = 0.25
     seed: int = 0
     data_dir: str | None = None
+    # A work folder made by `rrise build` (dataset "user"): where its model and images come from
+    # (see :mod:`rrise.calibrate.building`); None for the built-in datasets.
+    user: dict[str, Any] | None = None
 
     @property
     def prof(self) -> Profile:
@@ -50,6 +53,8 @@ class Workdir:
     show_progress: bool = True
     log: Callable[[str], None] = print
     _data: dict[str, Dataset] = field(default_factory=dict)
+    _user: Any = None  # the loaded user data/splits of a `rrise build` folder (building.UserData)
+    user_model: Any = None  # the loaded UserModel of a `rrise build` folder, when someone loaded it
 
     @classmethod
     def open(cls, root: str | os.PathLike, config: RunConfig, **kw: Any) -> Workdir:
@@ -58,6 +63,8 @@ class Workdir:
         root.mkdir(parents=True, exist_ok=True)
         meta = root / "run.json"
         wanted = {k: getattr(config, k) for k in _CONFIG_KEYS}
+        if config.user is not None:
+            wanted["user"] = config.user
         have = (read_json(meta) or {}).get("config")
         if have is None:
             atomic_write_json(meta, {"config": wanted, "stage_seconds": {}})
@@ -82,12 +89,29 @@ class Workdir:
         return self.config.prof
 
     # --- data -----------------------------------------------------------------------------
+    @property
+    def is_user(self) -> bool:
+        """Whether this folder was made by `rrise build` (the user's model and images)."""
+        return self.config.user is not None
+
+    def user_data(self):
+        """The user's images and their splits (:class:`rrise.calibrate.building.UserData`)."""
+        if self._user is None:
+            from .building import load_user_data
+
+            self._user = load_user_data(self)
+        return self._user
+
     def data(self, split: str) -> Dataset:
+        if self.is_user:  # one set of images; splits() indexes into it
+            return self.user_data().dataset
         if split not in self._data:
             self._data[split] = load_dataset(self.config.dataset, split, self.config.data_dir)
         return self._data[split]
 
     def splits(self) -> dict[str, np.ndarray]:
+        if self.is_user:
+            return self.user_data().splits
         p = self.prof
         n_train = len(self.data("train"))
         need = p.base_train_size + p.n_selection + p.m

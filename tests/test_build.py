@@ -1,0 +1,164 @@
+"""`rrise build`: the user's own ONNX classifier and colour ImageFolder, end to end to a bundle."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+cv2 = pytest.importorskip("cv2")
+pytest.importorskip("onnxruntime")
+
+from torch import nn  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from rrise.cli import app  # noqa: E402
+
+runner = CliRunner()
+SIZE = 16
+SMOKE = ["--profile", "smoke", "--sigma", "0.25", "--no-progress"]
+
+
+def _colour(img8: np.ndarray, label: int) -> np.ndarray:
+    """A digits image (8×8, 0..16) as a 16×16 colour BGR frame, its tint depending on the class."""
+    g = cv2.resize((img8 * (255 / 16)).astype(np.uint8), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
+    tint = np.array([0.6 + 0.04 * label, 1.0, 1.0 - 0.04 * label])  # B, G, R
+    return np.clip(g[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """An ImageFolder of 1,000 colour PNGs (10 classes) the model did not train on, and an ONNX model
+    trained (with Gaussian noise) on other digits."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("build")
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    held, train = order[:1000], order[1000:]
+    folder = root / "images"
+    for i in held:
+        cls = folder / f"digit{d.target[i]}"
+        cls.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(cls / f"{i:04d}.png"), _colour(d.images[i], d.target[i]))
+
+    # the model: RGB [0, 1] NCHW in, logits out (frames are BGR, the model is RGB)
+    x = np.stack([_colour(d.images[i], d.target[i])[..., ::-1] for i in train]).transpose(0, 3, 1, 2)
+    x = torch.tensor(x / 255.0, dtype=torch.float32)
+    y = torch.tensor(d.target[train])
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(15):
+        for b in torch.randperm(len(x)).split(100):
+            loss = nn.functional.cross_entropy(net(x[b] + 0.25 * torch.randn_like(x[b])), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    onnx = root / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (torch.zeros(1, 3, SIZE, SIZE),), str(onnx), dynamo=False, input_names=["image"],
+            output_names=["logits"], dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}},
+        )  # fmt: skip
+    return {"root": root, "folder": folder, "onnx": onnx, "net": net}
+
+
+def _build(*args: str):
+    return runner.invoke(app, ["build", *args])
+
+
+def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, tmp_path) -> None:
+    import hashlib
+
+    from rrise import Bundle
+
+    wd = tmp_path / "run"
+    args = ["--model", str(user["onnx"]), "--data", str(user["folder"]), "--workdir", str(wd), *SMOKE]
+    result = _build(*args)
+    assert result.exit_code == 0, result.output
+    assert "base-model evaluations" in result.output and "evaluations/s" in result.output
+    bundle_dir = wd / "bundle"
+    assert result.output.strip().splitlines()[-1] == str(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    pre = manifest["preprocess"]
+    assert pre["color"] == "rgb" and pre["resize"] == [SIZE, SIZE]
+    assert list(manifest.get("labels", bundle.labels)) == [f"digit{k}" for k in range(10)]
+    base_sha = hashlib.sha256((wd / "base.onnx").read_bytes()).hexdigest()
+    assert bundle.calibration().base_sha256 == base_sha
+    assert (wd / "report" / "metrics.json").exists() and (wd / "certify.tsv").exists()
+    assert json.loads((wd / "run.json").read_text())["config"]["user"]["data"] == str(user["folder"])
+
+    # a rerun does nothing: every stage is current
+    mtime = (bundle_dir / "manifest.json").stat().st_mtime_ns
+    again = _build(*args)
+    assert again.exit_code == 0, again.output
+    assert "0 base-model evaluations" in again.output
+    assert again.output.count("up to date, skipping") == 8
+    assert (bundle_dir / "manifest.json").stat().st_mtime_ns == mtime
+
+    # the stage commands work on the folder (they reload the model and images from run.json)
+    stage = runner.invoke(app, ["evaluate", "--workdir", str(wd), "--no-progress"])
+    assert stage.exit_code == 0, stage.output
+    assert "up to date" in stage.output
+    forced = runner.invoke(app, ["calibrate", "--workdir", str(wd), "--no-progress", "--force"])
+    assert forced.exit_code == 0, forced.output
+
+
+def test_python_build_returns_the_bundle_path(user, tmp_path) -> None:
+    import rrise.calibrate as rc
+
+    # a torch module passed directly: the surrogate is a copy of it
+    logs: list[str] = []
+    path = rc.build(
+        model=user["net"], data=str(user["folder"]), workdir=tmp_path / "py", sigma=0.25, profile="smoke",
+        input_size=(SIZE, SIZE), show_progress=False, log=logs.append,
+    )  # fmt: skip
+    assert path == tmp_path / "py" / "bundle" and (path / "manifest.json").exists()
+    assert any("initialised from the base model's weights" in line for line in logs)
+
+
+def test_bad_input_exits_1_with_one_clear_line_and_writes_nothing(user, tmp_path) -> None:
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    for i in range(5):
+        cv2.imwrite(str(one / "only" / f"{i}.png"), np.full((SIZE, SIZE, 3), i * 40, np.uint8))
+    wd = tmp_path / "bad"
+    result = _build("--model", str(user["onnx"]), "--data", str(one), "--workdir", str(wd), *SMOKE)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "class" in result.output
+    assert not wd.exists()
+
+    # a model with 10 classes on data with 3
+    three = tmp_path / "three"
+    for k in range(3):
+        (three / f"c{k}").mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(three / f"c{k}" / f"{i}.png"), np.full((SIZE, SIZE, 3), 30 * k + i, np.uint8))
+    result = _build("--model", str(user["onnx"]), "--data", str(three), "--workdir", str(wd), *SMOKE)
+    assert result.exit_code == 1
+    assert "outputs 10 classes" in result.output and "has 3" in result.output
+    assert "Traceback" not in result.output and not wd.exists()
+
+    # a model path that is not there
+    result = _build("--model", str(tmp_path / "nope.onnx"), "--data", str(three), "--workdir", str(wd))
+    assert result.exit_code == 1 and "Traceback" not in result.output and not wd.exists()
+
+
+def test_rrise_build_help_names_the_interface() -> None:
+    result = runner.invoke(app, ["build", "--help"])
+    assert result.exit_code == 0
+    for opt in ("--model", "--data", "--workdir", "--sigma", "--profile", "--train-data", "--output",
+                "--output-kind", "--input-size", "--channels", "--mean", "--std", "--weights",
+                "--surrogate-arch", "--no-progress"):  # fmt: skip
+        assert opt in result.output, opt
