@@ -27,7 +27,6 @@ only a copy of an ``nn.Module`` passed in Python needs that module again:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import importlib.util
@@ -35,7 +34,6 @@ import inspect
 import math
 import os
 import re
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +44,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, FORMAT, Normalize, build_model, save_model
-from .user_model import UserModel, UserModelError, file_sha256
+from .user_model import UserModel, UserModelError, cwd_on_path, file_sha256
 
 __all__ = [
     "EDGE_RESNET",
@@ -469,21 +467,6 @@ def _per_channel_list(value, channels: int) -> list[float]:
 # The user's factory
 
 
-@contextlib.contextmanager
-def _cwd_on_path():
-    """The current folder on ``sys.path`` while importing (a console script does not put it there)."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-
-
 def _import_factory(text: str) -> tuple[Any, str, dict[str, Any]]:
     """``(object, factory string to record, provenance)`` for ``package.module:attr`` or
     ``path/file.py:attr`` (a ``.py`` path is recorded resolved, so it re-imports from anywhere)."""
@@ -493,7 +476,7 @@ def _import_factory(text: str) -> tuple[Any, str, dict[str, Any]]:
         raise SurrogateError(f"{what} is not package.module:function or path/file.py:function")
     module_name, attr = match["module"], match["attr"]
     try:
-        with _cwd_on_path():
+        with cwd_on_path():
             if module_name.endswith(".py"):
                 file = Path(module_name)
                 if not file.is_file():

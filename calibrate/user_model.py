@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rrise.bundle import sha256_file
 from rrise.fileio import atomic_write_bytes
 
 __all__ = [
@@ -71,12 +72,7 @@ class UserModelError(ValueError):
     """The user's model or its options cannot be used; the message names the file or option."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the one file hasher (rrise.bundle)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1084,7 +1080,7 @@ def _is_state_dict(d: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _cwd_on_path():
+def cwd_on_path():
     """The current folder on ``sys.path`` while importing (a console script does not put it there)."""
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
@@ -1101,7 +1097,7 @@ def _cwd_on_path():
 def _from_factory(text: str, module_name: str, attr: str, weights, opts: _Options) -> UserModel:
     what = f"MODEL {text}"
     try:
-        with _cwd_on_path():
+        with cwd_on_path():
             if module_name.endswith(".py"):
                 file = Path(module_name)
                 if not file.is_file():
