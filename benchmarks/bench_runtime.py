@@ -1,17 +1,24 @@
-"""The edge runtime under realistic load: throughput/latency on a video, overload, fan-out.
+"""The edge runtime under realistic load: the in-process path, a video, overload, fan-out.
 
-    python -m benchmarks runtime             # the committed run (about 3 minutes)
-    python -m benchmarks runtime --quick     # a smoke run (about 30 s)
+    python -m benchmarks runtime                   # the committed run (about 4 minutes)
+    python -m benchmarks runtime --quick           # a smoke run (about 40 s)
+    python -m benchmarks runtime --only certify    # one section (certify, video, overload, fanout)
 
-1. ``video``: ``run_stream`` on an MJPG video of Fashion-MNIST test images against a minimal
+1. ``certify``: the in-process path robot stacks use, ``Runtime.certify(frame)`` on frames already
+   decoded in memory (BGR uint8), against a minimal loop on the same frames (preprocess → raw
+   onnxruntime ``session.run`` → softmax, nothing else). The two take turns every 100 frames (so
+   the machine's noise hits both alike) for ``--rounds`` passes; per pass: throughput ratio
+   (Runtime / loop) and added p50 latency per frame; reported as medians over passes. Goals:
+   ratio ≥ 0.9, added p50 ≤ 50 µs.
+2. ``video``: ``run_stream`` on an MJPG video of Fashion-MNIST test images against a minimal
    hand-written loop doing the same work (``cv2.VideoCapture.read`` → grey → float32/255 → raw
    onnxruntime ``session.run`` → softmax), alternated ``--reps`` times in one process. Latency is
    capture (end of the read) → record ready, for both. Goals: throughput ≥ 0.85× the loop's, p50
    latency ≤ 50 µs above the loop's.
-2. ``overload``: a live in-process source (``PushSource``) pushing frames at 4× the measured
+3. ``overload``: a live in-process source (``PushSource``) pushing frames at 4× the measured
    inference rate for ``--overload-s`` seconds. Goals: RSS flat within 10 % after warm-up, latency
    p99 under two inference periods, every dropped frame counted (pushed = certified + dropped).
-3. ``fanout``: records published over ZeroMQ to 4 subscribers, one of which never reads. Goal: the
+4. ``fanout``: records published over ZeroMQ to 4 subscribers, one of which never reads. Goal: the
    other three (separate processes) receive every record.
 
 Needs the demo work folder (``rrise demo --workdir runs/demo``) and Fashion-MNIST.
@@ -27,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,105 @@ def write_video(path: Path, n: int) -> Path:
         writer.write(cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR))
     writer.release()
     return path
+
+
+BLOCK = 100  # frames per turn when steps take turns (see interleaved_pass)
+
+
+def fashion_frames(n: int) -> list[np.ndarray]:
+    """``n`` Fashion-MNIST test images as decoded camera frames: BGR uint8, in memory."""
+    from rrise.datasets import load_dataset
+
+    images = load_dataset("fashion-mnist", "test").images[:n]
+    return [cv2.cvtColor(np.rint(i[0] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR) for i in images]
+
+
+def minimal_certify(bundle_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The hand-written in-process baseline for one decoded frame: grey (resized if needed) →
+    float32/255 → raw onnxruntime → softmax; no checks, no certificate, no record."""
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    h, w = manifest["model"]["input"]["shape"][-2:]
+    sess = ort.InferenceSession(
+        str(bundle_dir / manifest["model"]["file"]), providers=["CPUExecutionProvider"]
+    )
+    name = sess.get_inputs()[0].name
+    scale = np.float32(255.0)
+
+    def step(frame: np.ndarray) -> np.ndarray:
+        g = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        if g.shape != (h, w):
+            g = cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA)
+        logits = sess.run(None, {name: (g.astype(np.float32) / scale)[None, None]})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return step
+
+
+def interleaved_pass(
+    steps: dict[str, Callable[[np.ndarray], Any]], frames: list[np.ndarray], block: int = BLOCK
+) -> dict[str, dict[str, float]]:
+    """Every step over the same frames, taking turns every ``block`` frames (the order rotating),
+    so the machine's noise hits them alike. Turns are blocks rather than single frames because each
+    onnxruntime session's worker threads spin for a while after a run and would slow whichever
+    session runs next. Per step: throughput (frames / time in the step), per-frame latency p50/p99."""
+    names = list(steps)
+    lat = {name: np.empty(len(frames)) for name in names}
+    clock = time.perf_counter_ns
+    for turn, start in enumerate(range(0, len(frames), block)):
+        k = turn % len(names)
+        for name in names[k:] + names[:k]:
+            step, out = steps[name], lat[name]
+            for i in range(start, min(start + block, len(frames))):
+                t = clock()
+                step(frames[i])
+                out[i] = clock() - t
+    result = {}
+    for name, v in lat.items():
+        p50, p99 = np.percentile(v, [50, 99]) / 1e3
+        result[name] = {"fps": len(v) / (v.sum() / 1e9), "p50_us": float(p50), "p99_us": float(p99)}
+    return result
+
+
+def compare_steps(
+    steps: dict[str, Callable[[np.ndarray], Any]], frames: list[np.ndarray], rounds: int, baseline: str
+) -> dict[str, Any]:
+    """``rounds`` interleaved passes of every step over the same frames. Per round and step:
+    throughput ratio and added p50 against ``baseline``; reported as medians (and ranges) over rounds."""
+    interleaved_pass(steps, frames[: max(50, len(frames) // 10)])  # warm-up
+    passes = [interleaved_pass(steps, frames) for _ in range(rounds)]
+    out: dict[str, Any] = {"frames": len(frames), "rounds": rounds, "baseline": baseline}
+    for name in steps:
+        runs = [p[name] for p in passes]
+        ratio = [p[name]["fps"] / p[baseline]["fps"] for p in passes]
+        added = [p[name]["p50_us"] - p[baseline]["p50_us"] for p in passes]
+        out[name] = {
+            **{k: float(np.median([r[k] for r in runs])) for k in ("fps", "p50_us", "p99_us")},
+            "throughput_ratio": float(np.median(ratio)),
+            "throughput_ratio_range": [float(min(ratio)), float(max(ratio))],
+            "added_p50_us": float(np.median(added)),
+            "added_p50_us_range": [float(min(added)), float(max(added))],
+        }
+    out["runs"] = passes
+    return out
+
+
+def bench_certify(bundle_dir: Path, n_frames: int, rounds: int) -> dict[str, Any]:
+    """``Runtime.certify`` on decoded frames against :func:`minimal_certify`, side by side."""
+    from rrise.runtime import Runtime
+
+    frames = fashion_frames(n_frames)
+    with Runtime(bundle_dir, backend="onnxruntime") as rt:
+        out = compare_steps(
+            {"loop": minimal_certify(bundle_dir), "runtime": rt.certify}, frames, rounds, "loop"
+        )
+        out["monitor"] = rt.monitor is not None
+        out["variant"] = rt.variant.get("precision")
+    out["goal_throughput_ratio_ge_0.9"] = out["runtime"]["throughput_ratio"] >= 0.9
+    out["goal_added_p50_le_50us"] = out["runtime"]["added_p50_us"] <= 50
+    return out
 
 
 def minimal_loop(bundle_dir: Path, video: Path) -> dict[str, Any]:
@@ -137,51 +244,50 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _push_paced(
+    src: Any, frames: list[np.ndarray], rate: float, seconds: float, done: threading.Event
+) -> int:
+    """Push ``frames`` (cycling) into ``src`` at ``rate`` per second for ``seconds``; end it."""
+    t0 = time.perf_counter()
+    period = 1.0 / rate
+    k = 0
+    while not done.is_set():
+        now = time.perf_counter() - t0
+        if now >= seconds:
+            break
+        due = k * period
+        if due > now:
+            time.sleep(due - now)
+        src.push(frames[k % len(frames)])
+        k += 1
+    src.end()
+    return k
+
+
+def _sample_rss(rss: list[tuple[float, float]], done: threading.Event) -> None:
+    t0 = time.perf_counter()
+    while not done.wait(1.0):
+        rss.append((time.perf_counter() - t0, _rss_mb()))
+
+
 def bench_overload(bundle_dir: Path, seconds: float, inference_fps: float) -> dict[str, Any]:
-    from rrise.datasets import load_dataset
     from rrise.runtime import run_stream
     from rrise.runtime.sources import PushSource
 
-    images = load_dataset("fashion-mnist", "test").images[:500]
-    frames = [cv2.cvtColor(np.rint(i[0] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR) for i in images]
+    frames = fashion_frames(500)
     rate = 4.0 * inference_fps
     src = PushSource("overload", live=True)
     pushed = [0]
     rss: list[tuple[float, float]] = []
     done = threading.Event()
-
-    def produce() -> None:
-        t0 = time.perf_counter()
-        period = 1.0 / rate
-        k = 0
-        while not done.is_set():
-            now = time.perf_counter() - t0
-            if now >= seconds:
-                break
-            due = k * period
-            if due > now:
-                time.sleep(due - now)
-            src.push(frames[k % len(frames)])
-            k += 1
-        pushed[0] = k
-        src.end()
-
-    def sample() -> None:
-        t0 = time.perf_counter()
-        while not done.wait(1.0):
-            rss.append((time.perf_counter() - t0, _rss_mb()))
-
-    records = [0]
-
-    def count(_record: dict) -> None:
-        records[0] += 1
-
-    producer = threading.Thread(target=produce, daemon=True)
-    sampler = threading.Thread(target=sample, daemon=True)
+    producer = threading.Thread(
+        target=lambda: pushed.__setitem__(0, _push_paced(src, frames, rate, seconds, done)), daemon=True
+    )
+    sampler = threading.Thread(target=_sample_rss, args=(rss, done), daemon=True)
     sampler.start()
     producer.start()
     try:
-        summary = run_stream(bundle_dir, src, backend="onnxruntime", callback=count, status_interval_s=1.0)
+        summary = run_stream(bundle_dir, src, backend="onnxruntime", status_interval_s=1.0)
     finally:
         done.set()
         producer.join(5)
@@ -289,33 +395,54 @@ def bench_fanout(bundle_dir: Path, video: Path, n_frames: int) -> dict[str, Any]
     }
 
 
+SECTIONS = ("certify", "video", "overload", "fanout")
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks runtime")
     ap.add_argument("--quick", action="store_true", help="smoke run: small video, 8 s overload")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    ap.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     ap.add_argument("--frames", type=int, default=None, help="video frames (default 2000; quick 300)")
     ap.add_argument("--reps", type=int, default=None, help="alternations loop/rrise (default 5; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="certify rounds (default 15; quick 5)")
     ap.add_argument("--overload-s", type=float, default=None, help="overload seconds (60; quick 8)")
     args = ap.parse_args(argv)
+    sections = args.only or list(SECTIONS)
     frames = args.frames or (300 if args.quick else 2000)
     reps = args.reps or (2 if args.quick else 5)
+    rounds = args.rounds or (5 if args.quick else 15)
     overload_s = args.overload_s or (8.0 if args.quick else 60.0)
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(f"no bundle at {args.bundle}: run `rrise demo --workdir runs/demo` first")
-    with tempfile.TemporaryDirectory() as tmp:
-        video = write_video(Path(tmp) / "fashion.avi", frames)
-        video_result = bench_video(args.bundle, video, reps)
-        print(json.dumps({k: v for k, v in video_result.items() if k != "runs"}, indent=1), flush=True)
-        overload = bench_overload(args.bundle, overload_s, video_result["rrise"]["fps"])
-        print(json.dumps(overload, indent=1), flush=True)
-        fanout = bench_fanout(args.bundle, video, min(frames, 1000))
-        print(json.dumps(fanout, indent=1), flush=True)
-    return {
+    out: dict[str, Any] = {
         "quick": bool(args.quick),
         "bundle": os.path.relpath(args.bundle.resolve(), ROOT),
         "video_frames": frames,
         "cpu_count": os.cpu_count(),
-        "video": video_result,
-        "overload": overload,
-        "fanout": fanout,
+        "load_avg_at_start": os.getloadavg(),  # 1/5/15-minute load: other work on the machine
     }
+    if "certify" in sections:
+        out["certify"] = bench_certify(args.bundle, frames, rounds)
+        _show(out["certify"])
+    with tempfile.TemporaryDirectory() as tmp:
+        video = write_video(Path(tmp) / "fashion.avi", frames) if set(sections) - {"certify"} else None
+        if "video" in sections:
+            out["video"] = bench_video(args.bundle, video, reps)
+            _show(out["video"])
+        if "overload" in sections:
+            if "video" in out:  # the inference rate to overload: the measured stream rate
+                fps = out["video"]["rrise"]["fps"]
+            else:
+                fps = (out.get("certify") or bench_certify(args.bundle, 300, 1))["runtime"]["fps"]
+            out["overload"] = bench_overload(args.bundle, overload_s, fps)
+            _show(out["overload"])
+        if "fanout" in sections:
+            out["fanout"] = bench_fanout(args.bundle, video, min(frames, 1000))
+            _show(out["fanout"])
+    out["load_avg_at_end"] = os.getloadavg()
+    return out
+
+
+def _show(result: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1), flush=True)

@@ -1,10 +1,10 @@
 """Embedding the runtime in a robot control loop.
 
 The control loop runs at its own rate and must never wait for a camera or for inference. A camera
-thread pushes frames into a ``PushSource``; ``run_stream`` (in a background thread) certifies the
-newest frames, publishes every record for other processes, and hands each record to a callback
-that stores the latest one. Each control tick reads that record and acts only on a certified,
-fresh, alarm-free prediction whose radius covers the perturbations it must tolerate.
+thread pushes frames into a ``PushSource``; a runtime thread iterates ``Runtime.stream`` over it
+(the newest frames, drops counted), publishes every record for other processes and stores the
+latest one. Each control tick reads that record and acts only on a certified, fresh, alarm-free
+prediction whose radius covers the perturbations it must tolerate.
 
     python examples/robot_loop.py --bundle runs/demo/bundle --video runs/demo/demo_video.avi
     python examples/robot_loop.py --bundle runs/demo/bundle --camera 0 --publish tcp://*:5555
@@ -21,7 +21,7 @@ from typing import Any
 
 import cv2
 
-from rrise.runtime import run_stream
+from rrise.runtime import Runtime, open_sinks
 from rrise.runtime.sources import PushSource
 
 MIN_RADIUS = 0.1  # the ℓ2 perturbation (in [0,1]-pixel units) the decision must survive
@@ -93,15 +93,18 @@ def main() -> None:
     summary: dict[str, Any] = {}
 
     def runtime_thread() -> None:
-        summary.update(
-            run_stream(
-                args.bundle,
-                source,
-                publish=args.publish,
-                callback=latest.put,
-                on_status=lambda s: setattr(latest, "status", s),
-            )
-        )
+        with (
+            Runtime(args.bundle) as rt,
+            rt.stream(source) as stream,
+            open_sinks(publish=args.publish) as sinks,
+        ):
+            for record in stream:  # frame records, and a status record every second
+                sinks.send(record)
+                if record.get("kind") == "status":
+                    latest.status = record
+                else:
+                    latest.put(record)
+            summary.update(stream.summary())
 
     workers = [
         threading.Thread(target=camera_thread, args=(cap, source, args.fps, stop), daemon=True),

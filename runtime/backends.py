@@ -1,12 +1,13 @@
 """Inference backends: ``[B, C, H, W]`` float32 in, ``[B, K]`` class probabilities out.
 
-``OnnxRuntimeBackend`` runs an ONNX variant (CUDA/TensorRT execution providers when onnxruntime has
-them, else CPU); ``TensorRTBackend`` runs a serialized TensorRT 10+ engine with pycuda. Both are
-imported lazily, so the runtime never needs the backend it does not use.
+``OnnxRuntimeBackend`` runs an ONNX variant on exactly the execution providers its quantile was
+calibrated with (:func:`rrise.onnx_session.open_session`); ``TensorRTBackend`` runs a serialized
+TensorRT 10+ engine with pycuda. Both are imported lazily, so the runtime never needs the backend
+it does not use.
 
 Each variant carries its own conformal quantile (docs/CERTIFICATE.md, "Numerics"): whichever backend
 :func:`make_backend` picks, it returns the variant entry too, and the caller must certify with that
-variant's calibration.
+variant's calibration, handing the backend no batch larger than :func:`variant_max_batch`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rrise.numerics import MICRO_BATCH_LIMIT, to_probs
+from rrise.onnx_session import open_session
+
 if TYPE_CHECKING:
     from rrise.bundle import Bundle
 
@@ -25,42 +29,18 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "make_backend",
-    "softmax",
     "tensorrt_available",
+    "variant_max_batch",
 ]
 
 log = logging.getLogger("rrise.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 OUTPUT_KINDS = ("logits", "probs")
-# Preferred onnxruntime execution providers, fastest first; anything else (e.g. Azure) is ignored.
-ORT_PROVIDER_PREFERENCE = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
-)
 TENSORRT_HELP = (
     "install the tensorrt extra on the target device (pip install 'rrise[tensorrt]', or JetPack's "
     "python3-libnvinfer plus pycuda) and build an engine there with `rrise-export --engine tensorrt`"
 )
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis, computed in float64."""
-    z = np.array(logits, dtype=np.float64)  # a private copy, then in place: the per-frame path
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-def _to_probs(out: np.ndarray, output_kind: str) -> np.ndarray:
-    out = np.asarray(out)
-    if out.ndim != 2:
-        out = out.reshape(out.shape[0], -1)
-    if output_kind == "logits":
-        return softmax(out)
-    return out.astype(np.float64, copy=False)
 
 
 def _check_kind(output_kind: str) -> str:
@@ -76,53 +56,57 @@ def _check_input(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def variant_max_batch(variant: dict[str, Any]) -> int:
+    """The largest batch ``variant``'s backend may be handed: its ``max_batch`` (the largest
+    micro-batch at which its outputs were checked equal to the calibrated batch-1 outputs), 1 when
+    the manifest does not say. Anything but an integer in [1, MICRO_BATCH_LIMIT] is refused."""
+    value = variant.get("max_batch", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MICRO_BATCH_LIMIT:
+        raise ValueError(
+            f"variant {variant.get('precision')}/{variant.get('backend')} has max_batch {value!r}: "
+            f"expected an integer in [1, {MICRO_BATCH_LIMIT}]"
+        )
+    return value
+
+
 class OnnxRuntimeBackend:
-    """An ONNX model under onnxruntime. ``run(x)`` → ``[B, K]`` float64 probabilities."""
+    """An ONNX model under onnxruntime, on the execution providers ``calibrated_with`` names
+    (``"onnxruntime-cpu"``, ``"onnxruntime-cuda"``, or ``"fastest"`` for uncalibrated uses).
+    ``run(x)`` → ``[B, K]`` float64 probabilities."""
 
     def __init__(
         self,
         model_path: str | Path,
-        providers: list[str] | None = None,
+        calibrated_with: str = "onnxruntime-cpu",
         *,
         input_name: str | None = None,
         output_name: str | None = None,
         output_kind: str = "logits",
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise RuntimeError(
-                "the onnxruntime backend needs onnxruntime: pip install 'rrise[runtime]' "
-                "(onnxruntime-gpu for CUDA)"
-            ) from exc
         self.output_kind = _check_kind(output_kind)
-        if providers is None:
-            available = set(ort.get_available_providers())
-            providers = [p for p in ORT_PROVIDER_PREFERENCE if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only; provider fallbacks are reported below
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise RuntimeError(f"onnxruntime cannot load {model_path}: {exc}") from exc
+        self.calibrated_with = calibrated_with
+        self.session = open_session(model_path, calibrated_with)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name = _pick(input_name, [i.name for i in inputs], "input", model_path)
         self.output_name = _pick(output_name, [o.name for o in outputs], "output", model_path)
+        self._outputs = [self.output_name]
         batch = next(i.shape[0] for i in inputs if i.name == self.input_name)
-        self.max_batch = batch if isinstance(batch, int) and batch > 0 else None
+        # The most rows one call takes (a model exported with a fixed batch); None: any. Not the
+        # variant's ``max_batch`` (exact numerics), which the Runtime enforces before calling.
+        self.batch_capacity = batch if isinstance(batch, int) and batch > 0 else None
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime[{self.providers[0]}]"
-        if providers and self.providers[0] != providers[0]:
-            log.warning("onnxruntime fell back from %s to %s", providers[0], self.providers[0])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = _check_input(x)
-        step = self.max_batch or len(x)
-        outs = [
-            self.session.run([self.output_name], {self.input_name: x[i : i + step]})[0]
-            for i in range(0, len(x), step)
-        ]
-        return _to_probs(np.concatenate(outs) if len(outs) != 1 else outs[0], self.output_kind)
+        run, step = self.session.run, self.batch_capacity
+        if step is None or len(x) <= step:
+            out = run(self._outputs, {self.input_name: x})[0]
+        else:
+            out = np.concatenate(
+                [run(self._outputs, {self.input_name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+            )
+        return to_probs(out, self.output_kind)
 
 
 def _pick(wanted: str | None, names: list[str], what: str, path: Any) -> str:
@@ -201,7 +185,7 @@ class TensorRTBackend:
         else:
             max_shape = shape
         self.sample_shape = tuple(int(d) for d in max_shape[1:])
-        self.max_batch = int(max_shape[0])
+        self.batch_capacity = int(max_shape[0])  # the optimization profile's largest batch
         in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
         self.context.set_input_shape(self.input_name, max_shape)
@@ -213,7 +197,7 @@ class TensorRTBackend:
         self.context.set_tensor_address(self.input_name, int(self._d_in))
         self.context.set_tensor_address(self.output_name, int(self._d_out))
         self._stream = cuda.Stream()
-        self._bound_batch = self.max_batch
+        self._bound_batch = self.batch_capacity
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = _check_input(x)
@@ -221,7 +205,8 @@ class TensorRTBackend:
             raise ValueError(f"engine expects [B, {', '.join(map(str, self.sample_shape))}], got {x.shape}")
         self._ctx.push()
         try:
-            probs = [self._run_chunk(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+            step = self.batch_capacity
+            probs = [self._run_chunk(x[i : i + step]) for i in range(0, len(x), step)]
         finally:
             self._ctx.pop()
         return probs[0] if len(probs) == 1 else np.concatenate(probs)
@@ -239,7 +224,7 @@ class TensorRTBackend:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         cuda.memcpy_dtoh_async(h_out, self._d_out, self._stream)
         self._stream.synchronize()
-        return _to_probs(h_out.reshape(out_shape).copy(), self.output_kind)
+        return to_probs(h_out.reshape(out_shape).copy(), self.output_kind)
 
     def close(self) -> None:
         """Free the engine's GPU memory and release the CUDA context."""
@@ -338,10 +323,14 @@ def _build(bundle: Bundle, variant: dict[str, Any]) -> OnnxRuntimeBackend | Tens
                 f"{mismatch}: rebuild it on this device with `{_rebuild_command(bundle, variant)}`"
             )
         return TensorRTBackend(path, **kwargs)
-    if variant.get("calibrated_with") == "onnxruntime-cpu":
-        # Its quantile holds for onnxruntime's CPU numerics only: a GPU provider would run other kernels.
-        return OnnxRuntimeBackend(path, ["CPUExecutionProvider"], **kwargs)
-    return OnnxRuntimeBackend(path, **kwargs)
+    calibrated_with = variant.get("calibrated_with")
+    if calibrated_with is None:
+        raise RuntimeError(
+            f"the {variant.get('precision')}/onnxruntime variant of {bundle.path} does not say which "
+            "numerics its quantile was calibrated with (calibrated_with); re-export the bundle"
+        )
+    # Its quantile holds for those numerics only: another provider would run other kernels.
+    return OnnxRuntimeBackend(path, calibrated_with, **kwargs)
 
 
 def make_backend(

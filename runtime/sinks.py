@@ -1,7 +1,8 @@
 """Where records go: a ZeroMQ publisher, a JSON-lines file (or stdout), or a Python callback.
 
-Every sink has ``send(record)`` and ``close()``. None of them may stall inference: the publisher
-never blocks.
+Every sink has ``send(record)`` (frame records), ``send_status(status)`` (status records) and
+``close()``; :class:`Sinks` fans a stream's records out to all of them, and :func:`open_sinks`
+opens the ones ``rrise run`` asks for. None of them may stall inference: the publisher never blocks.
 
 Back-pressure policy of the publisher (the project's choice): ZeroMQ keeps one outgoing queue per
 subscriber, ``hwm`` messages deep. A subscriber that stalls fills only its own queue; from then on
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +31,9 @@ import zmq
 
 from rrise.records import DEFAULT_TOPIC, pack, status_topic
 
-__all__ = ["CallbackSink", "JsonlSink", "SinkError", "ZmqPublisher"]
+__all__ = ["CallbackSink", "JsonlSink", "SinkError", "Sinks", "ZmqPublisher", "open_sinks"]
+
+log = logging.getLogger("rrise.runtime")
 
 
 class SinkError(RuntimeError):
@@ -156,6 +160,9 @@ class JsonlSink:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
+    def send_status(self, status: dict[str, Any]) -> None:
+        """Status records are not written: the file holds exactly one line per frame."""
+
     def close(self) -> None:
         if self._closed:
             return
@@ -180,13 +187,100 @@ class JsonlSink:
 
 
 class CallbackSink:
-    """Calls ``fn(record)`` for each record."""
+    """Calls ``fn(record)`` for each frame record and ``on_status(status)`` for each status record
+    (either may be None)."""
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[dict[str, Any]], Any] | None,
+        on_status: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.fn = fn
+        self.on_status = on_status
 
     def send(self, record: dict[str, Any]) -> None:
-        self.fn(record)
+        if self.fn is not None:
+            self.fn(record)
+
+    def send_status(self, status: dict[str, Any]) -> None:
+        if self.on_status is not None:
+            self.on_status(status)
 
     def close(self) -> None:
         pass
+
+
+class Sinks:
+    """Every sink of one stream: frame records go to each ``send``, status records (``kind ==
+    "status"``) to each ``send_status``, in order. A sink that raises stops the fan-out of that
+    record (a closed stdout raises BrokenPipeError: the caller ends the stream)."""
+
+    def __init__(self, sinks: Sequence[Any] = ()) -> None:
+        self.sinks = list(sinks)
+
+    def send(self, record: dict[str, Any]) -> None:
+        if record.get("kind") == "status":
+            for sink in self.sinks:
+                sink.send_status(record)
+        else:
+            for sink in self.sinks:
+                sink.send(record)
+
+    @property
+    def publish_failed(self) -> int:
+        """Records the publishers could not queue at all."""
+        return sum(s.drops for s in self.sinks if isinstance(s, ZmqPublisher))
+
+    def close(self) -> None:
+        """Close every sink; one that fails to close is logged and does not keep the others open."""
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.warning("closing %s failed", type(sink).__name__, exc_info=True)
+
+    def __enter__(self) -> Sinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_sinks(
+    *,
+    publish: str | None = None,
+    jsonl: str | os.PathLike | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    on_status: Callable[[dict[str, Any]], Any] | None = None,
+    topic: bytes | str = DEFAULT_TOPIC,
+    hwm: int = 1000,
+    wait_subscribers: int = 0,
+    wait_timeout_s: float = 5.0,
+) -> Sinks:
+    """The sinks a run asks for: a ZeroMQ ``publish`` endpoint to bind (records on ``topic``, status
+    records on ``<topic>.status``; never blocks: a subscriber ``hwm`` records behind loses records),
+    a ``jsonl`` path (``-``: stdout, flushed per line), a ``callback`` per record and ``on_status``
+    per status record. With ``wait_subscribers=n`` it waits up to ``wait_timeout_s`` for ``n``
+    subscribers before returning."""
+    sinks = Sinks()
+    try:
+        if publish:
+            publisher = ZmqPublisher(publish, topic=topic, hwm=hwm)
+            sinks.sinks.append(publisher)
+            if wait_subscribers > 0:
+                got = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
+                if got < wait_subscribers:
+                    log.warning(
+                        "%d of %d subscriber(s) after %.1f s; starting anyway",
+                        got,
+                        wait_subscribers,
+                        wait_timeout_s,
+                    )
+        if jsonl:
+            sinks.sinks.append(JsonlSink(jsonl))
+        if callback is not None or on_status is not None:
+            sinks.sinks.append(CallbackSink(callback, on_status))
+    except BaseException:
+        sinks.close()
+        raise
+    return sinks

@@ -87,7 +87,7 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim not in (1, 2) or p.shape[-1] < 2:
         raise ValueError(f"probs must be [K] or [B, K] with K >= 2, got shape {p.shape}")
-    if not np.isfinite(p.sum()):  # NaN and ±inf survive the sum; one reduction per frame
+    if not math.isfinite(p.sum()):  # NaN and ±inf survive the sum; one reduction per frame
         raise ValueError("probs contain NaN or inf")
     if p.ndim == 1:
         return _certify_one(p, calibration)
@@ -128,7 +128,7 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
 
 def _certify_one(p: np.ndarray, calibration: Calibration) -> Certificate:
     """The same rule for one input, in Python floats: the runtime's per-frame path."""
-    top = int(np.argmax(p))
+    top = int(p.argmax())
     s = float(p[top])
     q = float(calibration.quantiles_for(np.array([s]))[0]) if calibration.bin_edges else calibration.quantile
     capped = min(s, calibration.p_cap)

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from rrise.export.precision import Precision
+
 app = typer.Typer(
     name="rrise",
     help="Certified-robust image classification: randomized smoothing with a calibrated surrogate.",
@@ -90,7 +92,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _workdir(workdir: Path, dataset, profile, sigma, seed, data_dir, quiet: bool):
     """Open a work folder; options left out take the folder's recorded values, then the defaults."""
-    from rrise.calibrate.pipeline import RunConfig, Workdir
+    from rrise.calibrate.workdir import RunConfig, Workdir
     from rrise.datasets import DatasetNotFoundError
 
     have = {}
@@ -105,11 +107,12 @@ def _workdir(workdir: Path, dataset, profile, sigma, seed, data_dir, quiet: bool
     }
     fields = {k: v if v is not None else have.get(k) for k, v in given.items()}
     fields = {k: v for k, v in fields.items() if v is not None}
-    config = RunConfig(**fields, data_dir=str(data_dir) if data_dir else None)
+    user = have.get("user")  # a `rrise build` folder: its model and images, as recorded
+    config = RunConfig(**fields, data_dir=str(data_dir) if data_dir else None, user=user)
     try:
         w = Workdir.open(workdir, config, show_progress=not quiet)
         w.splits()  # loads the data: a missing dataset fails here, with how to get it
-    except (ValueError, DatasetNotFoundError) as exc:
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     return w
 
@@ -117,9 +120,15 @@ def _workdir(workdir: Path, dataset, profile, sigma, seed, data_dir, quiet: bool
 STAGE_HELP = {
     "train-base": "Train the base classifier with Gaussian noise augmentation (writes base.pt, base.onnx).",
     "targets": "Monte Carlo class counts of the base model: the surrogate's training targets.",
-    "certify": "Cohen CERTIFY with the base model on the test inputs: the fixed-budget MC baseline.",
+    "certify": (
+        "Cohen's Monte Carlo baseline: CERTIFY (n0 + n noisy draws per input) with the base model on "
+        "the test inputs, for the report's comparison (writes certify.tsv, certify.npz)."
+    ),
     "train-baseline": "Train the Accelerated Smoothing baseline (JS-divergence surrogate) for the report.",
-    "evaluate": "RRISE beside Cohen MC: report/metrics.json, report/report.md, certified_accuracy.png.",
+    "evaluate": (
+        "RRISE (the calibration in calibration.json, as bundled) beside Cohen's Monte Carlo baseline: "
+        "report/metrics.json, report/report.md, certified_accuracy.png."
+    ),
     "reference": (
         "High-budget reference MC (N_ref = 10⁵ draws on 200 test inputs with the full profiles) for "
         "`rrise evaluate`'s violation rates; not part of the demo."
@@ -129,6 +138,16 @@ STAGE_HELP = {
         "split, with full-size MC there: writes rules.json, which `rrise calibrate` then follows."
     ),
 }
+
+
+def _run_stage(w, stage: str, force: bool = False, **options):
+    """Run a stage; a stage run too early or on stale inputs (or any bad setting) exits 1 saying why."""
+    from rrise.calibrate.pipeline import run_stage
+
+    try:
+        return run_stage(w, stage, force=force, **options)
+    except ValueError as exc:  # StageNotReady, StoreMismatchError, bad settings
+        raise _fail(str(exc)) from None
 
 
 def _stage_command(stage: str, example: str):
@@ -142,10 +161,8 @@ def _stage_command(stage: str, example: str):
         force: ForceOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
-        from rrise.calibrate.pipeline import run_stage
-
         w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
-        for path in run_stage(w, stage, force=force):
+        for path in _run_stage(w, stage, force=force):
             typer.echo(str(path))
 
     command.__doc__ = f"{STAGE_HELP[stage]}\n\nExample: `{example}`"
@@ -191,12 +208,11 @@ def targets(
     Example: `rrise targets --workdir runs/fmnist --resume`
     """
     from rrise.calibrate.pipeline import run_targets
-    from rrise.calibrate.store import StoreMismatchError
 
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
     try:
         paths = run_targets(w, force=force, resume=resume)
-    except StoreMismatchError as exc:
+    except ValueError as exc:  # StageNotReady, StoreMismatchError
         raise _fail(str(exc)) from None
     for path in paths:
         typer.echo(str(path))
@@ -236,15 +252,9 @@ def train_surrogate(
 
     Example: `rrise train-surrogate --workdir runs/fmnist --arch cnn-small --augment shift`
     """
-    from rrise.calibrate.pipeline import run_stage
-
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
     options = {k: v for k, v in {"arch": arch, "augment": augment and augment.value}.items() if v}
-    try:
-        paths = run_stage(w, "train-surrogate", force=force, **options)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    for path in paths:
+    for path in _run_stage(w, "train-surrogate", force=force, **options):
         typer.echo(str(path))
 
 
@@ -286,8 +296,6 @@ def calibrate(
 
     Example: `rrise calibrate --workdir runs/fmnist --alpha 0.01 --delta 0.05`
     """
-    from rrise.calibrate.pipeline import run_stage
-
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
     options = {k: v for k, v in {"alpha": alpha, "beta": beta, "delta": delta}.items() if v is not None}
     if score is not ScoreName.probit:
@@ -296,13 +304,96 @@ def calibrate(
         options["bins"] = bins
     if rule is not None:
         options["rule"] = rule.value
-    try:
-        paths = run_stage(w, "calibrate", force=force, **options)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    for path in paths:
+    for path in _run_stage(w, "calibrate", force=force, **options):
         typer.echo(str(path))
     typer.echo(w.path("calibration.json").read_text())
+
+
+@app.command("build")
+def build(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Your classifier: path.onnx, path.pt2 (torch.export) or package.module:attribute "
+            "(an nn.Module or a function returning one)."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Images the model did NOT train on, from the deployment distribution: an ImageFolder "
+            "(root/<class>/<image>), an .npz (images, labels, optional classes) or a built-in name."
+        ),
+    ],
+    workdir: WorkdirOpt,
+    sigma: Annotated[float, typer.Option(help="Noise level σ in [0,1]-pixel units.")] = 0.25,
+    profile: Annotated[
+        str, typer.Option(help="Sizes: quick, medium, full, full-small or smoke (tests only).")
+    ] = "quick",
+    train_data: Annotated[
+        str | None, typer.Option(help="Images the model trained on (used only as surrogate targets).")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Which model output holds the [B, K] scores.")] = None,
+    output_kind: Annotated[str | None, typer.Option(help="logits or probs (default: detected).")] = None,
+    input_size: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="H W of the model input, where the model does not fix it."),
+    ] = None,
+    channels: Annotated[str | None, typer.Option(help="rgb (default), bgr or gray.")] = None,
+    mean: Annotated[
+        list[float] | None, typer.Option(help="Normalization mean the model expects (repeat per channel).")
+    ] = None,
+    std: Annotated[
+        list[float] | None, typer.Option(help="Normalization std the model expects (repeat per channel).")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Weights for a factory MODEL: .pt (weights_only) or .safetensors.")
+    ] = None,
+    surrogate_arch: Annotated[
+        str,
+        typer.Option(
+            help="auto (a copy of a torch base, else edge), base, edge, edge-resnet, cnn, cnn-small or "
+            "package.module:function."
+        ),
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for splits, training and Monte Carlo.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Certify your own classifier on your own images: every stage, then `WORKDIR/bundle`.
+
+    Runs targets → surrogate → rule selection → calibration → Cohen's baseline on the test split →
+    report → bundle; a rerun skips what is current, and every stage command works on the folder.
+
+    Example: `rrise build --model model.onnx --data images/ --workdir runs/mine --sigma 0.25`
+    """
+    from rrise.calibrate.building import build as run_build
+    from rrise.datasets import DatasetNotFoundError
+
+    def mean_std(v):
+        return None if not v else (v[0] if len(v) == 1 else list(v))
+
+    try:
+        bundle = run_build(
+            model,
+            data,
+            workdir,
+            sigma=sigma,
+            profile=profile,
+            seed=seed,
+            train_data=train_data,
+            output=output,
+            output_kind=output_kind,
+            input_size=list(input_size) if input_size else None,
+            channels=channels,
+            mean=mean_std(mean),
+            std=mean_std(std),
+            weights=weights,
+            surrogate_arch=surrogate_arch,
+            show_progress=not quiet,
+        )
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(str(bundle))
 
 
 @app.command()
@@ -326,15 +417,19 @@ def demo(
     from .summary import print_demo_summary
 
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
-    result = run_demo(w, force=force)
+    try:
+        result = run_demo(w, force=force)
+    except ValueError as exc:  # e.g. too few calibration inputs, a count store made otherwise
+        raise _fail(str(exc)) from None
     print_demo_summary(w.root, result)
 
 
 def _mount_export() -> None:
-    """`rrise export` is `rrise-export`: the same command, options and help (no torch at import)."""
-    from rrise.export.cli import export_command
+    """`rrise export` is `rrise-export`: the same commands (`build`, `add-variant`), flat form,
+    options and help (no torch at import)."""
+    from rrise.export.cli import app as export_app
 
-    app.command("export")(export_command)
+    app.add_typer(export_app, name="export")
 
 
 _mount_export()
@@ -358,12 +453,6 @@ def inspect(
         typer.echo(format_inspection(summary, problems))
     if problems:
         raise typer.Exit(1)
-
-
-class PrecisionName(str, Enum):
-    fp32 = "fp32"
-    int8 = "int8"
-    fp16 = "fp16"
 
 
 @app.command()
@@ -404,7 +493,7 @@ def run(
         bool, typer.Option("--no-monitor", help="Turn the distribution-shift alarm off.")
     ] = False,
     precision: Annotated[
-        PrecisionName | None,
+        Precision | None,
         typer.Option(
             help="Run the bundle's variant of this precision (certified with that variant's own quantile); "
             "default: an engine for this GPU if any, else fp32."

@@ -15,6 +15,7 @@ LABELS = [f"class{i}" for i in range(NUM_CLASSES)]
 TOP_LEVEL_QUANTILE = 0.3  # the manifest's calibration.quantile
 FP32_QUANTILE = 0.2  # the fp32 variant's own quantile: the one the runtime must use
 INT8_QUANTILE = 0.9
+FP32_MAX_BATCH = 4  # the fp32 variant's outputs were checked equal at micro-batches up to 4
 
 
 def export_tiny_onnx(path: Path, channels: int = 1, size: int = 28, seed: int = 0) -> None:
@@ -40,35 +41,8 @@ def export_tiny_onnx(path: Path, channels: int = 1, size: int = 28, seed: int = 
         )
 
 
-def make_bundle(folder: Path, *, color: str = "gray", size: int = 28, engine: bool = False) -> Path:
-    """A bundle folder with an fp32 and an int8 onnxruntime variant (and a fake TensorRT engine)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    channels = 1 if color == "gray" else 3
-    export_tiny_onnx(folder / "surrogate.onnx", channels, size)
-    shutil.copy(folder / "surrogate.onnx", folder / "surrogate.int8.onnx")
-    shutil.copy(folder / "surrogate.onnx", folder / "base.onnx")
-    variants = [
-        {
-            "precision": "int8",
-            "backend": "onnxruntime",
-            "file": "surrogate.int8.onnx",
-            "quantile": INT8_QUANTILE,
-        },
-        {"precision": "fp32", "backend": "onnxruntime", "file": "surrogate.onnx", "quantile": FP32_QUANTILE},
-    ]
-    if engine:
-        (folder / "surrogate.fp16.engine").write_bytes(b"not a real engine")
-        variants.append(
-            {
-                "precision": "fp16",
-                "backend": "tensorrt",
-                "file": "surrogate.fp16.engine",
-                "quantile": 0.5,
-                "trt_version": "10.3.0",
-                "compute_capability": "8.7",
-            }
-        )
-    manifest = {
+def _manifest(channels: int, size: int, color: str, variants: list[dict]) -> dict:
+    return {
         "schema_version": 1,
         "rrise_version": "0.1.0",
         "created": "2025-01-01T00:00:00Z",
@@ -100,7 +74,48 @@ def make_bundle(folder: Path, *, color: str = "gray", size: int = 28, engine: bo
         "variants": variants,
         "guarantee": GUARANTEE,
     }
-    write_manifest(folder, manifest)
+
+
+def make_bundle(folder: Path, *, color: str = "gray", size: int = 28, engine: bool = False) -> Path:
+    """A bundle folder with an fp32 and an int8 onnxruntime variant (and a fake TensorRT engine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    channels = 1 if color == "gray" else 3
+    export_tiny_onnx(folder / "surrogate.onnx", channels, size)
+    shutil.copy(folder / "surrogate.onnx", folder / "surrogate.int8.onnx")
+    shutil.copy(folder / "surrogate.onnx", folder / "base.onnx")
+    variants = [
+        {
+            "precision": "int8",
+            "backend": "onnxruntime",
+            "file": "surrogate.int8.onnx",
+            "quantile": INT8_QUANTILE,
+            "calibrated_with": "onnxruntime-cpu",
+            "max_batch": 1,
+        },
+        {
+            "precision": "fp32",
+            "backend": "onnxruntime",
+            "file": "surrogate.onnx",
+            "quantile": FP32_QUANTILE,
+            "calibrated_with": "onnxruntime-cpu",
+            "max_batch": FP32_MAX_BATCH,
+        },
+    ]
+    if engine:
+        (folder / "surrogate.fp16.engine").write_bytes(b"not a real engine")
+        variants.append(
+            {
+                "precision": "fp16",
+                "backend": "tensorrt",
+                "file": "surrogate.fp16.engine",
+                "quantile": 0.5,
+                "trt_version": "10.3.0",
+                "compute_capability": "8.7",
+                "calibrated_with": "tensorrt",
+                "max_batch": 8,  # more than the engine's profile takes: the backend chunks
+            }
+        )
+    write_manifest(folder, _manifest(channels, size, color, variants))
     return folder
 
 

@@ -48,6 +48,11 @@ def test_each_command_has_help_with_an_example(name):
     assert "Example" in result.output
 
 
+def test_certify_says_it_is_cohens_monte_carlo_baseline():
+    result = runner.invoke(app, ["certify", "--help"])
+    assert "Cohen's Monte Carlo baseline" in " ".join(result.output.split())
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     result = runner.invoke(
         app,

@@ -18,7 +18,7 @@ import zmq
 
 from rrise.records import RECORD_KEYS, STATUS_KEYS
 from rrise.runtime import Runtime, run_stream
-from rrise.runtime.pipeline import FrameQueue
+from rrise.runtime.capture import FrameQueue
 from rrise.runtime.sinks import ZmqPublisher
 from rrise.runtime.sources import PushSource, SourceError, VideoCaptureSource
 from rrise.subscriber import subscribe

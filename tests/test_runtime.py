@@ -19,14 +19,16 @@ import pytest
 
 from rrise import Bundle, certify_from_probs
 from rrise.bundle import write_manifest
-from rrise.records import RECORD_KEYS
+from rrise.numerics import softmax
+from rrise.records import RECORD_KEYS, STATUS_KEYS
 from rrise.runtime import Runtime, open_source, run_stream
-from rrise.runtime.backends import OnnxRuntimeBackend, make_backend, softmax
+from rrise.runtime.backends import OnnxRuntimeBackend, make_backend
 from rrise.runtime.preprocess import FrameError, Preprocessor
 from rrise.runtime.sinks import JsonlSink
-from rrise.runtime.sources import FrameSource, SourceError
+from rrise.runtime.sources import FrameSource, PushSource, SourceError
 from rrise.subscriber import subscribe
 from tests.runtime_fixtures import (
+    FP32_MAX_BATCH,
     FP32_QUANTILE,
     INT8_QUANTILE,
     LABELS,
@@ -151,7 +153,7 @@ def test_runtime_matches_certify_from_probs_on_direct_onnxruntime(bundle_dir: Pa
     probs /= probs.sum(1, keepdims=True)
     certs = certify_from_probs(probs, bundle.calibration(variant))
 
-    assert runtime.variant["precision"] == "fp32"
+    assert runtime.variant["precision"] == "fp32" and runtime.max_batch == FP32_MAX_BATCH  # 20 rows: 5 calls
     assert runtime.calibration.quantile == FP32_QUANTILE != TOP_LEVEL_QUANTILE
     assert {r["abstain"] for r in records} == {True, False}, "fixture should mix both outcomes"
     for i, (rec, cert) in enumerate(zip(records, certs, strict=True)):
@@ -213,7 +215,7 @@ def test_runtime_accepts_a_loaded_bundle(bundle_dir: Path) -> None:
 
 
 def test_onnxruntime_backend_returns_probabilities(bundle_dir: Path) -> None:
-    backend = OnnxRuntimeBackend(bundle_dir / "surrogate.onnx", ["CPUExecutionProvider"])
+    backend = OnnxRuntimeBackend(bundle_dir / "surrogate.onnx", "onnxruntime-cpu")
     p = backend.run(np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32))
     assert p.shape == (3, 10)
     np.testing.assert_allclose(p.sum(1), 1.0)
@@ -243,6 +245,167 @@ def test_missing_onnxruntime_variant_is_a_clear_error(tmp_path: Path, bundle_dir
     write_manifest(folder, manifest)
     with pytest.raises(RuntimeError, match="no onnxruntime variant at fp32"):
         make_backend(Bundle.load(folder), "onnxruntime", precision="fp32")
+
+
+# --- exact numerics per batch size --------------------------------------------------------------
+
+
+class BatchDependentBackend:
+    """A real backend whose outputs move with the batch size, as some kernels' do: class 0's logit
+    gains 1e-3 × the batch size. Records every batch size it was handed."""
+
+    def __init__(self, inner: object, nan_rows: tuple[int, ...] = ()) -> None:
+        self.inner, self.batches, self.nan_rows, self.name = inner, [], nan_rows, "batch-dependent"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(len(x))
+        logits = np.log(self.inner.run(x))
+        logits[:, 0] += 1e-3 * len(x)
+        probs = softmax(logits)
+        for row in self.nan_rows:
+            probs[row] = np.nan
+        return probs
+
+
+def runtime_with_max_batch(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_batch: int, **fake: object
+) -> Runtime:
+    folder = Path(shutil.copytree(bundle_dir, tmp_path / f"max_batch_{max_batch}"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for v in manifest["variants"]:
+        v["max_batch"] = max_batch
+    write_manifest(folder, manifest)
+    import rrise.runtime.runtime as runtime_module
+
+    real = runtime_module.make_backend
+
+    def wrapped(bundle: Bundle, backend: str, precision: str | None = None):
+        inner, variant = real(bundle, backend, precision=precision)
+        return BatchDependentBackend(inner, **fake), variant
+
+    monkeypatch.setattr(runtime_module, "make_backend", wrapped)
+    return Runtime(folder, backend="onnxruntime")
+
+
+def _outcome(record: dict) -> tuple:
+    return tuple(
+        record[k] for k in ("frame", "pred", "label", "abstain", "radius", "score", "p_lower", "error")
+    )
+
+
+def test_a_burst_with_max_batch_1_gives_exactly_the_per_frame_records(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime_with_max_batch(bundle_dir, tmp_path, monkeypatch, 1)
+    assert rt.max_batch == 1
+    frames = sample_frames(10)
+    indices = list(range(10))
+    burst = rt.certify_batch(frames, frame_indices=indices)
+    single = [rt.certify(f, frame_index=i) for i, f in enumerate(frames)]
+    src = PushSource("burst", live=False)
+    for f in frames:
+        src.push(f)
+    src.end()
+    streamed = [r for r in rt.stream(src, batch=8, status_interval_s=None)]
+    assert rt._backend.batches and max(rt._backend.batches) == 1
+    assert [_outcome(r) for r in burst] == [_outcome(r) for r in single] == [_outcome(r) for r in streamed]
+    # the test means something: one batch of 10 would have given other numbers
+    x = np.stack([rt.preprocessor(f) for f in frames])
+    assert not np.array_equal(rt._backend.run(x), np.concatenate([rt._backend.run(r[None]) for r in x]))
+
+
+def test_the_backend_gets_micro_batches_of_at_most_max_batch(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime_with_max_batch(bundle_dir, tmp_path, monkeypatch, 4)
+    frames = sample_frames(10)
+    frames[5] = None  # a bad frame never reaches the backend
+    records = rt.certify_batch(frames)
+    assert rt._backend.batches == [4, 4, 1]
+    assert records[5]["error"] and all(r["error"] is None for i, r in enumerate(records) if i != 5)
+    assert [r["seq"] for r in records] == list(range(records[0]["seq"], records[0]["seq"] + 10))
+    src = PushSource("burst", live=False)
+    for f in sample_frames(12):
+        src.push(f)
+    src.end()
+    summary = run_stream(None, src, runtime=rt, batch=16, status_interval_s=None)
+    assert summary["frames"] == 12 and max(rt._backend.batches) == 4
+
+
+def test_a_model_output_with_nan_is_an_error_record_and_the_batch_goes_on(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime_with_max_batch(bundle_dir, tmp_path, monkeypatch, 4, nan_rows=(1,))
+    records = rt.certify_batch(sample_frames(4))
+    assert "NaN" in records[1]["error"] and records[1]["pred"] is None and records[1]["abstain"]
+    assert all(records[i]["error"] is None for i in (0, 2, 3))
+
+
+@pytest.mark.parametrize("value", [0, 17, 2.0, True, "4"])
+def test_a_variant_max_batch_out_of_range_is_refused(value: object) -> None:
+    from rrise.runtime.backends import variant_max_batch
+
+    with pytest.raises(ValueError, match="max_batch"):
+        variant_max_batch({"precision": "fp32", "backend": "onnxruntime", "max_batch": value})
+    assert variant_max_batch({"precision": "fp32"}) == 1 and variant_max_batch({"max_batch": 16}) == 16
+
+
+def test_an_onnxruntime_variant_opens_exactly_the_numerics_it_was_calibrated_with(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime as ort
+
+    import rrise.runtime.backends as backends
+
+    asked = []
+    real = backends.open_session
+    monkeypatch.setattr(
+        backends, "open_session", lambda path, cw, **kw: asked.append(cw) or real(path, cw, **kw)
+    )
+    rt = Runtime(bundle_dir, backend="onnxruntime")
+    assert asked == ["onnxruntime-cpu"] and rt.backend_name == "onnxruntime[CPUExecutionProvider]"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    variant = {
+        **Bundle.load(bundle_dir).variant("fp32", "onnxruntime"),
+        "calibrated_with": "onnxruntime-cuda",
+    }
+    with pytest.raises(RuntimeError, match="onnxruntime-cuda"):
+        backends._build(Bundle.load(bundle_dir), variant)
+
+
+# --- Runtime.stream ---------------------------------------------------------------------------
+
+
+def test_stream_is_a_generator_of_records_and_status_records(bundle_dir: Path, runtime: Runtime) -> None:
+    src = PushSource("robot", live=False)
+    frames = sample_frames(9)
+    for f in frames:
+        src.push(f)
+    src.end()
+    stream = runtime.stream(src, batch=3, status_interval_s=1e-9)  # a status record after every step
+    records, statuses = [], []
+    for r in stream:
+        (statuses if r.get("kind") == "status" else records).append(r)
+    assert [r["frame"] for r in records] == list(range(9)) and all(tuple(r) == RECORD_KEYS for r in records)
+    assert all(r["source"] == "robot" for r in records)
+    assert len(statuses) == 3 and all(set(STATUS_KEYS) <= set(s) for s in statuses)
+    assert [s["frames"] for s in statuses] == [3, 6, 9]
+    summary = stream.summary()
+    assert summary["frames"] == 9 and summary["status_records"] == 3 and not summary["interrupted"]
+    assert summary["drop_policy"] == "block" and summary["batch"] == 3 and summary["source"] == "robot"
+    with pytest.raises(RuntimeError, match="once"):
+        iter(stream)
+
+
+def test_stopping_a_stream_ends_it_after_the_current_batch(bundle_dir: Path, runtime: Runtime) -> None:
+    stream = runtime.stream(EndlessSource(), status_interval_s=None)
+    got = []
+    for r in stream:
+        got.append(r)
+        if len(got) == 3:
+            stream.stop()
+    assert len(got) == 3 and stream.summary()["interrupted"] and stream.summary()["frames"] == 3
 
 
 # --- sources ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The capture side of a stream: a capture thread feeding a bounded frame queue.
+"""The capture side of a stream: a capture thread feeding a bounded frame queue (or, for files,
+frames read inline by the consumer).
 
 Capture runs in its own thread so decoding (or waiting for a camera) overlaps inference. The queue
 between them has a fixed capacity and one of two policies:

@@ -1,0 +1,260 @@
+"""``Runtime``: frames in, certified-prediction records out, one surrogate pass per frame.
+
+The radius comes from :func:`rrise.certify_from_probs` with the calibration of the variant that
+actually runs: a quantile is valid only for the numerics it was calibrated on, and that includes
+the batch size (the backend never gets more rows at once than the variant's ``max_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rrise.bundle import Bundle
+from rrise.certificate import Calibration, Certificate, certify_from_probs
+from rrise.monitor import ShiftMonitor
+from rrise.records import make_record
+
+from .backends import make_backend, variant_max_batch
+from .preprocess import FrameError, Preprocessor
+
+if TYPE_CHECKING:
+    from .sources import FrameSource
+    from .stream import Stream
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("rrise.runtime")
+
+
+class Runtime:
+    """A loaded bundle on one backend. ``certify(frame)`` → record; ``certify_batch(frames)`` → records;
+    ``stream(source)`` → an iterable of records for a camera, video, folder or ``PushSource``.
+
+    A frame that cannot be certified (unreadable, wrong shape or dtype, NaN, a failed inference)
+    gives an error record (``error`` says why, ``pred`` None, ``abstain`` True) instead of raising,
+    so a stream goes on. Thread-safe: ``seq`` numbering and the monitor are under one lock, and
+    inference is serialized.
+
+    When the running variant's manifest entry has a ``monitor`` reference (bundles built by this
+    version of ``rrise-export`` do), every record also goes through the distribution-shift test
+    of :class:`rrise.monitor.ShiftMonitor` and carries its ``alarm`` word (``None`` while the
+    stream looks like the calibration data). Without one, or with ``monitor=False``, ``alarm`` is
+    always ``None``. ``monitor_options`` (``window``, ``false_alarm``, ``stride``) override the
+    reference's settings.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        backend: str = "auto",
+        source_name: str = "api",
+        *,
+        precision: str | None = None,
+        monitor: bool = True,
+        monitor_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        manifest = self._bundle.manifest
+        self._backend, self._variant = make_backend(self._bundle, backend, precision=precision)
+        self._max_batch = variant_max_batch(self._variant)
+        self._calibration = self._bundle.calibration(self._variant)
+        self._pre = Preprocessor(manifest["preprocess"], manifest["model"]["input"]["shape"])
+        self._labels = self._bundle.labels
+        self._num_classes = self._bundle.num_classes
+        if len(self._labels) != self._num_classes:
+            raise ValueError(
+                f"bundle {self._bundle.path} has {len(self._labels)} labels for {self._num_classes} classes"
+            )
+        self._monitor = (
+            ShiftMonitor.from_variant(self._variant, **(monitor_options or {})) if monitor else None
+        )
+        self._bundle_id = self._bundle.id
+        self.source_name = str(source_name)
+        self._seq = 0
+        self._lock = threading.Lock()  # seq numbering and the monitor
+        self._infer_lock = threading.Lock()
+
+    # --- views ------------------------------------------------------------------------------
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration of the running variant (its own quantile)."""
+        return self._calibration
+
+    @property
+    def variant(self) -> dict[str, Any]:
+        return dict(self._variant)
+
+    @property
+    def max_batch(self) -> int:
+        """The most frames one backend call gets: the running variant's ``max_batch`` (default 1)."""
+        return self._max_batch
+
+    @property
+    def monitor(self) -> ShiftMonitor | None:
+        """The distribution-shift monitor, or None (no monitor entry in the bundle, or turned off)."""
+        return self._monitor
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self._pre
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+    # --- certification ----------------------------------------------------------------------
+    def certify(
+        self, frame: np.ndarray | None, *, stamp_ns: int | None = None, frame_index: int | None = None
+    ) -> dict[str, Any]:
+        """One frame → one record. ``stamp_ns`` is the capture time (default: now)."""
+        stamp = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        cert = None
+        try:
+            probs, error = self._infer(self._pre(frame)[None])
+        except FrameError as exc:
+            error = f"bad frame: {exc}"
+        else:
+            if error is None:
+                cert, error = self._certificate(probs[0])
+        with self._lock:
+            return self._record(cert, error, stamp, frame_index, self.source_name)
+
+    def certify_batch(
+        self,
+        frames: Sequence[np.ndarray | None],
+        *,
+        stamp_ns: int | Sequence[int] | None = None,
+        frame_indices: Sequence[int] | None = None,
+        source: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Frames → records in the same order; the good frames go to the backend in micro-batches
+        of at most :attr:`max_batch`. ``source`` names the stream in the records (default
+        :attr:`source_name`)."""
+        n = len(frames)
+        stamps = _stamps(stamp_ns, n)
+        if frame_indices is not None and len(frame_indices) != n:
+            raise ValueError(f"{len(frame_indices)} frame indices for {n} frames")
+        errors: list[str | None] = [None] * n
+        certs: list[Certificate | None] = [None] * n
+        inputs, rows = [], []
+        for i, frame in enumerate(frames):
+            try:
+                inputs.append(self._pre(frame))
+                rows.append(i)
+            except FrameError as exc:
+                errors[i] = f"bad frame: {exc}"
+        step = self._max_batch
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            x = inputs[start][None] if len(chunk) == 1 else np.stack(inputs[start : start + step])
+            probs, error = self._infer(x)
+            for j, i in enumerate(chunk):
+                certs[i], errors[i] = (None, error) if error is not None else self._certificate(probs[j])
+        name = self.source_name if source is None else source
+        indices = [None] * n if frame_indices is None else frame_indices
+        with self._lock:
+            return [self._record(certs[i], errors[i], stamps[i], indices[i], name) for i in range(n)]
+
+    def stream(self, source: str | int | Path | FrameSource, **options: Any) -> Stream:
+        """The frames of ``source`` as an iterable of records (and status records); see
+        :class:`rrise.runtime.stream.Stream` for ``options`` (``batch``, ``drop_policy``,
+        ``max_frames``, ``status_interval_s``…). The stream does not close this Runtime."""
+        from .stream import Stream
+
+        return Stream(self, source, **options)
+
+    # --- the steps --------------------------------------------------------------------------
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """``[B, C, H, W]`` (B ≤ max_batch) → ``[B, K]`` float64 probabilities, or why not."""
+        try:
+            with self._infer_lock:
+                probs = self._backend.run(x)
+        except Exception as exc:  # a failed inference must not end the stream
+            log.debug("inference failed", exc_info=True)
+            return None, f"inference failed: {exc}"
+        probs = np.asarray(probs, dtype=np.float64)  # no copy for a backend's float64 array
+        if probs.shape != (len(x), self._num_classes):
+            return None, f"model output shape {probs.shape} is not [{len(x)}, {self._num_classes}]"
+        return probs, None
+
+    def _certificate(self, probs: np.ndarray) -> tuple[Certificate | None, str | None]:
+        try:  # certify_from_probs refuses NaN and ±inf (one reduction, not two)
+            return certify_from_probs(probs, self._calibration), None
+        except ValueError as exc:
+            return None, f"model output unusable: {exc}"
+
+    def _record(
+        self,
+        cert: Certificate | None,
+        error: str | None,
+        stamp: int,
+        frame_index: int | None,
+        source: str,
+    ) -> dict[str, Any]:
+        """The next record; call with :attr:`_lock` held (a batch holds it throughout, so its seqs
+        are consecutive). The monitor sees every certified frame; error records carry the current
+        alarm, untested."""
+        seq = self._seq
+        self._seq = seq + 1
+        alarm = None
+        monitor = self._monitor
+        if monitor is not None:
+            alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain)
+        return make_record(
+            seq=seq,
+            frame=seq if frame_index is None else frame_index,
+            stamp_ns=stamp,
+            source=source,
+            bundle=self._bundle_id,
+            certificate=cert,
+            labels=self._labels,
+            latency_ms=(time.time_ns() - stamp) / 1e6,
+            error=error,
+            alarm=alarm,
+        )
+
+    def close(self) -> None:
+        """Release the backend's resources (GPU memory for TensorRT); the Runtime is unusable after."""
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        v = self._variant
+        return (
+            f"Runtime(bundle={self._bundle_id}, variant={v.get('precision')}/{v.get('backend')}, "
+            f"backend={self.backend_name}, max_batch={self._max_batch}, "
+            f"quantile={self._calibration.quantile})"
+        )
+
+
+def _stamps(stamp_ns: int | Sequence[int] | None, n: int) -> list[int]:
+    if stamp_ns is None:
+        return [time.time_ns()] * n
+    if isinstance(stamp_ns, (int, np.integer)):
+        return [int(stamp_ns)] * n
+    stamps = [int(s) for s in stamp_ns]
+    if len(stamps) != n:
+        raise ValueError(f"{len(stamps)} stamps for {n} frames")
+    return stamps
