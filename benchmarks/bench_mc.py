@@ -206,7 +206,7 @@ RSS_CHILD = """
 import json, sys, numpy as np
 from rrise.calibrate.mc import prepare_model
 from rrise.calibrate.store import CountStore, fill_store
-images = np.load(sys.argv[1], mmap_mode="r")
+images = np.load(sys.argv[1], mmap_mode="r", allow_pickle=False)
 count, n, onnx_path, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 store = CountStore.open(out, np.arange(count), n=n, sigma=0.25, seed=0, num_classes=10, shard_size=500,
                         base_sha256="bench", dataset="fashion-mnist", split="test", backend="onnxruntime")
