@@ -28,8 +28,6 @@ only a copy of an ``nn.Module`` passed in Python needs that module again:
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import inspect
 import math
 import os
@@ -44,7 +42,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, FORMAT, Normalize, build_model, save_model
-from .user_model import UserModel, UserModelError, cwd_on_path, file_sha256
+from .user_model import UserModel, UserModelError, file_sha256, import_attribute
 
 __all__ = [
     "EDGE_RESNET",
@@ -475,31 +473,9 @@ def _import_factory(text: str) -> tuple[Any, str, dict[str, Any]]:
     if match is None:
         raise SurrogateError(f"{what} is not package.module:function or path/file.py:function")
     module_name, attr = match["module"], match["attr"]
-    try:
-        with cwd_on_path():
-            if module_name.endswith(".py"):
-                file = Path(module_name)
-                if not file.is_file():
-                    raise SurrogateError(f"{what}: {file} does not exist")
-                spec = importlib.util.spec_from_file_location(f"rrise_user_surrogate_{file.stem}", file)
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                text = f"{file.resolve()}:{attr}"
-            else:
-                mod = importlib.import_module(module_name)
-    except SurrogateError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise SurrogateError(
-            f"{what}: cannot import {module_name} ({exc}); is it installed, or in the current folder?"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - anything the user's module raises on import
-        raise SurrogateError(f"{what}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
-    obj = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise SurrogateError(f"{what}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj, mod = import_attribute(module_name, attr, what, error=SurrogateError, prefix="rrise_user_surrogate")
+    if module_name.endswith(".py"):
+        text = f"{Path(module_name).resolve()}:{attr}"
     record: dict[str, Any] = {}
     file = getattr(mod, "__file__", None)
     if file and Path(file).is_file():

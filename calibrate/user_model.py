@@ -1094,32 +1094,47 @@ def cwd_on_path():
                 sys.path.remove(cwd)
 
 
-def _from_factory(text: str, module_name: str, attr: str, weights, opts: _Options) -> UserModel:
-    what = f"MODEL {text}"
+def import_attribute(
+    module_name: str,
+    attr: str,
+    what: str,
+    *,
+    error: type[Exception] = UserModelError,
+    prefix: str = "rrise_user",
+) -> tuple[Any, Any]:
+    """``(object, module)`` for ``attr`` (dotted) of ``module_name`` (an importable name, or a
+    ``.py`` file loaded as ``<prefix>_<stem>``), the current folder on ``sys.path``. Every failure is
+    an ``error`` that names ``what``."""
     try:
         with cwd_on_path():
             if module_name.endswith(".py"):
                 file = Path(module_name)
                 if not file.is_file():
-                    raise UserModelError(f"{what}: {file} does not exist")
-                spec = importlib.util.spec_from_file_location(f"rrise_user_model_{file.stem}", file)
+                    raise error(f"{what}: {file} does not exist")
+                spec = importlib.util.spec_from_file_location(f"{prefix}_{file.stem}", file)
                 mod = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(mod)
             else:
                 mod = importlib.import_module(module_name)
-    except UserModelError:
+    except error:
         raise
     except ModuleNotFoundError as exc:
-        raise UserModelError(
+        raise error(
             f"{what}: cannot import {module_name} ({exc}); is it installed, or in the current folder?"
         ) from None
     except Exception as exc:  # noqa: BLE001 - anything the user's module raises on import
-        raise UserModelError(f"{what}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+        raise error(f"{what}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserModelError(f"{what}: {module_name} has no attribute {attr!r}")
+            raise error(f"{what}: {module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    return obj, mod
+
+
+def _from_factory(text: str, module_name: str, attr: str, weights, opts: _Options) -> UserModel:
+    what = f"MODEL {text}"
+    obj, mod = import_attribute(module_name, attr, what, prefix="rrise_user_model")
     if isinstance(obj, nn.Module):
         module = obj
     elif callable(obj):
