@@ -259,6 +259,41 @@ def _user_resnet(num_classes: int = 10):
 
 def bench_user(args) -> dict:
     """MC throughput on user models (see the module docstring)."""
+    import torch
+
+    from rrise.calibrate import mc
+
+    torch.manual_seed(0)
+    shape, sigma, bs = (3, 32, 32), 0.25, args.batch_size
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    rng = np.random.default_rng(0)
+    out: dict = {
+        "model": "user residual net (3 stages × 2 blocks, 16/32/64 wide)",
+        "input_shape": list(shape),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        models = _user_models(Path(tmp), _user_resnet(), shape, mean, std)
+        out["load_user_model_s"] = models["load_s"]
+        module = models["module"]
+        x = rng.random((args.inputs, *shape), dtype=np.float32)
+        noisy = np.clip(x[:1], 0, 1) + np.float32(sigma) * rng.standard_normal((bs, *shape), dtype=np.float32)
+        m, s = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (mean, std))
+        batches = [rng.random((args.call_inputs, *shape), dtype=np.float32) for _ in range(64)]
+        out["torch_module_per_batch_warmup"] = _warmup(module, batches, args.call_n, sigma, bs, shape)
+        med = _user_rounds(args, models, x, noisy, (noisy - m) / s, batches, sigma)
+        t = time.perf_counter()
+        for _ in range(10):
+            mc.weights_digest(module)
+        digest_ms = (time.perf_counter() - t) / 10 * 1e3
+    out.update(_user_summary(args, med))
+    out["weights_digest_ms"] = round(digest_ms, 2)
+    out["weights_mb"] = round(sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6, 2)
+    return out
+
+
+def _user_models(tmp: Path, user_net, shape, mean, std) -> dict:
+    """The user's ONNX (normalized input) loaded as users do, its canonical session, the original
+    session, the module form (normalization inside) and its ONNX twin."""
     import warnings
 
     import torch
@@ -266,135 +301,130 @@ def bench_user(args) -> dict:
     from rrise.calibrate import mc
     from rrise.calibrate.user_model import load_user_model
 
-    torch.manual_seed(0)
-    shape, sigma, bs = (3, 32, 32), 0.25, args.batch_size
-    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    user_net = _user_resnet()
-    rng = np.random.default_rng(0)
-    out: dict = {
-        "model": "user residual net (3 stages × 2 blocks, 16/32/64 wide)",
-        "input_shape": list(shape),
+    path = tmp / "user.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            user_net, (torch.zeros(1, *shape),), str(path), dynamo=False, input_names=["image"],
+            output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )  # fmt: skip
+    t0 = time.perf_counter()
+    um = load_user_model(path, mean=mean, std=std)
+    load_s = round(time.perf_counter() - t0, 2)
+    module = load_user_model(user_net, input_size=32, mean=mean, std=std).module  # Normalize + net
+    return {
+        "um": um,
+        "load_s": load_s,
+        "original": mc._open_session(str(path)),
+        "canonical": um.session(),
+        "module": module,
+        "twin": mc._open_session(mc._export_onnx_bytes(module, torch.zeros(1, *shape))),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "user.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                user_net,
-                (torch.zeros(1, *shape),),
-                str(path),
-                dynamo=False,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        t0 = time.perf_counter()
-        um = load_user_model(path, mean=mean, std=std)
-        out["load_user_model_s"] = round(time.perf_counter() - t0, 2)
-        original = mc._open_session(str(path))
-        canonical = um.session()
-        module = load_user_model(user_net, input_size=32, mean=mean, std=std).module  # Normalize + net
-        twin = mc._open_session(mc._export_onnx_bytes(module, torch.zeros(1, *shape)))
 
-        x = rng.random((args.inputs, *shape), dtype=np.float32)
-        noisy = np.clip(x[:1], 0, 1) + np.float32(sigma) * rng.standard_normal((bs, *shape), dtype=np.float32)
-        norm_noisy = (noisy - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(
-            std, np.float32
-        ).reshape(1, 3, 1, 1)
-        per_input = max(1, args.draws // args.inputs)
-        draws = per_input * args.inputs
-        raw_batches = max(1, draws // bs)
 
-        def raw(session, batch):
-            name = session.get_inputs()[0].name
-            t = time.perf_counter()
-            for _ in range(raw_batches):
-                session.run(None, {name: batch})[0].argmax(1)
-            return raw_batches * bs / (time.perf_counter() - t)
+def _warmup(module, batches, call_n: int, sigma: float, bs: int, shape) -> dict:
+    """Per-batch calls of a plain module: the first calls (torch, then one export + probe) until the
+    remembered choice is made."""
+    from rrise.calibrate import mc
 
-        # per-batch calls of a plain module: the first calls (torch, then one export + probe) ...
-        call_inputs, call_n = args.call_inputs, args.call_n
-        batches = [rng.random((call_inputs, *shape), dtype=np.float32) for _ in range(64)]
-        mc.forget(module)
-        t0 = time.perf_counter()
-        mc.sample_counts(module, batches[0], call_n, sigma, bs, seed=0)
-        first_call = time.perf_counter() - t0
-        calls = 1
-        while mc._memo(module, shape, False, None).choice is None and calls < 60:
-            mc.sample_counts(module, batches[calls % 64], call_n, sigma, bs, seed=calls)
-            calls += 1
-        switch_s = time.perf_counter() - t0
-        memo = mc._memo(module, shape, False, None)
-        out["torch_module_per_batch_warmup"] = {
-            "inputs_per_call": call_inputs,
-            "draws_per_input": call_n,
-            "first_call_s": round(first_call, 2),
-            "calls_before_switch": calls,
-            "seconds_to_switch": round(switch_s, 2),
-            "choice": memo.choice,
-            "probe_s_per_draw": {k: float(f"{v:.3g}") for k, v in memo.probe.items()},
-        }
-        rates: dict[str, list[float]] = {
-            k: []
-            for k in ("raw_canonical", "raw_original", "sc_user_onnx", "raw_twin", "sc_per_batch", "sc_large")
-        }
-        for_rounds = range(args.rounds)
-        for r in for_rounds:
-            rates["raw_canonical"].append(raw(canonical, noisy))
-            t = time.perf_counter()
-            counts = mc.sample_counts(um, x, per_input, sigma, bs, seed=r)
-            rates["sc_user_onnx"].append(draws / (time.perf_counter() - t))
-            assert (counts.sum(1) == per_input).all()
-            rates["raw_original"].append(raw(original, norm_noisy))
-            rates["raw_twin"].append(raw(twin, noisy))
-            t = time.perf_counter()
-            k = args.calls_per_round
-            for j in range(k):
-                mc.sample_counts(module, batches[(r * k + j) % 64], call_n, sigma, bs, seed=j)
-            rates["sc_per_batch"].append(k * call_inputs * call_n / (time.perf_counter() - t))
-            t = time.perf_counter()
-            mc.sample_counts(module, x, args.big_n, sigma, 4000, seed=r)
-            rates["sc_large"].append(args.big_n * args.inputs / (time.perf_counter() - t))
-        med = {k: float(np.median(v)) for k, v in rates.items()}
+    mc.forget(module)
+    t0 = time.perf_counter()
+    mc.sample_counts(module, batches[0], call_n, sigma, bs, seed=0)
+    first_call = time.perf_counter() - t0
+    calls = 1
+    while mc._memo(module, shape, False, None).choice is None and calls < 60:
+        mc.sample_counts(module, batches[calls % 64], call_n, sigma, bs, seed=calls)
+        calls += 1
+    switch_s = time.perf_counter() - t0
+    memo = mc._memo(module, shape, False, None)
+    return {
+        "inputs_per_call": len(batches[0]),
+        "draws_per_input": call_n,
+        "first_call_s": round(first_call, 2),
+        "calls_before_switch": calls,
+        "seconds_to_switch": round(switch_s, 2),
+        "choice": memo.choice,
+        "probe_s_per_draw": {k: float(f"{v:.3g}") for k, v in memo.probe.items()},
+    }
+
+
+def _user_rounds(args, models: dict, x, noisy, norm_noisy, batches, sigma: float) -> dict[str, float]:
+    """Interleaved rounds of every rate (samples/s); their medians."""
+    from rrise.calibrate import mc
+
+    bs, per_input = args.batch_size, max(1, args.draws // args.inputs)
+    raw_batches = max(1, per_input * args.inputs // bs)
+
+    def raw(session, batch):
+        name = session.get_inputs()[0].name
         t = time.perf_counter()
-        for _ in range(10):
-            mc.weights_digest(module)
-        digest_ms = (time.perf_counter() - t) / 10 * 1e3
-    mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 1e6
-    out.update(
-        {
-            "batch_size": bs,
-            "rounds": args.rounds,
-            "onnx": {
-                "inputs": args.inputs,
-                "draws_per_input": per_input,
-                "raw_canonical_samples_per_s": round(med["raw_canonical"], 1),
-                "raw_original_samples_per_s": round(med["raw_original"], 1),
-                "sample_counts_samples_per_s": round(med["sc_user_onnx"], 1),
-                "ratio_to_raw": round(med["sc_user_onnx"] / med["raw_canonical"], 3),
-                "ratio_to_raw_original": round(med["sc_user_onnx"] / med["raw_original"], 3),
-                "goal": 0.9,
-            },
-            "torch_module_per_batch": {
-                "inputs_per_call": call_inputs,
-                "draws_per_input": call_n,
-                "calls_per_round": args.calls_per_round,
-                "raw_onnx_twin_samples_per_s": round(med["raw_twin"], 1),
-                "sample_counts_samples_per_s": round(med["sc_per_batch"], 1),
-                "ratio_to_raw_twin": round(med["sc_per_batch"] / med["raw_twin"], 3),
-                "goal": 0.85,
-            },
-            "torch_module_bs4000_calls": {
-                "draws_per_call": args.big_n * args.inputs,
-                "sample_counts_samples_per_s": round(med["sc_large"], 1),
-                "ratio_to_raw_twin": round(med["sc_large"] / med["raw_twin"], 3),
-            },
-            "weights_digest_ms": round(digest_ms, 2),
-            "weights_mb": round(mb, 2),
-            "samples_per_round_raw": raw_batches * bs,
+        for _ in range(raw_batches):
+            session.run(None, {name: batch})[0].argmax(1)
+        return raw_batches * bs / (time.perf_counter() - t)
+
+    def timed(samples, fn, *a, **kw):
+        t = time.perf_counter()
+        fn(*a, **kw)
+        return samples / (time.perf_counter() - t)
+
+    module, k = models["module"], args.calls_per_round
+
+    def per_batch_calls(r):
+        for j in range(k):
+            mc.sample_counts(module, batches[(r * k + j) % 64], args.call_n, sigma, bs, seed=j)
+
+    rates: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        got = {
+            "raw_canonical": raw(models["canonical"], noisy),
+            "sc_user_onnx": timed(
+                per_input * args.inputs, mc.sample_counts, models["um"], x, per_input, sigma, bs, seed=r
+            ),
+            "raw_original": raw(models["original"], norm_noisy),
+            "raw_twin": raw(models["twin"], noisy),
+            "sc_per_batch": timed(k * args.call_inputs * args.call_n, per_batch_calls, r),
+            "sc_large": timed(
+                args.big_n * args.inputs, mc.sample_counts, module, x, args.big_n, sigma, 4000, seed=r
+            ),
         }
-    )
-    return out
+        for name, rate in got.items():
+            rates.setdefault(name, []).append(rate)
+    med = {name: float(np.median(v)) for name, v in rates.items()}
+    med["per_input"], med["raw_samples"] = per_input, raw_batches * bs
+    return med
+
+
+def _user_summary(args, med: dict[str, float]) -> dict:
+    """The user-model benchmark's JSON: medians, ratios and goals."""
+    return {
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "onnx": {
+            "inputs": args.inputs,
+            "draws_per_input": int(med["per_input"]),
+            "raw_canonical_samples_per_s": round(med["raw_canonical"], 1),
+            "raw_original_samples_per_s": round(med["raw_original"], 1),
+            "sample_counts_samples_per_s": round(med["sc_user_onnx"], 1),
+            "ratio_to_raw": round(med["sc_user_onnx"] / med["raw_canonical"], 3),
+            "ratio_to_raw_original": round(med["sc_user_onnx"] / med["raw_original"], 3),
+            "goal": 0.9,
+        },
+        "torch_module_per_batch": {
+            "inputs_per_call": args.call_inputs,
+            "draws_per_input": args.call_n,
+            "calls_per_round": args.calls_per_round,
+            "raw_onnx_twin_samples_per_s": round(med["raw_twin"], 1),
+            "sample_counts_samples_per_s": round(med["sc_per_batch"], 1),
+            "ratio_to_raw_twin": round(med["sc_per_batch"] / med["raw_twin"], 3),
+            "goal": 0.85,
+        },
+        "torch_module_bs4000_calls": {
+            "draws_per_call": args.big_n * args.inputs,
+            "sample_counts_samples_per_s": round(med["sc_large"], 1),
+            "ratio_to_raw_twin": round(med["sc_large"] / med["raw_twin"], 3),
+        },
+        "samples_per_round_raw": int(med["raw_samples"]),
+    }
 
 
 def main(argv: list[str]) -> dict:

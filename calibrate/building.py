@@ -152,6 +152,7 @@ def mc_budget(w) -> dict[str, int]:
     p, sp = w.prof, w.splits()
     plan = {
         "targets": (len(sp["targets"]) + len(sp["selection"])) * p.target_draws,
+        "train-surrogate": p.fresh_steps * p.fresh_batch * p.fresh_draws,  # fresh targets (0 when off)
         "select-rule": len(sp["rules"]) * p.n_cal if p.n_rule else 0,
         "calibrate": len(sp["calibration"]) * p.n_cal,
         "certify": len(sp["test"]) * (p.n0 + p.n),
@@ -247,31 +248,16 @@ def build(
         raise
 
 
-def _source(x) -> str:
-    """A path as an absolute path (stage commands run from anywhere); a name as it is."""
-    text = os.fspath(x)
-    return str(Path(text).resolve()) if Path(text).exists() else text
-
-
-def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_options,
-           surrogate_arch, data_dir, show_progress, log, state) -> Path:  # fmt: skip
+def _checked_inputs(model, data, train_data, model_options, surrogate_arch, data_dir, prof, seed, log):
+    """The user's model and images, loaded and checked before anything is written: the model, the
+    ``user`` record of run.json and the data splits."""
     from torch import nn
 
-    from rrise.fileio import atomic_write_json
     from rrise.runtime.preprocess import preprocess_spec
 
-    from .pipeline import run_stage
-    from .profiles import get_profile
-    from .provenance import file_sha256
     from .user_data import split_images
     from .user_model import UserModelError, load_user_model
-    from .workdir import RunConfig, Workdir
 
-    if not 0 < float(sigma) <= 1:
-        raise ValueError(f"--sigma must be in (0, 1] ([0,1]-pixel units), got {sigma}")
-    prof = get_profile(profile, USER_DATASET)
-
-    # 1. everything the user gave, checked before anything is written
     um = load_user_model(model, **model_options)
     for note in um.notes:
         log(f"[model] {note}")
@@ -299,6 +285,46 @@ def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_o
     log(f"[data] {sp.summary()}")
     user["data_sha256"] = images.sha256
     user["data_name"] = images.name
+    return um, user, sp
+
+
+def _log_budget(w, log) -> None:
+    """Say how many base-model evaluations the stages will spend, and how long at the measured rate."""
+    budget = mc_budget(w)
+    total = sum(budget.values())
+    if not total:
+        log("[build] Monte Carlo: every count store is current (0 base-model evaluations)")
+        return
+    rate = probe_rate(w)
+    parts = ", ".join(f"{k} {v:,}" for k, v in budget.items() if v)
+    log(
+        f"[build] Monte Carlo: {total:,} base-model evaluations ({parts}); at the measured "
+        f"{rate:,.0f} evaluations/s that is about {_duration(total / rate)}"
+    )
+
+
+def _source(x) -> str:
+    """A path as an absolute path (stage commands run from anywhere); a name as it is."""
+    text = os.fspath(x)
+    return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_options,
+           surrogate_arch, data_dir, show_progress, log, state) -> Path:  # fmt: skip
+    from rrise.fileio import atomic_write_json
+
+    from .pipeline import run_stage
+    from .profiles import get_profile
+    from .provenance import file_sha256
+    from .workdir import RunConfig, Workdir
+
+    if not 0 < float(sigma) <= 1:
+        raise ValueError(f"--sigma must be in (0, 1] ([0,1]-pixel units), got {sigma}")
+    prof = get_profile(profile, USER_DATASET)
+
+    # 1. everything the user gave, checked before anything is written
+    um, user, sp = _checked_inputs(model, data, train_data, model_options, surrogate_arch, data_dir,
+                                   prof, seed, log)  # fmt: skip
 
     # 2. the work folder; the user's model is its base model
     config = RunConfig(dataset=USER_DATASET, profile=prof.name, sigma=float(sigma), seed=int(seed), user=user)
@@ -310,17 +336,7 @@ def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_o
     run_stage(w, "train-base", force=stale_base)
 
     # 3. what the Monte Carlo will cost, at a measured rate
-    budget = mc_budget(w)
-    total = sum(budget.values())
-    if total:
-        rate = probe_rate(w)
-        parts = ", ".join(f"{k} {v:,}" for k, v in budget.items() if v)
-        log(
-            f"[build] Monte Carlo: {total:,} base-model evaluations ({parts}); at the measured "
-            f"{rate:,.0f} evaluations/s that is about {_duration(total / rate)}"
-        )
-    else:
-        log("[build] Monte Carlo: every count store is current (0 base-model evaluations)")
+    _log_budget(w, log)
 
     # 4. the stages
     state["stages"] = True

@@ -1,14 +1,20 @@
 """The bundle stage: the work folder's surrogate, base model and calibration, packed by
-:func:`rrise.export.bundler.build_bundle` (the one bundle builder, also behind ``rrise-export``)."""
+:func:`rrise.export.bundler.build_bundle` (the one bundle builder, also behind ``rrise-export``),
+with the profile it was made with (``made_with``) recorded in the manifest, and the selection
+split's images written beside it (``selection.npz``) for ``rrise-export … --quant-data``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .calibrating import load_calibration, load_calibration_npz
 from .workdir import Workdir
 
-__all__ = ["stage_bundle"]
+__all__ = ["SELECTION_NPZ", "record_profile", "stage_bundle", "write_selection_npz"]
+
+SELECTION_NPZ = "selection.npz"
 
 
 def stage_bundle(w: Workdir) -> list[Path]:
@@ -45,4 +51,34 @@ def stage_bundle(w: Workdir) -> list[Path]:
         parity_max_abs_diff=parity,
         overwrite=True,
     )
-    return [w.path("bundle")]
+    record_profile(w.path("bundle"), w.prof.name, w.prof.note)
+    return [w.path("bundle"), write_selection_npz(w)]
+
+
+def record_profile(bundle_dir: Path, profile: str, note: str = "") -> None:
+    """Add ``made_with`` {``profile``, ``profile_note``} to the bundle's manifest (rewritten
+    atomically, then loaded and verified again), so ``rrise inspect`` shows what the bundle was made
+    with and a quick bundle does not pass for a full one."""
+    from rrise.bundle import Bundle, write_manifest
+
+    manifest = dict(Bundle.load(bundle_dir).manifest)
+    manifest["made_with"] = {"profile": profile, "profile_note": note or None}
+    write_manifest(bundle_dir, manifest)
+    Bundle.load(bundle_dir)
+
+
+def write_selection_npz(w: Workdir) -> Path:
+    """Write the selection split's model inputs to ``selection.npz`` in the work folder and return
+    its path: ``images`` float32 [n, C, H, W] in [0, 1] and ``labels`` int64, no pickled objects.
+    These images are held out of calibration (the splits are disjoint by construction), so they may
+    choose an int8 variant's activation ranges (``rrise-export … --quant-data``) without voiding the
+    calibration's guarantee."""
+    from rrise.fileio import atomic_path
+
+    ds, index = w.data("train"), w.splits()["selection"]
+    images = np.ascontiguousarray(ds.images[index], dtype=np.float32)
+    labels = np.asarray(ds.labels[index], dtype=np.int64)
+    out = w.path(SELECTION_NPZ)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=images, labels=labels)
+    return out

@@ -16,7 +16,7 @@ from rrise.fileio import atomic_write_text, save_npz
 from .counts import prepare_base_model
 from .workdir import Workdir
 
-__all__ = ["COHEN_NPZ", "COHEN_TSV", "stage_cohen"]
+__all__ = ["COHEN_NPZ", "COHEN_TSV", "cohen_from_counts", "stage_cohen"]
 
 COHEN_NPZ, COHEN_TSV = "certify.npz", "certify.tsv"  # names kept: work folders resume across versions
 
@@ -65,6 +65,28 @@ def _certify_in_pieces(w: Workdir, images: np.ndarray, num_classes: int) -> dict
     out = {f: np.concatenate([getattr(r, f) for r in parts]) for f in fields}
     out["time"] = per_input
     return out
+
+
+def cohen_from_counts(
+    counts_selection: np.ndarray, counts: np.ndarray, *, sigma: float, alpha: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cohen's CERTIFY at level ``alpha`` from stored draws: ``(pred with -1 = abstain, radius, p̲)``.
+
+    ``Â`` = argmax of the selection counts, ``p̲ = clopper_pearson_lower(k_Â, n, α)`` on the estimation
+    counts (``n`` = their row sum), abstain unless ``p̲ > 1/2``. The same draws at another ``α`` keep
+    Cohen's per-input guarantee at that level: with probability ≥ 1 − α, ``p_Â(x) ≥ p̲``, so ``g`` is
+    constant on the ball of radius ``σ·Φ⁻¹(p̲)``. It lets a report set Cohen beside RRISE at the same α.
+    """
+    from rrise.stats import clopper_pearson_lower, norm_ppf
+
+    sel, est = np.asarray(counts_selection), np.asarray(counts)
+    top = sel.argmax(axis=1)
+    n = est.sum(axis=1)
+    k = est[np.arange(len(est)), top]
+    p_lower = np.atleast_1d(np.asarray(clopper_pearson_lower(k, n, alpha), dtype=np.float64))
+    certified = p_lower > 0.5
+    radius = np.where(certified, sigma * np.asarray(norm_ppf(np.where(certified, p_lower, 0.5))), 0.0)
+    return np.where(certified, top, -1).astype(np.int64), radius.astype(np.float64), p_lower
 
 
 def _tsv(index: np.ndarray, labels: np.ndarray, r: dict[str, np.ndarray], n: int) -> str:

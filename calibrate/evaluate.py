@@ -16,6 +16,7 @@ from rrise.fileio import atomic_path, atomic_write_json, atomic_write_text
 __all__ = [
     "DEFAULT_RADII",
     "pseudo_count_certify",
+    "detection_limit",
     "reference_violations",
     "reliability_plot",
     "violation_stats",
@@ -99,32 +100,72 @@ def reference_violations(
     return k, upper, np.asarray(certified) & (np.asarray(p_lower) > upper)
 
 
+def detection_limit(p: np.ndarray | float, n_ref: int, level: float) -> np.ndarray:
+    """The smallest excess ``d`` of a claimed ``p`` over the truth ``p − d`` that a reference of
+    ``n_ref`` draws flags at least half the time with the one-sided (1 − ``level``) upper-bound test.
+
+    The test flags ``p`` when ``clopper_pearson_upper(k, n_ref, level) < p``, i.e. when
+    ``k ≤ k*(p)``; a truth ``t`` puts the median of ``k`` at about ``n_ref·t``, so ``d = p − k*/n_ref``
+    (``p`` itself when no count can flag it). Smaller excesses go unseen more often than not.
+    """
+    from rrise.stats import clopper_pearson_upper
+
+    p = np.atleast_1d(np.asarray(p, dtype=np.float64))
+    upper = np.atleast_1d(clopper_pearson_upper(np.arange(n_ref + 1), n_ref, level))  # increasing in k
+    k_star = np.searchsorted(upper, p, side="left") - 1  # largest k whose upper bound is below p
+    return np.where(k_star >= 0, p - np.maximum(k_star, 0) / n_ref, p)
+
+
+def _rate(v: int, n: int) -> dict[str, Any]:
+    """A count out of ``n`` with its rate and two-sided 95% Clopper–Pearson interval."""
+    from rrise.stats import clopper_pearson_lower, clopper_pearson_upper
+
+    lo = float(clopper_pearson_lower(v, n, 0.025)) if n else 0.0
+    hi = float(clopper_pearson_upper(v, n, 0.025)) if n else 1.0
+    return {"count": v, "of": n, "rate": round(v / n, 6) if n else 0.0, "ci95": [round(lo, 6), round(hi, 6)]}
+
+
 def violation_stats(
     pred: np.ndarray, p_lower: np.ndarray, ref_counts: np.ndarray, *, level: float = 0.001
 ) -> dict[str, Any]:
     """How often a certified ``p_lower`` exceeds what a high-budget reference MC run supports.
 
-    A violation is a certified input whose ``p_lower`` lies above the one-sided (1 − ``level``)
-    Clopper–Pearson upper bound on ``p_Â`` from the reference counts ``[B, K]`` (independent draws).
-    Returns the count, the rate among certified inputs and its 95% Clopper–Pearson interval.
-    """
-    from rrise.stats import clopper_pearson_lower, clopper_pearson_upper
+    Two tests against the reference counts ``[B, K]`` (independent draws):
 
+    * ``violations`` (kept for comparison with older reports): certified ``p_lower`` above the
+      one-sided (1 − ``level``) Clopper–Pearson upper bound of ``p_Â``; it misses excesses below the
+      ``detection_limit`` and so undercounts.
+    * ``above_point_estimate``: certified ``p_lower`` above the reference frequency ``k/N_ref``,
+      divided by ALL inputs (the guarantee bounds P(certified and wrong) ≤ α + β over all inputs). A
+      true violation is counted with probability about 1/2 or more; a sound ``p_lower`` within a
+      standard error of the truth is sometimes counted too, so this rate errs towards alarm.
+
+    ``rate`` and ``ci95`` (95% Clopper–Pearson) of the first test are among certified inputs.
+    """
     pred = np.asarray(pred)
     ref = np.asarray(ref_counts)
     n_ref = int(ref[0].sum()) if len(ref) else 0
     cert = pred >= 0
-    _, _, violation = reference_violations(np.where(cert, pred, 0), cert, p_lower, ref, level=level)
+    k, _, violation = reference_violations(np.where(cert, pred, 0), cert, p_lower, ref, level=level)
     v, c = int(violation.sum()), int(cert.sum())
-    lo = float(clopper_pearson_lower(v, c, 0.025)) if c else 0.0
-    hi = float(clopper_pearson_upper(v, c, 0.025)) if c else 1.0
+    above = cert & (np.asarray(p_lower) > k / max(n_ref, 1))
+    cert_p = np.asarray(p_lower)[cert]
+    limit = detection_limit(cert_p, n_ref, level) if c and n_ref else np.zeros(0)
+    upper_test = _rate(v, c)
     return {
         "violations": v,
         "certified": c,
         "rate": v / c if c else 0.0,
-        "ci95": [round(lo, 6), round(hi, 6)],
+        "ci95": upper_test["ci95"],
         "n_ref": n_ref,
         "level": level,
+        "inputs": int(len(pred)),
+        "above_point_estimate": _rate(int(above.sum()), int(len(pred))),
+        "above_upper_bound_over_all_inputs": _rate(v, int(len(pred))),
+        "detection_limit": {
+            "median over certified p̃": round(float(np.median(limit)), 6) if len(limit) else None,
+            "largest over certified p̃": round(float(np.max(limit)), 6) if len(limit) else None,
+        },
     }
 
 
@@ -173,14 +214,18 @@ def _pct(v: float) -> str:
 
 
 def format_markdown_table(metrics: dict[str, Any], radii: tuple[float, ...] | None = None) -> str:
-    """Certified accuracy (%) at each radius, one row per method, plus ACR, abstain and time."""
+    """Certified accuracy (%) at each radius, one row per method, plus ACR, abstain, the two
+    violation counts (above the reference's upper bound among certified inputs; above its point
+    estimate among all inputs, with the 95% upper end) and time."""
     all_radii = metrics["radii"]
     show = list(radii) if radii is not None else all_radii
     cols = [all_radii.index(r) for r in show]
     head = (
-        "| method | " + " | ".join(f"r={r:g}" for r in show) + " | ACR | abstain | violations | per query |"
+        "| method | "
+        + " | ".join(f"r={r:g}" for r in show)
+        + " | ACR | abstain | violations | p̃ > p̂_ref (all inputs) | per query |"
     )
-    sep = "|---" * (len(show) + 5) + "|"
+    sep = "|---" * (len(show) + 6) + "|"
     rows = [head, sep]
     for name, m in metrics["methods"].items():
         ca = [_pct(m["certified_accuracy"][c]) for c in cols]
@@ -191,9 +236,17 @@ def format_markdown_table(metrics: dict[str, Any], radii: tuple[float, ...] | No
         rows.append(
             f"| {name} | "
             + " | ".join(ca)
-            + f" | {m['acr']:.3f} | {_pct(m['abstain_rate'])}% | {v_txt} | {t_txt} |"
+            + f" | {m['acr']:.3f} | {_pct(m['abstain_rate'])}% | {v_txt} | {_point_rate(v)} | {t_txt} |"
         )
     return "\n".join(rows)
+
+
+def _point_rate(v: dict[str, Any] | None) -> str:
+    """``count/inputs (rate %, 95% upper end %)`` of p̃ above the reference point estimate."""
+    pt = (v or {}).get("above_point_estimate")
+    if not pt:
+        return "—"
+    return f"{pt['count']}/{pt['of']} ({_pct(pt['rate'])}%, ≤ {_pct(pt['ci95'][1])}%)"
 
 
 def _fmt_seconds(t: float) -> str:
@@ -213,7 +266,8 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     radii = metrics["radii"]
     for name, m in metrics["methods"].items():
-        ax.plot(radii, [100 * v for v in m["certified_accuracy"]], marker="o", label=name)
+        # a step: certified accuracy at r counts radii ≥ r, so it is constant up to the next grid point
+        ax.step(radii, [100 * v for v in m["certified_accuracy"]], where="post", marker="o", label=name)
     ax.set_xlabel("ℓ2 radius (in [0,1]-pixel units)")
     ax.set_ylabel("certified accuracy (%)")
     title = f"{metrics['dataset']}, σ = {metrics['sigma']:g}"
@@ -243,6 +297,11 @@ def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict
     return paths
 
 
+def _error_row(name: str, row: dict[str, Any], cells: int) -> str:
+    """A rule that could not run: its name, the reason, and empty cells so the row has every column."""
+    return f"| {name} ({row['rule']}) | could not run: {row['error']} |" + " |" * (cells - 1)
+
+
 def _rules_section(rules: dict[str, Any] | None) -> list[str]:
     """Each calibration rule tried: on the selection split (where the choice is made) and on test."""
     if not rules:
@@ -259,11 +318,11 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
             "| rule | "
             + " | ".join(f"r={r}" for r in radii)
             + " | mean | behind best (SE) | ACR | abstain | miss rate |",
-            "|---" * (len(radii) + 7) + "|",
+            "|---" * (len(radii) + 6) + "|",
         ]
         for name, row in sel["rules"].items():
             if "error" in row:
-                lines.append(f"| {name} ({row['rule']}) | could not run: {row['error']} |")
+                lines.append(_error_row(name, row, len(radii) + 5))
                 continue
             cells = " | ".join(f"{row['certified_accuracy'][r]:.1f}" for r in radii)
             lines.append(
@@ -289,7 +348,7 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
         ]
         for name, row in test.items():
             if "error" in row:
-                lines.append(f"| {name} ({row['rule']}) | could not run: {row['error']} |")
+                lines.append(_error_row(name, row, 7))
                 continue
             ca = row["certified_accuracy"]
             v = row.get("violations") or {}
@@ -303,6 +362,14 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _not_run_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per row the report could not compute (e.g. an α too small for m), with why."""
+    return [
+        f"- {name}: not computable here: {why}"
+        for name, why in (metrics.get("methods_not_run") or {}).items()
+    ]
+
+
 def _markdown(metrics: dict[str, Any]) -> str:
     cfg = metrics["config"]
     lines = [f"# RRISE evaluation: {metrics['dataset']}, σ = {metrics['sigma']:g}", ""]
@@ -312,6 +379,11 @@ def _markdown(metrics: dict[str, Any]) -> str:
         "## Certified accuracy (%)",
         "",
         format_markdown_table(metrics),
+        "",
+        *[
+            f"- {name}: not computable here: {why}"
+            for name, why in metrics.get("methods_not_run", {}).items()
+        ],
         "",
         "![certified accuracy](certified_accuracy.png)",
         "",

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .counts import TARGET_STORES, load_store_counts
 from .workdir import Workdir, model_spec
 
-__all__ = ["stage_train_base", "stage_train_baseline", "stage_train_surrogate"]
+__all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline", "stage_train_surrogate"]
+
+# Base-model evaluations spent by fresh-target training (read by the report's cost).
+FRESH_COST = "surrogate_cost.json"
+# Seed stream of the fresh draws (the work folder's named streams are 1..6).
+FRESH_SEED_STREAM = 100
 
 
 def stage_train_base(w: Workdir) -> list[Path]:
@@ -88,6 +95,69 @@ def _user_epochs(w: Workdir, model, n_targets: int) -> int:
     return max(epochs, fresh)
 
 
+def fresh_pool(w: Workdir) -> np.ndarray:
+    """Indices into ``w.data("train")`` of every image fresh targets may be drawn from: all training
+    images outside the selection and calibration splits (for a built-in dataset the base model's
+    training images and its held-out ones; for `rrise build` the targets split and ``--train-data``)."""
+    sp = w.splits()
+    if w.is_user:
+        return np.sort(sp["targets"])
+    taken = np.concatenate([sp["selection"], sp["calibration"]])
+    return np.setdiff1d(np.arange(len(w.data("train"))), taken)
+
+
+def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path):
+    """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
+    (``base.onnx`` on onnxruntime) labelling each step's images; records its evaluations."""
+    from rrise.fileio import atomic_write_json
+
+    from .counts import prepare_base_model
+    from .mc import sample_counts
+    from .store import IndexedRows
+    from .train import train_surrogate_fresh
+
+    ds, p = w.data("train"), w.prof
+    pool = IndexedRows(ds.images, fresh_pool(w))
+    base, _ = prepare_base_model(
+        w, "onnxruntime", "cpu", pool[:1], p.fresh_steps * p.fresh_batch * p.fresh_draws
+    )
+    seed = 1000 * w.config.seed + FRESH_SEED_STREAM
+
+    def label(x: np.ndarray, offset: int) -> np.ndarray:
+        return sample_counts(
+            base,
+            x,
+            p.fresh_draws,
+            w.config.sigma,
+            batch_size=p.batch_size,
+            num_classes=len(ds.classes),
+            seed=seed,
+            index_offset=offset,
+        )
+
+    model, history = train_surrogate_fresh(
+        model,
+        pool,
+        label,
+        steps=p.fresh_steps,
+        draws=p.fresh_draws,
+        batch_size=min(p.fresh_batch, len(pool)),  # a small user data set: every image, every step
+        seed=w.config.seed,
+        val_images=val_images,
+        val_counts=val_counts,
+        eval_every=max(1, p.fresh_steps // 8),
+        show_progress=w.show_progress,
+        checkpoint=ckpt,
+    )
+    cost = {
+        "fresh_steps": p.fresh_steps,
+        "fresh_draws": p.fresh_draws,
+        "fresh_batch": min(p.fresh_batch, len(pool)),
+    }
+    atomic_write_json(w.path(FRESH_COST), {"base_evaluations": history["base_evaluations"], **cost})
+    return model, history
+
+
 def _fit_surrogate(
     w: Workdir, loss: str, stem: str, arch: str | None = None, augment: str | None = None
 ) -> list[Path]:
@@ -104,20 +174,30 @@ def _fit_surrogate(
     default = w.config.user.get("surrogate_arch", "auto") if w.is_user else p.surrogate_arch
     model, arch = _initial_surrogate(w, arch or default)
     ckpt = w.path(f"{stem}.ckpt")
-    epochs = _user_epochs(w, model, len(tr_index)) if w.is_user else p.surrogate_epochs
-    model, history = train_surrogate(
-        model,
-        ds.images[tr_index],
-        tr_counts,
-        epochs=epochs,
-        seed=w.config.seed,
-        val_images=ds.images[sel_index],
-        val_counts=sel_counts,
-        show_progress=w.show_progress,
-        loss=loss,
-        augment=augment,
-        checkpoint=ckpt,
-    )
+    if loss == "ce" and p.fresh_steps > 0:
+        if augment != "none":
+            w.log(
+                f"[train-surrogate] fresh targets label the images as drawn: augment {augment!r} is not used"
+            )
+            augment = "none"
+        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt)
+    else:
+        if loss == "ce":
+            w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
+        epochs = _user_epochs(w, model, len(tr_index)) if w.is_user else p.surrogate_epochs
+        model, history = train_surrogate(
+            model,
+            ds.images[tr_index],
+            tr_counts,
+            epochs=epochs,
+            seed=w.config.seed,
+            val_images=ds.images[sel_index],
+            val_counts=sel_counts,
+            show_progress=w.show_progress,
+            loss=loss,
+            augment=augment,
+            checkpoint=ckpt,
+        )
     meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
     meta.update(history=history, loss=loss, augment=augment)
     if w.is_user:

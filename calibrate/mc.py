@@ -467,18 +467,7 @@ def prepare_model(
             raise ValueError(f"model is prepared for {model.backend}, not {backend}")
         return model
     if not isinstance(model, nn.Module):
-        if hasattr(model, "prepare_for_mc"):
-            return model.prepare_for_mc(backend, sample=sample, batch_size=batch_size)
-        if backend == "torch":
-            raise ValueError("backend='torch' needs a torch nn.Module, got an ONNX model")
-        if isinstance(model, (str, os.PathLike)):
-            return PreparedModel("onnxruntime", _open_session(model))
-        if hasattr(model, "run") and hasattr(model, "get_inputs"):
-            return PreparedModel("onnxruntime", model)
-        raise TypeError(
-            f"model must be a torch nn.Module, an onnxruntime.InferenceSession or an .onnx path, "
-            f"got {type(model)}"
-        )
+        return _prepare_other(model, backend, sample, batch_size)
     opts = {"channels_last": channels_last, "autocast": autocast}
     on_cpu = _module_device(model).type == "cpu"
     if backend == "torch" or (backend == "auto" and not on_cpu):
@@ -507,6 +496,27 @@ def prepare_model(
         return PreparedModel("onnxruntime", session)
     if first is None:
         raise ValueError("backend='auto' needs sample=[C, H, W] input(s) to time both backends on")
+    return _faster_of(model, session, first, memo, batch_size, opts)
+
+
+def _prepare_other(model, backend: str, sample, batch_size: int) -> PreparedModel:
+    """A user model (``prepare_for_mc``), an ``.onnx`` path or an onnxruntime session, prepared."""
+    if hasattr(model, "prepare_for_mc"):
+        return model.prepare_for_mc(backend, sample=sample, batch_size=batch_size)
+    if backend == "torch":
+        raise ValueError("backend='torch' needs a torch nn.Module, got an ONNX model")
+    if isinstance(model, (str, os.PathLike)):
+        return PreparedModel("onnxruntime", _open_session(model))
+    if hasattr(model, "run") and hasattr(model, "get_inputs"):
+        return PreparedModel("onnxruntime", model)
+    raise TypeError(
+        f"model must be a torch nn.Module, an onnxruntime.InferenceSession or an .onnx path, "
+        f"got {type(model)}"
+    )
+
+
+def _faster_of(model: nn.Module, session, first, memo, batch_size: int, opts: dict) -> PreparedModel:
+    """Time the module against its ONNX twin on ``first`` and keep the faster (remembered in ``memo``)."""
     rows = max(1, min(int(batch_size), 256))
     x0 = first[0].numpy()
     probe = {

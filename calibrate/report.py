@@ -43,6 +43,8 @@ from .workdir import Workdir
 __all__ = ["stage_evaluate"]
 
 RECOMPUTED = "recomputed for comparison"
+# Every report sets RRISE and Cohen side by side at each of these α (and the profile's own).
+REPORT_ALPHAS = (0.01, 0.001)
 
 
 class _Violations:
@@ -69,12 +71,30 @@ class _Violations:
             )
         return out
 
-    def note(self) -> str:
+    def note(self, p_cap: float) -> str:
+        """What the two violation columns count, against which reference, and what they cannot see."""
+        from .evaluate import detection_limit
+
+        n_ref, level = int(self.counts[0].sum()), 0.001
+        at = [0.9, 0.99, p_cap]
+        limits = ", ".join(
+            f"{d:.4f} at p̃ = {q:.4g}" for q, d in zip(at, detection_limit(np.array(at), n_ref, level))
+        )
+        source = (
+            f"`rrise reference`'s {n_ref} fresh MC draws"
+            if self.high_budget
+            else f"Cohen's {n_ref} estimation draws (run `rrise reference` for a reported run)"
+        )
         return (
-            f"Violations: certified p̃ above the one-sided 99.9% Clopper–Pearson upper bound of the "
-            f"reference frequency of the certified class, from {int(self.counts[0].sum())} fresh MC draws "
-            f"on each of {len(self.rows)} test inputs (independent of calibration). RRISE's guarantee "
-            "allows a rate of α + β."
+            f"Violations, against {source} on each of {len(self.rows)} test inputs (independent of "
+            "calibration). **violations**: certified p̃ above the one-sided 99.9% Clopper–Pearson upper "
+            "bound of the reference frequency of the certified class, among certified inputs; it sees "
+            f"an excess of p̃ over the truth only from the detection limit up ({limits}), so it "
+            "undercounts. **p̃ > p̂_ref**: certified p̃ above the reference point estimate, divided by "
+            "ALL inputs, with the upper end of its 95% Clopper–Pearson interval: a true violation is "
+            "counted about half the time or more, and a sound p̃ within a standard error of the truth "
+            "is sometimes counted too, so it errs towards alarm. RRISE's guarantee bounds the rate over "
+            "all inputs by α + β; Cohen's bounds each input's by α."
         )
 
 
@@ -117,15 +137,17 @@ def _recalibrated(w: Workdir, rule: str, cal: Calibration, calnpz, selection, al
     return conformalize(spec, calnpz["probs"], calnpz["counts"])
 
 
-def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violations) -> tuple[dict, dict]:
-    """``(methods, rules_test)``: the bundle's calibration first; then, recomputed for comparison,
+def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violations) -> tuple[dict, ...]:
+    """``(methods, rules_test, not_run)``: the bundle's calibration first; then, recomputed for comparison,
     the one-quantile rule and the bundle's rule at the profile's other α, and every rule at the
-    bundle's α (``rules_test``: shown for transparency, never used to choose)."""
+    bundle's α (``rules_test``: shown for transparency, never used to choose); ``not_run``: the rows
+    that could not be computed (e.g. α too small for m), with why."""
     from .rules import RULES, get_rule
 
     calnpz, selection = load_calibration_npz(w), selection_data(w)
     methods = {_label(cal, rule, "as bundled"): _rrise_row(cal, probs, labels, violations)}
     rules_test: dict[str, Any] = {}
+    not_run: dict[str, str] = {}
     for r in RULES:
         try:
             other = cal if r.name == rule else _recalibrated(w, r.name, cal, calnpz, selection, cal.alpha)
@@ -133,7 +155,7 @@ def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violatio
             rules_test[r.name] = {"rule": r.describe(), "error": str(exc)}
             continue
         rules_test[r.name] = {"rule": r.describe(), **_rrise_row(other, probs, labels, violations)}
-    for alpha in dict.fromkeys([cal.alpha, *w.prof.alphas]):
+    for alpha in dict.fromkeys([cal.alpha, *w.prof.alphas, *REPORT_ALPHAS]):
         for name in dict.fromkeys([rule, "single"]):
             if (alpha, name) == (cal.alpha, rule):
                 continue
@@ -141,9 +163,10 @@ def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violatio
                 other = _recalibrated(w, name, cal, calnpz, selection, alpha)
             except ValueError as exc:
                 w.log(f"[evaluate] {get_rule(name).describe()} at α={alpha:g}: {exc}")
+                not_run[f"RRISE ({get_rule(name).describe()}, α={alpha:g})"] = str(exc)
                 continue
             methods[_label(other, name, RECOMPUTED)] = _rrise_row(other, probs, labels, violations)
-    return methods, rules_test
+    return methods, rules_test, not_run
 
 
 def _side_by_side_query_seconds(
@@ -179,14 +202,39 @@ def _side_by_side_query_seconds(
     return float(np.median(rrise_s)), float(np.median(mc_s))
 
 
+def _cohen_rows(w: Workdir, cohen, labels, mc_per_query: float, violations) -> dict[str, Any]:
+    """Cohen's MC baseline at the profile's α, and at every α RRISE is reported at (0.01 and 0.001
+    among them), recomputed from the certify stage's stored counts: the same draws, so the rows
+    differ only by the confidence they claim."""
+    from .cohen import cohen_from_counts
+
+    p = w.prof
+    rows = {}
+    for alpha in dict.fromkeys([p.mc_alpha, *REPORT_ALPHAS, *p.alphas]):
+        if alpha == p.mc_alpha:
+            pred, radius, p_low = cohen["pred"], cohen["radius"], cohen["p_lower"]
+            tag = ""
+        else:
+            pred, radius, p_low = cohen_from_counts(
+                cohen["counts_selection"], cohen["counts"], sigma=w.config.sigma, alpha=alpha
+            )
+            tag = f", {RECOMPUTED} from the same counts"
+        rows[f"Cohen MC (n0={p.n0}, n={p.n}, α={alpha:g}){tag}"] = method_metrics(
+            radius,
+            pred,
+            labels,
+            per_query_s=mc_per_query,
+            guarantee_kind="per input",
+            # against its own estimation draws p̲ could never exceed k/n: only an independent reference counts
+            violations=violations(pred, p_low) if violations.high_budget else None,
+        )
+    return rows
+
+
 def _baseline_rows(w: Workdir, cohen, images, labels, per_query: float, mc_per_query: float, violations):
     """Cohen's MC baseline and, when trained, Accelerated Smoothing (no calibration, no guarantee)."""
     p = w.prof
-    rows = {
-        f"Cohen MC (n0={p.n0}, n={p.n}, α={p.mc_alpha:g})": method_metrics(
-            cohen["radius"], cohen["pred"], labels, per_query_s=mc_per_query, guarantee_kind="per input"
-        )
-    }
+    rows = _cohen_rows(w, cohen, labels, mc_per_query, violations)
     if w.path("baseline_js.onnx").exists():
         js_probs = surrogate_probs(w.path("baseline_js.onnx"), images)
         pred, radius, p_low = pseudo_count_certify(js_probs, p.n, w.config.sigma, p.mc_alpha)
@@ -196,17 +244,42 @@ def _baseline_rows(w: Workdir, cohen, images, labels, per_query: float, mc_per_q
     return rows
 
 
+def one_time_evaluations(w: Workdir) -> dict[str, int]:
+    """Base-model evaluations each one-time stage spent, read from what the work folder holds: every
+    count store the product needs (surrogate targets and their selection split, rule selection,
+    calibration) and the fresh draws of surrogate training (``FRESH_COST``). Cohen's baseline and
+    the reference are evaluation, not part of the product's cost, and are left out."""
+    from .counts import CALIBRATION_STORE, RULE_STORE, TARGET_STORES
+    from .fit import FRESH_COST
+
+    out: dict[str, int] = {}
+    for what, name in (
+        ("surrogate targets", TARGET_STORES["targets"]),
+        ("surrogate selection", TARGET_STORES["selection"]),
+        ("rule selection", RULE_STORE),
+        ("calibration", CALIBRATION_STORE),
+    ):
+        meta = read_json(w.path(name) / "meta.json") or {}
+        if meta:
+            out[what] = int(meta.get("n", 0)) * int(meta.get("num_inputs", 0))
+    fresh = read_json(w.path(FRESH_COST)) or {}
+    if fresh.get("base_evaluations"):
+        out["fresh surrogate targets"] = int(fresh["base_evaluations"])
+    return out
+
+
 def _cost(w: Workdir, cohen, per_query: float, mc_per_query: float) -> dict[str, Any]:
     """One-time cost at the MC rate measured side by side (seconds per draw of a single query), so
-    that it compares with the per-query times; stage wall times are kept apart as recorded."""
+    that it compares with the per-query times; stage wall times are kept apart as recorded. Every
+    one-time base-model evaluation is counted, rule selection included."""
     p = w.prof
-    rule_store = read_json(w.path("rules.json")) or {}
-    rule_inputs = int(rule_store.get("inputs", 0))  # 0 when the rule came without selection MC
-    one_time_evals = (p.n_targets + p.n_selection) * p.target_draws + (p.m + rule_inputs) * p.n_cal
+    parts = one_time_evaluations(w)
+    one_time_evals = sum(parts.values())
     one_time_mc_s = one_time_evals * mc_per_query / (p.n0 + p.n)
     one_time_s = one_time_mc_s + w.stage_seconds().get("train-surrogate", 0.0)
     return {
         "one-time base-model evaluations": one_time_evals,
+        **{f"  of which {k}": v for k, v in parts.items()},
         "one-time MC seconds at the measured MC rate": round(one_time_mc_s, 1),
         "one-time seconds (that MC + surrogate training)": round(one_time_s, 1),
         "MC per query (s)": round(mc_per_query, 6),
@@ -220,6 +293,9 @@ def _cost(w: Workdir, cohen, per_query: float, mc_per_query: float) -> dict[str,
             float(cohen["seconds"]) / len(cohen["index"]), 6
         ),
         "break-even queries": int(np.ceil(one_time_s / max(mc_per_query - per_query, 1e-12))),
+        "break-even in evaluations (one-time evaluations / (n0 + n))": int(
+            np.ceil(one_time_evals / (p.n0 + p.n))
+        ),
     }
 
 
@@ -251,7 +327,11 @@ def _config(w: Workdir, cal: Calibration, rule: str, n_test: int) -> dict[str, A
             if w.is_user
             else {"base model": p.base_arch, "base training inputs": p.base_train_size}
         ),
-        "surrogate targets": f"{p.n_targets} inputs × {p.target_draws} draws",
+        "surrogate targets": (
+            f"fresh: {p.fresh_steps} steps × {p.fresh_batch} images × {p.fresh_draws} draws"
+            if p.fresh_steps
+            else f"{p.n_targets} inputs × {p.target_draws} draws"
+        ),
         "calibration": (
             f"m = {cal.m}, N_cal = {cal.n_mc}, α = {cal.alpha:g}, β = {cal.beta:g}{delta}, "
             f"score = {cal.score}, rule = {rule}"
@@ -274,12 +354,16 @@ def stage_evaluate(w: Workdir) -> list[Path]:
     """RRISE beside Cohen MC and Accelerated Smoothing on the same test inputs → report/."""
     cal, record = load_calibration(w)  # refuses a calibration made with other models
     rule = record.get("rule") or chosen_rule(w)
-    cohen = load_npz(w.path(COHEN_NPZ), ("index", "labels", "pred", "radius", "counts", "seconds"), "Cohen")
+    cohen = load_npz(
+        w.path(COHEN_NPZ),
+        ("index", "labels", "pred", "radius", "p_lower", "counts", "counts_selection", "seconds"),
+        "Cohen",
+    )
     idx, labels = cohen["index"], cohen["labels"]
     images = w.data("test").images[idx]
     violations = _Violations(w, cohen)
     probs = surrogate_probs(w.path("surrogate.onnx"), images)
-    methods, rules_test = _rrise_rows(w, cal, rule, probs, labels, violations)
+    methods, rules_test, not_run = _rrise_rows(w, cal, rule, probs, labels, violations)
     per_query, mc_per_query = _side_by_side_query_seconds(w, images, cal)
     for m in (*methods.values(), *(r for r in rules_test.values() if "error" not in r)):
         m["per_query_s"] = per_query
@@ -293,6 +377,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         "profile_note": w.prof.note,
         "radii": list(DEFAULT_RADII),
         "methods": methods,
+        "methods_not_run": not_run,
         "guarantee": GUARANTEE,
         "calibration": record,
         "models": model_hashes(w),
@@ -302,7 +387,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
             "selection": read_json(w.path("rules.json")),
             "test": rules_test,
         },
-        "violation_note": violations.note(),
+        "violation_note": violations.note(cal.p_cap),
         "config": _config(w, cal, rule, len(idx)),
         "cost": _cost(w, cohen, per_query, mc_per_query),
         "cap": _cap_summary(calnpz, cal),

@@ -23,7 +23,15 @@ from torch import nn
 from rrise.fileio import atomic_path
 from rrise.progress import progress_bar
 
-__all__ = ["AUGMENTATIONS", "augment_batch", "mean_kl", "predict_probs", "train_base", "train_surrogate"]
+__all__ = [
+    "AUGMENTATIONS",
+    "augment_batch",
+    "mean_kl",
+    "predict_probs",
+    "train_base",
+    "train_surrogate",
+    "train_surrogate_fresh",
+]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -352,6 +360,135 @@ def _digest(t: torch.Tensor) -> str:
 def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
+
+
+FRESH_CHECKPOINT_FORMAT = "rrise.fresh-surrogate-checkpoint/1"
+
+
+def train_surrogate_fresh(
+    model: nn.Module,
+    pool,
+    label: Callable[[np.ndarray, int], np.ndarray],
+    *,
+    steps: int,
+    draws: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    val_images: np.ndarray,
+    val_counts: np.ndarray,
+    eval_every: int = 50,
+    show_progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+) -> tuple[nn.Module, dict]:
+    """Fit the surrogate on fresh Monte Carlo targets: each step draws ``batch_size`` images from
+    ``pool`` (any ``[N, C, H, W]`` indexable by an index array) and labels them with ``label(x,
+    offset)``: ``draws`` fresh noisy draws per image through the base model, input ``j`` seeded by
+    ``offset + j`` (the caller binds the model, σ and the seed), so every step sees new draws and a
+    run is reproducible and resumable.
+
+    Loss: soft-label cross-entropy against counts/draws. It is linear in the target, so a few-draw
+    target is an unbiased estimate of the full-MC loss's gradient: the surrogate fits the smoothed
+    distribution p(x) itself over as many inputs as there are steps. Adam with cosine decay; every
+    ``eval_every`` steps (and at the end) the held-out KL on ``val_images`` is measured, the best
+    weights are kept (and a ``checkpoint`` written, from which a rerun resumes to the same weights).
+    Returns ``(model in eval mode, {"val_kl", "eval_steps", "best_step", "base_evaluations"})``.
+    """
+    _check_fresh_args(len(pool), steps, draws, batch_size, lr, eval_every)
+    device = _device(model)
+    opt, sched = _optimizer(model, lr, steps)
+    signature = _signature(
+        model,
+        torch.from_numpy(np.ascontiguousarray(val_counts)),
+        steps=steps,
+        draws=draws,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        pool=len(pool),
+    )
+    state = _restore_fresh(checkpoint, signature, model, opt, sched, device)
+    with progress_bar(steps, "train surrogate (fresh targets)", "step", enabled=show_progress) as bar:
+        bar.advance(state["step"])
+        for step in range(state["step"], steps):
+            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed)
+            model.train()
+            loss = soft_label_cross_entropy(model(_as_images(x, device)), target.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.advance(1)
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                _fresh_validate(state, model, step, val_images, val_counts)
+                bar.note(f"step {step + 1}/{steps} val KL {state['history']['val_kl'][-1]:.4f}")
+                if checkpoint is not None:
+                    _save_checkpoint(checkpoint, _fresh_state(signature, state, step, model, opt, sched))
+    if state["best"] is not None:
+        model.load_state_dict(state["best"])
+    history = dict(state["history"], base_evaluations=steps * batch_size * draws)
+    return model.eval(), history
+
+
+def _check_fresh_args(pool: int, steps: int, draws: int, batch_size: int, lr: float, eval_every: int) -> None:
+    if steps < 1 or draws < 1 or batch_size < 1 or not lr > 0 or eval_every < 1:
+        raise ValueError(
+            f"need steps, draws, batch_size, eval_every >= 1 and lr > 0; got {steps}, {draws}, "
+            f"{batch_size}, {eval_every}, {lr}"
+        )
+    if pool < batch_size:
+        raise ValueError(f"the fresh-target pool has {pool} images, fewer than one batch ({batch_size})")
+
+
+def _fresh_batch(pool, label, step: int, batch_size: int, draws: int, seed: int):
+    """Step ``step``'s images (a seeded draw from ``pool``, the same on every rerun) and their targets
+    counts/draws from ``draws`` fresh draws each, seeded by the step's own input offsets."""
+    rng = np.random.default_rng([int(seed), step])
+    idx = np.sort(rng.choice(len(pool), size=batch_size, replace=False))
+    x = np.asarray(pool[idx], dtype=np.float32)
+    counts = np.asarray(label(x, step * batch_size))
+    if counts.shape[0] != len(x) or np.any(counts.sum(axis=1) != draws):
+        raise ValueError(f"label() must return [{len(x)}, K] counts of {draws} draws each")
+    return x, torch.from_numpy(counts.astype(np.float32) / draws)
+
+
+def _fresh_validate(state: dict, model: nn.Module, step: int, val_images, val_counts) -> None:
+    """Held-out KL after ``step``; keeps the best weights so far."""
+    val = mean_kl(model, val_images, val_counts)
+    state["history"]["val_kl"].append(val)
+    state["history"]["eval_steps"].append(step + 1)
+    if val < state["best_val"]:
+        state["best_val"], state["history"]["best_step"] = val, step + 1
+        state["best"] = copy.deepcopy(model.state_dict())
+
+
+def _fresh_state(signature: dict, state: dict, step: int, model, opt, sched) -> dict:
+    return {
+        "format": FRESH_CHECKPOINT_FORMAT,
+        "signature": signature,
+        "step": step + 1,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "history": state["history"],
+        "best": state["best"],
+        "best_val": state["best_val"],
+    }
+
+
+def _restore_fresh(checkpoint, signature: dict, model, opt, sched, device) -> dict:
+    """The loop's state from ``checkpoint`` (tensors and plain data only), or a fresh start when
+    there is none; refuses a checkpoint made with other settings."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        history = {"val_kl": [], "eval_steps": [], "best_step": -1}
+        return {"step": 0, "history": history, "best": None, "best_val": math.inf}
+    saved = torch.load(checkpoint, map_location=device, weights_only=True)
+    if saved.get("format") != FRESH_CHECKPOINT_FORMAT or saved.get("signature") != signature:
+        raise ValueError(f"checkpoint {checkpoint} was made with other settings; delete it to start over")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return {k: saved[k] for k in ("step", "history", "best", "best_val")}
 
 
 def _batched_logits(model: nn.Module, images: np.ndarray, batch_size: int):

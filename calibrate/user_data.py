@@ -322,35 +322,11 @@ def _finish(
 
 
 def _load_folder(root: Path, pre, what: str, bad_images: str, workers: int | None) -> ImageSet:
-    import cv2
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if len(classes) < 2:
-        hint = (
-            f"; {len(loose)} image(s) lie directly in it: put each class's images in its own subfolder"
-            if loose
-            else ""
-        )
-        found = f" ({', '.join(classes)})" if classes else ""
-        raise UserDataError(
-            f"{what} folder {root} has {len(classes)} class folder(s){found}; the ImageFolder layout "
-            f"root/<class>/<image> needs at least 2 classes{hint}"
-        )
+    classes = _class_folders(root, what)
     files: list[tuple[Path, int]] = []
     ignored: list[str] = []
     for index, cls in enumerate(classes):
-        found = []
-        for folder, dirs, names in os.walk(root / cls, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for fname in sorted(names):
-                p = Path(folder) / fname
-                if fname.startswith("."):
-                    continue
-                if p.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(p)
-                else:
-                    ignored.append(str(p.relative_to(root)))
+        found = _images_under(root, cls, ignored)
         if not found:
             raise UserDataError(
                 f"{what} folder {root}: class folder {cls!r} has no images ({', '.join(IMAGE_EXTENSIONS)})"
@@ -358,18 +334,7 @@ def _load_folder(root: Path, pre, what: str, bad_images: str, workers: int | Non
         files += [(p, index) for p in found]
 
     def decode(item):
-        p, _ = item
-        try:
-            buf = np.fromfile(p, dtype=np.uint8)
-        except OSError as exc:
-            return f"unreadable: {exc.strerror or exc}"
-        frame = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR) if buf.size else None
-        if frame is None:
-            return "OpenCV cannot decode it"
-        try:
-            return pre.pixels(frame)
-        except ValueError as exc:  # FrameError
-            return str(exc)
+        return _decode_image(item[0], pre)
 
     if len(files) < 64:
         results = [decode(f) for f in files]
@@ -377,7 +342,7 @@ def _load_folder(root: Path, pre, what: str, bad_images: str, workers: int | Non
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             results = list(pool.map(decode, files, chunksize=16))
     pixels, labels, names, skipped = [], [], [], []
-    for (p, label), res in zip(files, results):
+    for (p, label), res in zip(files, results, strict=True):
         rel = p.relative_to(root).as_posix()
         if isinstance(res, str):
             if bad_images == "refuse":
@@ -390,6 +355,53 @@ def _load_folder(root: Path, pre, what: str, bad_images: str, workers: int | Non
     return _finish(
         str(root), "folder", pixels, np.asarray(labels), classes, names, pre, what, skipped, ignored
     )
+
+
+def _class_folders(root: Path, what: str) -> list[str]:
+    """The ImageFolder's class folder names, sorted (class index = position); at least two."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) >= 2:
+        return classes
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    hint = f"; {len(loose)} image(s) lie directly in it: put each class's images in its own subfolder"
+    found = f" ({', '.join(classes)})" if classes else ""
+    raise UserDataError(
+        f"{what} folder {root} has {len(classes)} class folder(s){found}; the ImageFolder layout "
+        f"root/<class>/<image> needs at least 2 classes{hint if loose else ''}"
+    )
+
+
+def _images_under(root: Path, cls: str, ignored: list[str]) -> list[Path]:
+    """Image files under ``root/cls`` in sorted order (hidden files skipped; others added to ``ignored``)."""
+    found = []
+    for folder, dirs, names in os.walk(root / cls, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for fname in sorted(names):
+            p = Path(folder) / fname
+            if fname.startswith("."):
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(p)
+            else:
+                ignored.append(str(p.relative_to(root)))
+    return found
+
+
+def _decode_image(path: Path, pre) -> np.ndarray | str:
+    """The model input of one image file, or why it could not be had (a string)."""
+    import cv2
+
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    frame = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR) if buf.size else None
+    if frame is None:
+        return "OpenCV cannot decode it"
+    try:
+        return pre.pixels(frame)
+    except ValueError as exc:  # FrameError
+        return str(exc)
 
 
 def _is_255ths(x: np.ndarray) -> bool:
@@ -704,17 +716,40 @@ def split_images(
     notes: list[str] = list(data.notes())
     if train is not None:
         notes += train.notes()
-        if train.classes != data.classes:
-            raise UserDataError(
-                f"TRAIN_DATA {train.name} has classes ({', '.join(train.classes[:8])}) other than DATA "
-                f"{data.name} ({', '.join(data.classes[:8])})"
-            )
-        if train.input_shape != data.input_shape:
-            raise UserDataError("TRAIN_DATA and DATA were preprocessed to different shapes")
+        _check_train_matches(train, data)
     desired = desired_sizes(profile)
     mins = dict(minimum) if minimum is not None else minimum_sizes(alpha, data.num_classes)
+    pool = _unique_pool(data, train, notes)
+    keys = _hash_keys(data.digests[pool], seed)
+    train_index = np.zeros(0, dtype=np.int64)
+    if train is not None:
+        train_index = _train_targets(train, seed, max(desired["targets"], mins["targets"]))
+    extra = len(train_index)
+    plan = plan_sizes(len(pool), desired, mins, alpha=alpha, extra_targets=extra, what=f"DATA {data.name}")
+    if plan.regime == "profile":
+        plan, index = _split_by_fraction(pool, keys, plan, mins, extra, notes)
+    else:
+        index = _ranked_split(pool, keys, plan.sizes)
+        notes.append(
+            f"{data.name} holds fewer images ({len(pool)}) than the profile asks "
+            f"({sum(plan.desired.values())}): sizes scaled to "
+            + ", ".join(f"{s} {plan.sizes[s]}" for s in SPLITS)
+        )
+    return DataSplits(data, train, index, train_index, plan, int(seed), notes)
 
-    # one identity, one image: drop DATA's copies of TRAIN images, then DATA's own duplicates
+
+def _check_train_matches(train: ImageSet, data: ImageSet) -> None:
+    if train.classes != data.classes:
+        raise UserDataError(
+            f"TRAIN_DATA {train.name} has classes ({', '.join(train.classes[:8])}) other than DATA "
+            f"{data.name} ({', '.join(data.classes[:8])})"
+        )
+    if train.input_shape != data.input_shape:
+        raise UserDataError("TRAIN_DATA and DATA were preprocessed to different shapes")
+
+
+def _unique_pool(data: ImageSet, train: ImageSet | None, notes: list[str]) -> np.ndarray:
+    """Positions of ``data`` to split: one per identity, none that is also a TRAIN image."""
     keep = np.ones(len(data), dtype=bool)
     if train is not None:
         train_ids = {d.tobytes() for d in train.digests}
@@ -725,7 +760,7 @@ def split_images(
                 f"trained on them): left out of every DATA split"
             )
         keep &= ~in_train
-    seen: dict[bytes, int] = {}
+    seen: set[bytes] = set()
     dups = 0
     for i in np.flatnonzero(keep):
         key = data.digests[i].tobytes()
@@ -733,49 +768,38 @@ def split_images(
             keep[i] = False
             dups += 1
         else:
-            seen[key] = i
+            seen.add(key)
     if dups:
         notes.append(f"{dups} image(s) of {data.name} duplicate another one's pixels: each used once")
-    pool = np.flatnonzero(keep)
-    keys = _hash_keys(data.digests[pool], seed)
+    return np.flatnonzero(keep)
 
-    train_index = np.zeros(0, dtype=np.int64)
-    extra = 0
-    if train is not None:
-        uniq = {}
-        for i, d in enumerate(train.digests):
-            uniq.setdefault(d.tobytes(), i)
-        tpool = np.fromiter(uniq.values(), dtype=np.int64)
-        tkeys = _hash_keys(train.digests[tpool], seed)
-        want_t = max(desired["targets"], mins["targets"])
-        train_index = np.sort(tpool[np.argsort(tkeys, kind="stable")][:want_t])
-        extra = len(train_index)
 
-    plan = plan_sizes(len(pool), desired, mins, alpha=alpha, extra_targets=extra, what=f"DATA {data.name}")
-    if plan.regime == "profile":
-        index = _fixed_fraction_split(pool, keys, plan.sizes)
-        short = [s for s in SPLITS if len(index[s]) < max(0, mins[s] - (extra if s == "targets" else 0))]
-        if short:  # a hash bucket came out below its minimum by chance: exact sizes instead
-            plan = SplitPlan(
-                plan.desired, plan.minimum, plan.sizes, "scaled", plan.alpha, plan.available, extra
-            )
-            index = _ranked_split(pool, keys, plan.sizes)
-        else:
-            lacking = [s for s in SPLITS if len(index[s]) < plan.sizes[s]]
-            if lacking:
-                notes.append(
-                    "by the hash, "
-                    + ", ".join(f"{s} got {len(index[s])} of {plan.sizes[s]}" for s in lacking)
-                    + " (fractions are fixed so that adding images never moves one)"
-                )
-    else:
-        index = _ranked_split(pool, keys, plan.sizes)
+def _train_targets(train: ImageSet, seed: int, want: int) -> np.ndarray:
+    """Up to ``want`` distinct TRAIN images (smallest hash keys first), as sorted positions."""
+    uniq: dict[bytes, int] = {}
+    for i, d in enumerate(train.digests):
+        uniq.setdefault(d.tobytes(), i)
+    tpool = np.fromiter(uniq.values(), dtype=np.int64)
+    tkeys = _hash_keys(train.digests[tpool], seed)
+    return np.sort(tpool[np.argsort(tkeys, kind="stable")][:want])
+
+
+def _split_by_fraction(pool, keys, plan: SplitPlan, mins, extra: int, notes: list[str]):
+    """The ``profile`` regime: fixed hash fractions (stable as images are added); exact sizes instead
+    when a hash bucket came out below its minimum by chance."""
+    index = _fixed_fraction_split(pool, keys, plan.sizes)
+    short = [s for s in SPLITS if len(index[s]) < max(0, mins[s] - (extra if s == "targets" else 0))]
+    if short:
+        plan = SplitPlan(plan.desired, plan.minimum, plan.sizes, "scaled", plan.alpha, plan.available, extra)
+        return plan, _ranked_split(pool, keys, plan.sizes)
+    lacking = [s for s in SPLITS if len(index[s]) < plan.sizes[s]]
+    if lacking:
         notes.append(
-            f"{data.name} holds fewer images ({len(pool)}) than the profile asks "
-            f"({sum(plan.desired.values())}): sizes scaled to "
-            + ", ".join(f"{s} {plan.sizes[s]}" for s in SPLITS)
+            "by the hash, "
+            + ", ".join(f"{s} got {len(index[s])} of {plan.sizes[s]}" for s in lacking)
+            + " (fractions are fixed so that adding images never moves one)"
         )
-    return DataSplits(data, train, index, train_index, plan, int(seed), notes)
+    return plan, index
 
 
 def _fixed_fraction_split(

@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import json
 import os
 import re
 import sys
@@ -260,7 +261,11 @@ def load_user_model(
             f"MODEL must be an .onnx or .pt2 path, package.module:attribute or an nn.Module, "
             f"got {type(model)}"
         )
-    text = os.fspath(model)
+    return _from_path(os.fspath(model), weights, opts)
+
+
+def _from_path(text: str, weights, opts: _Options) -> UserModel:
+    """MODEL given as text: an ``.onnx``/``.pt2`` file or ``package.module:attribute``."""
     path = Path(text)
     suffix = path.suffix.lower()
     if path.is_file():
@@ -443,11 +448,11 @@ def _gpu_message(what: str, exc: BaseException) -> str | None:
 # ONNX
 
 
-def _from_onnx(path: Path, opts: _Options) -> UserModel:
+def _read_onnx(path: Path, what: str):
+    """The ONNX proto with its external weights loaded, and its provenance (sha256 of every file)."""
     import onnx
     from onnx import external_data_helper
 
-    what = f"MODEL {path}"
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise several types
@@ -462,21 +467,27 @@ def _from_onnx(path: Path, opts: _Options) -> UserModel:
             if e.key == "location"
         }
     )
-    if external:
-        source["external_data"] = {}
-        for name in external:
-            f = path.parent / name
-            if not f.is_file():
-                raise UserModelError(f"{what} keeps weights in {name}, which is not beside it")
-            source["external_data"][name] = file_sha256(f)
-        try:
-            external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except Exception as exc:  # noqa: BLE001
-            raise UserModelError(f"{what}: cannot read its external weights: {exc}") from None
+    if not external:
+        return proto, source
+    source["external_data"] = {}
+    for name in external:
+        f = path.parent / name
+        if not f.is_file():
+            raise UserModelError(f"{what} keeps weights in {name}, which is not beside it")
+        source["external_data"][name] = file_sha256(f)
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:  # noqa: BLE001
+        raise UserModelError(f"{what}: cannot read its external weights: {exc}") from None
+    return proto, source
 
-    graph = proto.graph
-    inits = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
+
+def _onnx_image_input(proto, what: str, opts: _Options):
+    """The graph's one float NCHW input: (input, numpy dtype, static batch or None, (C, H, W), channels)."""
+    import onnx
+
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs) or "none"
         raise UserModelError(f"{what} has {len(inputs)} inputs ({names}); the SDK needs one image input")
@@ -506,25 +517,28 @@ def _from_onnx(path: Path, opts: _Options) -> UserModel:
             f"with NCHW input"
         )
     c, h, w, channels = _resolve_shape(what, c, h, w, opts, "its ONNX input shape")
-    norm = opts.per_channel(c)
-    in_dtype = float_types[elem]
+    return inp, float_types[elem], batch, (c, h, w), channels
 
-    # Probe the original model: which outputs exist, which are float [B, K].
+
+def _from_onnx(path: Path, opts: _Options) -> UserModel:
+    what = f"MODEL {path}"
+    proto, source = _read_onnx(path, what)
+    inp, in_dtype, batch, (c, h, w), channels = _onnx_image_input(proto, what, opts)
+    norm = opts.per_channel(c)
     try:
         original = proto.SerializeToString()
     except ValueError as exc:
         raise UserModelError(
             f"{what} is larger than 2 GB once its external weights are inside: {exc}"
         ) from None
+    # probe the original model: which outputs exist, which are float [B, K]
     session = _session_or_error(original, what)
     nb = batch or _PROBE_BATCH
     x = _probe_inputs((c, h, w), nb)
-    x_in = (
-        x
-        if norm is None
-        else (x - np.asarray(norm[0], np.float32).reshape(1, c, 1, 1))
-        / np.asarray(norm[1], np.float32).reshape(1, c, 1, 1)
-    )
+    x_in = x
+    if norm is not None:
+        mean, std = (np.asarray(v, np.float32).reshape(1, c, 1, 1) for v in norm)
+        x_in = (x - mean) / std
     try:
         outs = session.run(None, {inp.name: x_in.astype(in_dtype)})
     except Exception as exc:  # noqa: BLE001
@@ -537,7 +551,6 @@ def _from_onnx(path: Path, opts: _Options) -> UserModel:
     _check_finite_probe(ref.astype(np.float64), what)
     kind, more = _output_kind(ref.astype(np.float64), opts.output_kind, f"{what} output {chosen!r}")
     notes += more
-
     canonical, fixed_batch, more = _canonical_onnx(
         proto, inp.name, in_dtype, chosen, (c, h, w), batch, norm, ref, x, what
     )
@@ -669,96 +682,23 @@ def _prune(graph, keep: str) -> None:
 
 
 def _canonical_onnx(proto, input_name, in_dtype, output, chw, batch, norm, ref, x, what):
-    """The canonical ONNX bytes, its fixed batch (None if dynamic) and notes."""
-    from onnx import TensorProto, helper, numpy_helper
+    """The canonical ONNX bytes, its fixed batch (None if dynamic) and notes.
 
-    c, h, w = chw
-    model = copy.deepcopy(proto)
-    graph = model.graph
-    _prune(graph, output)
-    del graph.value_info[:]  # shapes inferred for the old input/batch could contradict the new ones
-    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {
-        i.name for i in graph.initializer
-    }
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
-    pre = []
-    if norm is not None or in_dtype != np.float32:
-        raw = fresh(f"{input_name}__rrise_raw")
-        _rename_value(graph, input_name, raw)
-        cur = input_name
-        if norm is not None:
-            mean_name, std_name = fresh("rrise_mean"), fresh("rrise_std")
-            for name, vals in ((mean_name, norm[0]), (std_name, norm[1])):
-                graph.initializer.append(
-                    numpy_helper.from_array(np.asarray(vals, np.float32).reshape(1, c, 1, 1), name)
-                )
-            centred, scaled = (
-                fresh("rrise_centred"),
-                (raw if in_dtype == np.float32 else fresh("rrise_scaled")),
-            )
-            pre.append(helper.make_node("Sub", [cur, mean_name], [centred], name=fresh("rrise_sub_mean")))
-            pre.append(helper.make_node("Div", [centred, std_name], [scaled], name=fresh("rrise_div_std")))
-            cur = scaled
-        if in_dtype != np.float32:
-            to = TensorProto.FLOAT16 if in_dtype == np.float16 else TensorProto.DOUBLE
-            pre.append(helper.make_node("Cast", [cur], [raw], to=to, name=fresh("rrise_cast_input")))
-    post = []
-    out_vi = graph.output[0]
-    if out_vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raw_out = fresh(f"{output}__rrise_raw")
-        _rename_value(graph, output, raw_out)
-        post.append(
-            helper.make_node("Cast", [raw_out], [output], to=TensorProto.FLOAT, name=fresh("rrise_cast_out"))
-        )
-    nodes = pre + list(graph.node) + post
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if model.ir_version < 4:  # initializers had to be graph inputs then
-        for init in graph.initializer:
-            if init.name not in {i.name for i in graph.input}:
-                graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-
-    def set_io(batch_dim):
-        del_inputs = [i for i in graph.input if i.name == input_name]
-        for vi in del_inputs:
-            graph.input.remove(vi)
-        graph.input.insert(
-            0, helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch_dim, c, h, w])
-        )
-        k_dim = out_vi.type.tensor_type.shape.dim[1] if len(out_vi.type.tensor_type.shape.dim) == 2 else None
-        k = k_dim.dim_value if k_dim is not None and k_dim.HasField("dim_value") else int(ref.shape[1])
-        graph.output.pop()
-        graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch_dim, k]))
-
+    Canonical: one float32 NCHW input in [0, 1] (normalization and input casts inside), one float32
+    [B, K] output, a dynamic batch axis where the model allows one, outputs equal to the original's.
+    """
+    model = _rewrite_io(proto, input_name, in_dtype, output, chw[0], norm)
     probe = _probe_inputs(chw, _PROBE_BATCH)
-    k = min(len(ref), _PROBE_BATCH)  # ref's first rows are the same images as probe's
     forms = [None] if batch is None else [None, batch]  # a static batch: try to free it first
     last_error = None
     for fixed in forms:
-        set_io("batch" if fixed is None else fixed)
+        _set_io(model.graph, input_name, output, chw, "batch" if fixed is None else fixed, int(ref.shape[1]))
         try:
             data = model.SerializeToString()
         except ValueError as exc:
             raise UserModelError(f"{what} is larger than 2 GB: {exc}") from None
         try:
-            session = _session_or_error(data, what)
-            got = _run_fixed(session, probe, fixed)
-            if not np.allclose(got[:k], np.asarray(ref[:k], np.float32), rtol=1e-4, atol=1e-5):
-                diff = float(np.max(np.abs(got[:k] - ref[:k])))
-                raise ValueError(f"it differs from the original model (max |Δ| {diff:.3g})")
-            if fixed is None:  # any batch size: per-input results must not depend on the batch
-                alone = np.concatenate(
-                    [_run_fixed(session, probe[i : i + 1], None) for i in range(len(probe))]
-                )
-                if not np.allclose(got, alone, rtol=1e-4, atol=1e-5):
-                    raise ValueError("a batch gives other per-input outputs than single inputs")
+            _check_canonical(_session_or_error(data, what), probe, ref, fixed)
         except UserModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - this batch form does not work; try the next
@@ -778,6 +718,104 @@ def _canonical_onnx(proto, input_name, in_dtype, output, chw, batch, norm, ref, 
     raise UserModelError(
         f"{what}: the canonical model (normalization/casts added) does not run: {last_error}"
     )
+
+
+def _check_canonical(session, probe: np.ndarray, ref: np.ndarray, fixed: int | None) -> None:
+    """Raise ValueError unless the canonical model gives the original's outputs (``ref``) on ``probe``,
+    and, with a dynamic batch, the same per-input outputs in a batch as alone."""
+    k = min(len(ref), _PROBE_BATCH)  # ref's first rows are the same images as probe's
+    got = _run_fixed(session, probe, fixed)
+    if not np.allclose(got[:k], np.asarray(ref[:k], np.float32), rtol=1e-4, atol=1e-5):
+        diff = float(np.max(np.abs(got[:k] - ref[:k])))
+        raise ValueError(f"it differs from the original model (max |Δ| {diff:.3g})")
+    if fixed is None:
+        alone = np.concatenate([_run_fixed(session, probe[i : i + 1], None) for i in range(len(probe))])
+        if not np.allclose(got, alone, rtol=1e-4, atol=1e-5):
+            raise ValueError("a batch gives other per-input outputs than single inputs")
+
+
+def _rewrite_io(proto, input_name: str, in_dtype, output: str, c: int, norm):
+    """A copy of ``proto`` pruned to ``output``, with normalization and casts to and from float32 added."""
+    from onnx import TensorProto, helper
+
+    model = copy.deepcopy(proto)
+    graph = model.graph
+    _prune(graph, output)
+    del graph.value_info[:]  # shapes inferred for the old input/batch could contradict the new ones
+    fresh = _fresh_names(graph)
+    pre = _input_nodes(graph, input_name, in_dtype, c, norm, fresh)
+    post = []
+    if graph.output[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raw_out = fresh(f"{output}__rrise_raw")
+        _rename_value(graph, output, raw_out)
+        post.append(
+            helper.make_node("Cast", [raw_out], [output], to=TensorProto.FLOAT, name=fresh("rrise_cast_out"))
+        )
+    nodes = pre + list(graph.node) + post
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if model.ir_version < 4:  # initializers had to be graph inputs then
+        for init in graph.initializer:
+            if init.name not in {i.name for i in graph.input}:
+                graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+def _fresh_names(graph):
+    """A function giving names no node, value or initializer of ``graph`` uses yet."""
+    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {
+        i.name for i in graph.initializer
+    }
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    return fresh
+
+
+def _input_nodes(graph, input_name: str, in_dtype, c: int, norm, fresh) -> list:
+    """Nodes that take float32 [0, 1] pixels at ``input_name`` to what the model expects (normalized,
+    cast); the model's own input is renamed. Empty when it already takes float32 [0, 1] pixels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if norm is None and in_dtype == np.float32:
+        return []
+    raw = fresh(f"{input_name}__rrise_raw")
+    _rename_value(graph, input_name, raw)
+    pre, cur = [], input_name
+    if norm is not None:
+        mean_name, std_name = fresh("rrise_mean"), fresh("rrise_std")
+        for name, vals in ((mean_name, norm[0]), (std_name, norm[1])):
+            graph.initializer.append(
+                numpy_helper.from_array(np.asarray(vals, np.float32).reshape(1, c, 1, 1), name)
+            )
+        centred = fresh("rrise_centred")
+        scaled = raw if in_dtype == np.float32 else fresh("rrise_scaled")
+        pre.append(helper.make_node("Sub", [cur, mean_name], [centred], name=fresh("rrise_sub_mean")))
+        pre.append(helper.make_node("Div", [centred, std_name], [scaled], name=fresh("rrise_div_std")))
+        cur = scaled
+    if in_dtype != np.float32:
+        to = TensorProto.FLOAT16 if in_dtype == np.float16 else TensorProto.DOUBLE
+        pre.append(helper.make_node("Cast", [cur], [raw], to=to, name=fresh("rrise_cast_input")))
+    return pre
+
+
+def _set_io(graph, input_name: str, output: str, chw, batch_dim, k_probe: int) -> None:
+    """Declare the graph's input as float32 [batch_dim, C, H, W] and its output as float32 [batch_dim, K]."""
+    from onnx import TensorProto, helper
+
+    c, h, w = chw
+    for vi in [i for i in graph.input if i.name == input_name]:
+        graph.input.remove(vi)
+    graph.input.insert(0, helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch_dim, c, h, w]))
+    dims = graph.output[0].type.tensor_type.shape.dim
+    k = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else k_probe
+    graph.output.pop()
+    graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch_dim, k]))
 
 
 def _run_fixed(session, x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
@@ -894,17 +932,7 @@ def _from_module(
     net.eval()
     nb = b0 or _PROBE_BATCH
     x = _probe_inputs((c, h, w), nb)
-    device = _device_of(net)
-    try:
-        with torch.inference_mode():
-            raw = net(torch.from_numpy(x).to(device))
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward
-        gpu = _gpu_message(what, exc)
-        raise UserModelError(
-            gpu
-            or f"{what} fails on a [{nb}, {c}, {h}, {w}] float32 input ({channels}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+    raw = _probe_forward(net, x, what, channels)
     listing = _torch_outputs(raw, nb)
     names = [n or "output" for n, _ in listing]
     values = [v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v for _, v in listing]
@@ -924,13 +952,8 @@ def _from_module(
     notes += more
     data, more = _export_module(net, (c, h, w), b0, ref, x, what, kind)
     if data is None and export_twin is not None:
-        try:
-            twin = export_twin((c, h, w))
-        except Exception:  # noqa: BLE001 - no twin either: keep the first failure's note
-            twin = None
+        twin = _twin_of(export_twin, (c, h, w), norm, select)
         if twin is not None:
-            twin = twin if norm is None else _with_normalize(twin, norm, c)
-            twin = (twin if select is None else _Select(twin, select)).eval()
             data, twin_notes = _export_module(twin, (c, h, w), b0, ref, x, what, kind)
             if data is not None:
                 more = []
@@ -949,6 +972,31 @@ def _from_module(
         source=source,
         notes=tuple(notes),
     )
+
+
+def _probe_forward(net: nn.Module, x: np.ndarray, what: str, channels: str):
+    """The module's raw output on the probe batch ``x``; a failure is a :class:`UserModelError`."""
+    try:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x).to(_device_of(net)))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward
+        gpu = _gpu_message(what, exc)
+        shape = ", ".join(map(str, x.shape))
+        raise UserModelError(
+            gpu or f"{what} fails on a [{shape}] float32 input ({channels}): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _twin_of(export_twin, chw, norm, select) -> nn.Module | None:
+    """The export twin for ``chw`` wrapped like the module (normalization, output selection), or None."""
+    try:
+        twin = export_twin(chw)
+    except Exception:  # noqa: BLE001 - no twin either: keep the first failure's note
+        return None
+    if twin is None:
+        return None
+    twin = twin if norm is None else _with_normalize(twin, norm, chw[0])
+    return (twin if select is None else _Select(twin, select)).eval()
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -1013,27 +1061,8 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> list[str]:
     what = f"--weights {path}"
     if not path.is_file():
         raise UserModelError(f"{what} does not exist")
-    notes = []
-    if path.suffix.lower() == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserModelError(
-                f"{what}: reading .safetensors needs the safetensors package (pip install safetensors)"
-            ) from None
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise UserModelError(f"{what} is not a readable .safetensors file: {exc}") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserModelError(
-                f"{what} cannot be read with torch.load(weights_only=True) ({first}); save "
-                f"model.state_dict() (not the whole pickled model), or use .safetensors"
-            ) from None
+    notes: list[str] = []
+    state = _read_state(path, what)
     if isinstance(state, dict) and not _is_state_dict(state):
         nested = [
             k for k in _NESTED_STATE_KEYS if isinstance(state.get(k), dict) and _is_state_dict(state[k])
@@ -1054,6 +1083,40 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> list[str]:
     ):
         state = {k[len("module.") :]: v for k, v in state.items()}
         notes.append(f"{what}: stripped the 'module.' prefix (a DataParallel checkpoint)")
+    _check_fits(state, expected, what)
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - dtype or other mismatch
+        raise UserModelError(f"{what} does not fit the module: {exc}") from None
+    return notes
+
+
+def _read_state(path: Path, what: str):
+    """The object a weights file holds: ``.safetensors`` read as tensors, anything else with
+    ``torch.load(weights_only=True)`` (never the full unpickler)."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserModelError(
+                f"{what}: reading .safetensors needs the safetensors package (pip install safetensors)"
+            ) from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise UserModelError(f"{what} is not a readable .safetensors file: {exc}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserModelError(
+            f"{what} cannot be read with torch.load(weights_only=True) ({first}); save "
+            f"model.state_dict() (not the whole pickled model), or use .safetensors"
+        ) from None
+
+
+def _check_fits(state: dict, expected: dict, what: str) -> None:
+    """Raise naming the first key that is missing, extra or of another shape."""
     for key, value in expected.items():
         if key not in state:
             raise UserModelError(f"{what} does not fit the module: key {key!r} is missing from the file")
@@ -1068,11 +1131,6 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> list[str]:
         raise UserModelError(
             f"{what} does not fit the module: the file has key {extra[0]!r}, which the module lacks"
         )
-    try:
-        module.load_state_dict(state, strict=True)
-    except Exception as exc:  # noqa: BLE001 - dtype or other mismatch
-        raise UserModelError(f"{what} does not fit the module: {exc}") from None
-    return notes
 
 
 def _is_state_dict(d: dict) -> bool:
@@ -1165,8 +1223,53 @@ def _from_factory(text: str, module_name: str, attr: str, weights, opts: _Option
     return um
 
 
+def check_pt2_has_no_code(path: Path, what: str) -> None:
+    """Refuse a ``torch.export`` archive whose loading would unpickle anything but plain tensors.
+
+    ``torch.export.load`` unpickles some members with ``weights_only=False`` (payloads saved with
+    pickle, legacy weight files, sample inputs that fail the safe loader) and custom or opaque
+    objects with the full unpickler: a crafted archive runs code there. Every such member must load
+    with ``torch.load(weights_only=True)`` here first; custom and opaque objects are refused.
+    """
+    from torch.export.pt2_archive import constants as k
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    try:
+        reader = PT2ArchiveReader(str(path))
+        names = list(reader.get_file_names())
+    except Exception as exc:  # noqa: BLE001
+        raise UserModelError(f"{what} is not a readable torch.export archive: {exc}") from None
+    pickled = [n for n in names if n.startswith(k.SAMPLE_INPUTS_DIR)]
+    pickled += [n for n in names if n.startswith((k.WEIGHTS_DIR, k.CONSTANTS_DIR)) and n.endswith(".pt")]
+    for name in names:
+        if not name.startswith((k.WEIGHTS_DIR, k.CONSTANTS_DIR)) or not name.endswith("_config.json"):
+            continue
+        try:
+            entries = json.loads(reader.read_string(name)).get("config", {}).values()
+        except (ValueError, AttributeError) as exc:
+            raise UserModelError(f"{what}: {name} is not a valid payload config: {exc}") from None
+        for entry in entries:
+            member = entry.get("path_name", "") if isinstance(entry, dict) else ""
+            if member.startswith((k.CUSTOM_OBJ_FILENAME_PREFIX, k.OPAQUE_OBJ_FILENAME_PREFIX)):
+                raise UserModelError(
+                    f"{what} holds a Python object ({member}) that loads by unpickling, which could run "
+                    f"code: export the model with tensors only, or use its ONNX"
+                )
+            if isinstance(entry, dict) and entry.get("use_pickle"):
+                pickled.append(name.rsplit("/", 1)[0] + "/" + member)
+    for name in pickled:
+        try:
+            torch.load(io.BytesIO(reader.read_bytes(name)), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UserModelError(
+                f"{what}: {name} does not load as plain tensors (torch.load(weights_only=True): "
+                f"{str(exc).splitlines()[0]}); refusing to unpickle it"
+            ) from None
+
+
 def _from_pt2(path: Path, opts: _Options) -> UserModel:
     what = f"MODEL {path}"
+    check_pt2_has_no_code(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

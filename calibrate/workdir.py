@@ -8,6 +8,7 @@ test split.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from rrise.fileio import atomic_write_json, read_json
 
 from .profiles import Profile, get_profile
 
-__all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec"]
+__all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec", "recorded_config"]
 
 # One seed per random stream of a work folder: 1000 × seed + stream.
 SEED_STREAMS = {"targets": 1, "selection": 2, "calibration": 3, "cohen": 4, "rules": 5, "reference": 6}
@@ -41,9 +42,41 @@ class RunConfig:
     # (see :mod:`rrise.calibrate.building`); None for the built-in datasets.
     user: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        """Every value checked before anything is written: a bad one raises ValueError naming it."""
+        sigma = self.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
+            raise ValueError(f"sigma must be a finite number > 0 ([0,1]-pixel units), got {sigma!r}")
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0 ([0,1]-pixel units), got {sigma!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset must be a name, got {self.dataset!r}")
+        self.prof  # noqa: B018 - an unknown profile raises here, naming it
+
     @property
     def prof(self) -> Profile:
         return get_profile(self.profile, self.dataset)
+
+
+def recorded_config(root: str | os.PathLike) -> dict[str, Any]:
+    """The configuration ``root/run.json`` records (``{}`` for a new folder); ValueError naming the
+    file when it is not what this version writes (a truncated or hand-edited file)."""
+    meta = Path(root) / "run.json"
+    try:
+        data = read_json(meta)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(
+            f"{meta} cannot be read ({exc}); it records what the folder was made with: "
+            "restore it, or use another --workdir"
+        ) from None
+    if data is None:
+        return {}
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{meta} has no 'config' object; restore it, or use another --workdir")
+    return config
 
 
 @dataclass
@@ -60,13 +93,15 @@ class Workdir:
     def open(cls, root: str | os.PathLike, config: RunConfig, **kw: Any) -> Workdir:
         """Create or reopen ``root``; refuse to mix a folder's outputs with another configuration."""
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"work folder {root} is a file; give a folder")
         meta = root / "run.json"
         wanted = {k: getattr(config, k) for k in _CONFIG_KEYS}
         if config.user is not None:
             wanted["user"] = config.user
-        have = (read_json(meta) or {}).get("config")
+        have = recorded_config(root) or None  # RunConfig validated every value before this
         if have is None:
+            root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(meta, {"config": wanted, "stage_seconds": {}})
         else:
             diff = [

@@ -7,7 +7,9 @@ latest one. Each control tick reads that record and acts only on a certified, fr
 prediction whose radius covers the perturbations it must tolerate.
 
     python examples/robot_loop.py --bundle runs/demo/bundle --video runs/demo/demo_video.avi
-    python examples/robot_loop.py --bundle runs/demo/bundle --camera 0 --publish tcp://*:5555
+    rrise keys robot --kind curve      # once: robot.curve.key stays here, robot.curve.pub to consumers
+    python examples/robot_loop.py --bundle runs/demo/bundle --camera 0 \
+        --publish tcp://192.168.1.10:5555 --curve-secret robot.curve.key
 
 Frames here come from a video or a camera through OpenCV; on a robot they come from its driver.
 """
@@ -78,7 +80,8 @@ def main() -> None:
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--video")
     group.add_argument("--camera", type=int)
-    ap.add_argument("--publish", default=None, help="also publish records, e.g. tcp://*:5555")
+    ap.add_argument("--publish", default=None, help="also publish records, e.g. tcp://192.168.1.10:5555")
+    ap.add_argument("--curve-secret", default=None, help="encrypt what is published (a .curve.key file)")
     ap.add_argument("--fps", type=float, default=30.0, help="camera rate")
     ap.add_argument("--control-hz", type=float, default=10.0)
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -96,7 +99,7 @@ def main() -> None:
         with (
             Runtime(args.bundle) as rt,
             rt.stream(source) as stream,
-            open_sinks(publish=args.publish) as sinks,
+            open_sinks(publish=args.publish, curve_secret=args.curve_secret) as sinks,
         ):
             for record in stream:  # frame records, and a status record every second
                 sinks.send(record)

@@ -78,9 +78,9 @@ class SmallResNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(num_classes: int = 10) -> nn.Module:
+def build_model(num_classes: int = 10, width: int = 16) -> nn.Module:
     """The factory ``train_own_classifier:build_model`` (weights: ``--weights OUT/model_state.pt``)."""
-    return SmallResNet(num_classes)
+    return SmallResNet(num_classes, width=width)
 
 
 def load_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -99,101 +99,109 @@ def load_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str
                     im = im.resize((size, size), Image.BILINEAR)
                 images.append(np.asarray(im, dtype=np.uint8))
             labels.append(index)
-    x = np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    # NCHW in memory too: a transposed (channels-last) array makes CPU training many times slower
+    x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
     return x, np.asarray(labels, dtype=np.int64), classes
 
 
-def main(argv: list[str] | None = None) -> dict:
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    """SGD with a one-cycle schedule, horizontal flips and Gaussian noise at σ in [0, 1]-pixel space."""
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = max(1, args.epochs * -(-len(y) // args.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(y))
+        total = 0.0
+        for idx in perm.split(args.batch_size):
+            xb = x[idx]
+            if torch.rand(()) < 0.5:
+                xb = xb.flip(3)  # horizontal flip
+            xb = xb + args.sigma * torch.randn_like(xb)  # noise in [0, 1]-pixel space, as smoothing adds it
+            loss = F.cross_entropy(model(normalize(xb)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / max(len(y), 1):.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float) -> tuple[float, float]:
+    """Accuracy on ``x`` clean and under Gaussian noise at ``sigma`` (NaN when ``x`` is empty)."""
+    if not len(y):
+        return float("nan"), float("nan")
+    clean = float((model(normalize(x)).argmax(1) == y).float().mean())
+    noisy = float((model(normalize(x + sigma * torch.randn_like(x))).argmax(1) == y).float().mean())
+    return clean, noisy
+
+
+def export(model: nn.Module, out: Path, size: int, pt2: bool, state_dict: bool) -> list[str]:
+    """Write ``model.onnx`` (dynamic batch), and ``model.pt2`` / ``model_state.pt`` when asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 3, size, size),), str(out / "model.onnx"), dynamo=False,
+        input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+    written = ["model.onnx"]
+    if pt2:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        program = torch.export.export(model, (torch.zeros(2, 3, size, size),), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(out / "model.pt2"))
+        written.append("model.pt2")
+    if state_dict:
+        torch.save(model.state_dict(), out / "model_state.pt")
+        written.append("model_state.pt")
+    return written
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="ImageFolder of training images")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise σ in [0, 1]-pixel units")
     ap.add_argument("--size", type=int, default=32, help="input height and width")
+    ap.add_argument("--width", type=int, default=16, help="channels of the first stage (16, 32, 64 wide)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--pt2", action="store_true", help="also write a torch.export archive")
     ap.add_argument("--state-dict", action="store_true", help="also write the state_dict")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     x, y, classes = load_folder(args.data, args.size)
-    order = np.random.default_rng(args.seed).permutation(len(y))
+    order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(y)))
     n_val = int(len(y) * args.val_fraction)
     val, tr = order[:n_val], order[n_val:]
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    model = build_model(len(classes))
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = max(1, args.epochs * -(-len(tr) // args.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model = build_model(len(classes), args.width)
     t0 = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.from_numpy(np.random.permutation(tr))
-        total = 0.0
-        for start in range(0, len(perm), args.batch_size):
-            idx = perm[start : start + args.batch_size]
-            xb = xt[idx]
-            if torch.rand(()) < 0.5:
-                xb = xb.flip(3)  # horizontal flip
-            xb = xb + args.sigma * torch.randn_like(xb)  # noise in [0, 1]-pixel space, as smoothing adds it
-            loss = F.cross_entropy(model((xb - mean) / std), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss) * len(idx)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / max(len(tr), 1):.3f}")
-    model.eval()
-    with torch.no_grad():
-        xv = (xt[val] - mean) / std
-        clean = float((model(xv).argmax(1) == yt[val]).float().mean()) if len(val) else float("nan")
-        noisy_in = (xt[val] + args.sigma * torch.randn_like(xt[val]) - mean) / std
-        noisy = float((model(noisy_in).argmax(1) == yt[val]).float().mean()) if len(val) else float("nan")
+    train(model, xt[tr], yt[tr], args)
+    seconds = round(time.perf_counter() - t0, 1)
+    clean, noisy = accuracy(model, xt[val], yt[val], args.sigma)
     print(f"validation accuracy: clean {clean:.3f}, under noise σ={args.sigma} {noisy:.3f}")
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    sample = torch.zeros(1, 3, args.size, args.size)
-    torch.onnx.export(
-        model,
-        (sample,),
-        str(args.out / "model.onnx"),
-        dynamo=False,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-    )
-    written = ["model.onnx"]
-    if args.pt2:
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        program = torch.export.export(
-            model, (torch.zeros(2, 3, args.size, args.size),), dynamic_shapes=({0: batch},)
-        )
-        torch.export.save(program, str(args.out / "model.pt2"))
-        written.append("model.pt2")
-    if args.state_dict:
-        torch.save(model.state_dict(), args.out / "model_state.pt")
-        written.append("model_state.pt")
+    written = export(model, args.out, args.size, args.pt2, args.state_dict)
     info = {
-        "classes": classes,
-        "mean": list(MEAN),
-        "std": list(STD),
-        "input_size": [args.size, args.size],
-        "channels": "rgb",
-        "sigma": args.sigma,
-        "epochs": args.epochs,
-        "train_images": int(len(tr)),
-        "val_accuracy_clean": clean,
-        "val_accuracy_noisy": noisy,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "files": written,
-    }
+        "classes": classes, "mean": list(MEAN), "std": list(STD), "input_size": [args.size, args.size],
+        "channels": "rgb", "sigma": args.sigma, "epochs": args.epochs, "width": args.width,
+        "train_images": len(tr), "val_accuracy_clean": clean, "val_accuracy_noisy": noisy,
+        "seconds": seconds, "files": written,
+    }  # fmt: skip
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {', '.join(written)} to {args.out}")
     return info

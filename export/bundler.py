@@ -28,7 +28,7 @@ from rrise import __version__
 from rrise.bundle import GUARANTEE, MANIFEST, SCHEMA_VERSION, Bundle, BundleError, sha256_file, write_manifest
 from rrise.calibration import Calibration
 from rrise.fileio import load_npz, umask
-from rrise.numerics import MICRO_BATCH_LIMIT, softmax
+from rrise.numerics import MICRO_BATCH_LIMIT, to_probs
 from rrise.onnx_session import open_session
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME
@@ -43,6 +43,7 @@ __all__ = [
     "onnx_probs_runner",
     "recalibrate_variant",
     "variant_recalibration",
+    "verify_quantiles",
 ]
 
 SURROGATE_FILE = "surrogate.onnx"
@@ -61,14 +62,17 @@ def default_preprocess(input_shape: tuple[int, int, int]) -> dict[str, Any]:
     return {"color": "gray" if c == 1 else "rgb", "resize": [h, w], "interpolation": "area", "layout": "NCHW"}
 
 
-def onnx_probs_runner(path: str | os.PathLike, calibrated_with: str = "onnxruntime-cpu"):
+def onnx_probs_runner(
+    path: str | os.PathLike, calibrated_with: str = "onnxruntime-cpu", output_kind: str = "logits"
+):
     """A function ``[B, C, H, W] float32 → [B, K] float64 probabilities`` running the ONNX model at
-    ``path`` exactly as a variant ``calibrated_with`` this runs at deployment (one session factory)."""
+    ``path`` exactly as a variant ``calibrated_with`` this runs at deployment (one session factory),
+    its output read as ``output_kind`` (``logits`` or ``probs``) as the runtime reads it."""
     session = open_session(path, calibrated_with)
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return softmax(session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
+        return to_probs(session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0], output_kind)
 
     return run
 
@@ -302,10 +306,12 @@ def _variant_entry(
     *,
     calibrated_with: str,
     max_batch: int,
+    images: np.ndarray,
     **extra: Any,
 ) -> dict[str, Any]:
     """A calibrated variant's manifest entry: its own quantile(s), the numerics they hold for
-    (``calibrated_with``, ``max_batch``) and the calibration-time reference of the shift monitor."""
+    (``calibrated_with``, ``max_batch``) and the calibration-time reference of the shift monitor
+    (``images``: the calibration inputs ``probs`` were computed on)."""
     if not math.isfinite(cal.quantile):
         raise ValueError(f"the {precision}/{backend} variant's quantile is infinite: it would always abstain")
     return {
@@ -316,7 +322,7 @@ def _variant_entry(
         **_variant_quantile_keys(cal),
         "calibrated_with": calibrated_with,
         "max_batch": int(max_batch),
-        "monitor": _monitor_entry(probs, cal),
+        "monitor": _monitor_entry(probs, cal, images),
         **extra,
     }
 
@@ -382,6 +388,7 @@ def build_bundle(
         calibration.recalibrate(probs, counts, surrogate_sha256=calibration.surrogate_sha256),
         calibrated_with="onnxruntime-cpu",
         max_batch=max_batch,
+        images=images,
     )
     manifest = _manifest(
         calibration,
@@ -402,12 +409,14 @@ def build_bundle(
     return Bundle.load(out_dir)
 
 
-def _monitor_entry(probs: np.ndarray, calibration: Calibration) -> dict[str, Any]:
+def _monitor_entry(probs: np.ndarray, calibration: Calibration, images: np.ndarray) -> dict[str, Any]:
     """A variant's ``monitor`` entry: the calibration-time distribution of its top-class
-    probability and abstentions, for the runtime's distribution-shift alarm (rrise.monitor)."""
+    probability and abstentions, for the runtime's distribution-shift alarm (rrise.monitor), and
+    its ``ood`` reference for the per-frame out-of-distribution p-value (rrise.ood), both from this
+    variant's own ``probs`` on the calibration ``images``."""
     from rrise.monitor import reference_from_probs
 
-    return reference_from_probs(probs, calibration)
+    return reference_from_probs(probs, calibration, images=images)
 
 
 def variant_recalibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
@@ -484,7 +493,9 @@ def add_variant(
     ``probs=None`` records a variant that could not be run here: its ``quantile`` is null and
     ``extra`` must say why in ``needs_recalibration``; the runtime refuses it until it is
     recalibrated where it can run. The bundle is rebuilt in a hard-linked copy and renamed into
-    place, so readers see the old bundle or the new one. Raises ValueError if the quantile is infinite.
+    place, so readers see the old bundle or the new one. The manifest changes, so a signature
+    (``manifest.sig``) no longer holds and is not carried over: sign the result again
+    (:func:`rrise.signing.sign_bundle`). Raises ValueError if the quantile is infinite.
     """
     bundle = Bundle.load(bundle_dir)
     src = Path(file)
@@ -498,6 +509,7 @@ def add_variant(
             )
         extra.pop("needs_recalibration", None)
         cal = variant_recalibration(bundle, probs)
+        images = load_npz(bundle.file(CALIBRATION_FILE), ("images",), "calibration file")["images"]
         entry = _variant_entry(
             precision,
             backend,
@@ -506,6 +518,7 @@ def add_variant(
             cal,
             calibrated_with=calibrated_with,
             max_batch=max_batch,
+            images=images,
             **extra,
         )
     manifest, keep_files = _variant_manifest(bundle, entry)
@@ -522,3 +535,72 @@ def add_variant(
 
     _publish_folder(bundle.path, fill, manifest, overwrite=True)
     return Bundle.load(bundle.path)
+
+
+# --- rrise inspect --verify ---------------------------------------------------------------------------
+NOT_VERIFIABLE = "not verifiable on this machine"
+
+
+def verify_quantiles(bundle: Bundle) -> list[dict[str, Any]]:
+    """Recompute every variant's quantile from ``calibration.npz`` and that variant's own model, as
+    it was calibrated (batch-1 outputs on the numerics of its ``calibrated_with``), and compare.
+
+    One result per variant: ``variant`` (precision/backend), ``file``, ``status`` (``ok``,
+    ``mismatch``, ``uncalibrated`` or :data:`NOT_VERIFIABLE` for a TensorRT engine or numerics this
+    machine lacks), ``recorded`` and ``recomputed`` quantiles, and ``detail`` (what differs, or why
+    it cannot be checked). A variant is ``ok`` only when its quantile (and each confidence-bin
+    quantile) agrees to 1e-6 and its ``max_batch`` is reproduced."""
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; its quantiles cannot be verified")
+    counts, images = _read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    record = bundle.calibration()
+    _check_calibration_arrays(counts, images, record, tuple(images.shape[1:]))
+    if counts.shape[1] != bundle.num_classes:
+        raise BundleError(
+            f"{CALIBRATION_FILE} of bundle {bundle.path} counts {counts.shape[1]} classes, but the "
+            f"manifest says num_classes = {bundle.num_classes}"
+        )
+    return [_verify_variant(bundle, v, images, counts, record) for v in bundle.manifest["variants"]]
+
+
+def _verify_variant(
+    bundle: Bundle, v: dict[str, Any], images: np.ndarray, counts: np.ndarray, record: Calibration
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "variant": f"{v['precision']}/{v['backend']}",
+        "file": v["file"],
+        "recorded": v["quantile"],
+        "recomputed": None,
+    }
+    if v["quantile"] is None:
+        return {**out, "status": "uncalibrated", "detail": v.get("needs_recalibration")}
+    if v["backend"] == "tensorrt":
+        why = "a TensorRT engine runs only where it was built; rebuild it there to recompute its quantile"
+        return {**out, "status": NOT_VERIFIABLE, "detail": why}
+    kind = v.get("output_kind") or bundle.manifest["model"]["output"]["kind"]
+    try:
+        run = onnx_probs_runner(bundle.file(v["file"]), v["calibrated_with"], output_kind=kind)
+    except RuntimeError as exc:  # e.g. onnxruntime-cuda numerics on a machine without CUDA
+        return {**out, "status": NOT_VERIFIABLE, "detail": str(exc)}
+    probs, max_batch = calibration_outputs(run, images)
+    fresh = record.recalibrate(probs, counts)
+    recorded = bundle.calibration(v)
+    out["recomputed"] = fresh.quantile
+    differs = [
+        f"{name} {a:.9g} recorded, {b:.9g} recomputed"
+        for name, a, b in [
+            ("quantile", recorded.quantile, fresh.quantile),
+            *(
+                (f"bin_quantiles[{i}]", a, b)
+                for i, (a, b) in enumerate(zip(recorded.bin_quantiles, fresh.bin_quantiles))
+            ),
+        ]
+        if not (a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6))
+    ]
+    if int(v["max_batch"]) > max_batch:
+        differs.append(
+            f"max_batch {v['max_batch']} recorded, but only batch size {max_batch} reproduces its outputs"
+        )
+    if differs:
+        return {**out, "status": "mismatch", "detail": "; ".join(differs)}
+    return {**out, "status": "ok", "detail": None}

@@ -1,15 +1,18 @@
 """``rrise-export`` (also ``rrise export``): a calibrated surrogate → a deployable bundle.
 
-Two verbs, each parse → call → print; the work is in the export modules:
+Three verbs, each parse → call → print; the work is in the export modules:
 
 - ``rrise-export build``: surrogate + calibration → an fp32 bundle
   (:func:`rrise.export.from_surrogate.export_bundle`).
 - ``rrise-export add-variant``: an int8/fp16 variant and/or a TensorRT engine, each with its own
   quantile (:func:`rrise.export.variants.add_to_bundle`).
+- ``rrise-export sign``: sign a bundle as it is (:func:`rrise.signing.sign_bundle`); ``build`` and
+  ``add-variant`` also take ``--sign KEY``.
 
-The flat form ``rrise-export [--surrogate … --out …] [--bundle B] [--precision P] [--engine tensorrt]``
-(DESIGN.md §3) dispatches to them: with ``--bundle`` it adds to that bundle, else it builds one (and
-then adds the ``--precision``/``--engine`` variant to it). Importing this module is cheap (typer
+The flat form ``rrise-export [--surrogate … --out …] [--bundle B] [--precision P] [--engine tensorrt]
+[--sign KEY]`` (DESIGN.md §3) dispatches to them: with ``--bundle`` it adds to that bundle (or, with
+only ``--sign``, signs it), else it builds one (and then adds the ``--precision``/``--engine``
+variant to it). Importing this module is cheap (typer
 and numpy): numpy, torch, onnx and TensorRT are imported inside the commands, so ``rrise`` can mount it.
 """
 
@@ -74,6 +77,14 @@ DatasetOpt = Annotated[
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")]
+SignOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign",
+        help="Ed25519 private key (KEY.key from `rrise keys KEY --kind signing`, PEM or raw): sign the "
+        "bundle's manifest into manifest.sig, which `rrise run/inspect --trust KEY.pub` check.",
+    ),
+]
 BundleOpt = Annotated[
     Path | None,
     typer.Option(
@@ -204,6 +215,36 @@ def _print_bundle(bundle, result=None) -> None:
             )
 
 
+def _signing_key(sign: Path | None):
+    """The private key in ``sign`` (None when not given), read before anything is built."""
+    if sign is None:
+        return None
+    from rrise.signing import load_private_key
+
+    return load_private_key(sign)
+
+
+def _sign(bundle_dir: Path, key, was_signed: bool = False) -> None:
+    """Sign the bundle with ``key``; without one, say that a signature the rewrite dropped is gone."""
+    if key is None:
+        if was_signed:
+            typer.echo(
+                "note: the bundle was signed, but its manifest changed, so the old signature no longer "
+                "holds and was removed; sign it again with --sign KEY"
+            )
+        return
+    from rrise.signing import key_fingerprint, sign_bundle
+
+    path = sign_bundle(bundle_dir, key)
+    typer.echo(f"signed    {path.name} by key {key_fingerprint(key.public_key())}")
+
+
+def _was_signed(bundle_dir: Path | None) -> bool:
+    from rrise.manifest_schema import SIGNATURE
+
+    return bundle_dir is not None and (bundle_dir / SIGNATURE).is_file()
+
+
 def _engine_info(engine: EngineKind | None) -> dict[str, Any] | None:
     """This machine's TensorRT and GPU, looked up before anything is written (exit 1 without them)."""
     if engine is None:
@@ -257,21 +298,24 @@ def build_command(
     labels: LabelsOpt = None,
     dataset: DatasetOpt = None,
     overwrite: OverwriteOpt = False,
+    sign: SignOpt = None,
 ) -> None:
     r"""Build a bundle from a surrogate and its conformal calibration: ONNX export, torch/ONNX
-    parity, σ cross-check, fp32 variant with its own quantile, manifest.
+    parity, σ cross-check, fp32 variant with its own quantile, manifest; with --sign, its signature.
 
     Example:
 
         rrise-export build --surrogate runs/demo/surrogate.pt --base runs/demo/base.onnx \
             --calibration runs/demo/calibration.npz --calibration-record runs/demo/calibration.json \
-            --out runs/demo/bundle
+            --out runs/demo/bundle --sign keys/release.key
 
     Then add precision variants and engines with `rrise-export add-variant`.
     """
     with _errors():
+        key = _signing_key(sign)
         result = _build(surrogate, base, calibration, calibration_record, out, labels, dataset, overwrite)
-    _print_bundle(result.bundle, result)
+        _print_bundle(result.bundle, result)
+        _sign(result.bundle.path, key)
 
 
 @app.command("add-variant")
@@ -283,9 +327,11 @@ def add_variant_command(
     quant_samples: QuantSamplesOpt = DEFAULT_QUANT_SAMPLES,
     timing_cache: TimingCacheOpt = None,
     max_batch: MaxBatchOpt = MICRO_BATCH_LIMIT,
+    sign: SignOpt = None,
 ) -> None:
     r"""Add an int8/fp16 variant or a TensorRT engine to a bundle, each recalibrated from its own
     outputs on the calibration inputs at the runtime's batch sizes; the bundle is rewritten atomically.
+    The manifest changes, so a signature is dropped (and said so) unless --sign signs it again.
 
     Example:
 
@@ -297,6 +343,8 @@ def add_variant_command(
     """
     _check_variant_options(precision, engine, quant_data, new_bundle=False)
     with _errors():
+        key = _signing_key(sign)
+        was_signed = _was_signed(bundle_dir)
         trt_info = _engine_info(engine)
         quant = None
         if quant_data is not None:
@@ -309,7 +357,30 @@ def add_variant_command(
             quant = selection_images(quant_data, cal_npz, max_images=quant_samples)
         name = None if quant_data is None else quant_data.name
         bundle = _add(bundle_dir, precision, engine, quant, name, timing_cache, max_batch, trt_info)
-    _print_bundle(bundle)
+        _print_bundle(bundle)
+        _sign(bundle.path, key, was_signed)
+
+
+@app.command("sign")
+def sign_command(
+    bundle_dir: Annotated[Path, typer.Option("--bundle", file_okay=False, help="The bundle to sign.")],
+    sign: Annotated[Path, typer.Option("--sign", help="Ed25519 private key (KEY.key from `rrise keys`).")],
+) -> None:
+    r"""Sign a bundle as it is: its verified manifest, into manifest.sig (replacing any older
+    signature); the manifest and the bundle id do not change.
+
+    Example:
+
+        rrise-export sign --bundle runs/demo/bundle --sign keys/release.key
+    """
+    from rrise.bundle import Bundle
+
+    with _errors():
+        key = _signing_key(sign)
+        bundle = Bundle.load(bundle_dir)
+        typer.echo(f"bundle    {bundle.path.resolve()}")
+        typer.echo(f"id        {bundle.id}")
+        _sign(bundle.path, key)
 
 
 # --- the flat form --------------------------------------------------------------------------------
@@ -325,12 +396,15 @@ def _refuse_options_before(ctx: typer.Context) -> None:
         )
 
 
-def _build_and_add(build_args: tuple, precision, engine, quant_data, quant_samples, timing_cache, max_batch):
+def _build_and_add(
+    build_args: tuple, precision, engine, quant_data, quant_samples, timing_cache, max_batch, sign
+):
     """The flat form without --bundle: build, then add the --precision/--engine variant. TensorRT
     and the quantization data are checked before the bundle is built."""
     _check_variant_options(precision, engine, quant_data, new_bundle=True)
     calibration, out = build_args[2], build_args[4]
     with _errors():
+        key = _signing_key(sign)
         trt_info = _engine_info(engine)
         quant = None
         if quant_data is not None:
@@ -342,7 +416,8 @@ def _build_and_add(build_args: tuple, precision, engine, quant_data, quant_sampl
         if precision.value != "fp32" or engine is not None:
             name = None if quant_data is None else quant_data.name
             bundle = _add(out, precision, engine, quant, name, timing_cache, max_batch, trt_info)
-    _print_bundle(bundle, result)
+        _print_bundle(bundle, result)
+        _sign(bundle.path, key)
 
 
 @app.callback(invoke_without_command=True)
@@ -363,6 +438,7 @@ def export_command(
     timing_cache: TimingCacheOpt = None,
     max_batch: MaxBatchOpt = MICRO_BATCH_LIMIT,
     overwrite: OverwriteOpt = False,
+    sign: SignOpt = None,
 ) -> None:
     r"""Bundle a surrogate with its conformal calibration (`build`), or add int8/fp16 variants and
     TensorRT engines to a bundle (`add-variant`), each recalibrated from its own outputs.
@@ -395,7 +471,10 @@ def export_command(
                 f"--bundle adds to an existing bundle; it does not take {', '.join(given)}",
                 param_hint="--bundle",
             )
-        add_variant_command(bundle_dir, *variant_args)
+        if sign is not None and precision.value == "fp32" and engine is None and quant_data is None:
+            sign_command(bundle_dir, sign)
+            return
+        add_variant_command(bundle_dir, *variant_args, sign=sign)
         return
     if len(given) != len(_BUILD_OPTS):
         missing = [flag for flag in _BUILD_OPTS if flag not in given]
@@ -403,7 +482,7 @@ def export_command(
             f"building a bundle needs {', '.join(missing)} (or pass --bundle DIR to add to one)",
             param_hint=missing[0],
         )
-    _build_and_add((*build_args, labels, dataset, overwrite), *variant_args)
+    _build_and_add((*build_args, labels, dataset, overwrite), *variant_args, sign)
 
 
 def main(args: list[str] | None = None) -> None:

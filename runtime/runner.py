@@ -19,9 +19,11 @@ from rrise.bundle import Bundle
 from rrise.progress import progress_bar
 from rrise.records import DEFAULT_TOPIC
 
+from .frame_outputs import FrameOutputs, open_stream
 from .runtime import Runtime
-from .sinks import Sinks, open_sinks
+from .sinks import NO_OUTPUT_HINT, SinkError, Sinks, open_sinks
 from .sources import FrameSource
+from .status_text import live_note
 from .stream import Stream
 
 __all__ = ["drain", "run_stream"]
@@ -56,13 +58,20 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def drain(stream: Stream, sinks: Sinks, *, show_progress: bool = False) -> dict[str, Any]:
+def drain(
+    stream: Stream, sinks: Sinks, *, show_progress: bool = False, no_output: bool = False
+) -> dict[str, Any]:
     """Send every record of ``stream`` to ``sinks`` until the stream ends; return its summary.
 
     SIGINT/SIGTERM stop the stream after the current batch; a closed output pipe stops it quietly.
+    A stream with no sink at all is warned about at the start and in the summary's ``warnings``
+    (unless ``no_output``), as is a publisher that no subscriber heard; each warning is logged.
     """
     stats = stream.stats
     stats.count_publish_failures(lambda: sinks.publish_failed)
+    stats.report_delivery(sinks.delivery)
+    if not sinks.sinks and not no_output:
+        log.warning("no output: every record will be certified and discarded (%s)", NO_OUTPUT_HINT)
     with (
         _stop_on_signals(stream.stop),
         progress_bar(stream.total, "certifying", unit="frame", enabled=show_progress) as bar,
@@ -75,9 +84,13 @@ def drain(stream: Stream, sinks: Sinks, *, show_progress: bool = False) -> dict[
                 stream.stop(interrupted=False)
             if show_progress and "kind" not in record:
                 bar.advance(1)
-                if stats.frames % 25 == 0:
-                    bar.note(f"abstain {stats.abstained / stats.frames:.0%}, errors {stats.errors}")
-    return stream.summary()
+                if stats.frames % 5 == 0:
+                    bar.note(live_note(stats.frames, stats.abstained, stats.errors, stream.drops, record))
+    summary = stream.summary()
+    summary["warnings"] = [] if no_output and not sinks.sinks else sinks.warnings(stats.frames)
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
+    return summary
 
 
 def run_stream(
@@ -92,32 +105,65 @@ def run_stream(
     hwm: int = 1000,
     wait_subscribers: int = 0,
     wait_timeout_s: float = 5.0,
+    curve_secret: str | Path | None = None,
+    no_output: bool = False,
     backend: str = "auto",
     precision: str | None = None,
     monitor: bool = True,
+    monitor_options: dict[str, Any] | None = None,
+    expect_id: str | None = None,
+    trust: Any = None,
     runtime: Runtime | None = None,
     show_progress: bool = False,
+    outputs: FrameOutputs | None = None,
+    realtime: bool = False,
+    loop: bool = False,
     **stream_options: Any,
 ) -> dict[str, Any]:
     """Certify the frames of ``source`` and send each record to every sink; return the summary.
 
-    Sinks: :func:`~rrise.runtime.sinks.open_sinks`'s options. The Runtime: ``backend``, ``precision``,
-    ``monitor`` (False: no shift alarm), or a loaded ``runtime`` to reuse (not closed here).
-    ``stream_options`` (``batch``, ``drop_policy``, ``queue_size``, ``max_frames``,
-    ``status_interval_s``, ``threaded``) go to :class:`~rrise.runtime.stream.Stream`.
+    Sinks: :func:`~rrise.runtime.sinks.open_sinks`'s options (``curve_secret``: encrypt the
+    published stream); ``no_output=True`` says a run without any sink is meant (no warning). The
+    Runtime: ``backend``, ``precision``, ``monitor`` (False: no shift alarm, no out-of-distribution flag),
+    ``monitor_options`` (:func:`rrise.monitor.load_monitors`), or a loaded ``runtime``
+    to reuse (not closed here); ``expect_id``/``trust`` refuse any other, or an unsigned, bundle.
+    ``stream_options`` (``batch``, ``drop_policy``, ``queue_size``,
+    ``max_frames``, ``status_interval_s``, ``threaded``, ``retry``) go to
+    :class:`~rrise.runtime.stream.Stream`. ``outputs``: the annotated video, recording and live
+    view (:class:`~rrise.runtime.frame_outputs.FrameOutputs`); ``realtime``/``loop``: replay a video
+    file or a recording at its recorded pace and/or over and over (:mod:`rrise.runtime.replay`).
 
     Summary keys: ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``, ``latency_p50_ms``,
     ``latency_p99_ms``, ``drops`` (frames captured but never certified), ``publish_failed``
     (records the publisher could not queue at all), ``reconnects``, ``alarms`` (records with an
     alarm), ``status_records``, ``elapsed_s``, ``interrupted``, ``source_error``, ``drop_policy``,
-    ``threaded``, ``batch``, ``backend``, ``variant``, ``source``, ``bundle``.
+    ``threaded``, ``batch``, ``backend``, ``variant``, ``source``, ``bundle``; the publishers'
+    ``subscribers``, ``subscribers_peak``, ``published``, ``published_unheard``,
+    ``published_offered``, ``publishers`` (see :meth:`~rrise.runtime.sinks.Sinks.delivery`); and
+    ``warnings``: what went nowhere (no sink; no subscriber connected), also logged.
     """
+    asked = publish or jsonl or callback is not None or on_status is not None or (outputs and outputs.any)
+    if no_output and asked:
+        raise SinkError("--no-output contradicts the outputs asked for (--publish, --jsonl, --record…)")
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
         if runtime is None:
             runtime = opened.enter_context(
-                Runtime(bundle, backend=backend, monitor=monitor, precision=precision)
+                Runtime(
+                    bundle,
+                    backend=backend,
+                    monitor=monitor,
+                    monitor_options=monitor_options,
+                    precision=precision,
+                    expect_id=expect_id,
+                    trust=trust,
+                )
             )
-        stream = opened.enter_context(runtime.stream(source, **stream_options))
+        elif expect_id is not None or trust is not None:
+            runtime.bundle.check_files()
+            runtime.bundle.require(expect_id=expect_id, trust=trust)
+        stream, frames = open_stream(
+            opened, runtime, source, outputs, realtime=realtime, loop=loop, **stream_options
+        )
         sinks = opened.enter_context(
             open_sinks(
                 publish=publish,
@@ -128,6 +174,8 @@ def run_stream(
                 hwm=hwm,
                 wait_subscribers=wait_subscribers,
                 wait_timeout_s=wait_timeout_s,
+                curve_secret=curve_secret,
+                frames=frames,
             )
         )
-        return drain(stream, sinks, show_progress=show_progress)
+        return drain(stream, sinks, show_progress=show_progress, no_output=no_output)

@@ -18,7 +18,8 @@ import numpy as np
 
 from rrise.bundle import Bundle
 from rrise.certificate import Calibration, Certificate, certify_from_probs
-from rrise.monitor import ShiftMonitor
+from rrise.monitor import ShiftMonitor, load_monitors
+from rrise.ood import OodTest, combine_alarms
 from rrise.records import make_record
 
 from .backends import make_backend, variant_max_batch
@@ -46,8 +47,16 @@ class Runtime:
     version of ``rrise-export`` do), every record also goes through the distribution-shift test
     of :class:`rrise.monitor.ShiftMonitor` and carries its ``alarm`` word (``None`` while the
     stream looks like the calibration data). Without one, or with ``monitor=False``, ``alarm`` is
-    always ``None``. ``monitor_options`` (``window``, ``false_alarm``, ``stride``) override the
+    always ``None``. ``monitor_options`` (``window``, ``false_alarm``, ``step``, ``stride``) override the
     reference's settings.
+
+    ``expect_id``: refuse (BundleError) any bundle whose id is not this one; ``trust``: an Ed25519
+    public key or its file, refuse any bundle it did not sign (:meth:`rrise.Bundle.load`).
+
+    When the variant's ``monitor`` entry also has an ``ood`` reference, every certified record
+    carries ``ood_p``, the frame's conformal out-of-distribution p-value (:class:`rrise.ood.OodTest`),
+    and ``alarm`` starts with ``"ood"`` when it is at most the flag rate (``monitor_options``:
+    ``ood_rate``, 0 for p-values only; ``ood=False`` for none). Without one, ``ood_p`` is None.
     """
 
     def __init__(
@@ -59,8 +68,16 @@ class Runtime:
         precision: str | None = None,
         monitor: bool = True,
         monitor_options: dict[str, Any] | None = None,
+        expect_id: str | None = None,
+        trust: Any = None,
     ) -> None:
-        self._bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if isinstance(bundle, Bundle):  # pinned or trusted: its files and manifest are checked again
+            if expect_id is not None or trust is not None:
+                bundle.check_files()
+                bundle.require(expect_id=expect_id, trust=trust)
+            self._bundle = bundle
+        else:
+            self._bundle = Bundle.load(bundle, expect_id=expect_id, trust=trust)
         manifest = self._bundle.manifest
         self._backend, self._variant = make_backend(self._bundle, backend, precision=precision)
         self._max_batch = variant_max_batch(self._variant)
@@ -72,8 +89,15 @@ class Runtime:
             raise ValueError(
                 f"bundle {self._bundle.path} has {len(self._labels)} labels for {self._num_classes} classes"
             )
-        self._monitor = (
-            ShiftMonitor.from_variant(self._variant, **(monitor_options or {})) if monitor else None
+        self._monitor, self._ood = (
+            load_monitors(
+                self._variant,
+                num_classes=self._num_classes,
+                channels=self._pre.channels,
+                options=monitor_options,
+            )
+            if monitor
+            else (None, None)
         )
         self._bundle_id = self._bundle.id
         self.source_name = str(source_name)
@@ -110,6 +134,11 @@ class Runtime:
         return self._monitor
 
     @property
+    def ood(self) -> OodTest | None:
+        """The per-frame out-of-distribution test, or None (no ``ood`` entry, or turned off)."""
+        return self._ood
+
+    @property
     def preprocessor(self) -> Preprocessor:
         return self._pre
 
@@ -122,17 +151,21 @@ class Runtime:
         self, frame: np.ndarray | None, *, stamp_ns: int | None = None, frame_index: int | None = None
     ) -> dict[str, Any]:
         """One frame → one record. ``stamp_ns`` is the capture time (default: now)."""
-        stamp = time.time_ns() if stamp_ns is None else int(stamp_ns)
-        cert = None
+        stamp = time.time_ns() if stamp_ns is None else _stamp(stamp_ns, "stamp_ns")
+        if frame_index is not None:
+            _index(frame_index, "frame_index")
+        cert, ood_p = None, None
         try:
-            probs, error = self._infer(self._pre(frame)[None])
+            x = self._pre(frame)[None]
+            probs, error = self._infer(x)
         except FrameError as exc:
             error = f"bad frame: {exc}"
         else:
             if error is None:
                 cert, error = self._certificate(probs[0])
+                ood_p = self._ood_p(x, probs)[0]
         with self._lock:
-            return self._record(cert, error, stamp, frame_index, self.source_name)
+            return self._record(cert, error, stamp, frame_index, self.source_name, ood_p)
 
     def certify_batch(
         self,
@@ -144,13 +177,20 @@ class Runtime:
     ) -> list[dict[str, Any]]:
         """Frames → records in the same order; the good frames go to the backend in micro-batches
         of at most :attr:`max_batch`. ``source`` names the stream in the records (default
-        :attr:`source_name`)."""
+        :attr:`source_name`). Arguments of the wrong type raise TypeError, of the wrong length or
+        range ValueError, each naming the argument."""
+        frames = _frame_list(frames)
         n = len(frames)
         stamps = _stamps(stamp_ns, n)
-        if frame_indices is not None and len(frame_indices) != n:
-            raise ValueError(f"{len(frame_indices)} frame indices for {n} frames")
+        if frame_indices is not None:
+            frame_indices = [_index(i, "frame_indices[]") for i in _listed(frame_indices, "frame_indices")]
+            if len(frame_indices) != n:
+                raise ValueError(f"{len(frame_indices)} frame_indices for {n} frames")
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"source must be a str naming the stream, got {source!r}")
         errors: list[str | None] = [None] * n
         certs: list[Certificate | None] = [None] * n
+        ood_ps: list[float | None] = [None] * n
         inputs, rows = [], []
         for i, frame in enumerate(frames):
             try:
@@ -163,12 +203,16 @@ class Runtime:
             chunk = rows[start : start + step]
             x = inputs[start][None] if len(chunk) == 1 else np.stack(inputs[start : start + step])
             probs, error = self._infer(x)
+            ps = [None] * len(chunk) if error is not None else self._ood_p(x, probs)
             for j, i in enumerate(chunk):
                 certs[i], errors[i] = (None, error) if error is not None else self._certificate(probs[j])
+                ood_ps[i] = ps[j]
         name = self.source_name if source is None else source
         indices = [None] * n if frame_indices is None else frame_indices
         with self._lock:
-            return [self._record(certs[i], errors[i], stamps[i], indices[i], name) for i in range(n)]
+            return [
+                self._record(certs[i], errors[i], stamps[i], indices[i], name, ood_ps[i]) for i in range(n)
+            ]
 
     def stream(self, source: str | int | Path | FrameSource, **options: Any) -> Stream:
         """The frames of ``source`` as an iterable of records (and status records); see
@@ -192,6 +236,12 @@ class Runtime:
             return None, f"model output shape {probs.shape} is not [{len(x)}, {self._num_classes}]"
         return probs, None
 
+    def _ood_p(self, x: np.ndarray, probs: np.ndarray) -> list[float | None]:
+        """The out-of-distribution p-value of each row (None without the test or for NaN outputs)."""
+        if self._ood is None or not np.all(np.isfinite(probs)):
+            return [None] * len(x)
+        return [float(p) for p in self._ood.p_values(x, probs)]
+
     def _certificate(self, probs: np.ndarray) -> tuple[Certificate | None, str | None]:
         try:  # certify_from_probs refuses NaN and ±inf (one reduction, not two)
             return certify_from_probs(probs, self._calibration), None
@@ -205,16 +255,21 @@ class Runtime:
         stamp: int,
         frame_index: int | None,
         source: str,
+        ood_p: float | None = None,
     ) -> dict[str, Any]:
         """The next record; call with :attr:`_lock` held (a batch holds it throughout, so its seqs
         are consecutive). The monitor sees every certified frame; error records carry the current
-        alarm, untested."""
+        alarm, untested; a flagged out-of-distribution p-value puts ``ood`` first in the alarm."""
         seq = self._seq
         self._seq = seq + 1
         alarm = None
         monitor = self._monitor
+        if cert is None:
+            ood_p = None
         if monitor is not None:
-            alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain)
+            alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain, ood_p)
+        if self._ood is not None and self._ood.flagged(ood_p):
+            alarm = combine_alarms(["ood", alarm])
         return make_record(
             seq=seq,
             frame=seq if frame_index is None else frame_index,
@@ -226,6 +281,7 @@ class Runtime:
             latency_ms=(time.time_ns() - stamp) / 1e6,
             error=error,
             alarm=alarm,
+            ood_p=ood_p,
         )
 
     def close(self) -> None:
@@ -249,12 +305,46 @@ class Runtime:
         )
 
 
+def _listed(values: Any, name: str) -> list[Any]:
+    """``values`` (a list, tuple, array or other iterable) as a list; TypeError naming ``name``."""
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list or a sequence, got {type(values).__name__} {values!r:.60}")
+    return list(values)
+
+
+def _frame_list(frames: Any) -> Sequence[Any]:
+    """The frames of a batch: a list/tuple of arrays (or None for an unreadable frame), or an
+    ``[N, …]`` array; anything else is a TypeError naming ``frames``."""
+    if isinstance(frames, np.ndarray):
+        if frames.ndim < 3:
+            raise TypeError(f"frames must be a list of frames or an [N, H, W(, C)] array, not {frames.shape}")
+        return frames
+    return _listed(frames, "frames")
+
+
+def _stamp(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        hint = " (give nanoseconds as an int, e.g. time.time_ns())" if isinstance(value, float) else ""
+        raise TypeError(f"{name} must be an int, the capture time in Unix ns, got {value!r:.80}{hint}")
+    return int(value)
+
+
+def _index(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r:.80}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 def _stamps(stamp_ns: int | Sequence[int] | None, n: int) -> list[int]:
     if stamp_ns is None:
         return [time.time_ns()] * n
-    if isinstance(stamp_ns, (int, np.integer)):
+    if isinstance(stamp_ns, (int, np.integer)) and not isinstance(stamp_ns, bool):
         return [int(stamp_ns)] * n
-    stamps = [int(s) for s in stamp_ns]
+    if not hasattr(stamp_ns, "__iter__") or isinstance(stamp_ns, (str, bytes, dict)):
+        return [_stamp(stamp_ns, "stamp_ns")] * n  # raises, naming stamp_ns
+    stamps = [_stamp(s, "stamp_ns[]") for s in stamp_ns]
     if len(stamps) != n:
-        raise ValueError(f"{len(stamps)} stamps for {n} frames")
+        raise ValueError(f"{len(stamps)} stamp_ns values for {n} frames")
     return stamps

@@ -13,6 +13,14 @@ inference could take them — are counted separately by the runner (``drops`` in
 status records). ``nodrop=True`` is there for the rare consumer that prefers the publisher to
 fail sends (counted in :attr:`ZmqPublisher.drops`) over losing records silently; it makes a
 stalled subscriber cost every subscriber, so it is off by default.
+
+What the publisher can and cannot know about delivery: XPUB reports every (un)subscription
+(``XPUB_VERBOSER``), never a delivery. So :class:`ZmqPublisher` counts subscriptions over time (now,
+peak, ever seen), records sent while at least one subscription was live (each *may* have reached
+those subscribers; one that fell ``hwm`` behind still lost it, which only its own ``seq`` gaps
+show), records sent while none was (``unheard``: lost for sure) and their sum over subscriptions
+(``offered``: an upper bound on records delivered, summed over subscribers). :meth:`Sinks.warnings`
+turns those into the sentences a run ends with, e.g. "0 of 60 records reached a subscriber".
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ __all__ = ["CallbackSink", "JsonlSink", "SinkError", "Sinks", "ZmqPublisher", "o
 
 log = logging.getLogger("rrise.runtime")
 
+NO_OUTPUT_HINT = "give --publish ENDPOINT or --jsonl PATH, or --no-output if that is what you mean"
+
 
 class SinkError(RuntimeError):
     """A sink that cannot be opened (e.g. an endpoint already bound)."""
@@ -43,16 +53,22 @@ class SinkError(RuntimeError):
 class ZmqPublisher:
     """Publishes records as ZeroMQ multipart ``[topic, msgpack(record)]`` on a bound XPUB socket.
 
-    ``endpoint`` is what to bind, e.g. ``tcp://*:5555``, ``tcp://127.0.0.1:*`` (any free port: read
-    :attr:`endpoint` back) or ``ipc:///tmp/rrise.sock``. XPUB (rather than PUB) lets
-    :meth:`wait_for_subscribers` see subscriptions arrive, so a run can wait for its consumers
-    before the first frame.
+    ``endpoint`` is what to bind, e.g. ``tcp://192.168.1.10:5555`` (one interface),
+    ``tcp://127.0.0.1:*`` (any free port: read :attr:`endpoint` back) or ``ipc:///tmp/rrise.sock``.
+    XPUB (rather than PUB) lets :meth:`wait_for_subscribers` see subscriptions arrive, so a run can
+    wait for its consumers before the first frame. ``curve_secret``: a ``.curve.key`` file
+    (:func:`rrise.curve.write_curve_keypair`); the socket becomes a CURVE server, so records are
+    encrypted and only reach subscribers that hold its public key. Binding every interface
+    (``tcp://*``) without it logs a warning.
 
     Back-pressure: ``send`` never blocks. With ``nodrop=False`` (the default) a subscriber whose
     queue holds ``hwm`` records loses the newest ones while the others still get them; ZeroMQ
     drops those silently, so :attr:`drops` counts only sends that failed outright. With
     ``nodrop=True`` a full subscriber queue makes the send fail for every subscriber, and each
     such record is counted in :attr:`drops`. Not thread-safe: send from one thread.
+
+    Delivery counts (see the module docstring for what they mean): :attr:`sent`,
+    :attr:`sent_unheard`, :attr:`offered`, :attr:`subscribers_peak`, :attr:`subscriptions_seen`.
     """
 
     def __init__(
@@ -63,16 +79,21 @@ class ZmqPublisher:
         *,
         linger_ms: int = 200,
         nodrop: bool = False,
+        curve_secret: str | os.PathLike | None = None,
     ) -> None:
         self.topic = topic.encode() if isinstance(topic, str) else bytes(topic)
         self.status_topic = status_topic(self.topic)
-        self.drops = 0
-        self.sent = 0
+        self.drops = self.sent = self.sent_unheard = self.offered = 0
+        self.subscribers_peak = self.subscriptions_seen = 0
+        self.curve = curve_secret is not None
         self._subscriptions: dict[bytes, int] = {}
         self._closed = False
+        options = _curve_server(curve_secret) if curve_secret is not None else {}
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.XPUB)
         try:
+            for option, value in options.items():
+                self._sock.setsockopt(option, value)
             self._sock.setsockopt(zmq.SNDHWM, int(hwm))
             self._sock.setsockopt(zmq.LINGER, int(linger_ms))
             self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, duplicates too
@@ -83,24 +104,39 @@ class ZmqPublisher:
             self._sock.close(linger=0)
             raise SinkError(f"cannot publish on {endpoint}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not self.curve and _every_interface(endpoint):
+            log.warning(
+                "publishing on every interface (%s) without encryption or authentication: bind one "
+                "interface (e.g. tcp://127.0.0.1:PORT) or pass --curve-secret",
+                endpoint,
+            )
 
     @property
     def subscribers(self) -> int:
-        """Live subscriptions that match this publisher's topic."""
+        """Live subscriptions that match this publisher's topic (a subscriber that subscribes
+        twice counts twice)."""
         self._drain()
+        return self._matching()
+
+    def _matching(self) -> int:
         return sum(n for prefix, n in self._subscriptions.items() if self.topic.startswith(prefix))
 
     def _drain(self) -> None:
-        while True:
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                msg = self._sock.recv(zmq.NOBLOCK)
+                msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if not msg or msg[0] not in (0, 1):
                 continue
             prefix = msg[1:]
-            n = self._subscriptions.get(prefix, 0) + (1 if msg[0] == 1 else -1)
+            joined = msg[0] == 1
+            n = self._subscriptions.get(prefix, 0) + (1 if joined else -1)
             self._subscriptions[prefix] = max(n, 0)
+            if joined and self.topic.startswith(prefix):
+                self.subscriptions_seen += 1
+        self.subscribers_peak = max(self.subscribers_peak, self._matching())
 
     def wait_for_subscribers(self, n: int, timeout_s: float) -> int:
         """Wait until ``n`` subscriptions match the topic, or ``timeout_s``; return how many do."""
@@ -114,12 +150,16 @@ class ZmqPublisher:
 
     def send(self, record: dict[str, Any]) -> bool:
         """Queue one record without blocking; False (and one more drop) if it could not be queued."""
+        listening = self.subscribers
         try:
             self._sock.send_multipart([self.topic, pack(record)], flags=zmq.NOBLOCK)
         except zmq.Again:
             self.drops += 1
             return False
         self.sent += 1
+        self.offered += listening
+        if not listening:
+            self.sent_unheard += 1
         return True
 
     def send_status(self, status: dict[str, Any]) -> bool:
@@ -130,8 +170,25 @@ class ZmqPublisher:
             return False
         return True
 
+    def delivery(self) -> dict[str, Any]:
+        """The delivery counts so far: ``endpoint``, ``subscribers`` (now), ``subscribers_peak``,
+        ``subscriptions_seen``, ``published`` (records queued), ``published_unheard`` (queued while
+        no subscription matched: lost for sure), ``published_offered`` (Σ matching subscriptions
+        per record: at most this many deliveries), ``publish_failed``."""
+        return {
+            "endpoint": self.endpoint,
+            "subscribers": self.subscribers if not self._closed else self._matching(),
+            "subscribers_peak": self.subscribers_peak,
+            "subscriptions_seen": self.subscriptions_seen,
+            "published": self.sent,
+            "published_unheard": self.sent_unheard,
+            "published_offered": self.offered,
+            "publish_failed": self.drops,
+        }
+
     def close(self) -> None:
         if not self._closed:
+            self._drain()
             self._closed = True
             self._sock.close()
 
@@ -142,17 +199,27 @@ class ZmqPublisher:
         self.close()
 
 
+def _every_interface(endpoint: str) -> bool:
+    host = endpoint.partition("://")[2].rpartition(":")[0]
+    return endpoint.startswith("tcp://") and host in ("*", "0.0.0.0", "[::]", "::", "[*]")
+
+
+def _curve_server(secret_file: str | os.PathLike) -> dict[int, Any]:
+    from rrise.curve import CurveKeyError, curve_server_options
+
+    try:
+        return curve_server_options(secret_file)
+    except CurveKeyError as exc:
+        raise SinkError(f"--curve-secret: {exc}") from None
+
+
 class JsonlSink:
     """One JSON object per line to ``path`` (created or truncated) or to stdout for ``"-"``."""
 
     def __init__(self, path_or_dash: str | os.PathLike) -> None:
         self.path = str(path_or_dash)
         self._own = self.path != "-"
-        if self._own:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-        else:
-            self._file = sys.stdout
+        self._file: IO[str] = _open_jsonl(Path(self.path)) if self._own else sys.stdout
         self._closed = False
 
     def send(self, record: dict[str, Any]) -> None:
@@ -184,6 +251,19 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_jsonl(path: Path) -> IO[str]:
+    """``path`` opened for writing (its folder made if need be), or a SinkError saying why not."""
+    if path.is_dir():
+        raise SinkError(
+            f"cannot write records to {path}: it is a folder; give a file, e.g. {path}/records.jsonl"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by JsonlSink.close
+    except OSError as exc:
+        raise SinkError(f"cannot write records to {path}: {exc.strerror or exc}") from None
 
 
 class CallbackSink:
@@ -231,6 +311,41 @@ class Sinks:
         """Records the publishers could not queue at all."""
         return sum(s.drops for s in self.sinks if isinstance(s, ZmqPublisher))
 
+    @property
+    def publishers(self) -> list[ZmqPublisher]:
+        return [s for s in self.sinks if isinstance(s, ZmqPublisher)]
+
+    def delivery(self) -> dict[str, Any]:
+        """The :data:`rrise.records.DELIVERY_KEYS` for status records and the run summary, summed
+        over the publishers (all None without one); ``publishers`` lists each one's
+        :meth:`ZmqPublisher.delivery`."""
+        pubs = [p.delivery() for p in self.publishers]
+        keys = ("subscribers", "subscribers_peak", "published", "published_unheard", "published_offered")
+        totals = {k: (sum(p[k] for p in pubs) if pubs else None) for k in keys}
+        return {**totals, "publishers": pubs}
+
+    def warnings(self, frames: int) -> list[str]:
+        """What a user must hear about where ``frames`` records went: none anywhere, or none (or
+        not all) reaching a subscriber."""
+        if not self.sinks:
+            return [f"no output: {frames} record(s) were certified and discarded ({NO_OUTPUT_HINT})"]
+        said = []
+        for p in (p.delivery() for p in self.publishers):
+            sent, unheard, where = p["published"], p["published_unheard"], p["endpoint"]
+            if sent and p["subscribers_peak"] == 0:
+                said.append(
+                    f"0 of {sent} record(s) reached a subscriber on {where}: none was connected "
+                    "(start subscribers first and pass --wait-subscribers N)"
+                )
+            elif unheard:
+                said.append(
+                    f"{unheard} of {sent} record(s) were published on {where} while no subscriber was "
+                    "connected, and are lost (--wait-subscribers N waits for subscribers first)"
+                )
+            if p["publish_failed"]:
+                said.append(f"{p['publish_failed']} record(s) could not be queued on {where}")
+        return said
+
     def close(self) -> None:
         """Close every sink; one that fails to close is logged and does not keep the others open."""
         for sink in self.sinks:
@@ -256,18 +371,27 @@ def open_sinks(
     hwm: int = 1000,
     wait_subscribers: int = 0,
     wait_timeout_s: float = 5.0,
+    curve_secret: str | os.PathLike | None = None,
+    frames: Any = None,
 ) -> Sinks:
     """The sinks a run asks for: a ZeroMQ ``publish`` endpoint to bind (records on ``topic``, status
-    records on ``<topic>.status``; never blocks: a subscriber ``hwm`` records behind loses records),
-    a ``jsonl`` path (``-``: stdout, flushed per line), a ``callback`` per record and ``on_status``
-    per status record. With ``wait_subscribers=n`` it waits up to ``wait_timeout_s`` for ``n``
-    subscribers before returning."""
+    records on ``<topic>.status``; never blocks: a subscriber ``hwm`` records behind loses records;
+    ``curve_secret``: encrypt as a CURVE server), a ``jsonl`` path (``-``: stdout, flushed per
+    line), a ``callback`` per record and ``on_status`` per status record. With
+    ``wait_subscribers=n`` it waits up to ``wait_timeout_s`` for ``n`` subscribers before returning.
+    Raises :class:`SinkError` (naming the endpoint, file or key file) when one cannot be opened.
+    ``frames``: an opened :class:`~rrise.runtime.frame_outputs.FrameSink` (video, recording, live
+    view); it goes first, so a replay's recorded stamps are back in each record before any other
+    sink sees it."""
+    if curve_secret is not None and not publish:
+        raise SinkError("--curve-secret needs --publish (it encrypts the published stream)")
     sinks = Sinks()
     try:
         if publish:
-            publisher = ZmqPublisher(publish, topic=topic, hwm=hwm)
+            publisher = ZmqPublisher(publish, topic=topic, hwm=hwm, curve_secret=curve_secret)
             sinks.sinks.append(publisher)
             if wait_subscribers > 0:
+                log.info("waiting up to %.1f s for %d subscriber(s)", wait_timeout_s, wait_subscribers)
                 got = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
                 if got < wait_subscribers:
                     log.warning(
@@ -280,6 +404,8 @@ def open_sinks(
             sinks.sinks.append(JsonlSink(jsonl))
         if callback is not None or on_status is not None:
             sinks.sinks.append(CallbackSink(callback, on_status))
+        if frames is not None:
+            sinks.sinks.insert(0, frames)
     except BaseException:
         sinks.close()
         raise

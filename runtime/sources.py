@@ -2,9 +2,11 @@
 
 ``open_source(spec)`` gives a :class:`FrameSource`: iterate it for ``(frame_index, frame, stamp_ns)``
 with ``stamp_ns`` the capture time (Unix ns). A frame is ``None`` when one image of a folder cannot
-be read, so the caller emits an error record for it and goes on. Video files end cleanly at their
-last frame; live sources retry a failed read, then reconnect with exponential backoff (forever by
-default). :class:`PushSource` is the in-process source: a robot stack pushes frames into it.
+be read, so the caller emits an error record for it and goes on (:meth:`FrameSource.frame_error`
+names the file). Video files end at their last frame; one that ends before the frame count its
+header announces (truncated or damaged) says so in :attr:`FrameSource.ended_early` and a warning;
+live sources retry a failed read, then reconnect with exponential backoff (forever by default).
+:class:`PushSource` is the in-process source: a robot stack pushes frames into it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class FrameSource:
     is_live: bool = False
     reconnects: int = 0
     dropped: int = 0  # frames the source itself discarded (a full PushSource)
+    ended_early: str | None = None  # why a finite source stopped short of its announced frames
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -76,6 +79,11 @@ class FrameSource:
     @property
     def frame_count(self) -> int | None:
         """Frames a finite source will give, when known."""
+        return None
+
+    def frame_error(self, index: int) -> str | None:
+        """Why the frame at ``index`` came as None (e.g. the image file that cannot be read), when
+        the source knows; None otherwise."""
         return None
 
     def stop(self) -> None:
@@ -109,10 +117,14 @@ class ImageFolderSource(FrameSource):
         if not files:
             raise SourceError(f"image folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         self.files = files
+        self._unreadable: dict[int, str] = {}
 
     @property
     def frame_count(self) -> int:
         return len(self.files)
+
+    def frame_error(self, index: int) -> str | None:
+        return self._unreadable.get(index)
 
     def __iter__(self) -> Iterator[Frame]:
         for i, f in enumerate(self.files):
@@ -120,7 +132,22 @@ class ImageFolderSource(FrameSource):
                 return
             # ANYCOLOR: grey files stay H×W, colour files come as BGR, always 8-bit.
             frame = cv2.imread(str(f), cv2.IMREAD_ANYCOLOR)
+            if frame is None:
+                self._unreadable[i] = _unreadable_image(f)
             yield i, frame, time.time_ns()
+
+
+def _unreadable_image(path: Path) -> str:
+    """Why ``cv2.imread`` gave nothing for ``path``, naming the file."""
+    if not path.is_file():
+        return f"cannot read image file {path}: it is gone (removed after the folder was listed)"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot read image file {path}: {exc.strerror or exc}"
+    if size == 0:
+        return f"cannot read image file {path}: it is empty (0 bytes)"
+    return f"cannot read image file {path}: OpenCV cannot decode it (corrupt, truncated or not an image)"
 
 
 class VideoCaptureSource(FrameSource):
@@ -175,6 +202,7 @@ class VideoCaptureSource(FrameSource):
                 self._cap.release()
                 raise SourceError(f"video file {target} opened but no frame decodes from it")
             self._first = frame
+        self._announced = None if self.is_live else self.frame_count
 
     @property
     def state(self) -> str:
@@ -236,6 +264,7 @@ class VideoCaptureSource(FrameSource):
                 continue
             if not self.is_live:
                 self._state = "ended"
+                self._check_complete(index)
                 return  # end of file
             failures += 1
             if failures < self.max_read_failures:
@@ -245,6 +274,16 @@ class VideoCaptureSource(FrameSource):
                 self._state = "ended"
                 return
             failures = 0
+
+    def _check_complete(self, frames: int) -> None:
+        """At the end of a file: a file that gave fewer frames than its header announces ended early
+        (truncated or damaged); say so in :attr:`ended_early` and a warning."""
+        if self._announced is not None and frames < self._announced:
+            self.ended_early = (
+                f"video file {self.target} ended early, at frame {frames} of the {self._announced} its "
+                "header announces (truncated or damaged file)"
+            )
+            log.warning("%s", self.ended_early)
 
     def _reconnect(self) -> bool:
         """Release and reopen with exponential backoff; False when stopped or out of attempts."""
@@ -350,10 +389,18 @@ class PushSource(FrameSource):
             yield item
 
 
-def open_source(spec: str | int | Path, **options: Any) -> FrameSource:
+def open_source(
+    spec: str | int | Path, *, realtime: bool = False, loop: bool = False, **options: Any
+) -> FrameSource:
     """Open ``spec``: ``"0"`` camera index, ``"a ! b"`` GStreamer pipeline, ``rtsp://``/``http(s)://``
-    URL, image folder, image file, or video file. Raises :class:`SourceError` if it cannot.
-    ``options`` go to :class:`VideoCaptureSource` (reconnect and backoff settings)."""
+    URL, image folder, image file, video file, or recording (``.mcap`` file, ROS 2 bag folder).
+    Raises :class:`SourceError` if it cannot. ``options`` go to :class:`VideoCaptureSource`
+    (reconnect and backoff settings). ``realtime``/``loop``: replay a video file or a recording at
+    its recorded pace and/or over and over (:mod:`rrise.runtime.replay`)."""
+    if realtime or loop:
+        from .replay import open_replay
+
+        return open_replay(spec, realtime=realtime, loop=loop, **options)
     if isinstance(spec, (int, np.integer)):
         return VideoCaptureSource(int(spec), "camera", **options)
     text = str(spec).strip()
@@ -368,6 +415,12 @@ def open_source(spec: str | int | Path, **options: Any) -> FrameSource:
     elif _URL.match(text):
         return VideoCaptureSource(text, "url", cv2.CAP_FFMPEG, **options)
     path = Path(text)
+    from .recording_reader import is_recording
+
+    if is_recording(path):
+        from .replay import open_recording
+
+        return open_recording(path)
     if path.is_dir():
         return ImageFolderSource(path)
     if not path.exists():

@@ -11,18 +11,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rrise.records import make_status
+from rrise.records import DELIVERY_KEYS, make_status
 
 if TYPE_CHECKING:
     from .runtime import Runtime
     from .sources import FrameSource
 
-__all__ = ["LATENCY_WINDOW", "StreamStats"]
+__all__ = ["LATENCY_WINDOW", "StreamStats", "ood_flagged"]
 
 log = logging.getLogger("rrise.runtime")
 
 LATENCY_WINDOW = 100_000  # percentiles over the most recent frames, so memory stays bounded
 MAX_ERROR_LOGS = 20
+OOD_WORD = "ood"  # the alarm word of a frame flagged out of distribution (rrise.ood), always first
+
+
+def ood_flagged(record: dict[str, Any]) -> bool:
+    """Whether a frame record was flagged out of distribution: its alarm is ``ood`` or starts
+    with ``ood+`` (the runtime puts the per-frame flag before any shift word)."""
+    alarm = record.get("alarm")
+    return isinstance(alarm, str) and alarm.split("+", 1)[0] == OOD_WORD
 
 
 def _percentiles(latencies: Any) -> tuple[float | None, float | None]:
@@ -38,17 +46,19 @@ class StreamStats:
 
     :meth:`add` takes every frame record; :meth:`status` gives the status record for the interval
     since the previous one (due every ``status_interval_s`` seconds; ``None`` or 0: never);
-    :meth:`summary` gives the totals. Whoever sends the records says where ``publish_failed``
-    comes from (:meth:`count_publish_failures`): the sinks know what they could not deliver.
+    :meth:`summary` gives the totals. Whoever sends the records says where ``publish_failed`` and
+    the subscriber counts come from (:meth:`count_publish_failures`, :meth:`report_delivery`): the
+    sinks know what they could and could not deliver.
     """
 
     def __init__(self, runtime: Runtime, source: FrameSource, status_interval_s: float | None = 1.0) -> None:
         self.runtime = runtime
         self.source = source
         self.status_every = status_interval_s or None
-        self.frames = self.errors = self.abstained = self.alarms = 0
+        self.frames = self.errors = self.abstained = self.alarms = self.ood_flags = 0
         self.status_records = 0
         self._publish_failed: Callable[[], int] = lambda: 0
+        self._delivery: Callable[[], dict[str, Any]] = dict
         self.started = self.ended = time.monotonic()
         self._running = False
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -57,11 +67,16 @@ class StreamStats:
     def _begin_interval(self, now: float) -> None:
         self._interval_start = now
         self._interval_frames = self._interval_scored = self._interval_abstained = 0
+        self._interval_ood = 0
         self._interval_latencies: list[float] = []
 
     def count_publish_failures(self, counter: Callable[[], int]) -> None:
         """``counter()`` gives the records the consumer's publisher could not queue so far."""
         self._publish_failed = counter
+
+    def report_delivery(self, delivery: Callable[[], dict[str, Any]]) -> None:
+        """``delivery()`` gives the publishers' subscriber counts (:meth:`Sinks.delivery`)."""
+        self._delivery = delivery
 
     @property
     def publish_failed(self) -> int:
@@ -84,7 +99,9 @@ class StreamStats:
         return (time.monotonic() if self._running else self.ended) - self.started
 
     def add(self, record: dict[str, Any]) -> None:
-        """Count one frame record."""
+        """Count one frame record. An error record of a frame the source could not read gets the
+        source's reason instead of the generic one (:meth:`FrameSource.frame_error`: e.g. the
+        image file's name), before anyone receives it."""
         latency = record["latency_ms"]
         self.frames += 1
         self._interval_frames += 1
@@ -93,11 +110,17 @@ class StreamStats:
         if record["alarm"] is not None:
             self.alarms += 1
         if record["error"] is not None:
+            why = self.source.frame_error(record["frame"]) if record["frame"] is not None else None
+            if why:
+                record["error"] = why
             self.errors += 1
             if self.errors <= MAX_ERROR_LOGS:
                 log.warning("frame %d: %s", record["frame"], record["error"])
             return
         self._interval_scored += 1
+        if ood_flagged(record):
+            self.ood_flags += 1
+            self._interval_ood += 1
         if record["abstain"]:
             self.abstained += 1
             self._interval_abstained += 1
@@ -106,7 +129,9 @@ class StreamStats:
         return self.status_every is not None and now - self._interval_start >= self.status_every
 
     def status(self, now: float, drops: int) -> dict[str, Any]:
-        """The status record of the interval ending ``now``; the next interval starts."""
+        """The status record of the interval ending ``now``; the next interval starts. Beside the
+        abstain rate it carries ``ood_flags`` (frames flagged out of distribution since the start)
+        and ``ood_flag_rate`` (their share of this interval's scored frames; None without any)."""
         src, monitor = self.source, self.runtime.monitor
         p50, p99 = _percentiles(self._interval_latencies)
         scored = self._interval_scored
@@ -120,6 +145,8 @@ class StreamStats:
             drops=drops,
             errors=self.errors,
             abstain_rate=self._interval_abstained / scored if scored else None,
+            ood_flags=self.ood_flags,
+            ood_flag_rate=self._interval_ood / scored if scored else None,
             latency_p50_ms=p50,
             latency_p99_ms=p99,
             alarm=None if monitor is None else monitor.alarm,
@@ -127,15 +154,25 @@ class StreamStats:
             reconnects=src.reconnects,
             publish_failed=self.publish_failed,
             monitor=None if monitor is None else monitor.state(),
+            **self._delivery_counts(DELIVERY_KEYS),
         )
         self._begin_interval(now)
         self.status_records += 1
         return status
 
+    def _delivery_counts(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        delivery = self._delivery()
+        return {k: delivery.get(k) for k in keys}
+
     def summary(self, drops: int) -> dict[str, Any]:
         """The totals: ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``, latency
-        percentiles, ``drops``, ``publish_failed``, ``reconnects``, ``alarms``, ``status_records``,
-        ``elapsed_s``."""
+        percentiles, ``drops``, ``publish_failed``, ``reconnects``, ``alarms``, ``ood_flags`` (frames
+        flagged out of distribution), ``source_ended_early`` (None, or why a file source stopped
+        short of its announced frames: how many it gave), ``status_records``,
+        ``elapsed_s``, and the publishers' ``subscribers`` (at the end), ``subscribers_peak``,
+        ``published``, ``published_unheard`` (lost for sure: no subscriber was connected),
+        ``published_offered`` (an upper bound on deliveries, summed over subscribers) and
+        ``publishers`` (those counts per endpoint); None/[] without a publisher."""
         elapsed = self.elapsed_s
         p50, p99 = _percentiles(self._latencies)
         return {
@@ -150,6 +187,10 @@ class StreamStats:
             "publish_failed": self.publish_failed,
             "reconnects": self.source.reconnects,
             "alarms": self.alarms,
+            "ood_flags": self.ood_flags,
+            "source_ended_early": getattr(self.source, "ended_early", None),
             "status_records": self.status_records,
             "elapsed_s": elapsed,
+            **self._delivery_counts((*DELIVERY_KEYS, "published_offered")),
+            "publishers": self._delivery().get("publishers", []),
         }

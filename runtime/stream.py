@@ -13,8 +13,9 @@ folders give every frame, in order (``"block"``), read in the consumer's thread 
 the Runtime hands them to the backend in micro-batches no larger than the variant's ``max_batch``.
 ``latency_ms`` is stamped as each record is handed out (capture → consumer).
 
-Faults: a bad frame gives an error record and the stream goes on; a live source that loses its
-device reconnects with backoff; the end of a file ends the stream; :meth:`Stream.stop` (safe in a
+Faults: a bad frame gives an error record and the stream goes on; a source absent at start is
+retried with backoff when ``retry`` allows (:mod:`rrise.runtime.retry`); a live source that loses
+its device reconnects with backoff; the end of a file ends the stream; :meth:`Stream.stop` (safe in a
 signal handler) ends it after the current batch. The source is closed when the stream ends.
 """
 
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .capture import DROP_POLICIES, CaptureThread, FrameQueue, InlineFrames
-from .sources import Frame, FrameSource, open_source
+from .retry import open_with_retry
+from .sources import Frame, FrameSource
 from .stats import StreamStats
 
 if TYPE_CHECKING:
@@ -68,6 +70,10 @@ class Stream:
     files and folders. ``threaded``: capture in its own thread (default for live sources and for
     ``"latest"``, which needs it) or in the consumer's thread (files and folders under ``"block"``,
     where a thread only adds hand-off cost). ``max_frames``: stop after that many records.
+    ``retry``: how often to retry a source that does not open at start (a count, or ``"forever"``;
+    default 0: fail at once), with backoff from ``retry_backoff_s`` doubling to ``retry_backoff_max_s``;
+    while it waits, capture runs in its own thread and status records say ``source_state:
+    "connecting"``.
     """
 
     def __init__(
@@ -81,11 +87,18 @@ class Stream:
         max_frames: int | None = None,
         status_interval_s: float | None = 1.0,
         threaded: bool | None = None,
+        retry: int | str | None = 0,
+        retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 8.0,
     ) -> None:
         _check_options(batch, drop_policy, queue_size, max_frames, status_interval_s)
-        src = source if isinstance(source, FrameSource) else open_source(source)
+        if isinstance(source, FrameSource):
+            src = source
+        else:
+            src = open_with_retry(source, retry, backoff_s=retry_backoff_s, backoff_max_s=retry_backoff_max_s)
         policy = drop_policy if drop_policy != "auto" else ("latest" if src.is_live else "block")
-        threaded = (policy == "latest" or src.is_live) if threaded is None else bool(threaded)
+        waits = getattr(src, "waits_to_open", False)
+        threaded = (policy == "latest" or src.is_live or waits) if threaded is None else bool(threaded)
         if not threaded and policy == "latest":
             if src is not source:
                 src.close()

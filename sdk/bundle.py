@@ -1,7 +1,13 @@
 """The deployable bundle: a folder holding ``manifest.json`` and every file it lists with its sha256.
 
-``Bundle.load`` refuses anything it cannot vouch for — a changed, missing or extra file, a malformed
-manifest, an unknown schema version — with a :class:`BundleError` that names the problem.
+``Bundle.load`` refuses anything it cannot vouch for — a changed, missing or extra file, a manifest
+value that is missing, mistyped, out of range or inconsistent (:mod:`rrise.manifest_schema`), an
+unknown schema version — with a :class:`BundleError` that names the problem.
+
+Identity: the bundle id is the sha256 of the canonical manifest (:func:`canonical_manifest`). The
+manifest lists the sha256 of every file, so the id changes when any byte of the bundle does; a
+robot pins the bundle it was given with ``expect_id`` (``rrise run --expect-id``) or trusts only
+bundles signed by a key it holds (``trust``, ``rrise run --trust``; :mod:`rrise.signing`).
 """
 
 from __future__ import annotations
@@ -9,33 +15,29 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .calibration import Calibration
 from .fileio import atomic_path
-from .numerics import MICRO_BATCH_LIMIT
+from .manifest_schema import MANIFEST, SCHEMA_VERSION, SIGNATURE, ManifestError, validate_manifest
 
-__all__ = ["SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file", "write_manifest"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_KEYS = (
-    "schema_version",
-    "rrise_version",
-    "created",
-    "model",
-    "preprocess",
-    "smoothing",
-    "calibration",
-    "base_model",
-    "variants",
-    "guarantee",
-    "files",
-)
+__all__ = [
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "canonical_manifest",
+    "manifest_id",
+    "sha256_file",
+    "write_manifest",
+]
+
 GUARANTEE = (
     "If the calibration inputs and the deployed input are exchangeable (drawn from the same "
     "distribution), then with probability at least 1 - alpha - beta over calibration, input and "
@@ -44,6 +46,7 @@ GUARANTEE = (
     "It is a marginal guarantee over the input distribution, not a per-input one, and it does not "
     "survive distribution shift or a changed base model."
 )
+_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(Exception):
@@ -58,17 +61,34 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def canonical_manifest(manifest: dict[str, Any]) -> bytes:
+    """The manifest as canonical JSON: keys sorted, no whitespace, UTF-8, no NaN or infinity. What
+    the bundle id digests and a signature signs; the same for any formatting of ``manifest.json``."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def manifest_id(manifest: dict[str, Any]) -> str:
+    """The bundle id: the sha256 (64 hex digits) of :func:`canonical_manifest`. Since the manifest
+    lists the sha256 of every file, two bundles with the same id hold the same bytes."""
+    return hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+
+
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Hash every file in ``folder`` into ``manifest['files']`` and write the manifest atomically.
 
-    The caller's dict is not modified. The manifest gets the usual file permissions (``0o666`` less
-    the umask), so a bundle made by one user can be read by the service that runs it.
+    The caller's dict is not modified. ``manifest.sig`` is never listed: a signature is not part of
+    what it signs (and a manifest written here no longer matches an older one). The manifest gets
+    the usual file permissions (``0o666`` less the umask), so a bundle made by one user can be read
+    by the service that runs it.
     """
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".tmp")
+        if p.is_file()
+        and p.relative_to(folder).as_posix() not in (MANIFEST, SIGNATURE)
+        and not p.name.startswith(".tmp")
     }
     manifest = copy.deepcopy(dict(manifest))
     manifest["files"] = files
@@ -81,46 +101,13 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     return folder / MANIFEST
 
 
-def _unsafe_name(name: object) -> bool:
-    """A manifest file name that is not a plain relative path inside the bundle folder."""
-    if not isinstance(name, str) or not name or "\\" in name:
-        return True
-    parts = name.split("/")
-    return name.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]
-
-
-CALIBRATED_WITH = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
-
-
-def _quantile_problems(i: int, v: dict[str, Any]) -> list[str]:
-    """A variant's quantile is a finite number, or null for a variant that says why it
-    ``needs_recalibration`` (it could not be run where it was made). A calibrated variant says
-    which numerics its quantile holds for: ``calibrated_with`` and ``max_batch``."""
-    if "quantile" not in v:
-        return []
-    q = v["quantile"]
-    if q is None:
-        if not v.get("needs_recalibration"):
-            return [f"variants[{i}].quantile is null but the variant does not say why (needs_recalibration)"]
-        return []
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
-        return [f"variants[{i}].quantile must be a finite number, got {q!r}"]
-    problems = []
-    cw = v.get("calibrated_with")
-    if cw not in CALIBRATED_WITH:
-        problems.append(
-            f"variants[{i}].calibrated_with must be one of {', '.join(CALIBRATED_WITH)} (the numerics its "
-            f"quantile holds for), got {cw!r}: re-export the bundle"
+def _expected_id(expect_id: str) -> str:
+    want = str(expect_id).strip().lower()
+    if not _ID.match(want):
+        raise BundleError(
+            f"expected bundle id {expect_id!r} is not a bundle id (64 hex digits, as `rrise inspect` shows)"
         )
-    elif (cw == "tensorrt") != (v.get("backend") == "tensorrt"):
-        problems.append(f"variants[{i}] runs on {v.get('backend')!r} but was calibrated with {cw!r}")
-    mb = v.get("max_batch")
-    if isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= MICRO_BATCH_LIMIT:
-        problems.append(
-            f"variants[{i}].max_batch must be an integer in [1, {MICRO_BATCH_LIMIT}] (the batch sizes its "
-            f"quantile was checked at), got {mb!r}: re-export the bundle"
-        )
-    return problems
+    return want
 
 
 @dataclass
@@ -132,8 +119,20 @@ class Bundle:
     id: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
-        """Read ``path/manifest.json`` and check every file's sha256; raise BundleError if any fails."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        verify: bool = True,
+        *,
+        expect_id: str | None = None,
+        trust: Ed25519PublicKey | str | os.PathLike | None = None,
+    ) -> Bundle:
+        """Read ``path/manifest.json``, validate every value (:func:`rrise.manifest_schema.validate_manifest`)
+        and, with ``verify``, check every file's sha256; raise BundleError if anything fails.
+
+        ``expect_id``: refuse any bundle whose id is not this one. ``trust``: an Ed25519 public key
+        (or its file); refuse a bundle unless its ``manifest.sig`` is that key's valid signature of
+        this manifest. Either implies the file check."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} is not a folder")
@@ -143,75 +142,45 @@ class Bundle:
         raw = mpath.read_bytes()
         try:
             manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BundleError(f"{mpath} is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath} must hold a JSON object")
-        bundle = cls(path=path, manifest=manifest, id=hashlib.sha256(raw).hexdigest()[:16])
-        schema_problems = bundle._schema_problems()
-        if schema_problems:
-            raise BundleError(f"{mpath}: " + "; ".join(schema_problems))
-        if verify:
-            problems = bundle.integrity_problems()
-            if problems:
-                raise BundleError(f"bundle {path} failed its integrity check: " + "; ".join(problems))
+        try:
+            validate_manifest(manifest)
+        except ManifestError as exc:
+            raise BundleError(f"{mpath}: {exc}") from None
+        bundle = cls(path=path, manifest=manifest, id=manifest_id(manifest))
+        if verify or expect_id is not None or trust is not None:
+            bundle.check_files()
+        bundle.require(expect_id=expect_id, trust=trust)
         return bundle
 
-    def _schema_problems(self) -> list[str]:
-        m = self.manifest
-        missing = [k for k in REQUIRED_KEYS if k not in m]
-        if missing:
-            return [f"missing key(s) {', '.join(missing)}"]
-        if m["schema_version"] != SCHEMA_VERSION:
-            return [
-                f"unknown schema_version {m['schema_version']!r} (this rrise reads {SCHEMA_VERSION}); "
-                "upgrade rrise or re-export the bundle"
-            ]
-        problems = []
-        for key, sub in (
-            ("model", ("file", "input", "output", "num_classes")),
-            ("calibration", ("score", "alpha", "beta", "n_mc", "quantile", "m")),
-            ("smoothing", ("sigma",)),
-        ):
-            if not isinstance(m[key], dict):
-                problems.append(f"'{key}' must be an object")
-                continue
-            problems += [f"missing key {key}.{s}" for s in sub if s not in m[key]]
-        if not problems:
+    def check_files(self) -> None:
+        """Raise BundleError naming every changed, missing or extra file (:meth:`integrity_problems`)."""
+        problems = self.integrity_problems()
+        if problems:
+            raise BundleError(f"bundle {self.path} failed its integrity check: " + "; ".join(problems))
+
+    def require(
+        self, *, expect_id: str | None = None, trust: Ed25519PublicKey | str | os.PathLike | None = None
+    ) -> None:
+        """Refuse (BundleError) unless this manifest's id is ``expect_id`` and its ``manifest.sig``
+        verifies with the ``trust`` key; each check only when given. The id is recomputed from the
+        manifest, so an edited ``id`` attribute or manifest dict does not pass."""
+        actual = manifest_id(self.manifest)
+        if expect_id is not None:
+            want = _expected_id(expect_id)
+            if actual != want:
+                raise BundleError(
+                    f"bundle {self.path} has id {actual}, but {want} was expected: it is another or a "
+                    "changed bundle; refusing it"
+                )
+        if trust is not None:
+            from .signing import SigningError, verify_signature
+
             try:
-                Calibration.from_dict(m["calibration"], sigma=m["smoothing"]["sigma"])
-            except ValueError as exc:
-                problems.append(str(exc))
-        if not isinstance(m["base_model"], dict) or "file" not in m["base_model"]:
-            problems.append("'base_model' must be an object with a 'file'")
-        if not isinstance(m["variants"], list) or not m["variants"]:
-            problems.append("'variants' must be a non-empty list")
-        else:
-            for i, v in enumerate(m["variants"]):
-                if not isinstance(v, dict):
-                    problems.append(f"variants[{i}] must be an object")
-                    continue
-                problems += [
-                    f"missing key variants[{i}].{s}"
-                    for s in ("precision", "backend", "file", "quantile")
-                    if s not in v
-                ]
-                problems += _quantile_problems(i, v)
-        if not isinstance(m["files"], dict):
-            problems.append("'files' must be an object of file name -> sha256")
-        else:
-            problems += [
-                f"file name {name!r} in 'files' is not a relative path inside the bundle"
-                for name in m["files"]
-                if _unsafe_name(name)
-            ]
-        if not problems:
-            problems += [
-                f"file name {e['file']!r} is not a relative path inside the bundle"
-                for e in self._file_entries()
-                if _unsafe_name(e.get("file"))
-            ]
-        return problems
+                verify_signature(self, trust)
+            except SigningError as exc:
+                raise BundleError(str(exc)) from None
 
     def integrity_problems(self) -> list[str]:
         """Every changed, missing or extra file, and every entry whose hash disagrees with 'files'."""
@@ -226,7 +195,7 @@ class Bundle:
         on_disk = {
             p.relative_to(self.path).as_posix()
             for p in self.path.rglob("*")
-            if p.is_file() and p.name != MANIFEST
+            if p.is_file() and p.relative_to(self.path).as_posix() not in (MANIFEST, SIGNATURE)
         }
         problems += [f"extra file {name} (not in the manifest)" for name in sorted(on_disk - set(listed))]
         for entry in self._file_entries():

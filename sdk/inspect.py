@@ -1,7 +1,10 @@
-"""Describe a bundle and check its integrity: what ``rrise inspect BUNDLE [--json]`` prints.
+"""Describe a bundle and check its integrity: what ``rrise inspect BUNDLE [--json] [--verify]
+[--trust KEY.pub]`` prints: manifest, id, signature, guarantee, integrity and, with ``--verify``,
+each variant's quantile recomputed.
 
-numpy only (no torch, no scipy), so it runs on the edge device next to the bundle. A damaged bundle
-is still described: the manifest is read without verification first, then every file is checked.
+No torch, no scipy (``--verify`` runs onnxruntime), so it runs on the edge device next to the
+bundle. A damaged bundle is still described: the manifest is read (and its values validated)
+without the file check first, then every file is checked.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ def guarantee_text(guarantee: str, alpha: float | None, beta: float | None) -> s
     return f"{guarantee} Here {level}."
 
 
-def inspect_bundle(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+def inspect_bundle(
+    path: str | os.PathLike, *, trust: str | os.PathLike | None = None, verify: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """``(summary, problems)`` for the bundle at ``path``.
 
     ``summary`` is JSON-serializable: id, path, created, rrise_version, schema_version, model (file,
     input, output), num_classes, labels, sigma, preprocess, calibration, variants (with their
-    quantiles), base_model (its file), guarantee (as written and with α, β filled in), export, files.
-    ``problems`` is empty exactly when :meth:`Bundle.load` would accept the bundle; otherwise it
-    lists each changed, missing or extra file (by name) or the manifest error.
+    quantiles), base_model (its file), guarantee (as written and with α, β filled in), export,
+    made_with (the pipeline profile and its note; None when not recorded), files,
+    signature (``signed``, the signer's ``key``, ``trusted``: True/False, or None when no ``trust``
+    key was given) and, with ``verify``, ``verification`` (one result per variant, see
+    :func:`rrise.export.bundler.verify_quantiles`).
+    ``problems`` is empty exactly when :meth:`Bundle.load` (with ``trust``) would accept the bundle
+    and every verifiable quantile was reproduced; otherwise it lists each changed, missing or extra
+    file (by name), the manifest error, the signature failure or the quantile mismatch.
     """
     path = Path(path)
     try:
@@ -63,9 +73,59 @@ def inspect_bundle(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         "guarantee": m["guarantee"],
         "guarantee_filled": guarantee_text(str(m["guarantee"]), cal.get("alpha"), cal.get("beta")),
         "export": m.get("export"),
+        "made_with": m.get("made_with"),
         "files": dict(m["files"]),
     }
+    summary["signature"] = _signature(bundle, trust, problems)
+    if verify:
+        summary["verification"] = _verification(bundle, problems)
     return summary, problems
+
+
+def _signature(bundle: Bundle, trust: str | os.PathLike | None, problems: list[str]) -> dict[str, Any]:
+    """What ``manifest.sig`` says and, given a ``trust`` key, whether it verifies (a failure, or a
+    malformed signature, is added to ``problems`` only when a key was given)."""
+    from .signing import SigningError, read_signature, verify_signature
+
+    out: dict[str, Any] = {"signed": False, "key": None, "trusted": None, "trusted_key": None}
+    try:
+        info = read_signature(bundle.path)
+    except BundleError as exc:
+        info = None
+        out["error"] = str(exc)
+    if info is not None:
+        out.update(signed=True, key=info.key)
+    if trust is None:
+        return out
+    out["trusted"] = False
+    try:
+        out["trusted_key"] = verify_signature(bundle, trust)
+        out["trusted"] = True
+    except (BundleError, SigningError) as exc:
+        problems.append(str(exc))
+    return out
+
+
+def _verification(bundle: Bundle, problems: list[str]) -> list[dict[str, Any]]:
+    """Each variant's quantile recomputed (rrise.export.bundler.verify_quantiles); a mismatch, or a
+    bundle that cannot be verified at all, is added to ``problems``."""
+    if problems:
+        problems.append("quantiles not verified: the bundle failed the checks above")
+        return []
+    try:
+        from rrise.export.bundler import verify_quantiles
+
+        results = verify_quantiles(bundle)
+    except (BundleError, ValueError, RuntimeError, ImportError) as exc:
+        problems.append(f"quantiles could not be verified: {exc}")
+        return []
+    problems += [
+        f"variant {r['variant']} ({r['file']}): its quantile does not match calibration.npz and its model: "
+        f"{r['detail']}"
+        for r in results
+        if r["status"] == "mismatch"
+    ]
+    return results
 
 
 def _variant_summary(bundle: Bundle, variant: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +187,16 @@ def _calibration_lines(cal: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _profile_lines(made_with: dict[str, Any] | None) -> list[str]:
+    """The pipeline profile the bundle was made with (``made_with``), or "not recorded"."""
+    if not made_with:
+        return ["Profile      not recorded (made before profiles were recorded, or by rrise-export alone)"]
+    lines = [f"Profile      {made_with['profile']}"]
+    if made_with.get("profile_note"):
+        lines.append(_wrap(made_with["profile_note"], "             "))
+    return lines
+
+
 def _variant_lines(v: dict[str, Any]) -> list[str]:
     extra = ", ".join(
         f"{k} {v[k]}" for k in ("calibrated_with", "max_batch", "trt_version", "compute_capability") if k in v
@@ -148,12 +218,46 @@ def _variant_lines(v: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _signature_line(sig: dict[str, Any] | None) -> str:
+    if sig is None:
+        return "Signature    (not read)"
+    if sig.get("error"):
+        return f"Signature    unreadable: {sig['error']}"
+    if not sig["signed"]:
+        state = "none (unsigned: `rrise-export ... --sign KEY` signs a bundle)"
+        return f"Signature    {state}" + (
+            "; a trusted key was given: FAILED" if sig["trusted"] is False else ""
+        )
+    if sig["trusted"] is None:
+        return f"Signature    Ed25519 by key {sig['key']} (not checked: pass --trust KEY.pub)"
+    if sig["trusted"]:
+        return f"Signature    OK: Ed25519 by the trusted key {sig['trusted_key']}"
+    return f"Signature    FAILED: not a valid signature by the trusted key (it names key {sig['key']})"
+
+
+def _verification_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["Verify       each variant's quantile recomputed from calibration.npz and its own model"]
+    for r in results:
+        if r["status"] == "ok":
+            state = f"OK (quantile {_num(r['recomputed'])} reproduced)"
+        elif r["status"] == "mismatch":
+            state = f"MISMATCH: {r['detail']}"
+        elif r["status"] == "uncalibrated":
+            state = "no quantile to verify (needs recalibration)"
+        else:
+            state = f"{r['status']}: {r['detail']}"
+        lines.append(_wrap(f"{r['variant']}  {r['file']}  {state}", "  "))
+    return lines
+
+
 def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
     """Human-readable text of :func:`inspect_bundle`'s result, ending with an "Integrity: OK" or
     "Integrity: FAILED" section that lists every problem."""
-    lines = [f"Bundle       {summary.get('path')}" + (f"  (id {summary['id']})" if summary.get("id") else "")]
+    lines = [f"Bundle       {summary.get('path')}"]
     if summary.get("id"):
-        lines += [*_model_lines(summary), *_calibration_lines(summary["calibration"]), "Variants"]
+        lines.append(f"Id           {summary['id']}")
+        lines += [*_model_lines(summary), *_calibration_lines(summary["calibration"])]
+        lines += [*_profile_lines(summary.get("made_with")), "Variants"]
         for v in summary["variants"]:
             lines += _variant_lines(v)
         lines.append(f"Base model   {summary['base_model']} (for audits)")
@@ -162,6 +266,9 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
             lines.append(f"Export       max |logits torch - onnx| = {parity:.3g}")
         lines += ["Guarantee", _wrap(summary["guarantee_filled"]), "Files"]
         lines += [f"  {name}  sha256 {digest[:16]}…" for name, digest in summary["files"].items()]
+        lines.append(_signature_line(summary.get("signature")))
+        if summary.get("verification"):
+            lines += _verification_lines(summary["verification"])
     if problems:
         lines.append(f"Integrity: FAILED ({len(problems)} problem{'s' if len(problems) > 1 else ''})")
         lines += [

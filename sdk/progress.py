@@ -1,11 +1,21 @@
-"""One progress-bar helper for every long step (rich), quiet when asked to be."""
+"""One progress-bar helper for every long step (rich), quiet when asked to be.
+
+Bars go to stderr, so a command's output on stdout (paths, JSON lines) stays clean when piped. On a
+terminal they take its width; written to a log file they keep :data:`LOG_WIDTH` columns (rich
+would cut them to 80, dropping the rate, the ETA and the note).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["Bar", "progress_bar"]
+__all__ = ["LOG_WIDTH", "Bar", "console_width", "progress_bar"]
+
+LOG_WIDTH = 160
 
 
 class Bar:
@@ -36,12 +46,22 @@ def _rate_column(unit: str):
     return RateColumn()
 
 
+def console_width(stream: Any = None) -> int | None:
+    """None (the terminal's own width) on a terminal; else ``$COLUMNS`` if set, else LOG_WIDTH."""
+    stream = sys.stderr if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else LOG_WIDTH
+
+
 @contextmanager
 def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool = True) -> Iterator[Bar]:
-    """A rich bar with rate and ETA; ``enabled=False`` (or a non-interactive run) keeps it silent."""
+    """A rich bar with rate and ETA on stderr; ``enabled=False`` keeps it silent."""
     if not enabled:
         yield Bar(None, None)
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -61,6 +81,7 @@ def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool
         TimeRemainingColumn(),
         TextColumn("{task.fields[note]}"),
     )
-    with Progress(*columns, transient=False) as progress:
+    console = Console(stderr=True, width=console_width(sys.stderr))
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(desc, total=total, note="")
         yield Bar(progress, task)

@@ -1,21 +1,34 @@
-"""The record schema: one msgpack map per frame, sent as ZeroMQ ``[topic, payload]``."""
+"""The record schema: one msgpack map per frame, sent as ZeroMQ ``[topic, payload]``.
+
+:class:`Record` and :class:`Status` are the typed schemas (msgspec structs) every decoded payload is
+checked against: each key of :data:`RECORD_KEYS` present with its type and range (``radius`` a
+finite float ≥ 0, ``score`` and ``p_lower`` in [0, 1] or nil, ``seq`` and ``frame`` integers ≥ 0…)
+and consistent (an abstaining record has no ``pred`` and radius 0; a record with an ``error`` abstains).
+Keys beyond the schema are kept: a newer publisher may add keys, never change the meaning or type of
+existing ones. :func:`unpack` returns the record as a plain dict, extra keys included.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from typing import Annotated, Any
 
-import msgpack
+import msgspec
 
 from .certificate import Certificate
 
 __all__ = [
     "DEFAULT_TOPIC",
+    "DELIVERY_KEYS",
     "RECORD_KEYS",
     "RECORD_VERSION",
     "STATUS_KEYS",
     "STATUS_SUFFIX",
     "STATUS_TOPIC",
+    "Record",
     "RecordError",
+    "Status",
     "make_record",
     "make_status",
     "pack",
@@ -42,11 +55,107 @@ RECORD_KEYS = (
     "bundle",
     "error",
     "alarm",
+    "ood_p",
 )
+
+_NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+_Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class RecordError(ValueError):
     """A message that is not a valid record of a version this reader knows."""
+
+
+class Record(msgspec.Struct, frozen=True):
+    """The typed schema of a frame record (version 1); unknown keys are allowed and ignored here."""
+
+    v: int
+    seq: _NonNegInt
+    frame: _NonNegInt
+    stamp_ns: int
+    source: str
+    pred: _NonNegInt | None
+    label: str | None
+    abstain: bool
+    radius: _NonNegFloat
+    score: _Probability | None
+    p_lower: _Probability | None
+    latency_ms: float
+    bundle: str
+    error: str | None
+    alarm: str | None
+    ood_p: _Probability | None = None  # per-frame out-of-distribution p-value (rrise.ood)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.radius):
+            raise ValueError("radius must be finite")
+        if not math.isfinite(self.latency_ms):
+            raise ValueError("latency_ms must be finite")
+        if self.abstain and (self.pred is not None or self.radius != 0.0):
+            raise ValueError("an abstaining record has pred nil and radius 0")
+        if not self.abstain and (self.pred is None or self.error is not None):
+            raise ValueError("a record that does not abstain has a pred and no error")
+        if self.pred is None and self.label is not None:
+            raise ValueError("a record without pred has label nil")
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _encode_extra(obj: Any) -> Any:
+    """numpy scalars (e.g. a float64 someone put in a record) encode as their Python value."""
+    item = getattr(obj, "item", None)
+    if item is not None and getattr(obj, "shape", None) == ():
+        return item()
+    raise TypeError(f"a record value of type {type(obj).__name__} cannot be encoded as msgpack")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_encode_extra)
+_DECODER = msgspec.msgpack.Decoder()
+
+
+def pack(record: dict[str, Any]) -> bytes:
+    """msgpack bytes of a record (or status record)."""
+    return _ENCODER.encode(record)
+
+
+def _decode_map(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = _DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"payload is not msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("payload is not a msgpack map")
+    if not all(isinstance(k, str) for k in obj):
+        raise RecordError(f"{what} has a key that is not a string")
+    if obj.get("v") != RECORD_VERSION:
+        raise RecordError(f"{what} version {obj.get('v')!r} is not {RECORD_VERSION}")
+    return obj
+
+
+@functools.cache
+def _required(schema: type) -> tuple[str, ...]:
+    """The keys ``schema`` cannot do without (keys added later to v1 have defaults)."""
+    return tuple(f.name for f in msgspec.structs.fields(schema) if f.required)
+
+
+def _validate(obj: dict[str, Any], schema: type, what: str) -> None:
+    missing = [k for k in _required(schema) if k not in obj]
+    if missing:
+        raise RecordError(f"{what} lacks {', '.join(missing)}")
+    try:
+        msgspec.convert(obj, schema)
+    except msgspec.ValidationError as exc:
+        raise RecordError(f"{what} has a bad value: {exc}") from None
+
+
+def unpack(payload: bytes) -> dict[str, Any]:
+    """Decode and validate one payload against :class:`Record`; raise RecordError (saying which key
+    and why) if it is not a version-1 frame record with every value of the right type and range."""
+    record = _decode_map(payload, "record")
+    _validate(record, Record, "record")
+    return record
 
 
 def make_record(
@@ -61,8 +170,10 @@ def make_record(
     latency_ms: float = 0.0,
     error: str | None = None,
     alarm: str | None = None,
+    ood_p: float | None = None,
 ) -> dict[str, Any]:
-    """A record for one frame; with ``certificate=None`` it is an error record (``error`` says why)."""
+    """A record for one frame; with ``certificate=None`` it is an error record (``error`` says why).
+    ``ood_p``: the frame's out-of-distribution p-value, None without that test."""
     if certificate is None and error is None:
         raise ValueError("a record needs a certificate or an error")
     pred = None if certificate is None else certificate.pred
@@ -82,27 +193,8 @@ def make_record(
         "bundle": bundle,
         "error": error,
         "alarm": alarm,
+        "ood_p": None if ood_p is None else float(ood_p),
     }
-
-
-def pack(record: dict[str, Any]) -> bytes:
-    return msgpack.packb(record, use_bin_type=True)
-
-
-def unpack(payload: bytes) -> dict[str, Any]:
-    """Decode and validate one payload; raise RecordError if it is not a version-1 record."""
-    try:
-        record = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise RecordError(f"payload is not msgpack: {exc}") from None
-    if not isinstance(record, dict):
-        raise RecordError("payload is not a msgpack map")
-    if record.get("v") != RECORD_VERSION:
-        raise RecordError(f"record version {record.get('v')!r} is not {RECORD_VERSION}")
-    missing = [k for k in RECORD_KEYS if k not in record]
-    if missing:
-        raise RecordError(f"record lacks {', '.join(missing)}")
-    return record
 
 
 # --- status records ---------------------------------------------------------------------------
@@ -131,6 +223,35 @@ STATUS_KEYS = (
     "reconnects",
     "publish_failed",
 )
+# What the publisher knows about its subscribers (see rrise.runtime.sinks.ZmqPublisher); nil when
+# the stream has no publisher. Optional on read, so status records of earlier v1 runtimes validate.
+DELIVERY_KEYS = ("subscribers", "subscribers_peak", "published", "published_unheard")
+
+
+class Status(msgspec.Struct, frozen=True):
+    """The typed schema of a status record (version 1); unknown keys are allowed."""
+
+    v: int
+    kind: str
+    stamp_ns: int
+    source: str
+    bundle: str
+    uptime_s: _NonNegFloat
+    frames: _NonNegInt
+    fps: _NonNegFloat
+    drops: _NonNegInt
+    errors: _NonNegInt
+    abstain_rate: _Probability | None
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    alarm: str | None
+    source_state: str
+    reconnects: _NonNegInt
+    publish_failed: _NonNegInt
+    subscribers: _NonNegInt | None = None
+    subscribers_peak: _NonNegInt | None = None
+    published: _NonNegInt | None = None
+    published_unheard: _NonNegInt | None = None
 
 
 def status_topic(topic: bytes | str = DEFAULT_TOPIC) -> bytes:
@@ -160,7 +281,8 @@ def make_status(
 ) -> dict[str, Any]:
     """A status record. ``frames``, ``drops``, ``errors``, ``reconnects`` count since the start;
     ``fps``, ``abstain_rate`` (among frames without an error) and the latency percentiles cover the
-    interval since the previous status record. ``extra`` keys (e.g. ``monitor``) are appended."""
+    interval since the previous status record. ``extra`` keys (e.g. ``monitor``, the
+    :data:`DELIVERY_KEYS`) are appended."""
     status = {
         "v": RECORD_VERSION,
         "kind": "status",
@@ -185,18 +307,10 @@ def make_status(
 
 
 def unpack_status(payload: bytes) -> dict[str, Any]:
-    """Decode and validate one status payload; raise RecordError if it is not a v1 status record."""
-    try:
-        status = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:
-        raise RecordError(f"payload is not msgpack: {exc}") from None
-    if not isinstance(status, dict):
-        raise RecordError("payload is not a msgpack map")
-    if status.get("v") != RECORD_VERSION:
-        raise RecordError(f"status version {status.get('v')!r} is not {RECORD_VERSION}")
+    """Decode and validate one status payload against :class:`Status`; raise RecordError if it is
+    not a v1 status record with every value of the right type."""
+    status = _decode_map(payload, "status record")
     if status.get("kind") != "status":
         raise RecordError(f"status record kind is {status.get('kind')!r}, not 'status'")
-    missing = [k for k in STATUS_KEYS if k not in status]
-    if missing:
-        raise RecordError(f"status record lacks {', '.join(missing)}")
+    _validate(status, Status, "status record")
     return status

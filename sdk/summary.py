@@ -46,6 +46,14 @@ def print_demo_summary(root: Path, result: dict[str, Any]) -> None:
     stages = metrics.get("stage_seconds", {})
     if stages:
         console.print("Wall time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+    run = stream.get("summary") or {}
+    if run.get("published") is not None:
+        console.print(
+            f"\nPublisher: {run['published']} records, {run['subscribers_peak']} subscriber(s) at most, "
+            f"{run['published_unheard']} published while none was connected."
+        )
+    for warning in run.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"\nRuntime: {stream['sent']} frames of {stream['video']} published on {stream['endpoint']}; "
         f"{stream['received']} records received by `rrise subscribe` in another process "

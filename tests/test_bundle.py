@@ -1,7 +1,7 @@
 """Bundle.load refuses what it cannot vouch for; inspect_bundle reports the same; variants' quantiles.
 
-The bundles here are built by rrise.export.build_bundle from a hand-made ONNX graph (no torch), with
-synthetic calibration data, so every file in a real bundle is present and hashed.
+The bundles here are tests.tiny_bundle's linear bundles: built by rrise.export.build_bundle from a
+hand-made ONNX graph (no torch), with synthetic calibration data, so every file is present and hashed.
 """
 
 from __future__ import annotations
@@ -13,44 +13,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from rrise import Bundle, BundleError, CalibrationSpec, conformalize
+from rrise import Bundle, BundleError
 from rrise.bundle import sha256_file, write_manifest
-from rrise.export.bundler import build_bundle, calibration_outputs
-from rrise.export.onnx_export import onnx_logits
+from rrise.export.bundler import calibration_outputs
 from rrise.inspect import format_inspection, inspect_bundle
+from tests.tiny_bundle import (
+    LINEAR_ALPHA,
+    LINEAR_BETA,
+    LINEAR_K,
+    LINEAR_N_MC,
+    LINEAR_SHAPE,
+    linear_onnx,
+    linear_sources,
+    make_linear_bundle,
+)
 
-SHAPE = (1, 4, 4)
-K = 3
-M = 40
-N_MC = 1000
-ALPHA, BETA = 0.1, 0.01
-
-
-def linear_onnx(path: Path, seed: int, input_name: str = "input") -> Path:
-    """input [batch, 1, 4, 4] → Flatten → MatMul + Add → logits [batch, 3]."""
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array((3 * rng.standard_normal((16, K))).astype(np.float32), "w")
-    b = numpy_helper.from_array(rng.standard_normal(K).astype(np.float32), "b")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", [input_name], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-            helper.make_node("Add", ["mm", "b"], ["logits"]),
-        ],
-        "linear",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *SHAPE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])],
-        initializer=[w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+SHAPE, K, N_MC, ALPHA, BETA = LINEAR_SHAPE, LINEAR_K, LINEAR_N_MC, LINEAR_ALPHA, LINEAR_BETA
+make_bundle = make_linear_bundle
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -61,34 +42,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict:
     """surrogate.onnx, base.onnx, calibration.npz and the Calibration record for them."""
-    d = tmp_path_factory.mktemp("sources")
-    surrogate = linear_onnx(d / "surrogate.onnx", seed=0)
-    base = linear_onnx(d / "base.onnx", seed=1, input_name="x")
-    rng = np.random.default_rng(2)
-    images = rng.random((M, *SHAPE), dtype=np.float32)
-    probs = softmax(onnx_logits(surrogate, images).astype(np.float64))
-    counts = np.stack([rng.multinomial(N_MC, p) for p in probs]).astype(np.int64)
-    np.savez(d / "calibration.npz", images=images, counts=counts, probs=probs)
-    spec = CalibrationSpec(sigma=0.25, n_mc=N_MC, alpha=ALPHA, beta=BETA)
-    cal = conformalize(
-        spec, probs, counts, base_sha256=sha256_file(base), surrogate_sha256=sha256_file(surrogate)
-    )
-    return {"surrogate": surrogate, "base": base, "npz": d / "calibration.npz", "cal": cal}
-
-
-def make_bundle(sources: dict, out: Path, **changes) -> Bundle:
-    return build_bundle(
-        out,
-        surrogate_onnx=changes.get("surrogate", sources["surrogate"]),
-        base_onnx=changes.get("base", sources["base"]),
-        calibration=changes.get("cal", sources["cal"]),
-        calibration_npz=sources["npz"],
-        labels=["a", "b", "c"],
-        preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
-        dataset="synthetic",
-        input_shape=SHAPE,
-        parity_max_abs_diff=0.0,
-    )
+    return linear_sources(tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +152,9 @@ def test_file_names_outside_the_bundle_are_refused(bundle_dir, tmp_path):
 
     (bundle_dir / "base.onnx").unlink()
     edit_manifest(bundle_dir, edit)
-    assert "not a relative path inside the bundle" in refused(bundle_dir, "../outside.onnx")
+    assert "base_model.file: must be a relative path inside the bundle" in refused(
+        bundle_dir, "../outside.onnx"
+    )
 
 
 def test_calibration_uses_the_variants_quantile(bundle_dir):
@@ -273,11 +229,11 @@ def test_calibration_outputs_catch_batch_dependent_numerics():
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda v: v.pop("calibrated_with"), "calibrated_with must be one of"),
-        (lambda v: v.update(calibrated_with="cuda-maybe"), "calibrated_with must be one of"),
-        (lambda v: v.update(calibrated_with="tensorrt"), "was calibrated with 'tensorrt'"),
-        (lambda v: v.update(max_batch=64), "max_batch must be an integer in"),
-        (lambda v: v.pop("max_batch"), "max_batch must be an integer in"),
+        (lambda v: v.pop("calibrated_with"), "variants[0].calibrated_with: missing"),
+        (lambda v: v.update(calibrated_with="cuda-maybe"), "variants[0].calibrated_with: must be one of"),
+        (lambda v: v.update(calibrated_with="tensorrt"), "calibrated_with: must match its backend"),
+        (lambda v: v.update(max_batch=64), "variants[0].max_batch: must be an integer in"),
+        (lambda v: v.pop("max_batch"), "variants[0].max_batch: must be an integer in"),
     ],
 )
 def test_a_variant_must_say_which_numerics_its_quantile_holds_for(bundle_dir, edit, match):
@@ -287,7 +243,11 @@ def test_a_variant_must_say_which_numerics_its_quantile_holds_for(bundle_dir, ed
 
 @pytest.mark.parametrize(
     ("key", "value", "match"),
-    [("alpha", 2, "alpha must be"), ("beta", -1, "beta must be"), ("quantile", "lots", "quantile must be")],
+    [
+        ("alpha", 2, "calibration.alpha: must be in (0, 1), got 2"),
+        ("beta", -1, "calibration.beta: must be in (0, 1), got -1"),
+        ("quantile", "lots", "calibration.quantile: must be a number, got 'lots'"),
+    ],
 )
 def test_calibration_values_are_validated_at_load(bundle_dir, key, value, match):
     edit_manifest(bundle_dir, lambda m: m["calibration"].update({key: value}))
@@ -296,4 +256,6 @@ def test_calibration_values_are_validated_at_load(bundle_dir, key, value, match)
 
 def test_a_calibration_sigma_that_disagrees_with_smoothing_is_refused(bundle_dir):
     edit_manifest(bundle_dir, lambda m: m["smoothing"].update(sigma=0.5))
-    assert "disagrees with smoothing sigma 0.5" in refused(bundle_dir, "manifest.json")
+    assert "calibration.sigma: must equal smoothing.sigma (0.5), got 0.25" in refused(
+        bundle_dir, "manifest.json"
+    )

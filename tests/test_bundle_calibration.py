@@ -68,12 +68,12 @@ def test_confidence_bins_travel_to_the_runtime_and_each_variant_gets_its_own(tin
         bundle.path,
         bundle.file("surrogate.onnx"),
         precision="fp16",
-        backend="test",
+        backend="onnxruntime",
         probs=sharper,
         name="surrogate.sharper.onnx",
         calibrated_with="onnxruntime-cpu",
     )
-    v = updated.variant("fp16", "test")
+    v = updated.variant("fp16", "onnxruntime")
     assert len(v["bin_quantiles"]) == 2
     assert tuple(v["bin_quantiles"]) != tuple(variant["bin_quantiles"])
     assert updated.calibration(v).bin_quantiles != deployed.bin_quantiles
@@ -114,12 +114,12 @@ def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tm
     # another variant is recalibrated through the same map
     sharper = probs**1.05 / (probs**1.05).sum(1, keepdims=True)
     updated = add_variant(
-        bundle.path, bundle.file("surrogate.onnx"), precision="fp16", backend="test", probs=sharper,
+        bundle.path, bundle.file("surrogate.onnx"), precision="fp16", backend="onnxruntime", probs=sharper,
         name="surrogate.sharper.onnx",
         calibrated_with="onnxruntime-cpu",
     )  # fmt: skip
     counts = np.load(bundle.file("calibration.npz"))["counts"]
     expected_q = conformalize(cal.spec, sharper, counts).quantile
-    assert updated.variant("fp16", "test")["quantile"] == pytest.approx(expected_q)
+    assert updated.variant("fp16", "onnxruntime")["quantile"] == pytest.approx(expected_q)
     summary, problems = inspect_bundle(bundle.path)
     assert not problems and "Score map" in format_inspection(summary, problems)

@@ -4,6 +4,7 @@ overload, SIGTERM — plus the capture queue, status records and the shift alarm
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 import zmq
 
-from rrise.records import RECORD_KEYS, STATUS_KEYS
+from rrise.records import RECORD_KEYS, STATUS_KEYS, make_record
 from rrise.runtime import Runtime, run_stream
 from rrise.runtime.capture import FrameQueue
+from rrise.runtime.retry import StartupRetrySource, open_with_retry
 from rrise.runtime.sinks import ZmqPublisher
 from rrise.runtime.sources import PushSource, SourceError, VideoCaptureSource
 from rrise.subscriber import subscribe
@@ -112,6 +114,91 @@ def test_a_camera_that_never_comes_back_ends_the_stream_when_told_to(bundle_dir:
 def test_a_camera_that_is_absent_at_start_is_a_clear_error() -> None:
     with pytest.raises(SourceError, match="cannot open camera 0"):
         camera({"plan": [], "opens": [False]})
+
+
+# --- a source absent at start: --retry ---------------------------------------------------------
+
+
+def late_camera(world: dict, appears_after: int):
+    """An opener whose camera is absent for the first ``appears_after`` opens, then plugged in."""
+    world.setdefault("open_times", [])
+
+    def opener(spec, **_options):
+        world["open_times"].append(time.monotonic())
+        if len(world["open_times"]) <= appears_after:
+            raise SourceError(f"cannot open camera {spec} (is it connected, and free?)")
+        return camera({"plan": ["ok"] * 6, "opens": [True]}, max_reconnects=0)  # 6 frames, then gone
+
+    return opener
+
+
+def test_a_camera_absent_at_start_is_retried_with_backoff_until_it_appears(bundle_dir: Path) -> None:
+    world: dict = {}
+    src = open_with_retry("0", 5, opener=late_camera(world, 3), backoff_s=0.02, backoff_max_s=0.06)
+    assert isinstance(src, StartupRetrySource) and src.is_live and src.state == "connecting"
+    got: list[dict] = []
+    statuses: list[dict] = []
+    summary = run_stream(
+        bundle_dir, src, callback=got.append, status_interval_s=0.01, on_status=statuses.append
+    )
+    assert summary["frames"] + summary["drops"] == 6 and summary["source_error"] is None
+    assert src.attempts == 4 and src.name == "camera:0" and got and got[0]["source"] == "camera:0"
+    gaps = np.diff(world["open_times"])  # 0.02 → 0.04 → 0.06 (capped)
+    assert np.all(gaps >= np.array([0.02, 0.04, 0.06]) * 0.9), gaps
+    assert statuses[0]["source_state"] == "connecting"
+
+
+def test_retries_that_run_out_end_the_stream_with_the_reason(bundle_dir: Path) -> None:
+    src = open_with_retry("0", 2, opener=late_camera({}, 99), backoff_s=0.01, backoff_max_s=0.02)
+    summary = run_stream(bundle_dir, src, status_interval_s=None, no_output=True)
+    assert summary["frames"] == 0 and src.state == "ended" and src.attempts == 3
+    assert summary["source_error"].startswith("SourceError: cannot open camera 0")
+    assert "gave up after 2 retries" in summary["source_error"]
+    with pytest.raises(SourceError, match="cannot open camera 0"):  # --retry 0: at once, as before
+        open_with_retry("0", 0, opener=late_camera({}, 1))
+    with pytest.raises(ValueError, match="retry must be a count >= 0 or 'forever'"):
+        open_with_retry("0", "often", opener=late_camera({}, 1))
+
+
+def test_stopping_a_run_that_waits_for_its_source_ends_it_at_once() -> None:
+    src = open_with_retry("0", "forever", opener=late_camera({}, 10**9), backoff_s=5.0, backoff_max_s=5.0)
+    threading.Timer(0.2, src.stop).start()
+    t0 = time.monotonic()
+    assert list(src) == [] and time.monotonic() - t0 < 2.0
+    assert src.retries is None
+
+
+def test_rrise_run_waits_for_a_video_file_that_is_not_there_yet(bundle_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rrise.cli import app
+
+    video, out = tmp_path / "late.avi", tmp_path / "records.jsonl"
+    draft = tmp_path / "draft.avi"
+    writer = cv2.VideoWriter(str(draft), cv2.VideoWriter_fourcc(*"MJPG"), 30, (28, 28))
+    for f in sample_frames(7):
+        writer.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+    class AppearsOnRetry(logging.Handler):  # the file appears once the run has found it missing
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying" in record.getMessage() and draft.exists():
+                threading.Timer(0.3, draft.rename, (video,)).start()
+
+    hook = AppearsOnRetry()
+    logging.getLogger("rrise.runtime").addHandler(hook)
+    args = ["run", "--bundle", str(bundle_dir), "--source", str(video), "--jsonl", str(out)]
+    try:
+        result = CliRunner().invoke(app, [*args, "--retry", "forever"])
+    finally:
+        logging.getLogger("rrise.runtime").removeHandler(hook)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 7
+    assert "retrying forever with backoff" in result.output
+    missing = CliRunner().invoke(app, [*args[:4], str(tmp_path / "never.avi"), "--retry", "1", "--no-output"])
+    assert missing.exit_code == 1
+    assert "the source failed: SourceError: source" in missing.output
+    assert "gave up after 1 retry" in missing.output and "Traceback" not in missing.output
 
 
 def test_a_source_that_raises_ends_the_stream_with_the_reason(bundle_dir: Path) -> None:
@@ -245,7 +332,7 @@ def test_a_stalled_subscriber_never_blocks_the_others_or_the_publisher() -> None
         payload = "x" * 2000  # big records fill the stalled link's buffers quickly
         t0 = time.monotonic()
         for seq in range(n):
-            rec = {k: None for k in RECORD_KEYS} | {"v": 1, "seq": seq, "source": payload, "bundle": "b"}
+            rec = make_record(seq=seq, frame=seq, stamp_ns=0, source=payload, bundle="b", error="x")
             assert pub.send(rec)
             if seq % 25 == 24:
                 time.sleep(0.002)  # a 12 kHz stream: the live subscriber keeps up
@@ -302,7 +389,8 @@ def test_alarm_fires_on_a_shifted_stream_with_a_real_bundle(tiny_bundle: Path) -
     from rrise import Bundle
 
     assert "monitor" in Bundle.load(tiny_bundle).variant("fp32")
-    rt = Runtime(tiny_bundle, monitor_options={"window": 50, "false_alarm": 0.01})
+    # the windowed shift test alone (the per-frame out-of-distribution flag has its own tests)
+    rt = Runtime(tiny_bundle, monitor_options={"window": 50, "false_alarm": 0.01, "ood": False})
     assert rt.monitor is not None
     records = rt.certify_batch([np.zeros((8, 8), np.uint8)] * 50)  # a dead, black camera
     assert records[-2]["alarm"] is None and records[-1]["alarm"] is not None

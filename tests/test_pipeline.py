@@ -90,6 +90,25 @@ def test_demo_on_digits_writes_every_output_and_streams_records(digits_demo, tmp
     assert v["n_ref"] == 5000 and v["certified"] <= 30
     assert v["against Cohen's estimation draws on every test input"]["n_ref"] == 200
     assert "5000 fresh MC draws on each of 30 test inputs" in metrics["violation_note"]
+    # Violations over ALL reference inputs against the point estimate, with the detection limit.
+    pt = v["above_point_estimate"]
+    assert pt["of"] == 30 and pt["count"] >= v["violations"] and pt["ci95"][0] <= pt["rate"] <= pt["ci95"][1]
+    limit = v["detection_limit"]
+    if v["certified"]:
+        assert 0 < limit["median over certified p̃"] <= limit["largest over certified p̃"]
+    else:  # nothing certified among the reference inputs: no limit to state
+        assert limit == {"median over certified p̃": None, "largest over certified p̃": None}
+    # Cohen at α = 0.01 beside α = 0.001, from the same certify-stage counts: never a smaller radius.
+    cohen = {k: m for k, m in metrics["methods"].items() if k.startswith("Cohen")}
+    strict = next(m for k, m in cohen.items() if k.split("α=")[1].startswith("0.001"))
+    loose = next(m for k, m in cohen.items() if k.split("α=")[1].startswith("0.01"))
+    assert all(a >= b for a, b in zip(loose["certified_accuracy"], strict["certified_accuracy"]))
+    assert any("α=0.001" in k for k in metrics["methods_not_run"])  # m = 200 is too few for α = 0.001
+    assert "| p̃ > p̂_ref (all inputs) |" in (work / "report/report.md").read_text()
+    # Every one-time evaluation is in the cost, rule selection included when it ran.
+    cost = metrics["cost"]
+    parts = {k: v for k, v in cost.items() if k.startswith("  of which")}
+    assert cost["one-time base-model evaluations"] == sum(parts.values()) > 0
     # The RRISE row is the calibration the bundle gets (--rule bins --bins 2), not a default one.
     assert name.endswith("as bundled") and "confidence bins" in name
     assert rrise["bin_edges"] == record["bin_edges"] and len(rrise["quantile"]) == 2

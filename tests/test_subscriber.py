@@ -139,6 +139,10 @@ def test_malformed_messages_and_other_versions_are_skipped_and_counted() -> None
         "unsupported_version": 1,
         "status": 0,
         "missed": 0,
+        "restarts": 0,
+        "connects": 1,
+        "disconnects": 0,
+        "handshake_failures": 0,
     }
 
 

@@ -147,8 +147,8 @@ def test_fp16_that_cpu_cannot_run_is_recorded_as_needing_recalibration(copy, mon
 @pytest.mark.parametrize(
     ("quantile", "extra", "match"),
     [
-        (None, {}, "quantile is null but the variant does not say why"),
-        ("1.0", {}, "must be a finite number"),
+        (None, {}, "quantile: must be a number, or null with needs_recalibration saying why"),
+        ("1.0", {}, "quantile: must be a number or null, got '1.0'"),
         (float("nan"), {}, "must be a finite number"),
     ],
 )

@@ -1,0 +1,360 @@
+"""Per-frame out-of-distribution flag: a conformal p-value of "this frame looks like calibration".
+
+The certificate (docs/CERTIFICATE.md) holds for deployed inputs exchangeable with the calibration
+inputs. A white, blank, noise or checkerboard frame is not, yet the surrogate may call it "Bag" with
+the largest radius. This module gives every frame a p-value that is small for such frames and valid
+for clean ones. numpy only.
+
+Score (version 1, fixed in this code, not fitted to the reference): a vector of simple statistics
+of the model input ``x`` ∈ [0, 1]^{C×H×W} and of the surrogate's probabilities (:data:`FEATURES`:
+mean, spread, saturated fractions, high-frequency energy, roughness, border brightness,
+anisotropy, elongation, surprise −log ŝ, and per-channel colour cast for C = 3), each turned
+into a robust z-score against the centre and scale of the predicted class (shrunk towards the
+global ones), and the score is the largest |z|.
+
+Reference (``ood_reference``, stored as ``variants[i].monitor.ood``): the calibration inputs the
+bundle already carries, with the variant's own probabilities on them, split by position: every
+:data:`FIT_EVERY`-th input fits the centres and scales, the others are the reference sample whose
+sorted scores are stored. The split does not look at the data, so the reference stays exchangeable
+with a deployed frame and independent of the fitted score.
+
+p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. If the frame and the reference inputs
+are exchangeable (the certificate's own premise), ``P(p ≤ a) ≤ a`` for every ``a``: a clean frame is
+flagged at rate at most ``a``, marginally over the reference and the frame. The smallest p-value is
+``1 / (n_ref + 1)``, so a rate below that flags nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_OOD_RATE",
+    "FEATURES",
+    "OOD_VERSION",
+    "OodTest",
+    "check_rate",
+    "combine_alarms",
+    "feature_names",
+    "frame_features",
+    "ood_reference",
+    "p_values",
+]
+
+log = logging.getLogger("rrise.ood")
+
+OOD_VERSION = 1
+DEFAULT_OOD_RATE = 1e-3
+FIT_EVERY = 5  # calibration inputs 0, 5, 10, … fit the score; the others are the reference
+SHRINK = 10.0  # pseudo-count pulling a class's centre and scale towards the global ones
+MIN_PER_CLASS = 5  # class-wise centres only when the fit part has this many inputs per class
+MIN_REFERENCE = 19  # p can reach 0.05
+SCALE_FLOOR = 1e-3
+GRID = 112  # features read about GRID × GRID pixels of a larger input
+_IQR80 = 2.5631031310892007  # q90 − q10 of a standard normal
+FEATURES = (
+    "mean",
+    "log_std",
+    "saturated_high",
+    "saturated_low",
+    "midtones",
+    "log_high_freq",
+    "roughness",
+    "log_border",
+    "anisotropy",
+    "elongation",
+    "log_surprise",
+)
+CHROMA = ("chroma_0", "chroma_1", "chroma_2")
+SCORE_TEXT = (
+    "max over features of |feature - centre of the predicted class| / scale of that class; "
+    "features: statistics of the model input and -log of the top-class probability"
+)
+FIT_TEXT = (
+    f"calibration inputs at positions divisible by {FIT_EVERY} fit centres and scales; "
+    "the others are the reference sample"
+)
+
+
+def feature_names(channels: int) -> tuple[str, ...]:
+    """The feature names of a ``channels``-channel model input (colour cast only for C = 3)."""
+    return FEATURES + (CHROMA if channels == 3 else ())
+
+
+def _gradient_energy(x: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean squared difference between neighbouring pixels along width and along height, per
+    image, over the pairs that start on the grid of every ``s``-th row and column."""
+    b, _, h, w = x.shape
+    ex, ey = np.zeros(b), np.zeros(b)
+    if w > 1:
+        rows = x[:, :, ::s]
+        d = rows[..., 1::s] - rows[..., : w - 1 : s]
+        ex = np.einsum("bchw,bchw->b", d, d) / d[0].size
+    if h > 1:
+        cols = x[..., ::s]
+        d = cols[:, :, 1::s] - cols[:, :, : h - 1 : s]
+        ey = np.einsum("bchw,bchw->b", d, d) / d[0].size
+    return ex, ey
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(n: int) -> np.ndarray:
+    """``[n, 3]``: 1, the position and its square, for the moments of a brightness profile."""
+    pos = np.arange(n, dtype=np.float64)
+    return np.stack([np.ones(n), pos, pos * pos], axis=1)
+
+
+def _moments(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Variance of the brightness's row and column positions (pixels²) of ``img`` [B, H, W]."""
+    out = []
+    for profile in (img.sum(axis=2, dtype=np.float64), img.sum(axis=1, dtype=np.float64)):
+        m = profile @ _positions(profile.shape[1])
+        mass = m[:, 0] + 1e-9
+        out.append(np.maximum(m[:, 2] / mass - np.square(m[:, 1] / mass), 0.0))
+    return out[0], out[1]
+
+
+# frame_features: feature = log(raw) @ _LOG_MAP (+ the mean, not logged). Raw columns:
+# 0 std + 1/255, 1-3 high/low/mid fractions + 1/n, 4-6 their complements + 1/n,
+# 7 ex + ey + 1e-4, 8 2·var + 1e-4, 9 border mean + 1/255, 10 ex + 1e-4, 11 ey + 1e-4,
+# 12 vy + 1, 13 vx + 1, 14 −log ŝ + 1e-4.
+_LOG_MAP = np.zeros((15, len(FEATURES)))
+for _feature, _terms in enumerate(
+    [{}, {0: 1}, {1: 1, 4: -1}, {2: 1, 5: -1}, {3: 1, 6: -1}, {7: 1}, {7: 1, 8: -1}, {9: 1}]
+    + [{10: 1, 11: -1}, {12: 1, 13: -1}, {14: 1}]
+):
+    for _raw, _sign in _terms.items():
+        _LOG_MAP[_raw, _feature] = _sign
+
+
+def frame_features(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """``[B, C, H, W]`` model inputs in [0, 1] and ``[B, K]`` probabilities → ``[B, d]`` features,
+    in the order of :func:`feature_names` (C): float32 arithmetic on the pixels, float64 sums.
+    Inputs of 224 pixels a side and more are read on a grid of every ``min(H, W) // 112``-th row
+    and column (gradients still between neighbouring pixels), so the cost stays ~ 112² pixels."""
+    full = np.asarray(x, dtype=np.float32)
+    p = np.asarray(probs, dtype=np.float64)
+    if full.ndim != 4 or p.ndim != 2 or len(full) != len(p):
+        raise ValueError(f"need x [B, C, H, W] and probs [B, K], got {full.shape} and {p.shape}")
+    s = max(1, min(full.shape[2:]) // GRID)
+    x = full[:, :, ::s, ::s] if s > 1 else full
+    b, c, h, w = x.shape
+    n = c * h * w
+    flat = x.reshape(b, n)
+    total = flat.sum(axis=1, dtype=np.float64)
+    mean = total / n
+    var = np.maximum(np.einsum("bi,bi->b", flat, flat) / n - mean * mean, 0.0)
+    bw = max(1, min(h, w) // 14)
+    inner = x[:, :, bw : h - bw, bw : w - bw]
+    ex, ey = _gradient_energy(full, s)
+    vy, vx = _moments(x[:, 0] if c == 1 else x.sum(axis=1))
+    raw = np.empty((b, 15))
+    raw[:, 0] = np.sqrt(var) + 1 / 255
+    raw[:, 1] = (flat >= 254.5 / 255).sum(axis=1)
+    raw[:, 2] = (flat <= 0.5 / 255).sum(axis=1)
+    raw[:, 3] = n - raw[:, 1] - raw[:, 2]
+    raw[:, 4:7] = n - raw[:, 1:4]
+    raw[:, 1:7] = (raw[:, 1:7] + 1) / n
+    raw[:, 7], raw[:, 8] = ex + ey + 1e-4, 2 * var + 1e-4
+    raw[:, 9] = (total - inner.sum(axis=(1, 2, 3), dtype=np.float64)) / max(n - inner[0].size, 1) + 1 / 255
+    raw[:, 10], raw[:, 11], raw[:, 12], raw[:, 13] = ex + 1e-4, ey + 1e-4, vy + 1, vx + 1
+    raw[:, 14] = 1e-4 - np.log(np.clip(p.max(axis=1), 1e-12, 1.0))
+    feats = np.log(raw) @ _LOG_MAP
+    feats[:, 0] = mean
+    if c == 3:
+        feats = np.concatenate([feats, x.mean(axis=(2, 3), dtype=np.float64) - mean[:, None]], axis=1)
+    return feats
+
+
+def _centre_scale(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q10, q50, q90 = np.quantile(f, [0.1, 0.5, 0.9], axis=0)
+    return q50, (q90 - q10) / _IQR80
+
+
+def _fit(feats: np.ndarray, classes: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and scales: one row (global) or one per class, shrunk towards the global row."""
+    centre, scale = _centre_scale(feats)
+    scale = np.maximum(scale, SCALE_FLOOR)
+    if len(feats) < MIN_PER_CLASS * num_classes:
+        return centre[None], scale[None]
+    centres, scales = np.repeat(centre[None], num_classes, 0), np.repeat(scale[None], num_classes, 0)
+    for k in range(num_classes):
+        own = feats[classes == k]
+        if len(own) >= 2:
+            w = len(own) / (len(own) + SHRINK)
+            c_k, s_k = _centre_scale(own)
+            centres[k] = w * c_k + (1 - w) * centre
+            scales[k] = np.maximum(w * s_k + (1 - w) * scale, np.maximum(0.25 * scale, SCALE_FLOOR))
+    return centres, scales
+
+
+def _scores(feats: np.ndarray, classes: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    rows = classes if len(centre) > 1 else np.zeros(len(feats), dtype=np.int64)
+    z = np.abs(feats - centre[rows]) / scale[rows]
+    s = z.max(axis=1)
+    return np.where(np.isnan(s), np.inf, s)
+
+
+def p_values(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``(1 + #{reference ≥ s}) / (n + 1)`` for each score ``s``; ``reference`` sorted ascending."""
+    n = len(reference)
+    above = n - np.searchsorted(reference, np.asarray(scores, dtype=np.float64), side="left")
+    return (1.0 + above) / (n + 1.0)
+
+
+def ood_reference(images: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The manifest's ``monitor.ood`` entry of one variant, from the calibration ``images``
+    ``[m, C, H, W]`` (the model inputs) and that variant's own ``probs`` ``[m, K]`` on them.
+
+    Keys: ``version``, ``score``, ``fit`` (what fitted it), ``features``, ``n_fit``, ``centre`` and
+    ``scale`` (one row, or one per class), ``reference`` (the sorted scores of the reference part).
+    """
+    x, p = np.asarray(images), np.asarray(probs, dtype=np.float64)
+    if x.ndim != 4 or p.ndim != 2 or len(x) != len(p):
+        raise ValueError(f"need images [m, C, H, W] and probs [m, K], got {x.shape} and {p.shape}")
+    fit = np.arange(len(x)) % FIT_EVERY == 0
+    if int((~fit).sum()) < MIN_REFERENCE:
+        raise ValueError(
+            f"{len(x)} calibration inputs leave {int((~fit).sum())} for the out-of-distribution "
+            f"reference; it needs at least {MIN_REFERENCE}"
+        )
+    feats, classes = frame_features(x, p), p.argmax(axis=1)
+    centre, scale = _fit(feats[fit], classes[fit], p.shape[1])
+    ref = np.sort(_scores(feats[~fit], classes[~fit], centre, scale))
+    if not np.all(np.isfinite(ref)):
+        raise ValueError("out-of-distribution scores of the calibration inputs are not finite")
+    return {
+        "version": OOD_VERSION,
+        "score": SCORE_TEXT,
+        "fit": FIT_TEXT,
+        "features": list(feature_names(x.shape[1])),
+        "n_fit": int(fit.sum()),
+        "centre": centre.tolist(),
+        "scale": scale.tolist(),
+        "reference": ref.tolist(),
+    }
+
+
+def _matrix(entry: Mapping[str, Any], key: str, rows: tuple[int, ...], d: int, positive: bool) -> np.ndarray:
+    name = f"monitor.ood.{key}"
+    value = entry.get(key)
+    if not isinstance(value, list) or len(value) not in rows:
+        raise ValueError(f"{name} must be a list of {' or '.join(map(str, rows))} rows")
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != d:
+            raise ValueError(f"{name}[{i}] must be a list of {d} numbers (one per feature)")
+        for j, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}[{i}][{j}] must be a finite number, got {v!r}")
+            if positive and v <= 0:
+                raise ValueError(f"{name}[{i}][{j}] must be > 0, got {v!r}")
+    return np.asarray(value, dtype=np.float64)
+
+
+def _reference(entry: Mapping[str, Any]) -> np.ndarray:
+    value = entry.get("reference")
+    if not isinstance(value, list) or len(value) < MIN_REFERENCE:
+        raise ValueError(f"monitor.ood.reference must be a list of at least {MIN_REFERENCE} scores")
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise ValueError(f"monitor.ood.reference must hold numbers, got {bad[0]!r}")
+    ref = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(ref)) or np.any(ref < 0):
+        raise ValueError("monitor.ood.reference must hold finite scores >= 0")
+    if np.any(np.diff(ref) < 0):
+        raise ValueError("monitor.ood.reference must be sorted in ascending order")
+    return ref
+
+
+def check_rate(rate: float | None, n_ref: int) -> float:
+    """The flag rate to use: ``rate`` checked to be in [0, 1), or by default the larger of
+    :data:`DEFAULT_OOD_RATE` and the smallest p-value ``1 / (n_ref + 1)``."""
+    floor = 1.0 / (n_ref + 1)
+    if rate is None:
+        return max(DEFAULT_OOD_RATE, floor)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"ood rate must be a number in [0, 1) (0: never flag), got {rate!r}")
+    if 0 < rate < floor:
+        log.warning(
+            "ood rate %g is below the smallest p-value 1/%d of this bundle's reference: no frame "
+            "can be flagged; use a rate >= %.3g",
+            rate,
+            n_ref + 1,
+            floor,
+        )
+    return float(rate)
+
+
+class OodTest:
+    """A variant's out-of-distribution test: ``p_values(x, probs)`` → conformal p-values; a frame
+    is flagged when its p-value is ≤ :attr:`rate` (see the module docstring for the guarantee).
+
+    ``entry`` is the manifest's ``monitor.ood``; every bad value is refused with a ValueError naming
+    its key. ``rate``: None for the default (:func:`check_rate`), 0 to report p-values only.
+    """
+
+    def __init__(
+        self, entry: Mapping[str, Any], *, num_classes: int, channels: int, rate: float | None = None
+    ) -> None:
+        if not isinstance(entry, Mapping):
+            raise ValueError("monitor.ood must be an object")
+        if entry.get("version") != OOD_VERSION:
+            raise ValueError(f"monitor.ood.version {entry.get('version')!r} is not {OOD_VERSION}")
+        names = list(feature_names(channels))
+        if entry.get("features") != names:
+            raise ValueError(f"monitor.ood.features must be {names} for a {channels}-channel input")
+        rows = (1, num_classes)
+        self.centre = _matrix(entry, "centre", rows, len(names), positive=False)
+        self.scale = _matrix(entry, "scale", rows, len(names), positive=True)
+        if len(self.centre) != len(self.scale):
+            raise ValueError("monitor.ood.centre and monitor.ood.scale must have the same rows")
+        self.reference = _reference(entry)
+        self.channels = channels
+        self.rate = check_rate(rate, self.n_ref)
+
+    @classmethod
+    def from_variant(
+        cls, variant: Mapping[str, Any], *, num_classes: int, channels: int, rate: float | None = None
+    ) -> OodTest | None:
+        """The test of a manifest variant, or None when its ``monitor`` has no ``ood`` entry."""
+        entry = (variant.get("monitor") or {}).get("ood")
+        return None if entry is None else cls(entry, num_classes=num_classes, channels=channels, rate=rate)
+
+    @property
+    def n_ref(self) -> int:
+        return len(self.reference)
+
+    @property
+    def min_p(self) -> float:
+        """The smallest p-value this reference can give, ``1 / (n_ref + 1)``."""
+        return 1.0 / (self.n_ref + 1)
+
+    def p_values(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """``[B, C, H, W]`` model inputs and the variant's ``[B, K]`` probabilities → ``[B]`` p-values.
+
+        Guarantee: for a frame exchangeable with the calibration inputs, ``P(p ≤ a) ≤ a``."""
+        p = np.asarray(probs, dtype=np.float64)
+        scores = _scores(frame_features(x, p), p.argmax(axis=1), self.centre, self.scale)
+        return p_values(self.reference, scores)
+
+    def flagged(self, p: float | None) -> bool:
+        """Whether a frame with p-value ``p`` is flagged (never when ``p`` is None or the rate 0)."""
+        return p is not None and p <= self.rate
+
+    def state(self) -> dict[str, Any]:
+        return {"rate": self.rate, "n_ref": self.n_ref, "min_p": self.min_p}
+
+    def __repr__(self) -> str:
+        return f"OodTest(n_ref={self.n_ref}, rate={self.rate:g}, rows={len(self.centre)})"
+
+
+def combine_alarms(words: Sequence[str | None]) -> str | None:
+    """``["ood", "shift:score"]`` → ``"ood+shift:score"``; None when no word is set."""
+    kept = [w for w in words if w]
+    return "+".join(kept) if kept else None

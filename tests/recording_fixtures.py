@@ -1,0 +1,42 @@
+"""A recorded run for the recording, replay and live-view tests: frames pushed with known capture
+stamps through ``run_stream``, written as JSON lines and as the requested frame outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rrise.runtime import run_stream
+from rrise.runtime.frame_outputs import FrameOutputs
+from rrise.runtime.sources import PushSource
+from tests.runtime_fixtures import sample_frames
+
+START_NS = 1_700_000_000_000_000_000  # capture time of the first frame
+STEP_NS = 40_000_000  # 25 fps
+
+
+def stamps(n: int) -> list[int]:
+    return [START_NS + i * STEP_NS for i in range(n)]
+
+
+def colour_frames(n: int, size: int = 28, seed: int = 3) -> list[np.ndarray]:
+    """BGR uint8 frames, some plain (they certify), some noisy."""
+    return [np.repeat(f[:, :, None], 3, axis=2) for f in sample_frames(n, size, seed)]
+
+
+def record_run(
+    bundle: Path, out: Path, frames: list[np.ndarray | None], outputs: FrameOutputs, **options: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Certify ``frames`` (stamped :func:`stamps`) into ``outputs`` and ``out/records.jsonl``;
+    returns the records and the run's summary."""
+    source = PushSource("pushed", live=False, capacity=len(frames) + 1)
+    for frame, stamp in zip(frames, stamps(len(frames))):
+        source.push(frame, stamp_ns=stamp)
+    source.end()
+    jsonl = out / "records.jsonl"
+    summary = run_stream(bundle, source, jsonl=str(jsonl), outputs=outputs, **options)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    return records, summary

@@ -1,0 +1,129 @@
+"""Surrogate training on fresh Monte Carlo targets: a real base model labels each step's images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rrise.calibrate.mc import sample_counts
+from rrise.calibrate.models import build_model
+from rrise.calibrate.train import mean_kl, train_base, train_surrogate_fresh
+from rrise.datasets import load_dataset
+
+SIGMA = 0.25
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """A noise-trained base model on digits, its labeller, and 100-draw held-out targets."""
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    base = build_model("cnn-small", 1, 10, 8, seed=0)
+    train_base(
+        base, train.images[:400], train.labels[:400], sigma=SIGMA, epochs=2, seed=0, show_progress=False
+    )
+    calls: list[int] = []
+
+    def label(x: np.ndarray, offset: int) -> np.ndarray:
+        calls.append(offset)
+        return sample_counts(base, x, 4, SIGMA, batch_size=512, seed=7, index_offset=offset, backend="torch")
+
+    val_counts = sample_counts(base, test.images[:80], 100, SIGMA, seed=8, backend="torch")
+    return train.images, test.images[:80], val_counts, label, calls
+
+
+def _fit(setting, steps: int, checkpoint=None):
+    pool, val_x, val_counts, label, _ = setting
+    model = build_model("cnn-small", 1, 10, 8, seed=1)
+    return train_surrogate_fresh(
+        model,
+        pool,
+        label,
+        steps=steps,
+        draws=4,
+        batch_size=64,
+        lr=3e-3,
+        seed=0,
+        val_images=val_x,
+        val_counts=val_counts,
+        eval_every=10,
+        show_progress=False,
+        checkpoint=checkpoint,
+    )
+
+
+def test_fresh_targets_fit_the_smoothed_distribution_and_count_every_draw(setting):
+    _, val_x, val_counts, _, calls = setting
+    before = mean_kl(build_model("cnn-small", 1, 10, 8, seed=1), val_x, val_counts)
+    calls.clear()
+    model, history = _fit(setting, 30)
+    assert history["base_evaluations"] == 30 * 64 * 4
+    assert calls == [s * 64 for s in range(30)]  # each step its own inputs' noise streams
+    assert history["eval_steps"] == [10, 20, 30]
+    best = history["best_step"]
+    assert best == history["eval_steps"][int(np.argmin(history["val_kl"]))]
+    after = mean_kl(model, val_x, val_counts)
+    assert after == pytest.approx(min(history["val_kl"]), rel=1e-5)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_fresh_training_is_reproducible_and_resumes_to_the_same_weights(setting, tmp_path):
+    torch.set_num_threads(1)
+    whole, _ = _fit(setting, 20)
+    ckpt = tmp_path / "fresh.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        pool, val_x, val_counts, label, _ = setting
+        done = []
+
+        def interrupted(x, offset):
+            if offset >= 15 * 64:  # after the step-10 checkpoint
+                raise KeyboardInterrupt
+            done.append(offset)
+            return label(x, offset)
+
+        train_surrogate_fresh(
+            build_model("cnn-small", 1, 10, 8, seed=1),
+            pool,
+            interrupted,
+            steps=20,
+            draws=4,
+            batch_size=64,
+            lr=3e-3,
+            seed=0,
+            val_images=val_x,
+            val_counts=val_counts,
+            eval_every=10,
+            show_progress=False,
+            checkpoint=ckpt,
+        )
+    assert ckpt.exists()
+    resumed, history = _fit(setting, 20, checkpoint=ckpt)
+    assert history["eval_steps"] == [10, 20]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="other settings"):
+        _fit(setting, 30, checkpoint=ckpt)
+
+
+def test_fresh_training_refuses_bad_settings(setting):
+    pool, val_x, val_counts, label, _ = setting
+    model = build_model("cnn-small", 1, 10, 8, seed=1)
+    kw = dict(val_images=val_x, val_counts=val_counts, show_progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        train_surrogate_fresh(model, pool, label, steps=0, draws=4, **kw)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_surrogate_fresh(model, pool[:10], label, steps=2, draws=4, batch_size=64, **kw)
+    with pytest.raises(ValueError, match="counts of 5 draws"):
+        train_surrogate_fresh(model, pool, label, steps=2, draws=5, batch_size=8, **kw)
+
+
+def test_fresh_pool_is_every_training_image_outside_selection_and_calibration(tmp_path):
+    from rrise.calibrate.fit import fresh_pool
+    from rrise.calibrate.workdir import RunConfig, Workdir
+
+    w = Workdir.open(tmp_path / "w", RunConfig(dataset="digits", profile="quick"), show_progress=False)
+    sp, pool = w.splits(), fresh_pool(w)
+    held_out = np.concatenate([sp["selection"], sp["calibration"]])
+    assert not set(pool) & set(held_out)  # the calibration inputs never train the surrogate
+    assert set(sp["base"]) <= set(pool)  # the base model's training images, and the rest
+    assert len(pool) + len(set(held_out)) == len(w.data("train"))

@@ -1,0 +1,117 @@
+"""Like-for-like measures of the report: Cohen at another α from the same counts, violation rates over
+all inputs with their detection limit, and well-formed report tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rrise.calibrate.cohen import cohen_from_counts
+from rrise.calibrate.evaluate import _rules_section, detection_limit, format_markdown_table, violation_stats
+from rrise.stats import clopper_pearson_lower, clopper_pearson_upper, norm_ppf
+
+
+def test_cohen_from_counts_matches_clopper_pearson_at_each_alpha():
+    sel = np.array([[40, 10, 0], [5, 45, 0], [20, 20, 10]])
+    est = np.array([[990, 10, 0], [300, 700, 0], [545, 445, 10]])
+    strict = cohen_from_counts(sel, est, sigma=0.25, alpha=0.001)
+    loose = cohen_from_counts(sel, est, sigma=0.25, alpha=0.01)
+    for alpha, (pred, radius, p_low) in ((0.001, strict), (0.01, loose)):
+        np.testing.assert_allclose(p_low[:2], clopper_pearson_lower(np.array([990, 700]), 1000, alpha))
+        assert list(pred[:2]) == [0, 1]
+        np.testing.assert_allclose(radius[:2], 0.25 * norm_ppf(p_low[:2]))
+    # input 2: Â = 0 (ties go to the first class), 545/1000 certifies at α = 0.01 but not at 0.001
+    assert clopper_pearson_lower(545, 1000, 0.01) > 0.5 > clopper_pearson_lower(545, 1000, 0.001)
+    assert strict[0][2] == -1 and strict[1][2] == 0.0
+    assert loose[0][2] == 0 and loose[1][2] > 0
+    assert np.all(loose[1] >= strict[1])  # same draws, less confidence: never a smaller radius
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.99, 0.999])
+def test_detection_limit_is_where_the_upper_bound_test_starts_to_flag(p):
+    n, level = 20_000, 0.001
+    d = float(detection_limit(p, n, level)[0])
+    k_star = round((p - d) * n)
+    assert clopper_pearson_upper(k_star, n, level) < p <= clopper_pearson_upper(k_star + 1, n, level)
+    # about z_(1−level) standard errors, so it shrinks as the reference grows
+    se = np.sqrt(p * (1 - p) / n)
+    assert 2.0 * se < d < 5.0 * se + 2.0 / n
+    assert float(detection_limit(p, 10 * n, level)[0]) < d
+
+
+def test_violation_rates_count_all_inputs_and_the_point_estimate():
+    n_ref = 10_000
+    # 4 inputs: certified at p̃ = 0.95 with reference frequencies 0.97 (fine), 0.949 (just above the
+    # point estimate, invisible to the upper-bound test), 0.90 (a clear violation); one abstains.
+    ref = np.array([[9700, 300], [9490, 510], [9000, 1000], [5000, 5000]])
+    pred, p_low = np.array([0, 0, 0, -1]), np.array([0.95, 0.95, 0.95, 0.0])
+    v = violation_stats(pred, p_low, ref, level=0.001)
+    assert (v["violations"], v["certified"]) == (1, 3)
+    assert v["above_point_estimate"]["count"] == 2 and v["above_point_estimate"]["of"] == 4
+    assert v["above_point_estimate"]["rate"] == pytest.approx(0.5)
+    lo, hi = v["above_point_estimate"]["ci95"]
+    assert lo == pytest.approx(clopper_pearson_lower(2, 4, 0.025)) and hi == pytest.approx(
+        clopper_pearson_upper(2, 4, 0.025)
+    )
+    assert v["above_upper_bound_over_all_inputs"]["rate"] == pytest.approx(0.25)
+    assert v["detection_limit"]["largest over certified p̃"] == pytest.approx(
+        float(detection_limit(0.95, n_ref, 0.001)[0])
+    )
+
+
+def _rows_have_header_width(text: str) -> None:
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    widths = {ln.count("|") for ln in table}
+    assert len(widths) == 1, table
+
+
+def test_report_tables_have_as_many_cells_as_columns():
+    sel_row = {
+        "rule": "one quantile",
+        "certified_accuracy": {"0": 80.0, "0.25": 70.0, "0.5": 0.0, "0.75": 0.0},
+        "mean_certified_accuracy": 37.5,
+        "acr": 0.2,
+        "abstain_pct": 10.0,
+        "miss_rate": 0.001,
+    }
+    rules = {
+        "chosen": "single",
+        "selection": {
+            "inputs": 400,
+            "n_mc": 1000,
+            "alpha": 0.01,
+            "split": "selection",
+            "radii": [0, 0.25, 0.5, 0.75],
+            "rules": {"single": sel_row, "bins": {"rule": "3 bins", "error": "m too small"}},
+        },
+        "test": {
+            "single": {
+                "rule": "one quantile",
+                "certified_accuracy": [0.8, 0.7, 0.0, 0.0],
+                "acr": 0.2,
+                "abstain_rate": 0.1,
+            },
+            "bins": {"rule": "3 bins", "error": "m too small"},
+        },
+    }
+    lines = _rules_section(rules)
+    blocks = "\n".join(lines).split("\n\n")
+    for block in blocks:
+        if block.strip().startswith("|"):
+            _rows_have_header_width(block)
+    assert any("could not run: m too small" in ln for ln in lines)
+    metrics = {
+        "radii": [0.0, 0.25],
+        "methods": {
+            "a": {"certified_accuracy": [0.5, 0.4], "acr": 0.1, "abstain_rate": 0.2},
+            "b": {
+                "certified_accuracy": [0.5, 0.4],
+                "acr": 0.1,
+                "abstain_rate": 0.2,
+                "violations": violation_stats(np.array([0]), np.array([0.9]), np.array([[850, 150]])),
+            },
+        },
+    }
+    table = format_markdown_table(metrics)
+    _rows_have_header_width(table)
+    assert "1/1 (100.0%" in table
