@@ -1226,10 +1226,11 @@ def _from_factory(text: str, module_name: str, attr: str, weights, opts: _Option
 def check_pt2_has_no_code(path: Path, what: str) -> None:
     """Refuse a ``torch.export`` archive whose loading would unpickle anything but plain tensors.
 
-    ``torch.export.load`` unpickles some members with ``weights_only=False`` (payloads saved with
-    pickle, legacy weight files, sample inputs that fail the safe loader) and custom or opaque
-    objects with the full unpickler: a crafted archive runs code there. Every such member must load
-    with ``torch.load(weights_only=True)`` here first; custom and opaque objects are refused.
+    ``torch.export.load`` reads some members with torch's unrestricted loader (payloads saved with
+    pickle, legacy weight files, sample inputs that the restricted loader rejects, custom and opaque
+    objects): a crafted archive runs code there. So this scan runs first, and :func:`_from_pt2` calls
+    ``torch.export.load`` only on an archive that passed it: every such member must load with
+    ``torch.load(weights_only=True)``, and custom and opaque objects are refused.
     """
     from torch.export.pt2_archive import constants as k
     from torch.export.pt2_archive._package import PT2ArchiveReader
