@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import tempfile
@@ -155,28 +154,11 @@ def test_subscribe_stops_after_timeout_without_messages() -> None:
     assert 0.25 < time.monotonic() - t0 < 3.0
 
 
-def _port_outside_the_ephemeral_range() -> int:
-    """A free TCP port below the kernel's ephemeral range. A subscriber that keeps reconnecting to a
-    closed port inside that range can be handed that very port as its own source port (a TCP
-    self-connect), which then holds it and the restarted publisher cannot bind."""
-    import random
-    import socket
-
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def test_subscriber_reconnects_when_the_publisher_restarts() -> None:
-    with ZmqPublisher(f"tcp://127.0.0.1:{_port_outside_the_ephemeral_range()}") as first:
+def test_subscriber_reconnects_when_the_publisher_restarts(tmp_path: Path) -> None:
+    # An ipc endpoint, not TCP: a restarted TCP publisher must rebind the same port, and a subscriber
+    # reconnecting to a closed port can be handed that very port as its own (a TCP self-connect) or
+    # meet a port the kernel still holds. The reconnect logic under test is the same on every transport.
+    with ZmqPublisher(f"ipc://{tmp_path / 'restart.sock'}") as first:
         endpoint = first.endpoint
         sub = Collector(endpoint, 2, timeout_s=8)
         sub.start()
@@ -187,7 +169,7 @@ def test_subscriber_reconnects_when_the_publisher_restarts() -> None:
             time.sleep(0.01)
     second = None
     deadline = time.monotonic() + 5
-    while second is None:  # ZeroMQ closes the old listener asynchronously: the port frees soon after
+    while second is None:  # ZeroMQ closes the old listener asynchronously
         try:
             second = ZmqPublisher(endpoint)
         except SinkError:
