@@ -140,9 +140,9 @@ FULL_SMALL = replace(
     base_arch="cnn-small",
     base_epochs=10,
     note=(
-        "Full sizes (fresh targets 2,000 × 128 × 16, m = 3,000, N_cal = n = 10,000, 1,000 test inputs) with the "
-        "edge-sized base model cnn-small trained for 10 epochs, so that the Monte Carlo fits a CPU; "
-        "--profile full uses cnn for 20 epochs."
+        "Full sizes (fresh targets 2,000 × 128 × 16, m = 3,000, N_cal = n = 10,000, 1,000 test "
+        "inputs) with the edge-sized base model cnn-small trained for 10 epochs, so that the Monte "
+        "Carlo fits a CPU; --profile full uses cnn for 20 epochs."
     ),
 )
 

@@ -110,6 +110,8 @@ def _rrise_row(cal: Calibration, probs: np.ndarray, labels: np.ndarray, violatio
         extra["bin_edges"] = list(cal.bin_edges)
     if cal.score_map:
         extra["score_map"] = [list(k) for k in cal.score_map]
+    if cal.score_scale:
+        extra["score_scale"] = [list(k) for k in cal.score_scale]
     if cal.delta is not None:
         extra["delta"] = cal.delta
     return method_metrics(

@@ -1,8 +1,9 @@
 """Calibration rules and their comparison on a selection split (never on calibration or test).
 
 A rule says what is fixed before calibration: confidence-bin edges (Mondrian quantiles), a learned
-probit score map (rrise.calibrate.score_map), both, or neither. Every rule keeps split conformal's
-guarantee because its choices come from data disjoint from the calibration inputs.
+probit score map and/or a score scale (rrise.calibrate.score_map), or none of them. Every rule
+keeps split conformal's guarantee because its choices come from data disjoint from the calibration
+inputs.
 
 :func:`compare_rules` scores each rule on repeated random three-way splits of the selection inputs
 that have full-size MC counts: fit the rule's choices on one part, calibrate on the second, certify
@@ -21,7 +22,7 @@ import numpy as np
 from rrise.calibration import CalibrationSpec, conformalize, mc_lower_bounds, min_calibration_size
 from rrise.certificate import certify_from_probs
 
-from .score_map import fit_score_map
+from .score_map import fit_score_map, fit_score_scale
 
 __all__ = ["Rule", "RULES", "compare_rules", "confidence_bin_edges", "fit_rule", "get_rule"]
 
@@ -31,16 +32,20 @@ TARGET_RADII = (0.0, 0.25, 0.5, 0.75)
 @dataclass(frozen=True)
 class Rule:
     """``bins``: Mondrian quantiles over up to this many confidence bins (1 = one quantile);
-    ``map_tau``: fit a probit score map at this quantile level (None = no map)."""
+    ``map_tau``: fit a probit score map at this quantile level (None = no map); ``scale``: normalize
+    the score by a learned scale (one pooled q̂ spread by the residual's size)."""
 
     name: str
     bins: int = 1
     map_tau: float | None = None
+    scale: bool = False
 
     def describe(self) -> str:
         parts = []
         if self.map_tau is not None:
             parts.append(f"score map τ={self.map_tau:g}")
+        if self.scale:
+            parts.append("normalized score")
         if self.bins > 1:
             parts.append(f"≤{self.bins} confidence bins")
         return ", ".join(parts) or "one quantile"
@@ -53,6 +58,8 @@ RULES: tuple[Rule, ...] = (
     Rule("map-tau0.05", map_tau=0.05),
     Rule("map-tau0.5", map_tau=0.5),
     Rule("map+bins", bins=4, map_tau=0.1),
+    Rule("scale", scale=True),
+    Rule("map-tau0.5+scale", map_tau=0.5, scale=True),
 )
 
 
@@ -104,11 +111,13 @@ def fit_rule(
     the bin edges from the ŝ of ``bin_probs`` (default ``sel_probs``: bins need no MC), sized for ``m``
     calibration inputs. Never pass calibration inputs here: the guarantee needs the choices fixed
     before calibration."""
-    score_map = None
+    score_map = scale = None
+    if (rule.map_tau is not None or rule.scale) and sel_counts is None:
+        raise ValueError(f"rule {rule.name!r} needs full-size MC counts on the selection split")
     if rule.map_tau is not None:
-        if sel_counts is None:
-            raise ValueError(f"rule {rule.name!r} needs full-size MC counts on the selection split")
         score_map = fit_score_map(sel_probs, sel_counts, n_mc=n_mc, beta=beta, tau=rule.map_tau)
+    if rule.scale:
+        scale = fit_score_scale(sel_probs, sel_counts, n_mc=n_mc, beta=beta, score_map=score_map)
     edges: tuple[float, ...] = ()
     if rule.bins > 1:
         top_prob = np.asarray(sel_probs if bin_probs is None else bin_probs).max(axis=1)
@@ -123,6 +132,8 @@ def fit_rule(
         bin_edges=edges,
         score_map_x=() if score_map is None else score_map[0],
         score_map_y=() if score_map is None else score_map[1],
+        score_scale_x=() if scale is None else scale[0],
+        score_scale_y=() if scale is None else scale[1],
     )
 
 

@@ -3,7 +3,8 @@
 Three steps, kept apart:
 
 1. :class:`CalibrationSpec` — everything fixed *before* the calibration inputs are seen: σ, the MC
-   draws N, α, β, the PAC δ, the score transform, confidence-bin edges and the learned score map.
+   draws N, α, β, the PAC δ, the score transform, confidence-bin edges and the learned score map
+   and scale.
    Rules (``rrise.calibrate.rules.fit_rule``) produce one from a selection split.
 2. :func:`conformalize` — the one verb: a spec, the surrogate's probabilities and fresh MC count
    vectors on the calibration inputs → a :class:`Calibration`.
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _SHA256_LEN = 64
+_KNOTS = ("score_map_x", "score_map_y", "score_scale_x", "score_scale_y")
 
 
 def _number(name: str, value: Any, *, lo: float, hi: float, open_lo: bool, open_hi: bool) -> float:
@@ -82,7 +84,9 @@ class CalibrationSpec:
 
     ``bin_edges``: inner edges on ŝ (strictly increasing, in (0, 1]) of Mondrian confidence bins.
     ``score_map_x/y``: knots of a monotone map g on the probit scale (probit only); the score becomes
-    g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). Both must come from data disjoint from the calibration inputs.
+    g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). ``score_scale_x/y``: knots of a positive scale u on the same axis
+    (probit only); the score is divided by u(Φ⁻¹(min(ŝ, p_cap))), a normalized score. All must come
+    from data disjoint from the calibration inputs.
     """
 
     sigma: float
@@ -94,6 +98,8 @@ class CalibrationSpec:
     bin_edges: tuple[float, ...] = ()
     score_map_x: tuple[float, ...] = ()
     score_map_y: tuple[float, ...] = ()
+    score_scale_x: tuple[float, ...] = ()
+    score_scale_y: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -113,6 +119,9 @@ class CalibrationSpec:
         put(self, "score_map_x", _floats("score_map_x", self.score_map_x))
         put(self, "score_map_y", _floats("score_map_y", self.score_map_y))
         _check_score_map(self.score_map_x, self.score_map_y, self.score)
+        put(self, "score_scale_x", _floats("score_scale_x", self.score_scale_x))
+        put(self, "score_scale_y", _floats("score_scale_y", self.score_scale_y))
+        _check_score_scale(self.score_scale_x, self.score_scale_y, self.score)
 
     @property
     def p_cap(self) -> float:
@@ -123,6 +132,11 @@ class CalibrationSpec:
     def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The knots ``(x, y)`` of the learned probit map, or None for the plain transform."""
         return (self.score_map_x, self.score_map_y) if self.score_map_x else None
+
+    @property
+    def score_scale(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The knots ``(x, u)`` of the learned positive scale, or None for an unnormalized score."""
+        return (self.score_scale_x, self.score_scale_y) if self.score_scale_x else None
 
     @property
     def bins(self) -> int:
@@ -145,6 +159,19 @@ def _check_score_map(x: tuple[float, ...], y: tuple[float, ...], score: str) -> 
         raise ValueError("score map x knots must increase strictly")
     if any(b < a for a, b in zip(y, y[1:])):
         raise ValueError("score map y values must not decrease (the map must be monotone)")
+
+
+def _check_score_scale(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
+    if not x and not y:
+        return
+    if score != "probit":
+        raise ValueError(f"a learned score scale works on the probit scale only, not with score {score!r}")
+    if len(x) != len(y) or len(x) < 1:
+        raise ValueError(f"score scale needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
+    if any(b <= a for a, b in zip(x, x[1:])):
+        raise ValueError("score scale x knots must increase strictly")
+    if any(not v > 0.0 for v in y):
+        raise ValueError(f"score scale values must be positive, got {min(y)!r}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +197,8 @@ class Calibration:
     bin_quantiles: tuple[float, ...] = ()
     score_map_x: tuple[float, ...] = ()
     score_map_y: tuple[float, ...] = ()
+    score_scale_x: tuple[float, ...] = ()
+    score_scale_y: tuple[float, ...] = ()
     dataset: str | None = None
     base_sha256: str | None = None
     surrogate_sha256: str | None = None
@@ -177,7 +206,7 @@ class Calibration:
     def __post_init__(self) -> None:
         spec = self.spec  # validates σ, N, α, β, δ, score, edges and map
         put = object.__setattr__
-        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", "score_map_x", "score_map_y"):
+        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", *_KNOTS):
             put(self, name, getattr(spec, name))
         put(self, "m", _count("m", self.m))
         q = self.quantile
@@ -218,11 +247,17 @@ class Calibration:
             bin_edges=self.bin_edges,
             score_map_x=self.score_map_x,
             score_map_y=self.score_map_y,
+            score_scale_x=self.score_scale_x,
+            score_scale_y=self.score_scale_y,
         )
 
     @property
     def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         return (self.score_map_x, self.score_map_y) if self.score_map_x else None
+
+    @property
+    def score_scale(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return (self.score_scale_x, self.score_scale_y) if self.score_scale_x else None
 
     def quantiles_for(self, top_prob: np.ndarray) -> np.ndarray:
         """q̂ for each input: its confidence bin's quantile, or the single quantile."""
@@ -232,11 +267,13 @@ class Calibration:
         return np.asarray(self.bin_quantiles)[confidence_bin(s, self.bin_edges)]
 
     def max_radius(self) -> float:
-        """An upper bound on every radius this calibration can certify: σ·min(g_max − min q̂, Φ⁻¹(p_cap))
-        with g_max = Φ⁻¹(p_cap) (or the score map's top knot); 0 when that is not positive."""
+        """An upper bound on every radius this calibration can certify: σ·min(g_max − min q̂·u, Φ⁻¹(p_cap))
+        with g_max = Φ⁻¹(p_cap) (or the score map's top knot) and u the scale's smallest knot (its
+        largest when q̂ < 0; 1 without a scale); 0 when that is not positive."""
         q = min((self.quantile, *self.bin_quantiles)) if self.bin_quantiles else self.quantile
         g_max = max(self.score_map_y) if self.score_map is not None else self._z_cap
-        z = min(g_max - q, self._z_cap)
+        u = (min(self.score_scale_y) if q >= 0 else max(self.score_scale_y)) if self.score_scale else 1.0
+        z = min(g_max - q * u, self._z_cap)
         return self.sigma * z if z > 0 else 0.0
 
     def recalibrate(self, probs: np.ndarray, counts: np.ndarray, *, surrogate_sha256: str | None = None):
@@ -278,6 +315,9 @@ class Calibration:
         if self.score_map is not None:
             d["score_map_x"] = list(self.score_map_x)
             d["score_map_y"] = list(self.score_map_y)
+        if self.score_scale is not None:
+            d["score_scale_x"] = list(self.score_scale_x)
+            d["score_scale_y"] = list(self.score_scale_y)
         for key in ("dataset", "base_sha256", "surrogate_sha256"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -301,7 +341,7 @@ class Calibration:
             d["quantile"] = math.inf
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        for key in ("bin_edges", "bin_quantiles", "score_map_x", "score_map_y"):
+        for key in ("bin_edges", "bin_quantiles", *_KNOTS):
             value = kwargs.get(key)
             if value is not None and not isinstance(value, list | tuple):
                 raise ValueError(f"calibration {key} must be a list, got {value!r}")
@@ -371,7 +411,7 @@ def conformalize(
     ``probs`` ``[m, K]``: the surrogate's probabilities, from the exact numerics that will be
     deployed; ``counts`` ``[m, K]``: fresh MC vote counts of the base classifier, ``spec.n_mc`` draws
     per row. For each input Â = argmax probs, p̲ = the (1−β) Clopper–Pearson lower bound on p_Â from
-    its count, score e = g(T(min(ŝ, p_cap))) − T(p̲) (+∞ when p̲ = 0); q̂ is the
+    its count, score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)) (+∞ when p̲ = 0); q̂ is the
     ``conformal_rank(m, α, δ)``-th smallest score, and with bins one such q̂ per bin at δ/G.
 
     Guarantee: if the calibration inputs were not used to train or select the base model, the
@@ -390,7 +430,7 @@ def conformalize(
     top = np.argmax(p, axis=1)
     top_prob = p[np.arange(len(p)), top]
     p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta)
-    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map)
+    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale)
     quantile = conformal_quantile(scores, spec.alpha, spec.delta)
     bin_quantiles = ()
     if spec.bin_edges:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .calibration import Calibration
 from .numerics import MICRO_BATCH_LIMIT
-from .scores import apply_score_map, inverse_transform, transform
+from .scores import apply_score_map, apply_score_scale, inverse_transform, transform
 from .stats import norm_cdf, norm_ppf
 
 __all__ = ["Calibration", "Certificate", "CertificateBatch", "certify_from_probs"]
@@ -77,8 +77,9 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with
     radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0. With confidence bins, q̂ is the quantile of
     the bin that s[Â] falls in (Mondrian calibration: the guarantee then also holds within each bin).
-    With a learned score map g (probit only), T(min(s[Â], p_cap)) is replaced by g(Φ⁻¹(min(s[Â], p_cap))),
-    exactly as in the calibration scores, so the same argument holds.
+    With a learned score map g and scale u (probit only), with z = Φ⁻¹(min(s[Â], p_cap)):
+    Φ⁻¹(p̃) = min(g(z) − q̂·u(z), Φ⁻¹(p_cap)), the inverse of the calibration score (g(z) − Φ⁻¹(p̲))/u(z),
+    so the same argument holds.
 
     Guarantee: with probability ≥ 1 − α − β over calibration, input and noise (calibration and
     deployed inputs exchangeable), the certificate abstains or the smoothed classifier predicts Â
@@ -105,8 +106,9 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     s = batch[np.arange(len(batch)), top]
     capped = np.minimum(s, calibration.p_cap)
     with np.errstate(invalid="ignore"):
-        t = apply_score_map(transform(capped, calibration.score), calibration.score_map)
-        t_lower = t - calibration.quantiles_for(s)
+        z0 = transform(capped, calibration.score)
+        t = apply_score_map(z0, calibration.score_map)
+        t_lower = t - calibration.quantiles_for(s) * apply_score_scale(z0, calibration.score_scale)
         p_lower = np.minimum(inverse_transform(t_lower, calibration.score), calibration.p_cap)
     p_lower = np.nan_to_num(p_lower, nan=0.0)
     abstain = ~(p_lower > 0.5)
@@ -133,7 +135,9 @@ def _certify_one(p: np.ndarray, calibration: Calibration) -> Certificate:
     q = float(calibration.quantiles_for(np.array([s]))[0]) if calibration.bin_edges else calibration.quantile
     capped = min(s, calibration.p_cap)
     if calibration.score == "probit":
-        z = min(apply_score_map(norm_ppf(capped), calibration.score_map) - q, calibration._z_cap)
+        z0 = norm_ppf(capped)
+        u = apply_score_scale(z0, calibration.score_scale)
+        z = min(apply_score_map(z0, calibration.score_map) - q * u, calibration._z_cap)
         p_lower = min(norm_cdf(z), calibration.p_cap)
     else:
         with np.errstate(divide="ignore", invalid="ignore"):

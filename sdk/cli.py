@@ -90,6 +90,8 @@ class RuleName(str, Enum):
     map_tau005 = "map-tau0.05"
     map_tau05 = "map-tau0.5"
     map_bins = "map+bins"
+    scale = "scale"
+    map_tau05_scale = "map-tau0.5+scale"
 
 
 class AugmentName(str, Enum):

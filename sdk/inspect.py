@@ -181,6 +181,10 @@ def _calibration_lines(cal: dict[str, Any]) -> list[str]:
     if cal.get("score_map_x"):
         knots = ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_map_x"], cal["score_map_y"]))
         lines.append(f"Score map    learned on the selection split, {len(cal['score_map_x'])} knots: {knots}")
+    if cal.get("score_scale_x"):
+        knots = ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_scale_x"], cal["score_scale_y"]))
+        count = len(cal["score_scale_x"])
+        lines.append(f"Score scale  learned on the selection split, {count} knots: {knots}")
     made_from = [f"{k} {cal[k][:16]}…" for k in ("base_sha256", "surrogate_sha256") if cal.get(k)]
     if made_from:
         lines.append("Made from    " + ", ".join(made_from))

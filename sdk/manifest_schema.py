@@ -118,6 +118,8 @@ class CalibrationRecord(_Struct):
     bin_quantiles: list[float | None] = []
     score_map_x: list[float] = []
     score_map_y: list[float] = []
+    score_scale_x: list[float] = []
+    score_scale_y: list[float] = []
     dataset: str | None = None
     base_sha256: str | None = None
     surrogate_sha256: str | None = None
@@ -287,12 +289,17 @@ def smallest_calibration_size(alpha: float, delta: float | None = None, bins: in
     return bins * math.ceil(math.log(delta / bins) / math.log1p(-alpha) - 1e-9)
 
 
-def quantile_floor(num_classes: int, cap: float, score: str, score_map: tuple | None) -> float:
+def quantile_floor(
+    num_classes: int, cap: float, score: str, score_map: tuple | None, score_scale: tuple | None = None
+) -> float:
     """The smallest conformal score any calibration input can have: the top-class probability is at
-    least 1/K and the MC lower bound at most p_cap, so e ≥ g(T(min(1/K, p_cap))) − T(p_cap). A
-    quantile below it was not computed from calibration scores (and would inflate every radius)."""
-    e = conformal_scores(np.array([1.0 / num_classes]), np.array([cap]), cap, score, score_map)
-    return float(e[0])
+    least 1/K and the MC lower bound at most p_cap, so the numerator is d ≥ g(T(min(1/K, p_cap))) −
+    T(p_cap), and with a scale u the score is at least d/min u (d < 0) or d/max u (d ≥ 0). A quantile
+    below it was not computed from calibration scores (and would inflate every radius)."""
+    d = float(conformal_scores(np.array([1.0 / num_classes]), np.array([cap]), cap, score, score_map)[0])
+    if score_scale is None:
+        return d
+    return d / (min(score_scale[1]) if d < 0 else max(score_scale[1]))
 
 
 def _check_calibration(m: Manifest, problems: _Problems) -> None:
@@ -327,13 +334,14 @@ def _check_calibration(m: Manifest, problems: _Problems) -> None:
     if len(problems) > before:
         return
     record = {k: v for k, v in msgspec.to_builtins(cal).items() if k not in ("sigma", "p_cap")}
-    try:  # confidence bins and the score map: Calibration is the one home of their rules
+    try:  # confidence bins, the score map and scale: Calibration is the one home of their rules
         Calibration.from_dict(record, sigma=sigma)
     except ValueError as exc:
         problems.append(f"calibration: {exc}")
         return
     score_map = (tuple(cal.score_map_x), tuple(cal.score_map_y)) if cal.score_map_x else None
-    floor = quantile_floor(m.model.num_classes, cap, cal.score, score_map)
+    scale = (tuple(cal.score_scale_x), tuple(cal.score_scale_y)) if cal.score_scale_x else None
+    floor = quantile_floor(m.model.num_classes, cap, cal.score, score_map, scale)
     _quantile("calibration.quantile", cal.quantile, floor, problems)
     for i, q in enumerate(cal.bin_quantiles):
         if q is not None:

@@ -1,6 +1,7 @@
-"""The conformal score: a monotone transform T of probabilities, an optional learned map g on the
-probit scale, and confidence bins. Pure functions shared by calibration (sdk/calibration.py) and
-the deployment rule (sdk/certificate.py), so that both compute exactly the same score.
+"""The conformal score: a monotone transform T of probabilities, an optional learned map g and
+positive scale u on the probit scale, and confidence bins. Pure functions shared by calibration
+(sdk/calibration.py) and the deployment rule (sdk/certificate.py), so that both compute exactly the
+same score.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .stats import norm_cdf, norm_ppf
 __all__ = [
     "TRANSFORMS",
     "apply_score_map",
+    "apply_score_scale",
     "confidence_bin",
     "conformal_scores",
     "inverse_transform",
@@ -71,6 +73,13 @@ def apply_score_map(z: np.ndarray | float, score_map: ScoreMap | None):
     return np.interp(z, x, y)
 
 
+def apply_score_scale(z: np.ndarray | float, score_scale: ScoreMap | None):
+    """u(z): the learned positive scale, piecewise linear through its knots; 1 when None."""
+    if score_scale is None:
+        return 1.0 if isinstance(z, float) else np.ones_like(np.asarray(z, dtype=np.float64))
+    return apply_score_map(z, score_scale)
+
+
 def confidence_bin(top_prob: np.ndarray, edges: tuple[float, ...] | list[float]) -> np.ndarray:
     """Bin index of each ŝ: 0 below the first edge, ``len(edges)`` at or above the last."""
     return np.searchsorted(np.asarray(edges, dtype=np.float64), top_prob, side="right")
@@ -82,11 +91,16 @@ def conformal_scores(
     calibration_p_cap: float,
     score: str = "probit",
     score_map: ScoreMap | None = None,
+    score_scale: ScoreMap | None = None,
 ) -> np.ndarray:
-    """Nonconformity scores e_i = g(T(min(ŝ_i, p_cap))) − T(p̲_i), +∞ where p̲_i = 0 (g: the learned
-    score map, identity when None)."""
+    """Nonconformity scores e_i = (g(z_i) − T(p̲_i)) / u(z_i) with z_i = T(min(ŝ_i, p_cap)), +∞ where
+    p̲_i = 0 (g: the learned score map, identity when None; u: the learned positive scale, 1 when
+    None). The deployment rule inverts exactly this: T(p̃) = g(z) − q̂·u(z)."""
     s = np.minimum(np.asarray(top_prob, dtype=np.float64), calibration_p_cap)
     lo = np.asarray(p_lower_mc, dtype=np.float64)
+    z = transform(s, score)
     with np.errstate(divide="ignore", invalid="ignore"):
-        e = apply_score_map(transform(s, score), score_map) - transform(lo, score)
+        e = apply_score_map(z, score_map) - transform(lo, score)
+        if score_scale is not None:
+            e = e / apply_score_scale(z, score_scale)
     return np.where(lo <= 0.0, np.inf, e)

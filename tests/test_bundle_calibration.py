@@ -93,17 +93,24 @@ def test_a_binned_bundle_variant_without_bin_quantiles_is_refused(tiny_bundle, t
     assert isinstance(bundle.calibration(), Calibration)
 
 
-def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tmp_path):
+MAP = {"score_map_x": (-0.5, 0.5, 1.5, 2.5), "score_map_y": (-1.0, 0.2, 1.1, 2.3)}
+SCALE = {"score_scale_x": (0.0, 1.0, 2.0), "score_scale_y": (0.9, 0.5, 0.2)}
+
+
+@pytest.mark.parametrize(
+    "settings, shown", [(MAP, ["Score map"]), ({**MAP, **SCALE}, ["Score map", "Score scale"])]
+)
+def test_a_score_map_and_scale_travel_to_the_runtime_inspect_and_variants(
+    tiny_bundle, tmp_path, settings, shown
+):
     from rrise.inspect import format_inspection, inspect_bundle
     from rrise.runtime import Runtime
 
-    score_map = ((-0.5, 0.5, 1.5, 2.5), (-1.0, 0.2, 1.1, 2.3))
-    bundle, cal, probs, images = _rebuild(
-        tiny_bundle, tmp_path / "b", score_map_x=score_map[0], score_map_y=score_map[1]
-    )
-    assert bundle.manifest["calibration"]["score_map_x"] == list(score_map[0])
+    bundle, cal, probs, images = _rebuild(tiny_bundle, tmp_path / "b", **settings)
+    for key, knots in settings.items():
+        assert bundle.manifest["calibration"][key] == list(knots)
     deployed = bundle.calibration(bundle.variant("fp32"))
-    assert deployed.score_map == score_map and deployed.quantile == pytest.approx(cal.quantile)
+    assert deployed.spec == cal.spec and deployed.quantile == pytest.approx(cal.quantile)
     rt = Runtime(bundle.path, backend="onnxruntime")
     frame = np.rint(images[0, 0] * 255).astype(np.uint8)
     expected = certify_from_probs(rt._backend.run(rt.preprocessor(frame)[None])[0], deployed)
@@ -122,4 +129,5 @@ def test_a_score_map_travels_to_the_runtime_inspect_and_variants(tiny_bundle, tm
     expected_q = conformalize(cal.spec, sharper, counts).quantile
     assert updated.variant("fp16", "onnxruntime")["quantile"] == pytest.approx(expected_q)
     summary, problems = inspect_bundle(bundle.path)
-    assert not problems and "Score map" in format_inspection(summary, problems)
+    text = format_inspection(summary, problems)
+    assert not problems and all(label in text for label in shown)
