@@ -154,7 +154,8 @@ def mc_budget(w) -> dict[str, int]:
         "targets": (len(sp["targets"]) + len(sp["selection"])) * p.target_draws,
         "train-surrogate": p.fresh_steps * p.fresh_batch * p.fresh_draws,  # fresh targets (0 when off)
         "select-rule": len(sp["rules"]) * p.n_cal if p.n_rule else 0,
-        "calibrate": len(sp["calibration"]) * p.n_cal,
+        # with cap draws, at most every calibration input gets N₂ more (only those at the cap do)
+        "calibrate": len(sp["calibration"]) * (p.n_cal + p.cap_draws),
         "certify": len(sp["test"]) * (p.n0 + p.n),
     }
     done = {}

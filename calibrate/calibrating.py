@@ -18,11 +18,12 @@ import numpy as np
 from rrise.calibration import Calibration, CalibrationSpec, conformalize
 from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz
 
-from .counts import CALIBRATION_STORE, RULE_STORE, fill_count_store, load_store_counts
+from .counts import CALIBRATION_STORE, CAP_STORE, RULE_STORE, fill_count_store, load_store_counts
 from .provenance import StageNotReady, file_sha256
 from .workdir import Workdir
 
 __all__ = [
+    "cap_stage_counts",
     "chosen_rule",
     "load_calibration",
     "load_calibration_npz",
@@ -145,6 +146,7 @@ def stage_calibrate(
     score: str = "probit",
     bins: int | None = None,
     rule: str | None = None,
+    cap_draws: int | None = None,
     resume: bool = True,
 ) -> list[Path]:
     """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
@@ -152,8 +154,9 @@ def stage_calibrate(
     ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
     quantile; ``score`` is the transform (probit, logit, identity); ``rule`` the calibration rule
     (default: the one the selection split chose, see ``select-rule``); ``bins`` overrides the rule's
-    number of confidence bins. The MC counts are kept, so a re-calibration with other settings
-    costs one surrogate pass.
+    number of confidence bins; ``cap_draws`` (default: the profile's; 0 = off) the second-stage
+    draws at the cap (:func:`cap_stage_counts`). The MC counts are kept, so a re-calibration with
+    other settings costs one surrogate pass.
     """
     ds, p = w.data("train"), w.prof
     idx = w.splits()["calibration"]
@@ -161,15 +164,38 @@ def stage_calibrate(
     # MC is the expensive half: its store is kept (and resumed) across re-calibrations
     fill_count_store(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train", resume)
     index, counts = load_store_counts(w, CALIBRATION_STORE)
+    n2 = p.cap_draws if cap_draws is None else int(cap_draws)
+    if n2 and n2 <= p.n_cal:
+        raise ValueError(f"cap_draws ({n2}) must exceed the profile's N_cal ({p.n_cal}), or be 0 (off)")
+    cap_counts = cap_stage_counts(w, index, counts, n2, resume) if n2 else None
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[index])
     rule = rule or chosen_rule(w)
     alpha = p.alphas[0] if alpha is None else alpha
     spec = rule_spec(w, rule, m=len(index), alpha=alpha, beta=beta, delta=delta, score=score, bins=bins)
-    cal = conformalize(spec, probs, counts, dataset=w.config.dataset, **hashes)
+    spec = replace(spec, cap_draws=n2 or None)
+    cal = conformalize(spec, probs, counts, cap_counts=cap_counts, dataset=w.config.dataset, **hashes)
     arrays = {"index": index, "images": ds.images[index], "labels": ds.labels[index]}
+    if cap_counts is not None:
+        arrays.update(cap_counts=cap_counts, cap_draws=n2)
     save_npz(w.path("calibration.npz"), **arrays, counts=counts, probs=probs, n_mc=p.n_cal)
     atomic_write_json(w.path("calibration.json"), {**cal.to_dict(), "rule": rule})
     return [w.path("calibration.npz"), w.path("calibration.json")]
+
+
+def cap_stage_counts(w: Workdir, index: np.ndarray, counts: np.ndarray, n2: int, resume: bool) -> np.ndarray:
+    """Second-stage counts at the cap, aligned with ``index``: ``n2`` fresh draws (their own seed
+    stream, so independent of the first stage) on every calibration input whose N_cal draws all fell
+    on one class, zeros elsewhere. Which inputs get them depends on the counts alone, never on the
+    surrogate, so the store stays valid for every surrogate and precision variant."""
+    at_cap = counts.max(axis=1) == w.prof.n_cal
+    out = np.zeros_like(counts)
+    if not at_cap.any():
+        return out
+    fill_count_store(w, CAP_STORE, index[at_cap], n2, "cap", "train", resume)
+    index2, counts2 = load_store_counts(w, CAP_STORE)
+    row = {int(i): r for r, i in enumerate(index)}
+    out[[row[int(i)] for i in index2]] = counts2
+    return out
 
 
 def load_calibration(w: Workdir) -> tuple[Calibration, dict[str, Any]]:

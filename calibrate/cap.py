@@ -4,34 +4,19 @@ With ``N_cal`` draws no lower bound can exceed ``β^(1/N_cal)``, so every calibr
 all vote for ``Â`` scores as if its ``p`` were at most that, and no radius passes
 ``σ·Φ⁻¹(β^(1/N_cal))``. Spending ``n2`` further draws only on those inputs lifts the cap to
 ``β^(1/n2)`` at a fraction of the cost of ``n2`` draws everywhere. docs/CERTIFICATE.md has the proof
-that the bound stays valid at level β; :func:`two_stage_lower` is the bound and
-:func:`two_stage_miss_probability` its exact miss probability, for checks.
+that the bound stays valid at level β; :func:`rrise.calibration.two_stage_lower` is the bound (used
+by ``conformalize`` with ``cap_draws``) and :func:`two_stage_miss_probability` its exact miss
+probability, for checks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from rrise.calibration import two_stage_lower
 from rrise.stats import clopper_pearson_lower
 
 __all__ = ["two_stage_lower", "two_stage_miss_probability"]
-
-
-def two_stage_lower(k1: np.ndarray, n1: int, k2: np.ndarray, n2: int, beta: float) -> np.ndarray:
-    """Per input: ``clopper_pearson_lower(k1, n1, β)`` when some of the ``n1`` first draws missed
-    ``Â`` (``k1 < n1``), else ``clopper_pearson_lower(k2, n2, β)`` from ``n2`` fresh draws alone
-    (``k2`` is read only where ``k1 == n1``).
-
-    Guarantee: for ``k1 ~ Binomial(n1, p)`` and, independently, ``k2 ~ Binomial(n2, p)``,
-    ``P(two_stage_lower > p) ≤ β`` for every ``p`` (docs/CERTIFICATE.md, "More draws at the cap").
-    The largest value it can give is ``β^(1/n2)``.
-    """
-    k1, k2 = np.asarray(k1), np.asarray(k2)
-    if np.any((k1 < 0) | (k1 > n1)) or np.any((k2 < 0) | (k2 > n2)):
-        raise ValueError(f"counts must lie in [0, n]: k1 in [0, {n1}], k2 in [0, {n2}]")
-    first = np.atleast_1d(clopper_pearson_lower(k1, n1, beta))
-    second = np.atleast_1d(clopper_pearson_lower(np.where(k1 == n1, k2, 0), n2, beta))
-    return np.where(k1 == n1, second, first)
 
 
 def two_stage_miss_probability(p: float, n1: int, n2: int, beta: float) -> float:

@@ -18,6 +18,7 @@ from .workdir import Workdir
 
 __all__ = [
     "CALIBRATION_STORE",
+    "CAP_STORE",
     "REFERENCE_STORE",
     "RULE_STORE",
     "TARGET_STORES",
@@ -32,6 +33,8 @@ __all__ = [
 # Count stores, relative to the work folder.
 TARGET_STORES = {"targets": "targets/train", "selection": "targets/selection"}  # `rrise targets`
 CALIBRATION_STORE = "calibration_counts"  # `rrise calibrate`: N_cal draws on the calibration inputs
+# `rrise calibrate` with cap draws: N₂ more draws on the calibration inputs whose N_cal all fell on one class
+CAP_STORE = "calibration_cap_counts"
 RULE_STORE = "selection_counts"  # `rrise select-rule`: N_cal draws on the rule-selection inputs
 REFERENCE_STORE = "reference_counts"  # `rrise reference`: N_ref draws on the first test inputs
 

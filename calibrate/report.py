@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,8 @@ def _recalibrated(w: Workdir, rule: str, cal: Calibration, calnpz, selection, al
     spec = rule_spec(
         w, rule, m=cal.m, alpha=alpha, beta=cal.beta, delta=cal.delta, score=cal.score, selection=selection
     )
-    return conformalize(spec, calnpz["probs"], calnpz["counts"])
+    spec = replace(spec, cap_draws=cal.cap_draws)
+    return conformalize(spec, calnpz["probs"], calnpz["counts"], cap_counts=calnpz.get("cap_counts"))
 
 
 def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violations) -> tuple[dict, ...]:
@@ -251,7 +253,7 @@ def one_time_evaluations(w: Workdir) -> dict[str, int]:
     count store the product needs (surrogate targets and their selection split, rule selection,
     calibration) and the fresh draws of surrogate training (``FRESH_COST``). Cohen's baseline and
     the reference are evaluation, not part of the product's cost, and are left out."""
-    from .counts import CALIBRATION_STORE, RULE_STORE, TARGET_STORES
+    from .counts import CALIBRATION_STORE, CAP_STORE, RULE_STORE, TARGET_STORES
     from .fit import FRESH_COST
 
     out: dict[str, int] = {}
@@ -260,6 +262,7 @@ def one_time_evaluations(w: Workdir) -> dict[str, int]:
         ("surrogate selection", TARGET_STORES["selection"]),
         ("rule selection", RULE_STORE),
         ("calibration", CALIBRATION_STORE),
+        ("calibration at the cap", CAP_STORE),
     ):
         meta = read_json(w.path(name) / "meta.json") or {}
         if meta:
@@ -302,18 +305,25 @@ def _cost(w: Workdir, cohen, per_query: float, mc_per_query: float) -> dict[str,
 
 
 def _cap_summary(calnpz: dict[str, np.ndarray], cal: Calibration) -> dict[str, Any]:
-    """How much the MC budget N_cal limits the radii: the share of calibration inputs whose every
-    draw voted for the surrogate's class (their p̲ is at the cap), and the radius the cap allows."""
+    """How much the MC budget limits the radii: the share of calibration inputs whose every draw
+    voted for the surrogate's class (their p̲ is at the first stage's cap), and the radius the cap
+    allows; with draws at the cap, the share still at the raised cap β^(1/N₂)."""
     from rrise.stats import norm_ppf
 
     counts, probs = calnpz["counts"], calnpz["probs"]
     top = probs.argmax(axis=1)
-    at_cap = float(np.mean(counts[np.arange(len(top)), top] == cal.n_mc))
-    return {
-        "calibration inputs with every draw on the surrogate's class": round(at_cap, 4),
-        "p_cap = β^(1/N_cal)": round(cal.p_cap, 8),
-        "largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)": round(cal.sigma * float(norm_ppf(cal.p_cap)), 4),
-    }
+    rows = np.arange(len(top))
+    at_cap = counts[rows, top] == cal.n_mc
+    share = round(float(at_cap.mean()), 4)
+    out: dict[str, Any] = {"calibration inputs with every draw on the surrogate's class": share}
+    if cal.cap_draws is not None and "cap_counts" in calnpz:
+        still = at_cap & (calnpz["cap_counts"][rows, top] == cal.cap_draws)
+        out[f"of those, every one of N₂ = {cal.cap_draws} further draws too"] = round(float(still.mean()), 4)
+        out["p_cap = β^(1/N₂)"] = round(cal.p_cap, 8)
+    else:
+        out["p_cap = β^(1/N_cal)"] = round(cal.p_cap, 8)
+    out["largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)"] = round(cal.sigma * float(norm_ppf(cal.p_cap)), 4)
+    return out
 
 
 def _config(w: Workdir, cal: Calibration, rule: str, n_test: int) -> dict[str, Any]:
@@ -337,6 +347,7 @@ def _config(w: Workdir, cal: Calibration, rule: str, n_test: int) -> dict[str, A
         "calibration": (
             f"m = {cal.m}, N_cal = {cal.n_mc}, α = {cal.alpha:g}, β = {cal.beta:g}{delta}, "
             f"score = {cal.score}, rule = {rule}"
+            + ("" if cal.cap_draws is None else f", N₂ = {cal.cap_draws} draws at the cap")
         ),
         "test inputs": n_test,
         "Cohen MC": f"n0 = {p.n0}, n = {p.n}, α = {p.mc_alpha}",

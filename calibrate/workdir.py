@@ -25,7 +25,15 @@ from .profiles import Profile, get_profile
 __all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec", "recorded_config"]
 
 # One seed per random stream of a work folder: 1000 × seed + stream.
-SEED_STREAMS = {"targets": 1, "selection": 2, "calibration": 3, "cohen": 4, "rules": 5, "reference": 6}
+SEED_STREAMS = {
+    "targets": 1,
+    "selection": 2,
+    "calibration": 3,
+    "cohen": 4,
+    "rules": 5,
+    "reference": 6,
+    "cap": 7,
+}
 _CONFIG_KEYS = ("dataset", "profile", "sigma", "seed")
 
 

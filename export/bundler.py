@@ -106,9 +106,11 @@ def _variant_quantile_keys(cal: Calibration) -> dict[str, Any]:
     return keys
 
 
-def _read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(counts, cap_counts, images)``; ``cap_counts`` (the second-stage draws at the cap) is None
+    for a calibration without them."""
     z = load_npz(path, ("counts", "images"), "calibration file")
-    return z["counts"], z["images"]
+    return z["counts"], z.get("cap_counts"), z["images"]
 
 
 def _check_calibration_arrays(
@@ -223,16 +225,17 @@ def _check_build_inputs(
 
 def _checked_calibration_data(
     files: dict[str, Path], calibration: Calibration, shape: tuple[int, int, int], num_labels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The calibration counts and images, checked against the record, the labels and both models."""
-    counts, images = _read_calibration_npz(files["calibration"])
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The calibration counts (both stages) and images, checked against the record, the labels and
+    both models."""
+    counts, cap_counts, images = _read_calibration_npz(files["calibration"])
     _check_calibration_arrays(counts, images, calibration, shape)
     num_classes = counts.shape[1]
     if num_labels != num_classes:
         raise ValueError(f"{num_labels} labels given, but the calibration counts have {num_classes} classes")
     _check_onnx(files["surrogate"], shape, num_classes, "surrogate", names=True)
     _check_onnx(files["base model"], shape, num_classes, "base model", names=False)
-    return counts, images
+    return counts, cap_counts, images
 
 
 def _check_provenance(calibration: Calibration, base_onnx: Path, surrogate_onnx: Path) -> None:
@@ -378,14 +381,16 @@ def build_bundle(
     _check_replaceable(out_dir, overwrite)
     shape = _check_build_inputs(calibration, input_shape, preprocess, dataset, parity_max_abs_diff, files)
     labels = [str(label) for label in labels]
-    counts, images = _checked_calibration_data(files, calibration, shape, len(labels))
+    counts, cap_counts, images = _checked_calibration_data(files, calibration, shape, len(labels))
     probs, max_batch = calibration_outputs(onnx_probs_runner(files["surrogate"]), images)
     fp32 = _variant_entry(
         "fp32",
         "onnxruntime",
         SURROGATE_FILE,
         probs,
-        calibration.recalibrate(probs, counts, surrogate_sha256=calibration.surrogate_sha256),
+        calibration.recalibrate(
+            probs, counts, cap_counts=cap_counts, surrogate_sha256=calibration.surrogate_sha256
+        ),
         calibrated_with="onnxruntime-cpu",
         max_batch=max_batch,
         images=images,
@@ -426,13 +431,13 @@ def variant_recalibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
     vectors, so a variant that picks another class than fp32 is scored against that class's count."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
-    counts = load_npz(bundle.file(CALIBRATION_FILE), ("counts",), "calibration file")["counts"]
+    counts, cap_counts, _ = _read_calibration_npz(bundle.file(CALIBRATION_FILE))
     if np.shape(probs) != counts.shape:
         raise ValueError(
             f"probs must be [m, K] = {list(counts.shape)} (the variant on the bundle's calibration "
             f"images, in order), got {list(np.shape(probs))}"
         )
-    return bundle.calibration().recalibrate(probs, counts)
+    return bundle.calibration().recalibrate(probs, counts, cap_counts=cap_counts)
 
 
 def recalibrate_variant(bundle_dir: str | os.PathLike, probs: np.ndarray) -> float:
@@ -552,7 +557,7 @@ def verify_quantiles(bundle: Bundle) -> list[dict[str, Any]]:
     quantile) agrees to 1e-6 and its ``max_batch`` is reproduced."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; its quantiles cannot be verified")
-    counts, images = _read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    counts, cap_counts, images = _read_calibration_npz(bundle.file(CALIBRATION_FILE))
     record = bundle.calibration()
     _check_calibration_arrays(counts, images, record, tuple(images.shape[1:]))
     if counts.shape[1] != bundle.num_classes:
@@ -560,11 +565,16 @@ def verify_quantiles(bundle: Bundle) -> list[dict[str, Any]]:
             f"{CALIBRATION_FILE} of bundle {bundle.path} counts {counts.shape[1]} classes, but the "
             f"manifest says num_classes = {bundle.num_classes}"
         )
-    return [_verify_variant(bundle, v, images, counts, record) for v in bundle.manifest["variants"]]
+    counts_by_stage = (counts, cap_counts)
+    return [_verify_variant(bundle, v, images, counts_by_stage, record) for v in bundle.manifest["variants"]]
 
 
 def _verify_variant(
-    bundle: Bundle, v: dict[str, Any], images: np.ndarray, counts: np.ndarray, record: Calibration
+    bundle: Bundle,
+    v: dict[str, Any],
+    images: np.ndarray,
+    counts_by_stage: tuple[np.ndarray, np.ndarray | None],
+    record: Calibration,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "variant": f"{v['precision']}/{v['backend']}",
@@ -583,7 +593,8 @@ def _verify_variant(
     except RuntimeError as exc:  # e.g. onnxruntime-cuda numerics on a machine without CUDA
         return {**out, "status": NOT_VERIFIABLE, "detail": str(exc)}
     probs, max_batch = calibration_outputs(run, images)
-    fresh = record.recalibrate(probs, counts)
+    counts, cap_counts = counts_by_stage
+    fresh = record.recalibrate(probs, counts, cap_counts=cap_counts)
     recorded = bundle.calibration(v)
     out["recomputed"] = fresh.quantile
     differs = [

@@ -39,6 +39,7 @@ __all__ = [
     "mc_lower_bounds",
     "min_calibration_size",
     "mondrian_quantiles",
+    "two_stage_lower",
 ]
 
 _SHA256_LEN = 64
@@ -86,7 +87,9 @@ class CalibrationSpec:
     ``score_map_x/y``: knots of a monotone map g on the probit scale (probit only); the score becomes
     g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). ``score_scale_x/y``: knots of a positive scale u on the same axis
     (probit only); the score is divided by u(Φ⁻¹(min(ŝ, p_cap))), a normalized score. All must come
-    from data disjoint from the calibration inputs.
+    from data disjoint from the calibration inputs. ``cap_draws``: N₂ > N_cal further draws for the
+    calibration inputs whose N_cal draws all fell on one class (:func:`two_stage_lower`); the cap
+    becomes β^(1/N₂).
     """
 
     sigma: float
@@ -100,6 +103,7 @@ class CalibrationSpec:
     score_map_y: tuple[float, ...] = ()
     score_scale_x: tuple[float, ...] = ()
     score_scale_y: tuple[float, ...] = ()
+    cap_draws: int | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -122,11 +126,16 @@ class CalibrationSpec:
         put(self, "score_scale_x", _floats("score_scale_x", self.score_scale_x))
         put(self, "score_scale_y", _floats("score_scale_y", self.score_scale_y))
         _check_score_scale(self.score_scale_x, self.score_scale_y, self.score)
+        if self.cap_draws is not None:
+            put(self, "cap_draws", _count("cap_draws", self.cap_draws))
+            if self.cap_draws <= self.n_mc:
+                raise ValueError(f"cap_draws ({self.cap_draws}) must exceed n_mc ({self.n_mc})")
 
     @property
     def p_cap(self) -> float:
-        """β^(1/N): the largest lower bound N_cal draws can give."""
-        return p_cap(self.beta, self.n_mc)
+        """β^(1/N): the largest lower bound the calibration's draws can give (N = ``cap_draws`` when
+        inputs at the first stage's cap get more draws, else N_cal)."""
+        return p_cap(self.beta, self.cap_draws or self.n_mc)
 
     @property
     def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -199,6 +208,7 @@ class Calibration:
     score_map_y: tuple[float, ...] = ()
     score_scale_x: tuple[float, ...] = ()
     score_scale_y: tuple[float, ...] = ()
+    cap_draws: int | None = None
     dataset: str | None = None
     base_sha256: str | None = None
     surrogate_sha256: str | None = None
@@ -206,7 +216,7 @@ class Calibration:
     def __post_init__(self) -> None:
         spec = self.spec  # validates σ, N, α, β, δ, score, edges and map
         put = object.__setattr__
-        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", *_KNOTS):
+        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", "cap_draws", *_KNOTS):
             put(self, name, getattr(spec, name))
         put(self, "m", _count("m", self.m))
         q = self.quantile
@@ -249,6 +259,7 @@ class Calibration:
             score_map_y=self.score_map_y,
             score_scale_x=self.score_scale_x,
             score_scale_y=self.score_scale_y,
+            cap_draws=self.cap_draws,
         )
 
     @property
@@ -276,13 +287,22 @@ class Calibration:
         z = min(g_max - q * u, self._z_cap)
         return self.sigma * z if z > 0 else 0.0
 
-    def recalibrate(self, probs: np.ndarray, counts: np.ndarray, *, surrogate_sha256: str | None = None):
+    def recalibrate(
+        self,
+        probs: np.ndarray,
+        counts: np.ndarray,
+        *,
+        cap_counts: np.ndarray | None = None,
+        surrogate_sha256: str | None = None,
+    ):
         """This calibration's spec applied to other numerics (a precision variant's ``probs`` on the
-        same calibration inputs, with their full MC ``counts``): see :func:`conformalize`."""
+        same calibration inputs, with their full MC ``counts`` and, with ``cap_draws``, their
+        second-stage ``cap_counts``): see :func:`conformalize`."""
         return conformalize(
             self.spec,
             probs,
             counts,
+            cap_counts=cap_counts,
             dataset=self.dataset,
             base_sha256=self.base_sha256,
             surrogate_sha256=surrogate_sha256,
@@ -309,6 +329,8 @@ class Calibration:
         }
         if self.delta is not None:
             d["delta"] = self.delta
+        if self.cap_draws is not None:
+            d["cap_draws"] = self.cap_draws
         if self.bin_edges:
             d["bin_edges"] = list(self.bin_edges)
             d["bin_quantiles"] = [q if math.isfinite(q) else None for q in self.bin_quantiles]
@@ -360,11 +382,22 @@ def _check_sha(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a sha256 hex digest, got {value!r}")
 
 
-def mc_lower_bounds(counts: np.ndarray, classes: np.ndarray, n_mc: int, beta: float) -> np.ndarray:
-    """One-sided (1−β) Clopper–Pearson lower bounds on ``p_{classes[i]}(x_i)`` from ``[m, K]`` counts.
+def mc_lower_bounds(
+    counts: np.ndarray,
+    classes: np.ndarray,
+    n_mc: int,
+    beta: float,
+    *,
+    cap_counts: np.ndarray | None = None,
+    cap_draws: int | None = None,
+) -> np.ndarray:
+    """One-sided (1−β) Clopper–Pearson lower bounds on ``p_{classes[i]}(x_i)`` from ``[m, K]`` counts;
+    with ``cap_counts`` (``[m, K]``, ``cap_draws`` fresh draws on the rows whose ``n_mc`` draws all
+    fell on one class), the two-stage bound :func:`two_stage_lower`.
 
-    Guarantee: for each i, if ``counts[i]`` comes from ``n_mc`` fresh draws independent of the choice
-    of ``classes[i]``, then ``P(bound_i ≤ p_{classes[i]}(x_i)) ≥ 1 − β``. The bound is 0 at count 0.
+    Guarantee: for each i, if ``counts[i]`` (and ``cap_counts[i]``) come from fresh draws independent
+    of each other and of the choice of ``classes[i]``, then ``P(bound_i ≤ p_{classes[i]}(x_i)) ≥ 1 − β``.
+    The bound is 0 at count 0.
     """
     c = np.asarray(counts)
     cls = np.asarray(classes, dtype=np.int64)
@@ -372,8 +405,59 @@ def mc_lower_bounds(counts: np.ndarray, classes: np.ndarray, n_mc: int, beta: fl
         raise ValueError(f"counts must be [m, K] and classes [m]; got {c.shape} and {cls.shape}")
     if np.any((cls < 0) | (cls >= c.shape[1])):
         raise ValueError(f"classes must lie in [0, {c.shape[1]})")
-    k = c[np.arange(len(c)), cls]
-    return np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n_mc), beta), dtype=np.float64))
+    rows = np.arange(len(c))
+    k = c[rows, cls]
+    if cap_counts is None:
+        return np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n_mc), beta), dtype=np.float64))
+    if cap_draws is None:
+        raise ValueError("cap_counts need cap_draws, the number of second-stage draws")
+    k2 = np.asarray(cap_counts)[rows, cls]
+    return two_stage_lower(k, int(n_mc), k2, int(cap_draws), beta)
+
+
+def two_stage_lower(k1: np.ndarray, n1: int, k2: np.ndarray, n2: int, beta: float) -> np.ndarray:
+    """Per input: ``clopper_pearson_lower(k1, n1, β)`` when some of the ``n1`` first draws missed
+    ``Â`` (``k1 < n1``), else ``clopper_pearson_lower(k2, n2, β)`` from ``n2`` fresh draws alone
+    (``k2`` is read only where ``k1 == n1``).
+
+    Guarantee: for ``k1 ~ Binomial(n1, p)`` and, independently, ``k2 ~ Binomial(n2, p)``,
+    ``P(two_stage_lower > p) ≤ β`` for every ``p`` (docs/CERTIFICATE.md, "More draws at the cap").
+    The largest value it can give is ``β^(1/n2)``.
+    """
+    k1, k2 = np.asarray(k1), np.asarray(k2)
+    if np.any((k1 < 0) | (k1 > n1)) or np.any((k2 < 0) | (k2 > n2)):
+        raise ValueError(f"counts must lie in [0, n]: k1 in [0, {n1}], k2 in [0, {n2}]")
+    first = np.atleast_1d(clopper_pearson_lower(k1, n1, beta))
+    second = np.atleast_1d(clopper_pearson_lower(np.where(k1 == n1, k2, 0), n2, beta))
+    return np.where(k1 == n1, second, first).astype(np.float64)
+
+
+def _check_cap_counts(counts: np.ndarray, cap_counts: Any, spec: CalibrationSpec) -> np.ndarray | None:
+    """``cap_counts`` checked against ``spec.cap_draws``: present exactly when the spec asks for it,
+    ``[m, K]``, summing to ``cap_draws`` on every row whose first-stage draws all fell on one class
+    and zero elsewhere."""
+    if spec.cap_draws is None:
+        if cap_counts is not None:
+            raise ValueError("cap_counts were given but the spec has no cap_draws")
+        return None
+    if cap_counts is None:
+        raise ValueError(f"the spec asks for {spec.cap_draws} draws at the cap: pass cap_counts")
+    k2 = np.asarray(cap_counts)
+    if k2.shape != counts.shape or not np.issubdtype(k2.dtype, np.integer):
+        raise ValueError(
+            f"cap_counts must be integer [m, K] = {list(counts.shape)}, got {k2.dtype} {list(k2.shape)}"
+        )
+    at_cap = counts.max(axis=1) == spec.n_mc
+    want = np.where(at_cap, spec.cap_draws, 0)
+    bad = np.flatnonzero((k2.sum(axis=1) != want) | (k2.min(axis=1, initial=0) < 0))
+    if bad.size:
+        i = bad[0]
+        raise ValueError(
+            f"cap_counts row {i} sums to {int(k2[i].sum())}, expected {int(want[i])}: rows whose "
+            f"n_mc={spec.n_mc} draws all fell on one class hold cap_draws={spec.cap_draws} draws, "
+            f"the others none ({bad.size} such row(s))"
+        )
+    return k2
 
 
 def _check_inputs(probs: np.ndarray, counts: np.ndarray, n_mc: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,6 +486,7 @@ def conformalize(
     probs: np.ndarray,
     counts: np.ndarray,
     *,
+    cap_counts: np.ndarray | None = None,
     dataset: str | None = None,
     base_sha256: str | None = None,
     surrogate_sha256: str | None = None,
@@ -410,8 +495,10 @@ def conformalize(
 
     ``probs`` ``[m, K]``: the surrogate's probabilities, from the exact numerics that will be
     deployed; ``counts`` ``[m, K]``: fresh MC vote counts of the base classifier, ``spec.n_mc`` draws
-    per row. For each input Â = argmax probs, p̲ = the (1−β) Clopper–Pearson lower bound on p_Â from
-    its count, score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)) (+∞ when p̲ = 0); q̂ is the
+    per row; ``cap_counts`` ``[m, K]``: with ``spec.cap_draws``, that many fresh draws on each row
+    whose ``n_mc`` draws all fell on one class (zeros elsewhere). For each input Â = argmax probs,
+    p̲ = the (1−β) Clopper–Pearson lower bound on p_Â from its count (the two-stage bound with
+    ``cap_counts``), score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)) (+∞ when p̲ = 0); q̂ is the
     ``conformal_rank(m, α, δ)``-th smallest score, and with bins one such q̂ per bin at δ/G.
 
     Guarantee: if the calibration inputs were not used to train or select the base model, the
@@ -427,9 +514,10 @@ def conformalize(
     if not isinstance(spec, CalibrationSpec):
         raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
     p, k = _check_inputs(probs, counts, spec.n_mc)
+    k2 = _check_cap_counts(k, cap_counts, spec)
     top = np.argmax(p, axis=1)
     top_prob = p[np.arange(len(p)), top]
-    p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta)
+    p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta, cap_counts=k2, cap_draws=spec.cap_draws)
     scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale)
     quantile = conformal_quantile(scores, spec.alpha, spec.delta)
     bin_quantiles = ()

@@ -394,6 +394,15 @@ def calibrate(
             "selection split); 1 = one quantile."
         ),
     ] = None,
+    cap_draws: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="More draws at the cap: calibration inputs whose N_cal draws all fell on one class get "
+            "this many fresh draws (> N_cal), lifting the radius cap to σ·Φ⁻¹(β^(1/N₂)); 0 = off "
+            "(default: the profile's).",
+        ),
+    ] = None,
     dataset: DatasetOpt = None,
     profile: ProfileOpt = None,
     sigma: SigmaOpt = None,
@@ -418,6 +427,8 @@ def calibrate(
         options["bins"] = bins
     if rule is not None:
         options["rule"] = rule.value
+    if cap_draws is not None:
+        options["cap_draws"] = cap_draws
     for path in _run_stage(w, "calibrate", force=force, **options):
         typer.echo(str(path))
     typer.echo(w.path("calibration.json").read_text())

@@ -154,6 +154,7 @@ _CALIBRATION_KEYS = (
     "delta",
     "m",
     "n_mc",
+    "cap_draws",
     "quantile",
     "p_cap",
     "dataset",

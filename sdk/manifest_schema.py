@@ -114,6 +114,7 @@ class CalibrationRecord(_Struct):
     p_cap: float
     sigma: float | None = None
     delta: float | None = None
+    cap_draws: int | None = None
     bin_edges: list[float] = []
     bin_quantiles: list[float | None] = []
     score_map_x: list[float] = []
@@ -313,17 +314,22 @@ def _check_calibration(m: Manifest, problems: _Problems) -> None:
     if cal.delta is not None:
         ok &= problems.in_range("calibration.delta", cal.delta, 0.0, 1.0)
     ok &= problems.require(cal.n_mc >= 1, "calibration.n_mc", "be an integer >= 1", cal.n_mc)
+    if cal.cap_draws is not None:
+        ok &= problems.require(
+            cal.cap_draws > cal.n_mc, "calibration.cap_draws", f"exceed n_mc ({cal.n_mc})", cal.cap_draws
+        )
     if cal.sigma is not None:
         problems.require(
             cal.sigma == sigma, "calibration.sigma", f"equal smoothing.sigma ({sigma!r})", cal.sigma
         )
     if not ok:
         return
-    cap = p_cap(cal.beta, cal.n_mc)
+    draws, name = (cal.cap_draws, "cap_draws") if cal.cap_draws is not None else (cal.n_mc, "n_mc")
+    cap = p_cap(cal.beta, draws)
     problems.require(
         math.isclose(cal.p_cap, cap, rel_tol=1e-9),
         "calibration.p_cap",
-        f"be beta^(1/n_mc) = {cap!r}",
+        f"be beta^(1/{name}) = {cap!r}",
         cal.p_cap,
     )
     bins = len(cal.bin_edges) + 1

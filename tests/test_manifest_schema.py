@@ -68,6 +68,8 @@ BAD = [
     ("variants.0.quantile", None, "variants[0].quantile: must be a number, or null with needs_recalibration"),
     ("calibration.quantile", -1e6, "calibration.quantile: must be >= "),
     ("calibration.p_cap", 0.5, "calibration.p_cap: must be beta^(1/n_mc)"),
+    ("calibration.cap_draws", 1, "calibration.cap_draws: must exceed n_mc"),
+    ("calibration.cap_draws", 10**7, "calibration.p_cap: must be beta^(1/cap_draws)"),
     ("calibration.n_mc", 0, "calibration.n_mc: must be an integer >= 1, got 0"),
     ("calibration.m", 5, "calibration.m: must be >= 9 (the fewest inputs that work for alpha), got 5"),
     (

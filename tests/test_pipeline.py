@@ -343,3 +343,39 @@ def test_provenance_on_a_toy_pipeline(tmp_path):
     assert not prov.is_current(tmp_path, stages, "c")
     (tmp_path / "d.txt").unlink()
     assert prov.is_current(tmp_path, stages, "c")
+
+
+def test_draws_at_the_cap_reach_the_calibration_report_and_bundle(digits_demo, tmp_path):
+    """`rrise calibrate --cap-draws N2`: inputs whose N_cal draws all fell on one class get N2 more,
+    the cap rises to β^(1/N2), and the report, the bundle and `inspect --verify` all use both stages."""
+    src, result = digits_demo
+    assert result.exit_code == 0, result.output
+    work = _copy(src, tmp_path / "demo")
+    plain = json.loads((work / "calibration.json").read_text())
+    too_few = runner.invoke(app, ["calibrate", "--workdir", str(work), "--cap-draws", str(plain["n_mc"])])
+    assert too_few.exit_code == 1 and "must exceed" in too_few.output
+    done = runner.invoke(app, ["calibrate", "--workdir", str(work), "--cap-draws", "2000"])
+    assert done.exit_code == 0, done.output
+    record = json.loads((work / "calibration.json").read_text())
+    assert record["cap_draws"] == 2000 and record["p_cap"] == pytest.approx(record["beta"] ** (1 / 2000))
+    with np.load(work / "calibration.npz") as z:
+        counts, cap_counts = z["counts"], z["cap_counts"]
+    at_cap = counts.max(axis=1) == record["n_mc"]
+    assert at_cap.any() and (cap_counts.sum(axis=1) == np.where(at_cap, 2000, 0)).all()
+    # the second stage draws its own noise (its own seed stream), independent of the first
+    seeds = [
+        json.loads((work / s / "meta.json").read_text())["seed"]
+        for s in ("calibration_counts", "calibration_cap_counts")
+    ]
+    assert seeds[0] != seeds[1]
+    again = runner.invoke(app, ["demo", "--workdir", str(work), "--no-progress"])  # stale stages rerun
+    assert again.exit_code == 0, again.output
+    metrics = json.loads((work / "report/metrics.json").read_text())
+    assert metrics["calibration"]["cap_draws"] == 2000
+    assert any("N₂ = 2000" in k for k in metrics["cap"])
+    assert metrics["cost"]["  of which calibration at the cap"] == 2000 * int(at_cap.sum())
+    manifest = json.loads((work / "bundle/manifest.json").read_text())
+    assert manifest["calibration"]["cap_draws"] == 2000
+    verified = runner.invoke(app, ["inspect", str(work / "bundle"), "--verify"])
+    assert verified.exit_code == 0, verified.output
+    assert "cap_draws = 2000" in verified.output
