@@ -89,7 +89,7 @@ def fit_score_scale(
     score_map: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     groups: int = 8,
     min_group_size: int = 20,
-    floor_fraction: float = 0.1,
+    floor_fraction: float = 0.3,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Knots ``(x, u)`` of a positive scale: the mean absolute residual ``|g(z) − Φ⁻¹(p̲)|`` given
     ``z = Φ⁻¹(min(ŝ, p_cap))``, on SELECTION inputs (``probs``, ``counts`` as in
