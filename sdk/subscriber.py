@@ -159,10 +159,10 @@ class Subscription:
             raise StopIteration
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while True:
-            self._watch_connection()
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self._watch_connection()
                 wait_ms = _POLL_MS
                 if deadline is not None:
                     left = deadline - time.monotonic()
@@ -172,6 +172,7 @@ class Subscription:
                     wait_ms = max(1, min(_POLL_MS, int(left * 1000)))
                 self._poller.poll(wait_ms)
                 continue
+            self._watch_connection()  # after the message: the events that came before it are counted
             if deadline is not None:  # any message, even a bad one, means the link is alive
                 deadline = time.monotonic() + self.timeout_s
             record = self._parse(parts)
@@ -282,10 +283,11 @@ class Subscription:
         self.close()
 
     def __del__(self) -> None:
+        # The same order as close(): a monitored socket closed while its monitor still runs can
+        # leave the context's reaper waiting on the monitor, and every later close in the process
+        # with it (a publisher that never lets go of its port).
         if not getattr(self, "_closed", True):
-            self._closed = True
-            self._monitor.close(linger=0)
-            self._sock.close(linger=0)
+            self.close()
 
 
 def _socket_options(

@@ -143,8 +143,13 @@ SIGNAL_EARLY = """
 import os, signal, sys, threading
 import rrise.cli
 delay, sig = float(sys.argv[1]), getattr(signal, sys.argv[2])
-threading.Timer(delay, lambda: os.kill(os.getpid(), sig)).start()
-rrise.cli.main(sys.argv[3:])  # the signal comes while the command starts (or soon after)
+timer = threading.Timer(delay, lambda: os.kill(os.getpid(), sig))
+timer.daemon = True  # a command done before the delay: no signal, not one during interpreter exit
+timer.start()
+try:
+    rrise.cli.main(sys.argv[3:])  # the signal comes while the command starts (or soon after)
+finally:
+    timer.cancel()
 """
 
 

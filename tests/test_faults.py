@@ -334,8 +334,11 @@ def test_a_stalled_subscriber_never_blocks_the_others_or_the_publisher() -> None
         for seq in range(n):
             rec = make_record(seq=seq, frame=seq, stamp_ns=0, source=payload, bundle="b", error="x")
             assert pub.send(rec)
-            if seq % 25 == 24:
-                time.sleep(0.002)  # a 12 kHz stream: the live subscriber keeps up
+            # The live subscriber keeps up: never more than 20 records behind, however busy the
+            # machine (the queue holds 50, but the publisher learns what was read only every 25
+            # messages); the stalled one is never waited for.
+            while seq - len(got) > 20 and t.is_alive():
+                time.sleep(0.0005)
         send_s = time.monotonic() - t0
         t.join(15)
         stalled_has = 0
@@ -347,7 +350,7 @@ def test_a_stalled_subscriber_never_blocks_the_others_or_the_publisher() -> None
         sub.close()
         pub.close()
     assert got == list(range(n)) and stats["missed"] == 0
-    assert pub.drops == 0 and send_s < 10
+    assert pub.drops == 0 and send_s < 30
     assert stalled_has < n  # it lost records; nobody else did
 
 

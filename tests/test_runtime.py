@@ -512,10 +512,11 @@ def test_run_stream_publishes_to_a_subscriber(tmp_path: Path, bundle_dir: Path) 
     received: list[dict] = []
 
     def listen() -> None:
-        for record in subscribe(f"tcp://127.0.0.1:{port}", timeout_s=5):
-            received.append(record)
-            if len(received) == 5:
-                break
+        with subscribe(f"tcp://127.0.0.1:{port}", timeout_s=5) as sub:
+            for record in sub:
+                received.append(record)
+                if len(received) == 5:
+                    break
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()

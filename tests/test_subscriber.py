@@ -212,3 +212,51 @@ def test_import_rrise_does_not_import_zmq() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert rrise.subscribe is subscribe
+
+
+_ABANDONED = """
+import sys, threading, time
+from rrise import Certificate, subscribe
+from rrise.records import make_record
+from rrise.runtime.sinks import ZmqPublisher
+
+def record(seq):
+    cert = Certificate(top_class=0, abstain=False, radius=0.1, score=0.9, p_lower=0.8)
+    return make_record(seq=seq, frame=seq, stamp_ns=time.time_ns(), source="t", bundle="b" * 16,
+                       certificate=cert, labels=["a", "b"], error=None)
+
+def listen(endpoint, got):
+    for r in subscribe(endpoint, timeout_s=5):  # left by break: never closed, the collector ends it
+        got.append(r)
+        break
+
+with ZmqPublisher("tcp://127.0.0.1:*") as first:
+    got = []
+    thread = threading.Thread(target=listen, args=(first.endpoint, got))
+    thread.start()
+    assert first.wait_for_subscribers(1, 5) == 1
+    first.send(record(0))
+    thread.join(5)
+assert got
+with ZmqPublisher("ipc://" + sys.argv[1]) as pub:
+    stats = {}
+    sub = subscribe(pub.endpoint, timeout_s=3, stats=stats)
+    assert pub.wait_for_subscribers(1, 5) == 1
+for _ in sub:  # the publisher is closed: the subscriber must see it go
+    pass
+print(stats["disconnects"])
+"""
+
+
+def test_an_abandoned_subscription_does_not_stop_later_sockets_from_closing(tmp_path: Path) -> None:
+    """A Subscription left to the garbage collector used to close its socket before its monitor,
+    which left the process's ZeroMQ reaper waiting: no socket closed after it (a publisher kept its
+    port, its subscribers never saw it go). A fresh interpreter keeps this test's state its own."""
+    out = subprocess.run(
+        [sys.executable, "-c", _ABANDONED, str(tmp_path / "p.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 1, out.stdout
