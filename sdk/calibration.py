@@ -157,29 +157,26 @@ class CalibrationSpec:
         return None if self.delta is None else self.delta / self.bins
 
 
-def _check_score_map(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
+def _check_knots(what: str, x: tuple[float, ...], y: tuple[float, ...], score: str) -> bool:
+    """The checks a learned score map and a score scale share; False when there are no knots."""
     if not x and not y:
-        return
+        return False
     if score != "probit":
-        raise ValueError(f"a learned score map works on the probit scale only, not with score {score!r}")
+        raise ValueError(f"a learned {what} works on the probit scale only, not with score {score!r}")
     if len(x) != len(y) or len(x) < 1:
-        raise ValueError(f"score map needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
+        raise ValueError(f"{what} needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
     if any(b <= a for a, b in zip(x, x[1:])):
-        raise ValueError("score map x knots must increase strictly")
-    if any(b < a for a, b in zip(y, y[1:])):
+        raise ValueError(f"{what} x knots must increase strictly")
+    return True
+
+
+def _check_score_map(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
+    if _check_knots("score map", x, y, score) and any(b < a for a, b in zip(y, y[1:])):
         raise ValueError("score map y values must not decrease (the map must be monotone)")
 
 
 def _check_score_scale(x: tuple[float, ...], y: tuple[float, ...], score: str) -> None:
-    if not x and not y:
-        return
-    if score != "probit":
-        raise ValueError(f"a learned score scale works on the probit scale only, not with score {score!r}")
-    if len(x) != len(y) or len(x) < 1:
-        raise ValueError(f"score scale needs as many x as y knots (≥ 1), got {len(x)} and {len(y)}")
-    if any(b <= a for a, b in zip(x, x[1:])):
-        raise ValueError("score scale x knots must increase strictly")
-    if any(not v > 0.0 for v in y):
+    if _check_knots("score scale", x, y, score) and any(not v > 0.0 for v in y):
         raise ValueError(f"score scale values must be positive, got {min(y)!r}")
 
 
