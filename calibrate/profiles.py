@@ -112,8 +112,8 @@ QUICK = replace(
     fresh_batch=128,
     note=(
         "Sizes are lowered to finish in minutes on a laptop CPU: N_cal = 1,000 (not 10,000) caps "
-        "every RRISE radius at σ·(Φ⁻¹(β^(1/N_cal)) − q̂), and Cohen's n = 1,000 caps its radius "
-        "likewise; m = 500, 200 test inputs. Use --profile full for the default sizes "
+        "every RRISE radius below σ·Φ⁻¹(β^(1/N_cal)) (less the rule's shift), and Cohen's n = 1,000 "
+        "caps its radius likewise; m = 500, 200 test inputs. Use --profile full for the default sizes "
         "(N_cal = 10,000, m = 3,000, n = 10,000)."
     ),
 )
