@@ -108,7 +108,10 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     with np.errstate(invalid="ignore"):
         z0 = transform(capped, calibration.score)
         t = apply_score_map(z0, calibration.score_map)
-        t_lower = t - calibration.quantiles_for(s) * apply_score_scale(z0, calibration.score_scale)
+        shift = calibration.quantiles_for(s)
+        if calibration.score_scale is not None:
+            shift = shift * apply_score_scale(z0, calibration.score_scale)
+        t_lower = t - shift
         p_lower = np.minimum(inverse_transform(t_lower, calibration.score), calibration.p_cap)
     p_lower = np.nan_to_num(p_lower, nan=0.0)
     abstain = ~(p_lower > 0.5)

@@ -32,13 +32,13 @@ def setting():
     return train.images, test.images[:80], val_counts, label, calls
 
 
-def _fit(setting, steps: int, checkpoint=None):
-    pool, val_x, val_counts, label, _ = setting
+def _fit(setting, steps: int, checkpoint=None, label=None):
+    pool, val_x, val_counts, default_label, _ = setting
     model = build_model("cnn-small", 1, 10, 8, seed=1)
     return train_surrogate_fresh(
         model,
         pool,
-        label,
+        label or default_label,
         steps=steps,
         draws=4,
         batch_size=64,
@@ -71,31 +71,15 @@ def test_fresh_training_is_reproducible_and_resumes_to_the_same_weights(setting,
     torch.set_num_threads(1)
     whole, _ = _fit(setting, 20)
     ckpt = tmp_path / "fresh.ckpt"
+    label = setting[3]
+
+    def interrupted(x, offset):
+        if offset >= 15 * 64:  # after the step-10 checkpoint
+            raise KeyboardInterrupt
+        return label(x, offset)
+
     with pytest.raises(KeyboardInterrupt):
-        pool, val_x, val_counts, label, _ = setting
-        done = []
-
-        def interrupted(x, offset):
-            if offset >= 15 * 64:  # after the step-10 checkpoint
-                raise KeyboardInterrupt
-            done.append(offset)
-            return label(x, offset)
-
-        train_surrogate_fresh(
-            build_model("cnn-small", 1, 10, 8, seed=1),
-            pool,
-            interrupted,
-            steps=20,
-            draws=4,
-            batch_size=64,
-            lr=3e-3,
-            seed=0,
-            val_images=val_x,
-            val_counts=val_counts,
-            eval_every=10,
-            show_progress=False,
-            checkpoint=ckpt,
-        )
+        _fit(setting, 20, checkpoint=ckpt, label=interrupted)
     assert ckpt.exists()
     resumed, history = _fit(setting, 20, checkpoint=ckpt)
     assert history["eval_steps"] == [10, 20]
