@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 
-def compare_on(workdir: Path, repeats: int) -> dict:
-    """compare_rules over every rule on ``workdir``'s rule-selection inputs."""
+def compare_on(workdir: Path, repeats: int, at_selection_size: bool = False) -> dict:
+    """compare_rules over every rule on ``workdir``'s rule-selection inputs, each calibrate part
+    resampled to the work folder's calibration size unless ``at_selection_size``."""
     from rrise.calibrate.calibrating import selection_data
     from rrise.calibrate.rules import compare_rules
     from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
@@ -37,6 +38,7 @@ def compare_on(workdir: Path, repeats: int) -> dict:
         beta=p.beta,
         repeats=repeats,
         seed=config.seed,
+        deploy_m=None if at_selection_size else len(w.splits()["calibration"]),
     )
     result["workdir"] = str(workdir)
     result["profile"] = p.name
@@ -49,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--out", type=Path, help="write the comparison here as JSON")
+    ap.add_argument(
+        "--at-selection-size",
+        action="store_true",
+        help="calibrate each split on its own part (as before the resampling to the calibration size)",
+    )
     args = ap.parse_args(argv)
-    result = compare_on(args.workdir, args.repeats)
+    result = compare_on(args.workdir, args.repeats, args.at_selection_size)
     radii = result["radii"]
     print(f"{result['split']}; α = {result['alpha']}, N = {result['n_mc']}")
     print(f"{'rule':<18}" + "".join(f"r={r:<6g}" for r in radii) + "  ACR    abstain  miss")

@@ -82,6 +82,7 @@ def stage_select_rule(w: Workdir, resume: bool = True) -> list[Path]:
         alpha=p.alphas[0],
         beta=p.beta,
         seed=w.config.seed,
+        deploy_m=len(w.splits()["calibration"]),
     )
     atomic_write_json(out, result)
     w.log(f"[select-rule] winner on the selection split: {result['winner']}")

@@ -152,9 +152,15 @@ def compare_rules(
     seed: int = 0,
     fit_share: float = 0.25,
     calibrate_share: float = 0.5,
+    deploy_m: int | None = None,
 ) -> dict[str, Any]:
     """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits of
     SELECTION inputs (``probs``: surrogate outputs, ``counts``: fresh MC with ``n_mc`` draws, ``labels``).
+
+    ``deploy_m``: the calibration size the chosen rule will get. A calibrate part smaller than that
+    is resampled with replacement to ``deploy_m`` inputs, so that each rule is compared at the
+    quantile level (and, for bins, the bin count) it will run at: the finite-sample index of a
+    smaller part sits higher and would penalize the rules that split their budget.
 
     Per rule also ACR, abstain rate and miss rate (test inputs whose p̃ exceeds their own MC lower
     bound p̲, which the conformal step bounds by α in expectation); a rule that cannot run at this
@@ -168,10 +174,14 @@ def compare_rules(
     if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
         raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
     settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
+    resample = deploy_m is not None and deploy_m > n_cal
     splits = []
     for _ in range(repeats):
         perm = rng.permutation(n)
-        splits.append((perm[:n_fit], perm[n_fit : n_fit + n_cal], perm[n_fit + n_cal :]))
+        cal = perm[n_fit : n_fit + n_cal]
+        if resample:
+            cal = rng.choice(cal, size=deploy_m, replace=True)
+        splits.append((perm[:n_fit], cal, perm[n_fit + n_cal :]))
     runs, errors = _run_splits(rules, splits, p, k, y, settings, radii)
     table = {
         r.name: {"rule": r.describe(), "error": errors[r.name]}
@@ -190,7 +200,10 @@ def compare_rules(
         "beta": beta,
         "n_mc": n_mc,
         "inputs": n,
-        "split": f"{repeats} random splits: fit {n_fit}, calibrate {n_cal}, test {n - n_fit - n_cal}",
+        "split": f"{repeats} random splits: fit {n_fit}, calibrate {n_cal}"
+        + (f" (resampled to m = {deploy_m})" if resample else "")
+        + f", test {n - n_fit - n_cal}",
+        "deploy_m": deploy_m,
         "criterion": "simplest rule within one paired standard error of the best mean certified accuracy",
         "radii": list(radii),
         "rules": table,

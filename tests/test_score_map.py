@@ -185,3 +185,34 @@ def test_cli_rule_names_mirror_the_rules():
     from rrise.cli import RuleName
 
     assert {r.value for r in RuleName} == {r.name for r in RULES}
+
+
+def test_compare_rules_at_the_deployment_calibration_size(monkeypatch):
+    """A calibrate part smaller than the deployment's m is resampled to m, so each rule is scored at
+    the quantile index and bin count it will run at, not at the part's own (higher) index."""
+    import rrise.calibrate.rules as rules_mod
+
+    sizes: list[int] = []
+    real = rules_mod.conformalize
+
+    def spy(spec, p, k):
+        sizes.append(len(p))
+        return real(spec, p, k)
+
+    monkeypatch.setattr(rules_mod, "conformalize", spy)
+    rng = np.random.default_rng(7)
+    probs, counts, _ = _draw(rng, 400)
+    labels = np.zeros(400, dtype=int)
+    kw = dict(n_mc=N_MC, sigma=SIGMA, alpha=0.01, beta=BETA, repeats=5, seed=0)
+    own = compare_rules(probs, counts, labels, **kw)
+    assert set(sizes) == {200} and "resampled" not in own["split"]
+    sizes.clear()
+    deploy = compare_rules(probs, counts, labels, deploy_m=3000, **kw)
+    assert set(sizes) == {3000} and "resampled to m = 3000" in deploy["split"]
+    assert deploy["deploy_m"] == 3000
+    # 200 calibration inputs at α = 0.01 leave room for one bin only; 3,000 for four
+    assert own["rules"]["bins"]["certified_accuracy"] == own["rules"]["single"]["certified_accuracy"]
+    assert deploy["rules"]["bins"]["certified_accuracy"] != deploy["rules"]["single"]["certified_accuracy"]
+    sizes.clear()
+    compare_rules(probs, counts, labels, deploy_m=150, **kw)  # a larger part is never cut down
+    assert set(sizes) == {200}
