@@ -92,10 +92,11 @@ QUICK = replace(
     base_epochs=3,
     n_targets=3_000,
     target_draws=64,
-    # 1,000 rule-selection inputs (1.0M evaluations): with 400 the fit part (100) was too small for
-    # the score maps and the comparison's noise picked a rule that lost 6.5 points at r = 0 on test.
-    n_selection=1_000,
-    n_rule=1_000,
+    # Every selection input gets rule-selection MC (0.5M evaluations; 400 left a fit part of 100, too
+    # few for the finest score map). More selection inputs would take images from calibration when
+    # `rrise build` scales the splits to a small data set.
+    n_selection=500,
+    n_rule=500,
     surrogate_epochs=4,
     m=500,
     n_cal=1_000,
