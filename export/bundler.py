@@ -204,8 +204,8 @@ def _check_build_inputs(
         raise ValueError(
             f"the calibration quantile is {calibration.quantile}: every certificate would abstain "
             "(more than an α share of the calibration inputs got no Monte Carlo vote for the "
-            "surrogate's class; a surrogate that follows the base model more closely, e.g. another "
-            "--surrogate-arch, more calibration images or a larger α would help)"
+            "surrogate's class; a surrogate that follows the base model more closely, more "
+            "calibration images or a larger α would help)"
         )
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3 or min(shape) < 1:
