@@ -4,25 +4,59 @@ They import the CLI only once they run, inside a ``KeyboardInterrupt`` guard: a 
 first fraction of a second (while numpy, typer and the commands load) ends with one line,
 "interrupted before the command started; nothing was done", and exit status 130, not a traceback.
 ``import rrise`` itself loads only the version, so the guard is in place before anything heavy.
-Once the CLI has loaded, :func:`rrise.cli.main` and each command handle Ctrl-C themselves.
+Once the CLI has loaded, :func:`rrise.cli.main` and each command handle Ctrl-C themselves; once
+the command has ended (its result written), a late Ctrl-C no longer cuts the exit short.
+
+An interrupted run exits with status 130 at once (:func:`os._exit`, streams flushed). Under
+``python -m``, CPython remembers a KeyboardInterrupt that passed through code run by ``exec`` of a
+string (dataclasses and namedtuples are made that way, also while a module loads) and, however the
+program then exits, kills itself by SIGINT at the very end: the status would not be the 130 promised.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from collections.abc import Callable
 
 __all__ = ["INTERRUPTED", "entry", "export_entry"]
 
 INTERRUPTED = "error: interrupted before the command started; nothing was done\n"
 
 
+def _exit_now(status: int) -> None:
+    """Flush stdout and stderr, then end the process with ``status`` (no interpreter shutdown)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(status)
+
+
 def _interrupted() -> None:
     """Say that nothing was done and exit 130 (128 + SIGINT), without importing anything."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sys.stderr.write(INTERRUPTED)
-        sys.stderr.flush()
     finally:
-        raise SystemExit(130)
+        _exit_now(130)
+
+
+def _run(main: Callable[[], None]) -> None:
+    """Run a loaded CLI; when it ends, however it ends, ignore SIGINT for the rest of the exit.
+
+    An interrupted command (status 130, its message already written) exits at once."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 130:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _exit_now(130)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def entry() -> None:
@@ -31,7 +65,7 @@ def entry() -> None:
         from rrise.cli import main
     except KeyboardInterrupt:
         _interrupted()
-    main()
+    _run(main)
 
 
 def export_entry() -> None:
@@ -40,7 +74,7 @@ def export_entry() -> None:
         from rrise.export.cli import main
     except KeyboardInterrupt:
         _interrupted()
-    main()
+    _run(main)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,10 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+# Set when a command has said it was interrupted; typer turns any other Ctrl-C into a silent exit 130.
+_interrupt_reported: list[bool] = []
+
+
 def _messages_not_tracebacks(command: Callable[..., Any]) -> Callable[..., Any]:
     """For long-running commands: SDK logs on stderr, and SIGINT/SIGTERM before the command takes
     them over (while the bundle loads, the source opens…) end it with a message and exit 130."""
@@ -188,6 +192,7 @@ def _messages_not_tracebacks(command: Callable[..., Any]) -> Callable[..., Any]:
             with _logging_to_stderr():
                 return command(*args, **kwargs)
         except KeyboardInterrupt:
+            _interrupt_reported.append(True)
             raise _fail("interrupted: stopped before the end; every output opened was closed", 130) from None
         finally:
             if main_thread:
@@ -1037,11 +1042,16 @@ def optional_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
+    _interrupt_reported.clear()
     try:
         app(args=spread_vector_options(optional_values(args)), prog_name="rrise")
     except KeyboardInterrupt:  # Ctrl-C before a command started (e.g. while the CLI is built)
         typer.secho("error: interrupted before the command started; nothing was done", err=True, fg="red")
         raise SystemExit(130) from None
+    except SystemExit as exc:  # typer's own exit 130 on a Ctrl-C (parsing options, a short command)
+        if exc.code == 130 and not _interrupt_reported:
+            typer.secho("error: interrupted", err=True, fg="red")
+        raise
 
 
 @app.command()

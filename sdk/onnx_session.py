@@ -9,6 +9,7 @@ providers. Monte Carlo, which certifies the base model rather than a calibrated 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,26 @@ def _ort():
     try:
         import onnxruntime as ort
     except ImportError as exc:
+        if _interrupted(exc):  # a Ctrl-C while its extension loaded surfaces as an ImportError
+            raise KeyboardInterrupt from None
+        if importlib.util.find_spec("onnxruntime") is not None:
+            raise RuntimeError(f"onnxruntime is installed but does not load: {exc}") from exc
         raise RuntimeError(
             "onnxruntime is not installed: pip install 'rrise[runtime]' (onnxruntime-gpu for CUDA)"
         ) from exc
     return ort
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among ``exc``'s causes and contexts."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def providers_for(calibrated_with: str) -> list[str]:

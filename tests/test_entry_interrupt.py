@@ -87,3 +87,50 @@ def test_ctrl_c_0_2_s_after_start_is_a_message_not_a_traceback(how: str, run_arg
         assert proc.returncode == 130
     else:  # a fast machine: the command had started and stopped by itself, with its own message
         assert proc.returncode in (0, 1, 130), err
+
+
+EXEC_INTERRUPTED = """
+import sys
+from rrise.__main__ import _run
+
+
+def main():
+    try:
+        exec("raise KeyboardInterrupt")  # as a Ctrl-C inside a dataclass being made
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\\n")
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    {call}
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_an_interrupt_through_exec_still_exits_130_under_python_m(guarded: bool, tmp_path: Path) -> None:
+    call = "_run(main)" if guarded else "main()"
+    (tmp_path / "interrupted_cli.py").write_text(EXEC_INTERRUPTED.format(call=call))
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stderr == "error: interrupted\n"
+    # unguarded, CPython kills itself by SIGINT at exit (the control: the guard is what gives 130)
+    assert proc.returncode == (130 if guarded else -signal.SIGINT)
+
+
+def test_a_ctrl_c_typer_swallows_while_parsing_still_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer.core
+
+    from rrise.cli import main
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.core.TyperGroup, "make_context", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--help"])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"

@@ -414,3 +414,43 @@ def test_variants_calibrated_on_the_cpu_are_pinned_to_the_cpu_provider(with_vari
         "surrogate.int8.onnx": "onnxruntime-cpu",
         "surrogate.fp16.onnx": "onnxruntime-cpu",
     }
+
+
+def _import_failing(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise error
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_onnxruntime_that_fails_to_load_is_not_called_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rrise.onnx_session import providers_for
+
+    _import_failing(monkeypatch, ImportError("libonnxruntime.so: cannot open shared object file"))
+    with pytest.raises(RuntimeError, match="installed but does not load: libonnxruntime.so"):
+        providers_for("onnxruntime-cpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(RuntimeError, match="onnxruntime is not installed"):
+        providers_for("onnxruntime-cpu")
+
+
+def test_a_ctrl_c_while_onnxruntime_loads_stays_a_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rrise.onnx_session import providers_for
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as interrupt:
+        try:
+            raise ImportError("initialization failed") from interrupt
+        except ImportError as error:
+            failed = error
+    _import_failing(monkeypatch, failed)
+    with pytest.raises(KeyboardInterrupt):
+        providers_for("onnxruntime-cpu")
