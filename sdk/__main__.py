@@ -15,6 +15,7 @@ program then exits, kills itself by SIGINT at the very end: the status would not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -28,10 +29,8 @@ INTERRUPTED = "error: interrupted before the command started; nothing was done\n
 def _exit_now(status: int) -> None:
     """Flush stdout and stderr, then end the process with ``status`` (no interpreter shutdown)."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing reaches it
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
-            pass
     os._exit(status)
 
 
