@@ -116,6 +116,7 @@ def fill_count_store(
             split=split,
             backend=label,
             resume=resume,
+            clean=info.is_main,  # rank 0 may be writing its first shard while the others open it
         )
 
     store = dist.run_on_rank0_first(info, lambda: open_store(None) if info.is_main else None)

@@ -144,12 +144,15 @@ class CountStore:
         split: str,
         backend: str,
         resume: bool = True,
+        clean: bool = True,
     ) -> CountStore:
         """Create the store, or reopen it when every metadata field matches.
 
         A folder with other metadata raises :class:`StoreMismatchError` naming the first field that
         differs (with ``resume=False`` it is removed and started over instead). Leftover temporary
-        files of an interrupted run are removed.
+        files of an interrupted run are removed, unless ``clean=False``: a process that opens a
+        store another one may already be writing (the other ranks of a multi-process run) must not
+        take that writer's temporary files for leftovers.
         """
         path = Path(path)
         index = np.ascontiguousarray(np.asarray(index, dtype=np.int64))
@@ -176,7 +179,7 @@ class CountStore:
         }
         _check_existing(path, meta, resume)
         path.mkdir(parents=True, exist_ok=True)
-        for stale in (*path.glob(".tmp.*"), *path.glob(".*.tmp-*")):  # (the second: older versions)
+        for stale in (*path.glob(".tmp.*"), *path.glob(".*.tmp-*")) if clean else ():  # 2nd: older versions
             stale.unlink(missing_ok=True)
         if not (path / "meta.json").exists():
             atomic_write_bytes(path / "index.npy", index_bytes)

@@ -101,6 +101,16 @@ def test_stale_temporary_files_are_cleaned_on_open(tmp_path):
     assert again.missing() == [0, 1, 2] and not list(s.path.glob(".*"))
 
 
+def test_a_second_writer_opening_the_store_leaves_the_first_ones_temporary_files(tmp_path):
+    s = _open(tmp_path / "s")
+    writing = s.path / ".tmp.shard-00000.npy.abc123"  # rank 0, half-way through its first shard
+    writing.write_bytes(b"half a shard")
+    _open(tmp_path / "s", clean=False)  # another rank joins
+    assert writing.exists()
+    _open(tmp_path / "s")  # a later run: now it is a leftover
+    assert not writing.exists()
+
+
 def test_fill_store_is_independent_of_sharding(tmp_path):
     from torch import nn
 
