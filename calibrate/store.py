@@ -179,8 +179,9 @@ class CountStore:
         }
         _check_existing(path, meta, resume)
         path.mkdir(parents=True, exist_ok=True)
-        for stale in (*path.glob(".tmp.*"), *path.glob(".*.tmp-*")) if clean else ():  # 2nd: older versions
-            stale.unlink(missing_ok=True)
+        if clean:
+            for stale in (*path.glob(".tmp.*"), *path.glob(".*.tmp-*")):  # (the second: older versions)
+                stale.unlink(missing_ok=True)
         if not (path / "meta.json").exists():
             atomic_write_bytes(path / "index.npy", index_bytes)
             atomic_write_bytes(path / "meta.json", _json_bytes(meta))

@@ -27,7 +27,9 @@ INTERRUPTED = "error: interrupted before the command started; nothing was done\n
 
 
 def _exit_now(status: int) -> None:
-    """Flush stdout and stderr, then end the process with ``status`` (no interpreter shutdown)."""
+    """Ignore SIGINT, flush stdout and stderr, then end the process with ``status`` (no interpreter
+    shutdown)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing reaches it
             stream.flush()
@@ -36,7 +38,6 @@ def _exit_now(status: int) -> None:
 
 def _interrupted() -> None:
     """Say that nothing was done and exit 130 (128 + SIGINT), without importing anything."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sys.stderr.write(INTERRUPTED)
     finally:
@@ -51,7 +52,6 @@ def _run(main: Callable[[], None]) -> None:
         main()
     except SystemExit as exc:
         if exc.code == 130:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _exit_now(130)
         raise
     finally:

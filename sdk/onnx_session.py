@@ -29,7 +29,7 @@ def _ort():
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        if _interrupted(exc):  # a Ctrl-C while its extension loaded surfaces as an ImportError
+        if _caused_by_ctrl_c(exc):  # a Ctrl-C while its extension loaded surfaces as an ImportError
             raise KeyboardInterrupt from None
         if importlib.util.find_spec("onnxruntime") is not None:
             raise RuntimeError(f"onnxruntime is installed but does not load: {exc}") from exc
@@ -39,7 +39,7 @@ def _ort():
     return ort
 
 
-def _interrupted(exc: BaseException) -> bool:
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
     """Whether a KeyboardInterrupt is among ``exc``'s causes and contexts."""
     seen: set[int] = set()
     cur: BaseException | None = exc
