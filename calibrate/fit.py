@@ -106,9 +106,10 @@ def fresh_pool(w: Workdir) -> np.ndarray:
     return np.setdiff1d(np.arange(len(w.data("train"))), taken)
 
 
-def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path):
+def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: int, draws: int):
     """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
-    (``base.onnx`` on onnxruntime) labelling each step's images; records its evaluations."""
+    (``base.onnx`` on onnxruntime) labelling each step's images with ``draws`` draws each, for
+    ``steps`` steps; records its evaluations."""
     from rrise.fileio import atomic_write_json
 
     from .counts import prepare_base_model
@@ -118,16 +119,14 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path):
 
     ds, p = w.data("train"), w.prof
     pool = IndexedRows(ds.images, fresh_pool(w))
-    base, _ = prepare_base_model(
-        w, "onnxruntime", "cpu", pool[:1], p.fresh_steps * p.fresh_batch * p.fresh_draws
-    )
+    base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], steps * p.fresh_batch * draws)
     seed = 1000 * w.config.seed + FRESH_SEED_STREAM
 
     def label(x: np.ndarray, offset: int) -> np.ndarray:
         return sample_counts(
             base,
             x,
-            p.fresh_draws,
+            draws,
             w.config.sigma,
             batch_size=p.batch_size,
             num_classes=len(ds.classes),
@@ -139,19 +138,19 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path):
         model,
         pool,
         label,
-        steps=p.fresh_steps,
-        draws=p.fresh_draws,
+        steps=steps,
+        draws=draws,
         batch_size=min(p.fresh_batch, len(pool)),  # a small user data set: every image, every step
         seed=w.config.seed,
         val_images=val_images,
         val_counts=val_counts,
-        eval_every=max(1, p.fresh_steps // 8),
+        eval_every=max(1, steps // 8),
         show_progress=w.show_progress,
         checkpoint=ckpt,
     )
     cost = {
-        "fresh_steps": p.fresh_steps,
-        "fresh_draws": p.fresh_draws,
+        "fresh_steps": steps,
+        "fresh_draws": draws,
         "fresh_batch": min(p.fresh_batch, len(pool)),
     }
     atomic_write_json(w.path(FRESH_COST), {"base_evaluations": history["base_evaluations"], **cost})
@@ -159,9 +158,18 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path):
 
 
 def _fit_surrogate(
-    w: Workdir, loss: str, stem: str, arch: str | None = None, augment: str | None = None
+    w: Workdir,
+    loss: str,
+    stem: str,
+    arch: str | None = None,
+    augment: str | None = None,
+    steps: int | None = None,
+    draws: int | None = None,
 ) -> list[Path]:
-    """Train a surrogate on the MC targets, checkpointed every epoch and resumed after a crash."""
+    """Train a surrogate on the MC targets, checkpointed every epoch and resumed after a crash.
+
+    Fresh targets (``loss="ce"``) run for ``steps`` steps with ``draws`` draws per image, each
+    defaulting to the profile's; ``steps`` given turns them on where the profile fits a fixed store."""
     from rrise.export.onnx_export import export_onnx
 
     from .models import save_model
@@ -174,13 +182,15 @@ def _fit_surrogate(
     default = w.config.user.get("surrogate_arch", "auto") if w.is_user else p.surrogate_arch
     model, arch = _initial_surrogate(w, arch or default)
     ckpt = w.path(f"{stem}.ckpt")
-    if loss == "ce" and p.fresh_steps > 0:
+    steps = p.fresh_steps if steps is None else steps
+    if loss == "ce" and steps > 0:
         if augment != "none":
             w.log(
                 f"[train-surrogate] fresh targets label the images as drawn: augment {augment!r} is not used"
             )
             augment = "none"
-        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt)
+        draws = p.fresh_draws if draws is None else draws
+        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, steps, draws)
     else:
         if loss == "ce":
             w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
@@ -211,13 +221,21 @@ def _fit_surrogate(
     return [w.path(f"{stem}.pt"), w.path(f"{stem}.onnx")]
 
 
-def stage_train_surrogate(w: Workdir, arch: str | None = None, augment: str | None = None) -> list[Path]:
+def stage_train_surrogate(
+    w: Workdir,
+    arch: str | None = None,
+    augment: str | None = None,
+    steps: int | None = None,
+    draws: int | None = None,
+) -> list[Path]:
     """Fit the surrogate to counts/N (soft-label cross-entropy), selected by held-out KL.
 
     ``arch``: ``base`` (start from the base model's weights, the profile's default) or a fresh
-    network (``cnn``, ``cnn-small``); ``augment``: see :data:`rrise.calibrate.train.AUGMENTATIONS`.
+    network (``cnn``, ``cnn-small``); ``augment``: see :data:`rrise.calibrate.train.AUGMENTATIONS`;
+    ``steps``/``draws``: fresh-target training steps and draws per image (default: the profile's;
+    ``steps=0`` fits the fixed target store instead).
     """
-    return _fit_surrogate(w, "ce", "surrogate", arch, augment)
+    return _fit_surrogate(w, "ce", "surrogate", arch, augment, steps, draws)
 
 
 def stage_train_baseline(w: Workdir) -> list[Path]:

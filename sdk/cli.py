@@ -353,6 +353,18 @@ def train_surrogate(
         AugmentName | None,
         typer.Option(help="Augment training inputs (the targets stay the clean image's): default none."),
     ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Fresh-target training steps (default: the profile's; 0 fits the fixed `rrise "
+            "targets` store). Each costs batch × draws base-model evaluations.",
+        ),
+    ] = None,
+    draws: Annotated[
+        int | None,
+        typer.Option(min=1, help="Fresh base-model draws per image and step (default: the profile's)."),
+    ] = None,
     dataset: DatasetOpt = None,
     profile: ProfileOpt = None,
     sigma: SigmaOpt = None,
@@ -368,10 +380,11 @@ def train_surrogate(
     the `rrise targets` store. Checkpointed as it goes: run it again after a crash and it resumes
     where it stopped.
 
-    Example: `rrise train-surrogate --workdir runs/fmnist --arch cnn-small --augment shift`
+    Example: `rrise train-surrogate --workdir runs/fmnist --steps 6000 --draws 16`
     """
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
-    options = {k: v for k, v in {"arch": arch, "augment": augment and augment.value}.items() if v}
+    named = {"arch": arch, "augment": augment and augment.value, "steps": steps, "draws": draws}
+    options = {k: v for k, v in named.items() if v is not None}
     for path in _run_stage(w, "train-surrogate", force=force, **options):
         typer.echo(str(path))
 
