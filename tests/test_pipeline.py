@@ -272,6 +272,33 @@ def test_retrained_surrogate_is_never_mixed_with_the_old_calibration(digits_demo
     assert bundle.manifest["calibration"]["surrogate_sha256"] == new == _sha(work / "bundle/surrogate.onnx")
 
 
+def test_train_surrogate_steps_and_draws_set_the_fresh_targets_and_their_cost(digits_demo, tmp_path):
+    work = _copy(digits_demo[0], tmp_path / "w")
+    common = ["--workdir", str(work), "--no-progress"]
+    assert not (work / "surrogate_cost.json").exists()  # the digits profile fits its fixed store
+    result = runner.invoke(app, ["train-surrogate", *common, "--steps", "3", "--draws", "2"])
+    assert result.exit_code == 0, result.output
+    cost = json.loads((work / "surrogate_cost.json").read_text())
+    batch = cost["fresh_batch"]
+    assert (cost["fresh_steps"], cost["fresh_draws"]) == (3, 2) and 0 < batch <= 128
+    assert cost["base_evaluations"] == 3 * batch * 2
+    history = torch_load_meta(work / "surrogate.pt")["history"]
+    assert history["eval_steps"][-1] == 3 and history["base_evaluations"] == 3 * batch * 2
+    # --steps 0: back to the fixed target store
+    again = runner.invoke(app, ["train-surrogate", *common, "--steps", "0"])
+    assert again.exit_code == 0, again.output
+    assert not (work / "surrogate_cost.json").exists()  # a fixed-store fit has no fresh draws
+    assert "eval_steps" not in torch_load_meta(work / "surrogate.pt")["history"]
+    bad = runner.invoke(app, ["train-surrogate", *common, "--draws", "0"])
+    assert bad.exit_code == 2 and "--draws" in bad.output
+
+
+def torch_load_meta(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True, map_location="cpu")["meta"]
+
+
 def test_retrained_base_model_makes_everything_made_from_it_stale(digits_demo, tmp_path, monkeypatch):
     from rrise.calibrate import train
     from rrise.calibrate.pipeline import StageNotReady, run_stage
