@@ -6,6 +6,10 @@ random fit / calibrate / test parts by :func:`rrise.calibrate.rules.compare_rule
 a new rule on an existing run without redoing its Monte Carlo::
 
     python -m benchmarks.rules_on_selection --workdir runs/full-small-s0.25 --out rules.json
+
+``--surrogate A.onnx [--surrogate B.onnx …]`` measures other surrogates of the same base model on the
+same inputs (several: an ensemble, their probabilities averaged), with their held-out KL against the
+selection targets: how a surrogate lever is judged before any calibration input is touched.
 """
 
 from __future__ import annotations
@@ -14,10 +18,34 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 
-def compare_on(workdir: Path, repeats: int, at_selection_size: bool = False) -> dict:
+
+def ensemble_probs(surrogates: list[Path], images: np.ndarray) -> np.ndarray:
+    """The mean of the surrogates' probabilities (fp32 onnxruntime, as calibrated) on ``images``."""
+    from rrise.calibrate.calibrating import surrogate_probs
+
+    return np.mean([surrogate_probs(s, images) for s in surrogates], axis=0)
+
+
+def selection_kl(w, surrogates: list[Path]) -> float:
+    """Mean KL(counts/N ‖ ŝ) in nats over the selection split's target store (the surrogate
+    stage's own held-out measure), for the averaged ``surrogates``."""
+    from rrise.calibrate.counts import TARGET_STORES, load_store_counts
+
+    index, counts = load_store_counts(w, TARGET_STORES["selection"])
+    t = counts / counts.sum(axis=1, keepdims=True)
+    q = np.clip(ensemble_probs(surrogates, w.data("train").images[index]), 1e-30, None)
+    terms = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - np.log(q)), 0.0)
+    return float(terms.sum(axis=1).mean())
+
+
+def compare_on(
+    workdir: Path, repeats: int, at_selection_size: bool = False, surrogates: list[Path] | None = None
+) -> dict:
     """compare_rules over every rule on ``workdir``'s rule-selection inputs, each calibrate part
-    resampled to the work folder's calibration size unless ``at_selection_size``."""
+    resampled to the work folder's calibration size unless ``at_selection_size``; with
+    ``surrogates``, on their averaged probabilities instead of the folder's surrogate."""
     from rrise.calibrate.calibrating import selection_data
     from rrise.calibrate.rules import compare_rules
     from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
@@ -27,6 +55,12 @@ def compare_on(workdir: Path, repeats: int, at_selection_size: bool = False) -> 
     data = selection_data(w)
     if "counts" not in data:
         raise SystemExit(f"{workdir} has no rule-selection counts yet: run its select-rule stage first")
+    surrogates = surrogates or [w.path("surrogate.onnx")]
+    if surrogates != [w.path("surrogate.onnx")]:
+        from rrise.calibrate.counts import RULE_STORE, load_store_counts
+
+        rule_index = load_store_counts(w, RULE_STORE)[0]
+        data["probs"] = ensemble_probs(surrogates, w.data("train").images[rule_index])
     p = w.prof
     result = compare_rules(
         data["probs"],
@@ -41,6 +75,8 @@ def compare_on(workdir: Path, repeats: int, at_selection_size: bool = False) -> 
         deploy_m=None if at_selection_size else len(w.splits()["calibration"]),
     )
     result["workdir"] = str(workdir)
+    result["surrogates"] = [str(s) for s in surrogates]
+    result["selection_kl"] = round(selection_kl(w, surrogates), 5)
     result["profile"] = p.name
     result["sigma"] = config.sigma
     return result
@@ -56,10 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="calibrate each split on its own part (as before the resampling to the calibration size)",
     )
+    ap.add_argument(
+        "--surrogate",
+        type=Path,
+        action="append",
+        help="a surrogate ONNX of the same base model to measure instead of the folder's; repeat it "
+        "for an ensemble (probabilities averaged)",
+    )
     args = ap.parse_args(argv)
-    result = compare_on(args.workdir, args.repeats, args.at_selection_size)
+    result = compare_on(args.workdir, args.repeats, args.at_selection_size, args.surrogate)
     radii = result["radii"]
     print(f"{result['split']}; α = {result['alpha']}, N = {result['n_mc']}")
+    print(f"selection KL {result['selection_kl']:.5f} ({', '.join(result['surrogates'])})")
     print(f"{'rule':<18}" + "".join(f"r={r:<6g}" for r in radii) + "  ACR    abstain  miss")
     for name, row in result["rules"].items():
         if "error" in row:
