@@ -18,7 +18,14 @@ import numpy as np
 from rrise.calibration import Calibration, CalibrationSpec, conformalize
 from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz
 
-from .counts import CALIBRATION_STORE, CAP_STORE, RULE_STORE, fill_count_store, load_store_counts
+from .counts import (
+    CALIBRATION_STORE,
+    CAP_STORE,
+    RULE_CAP_STORE,
+    RULE_STORE,
+    fill_count_store,
+    load_store_counts,
+)
 from .provenance import StageNotReady, file_sha256
 from .workdir import Workdir
 
@@ -50,18 +57,23 @@ def surrogate_probs(onnx_path: Path, images: np.ndarray) -> np.ndarray:
 def selection_data(w: Workdir) -> dict[str, np.ndarray]:
     """What calibration rules are fitted on, all from the selection split: ``bin_probs`` (the
     surrogate on every selection input: bin edges need only ŝ) and, once ``select-rule`` has sampled
-    them, ``probs``, ``counts`` (full-size MC) and ``labels`` of the rule-selection inputs."""
+    them, ``index``, ``probs``, ``counts`` (full-size MC) and ``labels`` of the rule-selection inputs."""
     ds = w.data("train")
     surrogate = w.path("surrogate.onnx")
     out = {"bin_probs": surrogate_probs(surrogate, ds.images[w.splits()["selection"]])}
     if w.prof.n_rule and (w.path(RULE_STORE) / "manifest.json").exists():
         index, counts = load_store_counts(w, RULE_STORE)
-        out.update(probs=surrogate_probs(surrogate, ds.images[index]), counts=counts, labels=ds.labels[index])
+        probs = surrogate_probs(surrogate, ds.images[index])
+        out.update(index=index, probs=probs, counts=counts, labels=ds.labels[index])
     return out
 
 
-def stage_select_rule(w: Workdir, resume: bool = True) -> list[Path]:
-    """Choose the calibration rule on the selection split (full-size MC there; never calibration)."""
+def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = True) -> list[Path]:
+    """Choose the calibration rule on the selection split (full-size MC there; never calibration).
+
+    ``cap_draws`` (default: the profile's; 0 = off): the rules are compared as `rrise calibrate
+    --cap-draws` will run them, the rule-selection inputs whose N_cal draws all fell on one class
+    getting that many more (:func:`cap_stage_counts`, a store of their own)."""
     from .rules import compare_rules
 
     p = w.prof
@@ -71,8 +83,12 @@ def stage_select_rule(w: Workdir, resume: bool = True) -> list[Path]:
             out, {"winner": "single", "note": f"profile {p.name!r} has no rule-selection inputs"}
         )
         return [out]
+    n2 = _cap_draws(w, cap_draws)
     fill_count_store(w, RULE_STORE, w.splits()["rules"], p.n_cal, "rules", "train", resume)
     data = selection_data(w)
+    cap_counts = None
+    if n2:
+        cap_counts = cap_stage_counts(w, data["index"], data["counts"], n2, resume, RULE_CAP_STORE)
     result = compare_rules(
         data["probs"],
         data["counts"],
@@ -83,6 +99,8 @@ def stage_select_rule(w: Workdir, resume: bool = True) -> list[Path]:
         beta=p.beta,
         seed=w.config.seed,
         deploy_m=len(w.splits()["calibration"]),
+        cap_counts=cap_counts,
+        cap_draws=n2 or None,
     )
     atomic_write_json(out, result)
     w.log(f"[select-rule] winner on the selection split: {result['winner']}")
@@ -165,9 +183,7 @@ def stage_calibrate(
     # MC is the expensive half: its store is kept (and resumed) across re-calibrations
     fill_count_store(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train", resume)
     index, counts = load_store_counts(w, CALIBRATION_STORE)
-    n2 = p.cap_draws if cap_draws is None else int(cap_draws)
-    if n2 and n2 <= p.n_cal:
-        raise ValueError(f"cap_draws ({n2}) must exceed the profile's N_cal ({p.n_cal}), or be 0 (off)")
+    n2 = _cap_draws(w, cap_draws)
     cap_counts = cap_stage_counts(w, index, counts, n2, resume) if n2 else None
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[index])
     rule = rule or chosen_rule(w)
@@ -183,17 +199,33 @@ def stage_calibrate(
     return [w.path("calibration.npz"), w.path("calibration.json")]
 
 
-def cap_stage_counts(w: Workdir, index: np.ndarray, counts: np.ndarray, n2: int, resume: bool) -> np.ndarray:
+def _cap_draws(w: Workdir, cap_draws: int | None) -> int:
+    """The second-stage draws at the cap (the profile's unless given; 0 = off), checked."""
+    p = w.prof
+    n2 = p.cap_draws if cap_draws is None else int(cap_draws)
+    if n2 and n2 <= p.n_cal:
+        raise ValueError(f"cap_draws ({n2}) must exceed the profile's N_cal ({p.n_cal}), or be 0 (off)")
+    return n2
+
+
+# Each store of second-stage draws has its own seed stream, independent of every first stage.
+_CAP_STREAMS = {CAP_STORE: "cap", RULE_CAP_STORE: "rules-cap"}
+
+
+def cap_stage_counts(
+    w: Workdir, index: np.ndarray, counts: np.ndarray, n2: int, resume: bool, store: str = CAP_STORE
+) -> np.ndarray:
     """Second-stage counts at the cap, aligned with ``index``: ``n2`` fresh draws (their own seed
-    stream, so independent of the first stage) on every calibration input whose N_cal draws all fell
-    on one class, zeros elsewhere. Which inputs get them depends on the counts alone, never on the
-    surrogate, so the store stays valid for every surrogate and precision variant."""
+    stream, so independent of the first stage) on every input of ``index`` (calibration inputs, or
+    with ``store=RULE_CAP_STORE`` the rule-selection ones) whose N_cal draws all fell on one class,
+    zeros elsewhere. Which inputs get them depends on the counts alone, never on the surrogate, so
+    the store stays valid for every surrogate and precision variant."""
     at_cap = counts.max(axis=1) == w.prof.n_cal
     out = np.zeros_like(counts)
     if not at_cap.any():
         return out
-    fill_count_store(w, CAP_STORE, index[at_cap], n2, "cap", "train", resume)
-    index2, counts2 = load_store_counts(w, CAP_STORE)
+    fill_count_store(w, store, index[at_cap], n2, _CAP_STREAMS[store], "train", resume)
+    index2, counts2 = load_store_counts(w, store)
     row = {int(i): r for r, i in enumerate(index)}
     out[[row[int(i)] for i in index2]] = counts2
     return out

@@ -20,6 +20,7 @@ __all__ = [
     "CALIBRATION_STORE",
     "CAP_STORE",
     "REFERENCE_STORE",
+    "RULE_CAP_STORE",
     "RULE_STORE",
     "TARGET_STORES",
     "fill_count_store",
@@ -36,6 +37,8 @@ CALIBRATION_STORE = "calibration_counts"  # `rrise calibrate`: N_cal draws on th
 # `rrise calibrate` with cap draws: N₂ more draws on the calibration inputs whose N_cal all fell on one class
 CAP_STORE = "calibration_cap_counts"
 RULE_STORE = "selection_counts"  # `rrise select-rule`: N_cal draws on the rule-selection inputs
+# `rrise select-rule` with cap draws: N₂ more draws on the rule-selection inputs at the cap
+RULE_CAP_STORE = "selection_cap_counts"
 REFERENCE_STORE = "reference_counts"  # `rrise reference`: N_ref draws on the first test inputs
 
 

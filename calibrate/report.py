@@ -253,7 +253,7 @@ def one_time_evaluations(w: Workdir) -> dict[str, int]:
     count store the product needs (surrogate targets and their selection split, rule selection,
     calibration) and the fresh draws of surrogate training (``FRESH_COST``). Cohen's baseline and
     the reference are evaluation, not part of the product's cost, and are left out."""
-    from .counts import CALIBRATION_STORE, CAP_STORE, RULE_STORE, TARGET_STORES
+    from .counts import CALIBRATION_STORE, CAP_STORE, RULE_CAP_STORE, RULE_STORE, TARGET_STORES
     from .fit import FRESH_COST
 
     out: dict[str, int] = {}
@@ -261,6 +261,7 @@ def one_time_evaluations(w: Workdir) -> dict[str, int]:
         ("surrogate targets", TARGET_STORES["targets"]),
         ("surrogate selection", TARGET_STORES["selection"]),
         ("rule selection", RULE_STORE),
+        ("rule selection at the cap", RULE_CAP_STORE),
         ("calibration", CALIBRATION_STORE),
         ("calibration at the cap", CAP_STORE),
     ):

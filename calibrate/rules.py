@@ -14,7 +14,7 @@ target radii wins.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -153,6 +153,8 @@ def compare_rules(
     fit_share: float = 0.25,
     calibrate_share: float = 0.5,
     deploy_m: int | None = None,
+    cap_counts: np.ndarray | None = None,
+    cap_draws: int | None = None,
 ) -> dict[str, Any]:
     """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits of
     SELECTION inputs (``probs``: surrogate outputs, ``counts``: fresh MC with ``n_mc`` draws, ``labels``).
@@ -161,6 +163,11 @@ def compare_rules(
     is resampled with replacement to ``deploy_m`` inputs, so that each rule is compared at the
     quantile level (and, for bins, the bin count) it will run at: the finite-sample index of a
     smaller part sits higher and would penalize the rules that split their budget.
+
+    ``cap_counts`` (``[n, K]``, ``cap_draws`` further draws on each input whose ``n_mc`` draws all
+    fell on one class, zeros elsewhere): the rules are calibrated with the two-stage bound, as
+    `rrise calibrate --cap-draws` runs them, and tested against it. The rules' own choices (maps,
+    scales) are fitted on the first-stage counts.
 
     Per rule also ACR, abstain rate and miss rate (test inputs whose p̃ exceeds their own MC lower
     bound p̲, which the conformal step bounds by α in expectation); a rule that cannot run at this
@@ -174,6 +181,7 @@ def compare_rules(
     if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
         raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
     settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
+    cap = None if cap_draws is None else (cap_draws, np.asarray(cap_counts))
     resample = deploy_m is not None and deploy_m > n_cal
     splits = []
     for _ in range(repeats):
@@ -182,7 +190,7 @@ def compare_rules(
         if resample:
             cal = rng.choice(cal, size=deploy_m, replace=True)
         splits.append((perm[:n_fit], cal, perm[n_fit + n_cal :]))
-    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii)
+    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii, cap)
     table = {
         r.name: {"rule": r.describe(), "error": errors[r.name]}
         if r.name in errors
@@ -204,6 +212,7 @@ def compare_rules(
         + (f" (resampled to m = {deploy_m})" if resample else "")
         + f", test {n - n_fit - n_cal}",
         "deploy_m": deploy_m,
+        "cap_draws": cap_draws,
         "criterion": "simplest rule within one paired standard error of the best mean certified accuracy",
         "radii": list(radii),
         "rules": table,
@@ -219,17 +228,22 @@ def _run_splits(
     y: np.ndarray,
     settings: dict[str, Any],
     radii: tuple[float, ...],
+    cap: tuple[int, np.ndarray] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """Each rule fitted, calibrated and tested on every (fit, calibrate, test) split; a rule that
-    raises ValueError (too few inputs per bin, say) is dropped with its reason."""
-    p_low = mc_lower_bounds(k, p.argmax(axis=1), settings["n_mc"], settings["beta"])
+    raises ValueError (too few inputs per bin, say) is dropped with its reason. ``cap``:
+    ``(cap_draws, cap_counts)`` for the two-stage bound at the cap, or None."""
+    n2, k2 = cap if cap is not None else (None, None)
+    p_low = mc_lower_bounds(
+        k, p.argmax(axis=1), settings["n_mc"], settings["beta"], cap_counts=k2, cap_draws=n2
+    )
     runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rules}
     errors: dict[str, str] = {}
     for fit, cal, test in splits:
         for rule in (r for r in rules if r.name not in errors):
             try:
-                spec = fit_rule(rule, p[fit], k[fit], m=len(cal), **settings)
-                calibration = conformalize(spec, p[cal], k[cal])
+                spec = replace(fit_rule(rule, p[fit], k[fit], m=len(cal), **settings), cap_draws=n2)
+                calibration = conformalize(spec, p[cal], k[cal], cap_counts=None if k2 is None else k2[cal])
             except ValueError as exc:
                 errors[rule.name] = str(exc)
                 continue

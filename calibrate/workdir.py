@@ -33,6 +33,7 @@ SEED_STREAMS = {
     "rules": 5,
     "reference": 6,
     "cap": 7,
+    "rules-cap": 8,
 }
 _CONFIG_KEYS = ("dataset", "profile", "sigma", "seed")
 

@@ -248,10 +248,6 @@ STAGE_HELP = {
         "High-budget reference MC (N_ref = 10⁵ draws on 200 test inputs with the full profiles) for "
         "`rrise evaluate`'s violation rates; not part of the demo."
     ),
-    "select-rule": (
-        "Choose the calibration rule (one quantile, confidence bins, learned score map) on the selection "
-        "split, with full-size MC there: writes rules.json, which `rrise calibrate` then follows."
-    ),
 }
 
 
@@ -287,12 +283,42 @@ def _stage_command(stage: str, example: str):
 for _name, _example in [
     ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
     ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
-    ("select-rule", "rrise select-rule --workdir runs/fmnist"),
     ("reference", "rrise reference --workdir runs/fmnist"),
     ("certify", "rrise certify --workdir runs/fmnist"),
     ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:
     app.command(_name)(_stage_command(_name, _example))
+
+
+@app.command("select-rule")
+def select_rule(
+    workdir: WorkdirOpt,
+    cap_draws: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Compare the rules as `rrise calibrate --cap-draws N₂` will run them: rule-selection "
+            "inputs whose N_cal draws all fell on one class get N₂ fresh draws (> N_cal); 0 = off "
+            "(default: the profile's).",
+        ),
+    ] = None,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    sigma: SigmaOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Choose the calibration rule (one quantile, confidence bins, learned score map) on the
+    selection split, with full-size MC there: writes rules.json, which `rrise calibrate` then follows.
+
+    Example: `rrise select-rule --workdir runs/fmnist --cap-draws 30000`
+    """
+    w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
+    options = {} if cap_draws is None else {"cap_draws": cap_draws}
+    for path in _run_stage(w, "select-rule", force=force, **options):
+        typer.echo(str(path))
 
 
 @app.command("targets")
