@@ -107,3 +107,27 @@ def test_draws_at_the_cap_are_refused_when_they_do_not_fit():
         conformalize(spec, probs, counts, cap_counts=wrong)
     with pytest.raises(ValueError, match="integer"):
         conformalize(spec, probs, counts, cap_counts=cap_counts.astype(float))
+
+
+def test_rule_selection_with_draws_at_the_cap_sees_the_radii_only_they_reach():
+    """`rrise select-rule --cap-draws`: compare_rules calibrates and tests every rule with the
+    two-stage bound, so a radius beyond the single-stage ceiling counts on the selection split
+    (for confidence bins, whose top bin keeps its own small quantile)."""
+    from rrise.calibrate.rules import compare_rules
+
+    rng = np.random.default_rng(7)
+    n1, n2, alpha, beta = 1000, 100_000, 0.1, 0.001
+    probs, counts, cap_counts, _ = _calibration_draw(rng, 1600, n1, n2)
+    labels = np.zeros(len(probs), dtype=int)
+    beyond = 0.25 * 3.0902 + 0.01  # past σ·Φ⁻¹(β^(1/1000)), the single-stage ceiling
+    kw = dict(n_mc=n1, sigma=0.25, alpha=alpha, beta=beta, repeats=6, radii=(0.0, 0.5, beyond), seed=1)
+    one = compare_rules(probs, counts, labels, **kw)
+    two = compare_rules(probs, counts, labels, cap_counts=cap_counts, cap_draws=n2, **kw)
+    assert one["cap_draws"] is None and two["cap_draws"] == n2
+    key = f"{beyond:g}"
+    assert all(row["certified_accuracy"][key] == 0.0 for row in one["rules"].values())
+    assert two["rules"]["bins"]["certified_accuracy"][key] > 5.0, two["rules"]["bins"]
+    for row in two["rules"].values():
+        assert row["miss_rate"] <= alpha + beta + 0.02
+    with pytest.raises(ValueError, match="no calibration rule could run"):  # cap counts that do not fit
+        compare_rules(probs, counts, labels, cap_counts=np.zeros_like(cap_counts), cap_draws=n2, **kw)

@@ -163,6 +163,26 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     z_cap = norm.ppf(w.prof.beta ** (1 / w.prof.n_cal))
     assert cap["largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)"] == pytest.approx(w.config.sigma * z_cap, abs=1e-4)
 
+    # `rrise select-rule --cap-draws`: the rule-selection inputs at the cap get their own second stage
+    from rrise.calibrate.report import one_time_evaluations
+
+    run_stage(w, "select-rule", cap_draws=2 * w.prof.n_cal)
+    rules = json.loads(w.path("rules.json").read_text())
+    assert rules["cap_draws"] == 2 * w.prof.n_cal and rules["winner"] in rules["rules"]
+    rule_meta = json.loads(w.path("selection_counts/meta.json").read_text())
+    cap_meta = json.loads(w.path("selection_cap_counts/meta.json").read_text())
+    assert cap_meta["seed"] != rule_meta["seed"] and cap_meta["n"] == 2 * w.prof.n_cal
+    sel_counts = _store_counts(w.path("selection_counts"))
+    assert cap_meta["num_inputs"] == int((sel_counts.max(axis=1) == w.prof.n_cal).sum()) > 0
+    parts = one_time_evaluations(w)
+    assert parts["rule selection at the cap"] == cap_meta["num_inputs"] * 2 * w.prof.n_cal
+
+
+def _store_counts(path: Path) -> np.ndarray:
+    from rrise.calibrate.store import load_store
+
+    return load_store(path)[1]
+
 
 def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(digits_demo, tmp_path):
     from rrise.calibrate.models import load_model
