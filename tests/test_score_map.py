@@ -195,9 +195,9 @@ def test_compare_rules_at_the_deployment_calibration_size(monkeypatch):
     sizes: list[int] = []
     real = rules_mod.conformalize
 
-    def spy(spec, p, k):
+    def spy(spec, p, k, **kw):
         sizes.append(len(p))
-        return real(spec, p, k)
+        return real(spec, p, k, **kw)
 
     monkeypatch.setattr(rules_mod, "conformalize", spy)
     rng = np.random.default_rng(7)
