@@ -31,6 +31,7 @@ from .workdir import Workdir
 
 __all__ = [
     "cap_stage_counts",
+    "chosen_cap_draws",
     "chosen_rule",
     "load_calibration",
     "load_calibration_npz",
@@ -112,6 +113,11 @@ def chosen_rule(w: Workdir) -> str:
     return (read_json(w.path("rules.json")) or {}).get("winner", "single")
 
 
+def chosen_cap_draws(w: Workdir) -> int | None:
+    """The draws at the cap the rule was chosen with (``rules.json``), None if it records none."""
+    return (read_json(w.path("rules.json")) or {}).get("cap_draws")
+
+
 def rule_spec(
     w: Workdir,
     rule_name: str,
@@ -173,9 +179,9 @@ def stage_calibrate(
     ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
     quantile; ``score`` is the transform (probit, logit, identity); ``rule`` the calibration rule
     (default: the one the selection split chose, see ``select-rule``); ``bins`` overrides the rule's
-    number of confidence bins; ``cap_draws`` (default: the profile's; 0 = off) the second-stage
-    draws at the cap (:func:`cap_stage_counts`). The MC counts are kept, so a re-calibration with
-    other settings costs one surrogate pass.
+    number of confidence bins; ``cap_draws`` (0 = off) the second-stage draws at the cap
+    (:func:`cap_stage_counts`), by default those the rule was chosen with, else the profile's. The
+    MC counts are kept, so a re-calibration with other settings costs one surrogate pass.
     """
     ds, p = w.data("train"), w.prof
     idx = w.splits()["calibration"]
@@ -183,7 +189,7 @@ def stage_calibrate(
     # MC is the expensive half: its store is kept (and resumed) across re-calibrations
     fill_count_store(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train", resume)
     index, counts = load_store_counts(w, CALIBRATION_STORE)
-    n2 = _cap_draws(w, cap_draws)
+    n2 = _cap_draws(w, chosen_cap_draws(w) if cap_draws is None else cap_draws)
     cap_counts = cap_stage_counts(w, index, counts, n2, resume) if n2 else None
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[index])
     rule = rule or chosen_rule(w)

@@ -444,7 +444,7 @@ def calibrate(
             min=0,
             help="More draws at the cap: calibration inputs whose N_cal draws all fell on one class get "
             "this many fresh draws (> N_cal), lifting the radius cap to σ·Φ⁻¹(β^(1/N₂)); 0 = off "
-            "(default: the profile's).",
+            "(default: those `rrise select-rule --cap-draws` chose the rule with, else the profile's).",
         ),
     ] = None,
     dataset: DatasetOpt = None,

@@ -174,8 +174,12 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     assert cap_meta["seed"] != rule_meta["seed"] and cap_meta["n"] == 2 * w.prof.n_cal
     sel_counts = _store_counts(w.path("selection_counts"))
     assert cap_meta["num_inputs"] == int((sel_counts.max(axis=1) == w.prof.n_cal).sum()) > 0
+    # calibrate follows the rule's cap unless told otherwise
+    run_stage(w, "calibrate")
+    assert json.loads(w.path("calibration.json").read_text())["cap_draws"] == 2 * w.prof.n_cal
     parts = one_time_evaluations(w)
     assert parts["rule selection at the cap"] == cap_meta["num_inputs"] * 2 * w.prof.n_cal
+    assert parts["calibration at the cap"] > 0
 
 
 def _store_counts(path: Path) -> np.ndarray:
