@@ -54,9 +54,6 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("single"),
     Rule("bins", bins=4),
-    # Up to 8 bins where m allows (1.5× the minimum per bin): the top bins' small quantiles reach
-    # r = 0.75 at σ = 0.25 (benchmarks/results/full-small/sigma-0.25-levers).
-    Rule("bins8", bins=8),
     Rule("map", map_tau=0.1),
     Rule("map-tau0.05", map_tau=0.05),
     Rule("map-tau0.5", map_tau=0.5),

@@ -86,7 +86,6 @@ class RuleName(str, Enum):
 
     single = "single"
     bins = "bins"
-    bins8 = "bins8"
     map = "map"
     map_tau005 = "map-tau0.05"
     map_tau05 = "map-tau0.5"
