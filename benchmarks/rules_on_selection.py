@@ -55,12 +55,10 @@ def compare_on(
     data = selection_data(w)
     if "counts" not in data:
         raise SystemExit(f"{workdir} has no rule-selection counts yet: run its select-rule stage first")
-    surrogates = surrogates or [w.path("surrogate.onnx")]
-    if surrogates != [w.path("surrogate.onnx")]:
-        from rrise.calibrate.counts import RULE_STORE, load_store_counts
-
-        rule_index = load_store_counts(w, RULE_STORE)[0]
-        data["probs"] = ensemble_probs(surrogates, w.data("train").images[rule_index])
+    if surrogates:
+        data["probs"] = ensemble_probs(surrogates, w.data("train").images[data["index"]])
+    else:
+        surrogates = [w.path("surrogate.onnx")]
     p = w.prof
     result = compare_rules(
         data["probs"],

@@ -181,7 +181,6 @@ def compare_rules(
     if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
         raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
     settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
-    cap = None if cap_draws is None else (cap_draws, np.asarray(cap_counts))
     resample = deploy_m is not None and deploy_m > n_cal
     splits = []
     for _ in range(repeats):
@@ -190,7 +189,7 @@ def compare_rules(
         if resample:
             cal = rng.choice(cal, size=deploy_m, replace=True)
         splits.append((perm[:n_fit], cal, perm[n_fit + n_cal :]))
-    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii, cap)
+    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii, cap_counts, cap_draws)
     table = {
         r.name: {"rule": r.describe(), "error": errors[r.name]}
         if r.name in errors
@@ -228,12 +227,13 @@ def _run_splits(
     y: np.ndarray,
     settings: dict[str, Any],
     radii: tuple[float, ...],
-    cap: tuple[int, np.ndarray] | None = None,
+    cap_counts: np.ndarray | None = None,
+    cap_draws: int | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """Each rule fitted, calibrated and tested on every (fit, calibrate, test) split; a rule that
-    raises ValueError (too few inputs per bin, say) is dropped with its reason. ``cap``:
-    ``(cap_draws, cap_counts)`` for the two-stage bound at the cap, or None."""
-    n2, k2 = cap if cap is not None else (None, None)
+    raises ValueError (too few inputs per bin, say) is dropped with its reason. ``cap_counts`` and
+    ``cap_draws``: the second stage at the cap (both None: off)."""
+    n2, k2 = cap_draws, None if cap_draws is None else np.asarray(cap_counts)
     p_low = mc_lower_bounds(
         k, p.argmax(axis=1), settings["n_mc"], settings["beta"], cap_counts=k2, cap_draws=n2
     )
