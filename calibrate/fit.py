@@ -106,10 +106,10 @@ def fresh_pool(w: Workdir) -> np.ndarray:
     return np.setdiff1d(np.arange(len(w.data("train"))), taken)
 
 
-def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: int, draws: int):
+def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: int, draws: int, augment: str):
     """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
-    (``base.onnx`` on onnxruntime) labelling each step's images with ``draws`` draws each, for
-    ``steps`` steps; records its evaluations."""
+    (``base.onnx`` on onnxruntime) labelling each step's images, augmented with ``augment``, with
+    ``draws`` draws each, for ``steps`` steps; records its evaluations."""
     from rrise.fileio import atomic_write_json
 
     from .counts import prepare_base_model
@@ -147,6 +147,7 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: i
         eval_every=max(1, steps // 8),
         show_progress=w.show_progress,
         checkpoint=ckpt,
+        augment=augment,
     )
     cost = {
         "fresh_steps": steps,
@@ -184,13 +185,8 @@ def _fit_surrogate(
     ckpt = w.path(f"{stem}.ckpt")
     steps = p.fresh_steps if steps is None else steps
     if loss == "ce" and steps > 0:
-        if augment != "none":
-            w.log(
-                f"[train-surrogate] fresh targets label the images as drawn: augment {augment!r} is not used"
-            )
-            augment = "none"
         draws = p.fresh_draws if draws is None else draws
-        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, steps, draws)
+        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, steps, draws, augment)
     else:
         if loss == "ce":
             w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate

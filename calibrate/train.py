@@ -163,8 +163,10 @@ def augment_batch(x: torch.Tensor, how: str, gen: torch.Generator, max_shift: in
     """Random label-free augmentation of a batch [B, C, H, W]: ``shift`` translates each image by up
     to ``max_shift`` pixels (zero fill), ``flip`` mirrors half of them left-right.
 
-    The MC targets belong to the un-augmented image, so this trades exactness of the targets for
-    regularisation; held-out KL (on un-augmented selection inputs) says which wins.
+    With a fixed target store the MC targets belong to the un-augmented image, so this trades
+    exactness of the targets for regularisation; with fresh targets
+    (:func:`train_surrogate_fresh`) the draws are made on the augmented image itself, so the targets
+    stay exact and the augmentation only widens the set of inputs the surrogate learns from.
     """
     if how not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {how!r}")
@@ -380,12 +382,15 @@ def train_surrogate_fresh(
     eval_every: int = 50,
     show_progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    augment: str = "none",
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate on fresh Monte Carlo targets: each step draws ``batch_size`` images from
-    ``pool`` (any ``[N, C, H, W]`` indexable by an index array) and labels them with ``label(x,
+    ``pool`` (any ``[N, C, H, W]`` indexable by an index array), augments them (``augment``, see
+    :func:`augment_batch`; seeded by the step) and labels the images as augmented with ``label(x,
     offset)``: ``draws`` fresh noisy draws per image through the base model, input ``j`` seeded by
     ``offset + j`` (the caller binds the model, σ and the seed), so every step sees new draws and a
-    run is reproducible and resumable.
+    run is reproducible and resumable. The targets are exact for the image the surrogate sees, so
+    augmentation costs no label noise: it only adds inputs.
 
     Loss: soft-label cross-entropy against counts/draws. It is linear in the target, so a few-draw
     target is an unbiased estimate of the full-MC loss's gradient: the surrogate fits the smoothed
@@ -395,6 +400,8 @@ def train_surrogate_fresh(
     Returns ``(model in eval mode, {"val_kl", "eval_steps", "best_step", "base_evaluations"})``.
     """
     _check_fresh_args(len(pool), steps, draws, batch_size, lr, eval_every)
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     device = _device(model)
     opt, sched = _optimizer(model, lr, steps)
     signature = _signature(
@@ -406,12 +413,13 @@ def train_surrogate_fresh(
         lr=lr,
         seed=seed,
         pool=len(pool),
+        augment=augment,
     )
     state = _restore_fresh(checkpoint, signature, model, opt, sched, device)
     with progress_bar(steps, "train surrogate (fresh targets)", "step", enabled=show_progress) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], steps):
-            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed)
+            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed, augment)
             model.train()
             loss = soft_label_cross_entropy(model(_as_images(x, device)), target.to(device))
             opt.zero_grad(set_to_none=True)
@@ -440,12 +448,16 @@ def _check_fresh_args(pool: int, steps: int, draws: int, batch_size: int, lr: fl
         raise ValueError(f"the fresh-target pool has {pool} images, fewer than one batch ({batch_size})")
 
 
-def _fresh_batch(pool, label, step: int, batch_size: int, draws: int, seed: int):
-    """Step ``step``'s images (a seeded draw from ``pool``, the same on every rerun) and their targets
-    counts/draws from ``draws`` fresh draws each, seeded by the step's own input offsets."""
+def _fresh_batch(pool, label, step: int, batch_size: int, draws: int, seed: int, augment: str = "none"):
+    """Step ``step``'s images (a seeded draw from ``pool``, augmented with a seeded generator: the
+    same on every rerun) and their targets counts/draws from ``draws`` fresh draws each on the
+    augmented images, seeded by the step's own input offsets."""
     rng = np.random.default_rng([int(seed), step])
     idx = np.sort(rng.choice(len(pool), size=batch_size, replace=False))
     x = np.asarray(pool[idx], dtype=np.float32)
+    if augment != "none":
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        x = augment_batch(torch.from_numpy(x), augment, gen).numpy()
     counts = np.asarray(label(x, step * batch_size))
     if counts.shape[0] != len(x) or np.any(counts.sum(axis=1) != draws):
         raise ValueError(f"label() must return [{len(x)}, K] counts of {draws} draws each")

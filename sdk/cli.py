@@ -377,7 +377,11 @@ def train_surrogate(
     ] = None,
     augment: Annotated[
         AugmentName | None,
-        typer.Option(help="Augment training inputs (the targets stay the clean image's): default none."),
+        typer.Option(
+            help="Augment training inputs: default none. With fresh targets the draws are made on the "
+            "augmented image (exact targets, more inputs); with a fixed store the targets stay the "
+            "clean image's."
+        ),
     ] = None,
     steps: Annotated[
         int | None,

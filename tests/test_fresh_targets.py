@@ -32,9 +32,9 @@ def setting():
     return train.images, test.images[:80], val_counts, label, calls
 
 
-def _fit(setting, steps: int, checkpoint=None, label=None):
+def _fit(setting, steps: int, checkpoint=None, label=None, model=None, augment="none"):
     pool, val_x, val_counts, default_label, _ = setting
-    model = build_model("cnn-small", 1, 10, 8, seed=1)
+    model = model or build_model("cnn-small", 1, 10, 8, seed=1)
     return train_surrogate_fresh(
         model,
         pool,
@@ -49,6 +49,7 @@ def _fit(setting, steps: int, checkpoint=None, label=None):
         eval_every=10,
         show_progress=False,
         checkpoint=checkpoint,
+        augment=augment,
     )
 
 
@@ -89,6 +90,48 @@ def test_fresh_training_is_reproducible_and_resumes_to_the_same_weights(setting,
         _fit(setting, 30, checkpoint=ckpt)
 
 
+class _Recorder(torch.nn.Module):
+    """A model that keeps every input it is trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.seen = build_model("cnn-small", 1, 10, 8, seed=1), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.append(x.detach().numpy().copy())
+        return self.net(x)
+
+
+def _augmented_run(setting, augment: str):
+    """(images labelled, images trained on) over 3 steps of fresh training with ``augment``."""
+    labelled = []
+
+    def label(x, offset):
+        labelled.append(x.copy())
+        return setting[3](x, offset)
+
+    model = _Recorder()
+    _fit(setting, 3, label=label, model=model, augment=augment)
+    return labelled, model.seen
+
+
+def test_fresh_targets_are_drawn_on_the_augmented_image_the_surrogate_trains_on(setting):
+    pool = setting[0]
+    labelled, trained = _augmented_run(setting, "shift+flip")
+    assert len(labelled) == len(trained) == 3
+    for x, seen in zip(labelled, trained):
+        np.testing.assert_array_equal(x, seen)  # the targets are exact for the image trained on
+    rows = {pool[i].tobytes() for i in range(len(pool))}
+    changed = [sum(img.tobytes() not in rows for img in x) for x in labelled]
+    assert min(changed) > 32, changed  # most of each batch of 64 is shifted or flipped
+    again, _ = _augmented_run(setting, "shift+flip")
+    for a, b in zip(labelled, again):
+        np.testing.assert_array_equal(a, b)  # seeded by the step: a resumed run sees the same inputs
+    plain, _ = _augmented_run(setting, "none")
+    assert all(img.tobytes() in rows for x in plain for img in x)
+
+
 def test_fresh_training_refuses_bad_settings(setting):
     pool, val_x, val_counts, label, _ = setting
     model = build_model("cnn-small", 1, 10, 8, seed=1)
@@ -99,6 +142,8 @@ def test_fresh_training_refuses_bad_settings(setting):
         train_surrogate_fresh(model, pool[:10], label, steps=2, draws=4, batch_size=64, **kw)
     with pytest.raises(ValueError, match="counts of 5 draws"):
         train_surrogate_fresh(model, pool, label, steps=2, draws=5, batch_size=8, **kw)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train_surrogate_fresh(model, pool, label, steps=2, draws=4, batch_size=8, augment="rotate", **kw)
 
 
 def test_fresh_pool_is_every_training_image_outside_selection_and_calibration(tmp_path):
