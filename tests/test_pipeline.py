@@ -300,8 +300,10 @@ def test_train_surrogate_steps_and_draws_set_the_fresh_targets_and_their_cost(di
     work = _copy(digits_demo[0], tmp_path / "w")
     common = ["--workdir", str(work), "--no-progress"]
     assert not (work / "surrogate_cost.json").exists()  # the digits profile fits its fixed store
-    result = runner.invoke(app, ["train-surrogate", *common, "--steps", "3", "--draws", "2"])
+    options = ["--steps", "3", "--draws", "2", "--augment", "shift"]
+    result = runner.invoke(app, ["train-surrogate", *common, *options])
     assert result.exit_code == 0, result.output
+    assert torch_load_meta(work / "surrogate.pt")["augment"] == "shift"  # drawn on the shifted images
     cost = json.loads((work / "surrogate_cost.json").read_text())
     batch = cost["fresh_batch"]
     assert (cost["fresh_steps"], cost["fresh_draws"]) == (3, 2) and 0 < batch <= 128
