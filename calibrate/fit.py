@@ -15,6 +15,8 @@ __all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline
 FRESH_COST = "surrogate_cost.json"
 # Seed stream of the fresh draws (the work folder's named streams are 1..6).
 FRESH_SEED_STREAM = 100
+# Draws per pool image that find the hard examples (``fresh_hard_fraction`` > 0).
+HARD_PROBE_DRAWS = 16
 
 
 def stage_train_base(w: Workdir) -> list[Path]:
@@ -106,10 +108,11 @@ def fresh_pool(w: Workdir) -> np.ndarray:
     return np.setdiff1d(np.arange(len(w.data("train"))), taken)
 
 
-def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: int, draws: int, augment: str):
+def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, settings: dict):
     """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
     (``base.onnx`` on onnxruntime) labelling each step's images, augmented with ``augment``, with
-    ``draws`` draws each, for ``steps`` steps; records its evaluations."""
+    ``draws`` draws each, for ``steps`` steps (``settings``), drawn as ``hard_fraction`` says
+    (:func:`_hard_weights`); records its evaluations."""
     from rrise.fileio import atomic_write_json
 
     from .counts import prepare_base_model
@@ -118,15 +121,16 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: i
     from .train import train_surrogate_fresh
 
     ds, p = w.data("train"), w.prof
+    steps, draws = settings["steps"], settings["draws"]
     pool = IndexedRows(ds.images, fresh_pool(w))
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], steps * p.fresh_batch * draws)
     seed = 1000 * w.config.seed + FRESH_SEED_STREAM
 
-    def label(x: np.ndarray, offset: int) -> np.ndarray:
+    def label(x: np.ndarray, offset: int, n: int = draws) -> np.ndarray:
         return sample_counts(
             base,
             x,
-            draws,
+            n,
             w.config.sigma,
             batch_size=p.batch_size,
             num_classes=len(ds.classes),
@@ -134,28 +138,53 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, steps: i
             index_offset=offset,
         )
 
+    batch = min(p.fresh_batch, len(pool))
+    weights, probe_cost = _hard_weights(w, pool, label, settings["hard_fraction"], steps * batch)
     model, history = train_surrogate_fresh(
         model,
         pool,
         label,
         steps=steps,
         draws=draws,
-        batch_size=min(p.fresh_batch, len(pool)),  # a small user data set: every image, every step
+        batch_size=batch,  # a small user data set: every image, every step
         seed=w.config.seed,
         val_images=val_images,
         val_counts=val_counts,
         eval_every=max(1, steps // 8),
         show_progress=w.show_progress,
         checkpoint=ckpt,
-        augment=augment,
+        augment=settings["augment"],
+        weights=weights,
     )
+    history["base_evaluations"] += probe_cost
     cost = {
         "fresh_steps": steps,
         "fresh_draws": draws,
-        "fresh_batch": min(p.fresh_batch, len(pool)),
+        "fresh_batch": batch,
+        "fresh_hard_fraction": settings["hard_fraction"],
+        "hard_probe_evaluations": probe_cost,
     }
     atomic_write_json(w.path(FRESH_COST), {"base_evaluations": history["base_evaluations"], **cost})
     return model, history
+
+
+def _hard_weights(w: Workdir, pool, label, hard_fraction: float, offset: int):
+    """``(sampling weights over the pool or None, base-model evaluations spent)``: with
+    ``hard_fraction`` > 0, ``HARD_PROBE_DRAWS`` draws on every pool image (input streams from
+    ``offset`` on, after every training step's) weigh the images by how uncertain the smoothed
+    classifier is on them (:func:`~rrise.calibrate.train.hard_example_weights`)."""
+    from .train import hard_example_weights
+
+    if hard_fraction <= 0.0:
+        return None, 0
+    w.log(f"[train-surrogate] {HARD_PROBE_DRAWS} draws on each of {len(pool)} pool images to find hard ones")
+    chunk = 4096
+    probes = [
+        label(np.asarray(pool[a : a + chunk]), offset + a, HARD_PROBE_DRAWS)
+        for a in range(0, len(pool), chunk)
+    ]
+    counts = np.concatenate(probes)
+    return hard_example_weights(counts, hard_fraction), len(pool) * HARD_PROBE_DRAWS
 
 
 def _fit_surrogate(
@@ -166,11 +195,13 @@ def _fit_surrogate(
     augment: str | None = None,
     steps: int | None = None,
     draws: int | None = None,
+    hard_fraction: float | None = None,
 ) -> list[Path]:
     """Train a surrogate on the MC targets, checkpointed every epoch and resumed after a crash.
 
-    Fresh targets (``loss="ce"``) run for ``steps`` steps with ``draws`` draws per image, each
-    defaulting to the profile's; ``steps`` given turns them on where the profile fits a fixed store."""
+    Fresh targets (``loss="ce"``) run for ``steps`` steps with ``draws`` draws per image and
+    ``hard_fraction`` of each batch drawn towards uncertain images, each defaulting to the profile's;
+    ``steps`` given turns them on where the profile fits a fixed store."""
     from rrise.export.onnx_export import export_onnx
 
     from .models import save_model
@@ -185,8 +216,13 @@ def _fit_surrogate(
     ckpt = w.path(f"{stem}.ckpt")
     steps = p.fresh_steps if steps is None else steps
     if loss == "ce" and steps > 0:
-        draws = p.fresh_draws if draws is None else draws
-        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, steps, draws, augment)
+        settings = {
+            "steps": steps,
+            "draws": p.fresh_draws if draws is None else draws,
+            "augment": augment,
+            "hard_fraction": p.fresh_hard_fraction if hard_fraction is None else hard_fraction,
+        }
+        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, settings)
     else:
         if loss == "ce":
             w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
@@ -206,6 +242,8 @@ def _fit_surrogate(
         )
     meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
     meta.update(history=history, loss=loss, augment=augment)
+    if loss == "ce" and steps > 0:
+        meta["hard_fraction"] = settings["hard_fraction"]
     if w.is_user:
         from .surrogates import save_surrogate
 
@@ -223,15 +261,18 @@ def stage_train_surrogate(
     augment: str | None = None,
     steps: int | None = None,
     draws: int | None = None,
+    hard_fraction: float | None = None,
 ) -> list[Path]:
     """Fit the surrogate to counts/N (soft-label cross-entropy), selected by held-out KL.
 
     ``arch``: ``base`` (start from the base model's weights, the profile's default) or a fresh
     network (``cnn``, ``cnn-small``); ``augment``: see :data:`rrise.calibrate.train.AUGMENTATIONS`;
     ``steps``/``draws``: fresh-target training steps and draws per image (default: the profile's;
-    ``steps=0`` fits the fixed target store instead).
+    ``steps=0`` fits the fixed target store instead); ``hard_fraction``: the share of each
+    fresh-target batch drawn towards images the smoothed classifier is unsure of (default: the
+    profile's).
     """
-    return _fit_surrogate(w, "ce", "surrogate", arch, augment, steps, draws)
+    return _fit_surrogate(w, "ce", "surrogate", arch, augment, steps, draws, hard_fraction)
 
 
 def stage_train_baseline(w: Workdir) -> list[Path]:

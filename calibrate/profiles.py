@@ -48,6 +48,9 @@ class Profile:
     fresh_steps: int = 0
     fresh_draws: int = 4
     fresh_batch: int = 128
+    # Hard examples (0 = uniform): this share of the sampling mass goes to pool images in proportion
+    # to 1 − their top-class frequency in ``HARD_PROBE_DRAWS`` draws each (counted in the cost).
+    fresh_hard_fraction: float = 0.0
     # More draws at the cap (0 = off): calibration inputs whose N_cal draws all fell on one class get
     # this many fresh draws, and the two-stage bound lifts the radius cap to σ·Φ⁻¹(β^(1/cap_draws)).
     cap_draws: int = 0

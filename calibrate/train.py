@@ -26,6 +26,7 @@ from rrise.progress import progress_bar
 __all__ = [
     "AUGMENTATIONS",
     "augment_batch",
+    "hard_example_weights",
     "mean_kl",
     "predict_probs",
     "train_base",
@@ -383,6 +384,7 @@ def train_surrogate_fresh(
     show_progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     augment: str = "none",
+    weights: np.ndarray | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate on fresh Monte Carlo targets: each step draws ``batch_size`` images from
     ``pool`` (any ``[N, C, H, W]`` indexable by an index array), augments them (``augment``, see
@@ -390,7 +392,9 @@ def train_surrogate_fresh(
     offset)``: ``draws`` fresh noisy draws per image through the base model, input ``j`` seeded by
     ``offset + j`` (the caller binds the model, σ and the seed), so every step sees new draws and a
     run is reproducible and resumable. The targets are exact for the image the surrogate sees, so
-    augmentation costs no label noise: it only adds inputs.
+    augmentation costs no label noise: it only adds inputs. ``weights`` (one per pool image, summing
+    to 1; uniform when None) draw each batch in proportion to them: the targets stay exact, only
+    where the surrogate spends its capacity moves (see :func:`hard_example_weights`).
 
     Loss: soft-label cross-entropy against counts/draws. It is linear in the target, so a few-draw
     target is an unbiased estimate of the full-MC loss's gradient: the surrogate fits the smoothed
@@ -402,6 +406,7 @@ def train_surrogate_fresh(
     _check_fresh_args(len(pool), steps, draws, batch_size, lr, eval_every)
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    _check_weights(weights, len(pool), batch_size)
     device = _device(model)
     opt, sched = _optimizer(model, lr, steps)
     signature = _signature(
@@ -413,13 +418,14 @@ def train_surrogate_fresh(
         lr=lr,
         seed=seed,
         pool=len(pool),
-        augment=augment,
+        **({} if augment == "none" else {"augment": augment}),  # earlier checkpoints still resume
+        **({} if weights is None else {"weights": _digest(torch.from_numpy(np.asarray(weights)))}),
     )
     state = _restore_fresh(checkpoint, signature, model, opt, sched, device)
     with progress_bar(steps, "train surrogate (fresh targets)", "step", enabled=show_progress) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], steps):
-            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed, augment)
+            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed, augment, weights)
             model.train()
             loss = soft_label_cross_entropy(model(_as_images(x, device)), target.to(device))
             opt.zero_grad(set_to_none=True)
@@ -448,12 +454,41 @@ def _check_fresh_args(pool: int, steps: int, draws: int, batch_size: int, lr: fl
         raise ValueError(f"the fresh-target pool has {pool} images, fewer than one batch ({batch_size})")
 
 
-def _fresh_batch(pool, label, step: int, batch_size: int, draws: int, seed: int, augment: str = "none"):
-    """Step ``step``'s images (a seeded draw from ``pool``, augmented with a seeded generator: the
-    same on every rerun) and their targets counts/draws from ``draws`` fresh draws each on the
-    augmented images, seeded by the step's own input offsets."""
+def _check_weights(weights, pool: int, batch_size: int) -> None:
+    if weights is None:
+        return
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (pool,) or not np.all(np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
+        raise ValueError(f"weights must be {pool} non-negative numbers summing to 1, one per pool image")
+    if np.count_nonzero(w) < batch_size:
+        raise ValueError(
+            f"weights give {np.count_nonzero(w)} images a chance, fewer than one batch ({batch_size})"
+        )
+
+
+def hard_example_weights(counts: np.ndarray, hard_fraction: float) -> np.ndarray:
+    """Sampling weights over a pool from a few Monte Carlo draws per image (``counts`` [N, K]): a
+    ``hard_fraction`` of the mass in proportion to ``1 − top-class frequency`` (how far the smoothed
+    classifier is from certain on the image), the rest uniform, so no image is left out. With no
+    uncertain image at all, uniform."""
+    if not 0.0 <= hard_fraction < 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1), got {hard_fraction}")
+    k = np.asarray(counts, dtype=np.float64)
+    hard = 1.0 - k.max(axis=1) / k.sum(axis=1)
+    uniform = np.full(len(k), 1.0 / len(k))
+    if hard.sum() <= 0.0:
+        return uniform
+    return (1.0 - hard_fraction) * uniform + hard_fraction * hard / hard.sum()
+
+
+def _fresh_batch(
+    pool, label, step: int, batch_size: int, draws: int, seed: int, augment: str = "none", weights=None
+):
+    """Step ``step``'s images (a seeded draw from ``pool``, in proportion to ``weights``, augmented
+    with a seeded generator: the same on every rerun) and their targets counts/draws from ``draws``
+    fresh draws each on the augmented images, seeded by the step's own input offsets."""
     rng = np.random.default_rng([int(seed), step])
-    idx = np.sort(rng.choice(len(pool), size=batch_size, replace=False))
+    idx = np.sort(rng.choice(len(pool), size=batch_size, replace=False, p=weights))
     x = np.asarray(pool[idx], dtype=np.float32)
     if augment != "none":
         gen = torch.Generator().manual_seed(int(rng.integers(2**63)))

@@ -395,6 +395,16 @@ def train_surrogate(
         int | None,
         typer.Option(min=1, help="Fresh base-model draws per image and step (default: the profile's)."),
     ] = None,
+    hard_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Share of each fresh-target batch drawn towards images the smoothed classifier is "
+            "unsure of (found with 16 draws per training image, counted in the cost); default: the "
+            "profile's (0, uniform).",
+        ),
+    ] = None,
     dataset: DatasetOpt = None,
     profile: ProfileOpt = None,
     sigma: SigmaOpt = None,
@@ -413,7 +423,13 @@ def train_surrogate(
     Example: `rrise train-surrogate --workdir runs/fmnist --steps 6000 --draws 16`
     """
     w = _workdir(workdir, dataset, profile, sigma, seed, data_dir, quiet)
-    named = {"arch": arch, "augment": augment and augment.value, "steps": steps, "draws": draws}
+    named = {
+        "arch": arch,
+        "augment": augment and augment.value,
+        "steps": steps,
+        "draws": draws,
+        "hard_fraction": hard_fraction,
+    }
     options = {k: v for k, v in named.items() if v is not None}
     for path in _run_stage(w, "train-surrogate", force=force, **options):
         typer.echo(str(path))

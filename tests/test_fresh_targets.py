@@ -8,7 +8,7 @@ import torch
 
 from rrise.calibrate.mc import sample_counts
 from rrise.calibrate.models import build_model
-from rrise.calibrate.train import mean_kl, train_base, train_surrogate_fresh
+from rrise.calibrate.train import hard_example_weights, mean_kl, train_base, train_surrogate_fresh
 from rrise.datasets import load_dataset
 
 SIGMA = 0.25
@@ -32,7 +32,7 @@ def setting():
     return train.images, test.images[:80], val_counts, label, calls
 
 
-def _fit(setting, steps: int, checkpoint=None, label=None, model=None, augment="none"):
+def _fit(setting, steps: int, checkpoint=None, label=None, model=None, augment="none", weights=None):
     pool, val_x, val_counts, default_label, _ = setting
     model = model or build_model("cnn-small", 1, 10, 8, seed=1)
     return train_surrogate_fresh(
@@ -50,6 +50,7 @@ def _fit(setting, steps: int, checkpoint=None, label=None, model=None, augment="
         show_progress=False,
         checkpoint=checkpoint,
         augment=augment,
+        weights=weights,
     )
 
 
@@ -130,6 +131,40 @@ def test_fresh_targets_are_drawn_on_the_augmented_image_the_surrogate_trains_on(
         np.testing.assert_array_equal(a, b)  # seeded by the step: a resumed run sees the same inputs
     plain, _ = _augmented_run(setting, "none")
     assert all(img.tobytes() in rows for x in plain for img in x)
+
+
+def test_hard_example_weights_favour_uncertain_images_and_leave_none_out():
+    counts = np.array([[16, 0], [8, 8], [12, 4], [16, 0]])
+    w = hard_example_weights(counts, 0.6)
+    assert w.sum() == pytest.approx(1.0)
+    hard = np.array([0.0, 0.5, 0.25, 0.0])
+    np.testing.assert_allclose(w, 0.4 / 4 + 0.6 * hard / hard.sum())
+    assert w[1] > w[2] > w[0] == w[3] > 0  # a certain image keeps its uniform share
+    np.testing.assert_allclose(hard_example_weights(counts, 0.0), 0.25)
+    np.testing.assert_allclose(hard_example_weights(counts[[0, 3]], 0.6), 0.5)  # nothing uncertain
+    with pytest.raises(ValueError, match="hard_fraction"):
+        hard_example_weights(counts, 1.0)
+
+
+def test_fresh_batches_are_drawn_in_proportion_to_the_weights(setting):
+    pool = setting[0]
+    weights = np.zeros(len(pool))
+    weights[: len(pool) // 4] = 1.0 / (len(pool) // 4)  # only the first quarter may be drawn
+    labelled = []
+
+    def label(x, offset):
+        labelled.append(x.copy())
+        return setting[3](x, offset)
+
+    _fit(setting, 3, label=label, weights=weights)
+    allowed = {pool[i].tobytes() for i in range(len(pool) // 4)}
+    assert len(labelled) == 3 and all(img.tobytes() in allowed for x in labelled for img in x)
+    with pytest.raises(ValueError, match="summing to 1"):
+        _fit(setting, 3, weights=weights[:-1] / weights[:-1].sum())
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        few = np.zeros(len(pool))
+        few[:10] = 0.1
+        _fit(setting, 3, weights=few)
 
 
 def test_fresh_training_refuses_bad_settings(setting):

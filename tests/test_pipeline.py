@@ -319,6 +319,25 @@ def test_train_surrogate_steps_and_draws_set_the_fresh_targets_and_their_cost(di
     assert bad.exit_code == 2 and "--draws" in bad.output
 
 
+def test_train_surrogate_hard_fraction_probes_the_pool_and_counts_it(digits_demo, tmp_path):
+    from rrise.calibrate.fit import HARD_PROBE_DRAWS, fresh_pool
+    from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
+
+    work = _copy(digits_demo[0], tmp_path / "w")
+    options = ["--steps", "3", "--draws", "2", "--hard-fraction", "0.5", "--no-progress"]
+    result = runner.invoke(app, ["train-surrogate", "--workdir", str(work), *options])
+    assert result.exit_code == 0, result.output
+    assert "pool images to find hard ones" in result.output
+    pool = len(fresh_pool(Workdir(work, RunConfig(**recorded_config(work)), show_progress=False)))
+    cost = json.loads((work / "surrogate_cost.json").read_text())
+    assert cost["hard_probe_evaluations"] == pool * HARD_PROBE_DRAWS
+    assert cost["base_evaluations"] == 3 * cost["fresh_batch"] * 2 + pool * HARD_PROBE_DRAWS
+    assert cost["fresh_hard_fraction"] == 0.5
+    assert torch_load_meta(work / "surrogate.pt")["hard_fraction"] == 0.5
+    bad = runner.invoke(app, ["train-surrogate", "--workdir", str(work), "--hard-fraction", "1"])
+    assert bad.exit_code == 2 and "--hard-fraction" in bad.output
+
+
 def torch_load_meta(path: Path) -> dict:
     import torch
 
