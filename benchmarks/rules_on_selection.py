@@ -10,6 +10,8 @@ a new rule on an existing run without redoing its Monte Carlo::
 ``--surrogate A.onnx [--surrogate B.onnx …]`` measures other surrogates of the same base model on the
 same inputs (several: an ensemble, their probabilities averaged), with their held-out KL against the
 selection targets: how a surrogate lever is judged before any calibration input is touched.
+``--against OTHER.json`` (an earlier output on the same folder) adds, per rule, the difference of
+mean certified accuracy and its paired standard error over the shared splits.
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def compare_on(
     return result
 
 
+def paired_difference(result: dict, other: dict) -> dict[str, dict[str, float]]:
+    """Per rule, ``result`` minus ``other`` in mean certified accuracy with its paired standard
+    error over the splits both ran on; refuses two comparisons whose splits differ."""
+    same = ("split", "inputs", "n_mc", "alpha", "beta", "radii", "sigma", "workdir")
+    differs = [k for k in same if result.get(k) != other.get(k)]
+    if differs:
+        raise SystemExit(f"--against: not the same splits ({', '.join(differs)} differ)")
+    out = {}
+    for name, row in result["rules"].items():
+        a, b = row.get("split_means"), other["rules"].get(name, {}).get("split_means")
+        if a is None or b is None or len(a) != len(b):
+            continue
+        diff = np.asarray(a) - np.asarray(b)
+        out[name] = {
+            "difference": round(float(diff.mean()), 3),
+            "paired_se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 3),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True)
@@ -97,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a surrogate ONNX of the same base model to measure instead of the folder's; repeat it "
         "for an ensemble (probabilities averaged)",
     )
+    ap.add_argument("--against", type=Path, help="an earlier output on the same folder to pair with")
     args = ap.parse_args(argv)
     result = compare_on(args.workdir, args.repeats, args.at_selection_size, args.surrogate)
+    if args.against:
+        other = json.loads(args.against.read_text())
+        result["against"] = {"file": str(args.against), "surrogates": other.get("surrogates")}
+        result["against"]["rules"] = paired_difference(result, other)
     radii = result["radii"]
     print(f"{result['split']}; α = {result['alpha']}, N = {result['n_mc']}")
     print(f"selection KL {result['selection_kl']:.5f} ({', '.join(result['surrogates'])})")
@@ -110,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         ca = "".join(f"{row['certified_accuracy'][f'{r:g}']:<8.2f}" for r in radii)
         print(f"{name:<18}{ca}{row['acr']:<7.4f}{row['abstain_pct']:<9.2f}{row['miss_rate']:.4f}")
     print(f"winner (one-SE rule): {result['winner']}")
+    for name, d in result.get("against", {}).get("rules", {}).items():
+        print(f"{name:<18}{d['difference']:+.2f} (paired SE {d['paired_se']:.2f}) against {args.against}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -274,6 +274,9 @@ def _summary(rule: Rule, runs: list[dict[str, Any]], radii: tuple[float, ...]) -
         "acr": round(float(np.mean([r["acr"] for r in runs])), 4),
         "abstain_pct": round(float(np.mean([r["abstain"] for r in runs])), 2),
         "miss_rate": round(float(np.mean([r["miss"] for r in runs])), 4),
+        # Each split's mean over ``radii``, in split order: pairs two comparisons made on the same
+        # splits (the same inputs and seed), e.g. two surrogates of one base model.
+        "split_means": [round(float(v), 3) for v in a.mean(axis=1)],
     }
 
 

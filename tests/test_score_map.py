@@ -216,3 +216,27 @@ def test_compare_rules_at_the_deployment_calibration_size(monkeypatch):
     sizes.clear()
     compare_rules(probs, counts, labels, deploy_m=150, **kw)  # a larger part is never cut down
     assert set(sizes) == {200}
+
+
+def test_two_surrogates_on_the_same_splits_pair_up():
+    """Per-split means let two surrogates be compared on shared splits: an honest surrogate beats
+    the over-confident one by more than its paired standard error; other splits are refused."""
+    from benchmarks.rules_on_selection import paired_difference
+
+    rng = np.random.default_rng(11)
+    biased, counts, true_p = _draw(rng, 1200)
+    labels = np.zeros(len(true_p), dtype=np.int64)
+    s = np.clip(true_p, 0.5 + 1e-6, 1 - 1e-9)
+    honest = np.stack([s, 1 - s], axis=1)
+    kwargs = dict(n_mc=N_MC, sigma=SIGMA, alpha=0.05, beta=BETA, repeats=8, seed=3)
+    runs = {name: compare_rules(p, counts, labels, **kwargs) for name, p in (("b", biased), ("h", honest))}
+    for result in runs.values():
+        for row in result["rules"].values():
+            if "error" not in row:
+                assert len(row["split_means"]) == 8
+                assert np.mean(row["split_means"]) == pytest.approx(row["mean_certified_accuracy"], abs=2e-3)
+    diff = paired_difference(runs["h"], runs["b"])["single"]
+    assert diff["difference"] > 2 * diff["paired_se"] > 0
+    other = compare_rules(honest, counts, labels, **{**kwargs, "repeats": 4})
+    with pytest.raises(SystemExit, match="not the same splits"):
+        paired_difference(runs["h"], other)
