@@ -402,7 +402,7 @@ def train_surrogate(
             max=0.95,
             help="Share of each fresh-target batch drawn towards images the smoothed classifier is "
             "unsure of (found with 16 draws per training image, counted in the cost); default: the "
-            "profile's (0, uniform).",
+            "profile's (0.5 for full and full-small, 0 = uniform for quick).",
         ),
     ] = None,
     dataset: DatasetOpt = None,
