@@ -86,7 +86,8 @@ def _resnet_cifar(num_classes: int = 10):
 
 
 def _fashion_cnn(workdir: Path):
-    from rrise.calibrate.models import build_model, load_model
+    from rrise.calibrate.model_files import load_model
+    from rrise.calibrate.models import build_model
 
     if (workdir / "base.pt").is_file():
         model, _ = load_model(workdir / "base.pt")

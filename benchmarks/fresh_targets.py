@@ -103,7 +103,7 @@ def main() -> None:
     from rrise.calibrate.counts import TARGET_STORES, load_store_counts
     from rrise.calibrate.evaluate import certified_accuracy
     from rrise.calibrate.fit import _initial_surrogate, _train_fresh
-    from rrise.calibrate.models import load_model
+    from rrise.calibrate.model_files import load_model
 
     torch.manual_seed(0)
     w = _workdir(args.demo, args.out, args.steps, args.draws, args.batch)

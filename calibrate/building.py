@@ -20,124 +20,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-__all__ = ["BUILD_STAGES", "USER_DATASET", "UserData", "build", "load_user_data", "mc_budget"]
+from .folder_data import combine, load_sets
+
+__all__ = ["BUILD_STAGES", "USER_DATASET", "build", "mc_budget"]
 
 USER_DATASET = "user"
 # The stages `rrise build` runs after importing the base model, in order.
 BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify", "evaluate", "bundle")
-
-
-@dataclass
-class UserData:
-    """The user's images as the work folder's one dataset, and the splits indexing into it."""
-
-    data: Any  # ImageSet (DATA)
-    split: Any  # DataSplits
-    dataset: Any  # rrise.datasets.Dataset: DATA's images, then the TRAIN_DATA targets
-    splits: dict[str, np.ndarray]
-
-
-def _combine(sp, profile) -> UserData:
-    from rrise.datasets import Dataset
-
-    from .user_data import ModelInputs
-
-    d = sp.data
-    pixels, labels = d.pixels, d.labels
-    targets = sp.index["targets"]
-    if sp.train is not None and len(sp.train_index):
-        t = sp.train.subset(sp.train_index)
-        if t.pixels.dtype == pixels.dtype:
-            pixels = np.concatenate([pixels, t.pixels])
-        else:
-            pixels = np.concatenate([np.asarray(d.images), np.asarray(t.images)])
-        labels = np.concatenate([labels, t.labels])
-        targets = np.concatenate([targets, len(d) + np.arange(len(t))])
-    # ModelInputs: float32 in [0, 1] on access, the pixels kept as they are (uint8: 4× less memory)
-    ds = Dataset(d.name, "data", ModelInputs(pixels), labels.astype(np.int64), list(d.classes))
-    sel = sp.index["selection"]
-    splits = {
-        "base": targets,
-        "targets": targets,
-        "selection": sel,
-        "rules": sel[: profile.n_rule],
-        "calibration": sp.index["calibration"],
-        "test": sp.index["test"],
-    }
-    return UserData(d, sp, ds, splits)
-
-
-def _load_sets(u: dict[str, Any]):
-    from .user_data import load_images
-
-    shape = tuple(u["input_shape"])
-    data = load_images(u["data"], u["preprocess"], input_shape=shape, data_dir=u.get("data_dir"))
-    train = None
-    if u.get("train_data"):
-        train = load_images(
-            u["train_data"],
-            u["preprocess"],
-            input_shape=shape,
-            what="TRAIN_DATA",
-            builtin_split="train",
-            data_dir=u.get("data_dir"),
-        )
-    return data, train
-
-
-def load_user_data(w) -> UserData:
-    """Reload a `rrise build` folder's images (as recorded in run.json) and split them again;
-    refused when DATA no longer holds the images the folder was made from."""
-    from .user_data import UserDataError, split_images
-
-    u = w.config.user
-    data, train = _load_sets(u)
-    if data.sha256 != u.get("data_sha256"):
-        raise UserDataError(
-            f"DATA {u['data']} changed since {w.root} was made from it (its images or labels differ): "
-            f"use another --workdir, or rerun `rrise build` there with the images it was made from"
-        )
-    sp = split_images(data, w.prof, alpha=w.prof.alphas[0], seed=w.config.seed, train=train)
-    return _combine(sp, w.prof)
-
-
-def _user_model_args(u: dict[str, Any]) -> dict[str, Any]:
-    return {k: u["model_options"].get(k) for k in _MODEL_OPTIONS}
-
-
-_MODEL_OPTIONS = ("weights", "output", "output_kind", "input_size", "channels", "mean", "std")
-
-
-def user_model(w):
-    """The folder's user model: the one loaded by :func:`build`, else reloaded from run.json."""
-    from .user_model import UserModelError, load_user_model
-
-    if w.user_model is None:
-        u = w.config.user
-        if u.get("model") is None:
-            raise UserModelError(
-                f"{w.root} was built from an nn.Module passed in Python; this stage needs it again: "
-                f"call rrise.calibrate.build(model=...) with it"
-            )
-        w.user_model = load_user_model(u["model"], **_user_model_args(u))
-    return w.user_model
-
-
-def import_base(w) -> list[Path]:
-    """The user's model is the base: write its canonical ONNX (base.onnx) and where it came from
-    (base.pt, a JSON record: nothing here is trained)."""
-    from rrise.fileio import atomic_write_json
-
-    um = user_model(w)
-    um.save_onnx(w.path("base.onnx"))
-    atomic_write_json(w.path("base.pt"), {"format": "rrise-user-base", "model": um.provenance()})
-    return [w.path("base.pt"), w.path("base.onnx")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +40,7 @@ def import_base(w) -> list[Path]:
 def mc_budget(w) -> dict[str, int]:
     """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done)."""
     from . import provenance as prov
-    from .pipeline import ALL_STAGES
+    from .stages import ALL_STAGES
 
     p, sp = w.prof, w.splits()
     plan = {
@@ -278,7 +171,7 @@ def _checked_inputs(model, data, train_data, model_options, surrogate_arch, data
         "input_shape": [c, h, w_],
         "surrogate_arch": str(surrogate_arch),
     }
-    images, train = _load_sets(user)
+    images, train = load_sets(user)
     um.check_classes(images.num_classes, images.classes)
     sp = split_images(images, prof, alpha=prof.alphas[0], seed=seed, train=train)
     for note in sp.notes:
@@ -314,9 +207,9 @@ def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_o
            surrogate_arch, data_dir, show_progress, log, state) -> Path:  # fmt: skip
     from rrise.fileio import atomic_write_json
 
-    from .pipeline import run_stage
     from .profiles import get_profile
     from .provenance import file_sha256
+    from .stages import run_stage
     from .workdir import RunConfig, Workdir
 
     if not 0 < float(sigma) <= 1:
@@ -331,7 +224,7 @@ def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_o
     config = RunConfig(dataset=USER_DATASET, profile=prof.name, sigma=float(sigma), seed=int(seed), user=user)
     w = Workdir.open(root, config, show_progress=show_progress, log=log)
     w.user_model = um
-    w._user = _combine(sp, prof)
+    w._user = combine(sp, prof)
     atomic_write_json(w.path("data_splits.json"), sp.to_dict())
     stale_base = file_sha256(w.path("base.onnx")) not in (None, um.onnx_sha256)
     run_stage(w, "train-base", force=stale_base)

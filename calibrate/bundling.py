@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibrating import load_calibration, load_calibration_npz
+from .user_base import user_model
 from .workdir import Workdir
 
 __all__ = ["SELECTION_NPZ", "record_profile", "stage_bundle", "write_selection_npz"]
@@ -22,14 +23,11 @@ def stage_bundle(w: Workdir) -> list[Path]:
     from rrise.export.bundler import build_bundle, default_preprocess
     from rrise.export.onnx_export import onnx_parity
 
-    from .models import load_model
+    from .model_files import load_model, load_surrogate
 
     ds = w.data("train")
     cal, _ = load_calibration(w)  # refuses a calibration made with other models than these
     if w.is_user:  # `rrise build`: any surrogate arch, and the data's own preprocessing
-        from .building import user_model
-        from .surrogates import load_surrogate
-
         u = w.config.user
         base = user_model(w) if u.get("model") is None else None
         model, _ = load_surrogate(w.path("surrogate.pt"), base=base, trust_code=True)

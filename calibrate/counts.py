@@ -58,7 +58,7 @@ def prepare_base_model(w: Workdir, backend: str, device: str, sample: np.ndarray
     backend a store was sampled with, so that a resumed store keeps its numerics.
     """
     from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
-    from .models import load_model
+    from .model_files import load_model
 
     if backend == "auto" and w.is_user:  # `rrise build`: base.onnx is the user's model (no base.pt)
         backend = "onnxruntime"

@@ -15,6 +15,8 @@ import numpy as np
 
 from rrise.fileio import atomic_path, read_json
 
+from .provenance import read_record
+from .stages import OPTIONAL_STAGES, STAGES, run_stage
 from .workdir import Workdir
 
 __all__ = ["free_tcp_port", "run_demo", "stage_runtime_demo", "write_demo_video"]
@@ -95,8 +97,6 @@ def run_demo(w: Workdir, force: bool = False) -> dict[str, Any]:
     """Every stage in order (each skipped when current, rerun when stale), then the runtime on a
     video; returns the metrics and the received records. Optional stages run before (`rrise
     reference`) are brought up to date too, so that the report never mixes models."""
-    from .pipeline import OPTIONAL_STAGES, STAGES, run_stage
-    from .provenance import read_record
 
     optional = [n for n in OPTIONAL_STAGES if read_record(w.root, n) is not None]
     for name in STAGES:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .counts import TARGET_STORES, load_store_counts
+from .user_base import import_base, user_model
 from .workdir import Workdir, model_spec
 
 __all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline", "stage_train_surrogate"]
@@ -24,11 +25,10 @@ def stage_train_base(w: Workdir) -> list[Path]:
     from rrise.export.onnx_export import export_onnx
 
     if w.is_user:  # `rrise build`: the user's model is the base, nothing is trained
-        from .building import import_base
-
         return import_base(w)
 
-    from .models import build_model, save_model
+    from .model_files import save_model
+    from .models import build_model
     from .train import train_base
 
     ds, idx, p = w.data("train"), w.splits()["base"], w.prof
@@ -51,7 +51,8 @@ def stage_train_base(w: Workdir) -> list[Path]:
 
 def _initial_surrogate(w: Workdir, arch: str):
     """``(model, arch)``: the base model's weights (``arch="base"``) or a fresh seeded architecture."""
-    from .models import ARCHS, build_model, load_model
+    from .model_files import load_model
+    from .models import ARCHS, build_model
 
     if w.is_user:
         return _user_surrogate(w, arch), arch
@@ -64,7 +65,6 @@ def _initial_surrogate(w: Workdir, arch: str):
 
 def _user_surrogate(w: Workdir, arch: str):
     """`rrise build`: :func:`rrise.calibrate.surrogates.build_surrogate` for the user's base."""
-    from .building import user_model
     from .surrogates import build_surrogate
 
     ds = w.data("train")
@@ -204,7 +204,7 @@ def _fit_surrogate(
     ``steps`` given turns them on where the profile fits a fixed store."""
     from rrise.export.onnx_export import export_onnx
 
-    from .models import save_model
+    from .model_files import save_model, save_surrogate
     from .train import train_surrogate
 
     ds, p = w.data("train"), w.prof
@@ -245,8 +245,6 @@ def _fit_surrogate(
     if loss == "ce" and steps > 0:
         meta["hard_fraction"] = settings["hard_fraction"]
     if w.is_user:
-        from .surrogates import save_surrogate
-
         save_surrogate(model, w.path(f"{stem}.pt"), **meta)
     else:
         save_model(model, w.path(f"{stem}.pt"), arch=arch, **model_spec(w), **meta)

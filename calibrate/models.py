@@ -8,17 +8,15 @@ Linear are used, which export to plain ONNX operators.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rrise.fileio import atomic_path
+__all__ = ["ARCHS", "FORMAT", "Normalize", "build_model"]
 
-__all__ = ["ARCHS", "Normalize", "build_model", "load_model", "save_model"]
-
+# The model file format (written and read by :mod:`rrise.calibrate.model_files`).
 FORMAT = "rrise.model/1"
 
 # arch -> (conv widths of the two stages, hidden units of the classifier head)
@@ -27,7 +25,6 @@ ARCHS: dict[str, tuple[tuple[int, int], int]] = {
     "cnn-small": ((16, 32), 128),
 }
 
-_CONFIG_KEYS = ("arch", "in_channels", "num_classes", "image_size", "mean", "std")
 _MAX_HEAD_SIDE = 8
 
 
@@ -111,85 +108,3 @@ def build_model(
         nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
-
-
-def _json_like(value, where: str):
-    """``value`` as str/int/float/bool/None/list/dict (what ``torch.load(weights_only=True)`` reads)."""
-    if isinstance(value, np.generic):  # before the builtins: np.float64 is a float subclass
-        return _json_like(value.item(), where)
-    if value is None:
-        return None
-    for kind in (bool, int, float, str):  # plain builtins, also for subclasses (IntEnum, ...)
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, np.ndarray):
-        return _json_like(value.tolist(), where)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_json_like(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"model meta keys must be str, got {k!r} in {where}")
-            out[k] = _json_like(v, f"{where}.{k}")
-        return out
-    raise TypeError(f"model meta {where} must be JSON-like (str/int/float/list/dict), got {type(value)}")
-
-
-def save_model(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    arch: str,
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    mean: float | Sequence[float],
-    std: float | Sequence[float],
-    **meta,
-) -> None:
-    """Write ``{format, config, meta, state_dict}`` with torch.save, atomically (temp file + rename).
-
-    ``meta`` must be JSON-like; numpy scalars/arrays, tuples and paths are converted.
-    """
-    config = {
-        "arch": str(arch),
-        "in_channels": int(in_channels),
-        "num_classes": int(num_classes),
-        "image_size": int(image_size),
-        "mean": _per_channel(mean, int(in_channels), "mean").tolist(),
-        "std": _per_channel(std, int(in_channels), "std").tolist(),
-    }
-    payload = {
-        "format": FORMAT,
-        "config": config,
-        "meta": _json_like(meta, "meta"),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)  # a file object: the archive's name does not depend on the temp name
-
-
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Load a model written by :func:`save_model`: ``(model on CPU in eval mode, config + meta)``."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an rrise model file (expected format {FORMAT!r})")
-    config = payload["config"]
-    model = _rebuild(config, payload.get("meta", {}))
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, {**payload.get("meta", {}), **config}
-
-
-def _rebuild(config: dict, meta: dict) -> nn.Module:
-    """The untrained network of a saved model: :func:`build_model` for ``cnn``/``cnn-small``; other
-    surrogate archs (``edge-resnet``, factories, copies of a user's base) from the spec that
-    :func:`rrise.calibrate.surrogates.save_surrogate` records in ``meta``."""
-    if config["arch"] in ARCHS:
-        return build_model(**{k: config[k] for k in _CONFIG_KEYS})
-    from .surrogates import rebuild_surrogate
-
-    return rebuild_surrogate(config, meta)

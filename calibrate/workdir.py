@@ -20,6 +20,7 @@ import numpy as np
 from rrise.datasets import Dataset, load_dataset
 from rrise.fileio import atomic_write_json, read_json
 
+from .folder_data import load_user_data
 from .profiles import Profile, get_profile
 
 __all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec", "recorded_config"]
@@ -95,7 +96,7 @@ class Workdir:
     show_progress: bool = True
     log: Callable[[str], None] = print
     _data: dict[str, Dataset] = field(default_factory=dict)
-    _user: Any = None  # the loaded user data/splits of a `rrise build` folder (building.UserData)
+    _user: Any = None  # the loaded user data/splits of a `rrise build` folder (folder_data.UserData)
     user_model: Any = None  # the loaded UserModel of a `rrise build` folder, when someone loaded it
 
     @classmethod
@@ -139,11 +140,9 @@ class Workdir:
         return self.config.user is not None
 
     def user_data(self):
-        """The user's images and their splits (:class:`rrise.calibrate.building.UserData`)."""
+        """The user's images and their splits (:class:`rrise.calibrate.folder_data.UserData`)."""
         if self._user is None:
-            from .building import load_user_data
-
-            self._user = load_user_data(self)
+            self._user = load_user_data(self.config.user, self.prof, self.config.seed, self.root)
         return self._user
 
     def data(self, split: str) -> Dataset:

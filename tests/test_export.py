@@ -472,7 +472,8 @@ def test_build_engine_reports_parser_errors(monkeypatch, src, tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_inputs(src, tmp_path_factory) -> dict:
-    from rrise.calibrate.models import build_model, save_model
+    from rrise.calibrate.model_files import save_model
+    from rrise.calibrate.models import build_model
 
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rrise.calibrate.models import Normalize, build_model, load_model, save_model
+from rrise.calibrate.model_files import load_model, save_model
+from rrise.calibrate.models import Normalize, build_model
 from rrise.calibrate.train import mean_kl, predict_probs, train_base, train_surrogate
 from rrise.datasets import load_dataset
 

@@ -72,13 +72,13 @@ def _resume_training(path: Path) -> None:
 
 
 def _load_surrogate(path: Path) -> None:
-    from rrise.calibrate.surrogates import load_surrogate
+    from rrise.calibrate.model_files import load_surrogate
 
     load_surrogate(path)
 
 
 def _load_model(path: Path) -> None:
-    from rrise.calibrate.models import load_model
+    from rrise.calibrate.model_files import load_model
 
     load_model(path)
 

@@ -189,7 +189,7 @@ def _store_counts(path: Path) -> np.ndarray:
 
 
 def test_train_surrogate_takes_an_edge_arch_and_refuses_an_unknown_one(digits_demo, tmp_path):
-    from rrise.calibrate.models import load_model
+    from rrise.calibrate.model_files import load_model
 
     work = _copy(digits_demo[0], tmp_path / "w")
     common = ["--workdir", str(work), "--no-progress"]
@@ -206,7 +206,7 @@ def test_train_base_is_reproducible_across_runs(digits_demo, tmp_path):
     """Same configuration, two work folders: the same base model, weight for weight."""
     import torch
 
-    from rrise.calibrate.models import load_model
+    from rrise.calibrate.model_files import load_model
 
     args = ["train-base", "--workdir", str(tmp_path / "b"), "--dataset", "digits", "--no-progress"]
     assert runner.invoke(app, args).exit_code == 0

@@ -131,7 +131,8 @@ def test_fill_store_is_independent_of_sharding(tmp_path):
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory) -> Path:
     """A digits work folder with a small (untrained) base model: all `rrise targets` needs."""
-    from rrise.calibrate.models import build_model, save_model
+    from rrise.calibrate.model_files import save_model
+    from rrise.calibrate.models import build_model
     from rrise.calibrate.pipeline import RunConfig, Workdir
     from rrise.export.onnx_export import export_onnx
 

@@ -11,15 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from rrise.calibrate.models import build_model, load_model
+from rrise.calibrate.model_files import load_model, load_surrogate, save_surrogate
+from rrise.calibrate.models import build_model
 from rrise.calibrate.surrogates import (
     EdgeResNet,
     ProbsToLogits,
     SurrogateError,
     build_surrogate,
-    load_surrogate,
     model_cost,
-    save_surrogate,
     surrogate_spec,
 )
 from rrise.calibrate.user_model import load_user_model
