@@ -6,7 +6,7 @@ Three verbs, each parse → call → print; the work is in the export modules:
   (:func:`rrise.export.from_surrogate.export_bundle`).
 - ``rrise-export add-variant``: an int8/fp16 variant and/or a TensorRT engine, each with its own
   quantile (:func:`rrise.export.variants.add_to_bundle`).
-- ``rrise-export sign``: sign a bundle as it is (:func:`rrise.signing.sign_bundle`); ``build`` and
+- ``rrise-export sign``: sign a bundle as it is (:func:`rrise.bundle.sign_bundle`); ``build`` and
   ``add-variant`` also take ``--sign KEY``.
 
 The flat form ``rrise-export [--surrogate … --out …] [--bundle B] [--precision P] [--engine tensorrt]
@@ -233,7 +233,8 @@ def _sign(bundle_dir: Path, key, was_signed: bool = False) -> None:
                 "holds and was removed; sign it again with --sign KEY"
             )
         return
-    from rrise.signing import key_fingerprint, sign_bundle
+    from rrise.bundle import sign_bundle
+    from rrise.signing import key_fingerprint
 
     path = sign_bundle(bundle_dir, key)
     typer.echo(f"signed    {path.name} by key {key_fingerprint(key.public_key())}")

@@ -1,9 +1,10 @@
 """The TensorRT variant of a bundle: an engine built on this device, with its own quantile.
 
 :func:`add_engine` builds a TensorRT engine from the bundle's ONNX of one precision
-(:func:`rrise.export.tensorrt_build.build_engine`), runs it on the calibration images through the
-runtime's own ``rrise.runtime.backends.TensorRTBackend`` (the numerics deployment will see) at batch
-size 1 and in the runtime's micro-batches (:func:`rrise.export.bundler.calibration_outputs`), and
+(:func:`rrise.export.tensorrt_build.build_engine`), runs it on the calibration images through
+:class:`rrise.trt_session.TensorRTBackend`, the engine runner the runtime uses too (the numerics
+deployment will see), at batch size 1 and in the runtime's micro-batches
+(:func:`rrise.recalibration.calibration_outputs`), and
 adds it with the quantile of its batch-1 outputs, ``calibrated_with: "tensorrt"`` and ``max_batch``
 (the largest micro-batch whose outputs are bit-identical to batch 1's; an engine whose kernels
 change with the batch size gets 1). TensorRT and pycuda are imported only when it runs.
@@ -18,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from rrise import trt_session
 from rrise.bundle import Bundle
 from rrise.numerics import MICRO_BATCH_LIMIT
+from rrise.recalibration import calibration_images, calibration_outputs, micro_batched, onnx_probs_runner
 
 from . import tensorrt_build
-from .bundler import add_variant, calibration_outputs, onnx_probs_runner
+from .bundler import add_variant
 from .precision import PRECISIONS, variant_file_name
-from .variants import calibration_images, micro_batched
 
 __all__ = ["CALIBRATED_WITH_TENSORRT", "add_engine", "engine_outputs"]
 
@@ -33,14 +35,9 @@ CALIBRATED_WITH_TENSORRT = "tensorrt"
 
 def engine_outputs(engine_path: str | os.PathLike, images: np.ndarray) -> tuple[np.ndarray, int]:
     """The engine's batch-1 probabilities on ``images`` and the largest runtime micro-batch that
-    reproduces them exactly, run through the runtime's TensorRT backend."""
-    try:
-        from rrise.runtime import backends
-    except ImportError as exc:
-        raise RuntimeError(
-            f"running the engine needs the rrise runtime ({exc}): pip install 'rrise[runtime,tensorrt]'"
-        ) from None
-    backend = backends.TensorRTBackend(engine_path)
+    reproduces them exactly, run through the runtime's engine runner
+    (:class:`rrise.trt_session.TensorRTBackend`)."""
+    backend = trt_session.TensorRTBackend(engine_path)
     try:
         return calibration_outputs(backend.run, images)
     finally:

@@ -3,7 +3,7 @@
 A conformal quantile holds only for the numerics it was computed with (docs/CERTIFICATE.md,
 "Numerics"), so every variant made here is run on the bundle's calibration images with onnxruntime
 on the CPU — the exact file and execution provider the runtime will use for it — at batch size 1
-and in the runtime's micro-batches (:func:`rrise.export.bundler.calibration_outputs`), and its q̂ is
+and in the runtime's micro-batches (:func:`rrise.recalibration.calibration_outputs`), and its q̂ is
 recomputed from the batch-1 outputs against the full MC count vectors in ``calibration.npz``
 (:func:`rrise.export.bundler.add_variant`). The variant entry says so: ``"calibrated_with":
 "onnxruntime-cpu"`` and ``max_batch`` (the largest micro-batch with bit-identical outputs); the
@@ -35,17 +35,18 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rrise.bundle import Bundle, BundleError, sha256_file
-from rrise.fileio import atomic_write_bytes, load_npz
+from rrise.bundle import Bundle
+from rrise.fileio import atomic_write_bytes, load_npz, sha256_file
 from rrise.numerics import MICRO_BATCH_LIMIT
+from rrise.recalibration import calibration_images, calibration_outputs, micro_batched, onnx_probs_runner
 
-from .bundler import CALIBRATION_FILE, add_variant, calibration_outputs, onnx_probs_runner
+from .bundler import add_variant
+from .engine import add_engine
 from .onnx_export import INPUT_NAME
 from .precision import DEFAULT_QUANT_SAMPLES, PRECISIONS, variant_file_name
 
@@ -67,23 +68,6 @@ __all__ = [
 ]
 
 CALIBRATED_WITH_ORT_CPU = "onnxruntime-cpu"
-
-
-def calibration_images(bundle: Bundle) -> np.ndarray:
-    """The bundle's calibration images ``[m, C, H, W]`` (``calibration.npz``, read without unpickling)."""
-    if CALIBRATION_FILE not in bundle.manifest["files"]:
-        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
-    return load_npz(bundle.file(CALIBRATION_FILE), ("images",), "calibration file")["images"]
-
-
-def micro_batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
-    """``run`` over ``images`` in the runtime's micro-batches: a diagnostic reference (agreement,
-    parity), not calibration outputs (those come from :func:`calibration_outputs`)."""
-    x = np.ascontiguousarray(images, dtype=np.float32)
-    step = MICRO_BATCH_LIMIT
-    return np.concatenate(
-        [np.asarray(run(x[i : i + step]), dtype=np.float64) for i in range(0, len(x), step)]
-    )
 
 
 # --- data for int8 ranges ---------------------------------------------------------------------------
@@ -431,8 +415,6 @@ def add_to_bundle(
             bundle.path, precision, quant_images=quant_images, quant_source=quant_source
         )
     if engine is not None:
-        from .engine import add_engine
-
         bundle = add_engine(
             bundle.path, precision, timing_cache=timing_cache, max_batch=engine_max_batch, info=trt_info
         )

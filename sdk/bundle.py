@@ -7,26 +7,27 @@ unknown schema version — with a :class:`BundleError` that names the problem.
 Identity: the bundle id is the sha256 of the canonical manifest (:func:`canonical_manifest`). The
 manifest lists the sha256 of every file, so the id changes when any byte of the bundle does; a
 robot pins the bundle it was given with ``expect_id`` (``rrise run --expect-id``) or trusts only
-bundles signed by a key it holds (``trust``, ``rrise run --trust``; :mod:`rrise.signing`).
+bundles signed by a key it holds (``trust``, ``rrise run --trust``; :mod:`rrise.signing`), and
+:func:`sign_bundle` signs a verified bundle.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bundle_id import canonical_manifest, is_bundle_id, manifest_id
 from .calibration import Calibration
-from .fileio import atomic_path
+from .fileio import atomic_path, sha256_file
 from .manifest_schema import MANIFEST, SCHEMA_VERSION, SIGNATURE, ManifestError, validate_manifest
+from .signing import SigningError, verify_signature, write_signature
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -35,6 +36,7 @@ __all__ = [
     "canonical_manifest",
     "manifest_id",
     "sha256_file",
+    "sign_bundle",
     "write_manifest",
 ]
 
@@ -46,32 +48,10 @@ GUARANTEE = (
     "It is a marginal guarantee over the input distribution, not a per-input one, and it does not "
     "survive distribution shift or a changed base model."
 )
-_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(Exception):
     """A bundle that cannot be trusted or used; the message names the file or key at fault."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def canonical_manifest(manifest: dict[str, Any]) -> bytes:
-    """The manifest as canonical JSON: keys sorted, no whitespace, UTF-8, no NaN or infinity. What
-    the bundle id digests and a signature signs; the same for any formatting of ``manifest.json``."""
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
-
-
-def manifest_id(manifest: dict[str, Any]) -> str:
-    """The bundle id: the sha256 (64 hex digits) of :func:`canonical_manifest`. Since the manifest
-    lists the sha256 of every file, two bundles with the same id hold the same bytes."""
-    return hashlib.sha256(canonical_manifest(manifest)).hexdigest()
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
@@ -103,7 +83,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
 
 def _expected_id(expect_id: str) -> str:
     want = str(expect_id).strip().lower()
-    if not _ID.match(want):
+    if not is_bundle_id(want):
         raise BundleError(
             f"expected bundle id {expect_id!r} is not a bundle id (64 hex digits, as `rrise inspect` shows)"
         )
@@ -175,8 +155,6 @@ class Bundle:
                     "changed bundle; refusing it"
                 )
         if trust is not None:
-            from .signing import SigningError, verify_signature
-
             try:
                 verify_signature(self, trust)
             except SigningError as exc:
@@ -256,3 +234,32 @@ class Bundle:
                 bins = tuple(variant["bin_quantiles"])
             cal = cal.with_quantile(float(variant["quantile"]), bins)
         return cal
+
+
+def sign_bundle(bundle_dir: str | os.PathLike, key: Ed25519PrivateKey | str | os.PathLike) -> Path:
+    """Sign the bundle at ``bundle_dir``, verified first, into its ``manifest.sig``.
+
+    The signature covers the canonical manifest (:func:`canonical_manifest`), which lists the sha256
+    of every file; it replaces any older signature, and neither the manifest nor the id change.
+
+    Parameters
+    ----------
+    bundle_dir : str or os.PathLike
+        The bundle folder.
+    key : Ed25519PrivateKey or str or os.PathLike
+        The signing key, or its file (PEM, OpenSSH or raw 32 bytes).
+
+    Returns
+    -------
+    Path
+        The path of ``manifest.sig``.
+
+    Raises
+    ------
+    BundleError
+        When the bundle does not verify.
+    rrise.signing.SigningError
+        When the key cannot be used.
+    """
+    bundle = Bundle.load(bundle_dir)
+    return write_signature(bundle.path, bundle.manifest, key)

@@ -4,12 +4,13 @@ Every artefact the SDK writes (JSON records, ``.npz`` arrays, ONNX models, figur
 goes through :func:`atomic_path`: the content is written to a temp file in the destination's folder
 and renamed into place, so a reader (or a crash) sees the old file or the whole new one, never a
 partial write. Every ``.npz`` a user can hand the SDK is read by :func:`load_npz`, which never
-unpickles.
+unpickles. :func:`sha256_file` is the one file hasher (bundle files, model provenance, user data).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -27,8 +28,43 @@ __all__ = [
     "load_npz",
     "read_json",
     "save_npz",
+    "sha256_file",
     "umask",
 ]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    str
+        64 lower-case hex digits.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read (FileNotFoundError when it does not exist).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+    ...     _ = f.write(b"abc")
+    >>> sha256_file(f.name)[:16]
+    'ba7816bf8f01cfea'
+    >>> os.unlink(f.name)
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def umask() -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import Bundle, BundleError
+from .recalibration import verify_quantiles
+from .signing import SigningError, read_signature, verify_signature
 
 __all__ = ["format_inspection", "guarantee_text", "inspect_bundle"]
 
@@ -43,7 +45,7 @@ def inspect_bundle(
     made_with (the pipeline profile and its note; None when not recorded), files,
     signature (``signed``, the signer's ``key``, ``trusted``: True/False, or None when no ``trust``
     key was given) and, with ``verify``, ``verification`` (one result per variant, see
-    :func:`rrise.export.bundler.verify_quantiles`).
+    :func:`rrise.recalibration.verify_quantiles`).
     ``problems`` is empty exactly when :meth:`Bundle.load` (with ``trust``) would accept the bundle
     and every verifiable quantile was reproduced; otherwise it lists each changed, missing or extra
     file (by name), the manifest error, the signature failure or the quantile mismatch.
@@ -85,12 +87,10 @@ def inspect_bundle(
 def _signature(bundle: Bundle, trust: str | os.PathLike | None, problems: list[str]) -> dict[str, Any]:
     """What ``manifest.sig`` says and, given a ``trust`` key, whether it verifies (a failure, or a
     malformed signature, is added to ``problems`` only when a key was given)."""
-    from .signing import SigningError, read_signature, verify_signature
-
     out: dict[str, Any] = {"signed": False, "key": None, "trusted": None, "trusted_key": None}
     try:
         info = read_signature(bundle.path)
-    except BundleError as exc:
+    except SigningError as exc:
         info = None
         out["error"] = str(exc)
     if info is not None:
@@ -101,20 +101,18 @@ def _signature(bundle: Bundle, trust: str | os.PathLike | None, problems: list[s
     try:
         out["trusted_key"] = verify_signature(bundle, trust)
         out["trusted"] = True
-    except (BundleError, SigningError) as exc:
+    except SigningError as exc:
         problems.append(str(exc))
     return out
 
 
 def _verification(bundle: Bundle, problems: list[str]) -> list[dict[str, Any]]:
-    """Each variant's quantile recomputed (rrise.export.bundler.verify_quantiles); a mismatch, or a
+    """Each variant's quantile recomputed (:func:`rrise.recalibration.verify_quantiles`); a mismatch, or a
     bundle that cannot be verified at all, is added to ``problems``."""
     if problems:
         problems.append("quantiles not verified: the bundle failed the checks above")
         return []
     try:
-        from rrise.export.bundler import verify_quantiles
-
         results = verify_quantiles(bundle)
     except (BundleError, ValueError, RuntimeError, ImportError) as exc:
         problems.append(f"quantiles could not be verified: {exc}")

@@ -1,7 +1,7 @@
 """Ed25519 signatures of a bundle's manifest, kept beside it in ``manifest.sig``.
 
 What is signed: the bytes ``b"rrise bundle manifest v1\\n"`` followed by the canonical manifest
-(:func:`rrise.bundle.canonical_manifest`: sorted keys, no whitespace, UTF-8), whose sha256 is the
+(:func:`rrise.bundle_id.canonical_manifest`: sorted keys, no whitespace, UTF-8), whose sha256 is the
 bundle id. The manifest lists the sha256 of every other file, so a valid signature vouches for every
 byte of the bundle. ``manifest.sig`` is listed nowhere in the manifest: signing changes neither the
 manifest nor the id, and re-signing replaces it.
@@ -15,6 +15,10 @@ other fields serve error messages.
 Keys: PEM (PKCS#8 private, SubjectPublicKeyInfo public, as :func:`write_signing_keypair` writes and
 ``openssl genpkey -algorithm ed25519`` makes), OpenSSH ed25519 keys, or a raw 32-byte key file. The
 ``cryptography`` package is imported only when a key is used (extras ``runtime`` and ``export``).
+
+This module works on a bundle's folder and manifest and never loads a bundle itself:
+:func:`rrise.bundle.sign_bundle` verifies a bundle and signs it, and :meth:`rrise.Bundle.load` with
+``trust`` checks the signature (turning a :class:`SigningError` into a ``BundleError``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .bundle import Bundle, BundleError, canonical_manifest, manifest_id
+from .bundle_id import canonical_manifest, manifest_id
 from .fileio import atomic_write_bytes
 from .manifest_schema import SIGNATURE
 
@@ -42,8 +46,8 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "read_signature",
-    "sign_bundle",
     "verify_signature",
+    "write_signature",
     "write_signing_keypair",
 ]
 
@@ -53,7 +57,15 @@ _MAX_KEY_BYTES = 1 << 16
 
 
 class SigningError(ValueError):
-    """A key file that cannot be used, or a key that cannot be written; the message names the file."""
+    """A key file that cannot be used, a key that cannot be written, or a signature that is malformed
+    or does not verify; the message names the file or says what differs."""
+
+
+class SignedBundle(Protocol):
+    """What signing reads of a bundle: its folder and its manifest (an :class:`rrise.Bundle` is one)."""
+
+    path: Path
+    manifest: dict[str, Any]
 
 
 def _crypto():
@@ -176,21 +188,23 @@ def write_signing_keypair(prefix: str | os.PathLike) -> tuple[Path, Path]:
     return pub_path, key_path
 
 
-def sign_bundle(bundle_dir: str | os.PathLike, key: Ed25519PrivateKey | str | os.PathLike) -> Path:
-    """Sign the bundle at ``bundle_dir`` (verified first) with ``key`` (a key or its file): write
-    ``manifest.sig`` atomically, replacing any older signature. Returns its path."""
+def write_signature(
+    bundle_dir: str | os.PathLike, manifest: dict[str, Any], key: Ed25519PrivateKey | str | os.PathLike
+) -> Path:
+    """Sign ``manifest`` with ``key`` (a key or its file) into ``bundle_dir/manifest.sig``, written
+    atomically and replacing any older signature; returns its path. The caller vouches that the
+    manifest is the bundle's, verified (:func:`rrise.bundle.sign_bundle` does both)."""
     private = key if not isinstance(key, (str, os.PathLike)) else load_private_key(key)
-    bundle = Bundle.load(bundle_dir)
-    signature = private.sign(DOMAIN + canonical_manifest(bundle.manifest))
+    signature = private.sign(DOMAIN + canonical_manifest(manifest))
     record = {
         "format": FORMAT,
         "version": 1,
         "algorithm": "ed25519",
         "key": key_fingerprint(private.public_key()),
-        "bundle": bundle.id,
+        "bundle": manifest_id(manifest),
         "signature": base64.b64encode(signature).decode("ascii"),
     }
-    path = bundle.path / SIGNATURE
+    path = Path(bundle_dir) / SIGNATURE
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     return path
 
@@ -207,7 +221,7 @@ class SignatureInfo:
 
 def read_signature(bundle_dir: str | os.PathLike) -> SignatureInfo | None:
     """The bundle's ``manifest.sig`` as it claims to be (None when there is none). Raises
-    BundleError when it is not an rrise Ed25519 signature."""
+    SigningError when it is not an rrise Ed25519 signature."""
     path = Path(bundle_dir) / SIGNATURE
     if not path.is_file():
         return None
@@ -221,26 +235,27 @@ def read_signature(bundle_dir: str | os.PathLike) -> SignatureInfo | None:
         if len(signature) != 64:
             raise ValueError(f"an Ed25519 signature has 64 bytes, this one {len(signature)}")
     except (ValueError, SigningError) as exc:  # JSONDecodeError and binascii.Error are ValueErrors
-        raise BundleError(f"{path} is not an rrise Ed25519 signature: {exc}") from None
+        raise SigningError(f"{path} is not an rrise Ed25519 signature: {exc}") from None
     return SignatureInfo(key=str(record.get("key")), bundle=str(record.get("bundle")), signature=signature)
 
 
 def verify_signature(
-    bundle: Bundle, trusted: Ed25519PublicKey | str | os.PathLike, *, manifest: dict | None = None
+    bundle: SignedBundle, trusted: Ed25519PublicKey | str | os.PathLike, *, manifest: dict | None = None
 ) -> str:
     """Check that ``manifest.sig`` of ``bundle`` is a valid signature by ``trusted`` (a key or its
     file) of its manifest; return the key's fingerprint.
 
     Guarantee: when this returns, the holder of the trusted private key signed exactly this manifest
-    (every key and value, and so the sha256 of every file it lists). Raises BundleError for an
-    unsigned bundle, a malformed signature, another signer, or a manifest changed since signing."""
+    (every key and value, and so the sha256 of every file it lists). Raises for an
+    unsigned bundle, a malformed signature, another signer, or a manifest changed since signing
+    (SigningError; :meth:`rrise.Bundle.load` reports it as a BundleError)."""
     public = trusted if not isinstance(trusted, (str, os.PathLike)) else load_public_key(trusted)
     fingerprint = key_fingerprint(public)
     from cryptography.exceptions import InvalidSignature
 
     info = read_signature(bundle.path)
     if info is None:
-        raise BundleError(
+        raise SigningError(
             f"bundle {bundle.path} is not signed (no {SIGNATURE}), but only bundles signed by key "
             f"{fingerprint} are trusted: refusing it"
         )
@@ -255,5 +270,7 @@ def verify_signature(
             why = f"the manifest changed after it was signed (signed as bundle {info.bundle}, now {now})"
         else:
             why = "the signature does not match the manifest"
-        raise BundleError(f"the signature of bundle {bundle.path} is not valid: {why}; refusing it") from None
+        raise SigningError(
+            f"the signature of bundle {bundle.path} is not valid: {why}; refusing it"
+        ) from None
     return fingerprint

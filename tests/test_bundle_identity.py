@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rrise import Bundle, BundleError
-from rrise.bundle import canonical_manifest, manifest_id, write_manifest
+from rrise.bundle import canonical_manifest, manifest_id, sign_bundle, write_manifest
 from rrise.cli import app
 from rrise.export.cli import app as export_app
 from rrise.inspect import format_inspection, inspect_bundle
@@ -33,7 +33,6 @@ from rrise.signing import (
     load_private_key,
     load_public_key,
     read_signature,
-    sign_bundle,
     verify_signature,
     write_signing_keypair,
 )

@@ -234,7 +234,7 @@ def test_cli_refuses_calibration_npz_and_bad_combinations(tiny_bundle, tmp_path)
 
 # --- TensorRT, faked ----------------------------------------------------------------------------------
 class FakeEngineBackend:
-    """Stands in for rrise.runtime.backends.TensorRTBackend: the "engine" is the ONNX it was built
+    """Stands in for rrise.trt_session.TensorRTBackend: the "engine" is the ONNX it was built
     from, with slightly different numerics (as a real engine has), the same at every batch size."""
 
     scale_per_extra_row = 0.0
@@ -275,8 +275,10 @@ def fake_engine_build(monkeypatch, backend=FakeEngineBackend) -> dict:
         lambda: {"trt_version": "10.3.0", "compute_capability": "8.7", "device": "Orin"},
     )
     import rrise.runtime.backends as backends
+    import rrise.trt_session as trt_session
 
-    monkeypatch.setattr(backends, "TensorRTBackend", backend)
+    monkeypatch.setattr(trt_session, "TensorRTBackend", backend)  # export's recalibration
+    monkeypatch.setattr(backends, "TensorRTBackend", backend)  # the runtime
     return calls
 
 

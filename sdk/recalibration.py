@@ -1,0 +1,213 @@
+"""A precision variant's quantile from its own outputs on the bundle's calibration inputs.
+
+A conformal quantile holds only for the numerics it was computed with (docs/CERTIFICATE.md,
+"Numerics"), so each variant's q̂ comes from that variant's own batch-1 probabilities on the images
+of ``calibration.npz``, scored against the full MC count vectors stored beside them: a variant that
+picks another class than fp32 is scored against that class's count. This module is the one home of
+that recomputation: export uses it to give a new variant its quantile (:func:`calibration_outputs`,
+:func:`variant_recalibration`) and ``rrise inspect --verify`` to check every recorded one
+(:func:`verify_quantiles`). numpy and onnxruntime only (:mod:`rrise.onnx_session`); a TensorRT
+engine runs through :mod:`rrise.trt_session` where it was built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .calibration import Calibration
+from .fileio import load_npz
+from .numerics import MICRO_BATCH_LIMIT, to_probs
+from .onnx_session import open_session
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "NOT_VERIFIABLE",
+    "calibration_images",
+    "calibration_outputs",
+    "check_calibration_arrays",
+    "micro_batched",
+    "onnx_probs_runner",
+    "read_calibration_npz",
+    "variant_recalibration",
+    "verify_quantiles",
+]
+
+CALIBRATION_FILE = "calibration.npz"
+
+
+def onnx_probs_runner(
+    path: str | os.PathLike, calibrated_with: str = "onnxruntime-cpu", output_kind: str = "logits"
+):
+    """A function ``[B, C, H, W] float32 → [B, K] float64 probabilities`` running the ONNX model at
+    ``path`` exactly as a variant ``calibrated_with`` this runs at deployment (one session factory),
+    its output read as ``output_kind`` (``logits`` or ``probs``) as the runtime reads it."""
+    session = open_session(path, calibrated_with)
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return to_probs(session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0], output_kind)
+
+    return run
+
+
+def calibration_outputs(
+    run: Callable[[np.ndarray], np.ndarray], images: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """A variant's probabilities on the calibration ``images`` at batch size 1 (the runtime's
+    per-frame path), and the largest runtime micro-batch whose outputs are bit-identical to them.
+
+    ``run`` maps ``[B, C, H, W]`` float32 to ``[B, K]`` probabilities. The returned ``max_batch`` is
+    :data:`rrise.numerics.MICRO_BATCH_LIMIT` when every batch of that size (the last one may be
+    shorter) reproduces the batch-1 outputs exactly, else 1: a quantile holds only for the numerics
+    it was computed with, so the runtime must never run this variant in larger batches.
+    """
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    probs = np.concatenate([np.asarray(run(x[i : i + 1]), dtype=np.float64) for i in range(len(x))])
+    step = MICRO_BATCH_LIMIT
+    for i in range(0, len(x), step):
+        batched = np.asarray(run(x[i : i + step]), dtype=np.float64)
+        if not np.array_equal(batched, probs[i : i + step]):
+            return probs, 1
+    return probs, step
+
+
+def read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(counts, cap_counts, images)`` of a ``calibration.npz``, read without unpickling;
+    ``cap_counts`` (the second-stage draws at the cap) is None for a calibration without them."""
+    z = load_npz(path, ("counts", "images"), "calibration file")
+    return z["counts"], z.get("cap_counts"), z["images"]
+
+
+def check_calibration_arrays(
+    counts: np.ndarray, images: np.ndarray, calibration: Calibration, input_shape: tuple[int, ...]
+) -> None:
+    """Refuse (ValueError) calibration arrays that do not fit the record: integer counts ``[m, K]``
+    with ``m`` rows, float32 images ``[m, *input_shape]`` with pixels in [0, 1]."""
+    if counts.ndim != 2 or not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(f"calibration counts must be integer [m, K], got {counts.dtype} {counts.shape}")
+    if len(counts) != calibration.m:
+        raise ValueError(
+            f"calibration.npz has {len(counts)} count rows but the calibration says m={calibration.m}"
+        )
+    if images.shape != (len(counts), *input_shape):
+        want = [len(counts), *input_shape]
+        raise ValueError(f"calibration images must be [m, C, H, W] = {want}, got {list(images.shape)}")
+    if images.dtype != np.float32:
+        raise ValueError(f"calibration images must be float32 (what the model sees), got {images.dtype}")
+    if images.size and (images.min() < 0 or images.max() > 1 or not np.all(np.isfinite(images))):
+        raise ValueError("calibration images must be pixels in [0, 1]")
+
+
+def calibration_images(bundle: Bundle) -> np.ndarray:
+    """The bundle's calibration images ``[m, C, H, W]`` (``calibration.npz``, read without unpickling)."""
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
+    return load_npz(bundle.file(CALIBRATION_FILE), ("images",), "calibration file")["images"]
+
+
+def micro_batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``run`` over ``images`` in the runtime's micro-batches: a diagnostic reference (agreement,
+    parity), not calibration outputs (those come from :func:`calibration_outputs`)."""
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    step = MICRO_BATCH_LIMIT
+    return np.concatenate(
+        [np.asarray(run(x[i : i + step]), dtype=np.float64) for i in range(0, len(x), step)]
+    )
+
+
+def variant_recalibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
+    """The calibration of a variant whose probabilities on the bundle's calibration images
+    (``calibration.npz['images']``, in order) are ``probs`` [m, K]: the bundle's own record
+    (α, β, N, δ, score, bins, map) recomputed with those outputs against the stored full MC count
+    vectors, so a variant that picks another class than fp32 is scored against that class's count."""
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
+    counts, cap_counts, _ = read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    if np.shape(probs) != counts.shape:
+        raise ValueError(
+            f"probs must be [m, K] = {list(counts.shape)} (the variant on the bundle's calibration "
+            f"images, in order), got {list(np.shape(probs))}"
+        )
+    return bundle.calibration().recalibrate(probs, counts, cap_counts=cap_counts)
+
+
+# --- rrise inspect --verify ------------------------------------------------------------------------
+NOT_VERIFIABLE = "not verifiable on this machine"
+
+
+def verify_quantiles(bundle: Bundle) -> list[dict[str, Any]]:
+    """Recompute every variant's quantile from ``calibration.npz`` and that variant's own model, as
+    it was calibrated (batch-1 outputs on the numerics of its ``calibrated_with``), and compare.
+
+    One result per variant: ``variant`` (precision/backend), ``file``, ``status`` (``ok``,
+    ``mismatch``, ``uncalibrated`` or :data:`NOT_VERIFIABLE` for a TensorRT engine or numerics this
+    machine lacks), ``recorded`` and ``recomputed`` quantiles, and ``detail`` (what differs, or why
+    it cannot be checked). A variant is ``ok`` only when its quantile (and each confidence-bin
+    quantile) agrees to 1e-6 and its ``max_batch`` is reproduced."""
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; its quantiles cannot be verified")
+    counts, cap_counts, images = read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    record = bundle.calibration()
+    check_calibration_arrays(counts, images, record, tuple(images.shape[1:]))
+    if counts.shape[1] != bundle.num_classes:
+        raise BundleError(
+            f"{CALIBRATION_FILE} of bundle {bundle.path} counts {counts.shape[1]} classes, but the "
+            f"manifest says num_classes = {bundle.num_classes}"
+        )
+    counts_by_stage = (counts, cap_counts)
+    return [_verify_variant(bundle, v, images, counts_by_stage, record) for v in bundle.manifest["variants"]]
+
+
+def _verify_variant(
+    bundle: Bundle,
+    v: dict[str, Any],
+    images: np.ndarray,
+    counts_by_stage: tuple[np.ndarray, np.ndarray | None],
+    record: Calibration,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "variant": f"{v['precision']}/{v['backend']}",
+        "file": v["file"],
+        "recorded": v["quantile"],
+        "recomputed": None,
+    }
+    if v["quantile"] is None:
+        return {**out, "status": "uncalibrated", "detail": v.get("needs_recalibration")}
+    if v["backend"] == "tensorrt":
+        why = "a TensorRT engine runs only where it was built; rebuild it there to recompute its quantile"
+        return {**out, "status": NOT_VERIFIABLE, "detail": why}
+    kind = v.get("output_kind") or bundle.manifest["model"]["output"]["kind"]
+    try:
+        run = onnx_probs_runner(bundle.file(v["file"]), v["calibrated_with"], output_kind=kind)
+    except RuntimeError as exc:  # e.g. onnxruntime-cuda numerics on a machine without CUDA
+        return {**out, "status": NOT_VERIFIABLE, "detail": str(exc)}
+    probs, max_batch = calibration_outputs(run, images)
+    counts, cap_counts = counts_by_stage
+    fresh = record.recalibrate(probs, counts, cap_counts=cap_counts)
+    recorded = bundle.calibration(v)
+    out["recomputed"] = fresh.quantile
+    differs = [
+        f"{name} {a:.9g} recorded, {b:.9g} recomputed"
+        for name, a, b in [
+            ("quantile", recorded.quantile, fresh.quantile),
+            *(
+                (f"bin_quantiles[{i}]", a, b)
+                for i, (a, b) in enumerate(zip(recorded.bin_quantiles, fresh.bin_quantiles))
+            ),
+        ]
+        if not (a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6))
+    ]
+    if int(v["max_batch"]) > max_batch:
+        differs.append(
+            f"max_batch {v['max_batch']} recorded, but only batch size {max_batch} reproduces its outputs"
+        )
+    if differs:
+        return {**out, "status": "mismatch", "detail": "; ".join(differs)}
+    return {**out, "status": "ok", "detail": None}
