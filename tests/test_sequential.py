@@ -1,0 +1,218 @@
+"""The anytime-valid bound of rrise.sequential: its level under optional stopping (by simulation, with
+a deliberately invalid bound in the same harness to show the check can fail), its power, its shape and
+the refusal of bad options."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rrise.sequential import (
+    DEFAULT_PRIOR,
+    STOP_BUDGET,
+    STOP_DEADLINE,
+    STOP_FUTILITY,
+    STOP_SUCCESS,
+    ConfidenceSequence,
+    SequentialOptions,
+    check_required_radius,
+    largest_certifiable_radius,
+    lower_bound,
+    radius_from_lower_bound,
+    required_probability,
+    sequential_test,
+)
+from rrise.stats import clopper_pearson_lower, norm_ppf
+
+SEQUENCES = 20_000
+LOOK_ALPHA = 0.05  # large enough that 20,000 sequences resolve the crossing rate around it
+BATCH, LOOKS = 10, 40
+
+
+def _crossing_rate(bound, p: float, seed: int) -> float:
+    """The share of SEQUENCES Bernoulli(p) sequences whose bound, looked at after every batch, ever
+    exceeds p: the error of a user who stops the first time it does (the worst optional stopping)."""
+    rng = np.random.default_rng(seed)
+    k = np.zeros(SEQUENCES, dtype=np.int64)
+    crossed = np.zeros(SEQUENCES, dtype=bool)
+    for look in range(1, LOOKS + 1):
+        k += rng.binomial(BATCH, p, size=SEQUENCES)
+        crossed |= bound(k, look * BATCH) > p
+    return float(crossed.mean())
+
+
+def _tolerance(rate: float) -> float:
+    return 3.0 * math.sqrt(rate * (1.0 - rate) / SEQUENCES)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_level_holds_under_optional_stopping(p):
+    rate = _crossing_rate(lambda k, n: lower_bound(k, n, LOOK_ALPHA), p, seed=int(p * 1000))
+    assert rate <= LOOK_ALPHA + _tolerance(LOOK_ALPHA), f"p = {p}: crossing rate {rate:.4f} > α"
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_the_harness_catches_a_fixed_n_bound_rechecked_after_every_batch(p):
+    """Clopper–Pearson at fixed n is exact for one look; looked at 40 times it is not a 95% bound."""
+    rate = _crossing_rate(lambda k, n: clopper_pearson_lower(k, n, LOOK_ALPHA), p, seed=int(p * 1000))
+    assert rate > LOOK_ALPHA + _tolerance(LOOK_ALPHA) + 0.02, f"p = {p}: rate {rate:.4f}"
+
+
+def _bernoulli_draws(p: float, seed: int):
+    rng = np.random.default_rng(seed)
+    return lambda m: int(rng.binomial(m, p))
+
+
+def test_power_at_p_099_against_required_09():
+    options = SequentialOptions(budget=10_000, alpha=0.001, batch_size=32)
+    results = [sequential_test(_bernoulli_draws(0.99, s), 0.9, options) for s in range(200)]
+    assert all(r.stop == STOP_SUCCESS for r in results)
+    assert all(r.lower_bound >= 0.9 for r in results)
+    draws = np.array([r.draws for r in results])
+    assert draws.mean() <= 320, draws.mean()  # about 170 when the bound is tracked draw by draw
+
+
+def test_futility_stops_early_and_keeps_a_valid_bound():
+    options = SequentialOptions(budget=2_000, alpha=0.001, batch_size=50)
+    r = sequential_test(_bernoulli_draws(0.6, 0), 0.9, options)
+    assert r.stop == STOP_FUTILITY and r.draws < options.budget
+    assert r.lower_bound < 0.9
+    # It stops only when even an all-success remainder cannot reach the requirement.
+    left = options.budget - r.draws
+    assert lower_bound(r.successes + left, r.draws + left, 0.001) < 0.9
+
+
+def test_a_requirement_above_the_cap_is_futile_before_any_draw():
+    options = SequentialOptions(budget=1_000, alpha=0.001, batch_size=100)
+    cap = lower_bound(1_000, 1_000, 0.001)
+
+    def never(m: int) -> int:
+        raise AssertionError("no draw should be spent")
+
+    r = sequential_test(never, min(0.999999, cap + 1e-4), options)
+    assert (r.stop, r.draws, r.lower_bound) == (STOP_FUTILITY, 0, 0.0)
+
+
+def test_budget_is_spent_exactly_with_a_partial_last_batch():
+    options = SequentialOptions(budget=1_050, alpha=0.01, batch_size=100)
+    asked = []
+    rng = np.random.default_rng(1)
+
+    def draw(m: int) -> int:
+        asked.append(m)
+        return int(rng.binomial(m, 0.8))
+
+    r = sequential_test(draw, None, options)
+    assert r.stop == STOP_BUDGET and r.draws == 1_050 and asked[-1] == 50 and sum(asked) == 1_050
+    assert 0.5 < r.lower_bound < r.successes / r.draws
+
+
+def test_deadline_with_an_injected_clock():
+    """Each batch takes 10 ms of a fake clock; with 35 ms, the fourth batch would end at 40 ms."""
+    now = [100.0]
+
+    def draw(m: int) -> int:
+        now[0] += 0.010
+        return m // 2
+
+    options = SequentialOptions(budget=10_000, deadline_ms=35, alpha=0.01, batch_size=100)
+    r = sequential_test(draw, None, options, clock=lambda: now[0])
+    assert r.stop == STOP_DEADLINE and r.draws == 300
+    assert r.elapsed_s == pytest.approx(0.030)
+
+
+def test_success_on_the_last_batch_reports_success():
+    options = SequentialOptions(budget=200, alpha=0.01, batch_size=100)
+    needed = lower_bound(200, 200, 0.01) - 1e-9
+    r = sequential_test(lambda m: m, needed, options)
+    assert r.stop == STOP_SUCCESS and r.draws == 200
+
+
+def test_bound_is_monotone_and_never_tighter_than_clopper_pearson_at_fixed_n():
+    """At one fixed n the mixture is a valid bound non-decreasing in k, so it cannot beat Clopper–
+    Pearson anywhere; it rises with the successes and along an all-success path (which the futility
+    rule relies on)."""
+    for alpha in (0.001, 0.05):
+        for n in (1, 10, 100, 2_000):
+            k = np.arange(n + 1)
+            lb = lower_bound(k, n, alpha)
+            assert np.all(np.diff(lb) >= 0) and lb[0] == 0.0
+            assert np.all(lb <= clopper_pearson_lower(k, n, alpha) + 1e-12)
+            assert np.all(lb <= k / n)
+        for k0, n0 in ((0, 0), (30, 100), (950, 1_000)):
+            j = np.arange(3_000)
+            assert np.all(np.diff(lower_bound(k0 + j, n0 + j, alpha)) >= 0)
+
+
+def test_scalar_and_vector_paths_agree():
+    k = np.random.default_rng(3).binomial(500, 0.95, size=200)
+    vector = lower_bound(k, 500, 0.001)
+    scalar = np.array([lower_bound(int(x), 500, 0.001) for x in k])
+    np.testing.assert_allclose(scalar, vector, rtol=0, atol=1e-14)
+
+
+def test_confidence_sequence_keeps_its_running_maximum():
+    cs = ConfidenceSequence(0.01)
+    first = cs.update(100, 100)
+    after_failures = cs.update(0, 100)  # on its own the bound would drop below 1/2
+    assert after_failures == first == cs.lower_bound()
+    assert lower_bound(100, 200, 0.01) < first
+    assert (cs.successes, cs.trials) == (100, 200)
+    with pytest.raises(ValueError, match="successes <= trials"):
+        cs.update(5, 4)
+
+
+def test_radius_helpers_and_largest_certifiable_radius():
+    assert radius_from_lower_bound(0.5, 0.25) == 0.0
+    assert radius_from_lower_bound(0.99, 0.25) == pytest.approx(0.25 * norm_ppf(0.99))
+    assert required_probability(0.25 * norm_ppf(0.99), 0.25) == pytest.approx(0.99)
+    options = SequentialOptions(budget=10_000, alpha=0.001)
+    top = largest_certifiable_radius(0.25, options)
+    cp_top = 0.25 * norm_ppf(0.001 ** (1 / 10_000))
+    assert 0.95 * cp_top < top < cp_top  # the price of anytime validity at the cap, a few percent
+    assert check_required_radius(top * 0.999, 0.25, options) <= lower_bound(10_000, 10_000, 0.001)
+    with pytest.raises(ValueError, match=r"--require-radius 2 is above the largest radius 0\.7\d+"):
+        check_required_radius(2.0, 0.25, options)
+    with pytest.raises(ValueError, match="--require-radius must be a positive number"):
+        check_required_radius(-1.0, 0.25, options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"budget": 1_000, "alpha": 0.0}, "--mc-alpha"),
+        ({"budget": 1_000, "alpha": 1.0}, "--mc-alpha"),
+        ({"budget": 1_000, "alpha": float("nan")}, "--mc-alpha"),
+        ({"budget": 100, "batch_size": 256}, "--mc-budget"),
+        ({"budget": 0}, "--mc-budget"),
+        ({"budget": 1_000, "deadline_ms": 0}, "--mc-deadline-ms"),
+        ({"budget": 1_000, "deadline_ms": float("inf")}, "--mc-deadline-ms"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line_naming_the_option(kwargs, option):
+    with pytest.raises(ValueError) as info:
+        SequentialOptions(**kwargs)
+    message = str(info.value)
+    assert message.startswith(option) and "\n" not in message
+
+
+def test_bad_prior_and_counts_are_refused():
+    with pytest.raises(ValueError, match="prior"):
+        lower_bound(1, 2, 0.01, prior=(0.0, 1.0))
+    with pytest.raises(ValueError, match="successes <= trials"):
+        lower_bound(3, 2, 0.01)
+    with pytest.raises(ValueError, match="required probability"):
+        sequential_test(lambda m: m, 1.5, SequentialOptions(budget=100, batch_size=10))
+    assert DEFAULT_PRIOR[0] > 0 and DEFAULT_PRIOR[1] > 0
+
+
+def test_imports_neither_scipy_nor_torch():
+    code = (
+        "import sys, rrise.sequential as s; s.lower_bound(5, 9, 0.01); s.lower_bound([5], 9, 0.01); "
+        "bad = [m for m in ('scipy', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
