@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["BACKENDS", "DEFAULT_QUANT_SAMPLES", "PRECISIONS", "Precision", "variant_file_name"]
+__all__ = ["BACKENDS", "DEFAULT_QUANT_SAMPLES", "ENGINES", "PRECISIONS", "Precision", "variant_file_name"]
 
 PRECISIONS = ("fp32", "int8", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
+ENGINES = ("tensorrt",)  # the backends whose variant is an engine built on the device that runs it
 DEFAULT_QUANT_SAMPLES = 1000  # int8: at most this many selection images set the activation ranges
 
 # The --precision choices of `rrise-export` and `rrise run`, made from PRECISIONS.
