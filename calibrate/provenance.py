@@ -14,7 +14,6 @@ by hand counts as the work folder's base model, and everything made from another
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rrise import __version__
-from rrise.fileio import atomic_write_json, read_json
+from rrise.fileio import atomic_write_json, read_json, sha256_file
 
 __all__ = [
     "PROVENANCE_DIR",
@@ -79,11 +78,7 @@ def file_sha256(path: str | os.PathLike) -> str | None:
         return None
     key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = sha256_file(path)
     return _HASHES[key]
 
 

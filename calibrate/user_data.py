@@ -471,7 +471,7 @@ def _labels_and_classes(labels, classes, n: int, what: str) -> tuple[np.ndarray,
 
 
 def _load_npz(path: Path, pre, what: str, hwc_order: str, workers: int | None) -> ImageSet:
-    from rrise.fileio import load_npz
+    from rrise.fileio import load_npz, sha256_file
 
     try:
         arrays = load_npz(path, keys=("images", "labels"), what=what)
@@ -487,16 +487,8 @@ def _load_npz(path: Path, pre, what: str, hwc_order: str, workers: int | None) -
         if isinstance(r, Exception):
             raise UserDataError(f"{what} {path}: images[{i}]: {r}")
     names = [f"images[{i}]" for i in range(len(images))]
-    source = {"sha256": _file_sha256(path), "form": form}
+    source = {"sha256": sha256_file(path), "form": form}
     return _finish(str(path), "npz", results, labels, classes, names, pre, what, source=source)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_builtin(name: str, split: str, pre, what: str, data_dir, workers: int | None) -> ImageSet:

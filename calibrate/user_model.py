@@ -46,8 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rrise.bundle import sha256_file
-from rrise.fileio import atomic_write_bytes
+from rrise.fileio import atomic_write_bytes, sha256_file
 
 __all__ = [
     "CHANNELS",
@@ -73,7 +72,7 @@ class UserModelError(ValueError):
     """The user's model or its options cannot be used; the message names the file or option."""
 
 
-file_sha256 = sha256_file  # the one file hasher (rrise.bundle)
+file_sha256 = sha256_file  # the one file hasher (rrise.fileio)
 
 
 # --------------------------------------------------------------------------------------------------
