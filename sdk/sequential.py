@@ -233,8 +233,8 @@ def sequential_test(
     in the budget succeeds), the budget, or the deadline (a batch starts only if the slowest batch so
     far still fits). With ``required_p`` None it runs to the budget or the deadline. Because the
     bound holds at every sample size at once, ``P(lower_bound > p) ≤ α`` whatever the stop."""
-    if required_p is not None and not 0.0 < required_p < 1.0:
-        raise ValueError(f"the required probability must be in (0, 1), got {required_p}")
+    if required_p is not None and not 0.0 < required_p <= 1.0:  # 1: a radius beyond any budget, Φ(R/σ) = 1
+        raise ValueError(f"the required probability must be in (0, 1], got {required_p}")
     cs = ConfidenceSequence(options.alpha, options.prior)
     start, slowest = clock(), 0.0
     deadline = None if options.deadline_ms is None else options.deadline_ms / 1000.0
