@@ -1,54 +1,46 @@
-"""Run benchmarks and write their JSON to ``benchmarks/results/NAME.json``.
+"""Run the product benchmarks and write their JSON to ``benchmarks/results/NAME.json``.
 
-    python -m benchmarks                # every bench_*.py
+    python -m benchmarks                # every benchmark run by default (minutes each)
     python -m benchmarks mc runtime     # just these
     python -m benchmarks mc --quick     # a bench's own flags follow its name
+    python -m benchmarks own_model      # a long one (an hour or more) runs only when named
 
-Each ``bench_NAME.py`` exposes ``main(argv: list[str]) -> dict``. The JSON records the command,
-the machine and the time, beside the bench's own numbers. Quote medians and ratios measured side by
-side in one run: absolute numbers move with whatever else the machine is doing.
+Each ``bench_NAME.py`` exposes ``main(argv: list[str]) -> dict``; one that sets
+``RUN_BY_DEFAULT = False`` (``full_profile``, ``own_model``: hours of CPU) runs only when named. The
+JSON records the command, the machine and the time, beside the bench's own numbers. Quote medians
+and ratios measured side by side in one run: absolute numbers move with whatever else the machine
+is doing. Research studies on a finished work folder are ``python -m benchmarks.studies``.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.recording import RESULTS, machine, run_recorded, write_record
+
+__all__ = ["RESULTS", "available", "by_default", "machine", "main"]
+
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 
 
 def available() -> list[str]:
+    """Every benchmark's name (``bench_NAME.py``)."""
     return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
+def by_default() -> list[str]:
+    """The benchmarks ``python -m benchmarks`` runs when given no name."""
+    return [n for n in available() if getattr(_module(n), "RUN_BY_DEFAULT", True)]
 
 
-def main(argv: list[str]) -> int:
-    names = available()
+def _module(name: str):
+    return importlib.import_module(f"benchmarks.bench_{name}")
+
+
+def parse(argv: list[str], names: list[str]) -> list[tuple[str, list[str]]] | str:
+    """``[(name, its args), …]`` from ``NAME [args] NAME [args] …``, or an error line."""
     groups: list[tuple[str, list[str]]] = []
     for arg in argv:
         if arg in names:
@@ -56,24 +48,19 @@ def main(argv: list[str]) -> int:
         elif groups:
             groups[-1][1].append(arg)
         else:
-            print(f"unknown benchmark {arg!r}; available: {', '.join(names)}", file=sys.stderr)
-            return 2
-    groups = groups or [(n, []) for n in names]
-    RESULTS.mkdir(exist_ok=True)
-    for name, args in groups:
-        module = importlib.import_module(f"benchmarks.bench_{name}")
-        t0 = time.perf_counter()
-        result = module.main(args)
-        out = {
-            "benchmark": name,
-            "command": " ".join(["python -m benchmarks", name, *args]),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "machine": machine(),
-            **result,
-        }
-        path = RESULTS / f"{name}.json"
-        path.write_text(json.dumps(out, indent=2) + "\n")
+            return f"unknown benchmark {arg!r}; available: {', '.join(names)}"
+    return groups
+
+
+def main(argv: list[str]) -> int:
+    groups = parse(argv, available())
+    if isinstance(groups, str):
+        print(groups, file=sys.stderr)
+        return 2
+    for name, args in groups or [(n, []) for n in by_default()]:
+        command = " ".join(["python -m benchmarks", name, *args])
+        record = run_recorded(f"benchmarks.bench_{name}", name, command, args)
+        path = write_record(RESULTS / f"{name}.json", record)
         print(f"{name}: wrote {path}")
     return 0
 

@@ -1,12 +1,14 @@
 """The full-size evaluation on real Fashion-MNIST, one work folder per σ, reports copied here.
 
-    python -m benchmarks.full_profile                         # σ = 0.25 and 0.5, profile full-small
-    python -m benchmarks.full_profile --sigma 0.25 --profile full
+    python -m benchmarks full_profile                         # σ = 0.25 and 0.5, profile full-small
+    python -m benchmarks full_profile --sigma 0.25 --profile full
 
 Each σ runs ``rrise demo`` in ``runs/<profile>-s<σ>`` (every stage resumes, so an interrupted run
 continues where it stopped), then copies the report (metrics.json, report.md, plots, rules.json) to
-``benchmarks/results/<profile>/sigma-<σ>/`` with the command and the machine that made it. It takes
-hours of CPU time (about 46M base-model evaluations per σ), so ``python -m benchmarks`` does not run it.
+``benchmarks/results/<profile>/sigma-<σ>/`` with the command and the machine that made it (run.json);
+``benchmarks/results/full_profile.json`` lists the folders with each σ's certified accuracy. It takes
+hours of CPU time (about 50M base-model evaluations per σ), so ``python -m benchmarks`` runs it
+only when named.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.__main__ import RESULTS, machine
+from benchmarks.recording import RESULTS, machine
 
+RUN_BY_DEFAULT = False  # hours: `python -m benchmarks full_profile`
 REPORT_FILES = ("metrics.json", "report.md", "certified_accuracy.png", "reliability.png")
 
 
@@ -41,7 +44,7 @@ def run_sigma(profile: str, sigma: float, runs: Path) -> Path:
         shutil.copy2(work / "report" / name, out / name)
     shutil.copy2(work / "rules.json", out / "rules.json")
     record = {
-        "command": f"python -m benchmarks.full_profile --profile {profile} --sigma {sigma:g}",
+        "command": f"python -m benchmarks full_profile --profile {profile} --sigma {sigma:g}",
         "demo_command": shlex.join(["rrise", *cmd[3:]]),
         "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
         "stage_seconds": json.loads((work / "run.json").read_text()).get("stage_seconds", {}),
@@ -52,16 +55,33 @@ def run_sigma(profile: str, sigma: float, runs: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def summary(folder: Path) -> dict:
+    """Certified accuracy (%) per radius and abstention of every method in a copied report."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {
+        "folder": str(folder.relative_to(RESULTS.parent.parent)),
+        "radii": metrics["radii"],
+        "methods": {
+            name: {
+                "certified_pct": [round(100 * v, 1) for v in m["certified_accuracy"]],
+                "abstain_pct": round(100 * m["abstain_rate"], 1),
+            }
+            for name, m in metrics["methods"].items()
+        },
+    }
+
+
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks full_profile", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--profile", default="full-small", choices=["full", "full-small", "medium"])
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="where the work folders live")
     args = ap.parse_args(argv)
+    result = {"profile": args.profile, "sigma": {}}
     for sigma in args.sigma:
-        print(f"results: {run_sigma(args.profile, sigma, args.runs)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        folder = run_sigma(args.profile, sigma, args.runs)
+        print(f"results: {folder}")
+        result["sigma"][f"{sigma:g}"] = summary(folder)
+    return result

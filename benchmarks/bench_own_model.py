@@ -10,12 +10,12 @@ The path a team takes with its own classifier and camera images, timed stage by 
    calibration → Cohen baseline → report → bundle);
 4. ``rrise run`` certifies the video with the bundle.
 
-    python -m benchmarks.own_model                     # quick profile, 20k training images
-    python -m benchmarks.own_model --profile smoke --train 3000 --deploy 3000 --epochs 2
+    python -m benchmarks own_model                     # quick profile, 20k training images
+    python -m benchmarks own_model --profile smoke --train 3000 --deploy 3000 --epochs 2
 
 Writes ``benchmarks/results/own_model.json``: the certified-accuracy table (RRISE against Cohen's
 Monte Carlo, with violations) and the wall time of every stage. It takes about an hour of a 2-core
-CPU, so ``python -m benchmarks`` does not run it. Needs Fashion-MNIST (dataset-fashion-mnist).
+CPU, so ``python -m benchmarks`` runs it only when named. Needs Fashion-MNIST (dataset-fashion-mnist).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MEAN, STD = ["0.5"] * 3, ["0.25"] * 3
+RUN_BY_DEFAULT = False  # about an hour: `python -m benchmarks own_model`
 
 
 def _timed(cmd: list[str], log: Path) -> float:
@@ -76,7 +77,7 @@ def _run_video(bundle: Path, video: Path, labels: list[str], work: Path) -> dict
 
 
 def main(argv: list[str]) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.own_model")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks own_model")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "own_model")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--sigma", default="0.25")
@@ -115,23 +116,3 @@ def main(argv: list[str]) -> dict:
         "cost": metrics.get("cost"),
         "video": _run_video(wd / "bundle", data / "video.avi", info["video_labels"], work),
     }
-
-
-if __name__ == "__main__":
-    from datetime import datetime, timezone
-
-    from benchmarks.__main__ import RESULTS, machine
-
-    t0 = time.perf_counter()
-    result = main(sys.argv[1:])
-    out = {
-        "benchmark": "own_model",
-        "command": " ".join(["python -m benchmarks.own_model", *sys.argv[1:]]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "machine": machine(),
-        **result,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "own_model.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"own_model: wrote {RESULTS / 'own_model.json'}")

@@ -181,21 +181,22 @@ def test_every_relative_link_points_to_an_existing_file(doc: Path) -> None:
 
 
 # --- numbers the README derives from the code ------------------------------------------------------
-def test_the_readme_cost_per_profile_is_the_profiles_arithmetic() -> None:
-    """The evaluations `rrise build` plans (rrise.calibrate.building.mc_budget) at each profile's
-    full sizes, as the README quotes them."""
+def test_the_readme_cost_per_profile_is_what_rrise_build_plans(tmp_path: Path) -> None:
+    """The base-model evaluations `rrise build` announces (rrise.calibrate.building.mc_budget) for a
+    data set that fills each profile's splits, as the README quotes them."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("torch")
+    from rrise.calibrate.building import mc_budget
     from rrise.calibrate.profiles import PROFILES
 
     text = " ".join(README.read_text().split())
     for name in ("quick", "medium", "full"):
         p = PROFILES[name]
-        total = (
-            (p.n_targets + p.n_selection) * p.target_draws
-            + p.fresh_steps * p.fresh_batch * p.fresh_draws
-            + p.n_rule * p.n_cal
-            + p.m * (p.n_cal + p.cap_draws)
-            + p.n_test * (p.n0 + p.n)
-        )
+        sizes = {"targets": p.n_targets, "selection": p.n_selection, "rules": p.n_rule}
+        sizes.update(calibration=p.m, test=p.n_test)
+        splits = {k: list(range(n)) for k, n in sizes.items()}
+        total = sum(mc_budget(SimpleNamespace(prof=p, splits=lambda s=splits: s, root=tmp_path)).values())
         assert f"{name} {total:,}" in text, f"the README's cost for {name} is not {total:,}"
 
 
@@ -301,3 +302,66 @@ def test_quick_start_and_own_model_blocks_run_at_smoke_sizes(tmp_path: Path, cap
     }
     out = _run_cli([swap.get(w, w) for w in run[1:]] + ["--max-frames", "5"], capsys)
     assert out.count('"radius"') >= 5
+
+
+# --- benchmark and study commands --------------------------------------------------------------------
+def benchmark_commands(text: str) -> list[list[str]]:
+    """Every ``python -m benchmarks[.studies] …`` command in code blocks and inline spans."""
+    spans = [" ".join(s.split()) for s in re.findall(r"(?<!`)`([^`]+)`(?!`)", text)]
+    lines = [ln for lang, body in code_blocks(text) if lang in SHELL_BLOCKS for ln in shell_lines(body)]
+    found = []
+    for line in spans + lines:
+        match = re.search(r"python -m (benchmarks(?:\.studies)?)\b(.*)", line)
+        if match:
+            found.append([match[1], *shlex.split(match[2].split("#")[0].replace("…", "..."))])
+    return found
+
+
+def is_placeholder(word: str) -> bool:
+    """``NAME``, ``[NAME``, ``...]``, ``W``: capitals, brackets and dots stand for a value."""
+    return bool(re.fullmatch(r"[\[(]*[A-Z_.]*[A-Z.][A-Z_.]*[\])]*|[\[(]*\.\.\.[\])]*", word))
+
+
+def test_every_benchmark_and_study_command_in_the_docs_exists() -> None:
+    from benchmarks.__main__ import available as benches
+    from benchmarks.studies.__main__ import available as studies
+
+    names = {"benchmarks": benches(), "benchmarks.studies": studies()}
+    commands = [c for doc in DOCS for c in benchmark_commands(doc.read_text())]
+    assert any(c[0] == "benchmarks.studies" for c in commands) and any(c[0] == "benchmarks" for c in commands)
+    for module, *args in commands:
+        named = [a for a in args if not a.startswith("-") and not is_placeholder(a)]
+        if module == "benchmarks.studies" and named:
+            assert named[0] in names[module], f"`python -m {module} {' '.join(args)}`: no such study"
+        elif module == "benchmarks":
+            assert all(a in names[module] for a in named[:1]), f"`python -m benchmarks {' '.join(args)}`"
+
+
+def test_python_m_benchmarks_runs_the_product_benchmarks_only() -> None:
+    """The default run is every bench_*.py but the long ones; the studies are not among them."""
+    from benchmarks.__main__ import available, by_default, parse
+    from benchmarks.studies.__main__ import available as studies
+
+    assert {"full_profile", "own_model"} <= set(available())
+    assert {"mc", "export", "runtime", "ood"} <= set(by_default())
+    assert not {"full_profile", "own_model"} & set(by_default())
+    assert not set(studies()) & set(available())
+    assert {"allocation_ceiling", "fresh_targets", "rules_on_selection"} <= set(studies())
+    assert parse(["mc", "--quick", "runtime"], available()) == [("mc", ["--quick"]), ("runtime", [])]
+    assert "unknown benchmark" in parse(["rules_on_selection"], available())
+
+
+@pytest.mark.parametrize("name", ["allocation_ceiling", "fresh_targets", "rules_on_selection"])
+def test_each_study_has_the_benchmark_contract(name: str, capsys) -> None:
+    """``main(argv) -> dict``, with its own --help; the runner takes ``--out`` for itself."""
+    import importlib
+    import inspect
+
+    from benchmarks.studies.__main__ import split_out
+
+    module = importlib.import_module(f"benchmarks.studies.{name}")
+    assert inspect.signature(module.main).return_annotation in (dict, "dict")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0 and f"benchmarks.studies {name}" in capsys.readouterr().out
+    assert split_out(["--workdir", "W", "--out", "x.json"]) == (Path("x.json"), ["--workdir", "W"])

@@ -221,7 +221,7 @@ def test_compare_rules_at_the_deployment_calibration_size(monkeypatch):
 def test_two_surrogates_on_the_same_splits_pair_up():
     """Per-split means let two surrogates be compared on shared splits: an honest surrogate beats
     the over-confident one by more than its paired standard error; other splits are refused."""
-    from benchmarks.rules_on_selection import paired_difference
+    from benchmarks.studies.rules_on_selection import paired_difference
 
     rng = np.random.default_rng(11)
     biased, counts, true_p = _draw(rng, 1200)

@@ -9,7 +9,7 @@ beside Cohen's Monte Carlo on the same test inputs. Then every allocation on the
 test inputs themselves and the best is reported. Choosing the allocation on the test inputs makes
 that row an upper bound on what any allocation rule chosen on a selection split could reach::
 
-    python -m benchmarks.allocation_ceiling --workdir runs/full-small-s0.25 --out ceiling.json
+    python -m benchmarks.studies allocation_ceiling --workdir runs/full-small-s0.25 --out ceiling.json
 
 Radii up to 0.5 only: the first-stage bound is used throughout (draws at the cap matter only near
 the cap).
@@ -125,10 +125,9 @@ def ceiling(workdir: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.studies allocation_ceiling")
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--out", type=Path, help="write the result here as JSON")
     args = ap.parse_args(argv)
     result = ceiling(args.workdir)
     print(f"radii {result['radii']}, α = {result['alpha']}")
@@ -139,10 +138,4 @@ def main(argv: list[str] | None = None) -> int:
     best = result["best_allocation_on_test"]
     print(f"best on the test inputs {best['alpha_per_bin']}: {best['certified_pct']}")
     print(f"Cohen:            {result['cohen_pct']}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result

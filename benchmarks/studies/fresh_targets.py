@@ -2,7 +2,7 @@
 
 Reads a finished quick demo work folder (never writes to it): its base model, its fixed-target
 surrogate, its calibration counts (m inputs × N_cal draws), its selection stores and Cohen's
-certificates. Copies what it needs to ``--out``, trains a surrogate on fresh targets (each step labels
+certificates. Copies what it needs to ``--scratch``, trains a surrogate on fresh targets (each step labels
 a batch drawn from every training image outside selection and calibration with D fresh draws through
 ``base.onnx``) and measures both surrogates the same way:
 
@@ -13,7 +13,8 @@ a batch drawn from every training image outside selection and calibration with D
 
 Example::
 
-    python -m benchmarks.fresh_targets --demo runs/demo --out runs/fresh-bench --steps 400 --draws 4
+    python -m benchmarks.studies fresh_targets --demo runs/demo --scratch runs/fresh-bench \\
+        --steps 400 --draws 4
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _workdir(demo: Path, out: Path, steps: int, draws: int, batch: int):
             continue
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
     config = RunConfig(**{k: v for k, v in recorded_config(out).items() if k != "user"})
-    profile = replace(config.prof, fresh_steps=steps, fresh_draws=draws, fresh_batch=batch)
+    profile = replace(config.prof, steps=steps, draws=draws, fresh_batch=batch)
 
     class _Bench(Workdir):
         @property
@@ -88,25 +89,25 @@ def _measure(w, model, labels_test: np.ndarray) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies fresh_targets", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--demo", type=Path, required=True, help="finished quick demo work folder (read only)")
-    ap.add_argument("--out", type=Path, required=True, help="scratch work folder for the copies")
+    ap.add_argument("--scratch", type=Path, required=True, help="scratch work folder for the copies")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--baseline", action="store_true", help="also measure the demo's fixed-target surrogate")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
-    from rrise.calibrate.counts import TARGET_STORES, load_store_counts
     from rrise.calibrate.evaluate import certified_accuracy
-    from rrise.calibrate.fit import _initial_surrogate, _train_fresh
     from rrise.calibrate.model_files import load_model
 
     torch.manual_seed(0)
-    w = _workdir(args.demo, args.out, args.steps, args.draws, args.batch)
+    w = _workdir(args.demo, args.scratch, args.steps, args.draws, args.batch)
     cohen = np.load(w.path("certify.npz"))
     labels = cohen["labels"]
     results: dict = {"profile": w.prof.name, "radii": list(RADII)}
@@ -118,21 +119,27 @@ def main() -> None:
         }
         ca = certified_accuracy(cohen["radius"], cohen["pred"], labels, RADII)
         results["Cohen"] = {"certified_pct": [round(100 * v, 1) for v in ca]}
+    key = f"fresh targets, {args.steps} steps × {args.batch} images × D = {args.draws}"
+    results[key] = _train_and_measure(w, labels, args)
+    print(json.dumps(results, indent=1))
+    return results
+
+
+def _train_and_measure(w, labels: np.ndarray, args: argparse.Namespace) -> dict:
+    """Train a surrogate on fresh targets (uniform batches, no augmentation) and measure it."""
+    from rrise.calibrate.counts import TARGET_STORES, load_store_counts
+    from rrise.calibrate.fit import _initial_surrogate, _train_fresh
+
     model, _ = _initial_surrogate(w, "base")
     sel_idx, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
-    t0 = time.perf_counter()
+    settings = {"steps": args.steps, "draws": args.draws, "augment": "none", "hard_fraction": 0.0}
     ckpt = w.path(f"fresh-{args.steps}-{args.draws}-{args.batch}.ckpt")
-    model, history = _train_fresh(w, model, w.data("train").images[sel_idx], sel_counts, ckpt)
-    key = f"fresh targets, {args.steps} steps × {args.batch} images × D = {args.draws}"
-    results[key] = {
+    t0 = time.perf_counter()
+    model, history = _train_fresh(w, model, w.data("train").images[sel_idx], sel_counts, ckpt, settings)
+    return {
         "base_evaluations": history["base_evaluations"],
         "train_seconds": round(time.perf_counter() - t0, 1),
         "val_kl": [round(v, 5) for v in history["val_kl"]],
         "best_step": history["best_step"],
         **_measure(w, model.eval(), labels),
     }
-    print(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()

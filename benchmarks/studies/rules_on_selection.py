@@ -5,7 +5,7 @@ inputs' full-size Monte Carlo counts and the surrogate's probabilities on them, 
 random fit / calibrate / test parts by :func:`rrise.calibrate.rules.compare_rules`. Use it to measure
 a new rule on an existing run without redoing its Monte Carlo::
 
-    python -m benchmarks.rules_on_selection --workdir runs/full-small-s0.25 --out rules.json
+    python -m benchmarks.studies rules_on_selection --workdir runs/full-small-s0.25 --out rules.json
 
 ``--surrogate A.onnx [--surrogate B.onnx …]`` measures other surrogates of the same base model on the
 same inputs (several: an ensemble, their probabilities averaged), with their held-out KL against the
@@ -102,11 +102,10 @@ def paired_difference(result: dict, other: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.studies rules_on_selection")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--out", type=Path, help="write the comparison here as JSON")
     ap.add_argument(
         "--at-selection-size",
         action="store_true",
@@ -126,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         other = json.loads(args.against.read_text())
         result["against"] = {"file": str(args.against), "surrogates": other.get("surrogates")}
         result["against"]["rules"] = paired_difference(result, other)
+    _print(result, args.against)
+    return result
+
+
+def _print(result: dict, against: Path | None) -> None:
     radii = result["radii"]
     print(f"{result['split']}; α = {result['alpha']}, N = {result['n_mc']}")
     print(f"selection KL {result['selection_kl']:.5f} ({', '.join(result['surrogates'])})")
@@ -138,11 +142,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18}{ca}{row['acr']:<7.4f}{row['abstain_pct']:<9.2f}{row['miss_rate']:.4f}")
     print(f"winner (one-SE rule): {result['winner']}")
     for name, d in result.get("against", {}).get("rules", {}).items():
-        print(f"{name:<18}{d['difference']:+.2f} (paired SE {d['paired_se']:.2f}) against {args.against}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        print(f"{name:<18}{d['difference']:+.2f} (paired SE {d['paired_se']:.2f}) against {against}")
