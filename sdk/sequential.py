@@ -29,6 +29,7 @@ from .stats import norm_cdf, norm_ppf
 
 __all__ = [
     "DEFAULT_MC_ALPHA",
+    "DEFAULT_FUTILITY_ALPHA",
     "DEFAULT_MC_BATCH",
     "DEFAULT_PRIOR",
     "STOP_BUDGET",
@@ -44,16 +45,20 @@ __all__ = [
     "radius_from_lower_bound",
     "required_probability",
     "sequential_test",
+    "upper_bound",
 ]
 
 DEFAULT_MC_ALPHA = 0.001
 DEFAULT_MC_BATCH = 256
+# The futility rule's level: a frame whose p does reach the requirement is given up with probability
+# at most this. It costs power, never validity: the lower bound holds at every stopping time.
+DEFAULT_FUTILITY_ALPHA = 0.01
 # Beta(1, 0.1): density 0.1·(1−q)^(−0.9), 93% of its mass above 1/2 and half of it above 0.999, where
 # the frames worth certifying at a large radius lie; it costs little at the cap (all draws succeed).
 DEFAULT_PRIOR = (1.0, 0.1)
 
 STOP_SUCCESS = "success"  # the bound reached the required probability
-STOP_FUTILITY = "futility"  # it cannot reach it within the budget, even if every remaining draw succeeds
+STOP_FUTILITY = "futility"  # the upper bound fell below it, or the budget left cannot lift the bound to it
 STOP_BUDGET = "budget"  # every draw of the budget was spent
 STOP_DEADLINE = "deadline"  # the next batch would not finish before the deadline
 
@@ -132,6 +137,19 @@ def lower_bound(
     return np.where(k > 0, lo, 0.0)
 
 
+def upper_bound(
+    successes: np.ndarray | int,
+    trials: np.ndarray | int,
+    alpha: float,
+    prior: tuple[float, float] = DEFAULT_PRIOR,
+) -> np.ndarray | float:
+    """The upper end of the same confidence sequence, ``sup {p0 : M_n(p0) < 1/α}``: ``M_n`` is
+    unchanged when successes and failures, ``p0`` and ``1 − p0``, ``a`` and ``b`` trade places, so it
+    is ``1 −`` :func:`lower_bound` of the failures. ``P(∃ n: U_n < p) ≤ α``."""
+    k, n = np.asarray(successes), np.asarray(trials)
+    return 1.0 - lower_bound(n - k, n, alpha, (prior[1], prior[0]))
+
+
 def radius_from_lower_bound(p_lower: float, sigma: float) -> float:
     """Cohen's radius ``σ·Φ⁻¹(p̲)`` when ``p̲ > 1/2``, else 0 (no certificate)."""
     return float(sigma) * float(norm_ppf(float(p_lower))) if p_lower > 0.5 else 0.0
@@ -146,17 +164,21 @@ def required_probability(radius: float, sigma: float) -> float:
 class SequentialOptions:
     """How many draws, how long and at what level: ``budget`` (``--mc-budget``, draws per frame),
     ``deadline_ms`` (``--mc-deadline-ms``, None: no deadline), ``alpha`` (``--mc-alpha``),
-    ``batch_size`` (draws per batch) and the mixture ``prior``. Bad values raise a one-line
-    ValueError naming the option."""
+    ``batch_size`` (draws per batch), the mixture ``prior`` and ``futility_alpha`` (the chance of
+    giving up on a frame that would reach the requirement). Bad values raise a one-line ValueError
+    naming the option."""
 
     budget: int
     deadline_ms: float | None = None
     alpha: float = DEFAULT_MC_ALPHA
     batch_size: int = DEFAULT_MC_BATCH
     prior: tuple[float, float] = DEFAULT_PRIOR
+    futility_alpha: float = DEFAULT_FUTILITY_ALPHA
 
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
+        if not (isinstance(self.futility_alpha, int | float) and 0.0 < self.futility_alpha < 1.0):
+            raise ValueError(f"the futility level must be in (0, 1), got {self.futility_alpha!r}")
         _check_prior(self.prior)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(
@@ -222,6 +244,23 @@ class SequentialResult:
     elapsed_s: float
 
 
+def _verdict(cs: ConfidenceSequence, required_p: float | None, options: SequentialOptions) -> str | None:
+    """``success``, ``budget``, ``futility`` or None (draw on). Futility: the sequence's upper end at
+    level ``futility_alpha`` is below ``required_p``, or even an all-success remainder of the budget
+    cannot lift the bound to it."""
+    if required_p is not None and cs.lower_bound() >= required_p:
+        return STOP_SUCCESS
+    if cs.trials >= options.budget:
+        return STOP_BUDGET
+    if required_p is None:
+        return None
+    if cs.trials and upper_bound(cs.successes, cs.trials, options.futility_alpha, options.prior) < required_p:
+        return STOP_FUTILITY
+    if cs.reachable(options.budget - cs.trials) < required_p:
+        return STOP_FUTILITY
+    return None
+
+
 def sequential_test(
     draw_batch: Callable[[int], int],
     required_p: float | None,
@@ -229,23 +268,17 @@ def sequential_test(
     clock: Callable[[], float] = time.monotonic,
 ) -> SequentialResult:
     """Draw batches (``draw_batch(m)`` returns the successes among ``m`` fresh Bernoulli draws) and
-    stop on success (the bound reaches ``required_p``), futility (it cannot, even if every draw left
-    in the budget succeeds), the budget, or the deadline (a batch starts only if the slowest batch so
-    far still fits). With ``required_p`` None it runs to the budget or the deadline. Because the
-    bound holds at every sample size at once, ``P(lower_bound > p) ≤ α`` whatever the stop."""
+    stop on success (the bound reaches ``required_p``), futility (see :func:`_verdict`), the budget,
+    or the deadline (a batch starts only if the slowest batch so far still fits before it). With
+    ``required_p`` None it runs to the budget or the deadline. The bound holds at every sample size
+    at once, so ``P(lower_bound > p) ≤ α`` whatever stops it; the futility rule only decides how
+    often a frame that could have been certified is given up (at most ``futility_alpha``)."""
     if required_p is not None and not 0.0 < required_p <= 1.0:  # 1: a radius beyond any budget, Φ(R/σ) = 1
         raise ValueError(f"the required probability must be in (0, 1], got {required_p}")
     cs = ConfidenceSequence(options.alpha, options.prior)
     start, slowest = clock(), 0.0
     deadline = None if options.deadline_ms is None else options.deadline_ms / 1000.0
-    stop = STOP_BUDGET
-    while cs.trials < options.budget:
-        if required_p is not None and cs.lower_bound() >= required_p:
-            stop = STOP_SUCCESS
-            break
-        if required_p is not None and cs.reachable(options.budget - cs.trials) < required_p:
-            stop = STOP_FUTILITY
-            break
+    while (stop := _verdict(cs, required_p, options)) is None:
         before = clock()
         if deadline is not None and before - start + slowest > deadline:
             stop = STOP_DEADLINE
@@ -253,8 +286,6 @@ def sequential_test(
         m = min(options.batch_size, options.budget - cs.trials)
         cs.update(int(draw_batch(m)), m)
         slowest = max(slowest, clock() - before)
-    if stop == STOP_BUDGET and required_p is not None and cs.lower_bound() >= required_p:
-        stop = STOP_SUCCESS
     return SequentialResult(cs.lower_bound(), cs.successes, cs.trials, stop, cs.alpha, clock() - start)
 
 

@@ -25,22 +25,24 @@ from rrise.sequential import (
     radius_from_lower_bound,
     required_probability,
     sequential_test,
+    upper_bound,
 )
-from rrise.stats import clopper_pearson_lower, norm_ppf
+from rrise.stats import clopper_pearson_lower, norm_cdf, norm_ppf
 
 SEQUENCES = 20_000
 LOOK_ALPHA = 0.05  # large enough that 20,000 sequences resolve the crossing rate around it
 BATCH, LOOKS = 10, 40
 
 
-def _crossing_rate(bound, p: float, seed: int) -> float:
-    """The share of SEQUENCES Bernoulli(p) sequences whose bound, looked at after every batch, ever
-    exceeds p: the error of a user who stops the first time it does (the worst optional stopping)."""
+def _crossing_rate(bound, p: float, seed: int, p_true: float | None = None) -> float:
+    """The share of SEQUENCES Bernoulli(p_true) sequences (default p) whose bound, looked at after
+    every batch, ever exceeds p: the error of a user who stops the first time it does (the worst
+    optional stopping)."""
     rng = np.random.default_rng(seed)
     k = np.zeros(SEQUENCES, dtype=np.int64)
     crossed = np.zeros(SEQUENCES, dtype=bool)
     for look in range(1, LOOKS + 1):
-        k += rng.binomial(BATCH, p, size=SEQUENCES)
+        k += rng.binomial(BATCH, p if p_true is None else p_true, size=SEQUENCES)
         crossed |= bound(k, look * BATCH) > p
     return float(crossed.mean())
 
@@ -76,12 +78,35 @@ def test_power_at_p_099_against_required_09():
     assert draws.mean() <= 320, draws.mean()  # 134 measured (seeds 0-199); about 110 draw by draw
 
 
-def test_futility_stops_early_and_keeps_a_valid_bound():
-    options = SequentialOptions(budget=2_000, alpha=0.001, batch_size=50)
+@pytest.mark.parametrize("p", [0.5, 0.99])
+def test_upper_end_used_for_futility_holds_its_level(p):
+    """Futility gives a frame up when the sequence's upper end falls below the requirement: for a
+    frame whose p meets it, that happens with probability at most the futility level."""
+    rate = _crossing_rate(lambda k, n: -upper_bound(k, n, LOOK_ALPHA), -p, seed=int(p * 1000) + 1, p_true=p)
+    assert rate <= LOOK_ALPHA + _tolerance(LOOK_ALPHA), f"p = {p}: crossing rate {rate:.4f} > α"
+
+
+def test_upper_end_mirrors_the_lower_end():
+    k = np.arange(0, 501)
+    up, low = upper_bound(k, 500, 0.01), lower_bound(k, 500, 0.01)
+    assert np.all(low <= k / 500) and np.all(k / 500 <= up) and up[-1] == 1.0
+    np.testing.assert_allclose(up, 1 - lower_bound(500 - k, 500, 0.01, DEFAULT_PRIOR[::-1]), atol=0)
+
+
+def test_futility_gives_up_a_hopeless_frame_early():
+    """p = 0.8 can never certify radius σ (it needs p ≥ Φ(1) = 0.841); of a 10⁵ budget it spends a
+    few thousand draws, where the all-success rule alone would spend most of it."""
+    options = SequentialOptions(budget=100_000, alpha=0.001, batch_size=256)
+    results = [sequential_test(_bernoulli_draws(0.8, s), float(norm_cdf(1.0)), options) for s in range(20)]
+    assert all(r.stop == STOP_FUTILITY and r.lower_bound < 0.8 for r in results)
+    assert max(r.draws for r in results) < 10_000
+
+
+def test_futility_when_the_budget_left_cannot_lift_the_bound():
+    options = SequentialOptions(budget=200, alpha=0.001, batch_size=50, futility_alpha=1e-12)
     r = sequential_test(_bernoulli_draws(0.6, 0), 0.9, options)
-    assert r.stop == STOP_FUTILITY and r.draws < options.budget
-    assert r.lower_bound < 0.9
-    # It stops only when even an all-success remainder cannot reach the requirement.
+    assert r.stop == STOP_FUTILITY and r.draws < options.budget and r.lower_bound < 0.9
+    assert upper_bound(r.successes, r.draws, 1e-12) >= 0.9  # not the upper end: the budget rule
     left = options.budget - r.draws
     assert lower_bound(r.successes + left, r.draws + left, 0.001) < 0.9
 
@@ -191,6 +216,7 @@ def test_radius_helpers_and_largest_certifiable_radius():
         ({"budget": 0}, "--mc-budget"),
         ({"budget": 1_000, "deadline_ms": 0}, "--mc-deadline-ms"),
         ({"budget": 1_000, "deadline_ms": float("inf")}, "--mc-deadline-ms"),
+        ({"budget": 1_000, "futility_alpha": 0.0}, "the futility level"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_naming_the_option(kwargs, option):
