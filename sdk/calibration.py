@@ -20,10 +20,10 @@ manifest and :class:`rrise.Bundle`; ``from_dict`` validates every value and name
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from fractions import Fraction
-from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,11 +39,14 @@ __all__ = [
     "mc_lower_bounds",
     "min_calibration_size",
     "mondrian_quantiles",
+    "record_fields",
     "two_stage_lower",
 ]
 
 _SHA256_LEN = 64
-_KNOTS = ("score_map_x", "score_map_y", "score_scale_x", "score_scale_y")
+# A field's place in the calibration record (calibration.json, the manifest's ``calibration``), in its
+# metadata: "required" or "optional" where that differs from having no default / having one.
+_RECORD = "record"
 
 
 def _number(name: str, value: Any, *, lo: float, hi: float, open_lo: bool, open_hi: bool) -> float:
@@ -83,20 +86,60 @@ def _floats(name: str, values: Any) -> tuple[float, ...]:
 class CalibrationSpec:
     """What is fixed before the calibration inputs are seen; every field is validated here.
 
-    ``bin_edges``: inner edges on ŝ (strictly increasing, in (0, 1]) of Mondrian confidence bins.
-    ``score_map_x/y``: knots of a monotone map g on the probit scale (probit only); the score becomes
-    g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲). ``score_scale_x/y``: knots of a positive scale u on the same axis
-    (probit only); the score is divided by u(Φ⁻¹(min(ŝ, p_cap))), a normalized score. All must come
-    from data disjoint from the calibration inputs. ``cap_draws``: N₂ > N_cal further draws for the
-    calibration inputs whose N_cal draws all fell on one class (:func:`two_stage_lower`); the cap
-    becomes β^(1/N₂).
+    The fields are declared here once: :class:`Calibration` extends them, and its JSON codec and
+    the manifest schema (:func:`record_fields`) are derived from them, so a new setting is one new
+    field (with its check in ``__post_init__``).
+
+    Parameters
+    ----------
+    sigma : float
+        σ of the Gaussian noise, in [0,1]-pixel units of the model input (> 0).
+    n_mc : int
+        N_cal, the Monte Carlo draws per calibration input.
+    alpha : float
+        α in (0, 1): the conformal miss rate.
+    beta : float
+        β in (0, 1): the Clopper–Pearson miss rate of each MC lower bound.
+    score : {"probit", "logit", "identity"}
+        The monotone transform T of the conformal score.
+    delta : float or None
+        The PAC δ in (0, 1) (training-conditional coverage), or None for marginal coverage.
+    bin_edges : tuple of float
+        Inner edges on ŝ (strictly increasing, in (0, 1]) of Mondrian confidence bins.
+    score_map_x, score_map_y : tuple of float
+        Knots of a monotone map g on the probit scale (probit only); the score becomes
+        g(Φ⁻¹(min(ŝ, p_cap))) − Φ⁻¹(p̲).
+    score_scale_x, score_scale_y : tuple of float
+        Knots of a positive scale u on the same axis (probit only); the score is divided by
+        u(Φ⁻¹(min(ŝ, p_cap))), a normalized score.
+    cap_draws : int or None
+        N₂ > N_cal further draws for the calibration inputs whose N_cal draws all fell on one class
+        (:func:`two_stage_lower`); the cap becomes β^(1/N₂).
+
+    Every choice here must come from data disjoint from the calibration inputs, or the guarantee
+    of :func:`conformalize` is void.
+
+    Raises
+    ------
+    ValueError
+        Naming the field whose value is out of range or inconsistent.
+
+    Examples
+    --------
+    >>> spec = CalibrationSpec(sigma=0.25, n_mc=10_000, alpha=0.01, beta=0.001)
+    >>> round(spec.p_cap, 6), spec.bins
+    (0.999309, 1)
+    >>> CalibrationSpec(sigma=0.25, n_mc=100, alpha=1.5, beta=0.001)
+    Traceback (most recent call last):
+    ...
+    ValueError: alpha must be a finite number in (0, 1), got 1.5
     """
 
-    sigma: float
+    sigma: float = field(metadata={_RECORD: "optional"})  # a manifest keeps σ in ``smoothing``
     n_mc: int
     alpha: float
     beta: float
-    score: str = "probit"
+    score: Literal[TRANSFORMS] = field(default="probit", metadata={_RECORD: "required"})
     delta: float | None = None
     bin_edges: tuple[float, ...] = ()
     score_map_x: tuple[float, ...] = ()
@@ -120,11 +163,9 @@ class CalibrationSpec:
             raise ValueError(f"bin edges must lie in (0, 1], got {self.bin_edges}")
         if any(b <= a for a, b in zip(self.bin_edges, self.bin_edges[1:])):
             raise ValueError(f"bin edges must increase strictly, got {self.bin_edges}")
-        put(self, "score_map_x", _floats("score_map_x", self.score_map_x))
-        put(self, "score_map_y", _floats("score_map_y", self.score_map_y))
+        for name in ("score_map_x", "score_map_y", "score_scale_x", "score_scale_y"):
+            put(self, name, _floats(name, getattr(self, name)))
         _check_score_map(self.score_map_x, self.score_map_y, self.score)
-        put(self, "score_scale_x", _floats("score_scale_x", self.score_scale_x))
-        put(self, "score_scale_y", _floats("score_scale_y", self.score_scale_y))
         _check_score_scale(self.score_scale_x, self.score_scale_y, self.score)
         if self.cap_draws is not None:
             put(self, "cap_draws", _count("cap_draws", self.cap_draws))
@@ -149,12 +190,17 @@ class CalibrationSpec:
 
     @property
     def bins(self) -> int:
+        """G, the number of confidence bins (1 without bin edges)."""
         return len(self.bin_edges) + 1
 
     @property
     def bin_delta(self) -> float | None:
         """The PAC δ of each confidence bin: δ/G, so that all G bins hold at once with prob. ≥ 1 − δ."""
         return None if self.delta is None else self.delta / self.bins
+
+    def settings(self) -> dict[str, Any]:
+        """This spec's fields by name (for a :class:`Calibration`, only the spec's own)."""
+        return {f.name: getattr(self, f.name) for f in fields(CalibrationSpec)}
 
 
 def _check_knots(what: str, x: tuple[float, ...], y: tuple[float, ...], score: str) -> bool:
@@ -180,92 +226,92 @@ def _check_score_scale(x: tuple[float, ...], y: tuple[float, ...], score: str) -
         raise ValueError(f"score scale values must be positive, got {min(y)!r}")
 
 
-@dataclass(frozen=True)
-class Calibration:
+@dataclass(frozen=True, kw_only=True)
+class Calibration(CalibrationSpec):
     """A conformal calibration: its spec's settings, the quantile(s) and what it was made from.
 
     Made by :func:`conformalize` (or read back by :meth:`from_dict`); read by the deployment rule
-    :func:`rrise.certify_from_probs`. ``quantile`` is the single conformal quantile; with confidence
-    bins, ``bin_quantiles`` holds one q̂ per bin (+inf: that bin always abstains) and ``quantile``
-    stays the plain single-quantile calibration, valid on its own.
+    :func:`rrise.certify_from_probs`. It holds every :class:`CalibrationSpec` field (its ``spec``)
+    and adds what calibration found.
+
+    Parameters
+    ----------
+    sigma, n_mc, alpha, beta, score, delta, bin_edges, score_map_x, score_map_y, score_scale_x, \
+score_scale_y, cap_draws
+        The spec's settings (see :class:`CalibrationSpec`).
+    quantile : float
+        The single conformal quantile q̂ (+inf: every certificate abstains).
+    m : int
+        The number of calibration inputs.
+    p_cap : float, optional
+        β^(1/N), computed when not given; a given value must agree.
+    bin_quantiles : tuple of float or None
+        With confidence bins, one q̂ per bin (+inf or None: that bin always abstains); ``quantile``
+        stays the plain single-quantile calibration, valid on its own.
+    dataset : str or None
+        The calibration data's name.
+    base_sha256, surrogate_sha256 : str or None
+        sha256 of the base model whose counts and of the surrogate whose probabilities were used.
+
+    Raises
+    ------
+    ValueError
+        Naming the field whose value is invalid.
+
+    Examples
+    --------
+    >>> cal = Calibration(sigma=0.25, quantile=0.4, alpha=0.01, beta=0.001, n_mc=10_000, m=3000)
+    >>> round(cal.max_radius(), 4)
+    0.6996
+    >>> Calibration.from_dict(cal.to_dict()) == cal
+    True
     """
 
-    sigma: float
     quantile: float
-    alpha: float
-    beta: float
-    n_mc: int
     m: int
-    score: str = "probit"
-    p_cap: float = field(default=float("nan"))
-    delta: float | None = None
-    bin_edges: tuple[float, ...] = ()
-    bin_quantiles: tuple[float, ...] = ()
-    score_map_x: tuple[float, ...] = ()
-    score_map_y: tuple[float, ...] = ()
-    score_scale_x: tuple[float, ...] = ()
-    score_scale_y: tuple[float, ...] = ()
-    cap_draws: int | None = None
+    p_cap: float = field(default=float("nan"), metadata={_RECORD: "required"})
+    bin_quantiles: tuple[float | None, ...] = ()
     dataset: str | None = None
     base_sha256: str | None = None
     surrogate_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        spec = self.spec  # validates σ, N, α, β, δ, score, edges and map
+        super().__post_init__()  # validates σ, N, α, β, δ, score, edges, map and scale
         put = object.__setattr__
-        for name in ("sigma", "alpha", "beta", "n_mc", "delta", "bin_edges", "cap_draws", *_KNOTS):
-            put(self, name, getattr(spec, name))
         put(self, "m", _count("m", self.m))
         q = self.quantile
         if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) or math.isnan(q):
             raise ValueError(f"quantile must be a number, got {q!r}")
         put(self, "quantile", float(q))
-        cap = spec.p_cap
+        cap = p_cap(self.beta, self.cap_draws or self.n_mc)
         if isinstance(self.p_cap, float) and math.isnan(self.p_cap):
             put(self, "p_cap", cap)
         elif not math.isclose(
             _number("p_cap", self.p_cap, lo=0, hi=1, open_lo=True, open_hi=False), cap, rel_tol=1e-9
         ):
             raise ValueError(f"p_cap {self.p_cap} is not beta^(1/n_mc) = {cap}")
-        put(self, "bin_quantiles", tuple(math.inf if v is None else float(v) for v in self.bin_quantiles))
-        if (self.bin_edges or self.bin_quantiles) and len(self.bin_quantiles) != len(self.bin_edges) + 1:
-            raise ValueError(
-                f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} bin quantiles, "
-                f"got {len(self.bin_quantiles)}"
-            )
-        if any(math.isnan(v) for v in self.bin_quantiles):
-            raise ValueError("bin quantiles must be numbers (null for an always-abstaining bin)")
+        self._check_bins()
         for name in ("base_sha256", "surrogate_sha256"):
             _check_sha(name, getattr(self, name))
         if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset):
             raise ValueError(f"dataset must be a non-empty name, got {self.dataset!r}")
         put(self, "_z_cap", norm_ppf(float(self.p_cap)))  # Φ⁻¹(p_cap), once for the per-frame path
 
+    def _check_bins(self) -> None:
+        values = tuple(math.inf if v is None else float(v) for v in self.bin_quantiles)
+        object.__setattr__(self, "bin_quantiles", values)
+        if (self.bin_edges or values) and len(values) != len(self.bin_edges) + 1:
+            raise ValueError(
+                f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} bin quantiles, "
+                f"got {len(values)}"
+            )
+        if any(math.isnan(v) for v in values):
+            raise ValueError("bin quantiles must be numbers (null for an always-abstaining bin)")
+
     @property
     def spec(self) -> CalibrationSpec:
         """The settings this calibration was made with (everything but its quantiles)."""
-        return CalibrationSpec(
-            sigma=self.sigma,
-            n_mc=self.n_mc,
-            alpha=self.alpha,
-            beta=self.beta,
-            score=self.score,
-            delta=self.delta,
-            bin_edges=self.bin_edges,
-            score_map_x=self.score_map_x,
-            score_map_y=self.score_map_y,
-            score_scale_x=self.score_scale_x,
-            score_scale_y=self.score_scale_y,
-            cap_draws=self.cap_draws,
-        )
-
-    @property
-    def score_map(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        return (self.score_map_x, self.score_map_y) if self.score_map_x else None
-
-    @property
-    def score_scale(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        return (self.score_scale_x, self.score_scale_y) if self.score_scale_x else None
+        return CalibrationSpec(**self.settings())
 
     def quantiles_for(self, top_prob: np.ndarray) -> np.ndarray:
         """q̂ for each input: its confidence bin's quantile, or the single quantile."""
@@ -291,7 +337,7 @@ class Calibration:
         *,
         cap_counts: np.ndarray | None = None,
         surrogate_sha256: str | None = None,
-    ):
+    ) -> Calibration:
         """This calibration's spec applied to other numerics (a precision variant's ``probs`` on the
         same calibration inputs, with their full MC ``counts`` and, with ``cap_draws``, their
         second-stage ``cap_counts``): see :func:`conformalize`."""
@@ -310,37 +356,17 @@ class Calibration:
         extra = {} if bin_quantiles is None else {"bin_quantiles": tuple(bin_quantiles)}
         return replace(self, quantile=float(quantile), **extra)
 
-    # --- the one codec -------------------------------------------------------------------------
+    # --- the one codec, derived from the fields ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record (``calibration.json`` and the manifest's ``calibration``): optional keys
-        (δ, bins, score map, provenance) only when set; an infinite bin quantile is null."""
-        d: dict[str, Any] = {
-            "score": self.score,
-            "sigma": self.sigma,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "m": self.m,
-            "n_mc": self.n_mc,
-            "quantile": self.quantile if math.isfinite(self.quantile) else None,
-            "p_cap": self.p_cap,
-        }
-        if self.delta is not None:
-            d["delta"] = self.delta
-        if self.cap_draws is not None:
-            d["cap_draws"] = self.cap_draws
-        if self.bin_edges:
-            d["bin_edges"] = list(self.bin_edges)
-            d["bin_quantiles"] = [q if math.isfinite(q) else None for q in self.bin_quantiles]
-        if self.score_map is not None:
-            d["score_map_x"] = list(self.score_map_x)
-            d["score_map_y"] = list(self.score_map_y)
-        if self.score_scale is not None:
-            d["score_scale_x"] = list(self.score_scale_x)
-            d["score_scale_y"] = list(self.score_scale_y)
-        for key in ("dataset", "base_sha256", "surrogate_sha256"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
-        return d
+        """JSON-ready record (``calibration.json`` and the manifest's ``calibration``): every
+        required key, and each optional one (δ, bins, score map and scale, provenance) only when set;
+        an infinite quantile is null."""
+        record: dict[str, Any] = {}
+        for name, _, required in record_fields():
+            value = getattr(self, name)
+            if required or value not in (None, ()):
+                record[name] = _json_value(value)
+        return record
 
     @classmethod
     def from_dict(cls, d: Any, *, sigma: float | None = None) -> Calibration:
@@ -353,22 +379,57 @@ class Calibration:
             if "sigma" in d and d["sigma"] != sigma:
                 raise ValueError(f"calibration sigma {d['sigma']} disagrees with smoothing sigma {sigma}")
             d["sigma"] = sigma
-        missing = [k for k in ("score", "sigma", "alpha", "beta", "m", "n_mc", "quantile") if k not in d]
+        table = record_fields()
+        missing = [name for name, _, required in table if (required or name == "sigma") and name not in d]
         if missing:
             raise ValueError(f"calibration record lacks {', '.join(missing)}")
-        if d["quantile"] is None:
-            d["quantile"] = math.inf
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for key in ("bin_edges", "bin_quantiles", *_KNOTS):
-            value = kwargs.get(key)
-            if value is not None and not isinstance(value, list | tuple):
-                raise ValueError(f"calibration {key} must be a list, got {value!r}")
-            kwargs[key] = tuple(value or ())
+        kwargs = {}
+        for name, kind, _ in table:
+            if name in d:
+                kwargs[name] = _from_json(name, d[name], kind)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid calibration record: {exc}") from None
+
+
+def record_fields() -> list[tuple[str, Any, bool]]:
+    """The calibration record's keys, derived from :class:`Calibration`'s fields: ``(name, type,
+    required)`` with the field's type as written (``tuple[X, ...]`` for lists) and whether a record
+    must hold it (no default, or marked so). The JSON codec and the manifest schema both read this.
+
+    >>> [name for name, _, required in record_fields() if required]
+    ['n_mc', 'alpha', 'beta', 'score', 'quantile', 'm', 'p_cap']
+    """
+    hints = typing.get_type_hints(Calibration)
+    return [(f.name, hints[f.name], _required(f)) for f in fields(Calibration)]
+
+
+def _required(f: Field) -> bool:
+    mark = f.metadata.get(_RECORD)
+    if mark is not None:
+        return mark == "required"
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _json_value(value: Any) -> Any:
+    """A field value as JSON holds it: tuples as lists, an infinite number as null."""
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _from_json(name: str, value: Any, kind: Any) -> Any:
+    """A record value as the field takes it: lists as tuples; null for a quantile means +inf."""
+    if typing.get_origin(kind) is tuple:
+        if value is not None and not isinstance(value, list | tuple):
+            raise ValueError(f"calibration {name} must be a list, got {value!r}")
+        return tuple(value or ())
+    if value is None and kind is float:
+        return math.inf  # JSON has no infinity: an always-abstaining quantile is null
+    return value
 
 
 def _check_sha(name: str, value: Any) -> None:
@@ -521,7 +582,7 @@ def conformalize(
     if spec.bin_edges:
         bin_quantiles = mondrian_quantiles(scores, top_prob, spec.bin_edges, spec.alpha, spec.bin_delta)
     return Calibration(
-        **{k: v for k, v in asdict(spec).items()},
+        **spec.settings(),
         quantile=quantile,
         m=len(p),
         bin_quantiles=bin_quantiles,
@@ -540,29 +601,92 @@ def conformal_rank(m: int, alpha: float, delta: float | None = None) -> int:
     """The rank k (1-based) of the order statistic that serves as q̂ among m scores.
 
     ``delta=None``: ⌈(m+1)(1−α)⌉, the split-conformal rank (marginal: P(e ≤ q̂) ≥ 1 − α).
-    ``delta`` given: the smallest k with P(Binomial(m, 1−α) ≥ k) ≤ δ, the training-conditional (PAC)
-    rank: with probability ≥ 1 − δ over the calibration draw, P(e ≤ q̂ | calibration) ≥ 1 − α.
+    ``delta`` given: the larger of that rank and the training-conditional (PAC) rank, the smallest k
+    with P(Binomial(m, 1−α) ≥ k) ≤ δ: with probability ≥ 1 − δ over the calibration draw,
+    P(e ≤ q̂ | calibration) ≥ 1 − α, and marginally P(e ≤ q̂) ≥ 1 − α still holds. (For a large δ
+    the PAC rank alone falls below the marginal one: m = 3000, α = 0.01, δ = 0.9 would give a
+    marginal coverage of 0.9877 < 0.99.)
+
+    Parameters
+    ----------
+    m : int
+        The number of calibration scores.
+    alpha : float
+        α in (0, 1).
+    delta : float or None
+        The PAC δ in (0, 1), or None.
+
+    Returns
+    -------
+    int
+        k, which may exceed m (then no quantile exists: see :func:`min_calibration_size`).
+
+    Examples
+    --------
+    >>> conformal_rank(3000, 0.01)
+    2971
+    >>> conformal_rank(3000, 0.01, delta=0.1) > 2971
+    True
+    >>> conformal_rank(3000, 0.01, delta=0.9)  # never below the marginal rank
+    2971
     """
     _probability("alpha", alpha)
+    marginal = _rank(m, alpha)
     if delta is None:
-        return _rank(m, alpha)
+        return marginal
     _probability("delta", delta)
     from scipy.stats import binom  # lazy: only the PAC rank needs it
 
     return int(binom.ppf(1.0 - delta, m, 1.0 - alpha)) + 1
 
 
-@lru_cache(maxsize=256)
-def min_calibration_size(alpha: float, delta: float | None = None) -> int:
-    """Smallest m whose conformal rank is at most m: the fewest calibration inputs that give q̂."""
+def min_calibration_size(alpha: float, delta: float | None = None, bins: int = 1) -> int:
+    """The fewest calibration inputs that give a quantile: the smallest m with
+    :func:`conformal_rank` (m, α, δ) ≤ m, times ``bins`` when each of that many confidence bins needs
+    its own (each at δ/G, as :func:`conformalize` takes it). No scipy: the marginal rank fits
+    exactly when ⌈(m+1)(1−α)⌉ ≤ m, and the PAC rank when P(Binomial(m, 1 − α) = m) = (1 − α)^m ≤ δ.
+
+    Parameters
+    ----------
+    alpha : float
+        α in (0, 1).
+    delta : float or None
+        The PAC δ in (0, 1) over all bins, or None.
+    bins : int
+        G, the number of confidence bins.
+
+    Returns
+    -------
+    int
+        The smallest total m.
+
+    Raises
+    ------
+    ValueError
+        When α or δ is not in (0, 1) or ``bins`` < 1.
+
+    Examples
+    --------
+    >>> min_calibration_size(0.01), min_calibration_size(0.001)
+    (99, 999)
+    >>> min_calibration_size(0.01, delta=0.1)
+    230
+    >>> min_calibration_size(0.01, delta=0.9)  # never below the marginal size
+    99
+    """
     _probability("alpha", alpha)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    if delta is not None:
+        per_bin = _probability("delta", delta) / bins
+        m = max(1, math.ceil(math.log(per_bin) / math.log1p(-alpha)) - 1)
+        while (1.0 - alpha) ** m > per_bin:
+            m += 1
+        return bins * m
     m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
-    while conformal_rank(m, alpha, delta) > m:
-        m += 1 if delta is None else max(1, m // 50)
-    if delta is not None:  # step back to the exact smallest m
-        while m > 1 and conformal_rank(m - 1, alpha, delta) <= m - 1:
-            m -= 1
-    return m
+    while _rank(m, alpha) > m:
+        m += 1
+    return bins * m
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float, delta: float | None = None) -> float:

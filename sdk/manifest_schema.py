@@ -26,10 +26,10 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from .calibration import Calibration, min_calibration_size
+from .calibration import Calibration, min_calibration_size, record_fields
 from .numerics import MICRO_BATCH_LIMIT
 from .onnx_session import CALIBRATED_WITH as ORT_NUMERICS
-from .scores import TRANSFORMS, conformal_scores, p_cap
+from .scores import conformal_scores, p_cap
 
 __all__ = [
     "MANIFEST",
@@ -104,26 +104,22 @@ class Smoothing(_Struct):
     sigma: float
 
 
-class CalibrationRecord(_Struct):
-    score: Literal[TRANSFORMS]
-    alpha: float
-    beta: float
-    m: int
-    n_mc: int
-    quantile: float
-    p_cap: float
-    sigma: float | None = None
-    delta: float | None = None
-    cap_draws: int | None = None
-    bin_edges: list[float] = []
-    bin_quantiles: list[float | None] = []
-    score_map_x: list[float] = []
-    score_map_y: list[float] = []
-    score_scale_x: list[float] = []
-    score_scale_y: list[float] = []
-    dataset: str | None = None
-    base_sha256: str | None = None
-    surrogate_sha256: str | None = None
+def _record_struct() -> type[msgspec.Struct]:
+    """The manifest's ``calibration``, typed from :func:`rrise.calibration.record_fields` (the
+    fields of :class:`rrise.CalibrationSpec` and :class:`rrise.Calibration`, declared there once):
+    lists for tuples, and a key the record need not hold defaults to null or an empty list."""
+    spec = []
+    for name, kind, required in record_fields():
+        if typing.get_origin(kind) is tuple:
+            spec.append((name, list[typing.get_args(kind)[0]], msgspec.field(default_factory=list)))
+        elif required:
+            spec.append((name, kind))
+        else:
+            spec.append((name, kind | None, None))
+    return msgspec.defstruct("CalibrationRecord", spec, bases=(_Struct,), kw_only=True, module=__name__)
+
+
+CalibrationRecord = _record_struct()
 
 
 class FileEntry(_Struct):
@@ -280,14 +276,8 @@ def _check_model(m: Manifest, problems: _Problems) -> None:
     problems.in_range("smoothing.sigma", m.smoothing.sigma, 0.0, math.inf)
 
 
-def smallest_calibration_size(alpha: float, delta: float | None = None, bins: int = 1) -> int:
-    """The fewest calibration inputs that give a quantile at ``alpha`` (with PAC ``delta``: split
-    over ``bins`` confidence bins, each needing its own), as
-    :func:`rrise.calibration.min_calibration_size`. No scipy: the PAC rank k fits within m exactly
-    when P(Binomial(m, 1 − α) = m) = (1 − α)^m ≤ δ/G."""
-    if delta is None:
-        return bins * min_calibration_size(alpha)
-    return bins * math.ceil(math.log(delta / bins) / math.log1p(-alpha) - 1e-9)
+# The former name of the fewest-inputs rule; one function, in rrise.calibration.
+smallest_calibration_size = min_calibration_size
 
 
 def quantile_floor(
@@ -333,13 +323,13 @@ def _check_calibration(m: Manifest, problems: _Problems) -> None:
         cal.p_cap,
     )
     bins = len(cal.bin_edges) + 1
-    need = smallest_calibration_size(cal.alpha, cal.delta, bins)
+    need = min_calibration_size(cal.alpha, cal.delta, bins)
     problems.require(
         cal.m >= need, "calibration.m", f"be >= {need} (the fewest inputs that work for alpha)", cal.m
     )
     if len(problems) > before:
         return
-    record = {k: v for k, v in msgspec.to_builtins(cal).items() if k not in ("sigma", "p_cap")}
+    record = {k: v for k, v in msgspec.to_builtins(cal).items() if v is not None}
     try:  # confidence bins, the score map and scale: Calibration is the one home of their rules
         Calibration.from_dict(record, sigma=sigma)
     except ValueError as exc:
