@@ -567,7 +567,8 @@ def conformalize(
     radius ``σ·Φ⁻¹(p̃)``. Marginal over inputs, not per input. With confidence bins it also holds
     within each bin. With ``delta`` (PAC): with probability ≥ 1 − δ over the calibration draw, the
     statement holds at ``1 − α − β`` for every later exchangeable input — with bins, in every bin at
-    once (each bin's quantile is taken at δ/G). Too few inputs raise ValueError naming the smallest m.
+    once (each bin's quantile is taken at δ/G); the rank is never below the marginal one, so the
+    marginal statement holds as well, whatever δ. Too few inputs raise ValueError naming the smallest m.
     """
     if not isinstance(spec, CalibrationSpec):
         raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
@@ -637,7 +638,7 @@ def conformal_rank(m: int, alpha: float, delta: float | None = None) -> int:
     _probability("delta", delta)
     from scipy.stats import binom  # lazy: only the PAC rank needs it
 
-    return int(binom.ppf(1.0 - delta, m, 1.0 - alpha)) + 1
+    return max(marginal, int(binom.ppf(1.0 - delta, m, 1.0 - alpha)) + 1)
 
 
 def min_calibration_size(alpha: float, delta: float | None = None, bins: int = 1) -> int:
@@ -677,15 +678,15 @@ def min_calibration_size(alpha: float, delta: float | None = None, bins: int = 1
     _probability("alpha", alpha)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    if delta is not None:
-        per_bin = _probability("delta", delta) / bins
-        m = max(1, math.ceil(math.log(per_bin) / math.log1p(-alpha)) - 1)
-        while (1.0 - alpha) ** m > per_bin:
-            m += 1
-        return bins * m
     m = max(1, math.floor((1.0 - alpha) / alpha) - 1)
     while _rank(m, alpha) > m:
         m += 1
+    if delta is not None:
+        per_bin = _probability("delta", delta) / bins
+        pac = max(1, math.ceil(math.log(per_bin) / math.log1p(-alpha)) - 1)
+        while (1.0 - alpha) ** pac > per_bin:
+            pac += 1
+        m = max(m, pac)
     return bins * m
 
 

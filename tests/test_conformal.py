@@ -14,7 +14,14 @@ from torch import nn
 
 from rrise import Calibration, certify_from_probs
 from rrise.calibrate.mc import sample_counts
-from rrise.calibration import CalibrationSpec, conformalize, mc_lower_bounds, min_calibration_size
+from rrise.calibration import (
+    CalibrationSpec,
+    conformal_quantile,
+    conformal_rank,
+    conformalize,
+    mc_lower_bounds,
+    min_calibration_size,
+)
 from rrise.stats import clopper_pearson_lower
 
 SIGMA, ALPHA, BETA, N_MC = 0.25, 0.1, 0.01, 1000
@@ -168,6 +175,33 @@ def test_too_few_calibration_inputs_name_the_smallest_m():
     counts = _counts_for(probs.argmax(axis=1), np.full(m_min, 900), N_MC)
     cal = conformalize(CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA), probs, counts)
     assert cal.m == m_min
+
+
+@pytest.mark.parametrize("delta", [0.001, 0.05, 0.1, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize(("m", "alpha"), [(3000, 0.01), (500, 0.05), (2000, 0.001), (40, 0.1)])
+def test_a_pac_quantile_never_loses_the_marginal_guarantee(m, alpha, delta):
+    """For exchangeable continuous scores the k-th smallest of m covers a new one with probability
+    exactly k/(m+1). A PAC rank below ⌈(m+1)(1−α)⌉ (large δ: m = 3000, α = 0.01, δ = 0.9 gave
+    2964/3001 = 0.9877) would void the marginal 1 − α the bundle states."""
+    if min_calibration_size(alpha, delta) > m:
+        with pytest.raises(ValueError, match="too few"):
+            conformal_quantile(np.arange(m, dtype=float), alpha, delta)
+        return
+    k = conformal_rank(m, alpha, delta)
+    assert k / (m + 1) >= 1 - alpha
+    assert k >= conformal_rank(m, alpha)
+    scores = np.random.default_rng(0).permutation(m).astype(float)
+    assert conformal_quantile(scores, alpha, delta) == k - 1  # the k-th smallest of 0..m-1
+
+
+def test_the_pac_minimum_size_is_never_below_the_marginal_one():
+    assert conformal_rank(3000, 0.01, 0.9) == conformal_rank(3000, 0.01) == 2971
+    assert min_calibration_size(0.01, 0.9) == min_calibration_size(0.01) == 99
+    for alpha, delta in [(0.01, 0.9), (0.05, 0.5), (0.1, 0.99), (0.01, 0.1)]:
+        m = min_calibration_size(alpha, delta)
+        assert conformal_rank(m, alpha, delta) <= m < conformal_rank(m - 1, alpha, delta) + 1
+        assert m >= min_calibration_size(alpha)
+    assert min_calibration_size(0.01, 0.1, bins=3) == 3 * min_calibration_size(0.01, 0.1 / 3)
 
 
 def test_bad_counts_are_rejected():
