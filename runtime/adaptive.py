@@ -9,16 +9,16 @@ needed, and the anytime-valid bound keeps its level ``α`` whatever stops the dr
 the base model runs under onnxruntime from the bundle's own bytes, checked against the manifest
 digest before the session opens; any other backend plugs in as a ``classify`` callable.
 
-Wiring it into a runtime takes a few lines::
+Wiring it into a runtime takes a few lines (:class:`McOptions` is a typed option group whose fields
+are the ``rrise run`` flags ``--mc-budget``, ``--mc-deadline-ms``, ``--require-radius``,
+``--mc-alpha`` and ``--mc-batch``)::
 
-    options = SequentialOptions(budget=mc_budget, deadline_ms=mc_deadline_ms, alpha=mc_alpha)
-    if require_radius is not None:
-        check_required_radius(require_radius, bundle.sigma, options)  # a one-line error if unreachable
-    mc = McCertifier.from_bundle(bundle, options)
+    self._mc = McCertifier.from_options(bundle, mc)  # None when --mc-budget is 0; refuses a
+                                                     # --require-radius the budget cannot reach
     ...
-    if require_radius is not None and cert.radius < require_radius:
-        result = mc.certify(model_input, cert.top_class, require_radius)
-        radius = max(cert.radius, result.radius)
+    extra = self._mc.improve(model_input, cert.top_class, cert.radius) if self._mc else None
+    if extra is not None and extra.radius > cert.radius:
+        ...  # the record keeps the MC certificate: certified_by "mc", mc_draws extra.draws
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,13 +34,68 @@ import numpy as np
 from rrise.bundle import Bundle, BundleError
 from rrise.onnx_session import FASTEST, open_session
 from rrise.sequential import (
+    DEFAULT_MC_ALPHA,
+    DEFAULT_MC_BATCH,
     SequentialOptions,
+    check_required_radius,
     radius_from_lower_bound,
     required_probability,
     sequential_test,
 )
 
-__all__ = ["BaseClassifier", "McCertifier", "McResult", "read_base_model"]
+__all__ = ["BaseClassifier", "McCertifier", "McOptions", "McResult", "read_base_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class McOptions:
+    """Adaptive Monte Carlo for ``rrise run`` and ``Runtime`` (field names are the flags).
+    ``mc_budget`` 0, the default, is the one-pass runtime, unchanged. Bad values raise a one-line
+    ValueError naming the flag; :meth:`McCertifier.from_options` also refuses a required radius
+    the budget can never certify, naming the largest it can."""
+
+    mc_budget: int = field(
+        default=0,
+        metadata={"help": "Base-model draws per frame whose surrogate radius falls short (0: off)."},
+    )
+    mc_deadline_ms: float | None = field(
+        default=None, metadata={"help": "Stop a frame's draws before this many milliseconds pass."}
+    )
+    require_radius: float | None = field(
+        default=None,
+        metadata={"help": "Spend draws on a frame only when its surrogate radius is below this radius."},
+    )
+    mc_alpha: float = field(
+        default=DEFAULT_MC_ALPHA,
+        metadata={"help": "Level of the Monte Carlo certificate (anytime-valid lower bound)."},
+    )
+    mc_batch: int = field(default=DEFAULT_MC_BATCH, metadata={"help": "Base-model draws per batch."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mc_budget, bool) or not isinstance(self.mc_budget, int) or self.mc_budget < 0:
+            raise ValueError(f"--mc-budget must be a non-negative integer (0: off), got {self.mc_budget!r}")
+        if self.mc_budget == 0 and self.require_radius is not None:
+            raise ValueError("--require-radius needs Monte Carlo draws: give --mc-budget N as well")
+        if self.require_radius is not None and not (
+            isinstance(self.require_radius, int | float) and 0 < self.require_radius < float("inf")
+        ):
+            raise ValueError(f"--require-radius must be a positive number, got {self.require_radius!r}")
+        if self.mc_budget:
+            self.sequential()  # validates the budget, batch, deadline and alpha in one line each
+        elif not (isinstance(self.mc_alpha, int | float) and 0.0 < self.mc_alpha < 1.0):
+            raise ValueError(f"--mc-alpha must be in (0, 1), got {self.mc_alpha}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mc_budget > 0
+
+    def sequential(self) -> SequentialOptions:
+        """The sequential test's options (only when ``mc_budget`` > 0)."""
+        return SequentialOptions(
+            budget=self.mc_budget,
+            deadline_ms=self.mc_deadline_ms,
+            alpha=self.mc_alpha,
+            batch_size=self.mc_batch,
+        )
 
 
 def read_base_model(bundle: Bundle) -> bytes:
@@ -129,8 +184,10 @@ class McResult:
 class McCertifier:
     """Certify frames by Monte Carlo with ``classify`` (``[B, C, H, W]`` → ``[B]`` classes), noise
     ``N(0, σ²)`` from one numpy generator (``seed``), within ``options`` (budget, deadline, α,
-    batch size). ``clock`` (seconds) times the deadline; tests inject one. Not thread-safe: the
-    caller serializes calls, as the Runtime serializes inference."""
+    batch size). ``require_radius``: the radius :meth:`improve` routes frames by (refused, naming
+    the largest certifiable radius, when the budget can never reach it). ``clock`` (seconds) times
+    the deadline; tests inject one. Not thread-safe: the caller serializes calls, as the Runtime
+    serializes inference."""
 
     def __init__(
         self,
@@ -139,11 +196,15 @@ class McCertifier:
         options: SequentialOptions,
         *,
         num_classes: int | None = None,
+        require_radius: float | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
+        if require_radius is not None:
+            check_required_radius(require_radius, sigma, options)
+        self.require_radius = require_radius
         self.classify = classify
         self.sigma = float(sigma)
         self.options = options
@@ -157,13 +218,51 @@ class McCertifier:
         bundle: Bundle,
         options: SequentialOptions,
         *,
+        require_radius: float | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         threads: int | None = None,
     ) -> McCertifier:
         """The bundle's base model (its bytes checked against the manifest) at the bundle's σ."""
         classify = BaseClassifier(read_base_model(bundle), threads=threads)
-        return cls(classify, bundle.sigma, options, num_classes=bundle.num_classes, seed=seed, clock=clock)
+        return cls(
+            classify,
+            bundle.sigma,
+            options,
+            num_classes=bundle.num_classes,
+            require_radius=require_radius,
+            seed=seed,
+            clock=clock,
+        )
+
+    @classmethod
+    def from_options(
+        cls,
+        bundle: Bundle,
+        mc: McOptions,
+        *,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        threads: int | None = None,
+    ) -> McCertifier | None:
+        """:meth:`from_bundle` for ``rrise run``'s options; None when ``mc_budget`` is 0 (off). A
+        ``require_radius`` the budget can never certify is refused before the model is opened."""
+        if not mc.enabled:
+            return None
+        options = mc.sequential()
+        if mc.require_radius is not None:
+            check_required_radius(mc.require_radius, bundle.sigma, options)
+        return cls.from_bundle(
+            bundle, options, require_radius=mc.require_radius, seed=seed, clock=clock, threads=threads
+        )
+
+    def improve(self, x: np.ndarray, top_class: int, surrogate_radius: float) -> McResult | None:
+        """Draws for a frame whose surrogate radius falls short of ``require_radius`` (None, without
+        a draw, when it does not, or when no radius is required: then the caller's routing rule
+        decides and calls :meth:`certify`)."""
+        if self.require_radius is None or surrogate_radius >= self.require_radius:
+            return None
+        return self.certify(x, top_class, self.require_radius)
 
     def certify(self, x: np.ndarray, top_class: int, require_radius: float | None = None) -> McResult:
         """Spend draws on ``x`` (the preprocessed model input ``[C, H, W]``, float32 in [0, 1]) for

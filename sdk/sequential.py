@@ -181,12 +181,10 @@ class SequentialOptions:
             raise ValueError(f"the futility level must be in (0, 1), got {self.futility_alpha!r}")
         _check_prior(self.prior)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(
-                f"the Monte Carlo batch size must be a positive integer, got {self.batch_size!r}"
-            )
+            raise ValueError(f"--mc-batch must be a positive integer, got {self.batch_size!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < self.batch_size:
             raise ValueError(
-                f"--mc-budget must be an integer of at least one batch ({self.batch_size} draws), "
+                f"--mc-budget must be an integer of at least one batch (--mc-batch {self.batch_size}), "
                 f"got {self.budget!r}"
             )
         if self.deadline_ms is not None and not (

@@ -11,7 +11,7 @@ import pytest
 
 from rrise.bundle import Bundle, BundleError
 from rrise.datasets import load_dataset
-from rrise.runtime.adaptive import BaseClassifier, McCertifier, read_base_model
+from rrise.runtime.adaptive import BaseClassifier, McCertifier, McOptions, read_base_model
 from rrise.sequential import (
     STOP_BUDGET,
     STOP_DEADLINE,
@@ -176,3 +176,42 @@ def test_runs_without_torch_or_scipy(tiny_bundle, python):
         "assert 'scipy' not in sys.modules and 'torch' not in sys.modules\n"
     )
     subprocess.run([python, "-c", code], check=True)
+
+
+def test_options_off_by_default_and_the_wiring_helpers(bundle, frames, cohen_counts):
+    assert McCertifier.from_options(bundle, McOptions()) is None  # --mc-budget 0: the one-pass runtime
+    mc = McCertifier.from_options(
+        bundle, McOptions(mc_budget=2_000, require_radius=0.25, mc_batch=100), seed=0
+    )
+    i = int(np.argmax(cohen_counts.max(axis=1)))
+    x, top = frames[0][i], int(np.argmax(cohen_counts[i]))
+    assert mc.improve(x, top, surrogate_radius=0.3) is None  # the surrogate already certifies 0.25
+    r = mc.improve(x, top, surrogate_radius=0.1)
+    assert r.stop == STOP_SUCCESS and r.radius >= 0.25 - 1e-12 and 0 < r.draws <= 2_000
+    assert McCertifier.from_options(bundle, McOptions(mc_budget=2_000), seed=0).improve(x, top, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mc_budget": -1}, "--mc-budget must be a non-negative integer"),
+        ({"mc_budget": 100}, "--mc-budget must be an integer of at least one batch (--mc-batch 256)"),
+        ({"mc_budget": 1_000, "mc_alpha": 2.0}, "--mc-alpha must be in (0, 1)"),
+        ({"mc_alpha": 0.0}, "--mc-alpha must be in (0, 1)"),
+        ({"mc_budget": 1_000, "mc_deadline_ms": -5.0}, "--mc-deadline-ms must be a positive number"),
+        ({"mc_budget": 1_000, "mc_batch": 0}, "--mc-batch must be a positive integer"),
+        ({"require_radius": 0.5}, "--require-radius needs Monte Carlo draws"),
+        ({"mc_budget": 1_000, "require_radius": 0.0}, "--require-radius must be a positive number"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        McOptions(**kwargs)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_radius_beyond_the_budget_is_refused_naming_the_largest(bundle):
+    with pytest.raises(
+        ValueError, match=r"--require-radius 1 is above the largest radius 0\.6\d+ that --mc-budget"
+    ):
+        McCertifier.from_options(bundle, McOptions(mc_budget=1_000, require_radius=1.0))
