@@ -19,16 +19,30 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from rrise.fileio import atomic_write_json
+from rrise.runtime.preprocess import preprocess_spec
+
+from . import provenance as prov
 from .folder_data import combine, load_sets
+from .mc import prepare_model, sample_counts
+from .options import BuildOptions
+from .profiles import Profile, get_profile
+from .provenance import file_sha256
+from .specs import USER_DATASET, ImageData, UserModelSpec
+from .stages import ALL_STAGES, run_stage
+from .user_data import split_images
+from .user_model import UserModel, UserModelError, load_user_model
+from .workdir import RunConfig, Workdir
 
 __all__ = ["BUILD_STAGES", "USER_DATASET", "build", "mc_budget"]
 
-USER_DATASET = "user"
 # The stages `rrise build` runs after importing the base model, in order.
 BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify", "evaluate", "bundle")
 
@@ -37,15 +51,12 @@ BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certi
 # What the Monte Carlo costs
 
 
-def mc_budget(w) -> dict[str, int]:
+def mc_budget(w: Workdir) -> dict[str, int]:
     """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done)."""
-    from . import provenance as prov
-    from .stages import ALL_STAGES
-
     p, sp = w.prof, w.splits()
     plan = {
         "targets": (len(sp["targets"]) + len(sp["selection"])) * p.target_draws,
-        "train-surrogate": p.fresh_steps * p.fresh_batch * p.fresh_draws,  # fresh targets (0 when off)
+        "train-surrogate": p.steps * p.fresh_batch * p.draws,  # fresh targets (0 when off)
         "select-rule": len(sp["rules"]) * p.n_cal if p.n_rule else 0,
         # with cap draws, at most every calibration input gets N₂ more (only those at the cap do)
         "calibrate": len(sp["calibration"]) * (p.n_cal + p.cap_draws),
@@ -60,10 +71,8 @@ def mc_budget(w) -> dict[str, int]:
     return {k: (0 if done[k] else v) for k, v in plan.items()}
 
 
-def probe_rate(w, draws: int = 512) -> float:
+def probe_rate(w: Workdir, draws: int = 512) -> float:
     """Noisy base-model evaluations per second on this machine (onnxruntime, a short timed probe)."""
-    from .mc import prepare_model, sample_counts
-
     ds = w.data("test")
     x = np.asarray(ds.images[w.splits()["test"][:2]], dtype=np.float32)
     prepared = prepare_model(str(w.path("base.onnx")), "onnxruntime")
@@ -87,54 +96,61 @@ def _duration(seconds: float) -> str:
 
 
 def build(
-    model,
-    data: str | os.PathLike,
-    workdir: str | os.PathLike,
+    model: BuildOptions | str | os.PathLike | Any = None,
+    data: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
     *,
-    sigma: float = 0.25,
-    profile: str = "quick",
-    seed: int = 0,
-    train_data: str | os.PathLike | None = None,
-    output: str | None = None,
-    output_kind: str | None = None,
-    input_size: Sequence[int] | int | None = None,
-    channels: str | None = None,
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    weights: str | os.PathLike | None = None,
-    surrogate_arch: str = "auto",
-    data_dir: str | os.PathLike | None = None,
-    show_progress: bool = True,
     log: Callable[[str], None] = print,
+    **flags: Any,
 ) -> Path:
     """Run every stage on the user's model and images; return the bundle's path (``workdir/bundle``).
 
-    ``model``: a path (``.onnx``, ``.pt2``), ``package.module:attribute`` or an ``nn.Module``;
-    ``data``/``train_data``: an ImageFolder, an ``.npz`` or a built-in name (see
-    :func:`~rrise.calibrate.user_data.load_images`); the rest as ``rrise build``'s options. A rerun
-    on the same folder skips every stage that is current. Raises ``ValueError`` (``UserModelError``,
-    ``UserDataError``, ``StageNotReady``, ...) on bad input; a folder this call created is removed
-    again when it fails so before its first Monte Carlo stage (after that the folder stays, to be
-    resumed; a bundle is only ever written whole).
+    Parameters
+    ----------
+    model
+        A :class:`~rrise.calibrate.options.BuildOptions` (then nothing else but ``log``), or the
+        classifier: a path (``.onnx``, ``.pt2``), ``package.module:attribute`` or an ``nn.Module``.
+    data
+        The images the model did not train on: an ImageFolder, an ``.npz`` or a built-in name (see
+        :func:`~rrise.calibrate.user_data.load_images`).
+    workdir
+        The work folder; a rerun on the same folder skips every stage that is current.
+    log
+        Where progress lines go (``print``).
+    **flags
+        Any other :class:`~rrise.calibrate.options.BuildOptions` field by name (``sigma``,
+        ``profile``, ``seed``, ``train_data``, ``output``, ``output_kind``, ``input_size``,
+        ``channels``, ``mean``, ``std``, ``weights``, ``surrogate_arch``, ``data_dir``,
+        ``no_progress``); ``show_progress=False`` is ``no_progress=True``.
+
+    Returns
+    -------
+    Path
+        ``workdir/bundle``, the bundle the runtime loads.
+
+    Raises ``ValueError`` (``UserModelError``, ``UserDataError``, ``StageNotReady``, ...) on bad
+    input; a folder this call created is removed again when it fails before its first Monte Carlo
+    stage (after that the folder stays, to be resumed; a bundle is only ever written whole).
+
+    Examples
+    --------
+    >>> import rrise.calibrate as rc
+    >>> from rrise.calibrate.options import BuildOptions
+    >>> options = BuildOptions(model="model.onnx", data="images/", workdir="runs/mine", sigma=0.25)
+    >>> options.profile.value
+    'quick'
+    >>> rc.build(options)  # doctest: +SKIP
+    PosixPath('runs/mine/bundle')
+    >>> rc.build(model="model.onnx", data="images/", workdir="runs/mine",
+    ...          sigma=0.25, profile="quick")  # doctest: +SKIP
+    PosixPath('runs/mine/bundle')
     """
-    root = Path(workdir)
+    options, module = build_options(model, data, workdir, **flags)
+    root = options.workdir
     existed = root.exists()
     state = {"stages": False}
     try:
-        return _build(
-            model, data, root, sigma=sigma, profile=profile, seed=seed, train_data=train_data,
-            model_options={
-                "weights": None if weights is None else str(Path(weights).resolve()),
-                "output": output,
-                "output_kind": output_kind,
-                "input_size": None if input_size is None else list(np.atleast_1d(input_size).tolist()),
-                "channels": channels,
-                "mean": mean if mean is None or np.isscalar(mean) else list(mean),
-                "std": std if std is None or np.isscalar(std) else list(std),
-            },
-            surrogate_arch=surrogate_arch, data_dir=data_dir, show_progress=show_progress, log=log,
-            state=state,
-        )  # fmt: skip
+        return _build(options, module, log, state)
     except ValueError:
         # refused before any Monte Carlo: leave no folder behind (after it, the folder stays, resumable)
         if not existed and not state["stages"] and root.exists():
@@ -142,47 +158,81 @@ def build(
         raise
 
 
-def _checked_inputs(model, data, train_data, model_options, surrogate_arch, data_dir, prof, seed, log):
-    """The user's model and images, loaded and checked before anything is written: the model, the
-    ``user`` record of run.json and the data splits."""
-    from torch import nn
+def build_options(
+    model: BuildOptions | str | os.PathLike | Any = None,
+    data: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    **flags: Any,
+) -> tuple[BuildOptions, Any]:
+    """``(options, module)``: :func:`build`'s arguments as one :class:`BuildOptions`, and the
+    ``nn.Module`` passed as ``model`` (None for a path or factory string)."""
+    if isinstance(model, BuildOptions):
+        if data is not None or workdir is not None or flags:
+            raise TypeError("build(options) takes no other arguments but log")
+        return model, None
+    if "show_progress" in flags:
+        flags["no_progress"] = not flags.pop("show_progress")
+    module = None
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        module, model = model, f"nn.Module {type(model).__name__}"
+    if model is None or data is None or workdir is None:
+        raise TypeError("build needs model, data and workdir (or one BuildOptions)")
+    return BuildOptions(model=model, data=data, workdir=workdir, **flags), module
 
-    from rrise.runtime.preprocess import preprocess_spec
 
-    from .user_data import split_images
-    from .user_model import UserModelError, load_user_model
+def _model_spec(options: BuildOptions, module: Any) -> UserModelSpec:
+    """The user's model as :func:`~rrise.calibrate.user_model.load_user_model` will load it
+    (``input_shape`` is filled in once it is loaded)."""
+    o = options
+    return UserModelSpec(
+        source=None if module is not None else _source(o.model),
+        input_shape=(0, 0, 0),
+        weights=None if o.weights is None else str(o.weights.resolve()),
+        output=o.output,
+        output_kind=None if o.output_kind is None else o.output_kind.value,
+        input_size=o.input_size,
+        channels=None if o.channels is None else o.channels.value,
+        mean=o.mean,
+        std=o.std,
+        surrogate_arch=o.surrogate_arch,
+    )
 
-    um = load_user_model(model, **model_options)
+
+def _load_model(
+    options: BuildOptions, module: Any, log: Callable[[str], None]
+) -> tuple[UserModel, UserModelSpec]:
+    """The user's model, loaded and checked before anything is written, and its spec."""
+    spec = _model_spec(options, module)
+    um = load_user_model(module if module is not None else spec.source, **spec.load_options())
     for note in um.notes:
         log(f"[model] {note}")
     if um.onnx is None:
         raise UserModelError(
             f"MODEL {um.name} does not export to ONNX, which the bundle needs (see the notes above)"
         )
-    c, h, w_ = um.input_shape
-    preprocess = preprocess_spec(um.channels, (h, w_))
-    user = {
-        "model": None if isinstance(model, nn.Module) else _source(model),
-        "model_options": model_options,
-        "data": _source(data),
-        "train_data": None if train_data is None else _source(train_data),
-        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
-        "preprocess": preprocess,
-        "input_shape": [c, h, w_],
-        "surrogate_arch": str(surrogate_arch),
-    }
-    images, train = load_sets(user)
+    return um, replace(spec, input_shape=tuple(um.input_shape))
+
+
+def _load_images(options: BuildOptions, um: UserModel, prof: Profile, log: Callable[[str], None]):
+    """The user's images as the model takes them, checked against it and split: ``(spec, splits)``."""
+    c, h, w = um.input_shape
+    spec = ImageData(
+        data=_source(options.data),
+        preprocess=preprocess_spec(um.channels, (h, w)),
+        input_shape=(c, h, w),
+        train_data=None if options.train_data is None else _source(options.train_data),
+        data_dir=None if options.data_dir is None else str(options.data_dir.resolve()),
+    )
+    images, train = load_sets(spec)
     um.check_classes(images.num_classes, images.classes)
-    sp = split_images(images, prof, alpha=prof.alphas[0], seed=seed, train=train)
+    sp = split_images(images, prof, alpha=prof.alphas[0], seed=options.seed, train=train)
     for note in sp.notes:
         log(f"[data] {note}")
     log(f"[data] {sp.summary()}")
-    user["data_sha256"] = images.sha256
-    user["data_name"] = images.name
-    return um, user, sp
+    return replace(spec, sha256=images.sha256, name=images.name), sp
 
 
-def _log_budget(w, log) -> None:
+def _log_budget(w: Workdir, log: Callable[[str], None]) -> None:
     """Say how many base-model evaluations the stages will spend, and how long at the measured rate."""
     budget = mc_budget(w)
     total = sum(budget.values())
@@ -197,34 +247,26 @@ def _log_budget(w, log) -> None:
     )
 
 
-def _source(x) -> str:
+def _source(x: str | os.PathLike) -> str:
     """A path as an absolute path (stage commands run from anywhere); a name as it is."""
     text = os.fspath(x)
     return str(Path(text).resolve()) if Path(text).exists() else text
 
 
-def _build(model, data, root: Path, *, sigma, profile, seed, train_data, model_options,
-           surrogate_arch, data_dir, show_progress, log, state) -> Path:  # fmt: skip
-    from rrise.fileio import atomic_write_json
-
-    from .profiles import get_profile
-    from .provenance import file_sha256
-    from .stages import run_stage
-    from .workdir import RunConfig, Workdir
-
-    if not 0 < float(sigma) <= 1:
-        raise ValueError(f"--sigma must be in (0, 1] ([0,1]-pixel units), got {sigma}")
-    prof = get_profile(profile, USER_DATASET)
+def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state: dict[str, bool]) -> Path:
+    """:func:`build`'s work; ``state["stages"]`` turns True once the Monte Carlo stages start."""
+    prof = get_profile(options.profile.value, USER_DATASET)
 
     # 1. everything the user gave, checked before anything is written
-    um, user, sp = _checked_inputs(model, data, train_data, model_options, surrogate_arch, data_dir,
-                                   prof, seed, log)  # fmt: skip
+    um, model = _load_model(options, module, log)
+    data, sp = _load_images(options, um, prof, log)
 
     # 2. the work folder; the user's model is its base model
-    config = RunConfig(dataset=USER_DATASET, profile=prof.name, sigma=float(sigma), seed=int(seed), user=user)
-    w = Workdir.open(root, config, show_progress=show_progress, log=log)
+    config = RunConfig(dataset=USER_DATASET, profile=prof.name, sigma=float(options.sigma), seed=options.seed,
+                       model=model, data=data)  # fmt: skip
+    w = Workdir.open(options.workdir, config, show_progress=not options.no_progress, log=log)
     w.user_model = um
-    w._user = combine(sp, prof)
+    w.loaded_data = combine(data, sp, prof)
     atomic_write_json(w.path("data_splits.json"), sp.to_dict())
     stale_base = file_sha256(w.path("base.onnx")) not in (None, um.onnx_sha256)
     run_stage(w, "train-base", force=stale_base)

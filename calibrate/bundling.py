@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rrise.export.bundler import build_bundle
+from rrise.export.onnx_export import onnx_parity
+
+from .bases import base_of
 from .calibrating import load_calibration, load_calibration_npz
-from .user_base import user_model
 from .workdir import Workdir
 
 __all__ = ["SELECTION_NPZ", "record_profile", "stage_bundle", "write_selection_npz"]
@@ -20,21 +23,10 @@ SELECTION_NPZ = "selection.npz"
 
 def stage_bundle(w: Workdir) -> list[Path]:
     """Bundle the surrogate, the base model and the calibration: what the runtime loads."""
-    from rrise.export.bundler import build_bundle, default_preprocess
-    from rrise.export.onnx_export import onnx_parity
-
-    from .model_files import load_model, load_surrogate
-
     ds = w.data("train")
     cal, _ = load_calibration(w)  # refuses a calibration made with other models than these
-    if w.is_user:  # `rrise build`: any surrogate arch, and the data's own preprocessing
-        u = w.config.user
-        base = user_model(w) if u.get("model") is None else None
-        model, _ = load_surrogate(w.path("surrogate.pt"), base=base, trust_code=True)
-        preprocess, dataset = u["preprocess"], u.get("data_name") or w.config.dataset
-    else:
-        model, _ = load_model(w.path("surrogate.pt"))
-        preprocess, dataset = default_preprocess(ds.shape), w.config.dataset
+    model = base_of(w).load_surrogate(w.path("surrogate.pt"))
+    preprocess, dataset = w.folder_data().bundle_data(cal.dataset or w.config.dataset)
     parity = onnx_parity(model, w.path("surrogate.onnx"), load_calibration_npz(w)["images"][:256])
     build_bundle(
         w.path("bundle"),
@@ -44,7 +36,7 @@ def stage_bundle(w: Workdir) -> list[Path]:
         calibration_npz=w.path("calibration.npz"),
         labels=ds.classes,
         preprocess=preprocess,
-        dataset=dataset if w.is_user else (cal.dataset or w.config.dataset),
+        dataset=dataset,
         input_shape=ds.shape,
         parity_max_abs_diff=parity,
         overwrite=True,

@@ -60,7 +60,7 @@ def prepare_base_model(w: Workdir, backend: str, device: str, sample: np.ndarray
     from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
     from .model_files import load_model
 
-    if backend == "auto" and w.is_user:  # `rrise build`: base.onnx is the user's model (no base.pt)
+    if backend == "auto" and not w.config.model_spec.torch_checkpoint:  # base.onnx is all there is
         backend = "onnxruntime"
     if backend == "auto" and draws < AUTO_PROBE_MIN_DRAWS and not device.startswith("cuda"):
         backend = "onnxruntime"

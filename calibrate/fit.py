@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .counts import TARGET_STORES, load_store_counts
-from .user_base import import_base, user_model
-from .workdir import Workdir, model_spec
+from rrise.export.onnx_export import export_onnx
+from rrise.fileio import atomic_write_json
+
+from . import train
+from .bases import base_of
+from .counts import TARGET_STORES, load_store_counts, prepare_base_model
+from .mc import sample_counts
+from .store import IndexedRows
+from .workdir import Workdir
 
 __all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline", "stage_train_surrogate"]
 
@@ -16,112 +24,31 @@ __all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline
 FRESH_COST = "surrogate_cost.json"
 # Seed stream of the fresh draws (the work folder's named streams are 1..6).
 FRESH_SEED_STREAM = 100
-# Draws per pool image that find the hard examples (``fresh_hard_fraction`` > 0).
+# Draws per pool image that find the hard examples (``hard_fraction`` > 0).
 HARD_PROBE_DRAWS = 16
 
 
 def stage_train_base(w: Workdir) -> list[Path]:
-    """Train the base classifier with Gaussian noise augmentation; write base.pt and base.onnx."""
-    from rrise.export.onnx_export import export_onnx
-
-    if w.is_user:  # `rrise build`: the user's model is the base, nothing is trained
-        return import_base(w)
-
-    from .model_files import save_model
-    from .models import build_model
-    from .train import train_base
-
-    ds, idx, p = w.data("train"), w.splits()["base"], w.prof
-    spec = model_spec(w)
-    model = build_model(p.base_arch, seed=w.config.seed, **spec)
-    train_base(
-        model,
-        ds.images[idx],
-        ds.labels[idx],
-        sigma=w.config.sigma,
-        epochs=p.base_epochs,
-        seed=w.config.seed,
-        show_progress=w.show_progress,
-    )
-    meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
-    save_model(model, w.path("base.pt"), arch=p.base_arch, **spec, **meta)
-    export_onnx(model, w.path("base.onnx"), ds.shape)
-    return [w.path("base.pt"), w.path("base.onnx")]
-
-
-def _initial_surrogate(w: Workdir, arch: str):
-    """``(model, arch)``: the base model's weights (``arch="base"``) or a fresh seeded architecture."""
-    from .model_files import load_model
-    from .models import ARCHS, build_model
-
-    if w.is_user:
-        return _user_surrogate(w, arch), arch
-    if arch == "base":
-        return load_model(w.path("base.pt"))[0], w.prof.base_arch
-    if arch in ARCHS:
-        return build_model(arch, seed=w.config.seed, **model_spec(w)), arch
-    raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
-
-
-def _user_surrogate(w: Workdir, arch: str):
-    """`rrise build`: :func:`rrise.calibrate.surrogates.build_surrogate` for the user's base."""
-    from .surrogates import build_surrogate
-
-    ds = w.data("train")
-    base = user_model(w) if arch in ("auto", "base") else None
-    model = build_surrogate(base, ds.shape, len(ds.classes), arch=arch, seed=w.config.seed)
-    from .surrogates import surrogate_spec
-
-    w.log(f"[train-surrogate] surrogate: {surrogate_spec(model)['why']}")
-    return model
-
-
-# `rrise build`: a surrogate that does not start from the base's weights gets at least this many
-# optimizer steps (batches of 128): the profiles' epoch counts are sized for fine-tuning a copy.
-FRESH_MIN_STEPS = 300
-FRESH_MAX_EPOCHS = 60
-
-
-def _user_epochs(w: Workdir, model, n_targets: int) -> int:
-    from .surrogates import surrogate_spec
-
-    epochs = w.prof.surrogate_epochs
-    if surrogate_spec(model)["arch"] == "base":
-        return epochs
-    fresh = min(FRESH_MAX_EPOCHS, -(-FRESH_MIN_STEPS * 128 // max(n_targets, 1)))
-    if fresh > epochs:
-        w.log(
-            f"[train-surrogate] a fresh network on {n_targets} targets: {fresh} epochs "
-            f"(at least {FRESH_MIN_STEPS} steps; the profile's {epochs} are for a copy of the base)"
-        )
-    return max(epochs, fresh)
+    """Train the base classifier with Gaussian noise augmentation (or import the user's); write
+    base.pt and base.onnx."""
+    return base_of(w).make()
 
 
 def fresh_pool(w: Workdir) -> np.ndarray:
     """Indices into ``w.data("train")`` of every image fresh targets may be drawn from: all training
     images outside the selection and calibration splits (for a built-in dataset the base model's
     training images and its held-out ones; for `rrise build` the targets split and ``--train-data``)."""
-    sp = w.splits()
-    if w.is_user:
-        return np.sort(sp["targets"])
-    taken = np.concatenate([sp["selection"], sp["calibration"]])
-    return np.setdiff1d(np.arange(len(w.data("train"))), taken)
+    return w.folder_data().fresh_pool()
 
 
-def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, settings: dict):
+def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any, dict]:
     """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
-    (``base.onnx`` on onnxruntime) labelling each step's images, augmented with ``augment``, with
-    ``draws`` draws each, for ``steps`` steps (``settings``), drawn as ``hard_fraction`` says
-    (:func:`_hard_weights`); records its evaluations."""
-    from rrise.fileio import atomic_write_json
-
-    from .counts import prepare_base_model
-    from .mc import sample_counts
-    from .store import IndexedRows
-    from .train import train_surrogate_fresh
-
+    (``base.onnx`` on onnxruntime) labelling each step's images, augmented with ``fit.augment``,
+    with ``fit.draws`` draws each, for ``fit.steps`` steps, drawn as ``fit.hard_fraction`` says
+    (:func:`_hard_weights`); selected on the selection store; records its evaluations."""
     ds, p = w.data("train"), w.prof
-    steps, draws = settings["steps"], settings["draws"]
+    sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
+    steps, draws = fit.steps, fit.draws
     pool = IndexedRows(ds.images, fresh_pool(w))
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], steps * p.fresh_batch * draws)
     seed = 1000 * w.config.seed + FRESH_SEED_STREAM
@@ -139,8 +66,8 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, settings
         )
 
     batch = min(p.fresh_batch, len(pool))
-    weights, probe_cost = _hard_weights(w, pool, label, settings["hard_fraction"], steps * batch)
-    model, history = train_surrogate_fresh(
+    weights, probe_cost = _hard_weights(w, pool, label, fit.hard_fraction, steps * batch)
+    model, history = train.train_surrogate_fresh(
         model,
         pool,
         label,
@@ -148,12 +75,12 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, settings
         draws=draws,
         batch_size=batch,  # a small user data set: every image, every step
         seed=w.config.seed,
-        val_images=val_images,
-        val_counts=val_counts,
+        val_images=ds.images[sel_index],
+        val_counts=sel_counts,
         eval_every=max(1, steps // 8),
         show_progress=w.show_progress,
         checkpoint=ckpt,
-        augment=settings["augment"],
+        augment=fit.augment,
         weights=weights,
     )
     history["base_evaluations"] += probe_cost
@@ -161,7 +88,7 @@ def _train_fresh(w: Workdir, model, val_images, val_counts, ckpt: Path, settings
         "fresh_steps": steps,
         "fresh_draws": draws,
         "fresh_batch": batch,
-        "fresh_hard_fraction": settings["hard_fraction"],
+        "fresh_hard_fraction": fit.hard_fraction,
         "hard_probe_evaluations": probe_cost,
     }
     atomic_write_json(w.path(FRESH_COST), {"base_evaluations": history["base_evaluations"], **cost})
@@ -173,8 +100,6 @@ def _hard_weights(w: Workdir, pool, label, hard_fraction: float, offset: int):
     ``hard_fraction`` > 0, ``HARD_PROBE_DRAWS`` draws on every pool image (input streams from
     ``offset`` on, after every training step's) weigh the images by how uncertain the smoothed
     classifier is on them (:func:`~rrise.calibrate.train.hard_example_weights`)."""
-    from .train import hard_example_weights
-
     if hard_fraction <= 0.0:
         return None, 0
     w.log(f"[train-surrogate] {HARD_PROBE_DRAWS} draws on each of {len(pool)} pool images to find hard ones")
@@ -184,73 +109,86 @@ def _hard_weights(w: Workdir, pool, label, hard_fraction: float, offset: int):
         for a in range(0, len(pool), chunk)
     ]
     counts = np.concatenate(probes)
-    return hard_example_weights(counts, hard_fraction), len(pool) * HARD_PROBE_DRAWS
+    return train.hard_example_weights(counts, hard_fraction), len(pool) * HARD_PROBE_DRAWS
 
 
-def _fit_surrogate(
-    w: Workdir,
-    loss: str,
-    stem: str,
-    arch: str | None = None,
-    augment: str | None = None,
-    steps: int | None = None,
-    draws: int | None = None,
-    hard_fraction: float | None = None,
-) -> list[Path]:
-    """Train a surrogate on the MC targets, checkpointed every epoch and resumed after a crash.
+@dataclass(frozen=True)
+class SurrogateFit:
+    """How one surrogate is fitted: ``loss`` (``ce``: the surrogate; ``js``: the Accelerated
+    Smoothing baseline), its files' ``stem``, and the profile's training settings with any the stage
+    was given instead (:meth:`Profile` field names)."""
 
-    Fresh targets (``loss="ce"``) run for ``steps`` steps with ``draws`` draws per image and
-    ``hard_fraction`` of each batch drawn towards uncertain images, each defaulting to the profile's;
-    ``steps`` given turns them on where the profile fits a fixed store."""
-    from rrise.export.onnx_export import export_onnx
+    loss: str
+    stem: str
+    arch: str
+    augment: str
+    steps: int
+    draws: int
+    hard_fraction: float
 
-    from .model_files import save_model, save_surrogate
-    from .train import train_surrogate
+    @property
+    def fresh(self) -> bool:
+        """Whether each step labels new images with fresh base-model draws (else: the fixed store)."""
+        return self.loss == "ce" and self.steps > 0
 
-    ds, p = w.data("train"), w.prof
+    @classmethod
+    def of(cls, w: Workdir, loss: str, stem: str, given: dict[str, Any]) -> SurrogateFit:
+        p = w.prof
+        defaults = {
+            "arch": w.config.model_spec.surrogate_arch,
+            "augment": p.augment,
+            "steps": p.steps,
+            "draws": p.draws,
+            "hard_fraction": p.hard_fraction,
+        }
+        unknown = set(given) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown surrogate setting {sorted(unknown)[0]!r}")
+        chosen = {k: v if given.get(k) is None else given[k] for k, v in defaults.items()}
+        return cls(loss=loss, stem=stem, **chosen)
+
+
+def _fit_surrogate(w: Workdir, fit: SurrogateFit) -> list[Path]:
+    """Train a surrogate on the MC targets (fresh ones, or the fixed store), checkpointed as it goes
+    and resumed after a crash; save it as the base says (:mod:`rrise.calibrate.bases`)."""
+    ds, base = w.data("train"), base_of(w)
+    model, arch = base.initial_surrogate(fit.arch)
+    ckpt = w.path(f"{fit.stem}.ckpt")
+    if fit.fresh:
+        model, history = _train_fresh(w, model, ckpt, fit)
+    else:
+        if fit.loss == "ce":
+            w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
+        model, history = _train_on_store(w, model, ckpt, fit, base.surrogate_epochs)
+    meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
+    meta.update(history=history, loss=fit.loss, augment=fit.augment)
+    if fit.fresh:
+        meta["hard_fraction"] = fit.hard_fraction
+    base.save_surrogate(model, w.path(f"{fit.stem}.pt"), arch, meta)
+    export_onnx(model, w.path(f"{fit.stem}.onnx"), ds.shape)
+    ckpt.unlink(missing_ok=True)  # the finished model supersedes it
+    return [w.path(f"{fit.stem}.pt"), w.path(f"{fit.stem}.onnx")]
+
+
+def _train_on_store(w: Workdir, model, ckpt: Path, fit: SurrogateFit, epochs_for) -> tuple[Any, dict]:
+    """:func:`~rrise.calibrate.train.train_surrogate` on the fixed target store, selected on the
+    selection store; ``epochs_for(model, n_targets)`` gives the epochs."""
+    ds = w.data("train")
     tr_index, tr_counts = load_store_counts(w, TARGET_STORES["targets"])
     sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
-    augment = augment or p.surrogate_augment
-    default = w.config.user.get("surrogate_arch", "auto") if w.is_user else p.surrogate_arch
-    model, arch = _initial_surrogate(w, arch or default)
-    ckpt = w.path(f"{stem}.ckpt")
-    steps = p.fresh_steps if steps is None else steps
-    if loss == "ce" and steps > 0:
-        settings = {
-            "steps": steps,
-            "draws": p.fresh_draws if draws is None else draws,
-            "augment": augment,
-            "hard_fraction": p.fresh_hard_fraction if hard_fraction is None else hard_fraction,
-        }
-        model, history = _train_fresh(w, model, ds.images[sel_index], sel_counts, ckpt, settings)
-    else:
-        if loss == "ce":
-            w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
-        epochs = _user_epochs(w, model, len(tr_index)) if w.is_user else p.surrogate_epochs
-        model, history = train_surrogate(
-            model,
-            ds.images[tr_index],
-            tr_counts,
-            epochs=epochs,
-            seed=w.config.seed,
-            val_images=ds.images[sel_index],
-            val_counts=sel_counts,
-            show_progress=w.show_progress,
-            loss=loss,
-            augment=augment,
-            checkpoint=ckpt,
-        )
-    meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
-    meta.update(history=history, loss=loss, augment=augment)
-    if loss == "ce" and steps > 0:
-        meta["hard_fraction"] = settings["hard_fraction"]
-    if w.is_user:
-        save_surrogate(model, w.path(f"{stem}.pt"), **meta)
-    else:
-        save_model(model, w.path(f"{stem}.pt"), arch=arch, **model_spec(w), **meta)
-    export_onnx(model, w.path(f"{stem}.onnx"), ds.shape)
-    ckpt.unlink(missing_ok=True)  # the finished model supersedes it
-    return [w.path(f"{stem}.pt"), w.path(f"{stem}.onnx")]
+    return train.train_surrogate(
+        model,
+        ds.images[tr_index],
+        tr_counts,
+        epochs=epochs_for(model, len(tr_index)),
+        seed=w.config.seed,
+        val_images=ds.images[sel_index],
+        val_counts=sel_counts,
+        show_progress=w.show_progress,
+        loss=fit.loss,
+        augment=fit.augment,
+        checkpoint=ckpt,
+    )
 
 
 def stage_train_surrogate(
@@ -270,9 +208,10 @@ def stage_train_surrogate(
     fresh-target batch drawn towards images the smoothed classifier is unsure of (default: the
     profile's).
     """
-    return _fit_surrogate(w, "ce", "surrogate", arch, augment, steps, draws, hard_fraction)
+    given = {"arch": arch, "augment": augment, "steps": steps, "draws": draws, "hard_fraction": hard_fraction}
+    return _fit_surrogate(w, SurrogateFit.of(w, "ce", "surrogate", given))
 
 
 def stage_train_baseline(w: Workdir) -> list[Path]:
     """Fit the Accelerated Smoothing baseline: the same surrogate trained with Jensen–Shannon loss."""
-    return _fit_surrogate(w, "js", "baseline_js")
+    return _fit_surrogate(w, SurrogateFit.of(w, "js", "baseline_js", {}))

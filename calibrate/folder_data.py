@@ -1,33 +1,142 @@
-"""The user's images as a work folder's data: loaded as run.json records them, split, and joined
-into the one dataset the stages index into."""
+"""A work folder's images and their splits, from its :class:`~rrise.calibrate.specs.DataSpec`.
+
+:func:`open_data` resolves the spec: a built-in dataset (:class:`BuiltinFolderData`: its train and
+test splits, the folder's splits drawn from them by the seed) or the user's images
+(:class:`UserFolderData`: DATA, and TRAIN_DATA's surrogate targets, joined into one dataset that
+every split indexes into). Both answer the same questions: the dataset a split indexes into, the
+splits, the fresh-target pool, and what the bundle records of the data.
+
+Splits (fixed by the seed, disjoint by construction): ``base`` (the base model's training inputs),
+``targets`` (the surrogate's Monte Carlo targets), ``selection`` (model and rule selection only;
+its first ``n_rule`` are ``rules``), ``calibration`` and ``test``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from rrise.datasets import Dataset
+from rrise.datasets import Dataset, load_dataset
+from rrise.export.bundler import default_preprocess
 
 from .profiles import Profile
+from .specs import BuiltinData, DataSpec, ImageData
 from .user_data import DataSplits, ImageSet, ModelInputs, UserDataError, load_images, split_images
 
-__all__ = ["UserData", "combine", "load_sets", "load_user_data"]
+__all__ = [
+    "BuiltinFolderData",
+    "FolderData",
+    "UserFolderData",
+    "check_and_split",
+    "combine",
+    "load_sets",
+    "open_data",
+]
+
+
+class FolderData(Protocol):
+    """A work folder's images, as every stage reads them."""
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset that indices of data split ``split`` (``train`` or ``test``) point into."""
+        ...
+
+    def splits(self) -> dict[str, np.ndarray]:
+        """Indices of each of the folder's splits into its dataset."""
+        ...
+
+    def fresh_pool(self) -> np.ndarray:
+        """Indices into ``dataset("train")`` of every image fresh targets may be drawn from."""
+        ...
+
+    def bundle_data(self, recorded: str | None) -> tuple[dict[str, Any], str]:
+        """``(manifest preprocess, calibration dataset name)`` for the bundle (``recorded``: the
+        calibration's own dataset name, where it has one)."""
+        ...
 
 
 @dataclass
-class UserData:
+class BuiltinFolderData:
+    """A built-in dataset: the folder's splits drawn from its train and test splits by the seed."""
+
+    spec: BuiltinData
+    prof: Profile
+    seed: int
+    _sets: dict[str, Dataset] = field(default_factory=dict)
+    _splits: dict[str, np.ndarray] | None = None
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._sets:
+            self._sets[split] = load_dataset(self.spec.name, split, self.spec.data_dir)
+        return self._sets[split]
+
+    def splits(self) -> dict[str, np.ndarray]:
+        if self._splits is None:
+            self._splits = self._draw()
+        return dict(self._splits)
+
+    def _draw(self) -> dict[str, np.ndarray]:
+        p = self.prof
+        n_train = len(self.dataset("train"))
+        need = p.base_train_size + p.n_selection + p.m
+        if need > n_train:
+            raise ValueError(
+                f"profile {p.name!r} needs {need} training images, {self.spec.name} has {n_train}"
+            )
+        perm = np.random.default_rng(self.seed).permutation(n_train)
+        base = np.sort(perm[: p.base_train_size])
+        sel = np.sort(perm[p.base_train_size : p.base_train_size + p.n_selection])
+        cal = np.sort(perm[n_train - p.m :])
+        n_test = len(self.dataset("test"))
+        test = np.sort(np.random.default_rng(self.seed + 1).permutation(n_test)[: p.n_test])
+        return {
+            "base": base,
+            "targets": base[: p.n_targets],
+            "selection": sel,
+            "rules": sel[: p.n_rule],
+            "calibration": cal,
+            "test": test,
+        }
+
+    def fresh_pool(self) -> np.ndarray:
+        """Every training image outside selection and calibration (the base model's training
+        images and the held-out ones)."""
+        sp = self.splits()
+        taken = np.concatenate([sp["selection"], sp["calibration"]])
+        return np.setdiff1d(np.arange(len(self.dataset("train"))), taken)
+
+    def bundle_data(self, recorded: str | None) -> tuple[dict[str, Any], str]:
+        return default_preprocess(self.dataset("train").shape), recorded or self.spec.name
+
+
+@dataclass
+class UserFolderData:
     """The user's images as the work folder's one dataset, and the splits indexing into it."""
 
-    data: ImageSet  # DATA
+    spec: ImageData
+    images: ImageSet  # DATA
     split: DataSplits
-    dataset: Dataset  # DATA's images, then the TRAIN_DATA targets
-    splits: dict[str, np.ndarray]
+    joined: Dataset  # DATA's images, then the TRAIN_DATA targets
+    index: dict[str, np.ndarray]
+
+    def dataset(self, split: str) -> Dataset:
+        return self.joined  # one set of images; the splits index into it
+
+    def splits(self) -> dict[str, np.ndarray]:
+        return dict(self.index)
+
+    def fresh_pool(self) -> np.ndarray:
+        """The targets split and ``--train-data``'s targets."""
+        return np.sort(self.index["targets"])
+
+    def bundle_data(self, recorded: str | None) -> tuple[dict[str, Any], str]:
+        return dict(self.spec.preprocess), self.spec.name or "user"
 
 
-def combine(sp: DataSplits, profile: Profile) -> UserData:
+def combine(spec: ImageData, sp: DataSplits, profile: Profile) -> UserFolderData:
     """The split images as one dataset (DATA's images, then the TRAIN_DATA targets) and its splits."""
     d = sp.data
     pixels, labels = d.pixels, d.labels
@@ -51,34 +160,44 @@ def combine(sp: DataSplits, profile: Profile) -> UserData:
         "calibration": sp.index["calibration"],
         "test": sp.index["test"],
     }
-    return UserData(d, sp, ds, splits)
+    return UserFolderData(spec, d, sp, ds, splits)
 
 
-def load_sets(u: dict[str, Any]) -> tuple[ImageSet, ImageSet | None]:
-    """DATA and TRAIN_DATA (None when not given) as the run.json record ``u`` says to load them."""
-    shape = tuple(u["input_shape"])
-    data = load_images(u["data"], u["preprocess"], input_shape=shape, data_dir=u.get("data_dir"))
+def load_sets(spec: ImageData) -> tuple[ImageSet, ImageSet | None]:
+    """DATA and TRAIN_DATA (None when not given) as ``spec`` says to load them."""
+    shape = tuple(spec.input_shape)
+    pre = dict(spec.preprocess)
+    data = load_images(spec.data, pre, input_shape=shape, data_dir=spec.data_dir)
     train = None
-    if u.get("train_data"):
+    if spec.train_data:
         train = load_images(
-            u["train_data"],
-            u["preprocess"],
+            spec.train_data,
+            pre,
             input_shape=shape,
             what="TRAIN_DATA",
             builtin_split="train",
-            data_dir=u.get("data_dir"),
+            data_dir=spec.data_dir,
         )
     return data, train
 
 
-def load_user_data(u: dict[str, Any], prof: Profile, seed: int, root: Path) -> UserData:
-    """Reload a `rrise build` folder's images (as ``u``, its run.json record, says) and split them
-    again; refused when DATA no longer holds the images the folder was made from."""
-    data, train = load_sets(u)
-    if data.sha256 != u.get("data_sha256"):
+def check_and_split(spec: ImageData, prof: Profile, seed: int, root: Path) -> UserFolderData:
+    """Reload a `rrise build` folder's images and split them again; refused when DATA no longer
+    holds the images the folder was made from."""
+    data, train = load_sets(spec)
+    if data.sha256 != spec.sha256:
         raise UserDataError(
-            f"DATA {u['data']} changed since {root} was made from it (its images or labels differ): "
+            f"DATA {spec.data} changed since {root} was made from it (its images or labels differ): "
             f"use another --workdir, or rerun `rrise build` there with the images it was made from"
         )
     sp = split_images(data, prof, alpha=prof.alphas[0], seed=seed, train=train)
-    return combine(sp, prof)
+    return combine(spec, sp, prof)
+
+
+def open_data(spec: DataSpec, prof: Profile, seed: int, root: Path) -> FolderData:
+    """The folder's images for ``spec``: a built-in dataset or the user's images."""
+    if isinstance(spec, ImageData):
+        return check_and_split(spec, prof, seed, root)
+    if isinstance(spec, BuiltinData):
+        return BuiltinFolderData(spec, prof, seed)
+    raise TypeError(f"no data for a {type(spec).__name__}")

@@ -5,9 +5,17 @@ Every report made with a profile other than ``full`` says so, with what it lower
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["Profile", "PROFILES", "get_profile"]
+__all__ = ["PROFILES", "RENAMED", "Profile", "get_profile"]
+
+# Field names older versions used → today's (each today the name of the flag that overrides it).
+RENAMED = {
+    "fresh_steps": "steps",
+    "fresh_draws": "draws",
+    "fresh_hard_fraction": "hard_fraction",
+    "surrogate_augment": "augment",
+}
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,12 @@ class Profile:
     n_selection: int
     # selection inputs that also get full-size MC (N_cal draws), to choose the calibration rule
     n_rule: int
-    surrogate_arch: str  # "base" initialises the surrogate from the base model's weights
+    surrogate_arch: str = field(
+        metadata={
+            "help": "The surrogate's network: base (start from the base model's weights), a fresh cnn "
+            "or cnn-small, or for your own model auto, edge, edge-resnet or package.module:function."
+        }
+    )
     surrogate_epochs: int
     # conformal calibration
     m: int
@@ -41,23 +54,56 @@ class Profile:
     n_ref: int = 100_000
     n_ref_inputs: int = 200
     batch_size: int = 1000
-    surrogate_augment: str = "none"
+    augment: str = field(
+        default="none",
+        metadata={
+            "help": "Augment the surrogate's training inputs (none, shift, flip, shift+flip). With fresh "
+            "targets the draws are made on the augmented image (exact targets, more inputs); with a "
+            "fixed store the targets stay the clean image's."
+        },
+    )
     # Fresh targets (0 steps = off: fit the fixed target store): each step labels ``fresh_batch``
-    # images drawn from every training image outside selection and calibration with ``fresh_draws``
-    # new noisy base-model draws; ``fresh_steps·fresh_batch·fresh_draws`` evaluations in all.
-    fresh_steps: int = 0
-    fresh_draws: int = 4
+    # images drawn from every training image outside selection and calibration with ``draws``
+    # new noisy base-model draws; ``steps·fresh_batch·draws`` evaluations in all.
+    steps: int = field(
+        default=0,
+        metadata={
+            "help": "Fresh-target training steps (0 fits the fixed `rrise targets` store). Each costs "
+            "batch × draws base-model evaluations."
+        },
+    )
+    draws: int = field(default=4, metadata={"help": "Fresh base-model draws per image and step."})
     fresh_batch: int = 128
     # Hard examples (0 = uniform): this share of the sampling mass goes to pool images in proportion
     # to 1 − their top-class frequency in ``HARD_PROBE_DRAWS`` draws each (counted in the cost).
-    fresh_hard_fraction: float = 0.0
+    hard_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each fresh-target batch drawn towards images the smoothed classifier is "
+            "unsure of (found with 16 draws per training image, counted in the cost); 0 = uniform."
+        },
+    )
     # More draws at the cap (0 = off): calibration inputs whose N_cal draws all fell on one class get
     # this many fresh draws, and the two-stage bound lifts the radius cap to σ·Φ⁻¹(β^(1/cap_draws)).
-    cap_draws: int = 0
+    cap_draws: int = field(
+        default=0,
+        metadata={
+            "help": "More draws at the cap: calibration inputs whose N_cal draws all fell on one class "
+            "get this many fresh draws (> N_cal), lifting the radius cap to σ·Φ⁻¹(β^(1/N₂)); 0 = off."
+        },
+    )
     note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        """A profile from :meth:`to_dict`'s form, also as older versions wrote it (the field names
+        in :data:`RENAMED`)."""
+        values = {RENAMED.get(k, k): v for k, v in data.items()}
+        values["alphas"] = tuple(values["alphas"])
+        return cls(**values)
 
 
 FULL = Profile(
@@ -83,15 +129,15 @@ FULL = Profile(
     # Fresh targets (benchmarks/results/fresh-targets): 2,000 steps × 128 images × 16 draws = 4.1M
     # base-model evaluations, fewer than the fixed store's 20k × 256 = 5.1M, on every training image
     # outside selection and calibration instead of 20k fixed ones.
-    fresh_steps=2_000,
-    fresh_draws=16,
+    steps=2_000,
+    draws=16,
     fresh_batch=128,
     # Half of each batch drawn towards images the smoothed classifier is unsure of
     # (benchmarks/results/full-small/sigma-0.25-levers, section 6): 0.88M probe evaluations more;
     # at σ = 0.25 selection KL 0.00838 → 0.00741, bins +1.24 points (paired SE 0.35) on the
     # selection split, then 86.6/75.2/59.9 → 88.0/77.0/60.8 % at r = 0/0.25/0.5 on the test
     # inputs, abstentions 9.3 → 7.3 %.
-    fresh_hard_fraction=0.5,
+    hard_fraction=0.5,
 )
 
 QUICK = replace(
@@ -119,12 +165,12 @@ QUICK = replace(
     # 128 images × 4 draws (0.20M) gave KL 0.0141, q̂ 0.714 and × 16 draws (0.82M) KL 0.0127,
     # q̂ 0.577; selection-split certified accuracy at r = 0/0.25/0.35: 76.8/67.2/61.0, 77.8/70.8/65.0,
     # 79.2/72.5/67.0 %. The extra draws cost little beside the training steps.
-    fresh_steps=400,
-    fresh_draws=16,
+    steps=400,
+    draws=16,
     fresh_batch=128,
     # Uniform batches: the hard-example probe (16 draws on each of ~55k pool images, 0.88M) would
     # cost more than this profile's whole fresh-target budget, and it was measured at full size only.
-    fresh_hard_fraction=0.0,
+    hard_fraction=0.0,
     note=(
         "Sizes are lowered to finish in minutes on a laptop CPU: N_cal = 1,000 (not 10,000) caps "
         "every RRISE radius below σ·Φ⁻¹(β^(1/N_cal)) (less the rule's shift), and Cohen's n = 1,000 "
@@ -187,7 +233,7 @@ DIGITS = replace(
     n_ref=5_000,
     n_ref_inputs=30,
     batch_size=500,
-    fresh_steps=0,  # 1,797 images: the fixed targets cover them; keeps the digits pipeline fast
+    steps=0,  # 1,797 images: the fixed targets cover them; keeps the digits pipeline fast
     note="",
 )
 

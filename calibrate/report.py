@@ -335,14 +335,10 @@ def _config(w: Workdir, cal: Calibration, rule: str, n_test: int) -> dict[str, A
         "dataset": w.config.dataset,
         "sigma": w.config.sigma,
         "seed": w.config.seed,
-        **(
-            {"base model": f"the user's ({(w.config.user or {}).get('model') or 'nn.Module'})"}
-            if w.is_user
-            else {"base model": p.base_arch, "base training inputs": p.base_train_size}
-        ),
+        **w.config.model_spec.describe(p),
         "surrogate targets": (
-            f"fresh: {p.fresh_steps} steps × {p.fresh_batch} images × {p.fresh_draws} draws"
-            if p.fresh_steps
+            f"fresh: {p.steps} steps × {p.fresh_batch} images × {p.draws} draws"
+            if p.steps
             else f"{p.n_targets} inputs × {p.target_draws} draws"
         ),
         "calibration": (

@@ -48,6 +48,8 @@ from torch import nn
 
 from rrise.fileio import atomic_write_bytes, sha256_file
 
+from .specs import CHANNELS, OUTPUT_KINDS
+
 __all__ = [
     "CHANNELS",
     "OUTPUT_KINDS",
@@ -58,8 +60,6 @@ __all__ = [
     "load_weights",
 ]
 
-CHANNELS = {"rgb": 3, "bgr": 3, "gray": 1}
-OUTPUT_KINDS = ("logits", "probs")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _FACTORY = re.compile(r"^(?P<module>[A-Za-z_][\w.]*|.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
 _PROBS_ATOL = 1e-3  # rows within this of summing to 1 (and non-negative) are probabilities

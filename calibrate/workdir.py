@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rrise.datasets import Dataset, load_dataset
+from rrise.datasets import Dataset
 from rrise.fileio import atomic_write_json, read_json
 
-from .folder_data import load_user_data
+from .folder_data import FolderData, open_data
 from .profiles import Profile, get_profile
+from .specs import (
+    BuiltinData,
+    DataSpec,
+    ImageData,
+    ModelSpec,
+    NetworkSpec,
+    UserModelSpec,
+    read_user_record,
+    user_record,
+)
 
 __all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec", "recorded_config"]
 
@@ -41,19 +51,31 @@ _CONFIG_KEYS = ("dataset", "profile", "sigma", "seed")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a work folder was made with; a resumed stage refuses a folder made otherwise."""
+    """What a work folder was made with; a resumed stage refuses a folder made otherwise.
+
+    ``model``/``data``: the folder's base model and images (:mod:`rrise.calibrate.specs`); left
+    None, the profile's built-in network and the built-in dataset ``dataset`` (see
+    :attr:`model_spec`, :attr:`data_spec`). ``user``: the run.json record of a `rrise build` folder
+    (``recorded_config(root)["user"]``), read into ``model`` and ``data``.
+    """
 
     dataset: str = "fashion-mnist"
     profile: str = "quick"
     sigma: float = 0.25
     seed: int = 0
     data_dir: str | None = None
-    # A work folder made by `rrise build` (dataset "user"): where its model and images come from
-    # (see :mod:`rrise.calibrate.building`); None for the built-in datasets.
-    user: dict[str, Any] | None = None
+    user: InitVar[Mapping[str, Any] | None] = None
+    model: ModelSpec | None = None
+    data: DataSpec | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, user: Mapping[str, Any] | None) -> None:
         """Every value checked before anything is written: a bad one raises ValueError naming it."""
+        if user is not None:
+            if self.model is not None or self.data is not None:
+                raise TypeError("RunConfig takes a run.json user record or model/data specs, not both")
+            model, data = read_user_record(user)
+            object.__setattr__(self, "model", model)
+            object.__setattr__(self, "data", data)
         sigma = self.sigma
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a finite number > 0 ([0,1]-pixel units), got {sigma!r}")
@@ -68,6 +90,40 @@ class RunConfig:
     @property
     def prof(self) -> Profile:
         return get_profile(self.profile, self.dataset)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The base model: ``model``, else the profile's built-in network."""
+        p = self.prof
+        return self.model or NetworkSpec(arch=p.base_arch, surrogate_arch=p.surrogate_arch)
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The images: ``data``, else the built-in dataset ``dataset``."""
+        return self.data or BuiltinData(name=self.dataset, data_dir=self.data_dir)
+
+    def record(self) -> dict[str, Any]:
+        """The ``config`` object of run.json (a `rrise build` folder's specs as its ``user`` record)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _CONFIG_KEYS}
+        if isinstance(self.model, UserModelSpec) and isinstance(self.data, ImageData):
+            out["user"] = user_record(self.model, self.data)
+        return out
+
+
+def _differences(have: dict[str, Any], config: RunConfig) -> list[str]:
+    """How the configuration recorded in run.json (``have``) differs from ``config``; the user
+    record is compared as specs, so that a record an older version wrote matches its reading."""
+    wanted = config.record()
+    diff = [
+        f"{k}: folder has {have.get(k)!r}, asked for {v!r}"
+        for k, v in wanted.items()
+        if k != "user" and have.get(k) != v
+    ]
+    if "user" in wanted:
+        recorded = read_user_record(have["user"]) if have.get("user") else None
+        if recorded != (config.model, config.data):
+            diff.append(f"user: folder has {have.get('user')!r}, asked for {wanted['user']!r}")
+    return diff
 
 
 def recorded_config(root: str | os.PathLike) -> dict[str, Any]:
@@ -95,8 +151,8 @@ class Workdir:
     config: RunConfig
     show_progress: bool = True
     log: Callable[[str], None] = print
-    _data: dict[str, Dataset] = field(default_factory=dict)
-    _user: Any = None  # the loaded user data/splits of a `rrise build` folder (folder_data.UserData)
+    # the folder's images and splits, loaded on first use (or given by whoever loaded them)
+    loaded_data: FolderData | None = None
     user_model: Any = None  # the loaded UserModel of a `rrise build` folder, when someone loaded it
 
     @classmethod
@@ -106,19 +162,12 @@ class Workdir:
         if root.exists() and not root.is_dir():
             raise ValueError(f"work folder {root} is a file; give a folder")
         meta = root / "run.json"
-        wanted = {k: getattr(config, k) for k in _CONFIG_KEYS}
-        if config.user is not None:
-            wanted["user"] = config.user
         have = recorded_config(root) or None  # RunConfig validated every value before this
         if have is None:
             root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta, {"config": wanted, "stage_seconds": {}})
+            atomic_write_json(meta, {"config": config.record(), "stage_seconds": {}})
         else:
-            diff = [
-                f"{k}: folder has {have.get(k)!r}, asked for {v!r}"
-                for k, v in wanted.items()
-                if have.get(k) != v
-            ]
+            diff = _differences(have, config)
             if diff:
                 raise ValueError(
                     f"{root} was made with another configuration ({'; '.join(diff)}); use another --workdir"
@@ -134,49 +183,20 @@ class Workdir:
         return self.config.prof
 
     # --- data -----------------------------------------------------------------------------
-    @property
-    def is_user(self) -> bool:
-        """Whether this folder was made by `rrise build` (the user's model and images)."""
-        return self.config.user is not None
-
-    def user_data(self):
-        """The user's images and their splits (:class:`rrise.calibrate.folder_data.UserData`)."""
-        if self._user is None:
-            self._user = load_user_data(self.config.user, self.prof, self.config.seed, self.root)
-        return self._user
+    def folder_data(self) -> FolderData:
+        """The folder's images and their splits (:func:`rrise.calibrate.folder_data.open_data`)."""
+        if self.loaded_data is None:
+            self.loaded_data = open_data(self.config.data_spec, self.prof, self.config.seed, self.root)
+        return self.loaded_data
 
     def data(self, split: str) -> Dataset:
-        if self.is_user:  # one set of images; splits() indexes into it
-            return self.user_data().dataset
-        if split not in self._data:
-            self._data[split] = load_dataset(self.config.dataset, split, self.config.data_dir)
-        return self._data[split]
+        """The dataset that ``split`` (a data split: ``train`` or ``test``) indexes into."""
+        return self.folder_data().dataset(split)
 
     def splits(self) -> dict[str, np.ndarray]:
-        if self.is_user:
-            return self.user_data().splits
-        p = self.prof
-        n_train = len(self.data("train"))
-        need = p.base_train_size + p.n_selection + p.m
-        if need > n_train:
-            raise ValueError(
-                f"profile {p.name!r} needs {need} training images, {self.config.dataset} has {n_train}"
-            )
-        perm = np.random.default_rng(self.config.seed).permutation(n_train)
-        base = np.sort(perm[: p.base_train_size])
-        sel = np.sort(perm[p.base_train_size : p.base_train_size + p.n_selection])
-        cal = np.sort(perm[n_train - p.m :])
-        test = np.sort(
-            np.random.default_rng(self.config.seed + 1).permutation(len(self.data("test")))[: p.n_test]
-        )
-        return {
-            "base": base,
-            "targets": base[: p.n_targets],
-            "selection": sel,
-            "rules": sel[: p.n_rule],
-            "calibration": cal,
-            "test": test,
-        }
+        """Indices of each split (``base``, ``targets``, ``selection``, ``rules``, ``calibration``,
+        ``test``) into its dataset."""
+        return self.folder_data().splits()
 
     def seed(self, stream: str) -> int:
         return 1000 * self.config.seed + SEED_STREAMS[stream]

@@ -1,0 +1,148 @@
+"""A work folder's base model, from its :class:`~rrise.calibrate.specs.ModelSpec`, and the surrogate
+that starts from it.
+
+:func:`base_of` resolves the spec: a built-in network trained on the folder's ``base`` split
+(:class:`TrainedBase`) or the user's classifier, imported as it is (:class:`UserBase`). Both make
+``base.pt``/``base.onnx`` (the ``train-base`` stage), give the surrogate's starting network and its
+epochs, and save and load the trained surrogate; the stages call them without asking which it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from rrise.export.onnx_export import export_onnx
+from rrise.fileio import atomic_write_json
+
+from . import train
+from .model_files import load_model, load_surrogate, save_model, save_surrogate
+from .models import ARCHS, build_model
+from .specs import NetworkSpec, UserModelSpec
+from .surrogates import build_surrogate, surrogate_spec
+from .user_model import UserModel, UserModelError, load_user_model
+from .workdir import Workdir, model_spec
+
+__all__ = ["FRESH_MAX_EPOCHS", "FRESH_MIN_STEPS", "TrainedBase", "UserBase", "base_of"]
+
+# A surrogate of the user's base that does not start from the base's weights gets at least this many
+# optimizer steps (batches of 128): the profiles' epoch counts are sized for fine-tuning a copy.
+FRESH_MIN_STEPS = 300
+FRESH_MAX_EPOCHS = 60
+
+
+@dataclass
+class TrainedBase:
+    """A built-in network (``spec.arch``) trained with Gaussian noise on the folder's ``base`` split."""
+
+    w: Workdir
+    spec: NetworkSpec
+
+    def make(self) -> list[Path]:
+        """Train the network; write base.pt and base.onnx."""
+        w, p = self.w, self.w.prof
+        ds, idx = w.data("train"), w.splits()["base"]
+        shape = model_spec(w)
+        model = build_model(self.spec.arch, seed=w.config.seed, **shape)
+        train.train_base(
+            model,
+            ds.images[idx],
+            ds.labels[idx],
+            sigma=w.config.sigma,
+            epochs=p.base_epochs,
+            seed=w.config.seed,
+            show_progress=w.show_progress,
+        )
+        meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
+        save_model(model, w.path("base.pt"), arch=self.spec.arch, **shape, **meta)
+        export_onnx(model, w.path("base.onnx"), ds.shape)
+        return [w.path("base.pt"), w.path("base.onnx")]
+
+    def initial_surrogate(self, arch: str) -> tuple[nn.Module, str]:
+        """``(model, arch)``: the base model's weights (``arch="base"``) or a fresh seeded network."""
+        w = self.w
+        if arch == "base":
+            return load_model(w.path("base.pt"))[0], self.spec.arch
+        if arch in ARCHS:
+            return build_model(arch, seed=w.config.seed, **model_spec(w)), arch
+        raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
+
+    def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
+        return self.w.prof.surrogate_epochs
+
+    def save_surrogate(self, model: nn.Module, path: Path, arch: str, meta: dict[str, Any]) -> None:
+        save_model(model, path, arch=arch, **model_spec(self.w), **meta)
+
+    def load_surrogate(self, path: Path) -> nn.Module:
+        return load_model(path)[0]
+
+
+@dataclass
+class UserBase:
+    """The user's classifier (``rrise build --model``): the folder's base as it is, nothing trained."""
+
+    w: Workdir
+    spec: UserModelSpec
+
+    def model(self) -> UserModel:
+        """The user's model: the one :func:`rrise.calibrate.build` loaded, else reloaded as recorded."""
+        w = self.w
+        if w.user_model is None:
+            if self.spec.source is None:
+                raise UserModelError(
+                    f"{w.root} was built from an nn.Module passed in Python; this stage needs it again: "
+                    f"call rrise.calibrate.build(model=...) with it"
+                )
+            w.user_model = load_user_model(self.spec.source, **self.spec.load_options())
+        return w.user_model
+
+    def make(self) -> list[Path]:
+        """Write the model's canonical ONNX (base.onnx) and where it came from (base.pt, a JSON
+        record: nothing here is trained)."""
+        um, w = self.model(), self.w
+        um.save_onnx(w.path("base.onnx"))
+        atomic_write_json(w.path("base.pt"), {"format": "rrise-user-base", "model": um.provenance()})
+        return [w.path("base.pt"), w.path("base.onnx")]
+
+    def initial_surrogate(self, arch: str) -> tuple[nn.Module, str]:
+        """:func:`rrise.calibrate.surrogates.build_surrogate` for the user's base."""
+        w = self.w
+        ds = w.data("train")
+        base = self.model() if arch in ("auto", "base") else None
+        model = build_surrogate(base, ds.shape, len(ds.classes), arch=arch, seed=w.config.seed)
+        w.log(f"[train-surrogate] surrogate: {surrogate_spec(model)['why']}")
+        return model, arch
+
+    def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
+        """The profile's epochs for a copy of the base; a fresh network gets at least
+        ``FRESH_MIN_STEPS`` optimizer steps (at most ``FRESH_MAX_EPOCHS`` epochs)."""
+        epochs = self.w.prof.surrogate_epochs
+        if surrogate_spec(model)["arch"] == "base":
+            return epochs
+        fresh = min(FRESH_MAX_EPOCHS, -(-FRESH_MIN_STEPS * 128 // max(n_targets, 1)))
+        if fresh > epochs:
+            self.w.log(
+                f"[train-surrogate] a fresh network on {n_targets} targets: {fresh} epochs "
+                f"(at least {FRESH_MIN_STEPS} steps; the profile's {epochs} are for a copy of the base)"
+            )
+        return max(epochs, fresh)
+
+    def save_surrogate(self, model: nn.Module, path: Path, arch: str, meta: dict[str, Any]) -> None:
+        save_surrogate(model, path, **meta)
+
+    def load_surrogate(self, path: Path) -> nn.Module:
+        base = self.model() if self.spec.source is None else None
+        return load_surrogate(path, base=base, trust_code=True)[0]
+
+
+def base_of(w: Workdir) -> TrainedBase | UserBase:
+    """The folder's base model, as its spec (``w.config.model_spec``) says."""
+    spec = w.config.model_spec
+    if isinstance(spec, UserModelSpec):
+        return UserBase(w, spec)
+    if isinstance(spec, NetworkSpec):
+        return TrainedBase(w, spec)
+    raise TypeError(f"no base model for a {type(spec).__name__}")
