@@ -19,7 +19,9 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,10 @@ __all__ = [
     "CALIBRATION_FILE",
     "NOT_VERIFIABLE",
     "PREPROCESS_KEYS",
+    "BundleSources",
     "add_variant",
     "build_bundle",
+    "pack_bundle",
     "calibration_outputs",
     "default_preprocess",
     "onnx_probs_runner",
@@ -141,40 +145,84 @@ def _temp_folder(out_dir: Path) -> Path:
     return tmp
 
 
-def _check_build_inputs(
-    calibration: Calibration,
-    input_shape: tuple[int, ...],
-    preprocess: dict[str, Any],
-    dataset: str,
-    parity_max_abs_diff: float | None,
-    files: dict[str, Path],
-) -> tuple[int, int, int]:
-    if not isinstance(calibration, Calibration):
-        raise TypeError(f"calibration must be an rrise.Calibration, got {type(calibration).__name__}")
-    if not math.isfinite(calibration.quantile):
-        raise ValueError(
-            f"the calibration quantile is {calibration.quantile}: every certificate would abstain "
-            "(more than an α share of the calibration inputs got no Monte Carlo vote for the "
-            "surrogate's class; a surrogate that follows the base model more closely, more "
-            "calibration images or a larger α would help)"
-        )
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
-    if missing:
-        raise ValueError(f"preprocess lacks {', '.join(missing)} (needs {', '.join(PREPROCESS_KEYS)})")
-    if not isinstance(dataset, str) or not dataset:
-        raise ValueError("dataset must name the calibration data, e.g. 'fashion-mnist'")
-    if parity_max_abs_diff is not None and not (
-        math.isfinite(parity_max_abs_diff) and parity_max_abs_diff >= 0
-    ):
-        raise ValueError(f"parity_max_abs_diff must be a finite number >= 0, got {parity_max_abs_diff}")
-    for role, f in files.items():
+@dataclass(frozen=True, kw_only=True)
+class BundleSources:
+    """What a new bundle is made of (:func:`pack_bundle`); every value is checked here.
+
+    Parameters
+    ----------
+    surrogate_onnx, base_onnx : Path
+        The surrogate's ONNX (whose probabilities were calibrated) and the base classifier's ONNX
+        (whose Monte Carlo counts were used; kept for audits).
+    calibration : rrise.Calibration
+        The record; its ``base_sha256``/``surrogate_sha256`` must be those of the two files.
+    calibration_npz : Path
+        ``counts`` int [m, K] summing to ``n_mc`` and ``images`` float32 [m, C, H, W].
+    labels : tuple of str
+        One name per class.
+    preprocess : dict
+        The manifest's ``preprocess`` (:data:`PREPROCESS_KEYS`, optionally ``crop``, ``crop_fraction``).
+    dataset : str
+        The calibration data's name.
+    input_shape : tuple of int
+        The model input ``(C, H, W)``.
+    parity_max_abs_diff : float or None
+        max |logits torch − onnxruntime| of the export, when known.
+    """
+
+    surrogate_onnx: Path
+    base_onnx: Path
+    calibration: Calibration
+    calibration_npz: Path
+    labels: tuple[str, ...]
+    preprocess: dict[str, Any]
+    dataset: str
+    input_shape: tuple[int, int, int]
+    parity_max_abs_diff: float | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        for key in ("surrogate_onnx", "base_onnx", "calibration_npz"):
+            put(self, key, Path(getattr(self, key)))
+        put(self, "labels", tuple(str(label) for label in self.labels))
+        cal = self.calibration
+        if not isinstance(cal, Calibration):
+            raise TypeError(f"calibration must be an rrise.Calibration, got {type(cal).__name__}")
+        if not math.isfinite(cal.quantile):
+            raise ValueError(
+                f"the calibration quantile is {cal.quantile}: every certificate would abstain "
+                "(more than an α share of the calibration inputs got no Monte Carlo vote for the "
+                "surrogate's class; a surrogate that follows the base model more closely, more "
+                "calibration images or a larger α would help)"
+            )
+        shape = tuple(int(d) for d in self.input_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape!r}")
+        put(self, "input_shape", shape)
+        missing = [k for k in PREPROCESS_KEYS if k not in self.preprocess]
+        if missing:
+            raise ValueError(f"preprocess lacks {', '.join(missing)} (needs {', '.join(PREPROCESS_KEYS)})")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError("dataset must name the calibration data, e.g. 'fashion-mnist'")
+        diff = self.parity_max_abs_diff
+        if diff is not None and not (math.isfinite(diff) and diff >= 0):
+            raise ValueError(f"parity_max_abs_diff must be a finite number >= 0, got {diff}")
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The three input files by role."""
+        return {
+            "surrogate": self.surrogate_onnx,
+            "base model": self.base_onnx,
+            "calibration": self.calibration_npz,
+        }
+
+
+def _check_files(sources: BundleSources) -> None:
+    for role, f in sources.files.items():
         if not f.is_file():
             raise FileNotFoundError(f"{role} file {f} does not exist")
-    _check_provenance(calibration, files["base model"], files["surrogate"])
-    return shape  # type: ignore[return-value]
+    _check_provenance(sources.calibration, sources.base_onnx, sources.surrogate_onnx)
 
 
 def _checked_calibration_data(
@@ -213,20 +261,12 @@ def _check_provenance(calibration: Calibration, base_onnx: Path, surrogate_onnx:
             )
 
 
-def _manifest(
-    calibration: Calibration,
-    fp32: dict[str, Any],
-    *,
-    labels: list[str],
-    preprocess: dict[str, Any],
-    dataset: str,
-    shape: tuple[int, int, int],
-    parity_max_abs_diff: float | None,
-) -> dict[str, Any]:
+def _manifest(sources: BundleSources, fp32: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
 
-    record = calibration.to_dict()
-    record["dataset"] = dataset
+    record = sources.calibration.to_dict()
+    record["dataset"] = sources.dataset
+    parity = sources.parity_max_abs_diff
     return {
         "schema_version": SCHEMA_VERSION,
         "rrise_version": __version__,
@@ -234,21 +274,28 @@ def _manifest(
         "model": {
             "file": SURROGATE_FILE,
             "sha256": None,
-            "input": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": "float32", "range": [0.0, 1.0]},
+            "input": {
+                "name": INPUT_NAME,
+                "shape": [None, *sources.input_shape],
+                "dtype": "float32",
+                "range": [0.0, 1.0],
+            },
             "output": {"name": OUTPUT_NAME, "kind": "logits"},
-            "num_classes": len(labels),
-            "labels": labels,
+            "num_classes": len(sources.labels),
+            "labels": list(sources.labels),
         },
         "preprocess": {
-            k: preprocess[k] for k in (*PREPROCESS_KEYS, *OPTIONAL_PREPROCESS_KEYS) if k in preprocess
+            k: sources.preprocess[k]
+            for k in (*PREPROCESS_KEYS, *OPTIONAL_PREPROCESS_KEYS)
+            if k in sources.preprocess
         },
-        "smoothing": {"sigma": float(calibration.sigma)},
+        "smoothing": {"sigma": float(sources.calibration.sigma)},
         "calibration": record,
         "base_model": {"file": BASE_FILE, "sha256": None},
         "variants": [fp32],
         "guarantee": GUARANTEE,
         "export": {
-            "parity_max_abs_diff": None if parity_max_abs_diff is None else float(parity_max_abs_diff),
+            "parity_max_abs_diff": None if parity is None else float(parity),
             "onnxruntime_version": ort.__version__,
         },
     }
@@ -300,63 +347,55 @@ def _publish_folder(
         raise
 
 
-def build_bundle(
-    out_dir: str | os.PathLike,
-    *,
-    surrogate_onnx: str | os.PathLike,
-    base_onnx: str | os.PathLike,
-    calibration: Calibration,
-    calibration_npz: str | os.PathLike,
-    labels: list[str],
-    preprocess: dict[str, Any],
-    dataset: str,
-    input_shape: tuple[int, int, int],
-    parity_max_abs_diff: float | None = None,
-    overwrite: bool = False,
-) -> Bundle:
-    """Write a bundle folder at ``out_dir`` and return it, loaded and verified.
+def pack_bundle(out_dir: str | os.PathLike, sources: BundleSources, *, overwrite: bool = False) -> Bundle:
+    """Write a bundle folder at ``out_dir`` from ``sources`` and return it, loaded and verified.
 
-    It holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a copy of ``calibration_npz``:
-    ``counts`` int [m, K] summing to ``n_mc``, ``images`` float32 [m, C, H, W]) and ``manifest.json``
-    whose ``calibration`` is the given record; its ``base_sha256``/``surrogate_sha256`` must be those of
-    the files packed. The fp32 variant gets its own q̂ from ``surrogate.onnx``'s CPU outputs at batch
-    1, with the micro-batch size that reproduces them (:func:`calibration_outputs`).
+    It holds ``surrogate.onnx``, ``base.onnx``, ``calibration.npz`` (a copy of the sources') and
+    ``manifest.json`` whose ``calibration`` is the given record. The fp32 variant gets its own q̂ from
+    ``surrogate.onnx``'s CPU outputs at batch 1, with the micro-batch size that reproduces them
+    (:func:`calibration_outputs`). Nothing is written at ``out_dir`` unless the whole bundle passed
+    :meth:`Bundle.load`; an existing ``out_dir`` is replaced only with ``overwrite=True`` and only if
+    it is a bundle (or empty).
 
-    Nothing is written at ``out_dir`` unless the whole bundle passed :meth:`Bundle.load`; an existing
-    ``out_dir`` is replaced only with ``overwrite=True`` and only if it is a bundle (or empty). Raises
-    ValueError on inconsistent inputs and FileExistsError when refusing to overwrite.
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        The bundle folder to write.
+    sources : BundleSources
+        The models, the calibration record and its arrays, labels and preprocessing.
+    overwrite : bool
+        Replace an existing bundle at ``out_dir``.
+
+    Returns
+    -------
+    rrise.Bundle
+        The bundle, loaded and verified.
+
+    Raises
+    ------
+    ValueError
+        On inconsistent inputs (a model that is not the calibrated one, arrays that do not fit).
+    FileExistsError
+        When refusing to overwrite.
     """
     out_dir = Path(out_dir)
-    files = {
-        "surrogate": Path(surrogate_onnx),
-        "base model": Path(base_onnx),
-        "calibration": Path(calibration_npz),
-    }
     _check_replaceable(out_dir, overwrite)
-    shape = _check_build_inputs(calibration, input_shape, preprocess, dataset, parity_max_abs_diff, files)
-    labels = [str(label) for label in labels]
-    counts, cap_counts, images = _checked_calibration_data(files, calibration, shape, len(labels))
+    _check_files(sources)
+    files = sources.files
+    counts, cap_counts, images = _checked_calibration_data(
+        files, sources.calibration, sources.input_shape, len(sources.labels)
+    )
     probs, max_batch = calibration_outputs(onnx_probs_runner(files["surrogate"]), images)
+    cal = sources.calibration
     fp32 = _variant_entry(
         "fp32",
         "onnxruntime",
         SURROGATE_FILE,
         probs,
-        calibration.recalibrate(
-            probs, counts, cap_counts=cap_counts, surrogate_sha256=calibration.surrogate_sha256
-        ),
+        cal.recalibrate(probs, counts, cap_counts=cap_counts, surrogate_sha256=cal.surrogate_sha256),
         calibrated_with="onnxruntime-cpu",
         max_batch=max_batch,
         images=images,
-    )
-    manifest = _manifest(
-        calibration,
-        fp32,
-        labels=labels,
-        preprocess=preprocess,
-        dataset=dataset,
-        shape=shape,
-        parity_max_abs_diff=parity_max_abs_diff,
     )
 
     def fill(tmp: Path) -> None:
@@ -364,8 +403,20 @@ def build_bundle(
         shutil.copyfile(files["base model"], tmp / BASE_FILE)
         shutil.copyfile(files["calibration"], tmp / CALIBRATION_FILE)
 
-    _publish_folder(out_dir, fill, manifest, overwrite)
+    _publish_folder(out_dir, fill, _manifest(sources, fp32), overwrite)
     return Bundle.load(out_dir)
+
+
+def build_bundle(out_dir: str | os.PathLike, *, overwrite: bool = False, **sources: Any) -> Bundle:
+    """Deprecated: :func:`pack_bundle` with ``BundleSources(**sources)`` (the keyword form of
+    earlier releases: ``surrogate_onnx``, ``base_onnx``, ``calibration``, ``calibration_npz``,
+    ``labels``, ``preprocess``, ``dataset``, ``input_shape``, ``parity_max_abs_diff``)."""
+    warnings.warn(
+        "rrise.export.bundler.build_bundle is deprecated: use pack_bundle(out_dir, BundleSources(...))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return pack_bundle(out_dir, BundleSources(**sources), overwrite=overwrite)
 
 
 def _monitor_entry(probs: np.ndarray, calibration: Calibration, images: np.ndarray) -> dict[str, Any]:
@@ -415,6 +466,45 @@ def _uncalibrated_entry(
     return {**entry, **extra}
 
 
+def _recalibrated_entry(
+    bundle: Bundle,
+    key: tuple[str, str, str],
+    probs: np.ndarray,
+    calibrated_with: str | None,
+    max_batch: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The entry of variant ``key`` = (precision, backend, file name) with its quantile recomputed
+    from its own ``probs`` on the bundle's calibration images."""
+    precision, backend, name = key
+    if calibrated_with is None:
+        raise ValueError(f"the {precision}/{backend} variant must say which numerics it was calibrated with")
+    extra = {k: v for k, v in extra.items() if k != "needs_recalibration"}
+    cal = variant_recalibration(bundle, probs)
+    images = calibration_images(bundle)
+    return _variant_entry(
+        precision, backend, name, probs, cal,
+        calibrated_with=calibrated_with, max_batch=max_batch, images=images, **extra,
+    )  # fmt: skip
+
+
+def _linked_copy(src_dir: Path, keep_files: list[str], new_file: Path, name: str) -> Callable[[Path], None]:
+    """A folder filler: ``keep_files`` of ``src_dir`` hard-linked (or copied), and ``new_file`` as
+    ``name``."""
+
+    def fill(tmp: Path) -> None:
+        for rel in keep_files:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src_dir / rel, dst)
+            except OSError:
+                shutil.copyfile(src_dir / rel, dst)
+        shutil.copyfile(new_file, tmp / name)
+
+    return fill
+
+
 def add_variant(
     bundle_dir: str | os.PathLike,
     file: str | os.PathLike,
@@ -446,35 +536,8 @@ def add_variant(
     if probs is None:
         entry = _uncalibrated_entry(precision, backend, name, calibrated_with, extra)
     else:
-        if calibrated_with is None:
-            raise ValueError(
-                f"the {precision}/{backend} variant must say which numerics it was calibrated with"
-            )
-        extra.pop("needs_recalibration", None)
-        cal = variant_recalibration(bundle, probs)
-        images = calibration_images(bundle)
-        entry = _variant_entry(
-            precision,
-            backend,
-            name,
-            probs,
-            cal,
-            calibrated_with=calibrated_with,
-            max_batch=max_batch,
-            images=images,
-            **extra,
-        )
+        key = (precision, backend, name)
+        entry = _recalibrated_entry(bundle, key, probs, calibrated_with, max_batch, extra)
     manifest, keep_files = _variant_manifest(bundle, entry)
-
-    def fill(tmp: Path) -> None:
-        for rel in keep_files:
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(bundle.path / rel, dst)
-            except OSError:
-                shutil.copyfile(bundle.path / rel, dst)
-        shutil.copyfile(src, tmp / name)
-
-    _publish_folder(bundle.path, fill, manifest, overwrite=True)
+    _publish_folder(bundle.path, _linked_copy(bundle.path, keep_files, src, name), manifest, overwrite=True)
     return Bundle.load(bundle.path)

@@ -1,10 +1,11 @@
-"""A calibrated surrogate → a verified bundle: what ``rrise-export build`` does.
+"""A calibrated surrogate → a verified bundle: what ``rrise-export bundle`` does.
 
-:func:`export_bundle` takes the surrogate's ONNX — the very file whose probabilities the calibration
+:func:`bundle_from_surrogate` takes the surrogate's ONNX — the very file whose probabilities the calibration
 was computed from (its sha256 is the record's ``surrogate_sha256``), so nothing is re-exported —
 reads the checkpoint beside it (``surrogate.pt``: σ, labels, input shape, preprocessing, read with
 ``torch.load(weights_only=True)`` and no model code), cross-checks σ against the calibration record
-and builds the fp32 bundle (:func:`rrise.export.bundler.build_bundle`). Every check runs before
+and packs the fp32 bundle (:func:`rrise.export.bundler.pack_bundle`). Its inputs are
+:class:`rrise.export.options.BundleInputs`, the options of ``rrise-export bundle``. Every check runs before
 anything is written. Export never imports the calibrate stage.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ from rrise.bundle import Bundle
 from rrise.calibration import Calibration
 from rrise.fileio import load_npz
 
-from .bundler import build_bundle, default_preprocess
+from .bundler import BundleSources, default_preprocess, pack_bundle
+from .options import BundleInputs
 
 __all__ = [
     "ExportResult",
     "SigmaMismatchError",
+    "bundle_from_surrogate",
     "check_sigma",
     "export_bundle",
     "read_surrogate",
@@ -152,57 +156,106 @@ def calibration_classes(calibration_npz: str | os.PathLike) -> int:
     return int(load_npz(calibration_npz, ("counts",), "calibration file")["counts"].shape[1])
 
 
-def export_bundle(
-    surrogate: str | os.PathLike,
-    *,
-    base: str | os.PathLike,
-    calibration_npz: str | os.PathLike,
-    calibration: Calibration,
-    out: str | os.PathLike,
-    labels: list[str] | None = None,
-    dataset: str | None = None,
-    overwrite: bool = False,
-    record_name: str = "the calibration record",
-) -> ExportResult:
-    """Build the fp32 bundle at ``out`` from a surrogate checkpoint and its calibration.
+def bundle_from_surrogate(inputs: BundleInputs, calibration: Calibration | None = None) -> ExportResult:
+    """Build the fp32 bundle at ``inputs.out`` from a surrogate checkpoint and its calibration:
+    what ``rrise-export bundle`` does.
 
-    ``calibration`` is the record (:func:`read_calibration_record`; ``record_name`` names it in
-    errors); ``calibration_npz`` holds the calibration ``images`` and full MC ``counts``; ``base`` is
-    the base classifier's ONNX (kept for audits). ``labels`` default to the surrogate's, ``dataset``
-    to the record's, then the surrogate's. Checks σ (:func:`check_sigma`) and every input before
-    writing anything. Raises SigmaMismatchError, ValueError, FileExistsError (``out`` exists and not
-    ``overwrite``) or RuntimeError (torch/onnx missing).
+    ``inputs.calibration`` holds the calibration ``images`` and full MC ``counts``; ``inputs.base``
+    is the base classifier's ONNX (kept for audits). Labels default to the surrogate's, the dataset
+    to the record's, then the surrogate's. σ is checked (:func:`check_sigma`), and every input,
+    before anything is written.
+
+    Parameters
+    ----------
+    inputs : BundleInputs
+        The files and choices of ``rrise-export bundle`` (:mod:`rrise.export.options`).
+    calibration : rrise.Calibration or None
+        The record; read from ``inputs.calibration_record`` when None.
+
+    Returns
+    -------
+    ExportResult
+        The verified bundle, the record it was built from, the export parity and notes on what was
+        assumed.
+
+    Raises
+    ------
+    SigmaMismatchError
+        The surrogate was trained for another σ than the record's.
+    ValueError
+        A missing input, an unreadable record, inconsistent files.
+    FileExistsError
+        ``inputs.out`` exists and ``inputs.overwrite`` is not set.
+    RuntimeError
+        torch is missing to read a ``.pt`` checkpoint.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
+    missing = [f for f in inputs.missing() if not (f == "--calibration-record" and calibration is not None)]
+    if missing:
+        raise ValueError(f"building a bundle needs {', '.join(missing)}")
+    record_name = "the calibration record"
+    if inputs.calibration_record is not None:
+        record_name = str(inputs.calibration_record)
+    if calibration is None:
+        calibration = read_calibration_record(inputs.calibration_record)
+    return _bundle(inputs, calibration, record_name, inputs.label_names)
+
+
+def _bundle(
+    inputs: BundleInputs, calibration: Calibration, record_name: str, labels: list[str] | None
+) -> ExportResult:
+    out = Path(inputs.out)
+    if out.exists() and not inputs.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    onnx_path, meta = read_surrogate(surrogate)
+    surrogate = str(inputs.surrogate)
+    onnx_path, meta = read_surrogate(inputs.surrogate)
     notes = []
-    if not check_sigma(calibration, meta, record=record_name, surrogate=str(surrogate)):
+    if not check_sigma(calibration, meta, record=record_name, surrogate=surrogate):
         notes.append(f"{surrogate} records no sigma; it was not cross-checked with {record_name}")
     shape = surrogate_input_shape(meta) if meta else _onnx_input_shape(onnx_path)
     names, label_notes = _labels(
-        labels, meta or {"num_classes": calibration_classes(calibration_npz)}, str(surrogate)
+        labels, meta or {"num_classes": calibration_classes(inputs.calibration)}, surrogate
     )
-    dataset = dataset or calibration.dataset or meta.get("dataset")
+    dataset = inputs.dataset or calibration.dataset or meta.get("dataset")
     if not dataset:
         raise ValueError(
             "neither the calibration record nor the surrogate names the calibration data: pass --dataset"
         )
     parity = meta.get("onnx_parity")
-    bundle = build_bundle(
-        out,
+    sources = BundleSources(
         surrogate_onnx=onnx_path,
-        base_onnx=base,
+        base_onnx=inputs.base,
         calibration=calibration,
-        calibration_npz=calibration_npz,
+        calibration_npz=inputs.calibration,
         labels=names,
         preprocess=meta.get("preprocess") or default_preprocess(shape),
         dataset=dataset,
         input_shape=shape,
         parity_max_abs_diff=None if parity is None else float(parity),
-        overwrite=overwrite,
     )
+    bundle = pack_bundle(out, sources, overwrite=inputs.overwrite)
     return ExportResult(
         bundle, calibration, None if parity is None else float(parity), tuple(notes + label_notes)
     )
+
+
+def export_bundle(surrogate: str | os.PathLike, **kwargs: Any) -> ExportResult:
+    """Deprecated: :func:`bundle_from_surrogate`. Takes the keywords of earlier releases: ``base``,
+    ``calibration_npz``, ``calibration`` (the record), ``out``, ``labels`` (a list), ``dataset``,
+    ``overwrite`` and ``record_name``."""
+    warnings.warn(
+        "rrise.export.from_surrogate.export_bundle is deprecated: "
+        "use bundle_from_surrogate(BundleInputs(...))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    inputs = BundleInputs(
+        surrogate=Path(surrogate),
+        base=Path(kwargs["base"]),
+        calibration=Path(kwargs["calibration_npz"]),
+        out=Path(kwargs["out"]),
+        dataset=kwargs.get("dataset"),
+        overwrite=bool(kwargs.get("overwrite", False)),
+    )
+    labels = kwargs.get("labels")
+    record_name = kwargs.get("record_name", "the calibration record")
+    return _bundle(inputs, kwargs["calibration"], record_name, None if labels is None else list(labels))

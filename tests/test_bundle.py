@@ -1,6 +1,6 @@
 """Bundle.load refuses what it cannot vouch for; inspect_bundle reports the same; variants' quantiles.
 
-The bundles here are tests.tiny_bundle's linear bundles: built by rrise.export.build_bundle from a
+The bundles here are tests.tiny_bundle's linear bundles: built by rrise.export.bundler.pack_bundle from a
 hand-made ONNX graph (no torch), with synthetic calibration data, so every file is present and hashed.
 """
 

@@ -7,7 +7,7 @@ import pytest
 
 from rrise import Bundle, Calibration, certify_from_probs
 from rrise.calibration import conformalize
-from rrise.export.bundler import add_variant, build_bundle
+from rrise.export.bundler import BundleSources, add_variant, pack_bundle
 from rrise.runtime.backends import OnnxRuntimeBackend
 
 
@@ -21,16 +21,18 @@ def _rebuild(tiny_bundle, out, **settings):
     cal = conformalize(
         spec, probs, counts, base_sha256=base.base_sha256, surrogate_sha256=base.surrogate_sha256
     )
-    bundle = build_bundle(
+    bundle = pack_bundle(
         out,
-        surrogate_onnx=src.file("surrogate.onnx"),
-        base_onnx=src.file("base.onnx"),
-        calibration=cal,
-        calibration_npz=src.file("calibration.npz"),
-        labels=src.labels,
-        preprocess=src.manifest["preprocess"],
-        dataset="digits",
-        input_shape=(1, 8, 8),
+        BundleSources(
+            surrogate_onnx=src.file("surrogate.onnx"),
+            base_onnx=src.file("base.onnx"),
+            calibration=cal,
+            calibration_npz=src.file("calibration.npz"),
+            labels=src.labels,
+            preprocess=src.manifest["preprocess"],
+            dataset="digits",
+            input_shape=(1, 8, 8),
+        ),
     )
     return bundle, cal, probs, images
 

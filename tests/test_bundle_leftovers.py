@@ -56,7 +56,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
     from rrise.bundle import sha256_file
     from rrise.calibrate.bundling import record_profile, write_selection_npz
     from rrise.calibrate.workdir import RunConfig, Workdir
-    from rrise.export.bundler import build_bundle
+    from rrise.export.bundler import BundleSources, pack_bundle
     from rrise.export.onnx_export import onnx_logits
     from rrise.numerics import softmax
 
@@ -73,17 +73,19 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
     cal = conformalize(
         spec, probs, counts, base_sha256=sha256_file(base), surrogate_sha256=sha256_file(surrogate)
     )
-    build_bundle(
+    pack_bundle(
         w.path("bundle"),
-        surrogate_onnx=surrogate,
-        base_onnx=base,
-        calibration=cal,
-        calibration_npz=w.path("calibration.npz"),
-        labels=ds.classes,
-        preprocess={"color": "gray", "resize": [8, 8], "interpolation": "area", "layout": "NCHW"},
-        dataset="digits",
-        input_shape=ds.shape,
-        parity_max_abs_diff=0.0,
+        BundleSources(
+            surrogate_onnx=surrogate,
+            base_onnx=base,
+            calibration=cal,
+            calibration_npz=w.path("calibration.npz"),
+            labels=ds.classes,
+            preprocess={"color": "gray", "resize": [8, 8], "interpolation": "area", "layout": "NCHW"},
+            dataset="digits",
+            input_shape=ds.shape,
+            parity_max_abs_diff=0.0,
+        ),
     )
     record_profile(w.path("bundle"), w.prof.name, w.prof.note)
     write_selection_npz(w)

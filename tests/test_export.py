@@ -24,7 +24,7 @@ from rrise import Bundle, BundleError, Calibration
 from rrise.bundle import GUARANTEE, SCHEMA_VERSION, sha256_file
 from rrise.calibration import conformal_quantile
 from rrise.export import tensorrt_build
-from rrise.export.bundler import add_variant, build_bundle, recalibrate_variant
+from rrise.export.bundler import BundleSources, add_variant, build_bundle, pack_bundle, recalibrate_variant
 from rrise.export.cli import app
 from rrise.export.onnx_export import export_onnx, onnx_logits, onnx_parity
 from rrise.numerics import MICRO_BATCH_LIMIT, softmax
@@ -136,7 +136,7 @@ def bundle_kwargs(src: dict, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def bundle(src, tmp_path_factory) -> Bundle:
-    return build_bundle(tmp_path_factory.mktemp("b") / "bundle", **bundle_kwargs(src))
+    return pack_bundle(tmp_path_factory.mktemp("b") / "bundle", BundleSources(**bundle_kwargs(src)))
 
 
 # --- ONNX export --------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_fp32_variant_quantile_comes_from_onnxruntime_outputs(src, bundle, tmp_p
     assert bundle.calibration(bundle.variant()).quantile == pytest.approx(want, abs=1e-12)
     # The record's own quantile is kept as given; the variant's is recomputed whatever it says.
     record = replace(src["cal"], quantile=0.777)
-    other = build_bundle(tmp_path / "b", **bundle_kwargs(src, calibration=record))
+    other = pack_bundle(tmp_path / "b", BundleSources(**bundle_kwargs(src, calibration=record)))
     assert other.manifest["calibration"]["quantile"] == 0.777 == other.calibration().quantile
     assert other.variant()["quantile"] == pytest.approx(want, abs=1e-12)
 
@@ -275,12 +275,12 @@ def test_recalibrate_variant_refuses_bad_probs(bundle, src):
 
 def test_refuses_to_overwrite_unless_asked(src, bundle, tmp_path):
     out = tmp_path / "bundle"
-    first = build_bundle(out, **bundle_kwargs(src))
+    first = pack_bundle(out, BundleSources(**bundle_kwargs(src)))
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(FileExistsError, match="overwrite"):
-        build_bundle(out, **bundle_kwargs(src, labels=["x", "y", "z"]))
+        pack_bundle(out, BundleSources(**bundle_kwargs(src, labels=["x", "y", "z"])))
     assert (out / "manifest.json").read_bytes() == before
-    second = build_bundle(out, **bundle_kwargs(src, labels=["x", "y", "z"]), overwrite=True)
+    second = pack_bundle(out, BundleSources(**bundle_kwargs(src, labels=["x", "y", "z"])), overwrite=True)
     assert second.labels == ["x", "y", "z"] and first.labels == LABELS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp folders left behind
 
@@ -288,7 +288,7 @@ def test_refuses_to_overwrite_unless_asked(src, bundle, tmp_path):
     stranger.mkdir()
     (stranger / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not an rrise bundle"):
-        build_bundle(stranger, **bundle_kwargs(src), overwrite=True)
+        pack_bundle(stranger, BundleSources(**bundle_kwargs(src)), overwrite=True)
     assert (stranger / "precious.txt").read_text() == "keep me"
 
 
@@ -302,12 +302,19 @@ def test_refuses_to_overwrite_unless_asked(src, bundle, tmp_path):
         ({"calibration": {"n_mc": N_MC + 1, "p_cap": float("nan")}}, "n_mc=1001"),
     ],
 )
-def test_build_bundle_refuses_inconsistent_inputs(src, tmp_path, override, match):
+def test_pack_bundle_refuses_inconsistent_inputs(src, tmp_path, override, match):
     if "calibration" in override:  # changes to the fixture's record
         override = {"calibration": replace(src["cal"], quantile=0.1, **override["calibration"])}
     with pytest.raises(ValueError, match=match):
-        build_bundle(tmp_path / "bundle", **bundle_kwargs(src, **override))
+        pack_bundle(tmp_path / "bundle", BundleSources(**bundle_kwargs(src, **override)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_bundle_is_a_deprecated_alias_of_pack_bundle(src, bundle, tmp_path):
+    with pytest.warns(DeprecationWarning, match="pack_bundle"):
+        old = build_bundle(tmp_path / "old", **bundle_kwargs(src))
+    assert old.manifest["variants"] == bundle.manifest["variants"]
+    assert old.manifest["calibration"] == bundle.manifest["calibration"]
 
 
 def test_add_variant_gets_its_own_quantile(src, bundle, tmp_path):
@@ -520,6 +527,36 @@ def cli_inputs(src, tmp_path_factory) -> dict:
         str(d / "calibration.json"),
     ]
     return {"dir": d, "args": args, "cal": cal}
+
+
+def test_bundle_from_surrogate_takes_the_export_options(cli_inputs, tmp_path):
+    from rrise.export.from_surrogate import bundle_from_surrogate, export_bundle
+    from rrise.export.options import BundleInputs
+
+    d = cli_inputs["dir"]
+    inputs = BundleInputs(
+        surrogate=d / "surrogate.pt",
+        base=Path(cli_inputs["args"][3]),
+        calibration=d / "calibration.npz",
+        calibration_record=d / "calibration.json",
+        out=tmp_path / "bundle",
+        labels="x, y ,z",
+    )
+    result = bundle_from_surrogate(inputs)
+    assert result.bundle.labels == ["x", "y", "z"] and result.calibration == cli_inputs["cal"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        bundle_from_surrogate(inputs)
+    with pytest.raises(ValueError, match="needs --calibration-record"):
+        bundle_from_surrogate(replace(inputs, calibration_record=None))
+    with pytest.warns(DeprecationWarning, match="bundle_from_surrogate"):
+        old = export_bundle(
+            d / "surrogate.pt",
+            base=inputs.base,
+            calibration_npz=inputs.calibration,
+            calibration=cli_inputs["cal"],
+            out=tmp_path / "old",
+        )
+    assert old.bundle.manifest["variants"][0]["quantile"] == result.bundle.variant()["quantile"]
 
 
 def test_cli_exports_a_bundle_end_to_end(cli_inputs, tmp_path):

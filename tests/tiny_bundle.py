@@ -2,7 +2,7 @@
 
 - :func:`make_tiny_bundle`: a digits CNN trained for a few seconds, with real MC calibration.
 - :func:`linear_sources` / :func:`make_linear_bundle`: no torch at all, a hand-made linear ONNX
-  graph on 1×4×4 inputs with synthetic calibration data, built by ``rrise.export.build_bundle``
+  graph on 1×4×4 inputs with synthetic calibration data, built by ``rrise.export.bundler.pack_bundle``
   (so every file of a real bundle is present and hashed) in well under a second.
 
 ``python -m tests.tiny_bundle BUNDLE_DIR [FRAMES_DIR]`` writes the digits bundle (and a folder of frames).
@@ -72,19 +72,21 @@ def linear_sources(folder: Path) -> dict:
 def make_linear_bundle(sources: dict, out: Path, **changes):
     """Build (``overwrite``) the linear bundle at ``out`` from :func:`linear_sources`; ``changes``
     replace its ``surrogate``, ``base`` or ``cal``."""
-    from rrise.export.bundler import build_bundle
+    from rrise.export.bundler import BundleSources, pack_bundle
 
-    return build_bundle(
+    return pack_bundle(
         out,
-        surrogate_onnx=changes.get("surrogate", sources["surrogate"]),
-        base_onnx=changes.get("base", sources["base"]),
-        calibration=changes.get("cal", sources["cal"]),
-        calibration_npz=sources["npz"],
-        labels=["a", "b", "c"],
-        preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
-        dataset="synthetic",
-        input_shape=LINEAR_SHAPE,
-        parity_max_abs_diff=0.0,
+        BundleSources(
+            surrogate_onnx=changes.get("surrogate", sources["surrogate"]),
+            base_onnx=changes.get("base", sources["base"]),
+            calibration=changes.get("cal", sources["cal"]),
+            calibration_npz=sources["npz"],
+            labels=["a", "b", "c"],
+            preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
+            dataset="synthetic",
+            input_shape=LINEAR_SHAPE,
+            parity_max_abs_diff=0.0,
+        ),
     )
 
 
@@ -98,7 +100,7 @@ def make_tiny_bundle(bundle_dir: Path, frames_dir: Path | None = None, n_cal: in
     from rrise.calibrate.train import train_base
     from rrise.calibration import CalibrationSpec, conformalize
     from rrise.datasets import load_dataset
-    from rrise.export.bundler import build_bundle
+    from rrise.export.bundler import BundleSources, pack_bundle
     from rrise.export.onnx_export import export_onnx, onnx_parity
 
     torch.manual_seed(0)
@@ -116,17 +118,19 @@ def make_tiny_bundle(bundle_dir: Path, frames_dir: Path | None = None, n_cal: in
     digest = sha256_file(onnx_path)  # the base model doubles as the surrogate here
     cal = conformalize(spec, probs, counts, base_sha256=digest, surrogate_sha256=digest)
     np.savez_compressed(work / "calibration.npz", images=cal_images, counts=counts, probs=probs)
-    build_bundle(
+    pack_bundle(
         bundle_dir,
-        surrogate_onnx=onnx_path,
-        base_onnx=onnx_path,
-        calibration=cal,
-        calibration_npz=work / "calibration.npz",
-        labels=train.classes,
-        preprocess={"color": "gray", "resize": [8, 8], "interpolation": "area", "layout": "NCHW"},
-        dataset="digits",
-        input_shape=(1, 8, 8),
-        parity_max_abs_diff=onnx_parity(model, onnx_path, cal_images[:32]),
+        BundleSources(
+            surrogate_onnx=onnx_path,
+            base_onnx=onnx_path,
+            calibration=cal,
+            calibration_npz=work / "calibration.npz",
+            labels=train.classes,
+            preprocess={"color": "gray", "resize": [8, 8], "interpolation": "area", "layout": "NCHW"},
+            dataset="digits",
+            input_shape=(1, 8, 8),
+            parity_max_abs_diff=onnx_parity(model, onnx_path, cal_images[:32]),
+        ),
         overwrite=True,
     )
     if frames_dir is not None:
