@@ -7,7 +7,7 @@ audited inputs, the bundle's guarantee allows a violation rate of at most α + �
 test says whether the observed count is compatible with that.
 
 The test sees an excess of p̃ over the truth only from its detection limit up
-(:func:`~rrise.calibrate.evaluate.detection_limit`): at ``n_mc`` = 2,000 that is 0.0028 at
+(:func:`~rrise.calibrate.measures.detection_limit`): at ``n_mc`` = 2,000 that is 0.0028 at
 p̃ = 0.9993 (the cap of N_cal = 10⁴), a truth of 0.9965 and a radius 0.5σ too large; at the default
 ``DEFAULT_AUDIT_DRAWS`` = 20,000 it is 0.0007. Every result reports its own limit.
 """
@@ -94,8 +94,8 @@ def audit_bundle(
     """Certify ``images`` with the bundle's fp32 variant and check each against fresh MC."""
     from scipy.stats import binom
 
-    from .evaluate import detection_limit, reference_violations
     from .mc import sample_counts
+    from .measures import detection_limit, reference_violations
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     probs, variant = _deployed_probs(b, images)

@@ -5,7 +5,7 @@ A stage is skipped when its outputs are current (made from today's inputs, see
 first, when what it reads is missing or stale. The stages themselves live in their own modules:
 :mod:`~rrise.calibrate.fit` (training), :mod:`~rrise.calibrate.counts` (Monte Carlo stores),
 :mod:`~rrise.calibrate.calibrating` (rule and calibration), :mod:`~rrise.calibrate.cohen` (Cohen's
-MC baseline), :mod:`~rrise.calibrate.report` (evaluation) and :mod:`~rrise.calibrate.bundling`.
+MC baseline), :mod:`~rrise.calibrate.evaluating` (evaluation) and :mod:`~rrise.calibrate.bundling`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from .bundling import stage_bundle
 from .calibrating import stage_calibrate, stage_select_rule
 from .cohen import COHEN_NPZ, COHEN_TSV, stage_cohen
 from .counts import REFERENCE_STORE, TARGET_STORES, stage_reference, stage_targets
+from .evaluating import stage_evaluate
 from .fit import stage_train_base, stage_train_baseline, stage_train_surrogate
 from .provenance import Stage
-from .report import stage_evaluate
 from .workdir import Workdir
 
 __all__ = ["ALL_STAGES", "OPTIONAL_STAGES", "STAGES", "run_stage"]

@@ -164,7 +164,7 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     assert cap["largest radius σ·Φ⁻¹(p_cap) (at q̂ = 0)"] == pytest.approx(w.config.sigma * z_cap, abs=1e-4)
 
     # `rrise select-rule --cap-draws`: the rule-selection inputs at the cap get their own second stage
-    from rrise.calibrate.report import one_time_evaluations
+    from rrise.calibrate.evaluating import one_time_evaluations
 
     run_stage(w, "select-rule", cap_draws=2 * w.prof.n_cal)
     rules = json.loads(w.path("rules.json").read_text())

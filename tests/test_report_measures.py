@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rrise.calibrate.cohen import cohen_from_counts
-from rrise.calibrate.evaluate import _rules_section, detection_limit, format_markdown_table, violation_stats
+from rrise.calibrate.measures import detection_limit, violation_stats
+from rrise.calibrate.report import _rules_section, format_markdown_table
 from rrise.stats import clopper_pearson_lower, clopper_pearson_upper, norm_ppf
 
 

@@ -62,7 +62,7 @@ def _workdir(demo: Path, out: Path, steps: int, draws: int, batch: int):
 
 def _measure(w, model, labels_test: np.ndarray) -> dict:
     from rrise.calibrate.counts import CALIBRATION_STORE, RULE_STORE, TARGET_STORES, load_store_counts
-    from rrise.calibrate.evaluate import certified_accuracy
+    from rrise.calibrate.measures import certified_accuracy
     from rrise.calibrate.train import mean_kl, predict_probs
     from rrise.calibration import CalibrationSpec, conformalize
     from rrise.certificate import certify_from_probs
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> dict:
 
     import torch
 
-    from rrise.calibrate.evaluate import certified_accuracy
+    from rrise.calibrate.measures import certified_accuracy
     from rrise.calibrate.model_files import load_model
 
     torch.manual_seed(0)
