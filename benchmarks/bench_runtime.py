@@ -195,16 +195,13 @@ def minimal_loop(bundle_dir: Path, video: Path) -> dict[str, Any]:
 
 
 def rrise_run(bundle_dir: Path, video: Path, batch: int = 1, threaded: bool | None = None) -> dict[str, Any]:
-    from rrise.runtime import run_stream
+    from rrise.options import make_options
+    from rrise.runtime import RunOptions, run_stream
 
-    s = run_stream(
-        bundle_dir,
-        str(video),
-        backend="onnxruntime",
-        batch=batch,
-        status_interval_s=None,
-        threaded=threaded,
+    options = make_options(
+        RunOptions, backend="onnxruntime", batch=batch, status_interval=0, threaded=threaded
     )
+    s = run_stream(bundle_dir, str(video), options)
     keys = ("frames", "fps", "latency_p50_ms", "latency_p99_ms", "errors", "drops")
     return {k: s[k] for k in keys}
 
@@ -271,7 +268,8 @@ def _sample_rss(rss: list[tuple[float, float]], done: threading.Event) -> None:
 
 
 def bench_overload(bundle_dir: Path, seconds: float, inference_fps: float) -> dict[str, Any]:
-    from rrise.runtime import run_stream
+    from rrise.options import make_options
+    from rrise.runtime import RunOptions, run_stream
     from rrise.runtime.sources import PushSource
 
     frames = fashion_frames(500)
@@ -287,7 +285,9 @@ def bench_overload(bundle_dir: Path, seconds: float, inference_fps: float) -> di
     sampler.start()
     producer.start()
     try:
-        summary = run_stream(bundle_dir, src, backend="onnxruntime", status_interval_s=1.0)
+        summary = run_stream(
+            bundle_dir, src, make_options(RunOptions, backend="onnxruntime", status_interval=1.0)
+        )
     finally:
         done.set()
         producer.join(5)
@@ -339,7 +339,8 @@ def bench_fanout(bundle_dir: Path, video: Path, n_frames: int) -> dict[str, Any]
 
     import zmq
 
-    from rrise.runtime import run_stream
+    from rrise.options import make_options
+    from rrise.runtime import RunOptions, run_stream
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -360,17 +361,17 @@ def bench_fanout(bundle_dir: Path, video: Path, n_frames: int) -> dict[str, Any]
     stalled.setsockopt(zmq.LINGER, 0)
     stalled.connect(endpoint)  # and never reads
     try:
-        summary = run_stream(
-            bundle_dir,
-            str(video),
+        options = make_options(
+            RunOptions,
             backend="onnxruntime",
             publish=endpoint,
             wait_subscribers=4,
-            wait_timeout_s=30,
+            wait_timeout=30,
             max_frames=n_frames,
             hwm=100,
-            status_interval_s=None,
+            status_interval=0,
         )
+        summary = run_stream(bundle_dir, str(video), options)
         results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
         stalled_got = 0
         while stalled.poll(0):

@@ -49,20 +49,17 @@ def free_tcp_port() -> int:
 def _stream_to_subscriber(bundle: Path, video: Path, endpoint: str, count: int, received: Path):
     """Run the runtime on ``video`` publishing on ``endpoint`` while `rrise subscribe` (another
     process) writes what it receives to ``received``; returns (runtime summary, subscriber)."""
-    from rrise.runtime import run_stream
+    from rrise.options import make_options
+    from rrise.runtime import RunOptions, run_stream
 
     command = [sys.executable, "-m", "rrise", "subscribe", endpoint, "--count", str(count), "--timeout", "20"]
     with open(received, "w") as out:
         sub = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True)
         try:
-            summary = run_stream(
-                bundle,
-                str(video),
-                publish=endpoint,
-                wait_subscribers=1,
-                wait_timeout_s=20.0,
-                backend="onnxruntime",
+            options = make_options(
+                RunOptions, publish=endpoint, wait_subscribers=1, wait_timeout=20.0, backend="onnxruntime"
             )
+            summary = run_stream(bundle, str(video), options)
             _, err = sub.communicate(timeout=60)
         finally:
             if sub.poll() is None:

@@ -23,6 +23,8 @@ from torch import nn
 from rrise.fileio import atomic_path
 from rrise.progress import progress_bar
 
+from .augmentations import AUGMENTATIONS
+
 __all__ = [
     "AUGMENTATIONS",
     "augment_batch",
@@ -156,7 +158,6 @@ def jensen_shannon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 SURROGATE_LOSSES = {"ce": soft_label_cross_entropy, "js": jensen_shannon}
 
 
-AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 CHECKPOINT_FORMAT = "rrise.surrogate-checkpoint/1"
 
 

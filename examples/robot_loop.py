@@ -23,7 +23,7 @@ from typing import Any
 
 import cv2
 
-from rrise.runtime import Runtime, open_sinks
+from rrise.runtime import OutputOptions, Runtime, open_sinks
 from rrise.runtime.sources import PushSource
 
 MIN_RADIUS = 0.1  # the ℓ2 perturbation (in [0,1]-pixel units) the decision must survive
@@ -99,7 +99,7 @@ def main() -> None:
         with (
             Runtime(args.bundle) as rt,
             rt.stream(source) as stream,
-            open_sinks(publish=args.publish, curve_secret=args.curve_secret) as sinks,
+            open_sinks(OutputOptions(publish=args.publish, curve_secret=args.curve_secret)) as sinks,
         ):
             for record in stream:  # frame records, and a status record every second
                 sinks.send(record)

@@ -20,13 +20,12 @@ import threading
 from collections import deque
 from typing import Any
 
+from .options import DROP_POLICIES
 from .sources import Frame, FrameSource
 
 __all__ = ["DROP_POLICIES", "CaptureThread", "FrameQueue", "InlineFrames"]
 
 log = logging.getLogger("rrise.runtime")
-
-DROP_POLICIES = ("auto", "latest", "block")
 
 
 class FrameQueue:

@@ -4,9 +4,8 @@ view (``--foxglove``, :mod:`rrise.runtime.live_view`).
 
 Frames reach them through :class:`FrameKeeper`, a view of the Runtime that keeps the frames of the
 batch it just certified until their records come out (so at most one batch is held, whatever the
-source's pace). :class:`FrameSink` is the one sink that feeds them all: it runs first among a run's
-sinks, puts a replayed recording's ``stamp_ns`` back into each record, encodes each frame to JPEG
-once, and hands frame and record to every output.
+source's pace). :class:`FrameSink` is the one sink that feeds them all: it encodes each frame to
+JPEG once and hands frame and record to every output.
 """
 
 from __future__ import annotations
@@ -14,20 +13,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
 
+from rrise.records import Verdict
+
+from .annotate import VideoWriterSink
 from .imagecodec import encode_jpeg
+from .live_view import FoxgloveLiveView
+from .options import OutputOptions, RunOptions
+from .recording import open_recorder
+from .sources import FrameSource
+from .stream import Certifier, Stream
 
-if TYPE_CHECKING:
-    from .sources import FrameSource
-    from .stream import Stream
-
-__all__ = ["FrameKeeper", "FrameOutputs", "FrameSink", "open_stream"]
+__all__ = ["FrameKeeper", "FrameSink", "open_frame_sink", "open_stream"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -38,92 +39,56 @@ class FrameKeeper:
     """The Runtime, as a :class:`~rrise.runtime.stream.Stream` uses it, keeping the frames of the
     last certified batch by frame index for :meth:`take`. Everything else is the Runtime's."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Certifier) -> None:
         self._runtime = runtime
         self._frames: dict[int, np.ndarray | None] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runtime, name)
 
-    def certify_batch(self, frames: Sequence[np.ndarray | None], **options: Any) -> list[dict[str, Any]]:
-        records = self._runtime.certify_batch(frames, **options)
-        self._frames = {int(r["frame"]): f for r, f in zip(records, frames)}
-        return records
+    def certify_frames(
+        self, frames: Sequence[np.ndarray | None], *, frame_indices: Sequence[int] | None = None
+    ) -> list[Verdict]:
+        verdicts = self._runtime.certify_frames(frames, frame_indices=frame_indices)
+        self._frames = {int(v.frame): f for v, f in zip(verdicts, frames)}
+        return verdicts
 
     def take(self, index: int) -> np.ndarray | None:
         """The frame of the record with ``frame == index`` (None when it was unreadable)."""
         return self._frames.pop(int(index), None)
 
 
-@dataclass
-class FrameOutputs:
-    """The frame outputs a run asks for. ``record``: a path (``record_format`` ``foxglove``: a
-    ``.mcap`` file; ``ros2``: a bag folder); ``save_video``: a video path; ``foxglove``: the live
-    view's ``HOST:PORT``; ``video_fps``: the video's frame rate (default: the source's, else
-    :data:`DEFAULT_VIDEO_FPS`)."""
-
-    record: str | None = None
-    record_format: str = "foxglove"
-    save_video: str | None = None
-    foxglove: str | None = None
-    video_fps: float | None = None
-
-    @property
-    def any(self) -> bool:
-        return bool(self.record or self.save_video or self.foxglove)
-
-    def open(self, keeper: FrameKeeper | None, source: Any, max_radius: float) -> FrameSink:
-        """The sink for these outputs, on frames from ``keeper`` and stamps from ``source``; what
-        opened before a failure is closed again."""
-        from .annotate import VideoWriterSink
-        from .live_view import FoxgloveLiveView
-        from .recording import open_recorder
-
-        sink = FrameSink(keeper, source)
-        try:
-            if self.record:
-                sink.writers.append(open_recorder(self.record, self.record_format))
-            if self.foxglove:
-                sink.live = FoxgloveLiveView(self.foxglove)
-                sink.writers.append(sink.live)
-            if self.save_video:
-                fps = self.video_fps or source_fps(source) or DEFAULT_VIDEO_FPS
-                sink.video = VideoWriterSink(self.save_video, max_radius, fps)
-        except BaseException:
-            sink.close()
-            raise
-        return sink
-
-
-def source_fps(source: Any) -> float | None:
-    """The frame rate a source plays at, where it knows one: a replay's, or a video file's own."""
-    fps = getattr(source, "fps", None)
-    if fps is None and getattr(source, "kind", None) == "file":
-        capture = cv2.VideoCapture(str(source.target))
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0) or None
-        capture.release()
-    return fps
+def open_frame_sink(
+    outputs: OutputOptions, keeper: FrameKeeper, source: FrameSource, max_radius: float
+) -> FrameSink:
+    """The sink for ``outputs``' frame outputs (recording, live view, annotated video at the
+    source's frame rate, else :data:`DEFAULT_VIDEO_FPS`), on frames from ``keeper``; what opened
+    before a failure is closed again."""
+    sink = FrameSink(keeper)
+    try:
+        if outputs.record:
+            sink.writers.append(open_recorder(outputs.record, outputs.record_format.value))
+        if outputs.foxglove:
+            sink.live = FoxgloveLiveView(outputs.foxglove)
+            sink.writers.append(sink.live)
+        if outputs.save_video:
+            sink.video = VideoWriterSink(str(outputs.save_video), max_radius, source.fps or DEFAULT_VIDEO_FPS)
+    except BaseException:
+        sink.close()
+        raise
+    return sink
 
 
 class FrameSink:
     """Feeds every frame output (see the module docstring); a sink of :class:`~rrise.runtime.sinks.Sinks`."""
 
-    def __init__(self, keeper: FrameKeeper | None, source: Any) -> None:
+    def __init__(self, keeper: FrameKeeper) -> None:
         self.keeper = keeper
-        self.restamp = (
-            getattr(source, "recorded_stamp", None) if getattr(source, "keeps_stamps", False) else None
-        )
         self.writers: list[Any] = []  # recorders and the live view: write(record, jpeg, width)
         self.video: Any = None
         self.live: Any = None
 
     def send(self, record: dict[str, Any]) -> None:
-        if self.restamp is not None:
-            stamp = self.restamp(record["frame"])
-            if stamp is not None:
-                record["stamp_ns"] = stamp
-        if self.keeper is None:
-            return
         frame = self.keeper.take(record["frame"])
         if self.writers:
             jpeg = None if frame is None else encode_jpeg(frame)
@@ -152,33 +117,16 @@ class FrameSink:
 
 def open_stream(
     opened: contextlib.ExitStack,
-    runtime: Any,
+    runtime: Certifier,
     source: str | int | Path | FrameSource,
-    outputs: FrameOutputs | None = None,
-    *,
-    realtime: bool = False,
-    loop: bool = False,
-    **stream_options: Any,
+    options: RunOptions,
 ) -> tuple[Stream, FrameSink | None]:
-    """The Stream of a run (entered in ``opened``) and the FrameSink its frame outputs and a
-    replay's stamps need (None when neither is wanted; closed by ``opened`` too).
-
-    ``realtime``/``loop`` open ``source`` as a replay (:func:`~rrise.runtime.replay.open_replay`,
-    which refuses anything but a video file or a recording); otherwise the Stream opens it, with
-    its startup retries."""
-    from .sources import FrameSource, open_source
-    from .stream import Stream
-
-    if realtime or loop:
-        if isinstance(source, FrameSource):
-            raise ValueError("realtime/loop apply to a source to open (a path), not to an opened FrameSource")
-        source = open_source(source, realtime=realtime, loop=loop)
-        opened.callback(source.close)  # the Stream closes it too; this covers a Stream that fails
-    outputs = outputs or FrameOutputs()
-    keeper = FrameKeeper(runtime) if outputs.any else None
-    stream = opened.enter_context(Stream(keeper or runtime, source, **stream_options))
-    if not outputs.any and not getattr(stream.source, "keeps_stamps", False):
-        return stream, None
-    sink = outputs.open(keeper, stream.source, runtime.calibration.max_radius())
+    """The Stream of a run (entered in ``opened``) and the FrameSink its frame outputs need (None
+    when none is asked for; closed by ``opened`` too)."""
+    if not options.outputs.frame_outputs:
+        return opened.enter_context(Stream(runtime, source, options.stream)), None
+    keeper = FrameKeeper(runtime)
+    stream = opened.enter_context(Stream(keeper, source, options.stream))
+    sink = open_frame_sink(options.outputs, keeper, stream.source, runtime.calibration.max_radius())
     opened.callback(sink.close)
     return stream, sink

@@ -18,13 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
 
 from .recording_reader import is_recording, open_reader
-from .sources import IMAGE_EXTENSIONS, Frame, FrameSource, SourceError, VideoCaptureSource
+from .sources import IMAGE_EXTENSIONS, Frame, FrameSource, Reconnect, SourceError, VideoCaptureSource
 
 __all__ = ["ReplaySource", "open_recording", "open_replay", "replay_video"]
 
@@ -131,19 +129,16 @@ def open_recording(
 
 
 def replay_video(
-    path: str | Path, *, realtime: bool = False, loop: bool = False, **options: Any
+    path: str | Path, *, realtime: bool = False, loop: bool = False, reconnect: Reconnect | None = None
 ) -> ReplaySource:
     """A video file at its own frame rate (``realtime``) and/or in a loop; SourceError if it cannot
-    be decoded. ``options`` go to :class:`VideoCaptureSource`."""
-    with VideoCaptureSource(str(path), "file", **options) as probe:  # SourceError when unreadable
-        count = probe.frame_count
-    capture = cv2.VideoCapture(str(path))
-    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0) or None
-    capture.release()
+    be decoded."""
+    with VideoCaptureSource(str(path), "file", reconnect=reconnect) as probe:  # SourceError: unreadable
+        count, fps = probe.frame_count, probe.fps
     step_ns = 1e9 / (fps or DEFAULT_FPS)
 
     def open_pass() -> Pass:
-        source = VideoCaptureSource(str(path), "file", **options)
+        source = VideoCaptureSource(str(path), "file", reconnect=reconnect)
         try:
             for i, frame, _ in source:
                 yield frame, int(i * step_ns)
@@ -156,7 +151,7 @@ def replay_video(
 
 
 def open_replay(
-    spec: str | int | Path, *, realtime: bool = False, loop: bool = False, **options: Any
+    spec: str | int | Path, *, realtime: bool = False, loop: bool = False, reconnect: Reconnect | None = None
 ) -> ReplaySource:
     """``--realtime``/``--loop`` on ``spec``: a recording or a video file; SourceError for anything
     else (a camera or a stream is live already, a folder has no timing)."""
@@ -167,7 +162,7 @@ def open_replay(
     if is_recording(path):
         return open_recording(path, realtime=realtime, loop=loop)
     if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return replay_video(path, realtime=realtime, loop=loop, **options)
+        return replay_video(path, realtime=realtime, loop=loop, reconnect=reconnect)
     flags = " and ".join(f for f, on in (("--realtime", realtime), ("--loop", loop)) if on)
     raise SourceError(
         f"{flags} replay a video file or a recording (.mcap file, ROS 2 bag folder); "

@@ -10,36 +10,20 @@ reconnect with backoff, see :class:`~rrise.runtime.sources.VideoCaptureSource`).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .sources import Frame, FrameSource, SourceError, open_source
+from .options import FOREVER, parse_retry
+from .source_specs import open_source
+from .sources import Frame, FrameSource, SourceError, is_url
 
-__all__ = ["FOREVER", "StartupRetrySource", "open_with_retry", "parse_retry"]
+__all__ = ["StartupRetrySource", "open_with_retry"]
 
 log = logging.getLogger("rrise.runtime")
 
-FOREVER = "forever"
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _LOUD_ATTEMPTS = 3  # the first few failures are warnings; then one warning every 10th attempt
-
-
-def parse_retry(value: int | str | None) -> int | None:
-    """``--retry``'s value as the number of retries after the first failed open (None: forever)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == FOREVER):
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"retry must be a count >= 0 or 'forever', got {value!r}")
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"retry must be a count >= 0 or 'forever', got {value!r}") from None
-    if n < 0 or (isinstance(value, float) and value != n):
-        raise ValueError(f"retry must be a count >= 0 or 'forever', got {value!r}")
-    return n
 
 
 def _looks_live(spec: str | int | Path) -> bool:
@@ -49,7 +33,7 @@ def _looks_live(spec: str | int | Path) -> bool:
     text = str(spec).strip()
     if text.lower().startswith("file://"):
         return False
-    return text.isdigit() or bool(_URL.match(text)) or "!" in text or text.startswith("/dev/")
+    return text.isdigit() or is_url(text) or "!" in text or text.startswith("/dev/")
 
 
 def _name_of(spec: str | int | Path) -> str:

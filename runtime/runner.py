@@ -17,11 +17,11 @@ from typing import Any
 
 from rrise.bundle import Bundle
 from rrise.progress import progress_bar
-from rrise.records import DEFAULT_TOPIC
 
-from .frame_outputs import FrameOutputs, open_stream
+from .frame_outputs import open_stream
+from .options import RunOptions
 from .runtime import Runtime
-from .sinks import NO_OUTPUT_HINT, SinkError, Sinks, open_sinks
+from .sinks import NO_OUTPUT_HINT, Sinks, open_sinks
 from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
@@ -94,88 +94,94 @@ def drain(
 
 
 def run_stream(
-    bundle: Bundle | str | Path,
+    bundle: Bundle | str | Path | None,
     source: str | int | Path | FrameSource,
+    options: RunOptions | None = None,
     *,
-    publish: str | None = None,
-    jsonl: str | None = None,
+    runtime: Runtime | None = None,
     callback: Callable[[dict[str, Any]], Any] | None = None,
     on_status: Callable[[dict[str, Any]], Any] | None = None,
-    topic: bytes | str = DEFAULT_TOPIC,
-    hwm: int = 1000,
-    wait_subscribers: int = 0,
-    wait_timeout_s: float = 5.0,
-    curve_secret: str | Path | None = None,
-    no_output: bool = False,
-    backend: str = "auto",
-    precision: str | None = None,
-    monitor: bool = True,
-    monitor_options: dict[str, Any] | None = None,
-    expect_id: str | None = None,
-    trust: Any = None,
-    runtime: Runtime | None = None,
     show_progress: bool = False,
-    outputs: FrameOutputs | None = None,
-    realtime: bool = False,
-    loop: bool = False,
-    **stream_options: Any,
 ) -> dict[str, Any]:
-    """Certify the frames of ``source`` and send each record to every sink; return the summary.
+    """Certify the frames of ``source`` with ``bundle`` and send each record to every sink; return
+    the summary. What ``rrise run`` does.
 
-    Sinks: :func:`~rrise.runtime.sinks.open_sinks`'s options (``curve_secret``: encrypt the
-    published stream); ``no_output=True`` says a run without any sink is meant (no warning). The
-    Runtime: ``backend``, ``precision``, ``monitor`` (False: no shift alarm, no out-of-distribution flag),
-    ``monitor_options`` (:func:`rrise.monitor.load_monitors`), or a loaded ``runtime``
-    to reuse (not closed here); ``expect_id``/``trust`` refuse any other, or an unsigned, bundle.
-    ``stream_options`` (``batch``, ``drop_policy``, ``queue_size``,
-    ``max_frames``, ``status_interval_s``, ``threaded``, ``retry``) go to
-    :class:`~rrise.runtime.stream.Stream`. ``outputs``: the annotated video, recording and live
-    view (:class:`~rrise.runtime.frame_outputs.FrameOutputs`); ``realtime``/``loop``: replay a video
-    file or a recording at its recorded pace and/or over and over (:mod:`rrise.runtime.replay`).
+    Parameters
+    ----------
+    bundle:
+        A bundle folder or a loaded :class:`rrise.Bundle` (None with ``runtime``).
+    source:
+        A camera index, video file, URL, GStreamer pipeline, image folder, recording, or an opened
+        :class:`~rrise.runtime.sources.FrameSource` (e.g. a ``PushSource``).
+    options:
+        :class:`~rrise.runtime.options.RunOptions`: the backend and variant, pinning
+        (``expect_id``, ``trust``), how the stream reads (``stream``), where records go
+        (``outputs``) and the premise checks (``watch``). Default: ``RunOptions()``.
+    runtime:
+        A loaded Runtime to reuse (not closed here) instead of loading ``bundle``.
+    callback, on_status:
+        Called with each frame record / status record.
+    show_progress:
+        A live progress line on stderr.
 
-    Summary keys: ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``, ``latency_p50_ms``,
-    ``latency_p99_ms``, ``drops`` (frames captured but never certified), ``publish_failed``
-    (records the publisher could not queue at all), ``reconnects``, ``alarms`` (records with an
-    alarm), ``status_records``, ``elapsed_s``, ``interrupted``, ``source_error``, ``drop_policy``,
-    ``threaded``, ``batch``, ``backend``, ``variant``, ``source``, ``bundle``; the publishers'
-    ``subscribers``, ``subscribers_peak``, ``published``, ``published_unheard``,
-    ``published_offered``, ``publishers`` (see :meth:`~rrise.runtime.sinks.Sinks.delivery`); and
-    ``warnings``: what went nowhere (no sink; no subscriber connected), also logged.
+    Returns
+    -------
+    dict
+        ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``, ``latency_p50_ms``,
+        ``latency_p99_ms``, ``drops`` (frames captured but never certified), ``publish_failed``,
+        ``reconnects``, ``alarms``, ``ood_flags``, ``status_records``, ``elapsed_s``,
+        ``interrupted``, ``source_error``, ``drop_policy``, ``threaded``, ``batch``, ``backend``,
+        ``variant``, ``source``, ``bundle``; the publishers' ``subscribers``,
+        ``subscribers_peak``, ``published``, ``published_unheard``, ``published_offered``,
+        ``publishers`` (:meth:`~rrise.runtime.sinks.Sinks.delivery`); and ``warnings``: what went
+        nowhere (no sink; no subscriber connected), also logged.
+
+    SIGINT/SIGTERM stop the stream after the current batch, every sink flushed and closed.
+
+    >>> from rrise.bundle import BundleError
+    >>> try:
+    ...     run_stream("no/such/bundle", "0")
+    ... except BundleError as exc:
+    ...     print("refused:", type(exc).__name__)
+    refused: BundleError
     """
-    asked = publish or jsonl or callback is not None or on_status is not None or (outputs and outputs.any)
-    if no_output and asked:
-        raise SinkError("--no-output contradicts the outputs asked for (--publish, --jsonl, --record…)")
+    options = options or RunOptions()
+    no_output = options.outputs.no_output
+    if no_output and (callback is not None or on_status is not None):
+        raise ValueError("--no-output contradicts the callback asked for")
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
-        if runtime is None:
-            runtime = opened.enter_context(
-                Runtime(
-                    bundle,
-                    backend=backend,
-                    monitor=monitor,
-                    monitor_options=monitor_options,
-                    precision=precision,
-                    expect_id=expect_id,
-                    trust=trust,
-                )
-            )
-        elif expect_id is not None or trust is not None:
-            runtime.bundle.check_files()
-            runtime.bundle.require(expect_id=expect_id, trust=trust)
-        stream, frames = open_stream(
-            opened, runtime, source, outputs, realtime=realtime, loop=loop, **stream_options
-        )
+        runtime = _runtime(opened, bundle, options, runtime)
+        stream, frames = open_stream(opened, runtime, source, options)
         sinks = opened.enter_context(
-            open_sinks(
-                publish=publish,
-                jsonl=jsonl,
-                callback=callback,
-                on_status=on_status,
-                topic=topic,
-                hwm=hwm,
-                wait_subscribers=wait_subscribers,
-                wait_timeout_s=wait_timeout_s,
-                curve_secret=curve_secret,
-                frames=frames,
-            )
+            open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
         return drain(stream, sinks, show_progress=show_progress, no_output=no_output)
+
+
+def _runtime(
+    opened: contextlib.ExitStack,
+    bundle: Bundle | str | Path | None,
+    options: RunOptions,
+    runtime: Runtime | None,
+) -> Runtime:
+    """The Runtime of a run: ``runtime`` (its bundle checked again when pinned), or ``bundle``
+    loaded as ``options`` say (entered in ``opened``)."""
+    expect_id, trust = options.expect_id, options.trust
+    if runtime is not None:
+        if expect_id is not None or trust is not None:
+            runtime.bundle.check_files()
+            runtime.bundle.require(expect_id=expect_id, trust=trust)
+        return runtime
+    if bundle is None:
+        raise ValueError("run_stream needs a bundle or a runtime")
+    watch = options.watch
+    loaded = Runtime(
+        bundle,
+        backend=options.backend.value,
+        precision=None if options.precision is None else options.precision.value,
+        watch=watch.watch,
+        monitor_options=watch.monitor_options(),
+        expect_id=expect_id,
+        trust=trust,
+    )
+    return opened.enter_context(loaded)

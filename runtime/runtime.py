@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,14 +20,13 @@ from rrise.bundle import Bundle
 from rrise.certificate import Calibration, Certificate, certify_from_probs
 from rrise.monitor import ShiftMonitor, load_monitors
 from rrise.ood import OodTest, combine_alarms
-from rrise.records import make_record
+from rrise.records import Record, Verdict
 
 from .backends import make_backend, variant_max_batch
+from .options import StreamOptions
 from .preprocess import FrameError, Preprocessor
-
-if TYPE_CHECKING:
-    from .sources import FrameSource
-    from .stream import Stream
+from .sources import FrameSource
+from .stream import Stream
 
 __all__ = ["Runtime"]
 
@@ -35,28 +34,44 @@ log = logging.getLogger("rrise.runtime")
 
 
 class Runtime:
-    """A loaded bundle on one backend. ``certify(frame)`` → record; ``certify_batch(frames)`` → records;
-    ``stream(source)`` → an iterable of records for a camera, video, folder or ``PushSource``.
+    """A loaded bundle on one backend: frames in, certified-prediction records out.
 
-    A frame that cannot be certified (unreadable, wrong shape or dtype, NaN, a failed inference)
-    gives an error record (``error`` says why, ``pred`` None, ``abstain`` True) instead of raising,
-    so a stream goes on. Thread-safe: ``seq`` numbering and the monitor are under one lock, and
-    inference is serialized.
+    Parameters
+    ----------
+    bundle:
+        A bundle folder or a loaded :class:`rrise.Bundle`.
+    backend:
+        ``"auto"`` (an engine for this GPU if the bundle has one, else onnxruntime),
+        ``"onnxruntime"`` or ``"tensorrt"``.
+    source_name:
+        What records from :meth:`certify` and :meth:`certify_batch` name as their ``source``.
+    precision:
+        Run the bundle's variant of this precision (default: the best for this machine).
+    watch:
+        Watch the premise of every frame: the distribution-shift alarm (the *monitor*) and the
+        out-of-distribution flag (*ood*), where the variant's manifest entry has their references.
+        False: neither (``alarm`` and ``ood_p`` always None).
+    monitor_options:
+        Overrides of the references' settings (:func:`rrise.monitor.load_monitors`: ``window``,
+        ``false_alarm``, ``step``, ``stride``; ``ood_rate``, 0 for p-values only; ``ood=False``).
+    expect_id, trust:
+        Refuse (BundleError) any bundle whose id is not ``expect_id``, or that the Ed25519 public
+        key ``trust`` (a key or its file) did not sign (:meth:`rrise.Bundle.load`).
 
-    When the running variant's manifest entry has a ``monitor`` reference (bundles built by this
-    version of ``rrise-export`` do), every record also goes through the distribution-shift test
-    of :class:`rrise.monitor.ShiftMonitor` and carries its ``alarm`` word (``None`` while the
-    stream looks like the calibration data). Without one, or with ``monitor=False``, ``alarm`` is
-    always ``None``. ``monitor_options`` (``window``, ``false_alarm``, ``step``, ``stride``) override the
-    reference's settings.
+    ``certify(frame)`` → record; ``certify_batch(frames)`` → records; ``stream(source)`` → an
+    iterable of records for a camera, video, folder or ``PushSource``. A frame that cannot be
+    certified (unreadable, wrong shape or dtype, NaN, a failed inference) gives an error record
+    (``error`` says why, ``pred`` None, ``abstain`` True) instead of raising, so a stream goes on.
+    With the shift alarm, every record carries its ``alarm`` word (None while the stream looks like
+    the calibration data); with the ood test, every certified record carries ``ood_p`` and
+    ``alarm`` starts with ``"ood"`` when it is at most the flag rate. Thread-safe: ``seq``
+    numbering and the monitor are under one lock, and inference is serialized.
 
-    ``expect_id``: refuse (BundleError) any bundle whose id is not this one; ``trust``: an Ed25519
-    public key or its file, refuse any bundle it did not sign (:meth:`rrise.Bundle.load`).
-
-    When the variant's ``monitor`` entry also has an ``ood`` reference, every certified record
-    carries ``ood_p``, the frame's conformal out-of-distribution p-value (:class:`rrise.ood.OodTest`),
-    and ``alarm`` starts with ``"ood"`` when it is at most the flag rate (``monitor_options``:
-    ``ood_rate``, 0 for p-values only; ``ood=False`` for none). Without one, ``ood_p`` is None.
+    >>> from tests.tiny_bundle import example_bundle  # doctest: +SKIP
+    >>> runtime = Runtime(example_bundle(), backend="onnxruntime")  # doctest: +SKIP
+    >>> record = runtime.certify(np.zeros((4, 4), np.uint8))  # doctest: +SKIP
+    >>> sorted(record)[:3]  # doctest: +SKIP
+    ['abstain', 'alarm', 'bundle']
     """
 
     def __init__(
@@ -66,7 +81,7 @@ class Runtime:
         source_name: str = "api",
         *,
         precision: str | None = None,
-        monitor: bool = True,
+        watch: bool = True,
         monitor_options: dict[str, Any] | None = None,
         expect_id: str | None = None,
         trust: Any = None,
@@ -96,7 +111,7 @@ class Runtime:
                 channels=self._pre.channels,
                 options=monitor_options,
             )
-            if monitor
+            if watch
             else (None, None)
         )
         self._bundle_id = self._bundle.id
@@ -150,22 +165,26 @@ class Runtime:
     def certify(
         self, frame: np.ndarray | None, *, stamp_ns: int | None = None, frame_index: int | None = None
     ) -> dict[str, Any]:
-        """One frame → one record. ``stamp_ns`` is the capture time (default: now)."""
+        """One frame → one record.
+
+        Parameters
+        ----------
+        frame:
+            A BGR or grey uint8 image as a camera gives it (None: an unreadable frame).
+        stamp_ns:
+            Its capture time, Unix ns (default: now).
+        frame_index:
+            Its index in the source (default: its ``seq``).
+
+        Returns
+        -------
+        dict
+            The record (:data:`rrise.records.RECORD_KEYS`).
+        """
         stamp = time.time_ns() if stamp_ns is None else _stamp(stamp_ns, "stamp_ns")
-        if frame_index is not None:
-            _index(frame_index, "frame_index")
-        cert, ood_p = None, None
-        try:
-            x = self._pre(frame)[None]
-            probs, error = self._infer(x)
-        except FrameError as exc:
-            error = f"bad frame: {exc}"
-        else:
-            if error is None:
-                cert, error = self._certificate(probs[0])
-                ood_p = self._ood_p(x, probs)[0]
-        with self._lock:
-            return self._record(cert, error, stamp, frame_index, self.source_name, ood_p)
+        indices = None if frame_index is None else [_index(frame_index, "frame_index")]
+        verdict = self.certify_frames([frame], frame_indices=indices)[0]
+        return self._stamped(verdict, stamp, self.source_name)
 
     def certify_batch(
         self,
@@ -176,18 +195,43 @@ class Runtime:
         source: str | None = None,
     ) -> list[dict[str, Any]]:
         """Frames → records in the same order; the good frames go to the backend in micro-batches
-        of at most :attr:`max_batch`. ``source`` names the stream in the records (default
-        :attr:`source_name`). Arguments of the wrong type raise TypeError, of the wrong length or
-        range ValueError, each naming the argument."""
+        of at most :attr:`max_batch`.
+
+        Parameters
+        ----------
+        frames:
+            A list of frames (None for an unreadable one) or an ``[N, H, W(, C)]`` array.
+        stamp_ns:
+            Capture time(s), Unix ns: one for all, one per frame, or None (now).
+        frame_indices:
+            Each frame's index in its source (default: its ``seq``).
+        source:
+            What the records name as their ``source`` (default :attr:`source_name`).
+
+        Returns
+        -------
+        list of dict
+            One record per frame. Arguments of the wrong type raise TypeError, of the wrong length
+            or range ValueError, each naming the argument.
+        """
         frames = _frame_list(frames)
+        stamps = _stamps(stamp_ns, len(frames))
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"source must be a str naming the stream, got {source!r}")
+        name = self.source_name if source is None else source
+        verdicts = self.certify_frames(frames, frame_indices=frame_indices)
+        return [self._stamped(v, stamp, name) for v, stamp in zip(verdicts, stamps)]
+
+    def certify_frames(
+        self, frames: Sequence[np.ndarray | None], *, frame_indices: Sequence[int] | None = None
+    ) -> list[Verdict]:
+        """Frames → one :class:`rrise.records.Verdict` each (numbered, not yet stamped into a
+        record: a :class:`~rrise.runtime.stream.Stream` does that with the source's stamps)."""
         n = len(frames)
-        stamps = _stamps(stamp_ns, n)
         if frame_indices is not None:
             frame_indices = [_index(i, "frame_indices[]") for i in _listed(frame_indices, "frame_indices")]
             if len(frame_indices) != n:
                 raise ValueError(f"{len(frame_indices)} frame_indices for {n} frames")
-        if source is not None and not isinstance(source, str):
-            raise TypeError(f"source must be a str naming the stream, got {source!r}")
         errors: list[str | None] = [None] * n
         certs: list[Certificate | None] = [None] * n
         ood_ps: list[float | None] = [None] * n
@@ -207,20 +251,15 @@ class Runtime:
             for j, i in enumerate(chunk):
                 certs[i], errors[i] = (None, error) if error is not None else self._certificate(probs[j])
                 ood_ps[i] = ps[j]
-        name = self.source_name if source is None else source
         indices = [None] * n if frame_indices is None else frame_indices
         with self._lock:
-            return [
-                self._record(certs[i], errors[i], stamps[i], indices[i], name, ood_ps[i]) for i in range(n)
-            ]
+            return [self._verdict(certs[i], errors[i], indices[i], ood_ps[i]) for i in range(n)]
 
-    def stream(self, source: str | int | Path | FrameSource, **options: Any) -> Stream:
-        """The frames of ``source`` as an iterable of records (and status records); see
-        :class:`rrise.runtime.stream.Stream` for ``options`` (``batch``, ``drop_policy``,
-        ``max_frames``, ``status_interval_s``…). The stream does not close this Runtime."""
-        from .stream import Stream
-
-        return Stream(self, source, **options)
+    def stream(self, source: str | int | Path | FrameSource, options: StreamOptions | None = None) -> Stream:
+        """The frames of ``source`` as an iterable of records (and status records), read as
+        ``options`` say (:class:`~rrise.runtime.options.StreamOptions`: ``batch``, ``drop_policy``,
+        ``max_frames``, ``status_interval``…). The stream does not close this Runtime."""
+        return Stream(self, source, options)
 
     # --- the steps --------------------------------------------------------------------------
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray | None, str | None]:
@@ -248,18 +287,12 @@ class Runtime:
         except ValueError as exc:
             return None, f"model output unusable: {exc}"
 
-    def _record(
-        self,
-        cert: Certificate | None,
-        error: str | None,
-        stamp: int,
-        frame_index: int | None,
-        source: str,
-        ood_p: float | None = None,
-    ) -> dict[str, Any]:
-        """The next record; call with :attr:`_lock` held (a batch holds it throughout, so its seqs
-        are consecutive). The monitor sees every certified frame; error records carry the current
-        alarm, untested; a flagged out-of-distribution p-value puts ``ood`` first in the alarm."""
+    def _verdict(
+        self, cert: Certificate | None, error: str | None, frame_index: int | None, ood_p: float | None
+    ) -> Verdict:
+        """The next verdict; call with :attr:`_lock` held (a batch holds it throughout, so its seqs
+        are consecutive). The shift alarm sees every certified frame; error records carry its
+        current word, untested; a flagged out-of-distribution p-value puts ``ood`` first."""
         seq = self._seq
         self._seq = seq + 1
         alarm = None
@@ -270,19 +303,15 @@ class Runtime:
             alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain, ood_p)
         if self._ood is not None and self._ood.flagged(ood_p):
             alarm = combine_alarms(["ood", alarm])
-        return make_record(
-            seq=seq,
-            frame=seq if frame_index is None else frame_index,
-            stamp_ns=stamp,
-            source=source,
-            bundle=self._bundle_id,
-            certificate=cert,
-            labels=self._labels,
-            latency_ms=(time.time_ns() - stamp) / 1e6,
-            error=error,
-            alarm=alarm,
-            ood_p=ood_p,
-        )
+        label = None if cert is None or cert.pred is None else self._labels[cert.pred]
+        frame = seq if frame_index is None else frame_index
+        return Verdict(seq, frame, cert, label, error, alarm, ood_p)
+
+    def _stamped(self, verdict: Verdict, stamp: int, source: str) -> dict[str, Any]:
+        latency = (time.time_ns() - stamp) / 1e6
+        return Record.of(
+            verdict, stamp_ns=stamp, latency_ms=latency, source=source, bundle=self._bundle_id
+        ).to_dict()
 
     def close(self) -> None:
         """Release the backend's resources (GPU memory for TensorRT); the Runtime is unusable after."""

@@ -1,8 +1,10 @@
 """Where records go: a ZeroMQ publisher, a JSON-lines file (or stdout), or a Python callback.
 
-Every sink has ``send(record)`` (frame records), ``send_status(status)`` (status records) and
-``close()``; :class:`Sinks` fans a stream's records out to all of them, and :func:`open_sinks`
-opens the ones ``rrise run`` asks for. None of them may stall inference: the publisher never blocks.
+Every sink is a :class:`Sink`: ``send(record)`` (frame records), ``send_status(status)`` (status
+records) and ``close()``; :class:`Sinks` fans a stream's records out to all of them (refusing, when
+it is made, an object that lacks one of the three), and :func:`open_sinks` opens the ones ``rrise
+run`` asks for (:class:`~rrise.runtime.options.OutputOptions`). None of them may stall inference:
+the publisher never blocks.
 
 Back-pressure policy of the publisher (the project's choice): ZeroMQ keeps one outgoing queue per
 subscriber, ``hwm`` messages deep. A subscriber that stalls fills only its own queue; from then on
@@ -33,13 +35,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import zmq
 
 from rrise.records import DEFAULT_TOPIC, pack, status_topic
 
-__all__ = ["CallbackSink", "JsonlSink", "SinkError", "Sinks", "ZmqPublisher", "open_sinks"]
+from .options import OutputOptions
+
+__all__ = ["CallbackSink", "JsonlSink", "Sink", "SinkError", "Sinks", "ZmqPublisher", "open_sinks"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -48,6 +52,21 @@ NO_OUTPUT_HINT = "give --publish ENDPOINT or --jsonl PATH, or --no-output if tha
 
 class SinkError(RuntimeError):
     """A sink that cannot be opened (e.g. an endpoint already bound)."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where a stream's records go. ``send`` takes each frame record and ``send_status`` each
+    status record (``kind == "status"``; a sink with no use for them does nothing), both as plain
+    dicts and never blocking inference for long; ``close`` flushes and releases (called once, at
+    the end, also after a failure). A sink that raises stops the fan-out of that record
+    (BrokenPipeError: the run ends quietly)."""
+
+    def send(self, record: dict[str, Any]) -> Any: ...
+
+    def send_status(self, status: dict[str, Any]) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class ZmqPublisher:
@@ -293,10 +312,20 @@ class CallbackSink:
 class Sinks:
     """Every sink of one stream: frame records go to each ``send``, status records (``kind ==
     "status"``) to each ``send_status``, in order. A sink that raises stops the fan-out of that
-    record (a closed stdout raises BrokenPipeError: the caller ends the stream)."""
+    record (a closed stdout raises BrokenPipeError: the caller ends the stream). TypeError, naming
+    what is missing, for an object that is not a :class:`Sink`."""
 
-    def __init__(self, sinks: Sequence[Any] = ()) -> None:
-        self.sinks = list(sinks)
+    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
+        self.sinks: list[Sink] = []
+        for sink in sinks:
+            self.add(sink)
+
+    def add(self, sink: Sink) -> None:
+        """One more sink, after the others."""
+        if not isinstance(sink, Sink):
+            missing = [m for m in ("send", "send_status", "close") if not callable(getattr(sink, m, None))]
+            raise TypeError(f"{type(sink).__name__} is not a sink: it lacks {', '.join(missing)}")
+        self.sinks.append(sink)
 
     def send(self, record: dict[str, Any]) -> None:
         if record.get("kind") == "status":
@@ -362,51 +391,55 @@ class Sinks:
 
 
 def open_sinks(
+    options: OutputOptions | None = None,
     *,
-    publish: str | None = None,
-    jsonl: str | os.PathLike | None = None,
     callback: Callable[[dict[str, Any]], Any] | None = None,
     on_status: Callable[[dict[str, Any]], Any] | None = None,
-    topic: bytes | str = DEFAULT_TOPIC,
-    hwm: int = 1000,
-    wait_subscribers: int = 0,
-    wait_timeout_s: float = 5.0,
-    curve_secret: str | os.PathLike | None = None,
-    frames: Any = None,
+    frames: Sink | None = None,
 ) -> Sinks:
-    """The sinks a run asks for: a ZeroMQ ``publish`` endpoint to bind (records on ``topic``, status
-    records on ``<topic>.status``; never blocks: a subscriber ``hwm`` records behind loses records;
-    ``curve_secret``: encrypt as a CURVE server), a ``jsonl`` path (``-``: stdout, flushed per
-    line), a ``callback`` per record and ``on_status`` per status record. With
-    ``wait_subscribers=n`` it waits up to ``wait_timeout_s`` for ``n`` subscribers before returning.
+    """The sinks ``options`` ask for, in this order: a ZeroMQ publisher bound to ``publish``
+    (records on ``topic``, status records on ``<topic>.status``; never blocks: a subscriber ``hwm``
+    records behind loses records; ``curve_secret``: encrypt as a CURVE server; with
+    ``wait_subscribers=n`` it waits up to ``wait_timeout`` s for ``n`` subscribers before
+    returning), a ``jsonl`` file (``-``: stdout, flushed per line), a ``callback`` per record and
+    ``on_status`` per status record, and ``frames`` (the
+    :class:`~rrise.runtime.frame_outputs.FrameSink` of the video, recording and live view).
+
+    Returns
+    -------
+    Sinks
+        Close it (or use it as a context manager) when done.
+
     Raises :class:`SinkError` (naming the endpoint, file or key file) when one cannot be opened.
-    ``frames``: an opened :class:`~rrise.runtime.frame_outputs.FrameSink` (video, recording, live
-    view); it goes first, so a replay's recorded stamps are back in each record before any other
-    sink sees it."""
-    if curve_secret is not None and not publish:
-        raise SinkError("--curve-secret needs --publish (it encrypts the published stream)")
+
+    >>> with open_sinks(callback=print) as sinks:
+    ...     sinks.send({"seq": 0})
+    {'seq': 0}
+    """
+    options = options or OutputOptions()
     sinks = Sinks()
     try:
-        if publish:
-            publisher = ZmqPublisher(publish, topic=topic, hwm=hwm, curve_secret=curve_secret)
-            sinks.sinks.append(publisher)
-            if wait_subscribers > 0:
-                log.info("waiting up to %.1f s for %d subscriber(s)", wait_timeout_s, wait_subscribers)
-                got = publisher.wait_for_subscribers(wait_subscribers, wait_timeout_s)
-                if got < wait_subscribers:
-                    log.warning(
-                        "%d of %d subscriber(s) after %.1f s; starting anyway",
-                        got,
-                        wait_subscribers,
-                        wait_timeout_s,
-                    )
-        if jsonl:
-            sinks.sinks.append(JsonlSink(jsonl))
+        if options.publish:
+            publisher = ZmqPublisher(
+                options.publish, topic=options.topic, hwm=options.hwm, curve_secret=options.curve_secret
+            )
+            sinks.add(publisher)
+            _wait_for_subscribers(publisher, options.wait_subscribers, options.wait_timeout)
+        if options.jsonl:
+            sinks.add(JsonlSink(options.jsonl))
         if callback is not None or on_status is not None:
-            sinks.sinks.append(CallbackSink(callback, on_status))
+            sinks.add(CallbackSink(callback, on_status))
         if frames is not None:
-            sinks.sinks.insert(0, frames)
+            sinks.add(frames)
     except BaseException:
         sinks.close()
         raise
     return sinks
+
+
+def _wait_for_subscribers(publisher: ZmqPublisher, wanted: int, timeout: float) -> None:
+    if wanted > 0:
+        log.info("waiting up to %.1f s for %d subscriber(s)", timeout, wanted)
+        got = publisher.wait_for_subscribers(wanted, timeout)
+        if got < wanted:
+            log.warning("%d of %d subscriber(s) after %.1f s; starting anyway", got, wanted, timeout)

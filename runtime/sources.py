@@ -1,6 +1,7 @@
 """Frame sources: camera index, video file, RTSP/HTTP URL, GStreamer pipeline, image folder.
 
-``open_source(spec)`` gives a :class:`FrameSource`: iterate it for ``(frame_index, frame, stamp_ns)``
+A :class:`FrameSource` (:func:`rrise.runtime.source_specs.open_source` opens one from what
+``--source`` says): iterate it for ``(frame_index, frame, stamp_ns)``
 with ``stamp_ns`` the capture time (Unix ns). A frame is ``None`` when one image of a folder cannot
 be read, so the caller emits an error record for it and goes on (:meth:`FrameSource.frame_error`
 names the file). Video files end at their last frame; one that ends before the frame count its
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ __all__ = [
     "FrameSource",
     "ImageFolderSource",
     "PushSource",
+    "Reconnect",
     "SourceError",
     "VideoCaptureSource",
-    "open_source",
+    "is_url",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -52,18 +55,34 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 Frame = tuple[int, "np.ndarray | None", int]
 
 
+def is_url(text: str) -> bool:
+    """Whether ``text`` starts with a URL scheme (``rtsp://``, ``http://``, ``file://``…)."""
+    return bool(_URL.match(text))
+
+
 class SourceError(RuntimeError):
     """A source that cannot be opened; the message names it and says why."""
 
 
 class FrameSource:
-    """Base class: an iterable of ``(frame_index, frame or None, stamp_ns)``."""
+    """Base class: an iterable of ``(frame_index, frame or None, stamp_ns)``.
+
+    Every attribute a consumer may read is declared here, with the value a source that does not
+    care gives: ``name``; ``is_live`` (frames come whether or not they are read: a camera);
+    ``reconnects``; ``dropped`` (frames the source itself discarded: a full PushSource);
+    ``ended_early`` (why a finite source stopped short of its announced frames); ``waits_to_open``
+    (it opens when iterated, after retries); ``keeps_stamps`` (its frames carry recorded capture
+    times, :meth:`recorded_stamp`, to put back into their records); ``fps`` (the frame rate it
+    plays at, where known)."""
 
     name: str = "source"
     is_live: bool = False
     reconnects: int = 0
-    dropped: int = 0  # frames the source itself discarded (a full PushSource)
-    ended_early: str | None = None  # why a finite source stopped short of its announced frames
+    dropped: int = 0
+    ended_early: str | None = None
+    waits_to_open: bool = False
+    keeps_stamps: bool = False
+    fps: float | None = None
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -84,6 +103,10 @@ class FrameSource:
     def frame_error(self, index: int) -> str | None:
         """Why the frame at ``index`` came as None (e.g. the image file that cannot be read), when
         the source knows; None otherwise."""
+        return None
+
+    def recorded_stamp(self, index: int) -> int | None:
+        """The recorded capture time of frame ``index`` when :attr:`keeps_stamps`; None otherwise."""
         return None
 
     def stop(self) -> None:
@@ -150,13 +173,34 @@ def _unreadable_image(path: Path) -> str:
     return f"cannot read image file {path}: OpenCV cannot decode it (corrupt, truncated or not an image)"
 
 
+@dataclass(frozen=True)
+class Reconnect:
+    """How a live :class:`VideoCaptureSource` rides out a lost device or stream: ``max_read_failures``
+    failed reads in a row (``retry_sleep_s`` apart) mean it is lost; it is reopened with backoff
+    from ``backoff_s`` doubling up to ``backoff_max_s``, forever unless ``max_reconnects``."""
+
+    max_read_failures: int = 20
+    max_reconnects: int | None = None
+    retry_sleep_s: float = 0.01
+    backoff_s: float = 0.1
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_read_failures < 1:
+            raise ValueError(f"max_read_failures must be >= 1, got {self.max_read_failures}")
+        if self.max_reconnects is not None and self.max_reconnects < 0:
+            raise ValueError(f"max_reconnects must be >= 0 or None, got {self.max_reconnects}")
+        if not 0 < self.backoff_s <= self.backoff_max_s:
+            raise ValueError(
+                f"need 0 < backoff_s <= backoff_max_s, got {self.backoff_s}, {self.backoff_max_s}"
+            )
+
+
 class VideoCaptureSource(FrameSource):
     """Anything ``cv2.VideoCapture`` opens: camera index, video file, URL or GStreamer pipeline.
 
     Files give every frame in order and end cleanly at the last one. Live sources (camera, device,
-    URL, pipeline) treat ``max_read_failures`` failed reads in a row as a lost device or stream:
-    they release it and reopen with exponential backoff (``backoff_s`` doubling up to
-    ``backoff_max_s``), forever unless ``max_reconnects`` is given; :attr:`state` is
+    URL, pipeline) reconnect as ``reconnect`` says (:class:`Reconnect`); :attr:`state` is
     ``"reconnecting"`` meanwhile and :attr:`reconnects` counts successful reopens.
     ``capture_factory(target, api)`` makes the capture object (default ``cv2.VideoCapture``).
     """
@@ -167,28 +211,14 @@ class VideoCaptureSource(FrameSource):
         kind: str,
         api: int = cv2.CAP_ANY,
         *,
-        max_read_failures: int = 20,
-        max_reconnects: int | None = None,
-        retry_sleep_s: float = 0.01,
-        backoff_s: float = 0.1,
-        backoff_max_s: float = 5.0,
+        reconnect: Reconnect | None = None,
         capture_factory: Callable[[int | str, int], Any] | None = None,
     ) -> None:
         super().__init__()
         self.target, self.kind, self.api = target, kind, api
         self.name = f"camera:{target}" if kind == "camera" else str(target)
         self.is_live = kind != "file"
-        if max_read_failures < 1:
-            raise ValueError(f"max_read_failures must be >= 1, got {max_read_failures}")
-        if max_reconnects is not None and max_reconnects < 0:
-            raise ValueError(f"max_reconnects must be >= 0 or None, got {max_reconnects}")
-        if not 0 < backoff_s <= backoff_max_s:
-            raise ValueError(f"need 0 < backoff_s <= backoff_max_s, got {backoff_s}, {backoff_max_s}")
-        self.max_read_failures = max_read_failures
-        self.max_reconnects = max_reconnects
-        self.retry_sleep_s = retry_sleep_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
+        self.reconnect = reconnect or Reconnect()
         self.reconnects = 0
         self.reconnect_attempts = 0
         self._factory = capture_factory or _default_capture
@@ -207,6 +237,13 @@ class VideoCaptureSource(FrameSource):
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def fps(self) -> float | None:  # type: ignore[override]
+        """A video file's own frame rate (None for live sources, or a file that says none)."""
+        if self.is_live:
+            return None
+        return float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0) or None
 
     def _open(self) -> Any:
         try:
@@ -267,8 +304,8 @@ class VideoCaptureSource(FrameSource):
                 self._check_complete(index)
                 return  # end of file
             failures += 1
-            if failures < self.max_read_failures:
-                self._stop.wait(self.retry_sleep_s)
+            if failures < self.reconnect.max_read_failures:
+                self._stop.wait(self.reconnect.retry_sleep_s)
                 continue
             if not self._reconnect():
                 self._state = "ended"
@@ -289,10 +326,11 @@ class VideoCaptureSource(FrameSource):
         """Release and reopen with exponential backoff; False when stopped or out of attempts."""
         self._state = "reconnecting"
         self._cap.release()
-        delay = self.backoff_s
+        delay = self.reconnect.backoff_s
         attempts = 0
         while not self._stop.is_set():
-            if self.max_reconnects is not None and attempts >= self.max_reconnects:
+            limit = self.reconnect.max_reconnects
+            if limit is not None and attempts >= limit:
                 log.error("%s: gave up after %d reconnect attempt(s)", self.name, attempts)
                 return False
             if self._stop.wait(delay):
@@ -303,7 +341,7 @@ class VideoCaptureSource(FrameSource):
                 self._cap = self._open()
             except SourceError as exc:
                 log.warning("%s: reconnect attempt %d failed: %s", self.name, attempts, exc)
-                delay = min(delay * 2, self.backoff_max_s)
+                delay = min(delay * 2, self.reconnect.backoff_max_s)
                 continue
             self.reconnects += 1
             self._state = "open"
@@ -387,48 +425,3 @@ class PushSource(FrameSource):
             if item is None:
                 return
             yield item
-
-
-def open_source(
-    spec: str | int | Path, *, realtime: bool = False, loop: bool = False, **options: Any
-) -> FrameSource:
-    """Open ``spec``: ``"0"`` camera index, ``"a ! b"`` GStreamer pipeline, ``rtsp://``/``http(s)://``
-    URL, image folder, image file, video file, or recording (``.mcap`` file, ROS 2 bag folder).
-    Raises :class:`SourceError` if it cannot. ``options`` go to :class:`VideoCaptureSource`
-    (reconnect and backoff settings). ``realtime``/``loop``: replay a video file or a recording at
-    its recorded pace and/or over and over (:mod:`rrise.runtime.replay`)."""
-    if realtime or loop:
-        from .replay import open_replay
-
-        return open_replay(spec, realtime=realtime, loop=loop, **options)
-    if isinstance(spec, (int, np.integer)):
-        return VideoCaptureSource(int(spec), "camera", **options)
-    text = str(spec).strip()
-    if not text:
-        raise SourceError("empty source: give a camera index, video file, URL, pipeline or folder")
-    if text.isdigit():
-        return VideoCaptureSource(int(text), "camera", **options)
-    if "!" in text and not Path(text).exists():
-        return VideoCaptureSource(text, "gstreamer", cv2.CAP_GSTREAMER, **options)
-    if text.lower().startswith("file://"):
-        text = text[len("file://") :]
-    elif _URL.match(text):
-        return VideoCaptureSource(text, "url", cv2.CAP_FFMPEG, **options)
-    path = Path(text)
-    from .recording_reader import is_recording
-
-    if is_recording(path):
-        from .replay import open_recording
-
-        return open_recording(path)
-    if path.is_dir():
-        return ImageFolderSource(path)
-    if not path.exists():
-        raise SourceError(
-            f"source {text!r} does not exist (expected a camera index, video file, image folder, "
-            "rtsp:// or http(s):// URL, or a GStreamer pipeline with '!')"
-        )
-    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        return ImageFolderSource(path, files=[path])
-    # Video files, and device nodes such as /dev/video0 (live).
-    return VideoCaptureSource(text, "file" if path.is_file() else "device", **options)

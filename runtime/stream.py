@@ -1,15 +1,15 @@
 """``Stream``: a frame source certified by a :class:`~rrise.runtime.Runtime`, as an iterable of records.
 
 Iterating a stream yields one record per frame (:data:`rrise.records.RECORD_KEYS`) and, every
-``status_interval_s``, a status record (``kind == "status"``, :data:`rrise.records.STATUS_KEYS`)
-made by the stream's one :class:`~rrise.runtime.stats.StreamStats`. What to do with them is the
+``status_interval`` seconds, a status record (``kind == "status"``, :class:`rrise.records.Status`)
+made by the stream's one :class:`~rrise.runtime.stream_stats.StreamStats`. What to do with them is the
 consumer's business: :func:`rrise.runtime.runner.drain` sends them to sinks, a robot stack may just
 loop over them.
 
 Capture: live sources are read in their own thread (:mod:`rrise.runtime.capture`) into a bounded
 queue that keeps the newest frames and counts what it drops (``drop_policy="latest"``); files and
 folders give every frame, in order (``"block"``), read in the consumer's thread unless
-``threaded=True``. Each step takes up to ``batch`` queued frames (never waiting to fill a batch);
+``threaded``. Each step takes up to ``batch`` queued frames (never waiting to fill a batch);
 the Runtime hands them to the backend in micro-batches no larger than the variant's ``max_batch``.
 ``latency_ms`` is stamped as each record is handed out (capture → consumer).
 
@@ -21,22 +21,29 @@ signal handler) ends it after the current batch. The source is closed when the s
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .capture import DROP_POLICIES, CaptureThread, FrameQueue, InlineFrames
+import numpy as np
+
+from rrise.bundle import Bundle
+from rrise.certificate import Calibration
+from rrise.monitor import ShiftMonitor
+from rrise.records import Record, Verdict
+
+from .capture import CaptureThread, FrameQueue, InlineFrames
+from .options import DropPolicy, StreamOptions
 from .retry import open_with_retry
+from .source_specs import open_source
 from .sources import Frame, FrameSource
-from .stats import StreamStats
+from .stream_stats import StreamStats
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
-
-__all__ = ["Stream"]
+__all__ = ["Certifier", "Stream"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -45,70 +52,70 @@ POLL_S = 0.25  # the longest a stream waits for a frame before it looks at its f
 _UNLIMITED = float("inf")
 
 
-def _check_options(
-    batch: int, drop_policy: str, queue_size: int | None, max_frames: int | None, status: float | None
-) -> None:
-    if max_frames is not None and max_frames < 0:
-        raise ValueError(f"max_frames must be >= 0, got {max_frames}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if drop_policy not in DROP_POLICIES:
-        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-    if queue_size is not None and queue_size < 1:
-        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-    if status is not None and status < 0:
-        raise ValueError(f"status_interval_s must be >= 0 (0 or None: off), got {status}")
+class Certifier(Protocol):
+    """What a :class:`Stream` needs of a :class:`~rrise.runtime.Runtime`."""
+
+    bundle: Bundle
+    backend_name: str
+    variant: dict[str, Any]
+    calibration: Calibration
+    monitor: ShiftMonitor | None
+
+    def certify_frames(
+        self, frames: Sequence[np.ndarray | None], *, frame_indices: Sequence[int] | None = None
+    ) -> list[Verdict]: ...
 
 
 class Stream:
-    """The records of ``source`` (a :class:`FrameSource` or what :func:`open_source` takes) as
-    certified by ``runtime``; iterate it once. See the module docstring.
+    """The records of ``source`` (a :class:`FrameSource`, or what
+    :func:`~rrise.runtime.source_specs.open_source` takes) as certified by ``runtime``, read as
+    ``options`` say (:class:`~rrise.runtime.options.StreamOptions`); iterate it once. See the module
+    docstring.
 
-    ``drop_policy``: ``"latest"`` keeps the newest ``queue_size`` frames (default ``batch``) and drops
-    older ones (counted in ``drops``); ``"block"`` makes capture wait so every frame is certified in
-    order (default queue ``2 * batch``); ``"auto"``: ``"latest"`` for live sources, ``"block"`` for
-    files and folders. ``threaded``: capture in its own thread (default for live sources and for
-    ``"latest"``, which needs it) or in the consumer's thread (files and folders under ``"block"``,
-    where a thread only adds hand-off cost). ``max_frames``: stop after that many records.
-    ``retry``: how often to retry a source that does not open at start (a count, or ``"forever"``;
-    default 0: fail at once), with backoff from ``retry_backoff_s`` doubling to ``retry_backoff_max_s``;
-    while it waits, capture runs in its own thread and status records say ``source_state:
-    "connecting"``.
+    Parameters
+    ----------
+    runtime:
+        A :class:`~rrise.runtime.Runtime` (anything with its :class:`Certifier` methods).
+    source:
+        What to read: a camera index, file, URL, pipeline, folder, recording, or an opened source.
+    options:
+        ``drop_policy`` ``"latest"`` keeps the newest ``queue_size`` frames (default ``batch``) and
+        drops older ones (counted in ``drops``); ``"block"`` makes capture wait so every frame is
+        certified in order (default queue ``2 * batch``); ``"auto"``: ``"latest"`` for live sources,
+        ``"block"`` for files and folders. ``threaded``: capture in its own thread (default for live
+        sources and for ``"latest"``, which needs it). ``retry``: how often to retry a source that
+        does not open at start (while it waits, status records say ``source_state:
+        "connecting"``). ``realtime``/``loop``: replay a video file or a recording.
+
+    Each record is built and stamped here, once: ``stamp_ns`` is the capture time (a replayed
+    recording's own), ``latency_ms`` runs from capture to hand-out, and a frame the source could not
+    read says why (:meth:`FrameSource.frame_error`, e.g. the image file's name).
     """
 
     def __init__(
-        self,
-        runtime: Runtime,
-        source: str | int | Path | FrameSource,
-        *,
-        batch: int = 1,
-        drop_policy: str = "auto",
-        queue_size: int | None = None,
-        max_frames: int | None = None,
-        status_interval_s: float | None = 1.0,
-        threaded: bool | None = None,
-        retry: int | str | None = 0,
-        retry_backoff_s: float = 0.5,
-        retry_backoff_max_s: float = 8.0,
+        self, runtime: Certifier, source: str | int | Path | FrameSource, options: StreamOptions | None = None
     ) -> None:
-        _check_options(batch, drop_policy, queue_size, max_frames, status_interval_s)
-        if isinstance(source, FrameSource):
-            src = source
-        else:
-            src = open_with_retry(source, retry, backoff_s=retry_backoff_s, backoff_max_s=retry_backoff_max_s)
-        policy = drop_policy if drop_policy != "auto" else ("latest" if src.is_live else "block")
-        waits = getattr(src, "waits_to_open", False)
-        threaded = (policy == "latest" or src.is_live or waits) if threaded is None else bool(threaded)
+        options = options or StreamOptions()
+        src = _open(source, options)
+        policy = options.drop_policy.value
+        if policy == DropPolicy.auto.value:
+            policy = "latest" if src.is_live else "block"
+        threaded = options.threaded
+        if threaded is None:
+            threaded = policy == "latest" or src.is_live or src.waits_to_open
         if not threaded and policy == "latest":
             if src is not source:
                 src.close()
-            raise ValueError("drop_policy 'latest' needs threaded capture")
-        capacity = queue_size or (batch if policy == "latest" else 2 * batch)
-        self.runtime, self.source = runtime, src
-        self.batch, self.max_frames = batch, max_frames
+            raise ValueError("--drop-policy latest needs threaded capture")
+        batch = options.batch
+        capacity = options.queue_size or (batch if policy == "latest" else 2 * batch)
+        self.runtime, self.source, self.options = runtime, src, options
+        self.batch, self.max_frames = batch, options.max_frames
         self.drop_policy, self.threaded = policy, threaded
-        self.stats = StreamStats(runtime, src, status_interval_s)
-        self._frames = FrameQueue(capacity, policy) if threaded else InlineFrames(src, max_frames)
+        self.stats = StreamStats(
+            src, bundle=runtime.bundle.id, monitor=runtime.monitor, status_interval_s=options.status_every_s
+        )
+        self._frames = FrameQueue(capacity, policy) if threaded else InlineFrames(src, self.max_frames)
         self._capture: CaptureThread | None = None
         self._stopped = threading.Event()
         self._interrupted = True
@@ -167,14 +174,21 @@ class Stream:
         return _UNLIMITED if self.max_frames is None else self.max_frames - self.stats.frames
 
     def _certify(self, items: list[Frame]) -> Iterator[dict[str, Any]]:
-        records = self.runtime.certify_batch(
-            [f for _, f, _ in items],
-            stamp_ns=[s for _, _, s in items],
-            frame_indices=[i for i, _, _ in items],
-            source=self.source.name,
+        verdicts = self.runtime.certify_frames(
+            [f for _, f, _ in items], frame_indices=[i for i, _, _ in items]
         )
-        for record in records:
-            record["latency_ms"] = (time.time_ns() - record["stamp_ns"]) / 1e6
+        src, bundle = self.source, self.runtime.bundle.id
+        for verdict, (index, _, captured) in zip(verdicts, items):
+            if verdict.error is not None:
+                verdict = verdict._replace(error=src.frame_error(index) or verdict.error)
+            recorded = src.recorded_stamp(index) if src.keeps_stamps else None
+            record = Record.of(
+                verdict,
+                stamp_ns=captured if recorded is None else recorded,
+                latency_ms=(time.time_ns() - captured) / 1e6,
+                source=src.name,
+                bundle=bundle,
+            ).to_dict()
             self.stats.add(record)
             yield record
 
@@ -222,3 +236,16 @@ class Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open(source: str | int | Path | FrameSource, options: StreamOptions) -> FrameSource:
+    """``source`` opened as ``options`` say (a replay with ``realtime``/``loop``; startup retries)."""
+    replay = options.realtime or options.loop
+    if isinstance(source, FrameSource):
+        if replay:
+            raise ValueError(
+                "--realtime/--loop apply to a source to open (a path), not to an opened FrameSource"
+            )
+        return source
+    opener = functools.partial(open_source, realtime=options.realtime, loop=options.loop)
+    return open_with_retry(source, options.retry, opener=opener)

@@ -1,5 +1,6 @@
 """``StreamStats``: what one stream counts, the status records it sends every few seconds, and the
-summary it ends with. The only place those numbers are kept."""
+summary it ends with. The only place those numbers are kept (the math of certificates is
+:mod:`rrise.stats`; this module only counts)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from rrise.records import DELIVERY_KEYS, make_status
+from rrise.monitor import ShiftMonitor
+from rrise.records import DELIVERY_KEYS, Status
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .sources import FrameSource
+from .sources import FrameSource
 
 __all__ = ["LATENCY_WINDOW", "StreamStats", "ood_flagged"]
 
@@ -42,7 +42,8 @@ def _percentiles(latencies: Any) -> tuple[float | None, float | None]:
 
 
 class StreamStats:
-    """Counts of one stream of records from ``runtime`` over ``source``.
+    """Counts of one stream of records over ``source``, certified with bundle ``bundle`` (its id)
+    and watched by the shift alarm ``monitor`` (None without one).
 
     :meth:`add` takes every frame record; :meth:`status` gives the status record for the interval
     since the previous one (due every ``status_interval_s`` seconds; ``None`` or 0: never);
@@ -51,9 +52,17 @@ class StreamStats:
     sinks know what they could and could not deliver.
     """
 
-    def __init__(self, runtime: Runtime, source: FrameSource, status_interval_s: float | None = 1.0) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        source: FrameSource,
+        *,
+        bundle: str,
+        monitor: ShiftMonitor | None = None,
+        status_interval_s: float | None = 1.0,
+    ) -> None:
         self.source = source
+        self.bundle = bundle
+        self.monitor = monitor
         self.status_every = status_interval_s or None
         self.frames = self.errors = self.abstained = self.alarms = self.ood_flags = 0
         self.status_records = 0
@@ -99,9 +108,7 @@ class StreamStats:
         return (time.monotonic() if self._running else self.ended) - self.started
 
     def add(self, record: dict[str, Any]) -> None:
-        """Count one frame record. An error record of a frame the source could not read gets the
-        source's reason instead of the generic one (:meth:`FrameSource.frame_error`: e.g. the
-        image file's name), before anyone receives it."""
+        """Count one frame record (logging the first few errors)."""
         latency = record["latency_ms"]
         self.frames += 1
         self._interval_frames += 1
@@ -110,9 +117,6 @@ class StreamStats:
         if record["alarm"] is not None:
             self.alarms += 1
         if record["error"] is not None:
-            why = self.source.frame_error(record["frame"]) if record["frame"] is not None else None
-            if why:
-                record["error"] = why
             self.errors += 1
             if self.errors <= MAX_ERROR_LOGS:
                 log.warning("frame %d: %s", record["frame"], record["error"])
@@ -129,36 +133,37 @@ class StreamStats:
         return self.status_every is not None and now - self._interval_start >= self.status_every
 
     def status(self, now: float, drops: int) -> dict[str, Any]:
-        """The status record of the interval ending ``now``; the next interval starts. Beside the
-        abstain rate it carries ``ood_flags`` (frames flagged out of distribution since the start)
-        and ``ood_flag_rate`` (their share of this interval's scored frames; None without any)."""
-        src, monitor = self.source, self.runtime.monitor
+        """The status record (:class:`rrise.records.Status`) of the interval ending ``now``; the
+        next interval starts. Beside the abstain rate it carries ``ood_flags`` (frames flagged out
+        of distribution since the start) and ``ood_flag_rate`` (their share of this interval's
+        scored frames; None without any)."""
+        src, monitor = self.source, self.monitor
         p50, p99 = _percentiles(self._interval_latencies)
         scored = self._interval_scored
-        status = make_status(
+        status = Status(
             stamp_ns=time.time_ns(),
             source=src.name,
-            bundle=self.runtime.bundle.id,
+            bundle=self.bundle,
             uptime_s=now - self.started,
             frames=self.frames,
             fps=self._interval_frames / max(now - self._interval_start, 1e-9),
             drops=drops,
             errors=self.errors,
             abstain_rate=self._interval_abstained / scored if scored else None,
-            ood_flags=self.ood_flags,
-            ood_flag_rate=self._interval_ood / scored if scored else None,
             latency_p50_ms=p50,
             latency_p99_ms=p99,
             alarm=None if monitor is None else monitor.alarm,
             source_state=src.state,
             reconnects=src.reconnects,
             publish_failed=self.publish_failed,
+            ood_flags=self.ood_flags,
+            ood_flag_rate=self._interval_ood / scored if scored else None,
             monitor=None if monitor is None else monitor.state(),
             **self._delivery_counts(DELIVERY_KEYS),
         )
         self._begin_interval(now)
         self.status_records += 1
-        return status
+        return status.to_dict()
 
     def _delivery_counts(self, keys: tuple[str, ...]) -> dict[str, Any]:
         delivery = self._delivery()
@@ -188,7 +193,7 @@ class StreamStats:
             "reconnects": self.source.reconnects,
             "alarms": self.alarms,
             "ood_flags": self.ood_flags,
-            "source_ended_early": getattr(self.source, "ended_early", None),
+            "source_ended_early": self.source.ended_early,
             "status_records": self.status_records,
             "elapsed_s": elapsed,
             **self._delivery_counts((*DELIVERY_KEYS, "published_offered")),

@@ -7,7 +7,8 @@ The convention (every option class follows it):
   (field ``hard_fraction`` ↔ flag ``--hard-fraction``; the same name in config files and overrides).
 - ``dataclasses.field(default=..., metadata={"help": ..., "flag": "--alias", "group": ...})``:
   ``flag`` only where a published flag name differs from the field's, ``group`` the help panel.
-  ``"argument": True`` makes a field a positional argument.
+  ``"argument": True`` makes a field a positional argument; ``"short": "-w"`` adds a short flag,
+  ``"metavar"`` names the value in ``--help``.
 - Types: ``bool``, ``int``, ``float``, ``str``, ``Path``, ``X | None``, ``tuple[float, ...]``,
   ``tuple[int, int]`` or a str-valued ``enum.Enum`` built from the registry it names. A field typed
   with another option dataclass is a nested group: its flags are flattened into the command, its
@@ -92,6 +93,8 @@ class OptionField:
     help: str
     group: str | None
     argument: bool = False
+    short: str | None = None
+    metavar: str | None = None
 
     @property
     def required(self) -> bool:
@@ -167,6 +170,8 @@ def _leaves(cls: type, prefix: str, panel: str | None) -> Iterable[OptionField]:
             help=meta.get("help", ""),
             group=meta.get("group", panel),
             argument=bool(meta.get("argument", False)),
+            short=meta.get("short"),
+            metavar=meta.get("metavar"),
         )
 
 
@@ -412,13 +417,15 @@ def _annotation(f: OptionField) -> Any:
     if f.argument:
         info = typer.Argument(metavar=f.key.upper(), help=shown, show_default=not f.required)
         return typing.Annotated[base | None, info]
-    decls = [f.flag]
+    decls = [f.flag, *([f.short] if f.short else [])]
     if base is bool:
         flag = f.flag.removeprefix("--")
         decls = [f.flag] if flag.startswith("no-") else [f"--{flag}/--no-{flag}"]
     if typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:
         base = list[str]
-    info = typer.Option(*decls, help=shown, rich_help_panel=f.group, show_default=not f.required)
+    info = typer.Option(
+        *decls, help=shown, rich_help_panel=f.group, show_default=not f.required, metavar=f.metavar
+    )
     return typing.Annotated[base | None, info]
 
 
@@ -471,7 +478,7 @@ def _signature(
     kind = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("ctx", kind, annotation=special["ctx"])]
     annotations = {"ctx": special["ctx"]}
-    for f in sorted(leaves, key=lambda f: not f.argument):  # positional arguments first
+    for f in sorted(leaves, key=lambda f: (not f.argument, not f.required)):  # arguments, then required
         annotations[f.param] = _annotation(f)
         params.append(
             inspect.Parameter(f.param, kind, annotation=annotations[f.param], default=_typer_default(f))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -29,8 +29,7 @@ __all__ = [
     "Record",
     "RecordError",
     "Status",
-    "make_record",
-    "make_status",
+    "Verdict",
     "pack",
     "status_topic",
     "unpack",
@@ -39,24 +38,6 @@ __all__ = [
 
 RECORD_VERSION = 1
 DEFAULT_TOPIC = b"rrise"
-RECORD_KEYS = (
-    "v",
-    "seq",
-    "frame",
-    "stamp_ns",
-    "source",
-    "pred",
-    "label",
-    "abstain",
-    "radius",
-    "score",
-    "p_lower",
-    "latency_ms",
-    "bundle",
-    "error",
-    "alarm",
-    "ood_p",
-)
 
 _NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 _Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -67,8 +48,33 @@ class RecordError(ValueError):
     """A message that is not a valid record of a version this reader knows."""
 
 
-class Record(msgspec.Struct, frozen=True):
-    """The typed schema of a frame record (version 1); unknown keys are allowed and ignored here."""
+class Verdict(NamedTuple):
+    """What certification said about one frame, before the stream stamps it into a :class:`Record`:
+    its ``seq`` and ``frame`` index, the :class:`~rrise.certificate.Certificate` (None when the
+    frame has none, and then ``error`` says why), the class ``label``, the monitor's ``alarm`` word
+    and the out-of-distribution p-value ``ood_p``."""
+
+    seq: int
+    frame: int
+    certificate: Certificate | None
+    label: str | None
+    error: str | None
+    alarm: str | None
+    ood_p: float | None
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """The frame record, version 1: the one declaration of its keys (:data:`RECORD_KEYS`, in wire
+    order), their types and ranges, and how they hang together. Decoded payloads are checked
+    against it (unknown keys are allowed and ignored here); :meth:`of` builds one.
+
+    >>> from rrise.certificate import Certificate
+    >>> cert = Certificate(top_class=3, abstain=False, radius=0.5, score=0.9, p_lower=0.8)
+    >>> verdict = Verdict(seq=0, frame=0, certificate=cert, label="cat", error=None, alarm=None, ood_p=None)
+    >>> record = Record.of(verdict, stamp_ns=1, latency_ms=2.0, source="camera:0", bundle="b" * 16)
+    >>> record.label, record.radius, unpack(pack(record.to_dict()))["pred"]
+    ('cat', 0.5, 3)
+    """
 
     v: int
     seq: _NonNegInt
@@ -98,6 +104,40 @@ class Record(msgspec.Struct, frozen=True):
             raise ValueError("a record that does not abstain has a pred and no error")
         if self.pred is None and self.label is not None:
             raise ValueError("a record without pred has label nil")
+
+    @classmethod
+    def of(cls, verdict: Verdict, *, stamp_ns: int, latency_ms: float, source: str, bundle: str) -> Record:
+        """The record of ``verdict``, stamped: ``stamp_ns`` (capture time, Unix ns), ``latency_ms``
+        (capture → hand-out), the ``source`` and ``bundle`` it came from. A verdict without a
+        certificate needs an ``error`` (ValueError otherwise)."""
+        cert = verdict.certificate
+        if cert is None and verdict.error is None:
+            raise ValueError("a record needs a certificate or an error")
+        return cls(
+            v=RECORD_VERSION,
+            seq=int(verdict.seq),
+            frame=int(verdict.frame),
+            stamp_ns=int(stamp_ns),
+            source=str(source),
+            pred=None if cert is None else cert.pred,
+            label=None if cert is None or cert.pred is None else verdict.label,
+            abstain=True if cert is None else bool(cert.abstain),
+            radius=0.0 if cert is None else float(cert.radius),
+            score=None if cert is None else float(cert.score),
+            p_lower=None if cert is None else float(cert.p_lower),
+            latency_ms=float(latency_ms),
+            bundle=bundle,
+            error=verdict.error,
+            alarm=verdict.alarm,
+            ood_p=None if verdict.ood_p is None else float(verdict.ood_p),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the plain dict sinks, callbacks and subscribers get (keys in wire order)."""
+        return msgspec.structs.asdict(self)
+
+
+RECORD_KEYS = Record.__struct_fields__
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -158,81 +198,34 @@ def unpack(payload: bytes) -> dict[str, Any]:
     return record
 
 
-def make_record(
-    *,
-    seq: int,
-    frame: int,
-    stamp_ns: int,
-    source: str,
-    bundle: str,
-    certificate: Certificate | None = None,
-    labels: list[str] | None = None,
-    latency_ms: float = 0.0,
-    error: str | None = None,
-    alarm: str | None = None,
-    ood_p: float | None = None,
-) -> dict[str, Any]:
-    """A record for one frame; with ``certificate=None`` it is an error record (``error`` says why).
-    ``ood_p``: the frame's out-of-distribution p-value, None without that test."""
-    if certificate is None and error is None:
-        raise ValueError("a record needs a certificate or an error")
-    pred = None if certificate is None else certificate.pred
-    return {
-        "v": RECORD_VERSION,
-        "seq": int(seq),
-        "frame": int(frame),
-        "stamp_ns": int(stamp_ns),
-        "source": str(source),
-        "pred": pred,
-        "label": None if pred is None or labels is None else labels[pred],
-        "abstain": True if certificate is None else bool(certificate.abstain),
-        "radius": 0.0 if certificate is None else float(certificate.radius),
-        "score": None if certificate is None else float(certificate.score),
-        "p_lower": None if certificate is None else float(certificate.p_lower),
-        "latency_ms": float(latency_ms),
-        "bundle": bundle,
-        "error": error,
-        "alarm": alarm,
-        "ood_p": None if ood_p is None else float(ood_p),
-    }
-
-
 # --- status records ---------------------------------------------------------------------------
 # A running stream also publishes a periodic health record on its own topic, ``<topic>.status``
-# (b"rrise.status" by default). Frame records keep exactly RECORD_KEYS; status records are told
-# apart by ``kind == "status"`` and are never mixed into a frame-record stream by the subscriber
-# unless it asks for them.
+# (b"rrise.status" by default). Status records are told apart by ``kind == "status"`` and are never
+# mixed into a frame-record stream by the subscriber unless it asks for them.
 STATUS_SUFFIX = b".status"
 STATUS_TOPIC = DEFAULT_TOPIC + STATUS_SUFFIX
-STATUS_KEYS = (
-    "v",
-    "kind",
-    "stamp_ns",
-    "source",
-    "bundle",
-    "uptime_s",
-    "frames",
-    "fps",
-    "drops",
-    "errors",
-    "abstain_rate",
-    "latency_p50_ms",
-    "latency_p99_ms",
-    "alarm",
-    "source_state",
-    "reconnects",
-    "publish_failed",
-)
 # What the publisher knows about its subscribers (see rrise.runtime.sinks.ZmqPublisher); nil when
 # the stream has no publisher. Optional on read, so status records of earlier v1 runtimes validate.
 DELIVERY_KEYS = ("subscribers", "subscribers_peak", "published", "published_unheard")
 
 
-class Status(msgspec.Struct, frozen=True):
-    """The typed schema of a status record (version 1); unknown keys are allowed."""
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """The status record, version 1: the one declaration of its keys (wire order), types and
+    ranges; unknown keys are allowed on read. ``frames``, ``drops``, ``errors``, ``reconnects``,
+    ``ood_flags`` count since the start; ``fps``, ``abstain_rate`` (among frames without an error),
+    ``ood_flag_rate`` and the latency percentiles cover the interval since the previous status
+    record; ``monitor`` is the shift monitor's state. Keys with a default were added within v1
+    (a reader of older records finds them nil).
 
-    v: int
-    kind: str
+    >>> status = Status(stamp_ns=1, source="s", bundle="b", uptime_s=1.0, frames=10, fps=10.0,
+    ...                 drops=0, errors=0, abstain_rate=0.1, latency_p50_ms=1.0, latency_p99_ms=2.0,
+    ...                 alarm=None, source_state="open", reconnects=0, publish_failed=0)
+    >>> unpack_status(pack(status.to_dict()))["frames"]
+    10
+    """
+
+    v: int = RECORD_VERSION
+    kind: str = "status"
     stamp_ns: int
     source: str
     bundle: str
@@ -248,62 +241,27 @@ class Status(msgspec.Struct, frozen=True):
     source_state: str
     reconnects: _NonNegInt
     publish_failed: _NonNegInt
+    ood_flags: _NonNegInt | None = None
+    ood_flag_rate: _Probability | None = None
+    monitor: dict[str, Any] | None = None
     subscribers: _NonNegInt | None = None
     subscribers_peak: _NonNegInt | None = None
     published: _NonNegInt | None = None
     published_unheard: _NonNegInt | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status record as a plain dict (keys in wire order)."""
+        return msgspec.structs.asdict(self)
+
+
+# The keys every v1 status record has (those added later within v1 are optional on read).
+STATUS_KEYS = ("v", "kind", *(f.name for f in msgspec.structs.fields(Status) if f.required))
 
 
 def status_topic(topic: bytes | str = DEFAULT_TOPIC) -> bytes:
     """The status topic that goes with a frame-record topic: ``topic + b".status"``."""
     t = topic.encode() if isinstance(topic, str) else bytes(topic)
     return t + STATUS_SUFFIX
-
-
-def make_status(
-    *,
-    stamp_ns: int,
-    source: str,
-    bundle: str,
-    uptime_s: float,
-    frames: int,
-    fps: float,
-    drops: int,
-    errors: int,
-    abstain_rate: float | None,
-    latency_p50_ms: float | None,
-    latency_p99_ms: float | None,
-    alarm: str | None,
-    source_state: str,
-    reconnects: int,
-    publish_failed: int = 0,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A status record. ``frames``, ``drops``, ``errors``, ``reconnects`` count since the start;
-    ``fps``, ``abstain_rate`` (among frames without an error) and the latency percentiles cover the
-    interval since the previous status record. ``extra`` keys (e.g. ``monitor``, the
-    :data:`DELIVERY_KEYS`) are appended."""
-    status = {
-        "v": RECORD_VERSION,
-        "kind": "status",
-        "stamp_ns": int(stamp_ns),
-        "source": str(source),
-        "bundle": str(bundle),
-        "uptime_s": float(uptime_s),
-        "frames": int(frames),
-        "fps": float(fps),
-        "drops": int(drops),
-        "errors": int(errors),
-        "abstain_rate": None if abstain_rate is None else float(abstain_rate),
-        "latency_p50_ms": None if latency_p50_ms is None else float(latency_p50_ms),
-        "latency_p99_ms": None if latency_p99_ms is None else float(latency_p99_ms),
-        "alarm": alarm,
-        "source_state": str(source_state),
-        "reconnects": int(reconnects),
-        "publish_failed": int(publish_failed),
-    }
-    status.update(extra)
-    return status
 
 
 def unpack_status(payload: bytes) -> dict[str, Any]:

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from rrise.runtime import run_stream
-from rrise.runtime.frame_outputs import FrameOutputs
 from rrise.runtime.sources import PushSource
-from tests.runtime_fixtures import sample_frames
+from tests.runtime_fixtures import run_options, sample_frames
 
 START_NS = 1_700_000_000_000_000_000  # capture time of the first frame
 STEP_NS = 40_000_000  # 25 fps
@@ -28,15 +27,16 @@ def colour_frames(n: int, size: int = 28, seed: int = 3) -> list[np.ndarray]:
 
 
 def record_run(
-    bundle: Path, out: Path, frames: list[np.ndarray | None], outputs: FrameOutputs, **options: Any
+    bundle: Path, out: Path, frames: list[np.ndarray | None], **options: Any
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Certify ``frames`` (stamped :func:`stamps`) into ``outputs`` and ``out/records.jsonl``;
-    returns the records and the run's summary."""
+    """Certify ``frames`` (stamped :func:`stamps`) into ``out/records.jsonl`` and the outputs
+    ``options`` ask for (run options by leaf name, e.g. ``record=...``); returns the records and the
+    run's summary."""
     source = PushSource("pushed", live=False, capacity=len(frames) + 1)
     for frame, stamp in zip(frames, stamps(len(frames))):
         source.push(frame, stamp_ns=stamp)
     source.end()
     jsonl = out / "records.jsonl"
-    summary = run_stream(bundle, source, jsonl=str(jsonl), outputs=outputs, **options)
+    summary = run_stream(bundle, source, run_options(jsonl=str(jsonl), **options))
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     return records, summary

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rrise.bundle import GUARANTEE, write_manifest
+from rrise.certificate import Certificate
+from rrise.options import make_options
+from rrise.records import Record, Verdict
+from rrise.runtime.options import RunOptions
 
 NUM_CLASSES = 10
 LABELS = [f"class{i}" for i in range(NUM_CLASSES)]
@@ -127,3 +133,27 @@ def sample_frames(n: int, size: int = 28, seed: int = 1) -> list[np.ndarray]:
         contrast = (i % 5 + 1) / 5
         frames.append((rng.random((size, size)) * 255 * contrast).astype(np.uint8))
     return frames
+
+
+def record_of(
+    seq: int,
+    certificate: Certificate | None = None,
+    *,
+    labels: list[str] | None = None,
+    error: str | None = None,
+    source: str = "s",
+    bundle: str = "b",
+) -> dict[str, Any]:
+    """A frame record as a stream builds it (:meth:`rrise.records.Record.of`), stamped now."""
+    label = (
+        None
+        if certificate is None or labels is None or certificate.pred is None
+        else labels[certificate.pred]
+    )
+    verdict = Verdict(seq, seq, certificate, label, error, None, None)
+    return Record.of(verdict, stamp_ns=time.time_ns(), latency_ms=0.0, source=source, bundle=bundle).to_dict()
+
+
+def run_options(**values: Any) -> RunOptions:
+    """:class:`RunOptions` by leaf name (``batch=4, jsonl="-"``), as :func:`rrise.options.make_options`."""
+    return make_options(RunOptions, **values)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from rrise.cli import COMMAND_ORDER, app, optional_values
 from rrise.runtime.annotate import MIN_HEIGHT, annotate
 from tests.recording_fixtures import colour_frames
-from tests.runtime_fixtures import make_bundle
+from tests.runtime_fixtures import make_bundle, run_options
 
 CERTIFIED = {"label": "coat", "pred": 4, "abstain": False, "radius": 0.25, "error": None, "alarm": None}
 
@@ -99,7 +99,7 @@ def test_run_shows_a_live_line_and_long_bars_keep_their_width_in_a_log(
     for frame in colour_frames(10):
         source.push(frame)
     source.end()
-    summary = run_stream(bundle, source, show_progress=True, no_output=True)
+    summary = run_stream(bundle, source, run_options(no_output=True), show_progress=True)
     err = " ".join(capsys.readouterr().err.split())
     assert summary["frames"] == 10
     assert "certifying" in err and "10/" in err  # the bar, on stderr

@@ -78,7 +78,7 @@ def test_a_bad_sigma_writes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, value", [("alpha", "0"), ("beta", "1.5"), ("delta", "-1")])
 def test_calibrate_names_the_option_that_is_out_of_range(tmp_path: Path, name: str, value: str) -> None:
     result = runner.invoke(app, ["calibrate", "--workdir", str(tmp_path), f"--{name}", value])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad option value is a usage error, as for any flag
     assert message(result) == f"error: --{name} must be in (0, 1), got {float(value):g}"
     assert not (tmp_path / "run.json").exists()
 

@@ -13,7 +13,7 @@ import zmq
 
 from rrise.certificate import Certificate
 from rrise.curve import CurveKeyError, load_curve_public, load_curve_secret, write_curve_keypair
-from rrise.records import make_record
+from rrise.records import Record, Verdict
 from rrise.runtime.sinks import SinkError, ZmqPublisher
 from rrise.subscriber import subscribe
 
@@ -22,9 +22,8 @@ pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CUR
 
 def record(seq: int) -> dict:
     cert = Certificate(top_class=2, abstain=False, radius=0.3, score=0.95, p_lower=0.9)
-    return make_record(
-        seq=seq, frame=seq, stamp_ns=time.time_ns(), source="cam", bundle="b", certificate=cert
-    )
+    verdict = Verdict(seq, seq, cert, None, None, None, None)
+    return Record.of(verdict, stamp_ns=time.time_ns(), latency_ms=0.0, source="cam", bundle="b").to_dict()
 
 
 @pytest.fixture()

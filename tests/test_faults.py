@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import zmq
 
-from rrise.records import RECORD_KEYS, STATUS_KEYS, make_record
+from rrise.records import RECORD_KEYS, STATUS_KEYS
 from rrise.runtime import Runtime, run_stream
 from rrise.runtime.capture import FrameQueue
 from rrise.runtime.retry import StartupRetrySource, open_with_retry
 from rrise.runtime.sinks import ZmqPublisher
-from rrise.runtime.sources import PushSource, SourceError, VideoCaptureSource
+from rrise.runtime.sources import PushSource, Reconnect, SourceError, VideoCaptureSource
 from rrise.subscriber import subscribe
-from tests.runtime_fixtures import make_bundle, sample_frames
+from tests.runtime_fixtures import make_bundle, record_of, run_options, sample_frames
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +74,9 @@ class FakeCamera:
 def camera(world: dict, **kw) -> VideoCaptureSource:
     world.setdefault("open_times", [])
     world.setdefault("served", 0)
+    policy = Reconnect(max_read_failures=2, retry_sleep_s=0.0, backoff_s=0.02, backoff_max_s=0.08, **kw)
     return VideoCaptureSource(
-        0,
-        "camera",
-        capture_factory=lambda target, api: FakeCamera(world),
-        max_read_failures=2,
-        retry_sleep_s=0.0,
-        backoff_s=0.02,
-        backoff_max_s=0.08,
-        **kw,
+        0, "camera", capture_factory=lambda target, api: FakeCamera(world), reconnect=policy
     )
 
 
@@ -92,7 +86,10 @@ def test_unplugged_camera_reconnects_with_backoff_and_the_stream_goes_on(bundle_
     src = camera(world, max_reconnects=10)
     got: list[dict] = []
     summary = run_stream(
-        bundle_dir, src, callback=got.append, max_frames=10, drop_policy="block", status_interval_s=None
+        bundle_dir,
+        src,
+        run_options(max_frames=10, drop_policy="block", status_interval=0),
+        callback=got.append,
     )
     assert summary["frames"] == 10 and summary["errors"] == 0 and summary["reconnects"] == 1
     assert summary["source_error"] is None and not summary["interrupted"]
@@ -105,7 +102,7 @@ def test_unplugged_camera_reconnects_with_backoff_and_the_stream_goes_on(bundle_
 def test_a_camera_that_never_comes_back_ends_the_stream_when_told_to(bundle_dir: Path) -> None:
     world = {"plan": ["ok"] * 3 + ["unplug"], "opens": [True]}
     src = camera(world, max_reconnects=2)
-    summary = run_stream(bundle_dir, src, status_interval_s=None)
+    summary = run_stream(bundle_dir, src, run_options(status_interval=0))
     assert summary["frames"] + summary["drops"] == 3 and summary["frames"] >= 1
     assert summary["reconnects"] == 0 and src.state == "ended" and summary["source_error"] is None
     assert src.reconnect_attempts == 2
@@ -139,7 +136,7 @@ def test_a_camera_absent_at_start_is_retried_with_backoff_until_it_appears(bundl
     got: list[dict] = []
     statuses: list[dict] = []
     summary = run_stream(
-        bundle_dir, src, callback=got.append, status_interval_s=0.01, on_status=statuses.append
+        bundle_dir, src, run_options(status_interval=0.01), callback=got.append, on_status=statuses.append
     )
     assert summary["frames"] + summary["drops"] == 6 and summary["source_error"] is None
     assert src.attempts == 4 and src.name == "camera:0" and got and got[0]["source"] == "camera:0"
@@ -150,7 +147,7 @@ def test_a_camera_absent_at_start_is_retried_with_backoff_until_it_appears(bundl
 
 def test_retries_that_run_out_end_the_stream_with_the_reason(bundle_dir: Path) -> None:
     src = open_with_retry("0", 2, opener=late_camera({}, 99), backoff_s=0.01, backoff_max_s=0.02)
-    summary = run_stream(bundle_dir, src, status_interval_s=None, no_output=True)
+    summary = run_stream(bundle_dir, src, run_options(status_interval=0, no_output=True))
     assert summary["frames"] == 0 and src.state == "ended" and src.attempts == 3
     assert summary["source_error"].startswith("SourceError: cannot open camera 0")
     assert "gave up after 2 retries" in summary["source_error"]
@@ -207,7 +204,7 @@ def test_a_source_that_raises_ends_the_stream_with_the_reason(bundle_dir: Path) 
             yield 0, sample_frames(1)[0], time.time_ns()
             raise OSError("driver crashed")
 
-    summary = run_stream(bundle_dir, Exploding("x", live=True), status_interval_s=None)
+    summary = run_stream(bundle_dir, Exploding("x", live=True), run_options(status_interval=0))
     assert summary["frames"] == 1 and summary["source_error"] == "OSError: driver crashed"
 
 
@@ -232,7 +229,7 @@ def test_corrupt_and_wrong_sized_frames_become_error_records_and_the_stream_goes
         src.push(f)
     src.end()
     got: list[dict] = []
-    summary = run_stream(bundle_dir, src, callback=got.append, batch=4, status_interval_s=None)
+    summary = run_stream(bundle_dir, src, run_options(batch=4, status_interval=0), callback=got.append)
     assert summary["frames"] == 10 and summary["errors"] == len(bad)
     assert [r["frame"] for r in got] == list(range(10))
     assert all(set(r) == set(RECORD_KEYS) for r in got)
@@ -291,7 +288,7 @@ def test_overload_drops_are_counted_and_status_records_report_health(bundle_dir:
 
     t = threading.Thread(target=produce)
     t.start()
-    summary = run_stream(bundle_dir, src, status_interval_s=0.1, on_status=statuses.append)
+    summary = run_stream(bundle_dir, src, run_options(status_interval=0.1), on_status=statuses.append)
     t.join(5)
     assert summary["drops"] > 0 and summary["frames"] + summary["drops"] == pushed[0]
     assert summary["drop_policy"] == "latest" and summary["threaded"]
@@ -332,7 +329,7 @@ def test_a_stalled_subscriber_never_blocks_the_others_or_the_publisher() -> None
         payload = "x" * 2000  # big records fill the stalled link's buffers quickly
         t0 = time.monotonic()
         for seq in range(n):
-            rec = make_record(seq=seq, frame=seq, stamp_ns=0, source=payload, bundle="b", error="x")
+            rec = record_of(seq, error="x", source=payload)
             assert pub.send(rec)
             # The live subscriber keeps up: never more than 20 records behind, however busy the
             # machine (the queue holds 50, but the publisher learns what was read only every 25
@@ -399,7 +396,7 @@ def test_alarm_fires_on_a_shifted_stream_with_a_real_bundle(tiny_bundle: Path) -
     assert records[-2]["alarm"] is None and records[-1]["alarm"] is not None
     assert records[-1]["alarm"].startswith("shift:")
     assert (
-        Runtime(tiny_bundle, monitor=False).certify_batch([np.zeros((8, 8), np.uint8)] * 250)[-1]["alarm"]
+        Runtime(tiny_bundle, watch=False).certify_batch([np.zeros((8, 8), np.uint8)] * 250)[-1]["alarm"]
         is None
     )
 

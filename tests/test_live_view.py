@@ -18,11 +18,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from websockets.sync.client import connect
 
 from rrise.runtime import run_stream
-from rrise.runtime.frame_outputs import FrameOutputs
 from rrise.runtime.live_view import parse_address
 from rrise.runtime.sources import PushSource
 from tests.recording_fixtures import colour_frames
-from tests.runtime_fixtures import make_bundle
+from tests.runtime_fixtures import make_bundle, run_options
 
 # The protocol's subprotocol as foxglove-sdk 0.30 serves it (formerly "foxglove.websocket.v1").
 SUBPROTOCOL = "foxglove.sdk.v1"
@@ -59,9 +58,7 @@ def test_a_foxglove_client_subscribes_and_receives_a_frame_and_its_record(tmp_pa
     source = PushSource("camera", live=False, capacity=4)
     result: dict = {}
     run = threading.Thread(
-        target=lambda: result.update(
-            run_stream(bundle, source, outputs=FrameOutputs(foxglove=f"127.0.0.1:{port}"))
-        ),
+        target=lambda: result.update(run_stream(bundle, source, run_options(foxglove=f"127.0.0.1:{port}"))),
         daemon=True,
     )
     run.start()

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from rrise.cli import app
 from rrise.records import RECORD_KEYS
-from rrise.runtime.frame_outputs import FrameOutputs
 from rrise.runtime.ros2_msgs import (
     CERTIFIED_PREDICTION,
     CERTIFIED_PREDICTION_MSG,
@@ -46,16 +45,16 @@ def _frames() -> list[np.ndarray | None]:
 @pytest.fixture(scope="module")
 def foxglove_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("fox")
-    outputs = FrameOutputs(record=str(out / "run.mcap"))
-    records, summary = record_run(bundle, out, _frames(), outputs, status_interval_s=1e-4)
+    records, summary = record_run(bundle, out, _frames(), record=str(out / "run.mcap"), status_interval=1e-4)
     return out / "run.mcap", records, summary
 
 
 @pytest.fixture(scope="module")
 def ros2_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("ros")
-    outputs = FrameOutputs(record=str(out / "run_bag"), record_format="ros2")
-    records, _ = record_run(bundle, out, _frames(), outputs, status_interval_s=1e-4)
+    records, _ = record_run(
+        bundle, out, _frames(), record=str(out / "run_bag"), record_format="ros2", status_interval=1e-4
+    )
     return out / "run_bag", records
 
 

@@ -13,10 +13,10 @@ from mcap.reader import make_reader
 
 from rrise.bundle import Bundle
 from rrise.runtime import Runtime, run_stream
-from rrise.runtime.frame_outputs import FrameOutputs
-from rrise.runtime.sources import SourceError, open_source
+from rrise.runtime.source_specs import open_source
+from rrise.runtime.sources import SourceError
 from tests.recording_fixtures import STEP_NS, colour_frames, record_run, stamps
-from tests.runtime_fixtures import make_bundle
+from tests.runtime_fixtures import make_bundle, run_options
 
 N = 10
 
@@ -26,14 +26,14 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One run of a colour bundle, recorded as MCAP and as a ROS 2 bag."""
     root = tmp_path_factory.mktemp("replay")
     bundle = make_bundle(root / "colour_bundle", color="bgr")
-    outputs = FrameOutputs(record=str(root / "run.mcap"))
-    record_run(bundle, root, colour_frames(N), outputs)
+    record_run(bundle, root, colour_frames(N), record=str(root / "run.mcap"))
     (root / "bag").mkdir()
     record_run(
         bundle,
         root / "bag",
         colour_frames(N),
-        FrameOutputs(record=str(root / "run_bag"), record_format="ros2"),
+        record=str(root / "run_bag"),
+        record_format="ros2",
     )
     return {"mcap": root / "run.mcap", "bag": root / "run_bag", "root": root}
 
@@ -46,7 +46,7 @@ def second_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _replay(bundle: Path, source: str, out: Path, **options) -> tuple[list[dict], dict]:
     jsonl = out / f"replay_{Path(source).stem}.jsonl"
-    summary = run_stream(bundle, source, jsonl=str(jsonl), **options)
+    summary = run_stream(bundle, source, run_options(jsonl=str(jsonl), **options))
     return [json.loads(line) for line in jsonl.read_text().splitlines()], summary
 
 

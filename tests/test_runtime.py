@@ -23,6 +23,7 @@ from rrise.numerics import softmax
 from rrise.records import RECORD_KEYS, STATUS_KEYS
 from rrise.runtime import Runtime, open_source, run_stream
 from rrise.runtime.backends import OnnxRuntimeBackend, make_backend
+from rrise.runtime.options import StreamOptions
 from rrise.runtime.preprocess import FrameError, Preprocessor
 from rrise.runtime.sinks import JsonlSink
 from rrise.runtime.sources import FrameSource, PushSource, SourceError
@@ -34,6 +35,7 @@ from tests.runtime_fixtures import (
     LABELS,
     TOP_LEVEL_QUANTILE,
     make_bundle,
+    run_options,
     sample_frames,
 )
 
@@ -306,7 +308,7 @@ def test_a_burst_with_max_batch_1_gives_exactly_the_per_frame_records(
     for f in frames:
         src.push(f)
     src.end()
-    streamed = [r for r in rt.stream(src, batch=8, status_interval_s=None)]
+    streamed = [r for r in rt.stream(src, StreamOptions(batch=8, status_interval=0))]
     assert rt._backend.batches and max(rt._backend.batches) == 1
     assert [_outcome(r) for r in burst] == [_outcome(r) for r in single] == [_outcome(r) for r in streamed]
     # the test means something: one batch of 10 would have given other numbers
@@ -328,7 +330,7 @@ def test_the_backend_gets_micro_batches_of_at_most_max_batch(
     for f in sample_frames(12):
         src.push(f)
     src.end()
-    summary = run_stream(None, src, runtime=rt, batch=16, status_interval_s=None)
+    summary = run_stream(None, src, run_options(batch=16, status_interval=0), runtime=rt)
     assert summary["frames"] == 12 and max(rt._backend.batches) == 4
 
 
@@ -383,7 +385,9 @@ def test_stream_is_a_generator_of_records_and_status_records(bundle_dir: Path, r
     for f in frames:
         src.push(f)
     src.end()
-    stream = runtime.stream(src, batch=3, status_interval_s=1e-9)  # a status record after every step
+    stream = runtime.stream(
+        src, StreamOptions(batch=3, status_interval=1e-9)
+    )  # a status record after every step
     records, statuses = [], []
     for r in stream:
         (statuses if r.get("kind") == "status" else records).append(r)
@@ -399,7 +403,7 @@ def test_stream_is_a_generator_of_records_and_status_records(bundle_dir: Path, r
 
 
 def test_stopping_a_stream_ends_it_after_the_current_batch(bundle_dir: Path, runtime: Runtime) -> None:
-    stream = runtime.stream(EndlessSource(), status_interval_s=None)
+    stream = runtime.stream(EndlessSource(), StreamOptions(status_interval=0))
     got = []
     for r in stream:
         got.append(r)
@@ -436,7 +440,10 @@ def test_run_stream_over_a_video_gives_one_record_per_frame(tmp_path: Path, bund
     write_video(video, 12)
     got: list[dict] = []
     summary = run_stream(
-        bundle_dir, str(video), jsonl=str(tmp_path / "out" / "records.jsonl"), callback=got.append
+        bundle_dir,
+        str(video),
+        run_options(jsonl=str(tmp_path / "out" / "records.jsonl")),
+        callback=got.append,
     )
     assert summary["frames"] == 12 and summary["errors"] == 0 and not summary["interrupted"]
     assert summary["abstained"] + summary["certified"] == 12
@@ -523,10 +530,7 @@ def test_run_stream_publishes_to_a_subscriber(tmp_path: Path, bundle_dir: Path) 
     summary = run_stream(
         bundle_dir,
         str(folder),
-        publish=f"tcp://127.0.0.1:{port}",
-        max_frames=5,
-        wait_subscribers=1,
-        wait_timeout_s=5,
+        run_options(publish=f"tcp://127.0.0.1:{port}", max_frames=5, wait_subscribers=1, wait_timeout=5),
     )
     thread.join(10)
     assert summary["frames"] == 5 and summary["drops"] == 0
@@ -564,15 +568,17 @@ def test_signal_stops_the_stream_cleanly(tmp_path: Path, bundle_dir: Path, sig: 
         if len(seen) == 5:
             os.kill(os.getpid(), sig)
 
-    summary = run_stream(bundle_dir, EndlessSource(), jsonl=str(tmp_path / "r.jsonl"), callback=on_record)
+    summary = run_stream(
+        bundle_dir, EndlessSource(), run_options(jsonl=str(tmp_path / "r.jsonl")), callback=on_record
+    )
     assert summary["interrupted"] and 5 <= summary["frames"] <= 6
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == summary["frames"]
     assert signal.getsignal(sig) is before
 
 
 def test_max_frames_is_respected(bundle_dir: Path) -> None:
-    assert run_stream(bundle_dir, EndlessSource(), max_frames=7)["frames"] == 7
-    assert run_stream(bundle_dir, EndlessSource(), max_frames=0)["frames"] == 0
+    assert run_stream(bundle_dir, EndlessSource(), run_options(max_frames=7))["frames"] == 7
+    assert run_stream(bundle_dir, EndlessSource(), run_options(max_frames=0))["frames"] == 0
 
 
 # --- no torch on the edge ---------------------------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rrise.cli import app
-from rrise.runtime.stats import StreamStats, ood_flagged
+from rrise.runtime.options import StreamOptions
+from rrise.runtime.stream_stats import StreamStats, ood_flagged
 
 runner = CliRunner()
 
@@ -33,9 +34,8 @@ def _record(frame: int, *, alarm=None, abstain=False, error=None) -> dict:
 
 
 def _stats() -> StreamStats:
-    runtime = SimpleNamespace(monitor=None, bundle=SimpleNamespace(id="b" * 64))
-    source = SimpleNamespace(name="s", state="open", reconnects=0, frame_error=lambda i: None)
-    return StreamStats(runtime, source, status_interval_s=1.0)
+    source = SimpleNamespace(name="s", state="open", reconnects=0, ended_early=None)
+    return StreamStats(source, bundle="b" * 64, monitor=None, status_interval_s=1.0)
 
 
 def test_status_and_summary_count_ood_flags_next_to_the_abstain_rate() -> None:
@@ -72,7 +72,7 @@ def test_a_run_counts_the_frames_its_ood_test_flagged(bundle: Path, tmp_path: Pa
         cv2.imwrite(str(frames / f"a{i}.png"), rng.integers(0, 256, (4, 4), dtype=np.uint8))
     for i in range(3):
         cv2.imwrite(str(frames / f"w{i}.png"), np.full((16, 16), 255, np.uint8))  # far from calibration
-    with Stream(Runtime(bundle), str(frames), status_interval_s=None) as stream:
+    with Stream(Runtime(bundle), str(frames), StreamOptions(status_interval=0)) as stream:
         records = list(stream)
         summary = stream.summary()
     flagged = [r for r in records if r["alarm"] and r["alarm"].split("+")[0] == "ood"]

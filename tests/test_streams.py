@@ -20,12 +20,11 @@ import zmq
 from typer.testing import CliRunner
 
 from rrise.cli import app
-from rrise.records import DEFAULT_TOPIC, STATUS_TOPIC, RecordError, make_record, pack, unpack
+from rrise.records import DEFAULT_TOPIC, STATUS_TOPIC, RecordError, pack, unpack
 from rrise.runtime import run_stream
-from rrise.runtime.sinks import SinkError
 from rrise.runtime.sources import PushSource
 from rrise.subscriber import subscribe
-from tests.runtime_fixtures import make_bundle, sample_frames
+from tests.runtime_fixtures import make_bundle, record_of, run_options, sample_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "subscriber.py"
@@ -61,7 +60,7 @@ def good(n: int, **changes) -> dict:
     from rrise.certificate import Certificate
 
     cert = Certificate(top_class=1, abstain=False, radius=0.2, score=0.9, p_lower=0.8)
-    rec = make_record(seq=n, frame=n, stamp_ns=time.time_ns(), source="s", bundle="b", certificate=cert)
+    rec = record_of(n, cert)
     return {**rec, **changes}
 
 
@@ -115,7 +114,9 @@ def collect(endpoint: str, n: int, timeout_s: float = 3.0, **options) -> tuple[l
 
 def test_a_publish_run_with_no_subscriber_says_none_of_its_records_reached_one(bundle_dir, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="rrise")
-    summary = run_stream(bundle_dir, frames_source(12), publish=free_endpoint(), status_interval_s=None)
+    summary = run_stream(
+        bundle_dir, frames_source(12), run_options(publish=free_endpoint(), status_interval=0)
+    )
     assert summary["frames"] == 12
     assert summary["published"] == 12 and summary["published_unheard"] == 12
     assert summary["subscribers_peak"] == 0 and summary["published_offered"] == 0
@@ -144,10 +145,7 @@ def test_a_waited_for_subscriber_gets_every_record_and_is_counted(bundle_dir) ->
     summary = run_stream(
         bundle_dir,
         frames_source(15, pace_s=0.01),
-        publish=endpoint,
-        wait_subscribers=1,
-        wait_timeout_s=10,
-        status_interval_s=0.02,
+        run_options(publish=endpoint, wait_subscribers=1, wait_timeout=10, status_interval=0.02),
         on_status=statuses.append,
     )
     t.join(10)
@@ -164,7 +162,7 @@ def test_a_waited_for_subscriber_gets_every_record_and_is_counted(bundle_dir) ->
 
 def test_a_run_without_any_output_warns_at_the_start_and_in_the_summary(bundle_dir, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="rrise")
-    summary = run_stream(bundle_dir, frames_source(5), status_interval_s=None)
+    summary = run_stream(bundle_dir, frames_source(5), run_options(status_interval=0))
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith("no output: every record will be certified and discarded")
     assert summary["warnings"] == [
@@ -173,10 +171,12 @@ def test_a_run_without_any_output_warns_at_the_start_and_in_the_summary(bundle_d
     ]
     assert summary["subscribers"] is None and summary["publishers"] == []
     caplog.clear()
-    quiet = run_stream(bundle_dir, frames_source(5), status_interval_s=None, no_output=True)
+    quiet = run_stream(bundle_dir, frames_source(5), run_options(status_interval=0, no_output=True))
     assert quiet["warnings"] == [] and not caplog.records
-    with pytest.raises(SinkError, match="--no-output contradicts"):
-        run_stream(bundle_dir, frames_source(1), jsonl="-", no_output=True)
+    with pytest.raises(ValueError, match="--no-output contradicts"):
+        run_options(jsonl="-", no_output=True)
+    with pytest.raises(ValueError, match="--no-output contradicts the callback"):
+        run_stream(bundle_dir, frames_source(1), run_options(no_output=True), callback=print)
 
 
 def test_rrise_subscribe_says_it_received_nothing_and_exits_1_on_timeout() -> None:

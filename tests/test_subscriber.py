@@ -15,24 +15,18 @@ import zmq
 
 import rrise
 from rrise.certificate import Certificate
-from rrise.records import DEFAULT_TOPIC, make_record, pack
+from rrise.records import DEFAULT_TOPIC, pack
 from rrise.runtime.sinks import SinkError, ZmqPublisher
 from rrise.subscriber import subscribe
+from tests.runtime_fixtures import record_of
 
 
 def record(seq: int, *, error: str | None = None) -> dict:
     cert = Certificate(
         top_class=seq % 3, abstain=seq % 2 == 1, radius=0.1 * (seq % 2 == 0), score=0.9, p_lower=0.8
     )
-    return make_record(
-        seq=seq,
-        frame=seq,
-        stamp_ns=time.time_ns(),
-        source="test",
-        bundle="b" * 16,
-        certificate=None if error else cert,
-        labels=["a", "b", "c"],
-        error=error,
+    return record_of(
+        seq, None if error else cert, labels=["a", "b", "c"], error=error, source="test", bundle="b" * 16
     )
 
 
@@ -217,13 +211,13 @@ def test_import_rrise_does_not_import_zmq() -> None:
 _ABANDONED = """
 import sys, threading, time
 from rrise import Certificate, subscribe
-from rrise.records import make_record
+from rrise.records import Record, Verdict
 from rrise.runtime.sinks import ZmqPublisher
 
 def record(seq):
     cert = Certificate(top_class=0, abstain=False, radius=0.1, score=0.9, p_lower=0.8)
-    return make_record(seq=seq, frame=seq, stamp_ns=time.time_ns(), source="t", bundle="b" * 16,
-                       certificate=cert, labels=["a", "b"], error=None)
+    verdict = Verdict(seq, seq, cert, "a", None, None, None)
+    return Record.of(verdict, stamp_ns=time.time_ns(), latency_ms=0.0, source="t", bundle="b" * 16).to_dict()
 
 def listen(endpoint, got):
     for r in subscribe(endpoint, timeout_s=5):  # left by break: never closed, the collector ends it
