@@ -51,7 +51,21 @@ GUARANTEE = (
 
 
 class BundleError(Exception):
-    """A bundle that cannot be trusted or used; the message names the file or key at fault."""
+    """A bundle that cannot be trusted or used; the message names the file or key at fault.
+
+    Parameters
+    ----------
+    message : str
+        One line saying what is wrong and where.
+
+    Examples
+    --------
+    >>> try:
+    ...     Bundle.load("no/such/bundle")
+    ... except BundleError as exc:
+    ...     print(exc)
+    bundle no/such/bundle is not a folder
+    """
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
@@ -92,7 +106,29 @@ def _expected_id(expect_id: str) -> str:
 
 @dataclass
 class Bundle:
-    """A verified bundle. Load with :meth:`Bundle.load`."""
+    """A verified bundle: its folder, its validated manifest and its id. Load with :meth:`Bundle.load`.
+
+    What it vouches for: every file listed in the manifest has its recorded sha256 (unless loaded
+    with ``verify=False``), and every manifest value passed :func:`rrise.manifest_schema.validate_manifest`.
+    Certificates made with a variant's :meth:`calibration` carry the manifest's ``guarantee``.
+
+    Parameters
+    ----------
+    path : Path
+        The bundle folder.
+    manifest : dict
+        The parsed ``manifest.json``.
+    id : str
+        The bundle id: the sha256 of the canonical manifest (:func:`manifest_id`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> Bundle.load(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    rrise.bundle.BundleError: bundle ... has no manifest.json
+    """
 
     path: Path
     manifest: dict[str, Any]
@@ -107,12 +143,39 @@ class Bundle:
         expect_id: str | None = None,
         trust: Ed25519PublicKey | str | os.PathLike | None = None,
     ) -> Bundle:
-        """Read ``path/manifest.json``, validate every value (:func:`rrise.manifest_schema.validate_manifest`)
-        and, with ``verify``, check every file's sha256; raise BundleError if anything fails.
+        """Read ``path/manifest.json``, validate every value and, with ``verify``, check every file.
 
-        ``expect_id``: refuse any bundle whose id is not this one. ``trust``: an Ed25519 public key
-        (or its file); refuse a bundle unless its ``manifest.sig`` is that key's valid signature of
-        this manifest. Either implies the file check."""
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The bundle folder.
+        verify : bool
+            Check every file's sha256 against the manifest (``expect_id`` and ``trust`` imply it).
+        expect_id : str or None
+            Refuse any bundle whose id is not this one (``rrise run --expect-id``).
+        trust : Ed25519PublicKey or str or os.PathLike or None
+            A public key (or its file): refuse the bundle unless its ``manifest.sig`` is that key's
+            valid signature of this manifest (``rrise run --trust``).
+
+        Returns
+        -------
+        Bundle
+            The loaded bundle.
+
+        Raises
+        ------
+        BundleError
+            A missing folder or manifest, invalid JSON, a manifest value that is missing, mistyped,
+            out of range or inconsistent (:func:`rrise.manifest_schema.validate_manifest`), a changed,
+            missing or extra file, another id, or a signature that does not verify.
+
+        Examples
+        --------
+        >>> Bundle.load("no/such/bundle", verify=False)
+        Traceback (most recent call last):
+        ...
+        rrise.bundle.BundleError: bundle no/such/bundle is not a folder
+        """
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} is not a folder")

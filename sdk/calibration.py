@@ -568,7 +568,44 @@ def conformalize(
     within each bin. With ``delta`` (PAC): with probability ≥ 1 − δ over the calibration draw, the
     statement holds at ``1 − α − β`` for every later exchangeable input — with bins, in every bin at
     once (each bin's quantile is taken at δ/G); the rank is never below the marginal one, so the
-    marginal statement holds as well, whatever δ. Too few inputs raise ValueError naming the smallest m.
+    marginal statement holds as well, whatever δ.
+
+    Parameters
+    ----------
+    spec : CalibrationSpec
+        Everything fixed before the calibration inputs were seen.
+    probs : numpy.ndarray
+        float [m, K], the surrogate's probabilities on the calibration inputs.
+    counts : numpy.ndarray
+        int [m, K], fresh MC class counts of the base classifier, ``spec.n_mc`` per row.
+    cap_counts : numpy.ndarray or None
+        int [m, K], the second-stage draws at the cap (exactly when ``spec.cap_draws`` is set).
+    dataset, base_sha256, surrogate_sha256 : str or None
+        Provenance kept in the record: the calibration data's name and the sha256 of the base model
+        whose counts and of the surrogate whose probabilities were used.
+
+    Returns
+    -------
+    Calibration
+        The spec's settings with the quantile(s), ``m`` and the provenance.
+
+    Raises
+    ------
+    ValueError
+        Too few inputs (naming the smallest m that works), a bin holding too few, or ``probs`` /
+        ``counts`` / ``cap_counts`` that are not what the spec says.
+    TypeError
+        When ``spec`` is not a CalibrationSpec.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> probs = rng.dirichlet([5, 1, 1], size=500)
+    >>> counts = np.stack([rng.multinomial(1000, p) for p in probs])
+    >>> spec = CalibrationSpec(sigma=0.25, n_mc=1000, alpha=0.05, beta=0.001)
+    >>> cal = conformalize(spec, probs, counts)
+    >>> cal.m, round(cal.quantile, 4), cal.spec == spec
+    (500, 0.2288, True)
     """
     if not isinstance(spec, CalibrationSpec):
         raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")

@@ -27,10 +27,33 @@ __all__ = ["Calibration", "Certificate", "CertificateBatch", "certify_from_probs
 
 @dataclass(frozen=True)
 class Certificate:
-    """One input's certified prediction.
+    """One input's certified prediction, as :func:`certify_from_probs` gives it.
 
-    ``abstain`` is explicit: when it is True, ``pred`` is None and ``radius`` is 0.0. ``score`` is the
-    surrogate's top-class probability ŝ and ``p_lower`` the calibrated lower bound p̃.
+    Guarantee: if the calibration inputs and this input are exchangeable, then with probability at
+    least 1 − α − β over calibration, input and noise, either the certificate abstains or the
+    smoothed classifier predicts ``top_class`` and is constant on the ℓ2 ball of radius ``radius``
+    (in [0,1]-pixel units of the model input). Marginal over inputs, not per input.
+
+    Parameters
+    ----------
+    top_class : int
+        Â, the surrogate's most probable class.
+    abstain : bool
+        Whether the certificate abstains; then ``pred`` is None and ``radius`` is 0.0.
+    radius : float
+        The certified ℓ2 radius σ·Φ⁻¹(p̃) (0.0 when abstaining).
+    score : float
+        ŝ, the surrogate's top-class probability.
+    p_lower : float
+        p̃, the calibrated lower bound on the smoothed classifier's probability of Â.
+
+    Examples
+    --------
+    >>> cert = Certificate(top_class=3, abstain=False, radius=0.5, score=0.97, p_lower=0.95)
+    >>> cert.pred
+    3
+    >>> Certificate(top_class=3, abstain=True, radius=0.0, score=0.5, p_lower=0.3).pred is None
+    True
     """
 
     top_class: int
@@ -41,12 +64,39 @@ class Certificate:
 
     @property
     def pred(self) -> int | None:
+        """The predicted class, or None when abstaining."""
         return None if self.abstain else self.top_class
 
 
 @dataclass(frozen=True)
 class CertificateBatch:
-    """Certificates for a batch, as arrays; ``pred`` is -1 where the batch abstains."""
+    """Certificates for a batch, as arrays (one row per input); ``pred`` is -1 where a row abstains.
+
+    Every row carries the guarantee of :class:`Certificate`: with probability at least 1 − α − β
+    over calibration, input and noise, the row abstains or the smoothed classifier predicts its
+    ``top_class`` and is constant on the ℓ2 ball of its ``radius``.
+
+    Parameters
+    ----------
+    top_class : numpy.ndarray
+        int64 [B], Â per input.
+    abstain : numpy.ndarray
+        bool [B].
+    radius : numpy.ndarray
+        float64 [B], 0.0 where abstaining.
+    score : numpy.ndarray
+        float64 [B], ŝ per input.
+    p_lower : numpy.ndarray
+        float64 [B], p̃ per input.
+
+    Examples
+    --------
+    >>> batch = CertificateBatch(
+    ...     top_class=np.array([2, 0]), abstain=np.array([False, True]), radius=np.array([0.3, 0.0]),
+    ...     score=np.array([0.9, 0.5]), p_lower=np.array([0.88, 0.4]))
+    >>> batch.pred.tolist(), len(batch), batch[0].radius
+    ([2, -1], 2, 0.3)
+    """
 
     top_class: np.ndarray
     abstain: np.ndarray
@@ -56,6 +106,7 @@ class CertificateBatch:
 
     @property
     def pred(self) -> np.ndarray:
+        """The predicted class per input, -1 where it abstains."""
         return np.where(self.abstain, -1, self.top_class)
 
     def __len__(self) -> int:
@@ -72,7 +123,7 @@ class CertificateBatch:
 
 
 def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certificate | CertificateBatch:
-    """Certify from surrogate probabilities ``probs`` (``[K]`` → Certificate, ``[B, K]`` → batch).
+    """Certify from surrogate probabilities: the one deployment rule.
 
     Rule: Â = argmax s; p̃ = min(T⁻¹(T(min(s[Â], p_cap)) − q̂), p_cap). If p̃ > 1/2, predict Â with
     radius σ·Φ⁻¹(p̃); otherwise abstain with radius 0. With confidence bins, q̂ is the quantile of
@@ -84,6 +135,36 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     Guarantee: with probability ≥ 1 − α − β over calibration, input and noise (calibration and
     deployed inputs exchangeable), the certificate abstains or the smoothed classifier predicts Â
     and is constant on the ℓ2 ball of the returned radius. Not a per-input guarantee.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray
+        The surrogate's probabilities, ``[K]`` for one input or ``[B, K]`` for a batch, from the
+        numerics ``calibration`` holds for (the bundle variant's own quantile).
+    calibration : Calibration
+        The conformal calibration (:func:`rrise.conformalize`, or ``Bundle.calibration(variant)``).
+
+    Returns
+    -------
+    Certificate or CertificateBatch
+        A :class:`Certificate` for ``[K]``, a :class:`CertificateBatch` for ``[B, K]``.
+
+    Raises
+    ------
+    ValueError
+        When ``probs`` is not ``[K]`` or ``[B, K]`` with K ≥ 2, or holds NaN or infinity.
+
+    Examples
+    --------
+    >>> from rrise import Calibration
+    >>> cal = Calibration(sigma=0.25, quantile=0.4, alpha=0.01, beta=0.001, n_mc=10_000, m=3000)
+    >>> cert = certify_from_probs(np.array([0.9, 0.1]), cal)
+    >>> cert.pred, round(cert.radius, 4), round(cert.p_lower, 4)
+    (0, 0.2204, 0.811)
+    >>> certify_from_probs(np.array([0.55, 0.45]), cal).abstain  # p̃ ≤ 1/2
+    True
+    >>> certify_from_probs(np.array([[0.9, 0.1], [0.55, 0.45]]), cal).pred.tolist()
+    [0, -1]
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim not in (1, 2) or p.shape[-1] < 2:
