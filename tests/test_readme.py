@@ -99,7 +99,8 @@ def split_command(words: list[str]) -> tuple[list[str], list[str]]:
     while rest and not is_flag(rest[0]) and rest[0] in getattr(node, "commands", {}):
         node = node.commands[rest[0]]
         path.append(rest.pop(0))
-    if rest and not is_flag(rest[0]) and hasattr(node, "commands") and not node.params:
+    takes_arguments = any(p.param_type_name == "argument" for p in node.params)
+    if rest and not is_flag(rest[0]) and hasattr(node, "commands") and not takes_arguments:
         path.append(rest[0])  # a group that takes no arguments: this word must name a sub-command
     return path, [w.split("=", 1)[0] for w in rest if is_flag(w)]
 
@@ -146,6 +147,8 @@ def test_the_extraction_handles_continuations_comments_and_entries() -> None:
     assert split_command(commands[2]) == (["export"], ["--bundle", "--precision"])
     assert split_command(["rrise", "export", "build", "--out", "x"]) == (["export", "build"], ["--out"])
     assert split_command(["rrise", "nonesuch", "--x"])[0] == ["nonesuch"]
+    assert split_command(["rrise-export", "nonesuch", "--out", "x"])[0] == ["export", "nonesuch"]
+    assert split_command(["rrise", "inspect", "BUNDLE", "--json"]) == (["inspect"], ["--json"])
     assert help_text(["nonesuch"])[0] != 0  # a command that does not exist fails the check
 
 
