@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rrise import Bundle, BundleError
-from rrise.calibration import mc_lower_bounds, min_calibration_size
+from rrise.calibration import conformal_rank, mc_lower_bounds, min_calibration_size
 from rrise.cli import app
 from rrise.inspect import inspect_bundle
 from rrise.manifest_schema import (
@@ -219,11 +219,53 @@ def test_two_variants_of_one_precision_and_backend_are_refused():
 
 
 # --- the rules behind the checks ----------------------------------------------------------------------
+def test_the_calibration_keys_are_the_calibration_fields():
+    """One declaration: the manifest's calibration keys, the codec's and the spec's are the fields."""
+    from dataclasses import fields
+
+    import msgspec
+
+    from rrise import Calibration, CalibrationSpec
+    from rrise.manifest_schema import CalibrationRecord
+
+    names = [f.name for f in fields(Calibration)]
+    record = msgspec.structs.fields(CalibrationRecord)
+    assert [f.name for f in record] == names
+    assert {f.name for f in fields(CalibrationSpec)} < set(names)
+    assert {f.name for f in record if f.required} == {
+        "score",
+        "alpha",
+        "beta",
+        "m",
+        "n_mc",
+        "quantile",
+        "p_cap",
+    }
+    cal = Calibration(sigma=0.25, quantile=0.5, alpha=0.01, beta=0.001, n_mc=10_000, m=3000, delta=0.1)
+    assert set(cal.to_dict()) == {
+        "sigma",
+        "n_mc",
+        "alpha",
+        "beta",
+        "score",
+        "delta",
+        "quantile",
+        "m",
+        "p_cap",
+    }
+
+
 @pytest.mark.parametrize("alpha", [0.2, 0.1, 0.05, 0.01, 0.001])
 @pytest.mark.parametrize("delta", [None, 0.5, 0.1, 0.05, 0.001])
 def test_the_smallest_calibration_size_matches_the_conformal_rank(alpha, delta):
-    """The closed form (no scipy at the edge) is exactly the size at which the rank fits."""
-    assert smallest_calibration_size(alpha, delta) == min_calibration_size(alpha, delta)
+    """The closed form (no scipy at the edge) is exactly the size at which the rank fits, per bin."""
+    assert smallest_calibration_size is min_calibration_size  # one rule, the old name kept
+    m = min_calibration_size(alpha, delta)
+    assert conformal_rank(m, alpha, delta) <= m and conformal_rank(m - 1, alpha, delta) > m - 1
+    if delta is not None:
+        per_bin = min_calibration_size(alpha, delta, bins=4) // 4
+        assert conformal_rank(per_bin, alpha, delta / 4) <= per_bin
+        assert conformal_rank(per_bin - 1, alpha, delta / 4) > per_bin - 1
 
 
 @pytest.mark.parametrize("score", ["probit", "logit", "identity"])
