@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rrise.fileio import atomic_path
+from rrise.fileio import atomic_path, sha256_file
 
+from .canonical_model import UserModel
 from .models import ARCHS, FORMAT, Normalize, _per_channel, build_model
 from .surrogates import (
     _SPEC_ATTR,
@@ -36,7 +37,7 @@ from .surrogates import (
     _make_from_factory,
     surrogate_spec,
 )
-from .user_model import UserModel, file_sha256, load_user_model
+from .user_model import load_user_model
 
 _CONFIG_KEYS = ("arch", "in_channels", "num_classes", "image_size", "mean", "std")
 
@@ -221,7 +222,7 @@ def _rebuild_base(spec: dict, base, shape) -> nn.Module:
             path = Path(record["model"])
             if not path.is_file():
                 raise SurrogateError(f"the surrogate was copied from MODEL {path}, which no longer exists")
-            if record.get("sha256") and file_sha256(path) != record["sha256"]:
+            if record.get("sha256") and sha256_file(path) != record["sha256"]:
                 raise SurrogateError(
                     f"the surrogate was copied from MODEL {path}, which has changed since (sha256 differs)"
                 )

@@ -37,8 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rrise.fileio import sha256_file
+
+from .canonical_model import UserModel, UserModelError
 from .models import ARCHS, Normalize, build_model
-from .user_model import UserModel, UserModelError, file_sha256, import_attribute
+from .torch_import import import_attribute
 
 __all__ = [
     "EDGE_RESNET",
@@ -472,7 +475,7 @@ def _import_factory(text: str) -> tuple[Any, str, dict[str, Any]]:
     record: dict[str, Any] = {}
     file = getattr(mod, "__file__", None)
     if file and Path(file).is_file():
-        record = {"file": str(Path(file).resolve()), "file_sha256": file_sha256(file)}
+        record = {"file": str(Path(file).resolve()), "file_sha256": sha256_file(file)}
     return obj, text, record
 
 
