@@ -43,11 +43,18 @@ import numpy as np
 from rrise.bundle import Bundle
 from rrise.fileio import atomic_write_bytes, load_npz, sha256_file
 from rrise.numerics import MICRO_BATCH_LIMIT
-from rrise.recalibration import calibration_images, calibration_outputs, micro_batched, onnx_probs_runner
+from rrise.recalibration import (
+    CALIBRATION_FILE,
+    calibration_images,
+    calibration_outputs,
+    micro_batched,
+    onnx_probs_runner,
+)
 
 from .bundler import add_variant
 from .engine import add_engine
 from .onnx_export import INPUT_NAME
+from .options import VariantOptions
 from .precision import DEFAULT_QUANT_SAMPLES, PRECISIONS, variant_file_name
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "PRECISIONS",
     "add_precision_variant",
     "add_to_bundle",
+    "add_variant_options",
     "calibration_images",
     "check_disjoint",
     "convert_fp16",
@@ -419,3 +427,48 @@ def add_to_bundle(
             bundle.path, precision, timing_cache=timing_cache, max_batch=engine_max_batch, info=trt_info
         )
     return bundle
+
+
+def add_variant_options(
+    bundle_dir: str | os.PathLike, options: VariantOptions, *, trt_info: dict[str, Any] | None = None
+) -> Bundle:
+    """What ``rrise-export add-variant`` does with its options: read ``--quant-data`` (a selection
+    split; refused if it is or shares an image with the bundle's ``calibration.npz``), then
+    :func:`add_to_bundle`.
+
+    Parameters
+    ----------
+    bundle_dir : str or os.PathLike
+        The bundle to add to (rewritten atomically).
+    options : VariantOptions
+        The variant's precision, engine, quantization data and engine settings
+        (:mod:`rrise.export.options`).
+    trt_info : dict or None
+        :func:`rrise.export.tensorrt_build.engine_info`, when already looked up.
+
+    Returns
+    -------
+    rrise.Bundle
+        The bundle with the variant added.
+
+    Raises
+    ------
+    ValueError, RuntimeError, rrise.BundleError
+        Naming the problem; the bundle is unchanged then.
+    """
+    options.check_for(new_bundle=False)
+    quant, source = None, None
+    if options.quant_data is not None:
+        cal_npz = Bundle.load(bundle_dir).file(CALIBRATION_FILE)
+        quant = selection_images(options.quant_data, cal_npz, max_images=options.quant_samples)
+        source = options.quant_data.name
+    return add_to_bundle(
+        bundle_dir,
+        options.precision.value,
+        engine=None if options.engine is None else options.engine.value,
+        quant_images=quant,
+        quant_source=source,
+        timing_cache=options.timing_cache,
+        engine_max_batch=options.max_batch,
+        trt_info=trt_info,
+    )

@@ -211,6 +211,22 @@ def test_cli_adds_int8_to_an_existing_bundle(tiny_bundle, quant_npz, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "bundle"]  # no temp folders left
 
 
+def test_the_add_variant_options_add_int8_and_refuse_the_calibration_file(tiny_bundle, quant_npz, tmp_path):
+    from rrise.export.options import VariantOptions
+    from rrise.export.precision import Precision
+    from rrise.export.variants import add_variant_options
+
+    folder = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    refused = VariantOptions(precision=Precision.int8, quant_data=folder / "calibration.npz")
+    with pytest.raises(ValueError, match="is the calibration file"):
+        add_variant_options(folder, refused)
+    with pytest.raises(ValueError, match="--precision int8 needs --quant-data"):
+        add_variant_options(folder, VariantOptions(precision=Precision.int8))
+    b = add_variant_options(folder, VariantOptions(precision="int8", quant_data=quant_npz, quant_samples=100))
+    v = b.variant("int8", "onnxruntime")
+    assert v["quantization"] == {**v["quantization"], "data": "selection.npz", "n_images": 100}
+
+
 def test_cli_refuses_calibration_npz_and_bad_combinations(tiny_bundle, tmp_path):
     folder = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
     before = (folder / "manifest.json").read_bytes()
