@@ -121,7 +121,7 @@ def onnx_logits(onnx_path: str | os.PathLike, x: np.ndarray, batch_size: int = 2
     with onnxruntime on the CPU, in batches of at most ``batch_size``.
 
     A diagnostic (parity, audits): a variant's calibration outputs come from
-    :func:`rrise.export.bundler.calibration_outputs`, at the runtime's batch sizes."""
+    :func:`rrise.recalibration.calibration_outputs`, at the runtime's batch sizes."""
     arr = np.asarray(x, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[None]

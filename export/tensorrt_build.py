@@ -12,9 +12,9 @@ raises RuntimeError saying how to install them. Supported: TensorRT 10 and 11.
 
 An engine is tied to the GPU (compute capability) and TensorRT version it was built with; the
 bundle records both (:func:`engine_info`), and its quantile must be recalibrated from the engine's
-own outputs, run through the runtime's own ``rrise.runtime.backends.TensorRTBackend`` at the
-runtime's batch sizes so the numbers are the ones deployment will see: :mod:`rrise.export.engine`
-does that.
+own outputs, run through the engine runner the runtime uses too
+(:class:`rrise.trt_session.TensorRTBackend`) at the runtime's batch sizes, so the numbers are the
+ones deployment will see: :mod:`rrise.export.engine` does that.
 """
 
 from __future__ import annotations
