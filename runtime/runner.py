@@ -26,7 +26,44 @@ from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
 
-__all__ = ["drain", "run_stream"]
+__all__ = ["SUMMARY_KEYS", "drain", "run_stream"]
+
+# What a run's summary holds: the stream's counts (``drops``: frames captured but never certified;
+# ``publish_failed``: records the publisher could not queue at all), how it ran, the publishers'
+# delivery counts (rrise.runtime.sinks.Sinks.delivery) and what went nowhere.
+SUMMARY_KEYS = (
+    "frames",
+    "errors",
+    "abstained",
+    "certified",
+    "fps",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "drops",
+    "publish_failed",
+    "reconnects",
+    "alarms",
+    "ood_flags",
+    "source_ended_early",
+    "status_records",
+    "elapsed_s",
+    "subscribers",
+    "subscribers_peak",
+    "published",
+    "published_unheard",
+    "published_offered",
+    "publishers",
+    "interrupted",
+    "source_error",
+    "drop_policy",
+    "threaded",
+    "batch",
+    "backend",
+    "variant",
+    "source",
+    "bundle",
+    "warnings",
+)
 
 log = logging.getLogger("rrise.runtime")
 
@@ -127,14 +164,8 @@ def run_stream(
     Returns
     -------
     dict
-        ``frames``, ``errors``, ``abstained``, ``certified``, ``fps``, ``latency_p50_ms``,
-        ``latency_p99_ms``, ``drops`` (frames captured but never certified), ``publish_failed``,
-        ``reconnects``, ``alarms``, ``ood_flags``, ``status_records``, ``elapsed_s``,
-        ``interrupted``, ``source_error``, ``drop_policy``, ``threaded``, ``batch``, ``backend``,
-        ``variant``, ``source``, ``bundle``; the publishers' ``subscribers``,
-        ``subscribers_peak``, ``published``, ``published_unheard``, ``published_offered``,
-        ``publishers`` (:meth:`~rrise.runtime.sinks.Sinks.delivery`); and ``warnings``: what went
-        nowhere (no sink; no subscriber connected), also logged.
+        The summary (:data:`SUMMARY_KEYS`): counts, rates, latencies, how the stream ran, the
+        publishers' delivery counts, and ``warnings`` (what went nowhere, also logged).
 
     SIGINT/SIGTERM stop the stream after the current batch, every sink flushed and closed.
 

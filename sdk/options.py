@@ -421,10 +421,12 @@ def _annotation(f: OptionField) -> Any:
     if base is bool:
         flag = f.flag.removeprefix("--")
         decls = [f.flag] if flag.startswith("no-") else [f"--{flag}/--no-{flag}"]
+    metavar = f.metavar
     if typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:
+        metavar = metavar or f"{typing.get_args(base)[0].__name__.upper()}..."
         base = list[str]
     info = typer.Option(
-        *decls, help=shown, rich_help_panel=f.group, show_default=not f.required, metavar=f.metavar
+        *decls, help=shown, rich_help_panel=f.group, show_default=not f.required, metavar=metavar
     )
     return typing.Annotated[base | None, info]
 

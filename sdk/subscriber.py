@@ -93,6 +93,11 @@ class Subscription:
     ``curve_server_key``: the publisher's ``.curve.pub`` file; the link is then encrypted and only
     that publisher is accepted. Use as a context manager or call ``close()``."""
 
+    # ZeroMQ's reconnect interval (doubling up to the max) and receive queue depth, in messages.
+    reconnect_ivl_ms = 100
+    reconnect_ivl_max_ms = 1000
+    rcvhwm = 10_000
+
     def __init__(
         self,
         endpoint: str,
@@ -101,9 +106,6 @@ class Subscription:
         timeout_s: float | None = None,
         stats: dict[str, int] | None = None,
         status: bool = False,
-        reconnect_ivl_ms: int = 100,
-        reconnect_ivl_max_ms: int = 1000,
-        rcvhwm: int = 10_000,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         max_gap: int = DEFAULT_MAX_GAP,
         curve_server_key: str | Path | None = None,
@@ -124,8 +126,10 @@ class Subscription:
         for key in _STAT_KEYS:
             self.stats.setdefault(key, 0)
         self._last_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._reconnect_after_s = 2 * reconnect_ivl_ms / 1000 + 0.1
-        options = _socket_options(zmq, rcvhwm, reconnect_ivl_ms, reconnect_ivl_max_ms, max_message_bytes)
+        self._reconnect_after_s = 2 * self.reconnect_ivl_ms / 1000 + 0.1
+        options = _socket_options(
+            zmq, self.rcvhwm, self.reconnect_ivl_ms, self.reconnect_ivl_max_ms, max_message_bytes
+        )
         if curve_server_key is not None:
             from .curve import curve_client_options
 
@@ -336,21 +340,42 @@ def subscribe(
 ) -> Subscription:
     """Connect to ``endpoint`` and yield validated records published on ``topic``.
 
-    Messages that fail the record schema (not msgpack, a key missing, ``radius: "lots"``…) and
-    records of another schema version are skipped and counted in ``stats`` (``stats["malformed"]``;
-    ``stats["unsupported_version"]`` for the latter); see :class:`Subscription` for every count.
-    With ``status=True`` the runtime's periodic status records (``kind == "status"``) are yielded
-    too. Messages over ``max_message_bytes`` are refused unread (None: no cap). With
-    ``curve_server_key`` (the publisher's ``.curve.pub``) the link is encrypted and only that
-    publisher is accepted. ZeroMQ reconnects by itself when the publisher restarts. Iteration
-    stops when ``timeout_s`` passes without any message (``None``: never). The socket is connected
-    when this returns, so a publisher can wait for it before sending. Raises ValueError for an
-    endpoint one cannot connect to (e.g. ``tcp://*:5555``, a bind address) or a bad key file.
+    Parameters
+    ----------
+    endpoint:
+        The publisher's address, e.g. ``tcp://127.0.0.1:5555`` (not a bind address such as
+        ``tcp://*:5555``).
+    topic:
+        The records' topic (``rrise run --topic``); status records come on ``<topic>.status``.
+    timeout_s:
+        Stop when this long passes without any message (None: never).
+    stats:
+        A dict to count into (:class:`Subscription`: ``received``, ``malformed``,
+        ``unsupported_version``, ``status``, ``missed``, ``restarts``, ``connects``…).
+    status:
+        Yield the runtime's periodic status records (``kind == "status"``) too.
+    max_message_bytes:
+        Refuse larger messages unread (None: no cap).
+    curve_server_key:
+        The publisher's ``.curve.pub``: the link is encrypted and only that publisher accepted.
+    max_gap:
+        A ``seq`` jump beyond this is a new stream, not missed records.
 
-    Example::
+    Returns
+    -------
+    Subscription
+        An iterator of record dicts (:data:`rrise.records.RECORD_KEYS`), connected when this
+        returns (so a publisher can wait for it); close it, or use it as a context manager.
 
-        for record in rrise.subscribe("tcp://127.0.0.1:5555", timeout_s=10):
-            print(record["pred"], record["radius"])
+    Messages that fail the record schema and records of another schema version are skipped and
+    counted, never yielded. ZeroMQ reconnects by itself when the publisher restarts. Raises
+    ValueError for an endpoint one cannot connect to or a bad key file.
+
+    >>> stats = {}
+    >>> with subscribe("tcp://127.0.0.1:45999", timeout_s=0.2, stats=stats) as records:
+    ...     got = list(records)
+    >>> got, stats["received"], stats["malformed"]
+    ([], 0, 0)
     """
     return Subscription(
         endpoint,

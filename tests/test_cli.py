@@ -18,6 +18,7 @@ COMMANDS = [
     "targets",
     "train-surrogate",
     "calibrate",
+    "cohen",
     "certify",
     "evaluate",
     "export",
@@ -48,9 +49,15 @@ def test_each_command_has_help_with_an_example(name):
     assert "Example" in result.output
 
 
-def test_certify_says_it_is_cohens_monte_carlo_baseline():
-    result = runner.invoke(app, ["certify", "--help"])
+def test_cohen_says_it_is_cohens_monte_carlo_baseline_and_certify_is_its_deprecated_alias():
+    result = runner.invoke(app, ["cohen", "--help"])
     assert "Cohen's Monte Carlo baseline" in " ".join(result.output.split())
+    old = runner.invoke(app, ["certify", "--help"])
+    assert old.exit_code == 0 and "deprecated" in old.output.lower()
+    assert "Cohen's Monte Carlo baseline" in " ".join(old.output.split())
+    listing = " ".join(runner.invoke(app, ["--help"]).output.split())
+    assert "cohen Cohen's Monte Carlo baseline" in listing
+    assert "certify The former name of rrise cohen" in listing
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):

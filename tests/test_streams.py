@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from rrise.cli import app
 from rrise.records import DEFAULT_TOPIC, STATUS_TOPIC, RecordError, pack, unpack
 from rrise.runtime import run_stream
+from rrise.runtime.runner import SUMMARY_KEYS
 from rrise.runtime.sources import PushSource
 from rrise.subscriber import subscribe
 from tests.runtime_fixtures import make_bundle, record_of, run_options, sample_frames
@@ -117,7 +118,7 @@ def test_a_publish_run_with_no_subscriber_says_none_of_its_records_reached_one(b
     summary = run_stream(
         bundle_dir, frames_source(12), run_options(publish=free_endpoint(), status_interval=0)
     )
-    assert summary["frames"] == 12
+    assert summary["frames"] == 12 and set(summary) == set(SUMMARY_KEYS)
     assert summary["published"] == 12 and summary["published_unheard"] == 12
     assert summary["subscribers_peak"] == 0 and summary["published_offered"] == 0
     assert len(summary["warnings"]) == 1

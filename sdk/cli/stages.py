@@ -86,24 +86,31 @@ def _echo_paths(paths: Iterable[Path]) -> None:
         typer.echo(str(path))
 
 
-def _stage_command(stage: str, example: str) -> Any:
+def _stage_command(stage: str, summary: str, example: str) -> Any:
     @bind(WorkdirOptions)
     def command(options: WorkdirOptions) -> None:
         _run_stage(options, stage)
 
-    command.__doc__ = f"{STAGE_HELP[stage]}\n\nExample: `{example}`"
+    command.__doc__ = f"{summary}\n\nExample: `{example}`"
     return command
 
 
-for _name, _stage, _example, _extra in [
-    ("train-base", "train-base", "rrise train-base --workdir runs/fmnist --profile quick", {}),
-    ("train-baseline", "train-baseline", "rrise train-baseline --workdir runs/fmnist", {}),
-    ("reference", "reference", "rrise reference --workdir runs/fmnist", {}),
-    ("cohen", "certify", "rrise cohen --workdir runs/fmnist", {}),
-    ("certify", "certify", "rrise cohen --workdir runs/fmnist", {"deprecated": True}),
-    ("evaluate", "evaluate", "rrise evaluate --workdir runs/fmnist", {}),
+for _name, _example in [
+    ("train-base", "rrise train-base --workdir runs/fmnist --profile quick"),
+    ("train-baseline", "rrise train-baseline --workdir runs/fmnist"),
+    ("reference", "rrise reference --workdir runs/fmnist"),
+    ("evaluate", "rrise evaluate --workdir runs/fmnist"),
 ]:
-    app.command(_name, **_extra)(_stage_command(_stage, _example))
+    app.command(_name)(_stage_command(_name, STAGE_HELP[_name], _example))
+
+app.command("cohen")(_stage_command("certify", STAGE_HELP["certify"], "rrise cohen --workdir runs/fmnist"))
+app.command("certify", deprecated=True)(
+    _stage_command(
+        "certify",
+        f"The former name of `rrise cohen`, kept for old scripts. {STAGE_HELP['certify']}",
+        "rrise cohen --workdir runs/fmnist",
+    )
+)
 
 
 @app.command("select-rule")

@@ -1,51 +1,70 @@
-"""``rrise subscribe``: print a running ``rrise run --publish``'s records as JSON lines."""
+"""``rrise subscribe``: print a running ``rrise run --publish``'s records as JSON lines; bound to
+:class:`SubscribeOptions`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
+from rrise.options import bind
+from rrise.records import DEFAULT_TOPIC
+from rrise.subscriber import DEFAULT_MAX_MESSAGE_BYTES
+
 from .app import app, fail, messages_not_tracebacks
 
-__all__: list[str] = []
+__all__ = ["SubscribeOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubscribeOptions:
+    """``rrise subscribe``'s options."""
+
+    endpoint: str = field(
+        metadata={
+            "help": "Publisher to connect to, e.g. tcp://127.0.0.1:5555 or tcp://robot:5555.",
+            "argument": True,
+        }
+    )
+    count: int | None = field(default=None, metadata={"help": "Exit after this many records."})
+    timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Exit after this many seconds without a message; exit status 1 if no record came at all."
+        },
+    )
+    topic: str = field(default=DEFAULT_TOPIC.decode(), metadata={"help": "Topic to subscribe to."})
+    status: bool = field(
+        default=False, metadata={"help": "Print the runtime's status records too (kind=status)."}
+    )
+    curve_server_key: Path | None = field(
+        default=None,
+        metadata={
+            "help": "The publisher's CURVE public key file (NAME.curve.pub) when it runs with --curve-secret."
+        },
+    )
+    max_message_size: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata={"help": "Refuse messages larger than this many bytes unread (a record is ~300 bytes)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"--count must be >= 1, got {self.count}")
+        if self.timeout is not None and self.timeout < 0:
+            raise ValueError(f"--timeout must be >= 0, got {self.timeout:g}")
+        if self.max_message_size < 1024:
+            raise ValueError(f"--max-message-size must be >= 1024, got {self.max_message_size}")
 
 
 @app.command()
 @messages_not_tracebacks
-def subscribe(
-    endpoint: Annotated[
-        str, typer.Argument(help="Publisher to connect to, e.g. tcp://127.0.0.1:5555 or tcp://robot:5555.")
-    ],
-    count: Annotated[int | None, typer.Option(min=1, help="Exit after this many records.")] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            help="Exit after this many seconds without a message; exit status 1 if no record came at all.",
-        ),
-    ] = None,
-    topic: Annotated[str, typer.Option(help="Topic to subscribe to.")] = "rrise",
-    status: Annotated[
-        bool, typer.Option("--status", help="Print the runtime's status records too (kind=status).")
-    ] = False,
-    curve_server_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--curve-server-key",
-            help="The publisher's CURVE public key file (NAME.curve.pub) when it runs with --curve-secret.",
-        ),
-    ] = None,
-    max_message_size: Annotated[
-        int,
-        typer.Option(
-            min=1024, help="Refuse messages larger than this many bytes unread (a record is ~300 bytes)."
-        ),
-    ] = 16 * 1024,
-) -> None:
+@bind(SubscribeOptions)
+def subscribe(options: SubscribeOptions) -> None:
     """Print records from a running `rrise run --publish` as JSON lines.
 
     Reconnects by itself when the publisher restarts; skips and counts messages that are not valid
@@ -59,17 +78,24 @@ def subscribe(
     stats: dict[str, int] = {}
     try:
         records = subscribe_records(
-            endpoint,
-            topic=topic,
-            timeout_s=timeout,
+            options.endpoint,
+            topic=options.topic,
+            timeout_s=options.timeout,
             stats=stats,
-            status=status,
-            max_message_bytes=max_message_size,
-            curve_server_key=curve_server_key,
+            status=options.status,
+            max_message_bytes=options.max_message_size,
+            curve_server_key=options.curve_server_key,
         )
     except (ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
-    interrupted = False
+    interrupted = _print_records(records, options.count)
+    typer.echo(_subscribe_report(options.endpoint, stats), err=True)
+    if stats["received"] == 0 and not interrupted:
+        raise typer.Exit(1)
+
+
+def _print_records(records: Any, count: int | None) -> bool:
+    """Write ``records`` as JSON lines until ``count`` of them (or the end); True if interrupted."""
     try:
         for n, record in enumerate(records, start=1):
             sys.stdout.write(json.dumps(record, default=_json_value) + "\n")
@@ -77,12 +103,10 @@ def subscribe(
             if count is not None and n >= count:
                 break
     except KeyboardInterrupt:
-        interrupted = True
+        return True
     finally:
         records.close()
-    typer.echo(_subscribe_report(endpoint, stats), err=True)
-    if stats["received"] == 0 and not interrupted:
-        raise typer.Exit(1)
+    return False
 
 
 def _json_value(value: Any) -> Any:
