@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ __all__ = [
     "BACKENDS",
     "CohenResult",
     "PreparedModel",
+    "Sampling",
     "certify",
     "forget",
     "predict",
@@ -695,21 +696,11 @@ def _check_finite_any(xb) -> None:
 
 
 def _draw_counts(
-    backend,
-    n: int,
-    sigma: float,
-    seed: int,
-    stream: int,
-    batch_size: int,
-    index_offset: int,
-    desc: str,
-    show_progress: bool,
-    bar: Bar | None = None,
+    backend, n: int, sigma: float, seed: int, stream: int, batch_size: int, how: Sampling, desc: str
 ) -> np.ndarray:
-    """``[B, K]`` vote counts of ``n`` noisy draws per input (the shared driver of both backends).
-
-    ``bar``: an open progress bar to advance instead of opening one (e.g. one bar over many shards).
-    """
+    """``[B, K]`` vote counts of ``n`` noisy draws per input (the shared driver of both backends);
+    ``how``: the input streams (``index_offset``) and the progress bar (``bar``, ``show_progress``)."""
+    index_offset = how.index_offset
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     if not (np.isfinite(sigma) and sigma >= 0):
@@ -718,7 +709,7 @@ def _draw_counts(
     chunk = _chunk_rows(backend.input_elems)
     key, block = None, None
     total = backend.num_inputs * n
-    with _bar_or_new(bar, total, desc, show_progress) as bar:
+    with _bar_or_new(how.bar, total, desc, how.show_progress) as bar:
         bar.note(f"backend {backend.label}")
         for segments in _plan(backend.num_inputs, n, chunk, batch_size):
             parts, owners, lens = [], [], []
@@ -756,6 +747,38 @@ def _bar_or_new(bar: Bar | None, total: int, desc: str, show_progress: bool) -> 
 # Public API
 
 
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How Monte Carlo draws are seeded and run (:func:`sample_counts`, :func:`certify`,
+    :func:`predict` take one, or its fields as keywords).
+
+    ``num_classes``: K where the model's output does not say; ``seed`` and ``index_offset``: input
+    ``i``'s draws depend only on ``(seed, index_offset + i)``; ``backend``, ``channels_last``,
+    ``autocast``: see :func:`prepare_model`; ``show_progress``/``bar``: a progress bar (``bar``: an
+    open one to advance instead of a new one).
+    """
+
+    num_classes: int | None = None
+    seed: int | None = None
+    index_offset: int = 0
+    backend: str = "auto"
+    channels_last: bool = False
+    autocast: str | None = None
+    show_progress: bool = False
+    bar: Bar | None = None
+
+
+def _sampling(sampling: Sampling | None, given: dict, **defaults) -> Sampling:
+    """``sampling`` (or the defaults) with the keywords ``given`` over it; a TypeError names an
+    unknown keyword."""
+    base = sampling if sampling is not None else Sampling(**defaults)
+    return replace(base, **given) if given else base
+
+
+def _prepared(model, x, n: int, batch_size: int, how: Sampling):
+    return _backend(model, x, how.num_classes, how.backend, n, batch_size, how.channels_last, how.autocast)
+
+
 def sample_counts(
     model,
     x,
@@ -763,15 +786,8 @@ def sample_counts(
     sigma: float,
     batch_size: int = 1000,
     generator=None,
-    num_classes: int | None = None,
-    seed: int | None = None,
-    show_progress: bool = False,
-    *,
-    index_offset: int = 0,
-    backend: str = "auto",
-    channels_last: bool = False,
-    autocast: str | None = None,
-    bar: Bar | None = None,
+    sampling: Sampling | None = None,
+    **settings,
 ) -> np.ndarray:
     """Vote counts ``k_c = #{j ≤ n : argmax f(x + ε_j) = c}`` with fresh ``ε_j ~ N(0, σ²I)``.
 
@@ -784,8 +800,10 @@ def sample_counts(
     the model's output on any draw raises ValueError naming the input index (its votes would mean
     nothing).
 
-    ``backend``: ``"auto"`` (default; a CPU module is timed against its in-memory ONNX export on jobs
-    of at least ``AUTO_PROBE_MIN_DRAWS`` draws and the faster is used), ``"torch"`` or
+    ``sampling`` (:class:`Sampling`), or its fields as keywords: ``num_classes``, ``seed``,
+    ``index_offset``, ``show_progress``, and ``backend``: ``"auto"`` (default; a CPU module is timed
+    against its in-memory ONNX export on jobs of at least ``AUTO_PROBE_MIN_DRAWS`` draws and the
+    faster is used), ``"torch"`` or
     ``"onnxruntime"``; see :func:`prepare_model`. ``channels_last`` (converts the module's weights in
     place) and ``autocast`` (``"float16"`` or ``"bfloat16"``) apply to the torch backend and are meant
     for GPUs; counts are those of the model as run, with these numerics. ``bar``: an open progress
@@ -795,19 +813,10 @@ def sample_counts(
     is drawn from ``generator`` (torch or numpy), and without either from fresh entropy. Each count
     vector is then exactly Multinomial(n, p(x)) with ``p_c(x) = P(f(x+ε) = c)``.
     """
-    be = _backend(model, x, num_classes, backend, int(n), int(batch_size), channels_last, autocast)
-    counts = _draw_counts(
-        be,
-        int(n),
-        sigma,
-        _resolve_seed(seed, generator),
-        _STREAM_COUNTS,
-        int(batch_size),
-        int(index_offset),
-        "Monte Carlo",
-        show_progress,
-        bar,
-    )
+    how = _sampling(sampling, settings)
+    be = _prepared(model, x, int(n), int(batch_size), how)
+    seed = _resolve_seed(how.seed, generator)
+    counts = _draw_counts(be, int(n), sigma, seed, _STREAM_COUNTS, int(batch_size), how, "Monte Carlo")
     return counts[0] if be.single else counts
 
 
@@ -819,14 +828,8 @@ def certify(
     sigma: float,
     alpha: float,
     batch_size: int = 1000,
-    num_classes: int | None = None,
-    seed: int = 0,
-    show_progress: bool = False,
-    *,
-    index_offset: int = 0,
-    backend: str = "auto",
-    channels_last: bool = False,
-    autocast: str | None = None,
+    sampling: Sampling | None = None,
+    **settings,
 ) -> CohenResult:
     """Cohen's CERTIFY for one input or a batch (arrays are ``[B]``; ``B = 1`` for one input).
 
@@ -836,6 +839,8 @@ def certify(
     on ``(seed, index_offset + i)`` as in :func:`sample_counts`, so a data set may be certified in
     pieces with the same result.
 
+    ``sampling`` or its fields as keywords, as in :func:`sample_counts` (``seed`` defaults to 0).
+
     Guarantee (Cohen et al. 2019, Thm. 1 + Prop. 2), per input: with probability at least ``1 − α``
     over the estimation noise, if it does not abstain then ``p_Â(x) ≥ p̲ > 1/2``, so the smoothed
     classifier ``g`` predicts ``Â`` at every point of the ℓ2 ball of radius ``σ·Φ⁻¹(p̲)`` around x.
@@ -844,11 +849,12 @@ def certify(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if not sigma > 0:
         raise ValueError(f"sigma must be positive to certify, got {sigma}")
-    be = _backend(model, x, num_classes, backend, int(n0) + int(n), int(batch_size), channels_last, autocast)
-    seed = _resolve_seed(seed, None)
-    args = (int(batch_size), int(index_offset))
-    sel = _draw_counts(be, int(n0), sigma, seed, _STREAM_SELECT, *args, "selection", show_progress)
-    est = _draw_counts(be, int(n), sigma, seed, _STREAM_ESTIMATE, *args, "estimation", show_progress)
+    how = _sampling(sampling, settings, seed=0)
+    be = _prepared(model, x, int(n0) + int(n), int(batch_size), how)
+    seed = _resolve_seed(how.seed, None)
+    bs = int(batch_size)
+    sel = _draw_counts(be, int(n0), sigma, seed, _STREAM_SELECT, bs, how, "selection")
+    est = _draw_counts(be, int(n), sigma, seed, _STREAM_ESTIMATE, bs, how, "estimation")
     top = sel.argmax(axis=1)
     k = est[np.arange(len(est)), top]
     p_lower = np.atleast_1d(np.asarray(clopper_pearson_lower(k, int(n), alpha), dtype=np.float64))
@@ -871,15 +877,11 @@ def predict(
     sigma: float,
     alpha: float,
     batch_size: int = 1000,
-    num_classes: int | None = None,
-    seed: int = 0,
-    *,
-    index_offset: int = 0,
-    backend: str = "auto",
-    channels_last: bool = False,
-    autocast: str | None = None,
+    sampling: Sampling | None = None,
+    **settings,
 ) -> np.ndarray:
-    """Cohen's PREDICT: int64 ``[B]`` predicted classes, -1 where it abstains.
+    """Cohen's PREDICT: int64 ``[B]`` predicted classes, -1 where it abstains (``sampling`` or its
+    fields as keywords, as in :func:`sample_counts`; ``seed`` defaults to 0).
 
     Takes the top two counts ``nA ≥ nB`` of ``n`` draws and abstains unless the two-sided binomial
     test of ``nA`` in ``nA + nB`` trials at p = 1/2 gives a p-value ≤ α.
@@ -889,18 +891,10 @@ def predict(
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    be = _backend(model, x, num_classes, backend, int(n), int(batch_size), channels_last, autocast)
-    counts = _draw_counts(
-        be,
-        int(n),
-        sigma,
-        _resolve_seed(seed, None),
-        _STREAM_PREDICT,
-        int(batch_size),
-        int(index_offset),
-        "predict",
-        False,
-    )
+    how = replace(_sampling(sampling, settings, seed=0), show_progress=False, bar=None)
+    be = _prepared(model, x, int(n), int(batch_size), how)
+    seed = _resolve_seed(how.seed, None)
+    counts = _draw_counts(be, int(n), sigma, seed, _STREAM_PREDICT, int(batch_size), how, "predict")
     order = np.argsort(-counts, axis=1, kind="stable")
     rows = np.arange(len(counts))
     n_a, n_b = counts[rows, order[:, 0]], counts[rows, order[:, 1]]

@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "train_base",
     "train_surrogate",
     "train_surrogate_fresh",
+    "Training",
 ]
 
 
@@ -60,6 +61,49 @@ def _optimizer(model: nn.Module, lr: float, steps: int):
     return opt, sched
 
 
+@dataclass(frozen=True, kw_only=True)
+class Training:
+    """How a network is trained (:func:`train_base`, :func:`train_surrogate`,
+    :func:`train_surrogate_fresh` take one, or its fields as keywords).
+
+    ``batch_size``, ``lr`` (Adam, cosine decay), ``seed`` (shuffling, noise, augmentation) and
+    ``show_progress`` apply to every loop; the surrogate's loops also take ``augment`` (see
+    :func:`augment_batch`), a held-out ``val_images``/``val_counts`` pair (the best weights on it are
+    kept), a ``checkpoint`` file to resume from, and, for fresh targets, ``eval_every`` (steps
+    between validations).
+    """
+
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    show_progress: bool = True
+    augment: str = "none"
+    val_images: np.ndarray | None = None
+    val_counts: np.ndarray | None = None
+    checkpoint: str | os.PathLike | None = None
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if (self.val_images is None) != (self.val_counts is None):
+            raise ValueError("give both val_images and val_counts, or neither")
+
+
+_BASE_SETTINGS = ("batch_size", "lr", "seed", "show_progress")
+
+
+def _training(training: Training | None, given: dict, allowed: tuple[str, ...] | None = None) -> Training:
+    """``training`` (or the defaults) with the keywords ``given`` over it; a TypeError names a
+    keyword that is not a setting (or not one this loop uses)."""
+    if allowed is not None:
+        extra = sorted(set(given) - set(allowed))
+        if extra:
+            raise TypeError(f"unexpected keyword argument {extra[0]!r} (takes {', '.join(allowed)})")
+    base = training if training is not None else Training()
+    return replace(base, **given) if given else base
+
+
 def _check_training_args(n: int, epochs: int, batch_size: int, lr: float) -> None:
     if n == 0:
         raise ValueError("no training examples")
@@ -74,16 +118,17 @@ def train_base(
     *,
     sigma: float,
     epochs: int,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    show_progress: bool = True,
+    training: Training | None = None,
+    **settings,
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on ``x + ε``, ``ε ~ N(0, σ²I)`` (not clipped), as Cohen et al.
 
     Adam with a cosine learning-rate schedule over all steps; deterministic given ``seed``. Trains in
-    place on the model's device and returns the model in eval mode.
+    place on the model's device and returns the model in eval mode. ``training`` (or its fields
+    ``batch_size``, ``lr``, ``seed``, ``show_progress`` as keywords): see :class:`Training`.
     """
+    t = _training(training, settings, _BASE_SETTINGS)
+    batch_size, lr, seed = t.batch_size, t.lr, t.seed
     device = _device(model)
     x_all = _as_images(images, device)
     y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
@@ -98,7 +143,7 @@ def train_base(
     order_rng = np.random.default_rng(seed)
     noise_gen = torch.Generator(device=device).manual_seed(int(seed))
     model.train()
-    with progress_bar(epochs * steps_per_epoch, "train base", "batch", enabled=show_progress) as bar:
+    with progress_bar(epochs * steps_per_epoch, "train base", "batch", enabled=t.show_progress) as bar:
         for epoch in range(epochs):
             order = torch.as_tensor(order_rng.permutation(n), device=device)
             loss_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
@@ -197,16 +242,10 @@ def train_surrogate(
     counts: np.ndarray,
     *,
     epochs: int,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    val_images: np.ndarray | None = None,
-    val_counts: np.ndarray | None = None,
-    show_progress: bool = True,
     loss: str = "ce",
-    augment: str = "none",
-    checkpoint: str | os.PathLike | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    training: Training | None = None,
+    **settings,
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate to the smoothed class distribution on CLEAN inputs.
 
@@ -219,38 +258,30 @@ def train_surrogate(
 
     ``loss="js"`` trains with the Jensen–Shannon divergence to counts/N instead: the "Accelerated
     Smoothing" baseline (arXiv 2402.07498), kept for comparison; RRISE uses ``"ce"``.
-    ``augment``: see :func:`augment_batch`. ``checkpoint``: a file written (atomically) after every
-    epoch; when it exists and was made with the same settings, training resumes from it and ends
-    with the same weights as an uninterrupted run. ``on_epoch_end(epoch, history)`` is called after
-    each epoch's checkpoint.
+    ``training`` (or its fields as keywords, :class:`Training`): ``augment``, the validation split,
+    and ``checkpoint``, a file written (atomically) after every epoch; when it exists and was made
+    with the same settings, training resumes from it and ends with the same weights as an
+    uninterrupted run. ``on_epoch_end(epoch, history)`` is called after each epoch's checkpoint.
     """
     if loss not in SURROGATE_LOSSES:
         raise ValueError(f"loss must be one of {sorted(SURROGATE_LOSSES)}, got {loss!r}")
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    if (val_images is None) != (val_counts is None):
-        raise ValueError("give both val_images and val_counts, or neither")
+    t = _training(training, settings)
     device = _device(model)
     x_all = _as_images(images, device)
     t_all = torch.from_numpy(_targets(counts, len(x_all))).to(device)
     n = len(x_all)
-    _check_training_args(n, epochs, batch_size, lr)
-    steps_per_epoch = math.ceil(n / batch_size)
-    fit = _SurrogateFit.start(model, lr, epochs, steps_per_epoch, seed)
-    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
-    signature = _signature(model, t_all, **settings, loss=loss, augment=augment)
-    first_epoch = 0 if checkpoint is None else fit.restore(checkpoint, signature, device)
-    with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=show_progress) as bar:
+    _check_training_args(n, epochs, t.batch_size, t.lr)
+    steps_per_epoch = math.ceil(n / t.batch_size)
+    fit = _SurrogateFit.start(model, t.lr, epochs, steps_per_epoch, t.seed)
+    run = {"epochs": epochs, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed}
+    signature = _signature(model, t_all, **run, loss=loss, augment=t.augment)
+    first_epoch = 0 if t.checkpoint is None else fit.restore(t.checkpoint, signature, device)
+    with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=t.show_progress) as bar:
         bar.advance(first_epoch * steps_per_epoch)
         for epoch in range(first_epoch, epochs):
-            train_kl = fit.epoch(x_all, t_all, SURROGATE_LOSSES[loss], augment, batch_size, bar)
-            fit.history["train_kl"].append(train_kl)
-            note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
-            if val_images is not None:
-                note += f" val KL {fit.validate(epoch, val_images, val_counts):.4f}"
-            bar.note(note)
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, fit.state(signature, epoch))
+            fit.run_epoch(epoch, epochs, (x_all, t_all, SURROGATE_LOSSES[loss]), t, bar)
+            if t.checkpoint is not None:
+                _save_checkpoint(t.checkpoint, fit.state(signature, epoch))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, fit.history)
     if fit.best_state is not None:
@@ -298,6 +329,16 @@ class _SurrogateFit:
             kl_sum += _kl_terms(logits.detach(), target).sum()
             bar.advance(1)
         return float(kl_sum) / n
+
+    def run_epoch(self, epoch: int, epochs: int, data: tuple, t: Training, bar) -> None:
+        """One epoch on ``data`` = ``(images, targets, loss_fn)``, then its validation; notes both."""
+        x_all, t_all, loss_fn = data
+        train_kl = self.epoch(x_all, t_all, loss_fn, t.augment, t.batch_size, bar)
+        self.history["train_kl"].append(train_kl)
+        note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
+        if t.val_images is not None:
+            note += f" val KL {self.validate(epoch, t.val_images, t.val_counts):.4f}"
+        bar.note(note)
 
     def validate(self, epoch: int, val_images: np.ndarray, val_counts: np.ndarray) -> float:
         """Held-out KL after ``epoch``; keeps the weights of the best epoch so far."""
@@ -376,16 +417,9 @@ def train_surrogate_fresh(
     *,
     steps: int,
     draws: int,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    val_images: np.ndarray,
-    val_counts: np.ndarray,
-    eval_every: int = 50,
-    show_progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    augment: str = "none",
     weights: np.ndarray | None = None,
+    training: Training | None = None,
+    **settings,
 ) -> tuple[nn.Module, dict]:
     """Fit the surrogate on fresh Monte Carlo targets: each step draws ``batch_size`` images from
     ``pool`` (any ``[N, C, H, W]`` indexable by an index array), augments them (``augment``, see
@@ -404,29 +438,19 @@ def train_surrogate_fresh(
     weights are kept (and a ``checkpoint`` written, from which a rerun resumes to the same weights).
     Returns ``(model in eval mode, {"val_kl", "eval_steps", "best_step", "base_evaluations"})``.
     """
-    _check_fresh_args(len(pool), steps, draws, batch_size, lr, eval_every)
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    _check_weights(weights, len(pool), batch_size)
+    t = _training(training, settings)
+    if t.val_images is None:
+        raise ValueError("fresh-target training needs val_images and val_counts (its model selection)")
+    _check_fresh_args(len(pool), steps, draws, t.batch_size, t.lr, t.eval_every)
+    _check_weights(weights, len(pool), t.batch_size)
     device = _device(model)
-    opt, sched = _optimizer(model, lr, steps)
-    signature = _signature(
-        model,
-        torch.from_numpy(np.ascontiguousarray(val_counts)),
-        steps=steps,
-        draws=draws,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        pool=len(pool),
-        **({} if augment == "none" else {"augment": augment}),  # earlier checkpoints still resume
-        **({} if weights is None else {"weights": _digest(torch.from_numpy(np.asarray(weights)))}),
-    )
-    state = _restore_fresh(checkpoint, signature, model, opt, sched, device)
-    with progress_bar(steps, "train surrogate (fresh targets)", "step", enabled=show_progress) as bar:
+    opt, sched = _optimizer(model, t.lr, steps)
+    signature = _fresh_signature(model, t, steps, draws, len(pool), weights)
+    state = _restore_fresh(t.checkpoint, signature, model, opt, sched, device)
+    with progress_bar(steps, "train surrogate (fresh targets)", "step", enabled=t.show_progress) as bar:
         bar.advance(state["step"])
         for step in range(state["step"], steps):
-            x, target = _fresh_batch(pool, label, step, batch_size, draws, seed, augment, weights)
+            x, target = _fresh_batch(pool, label, step, t.batch_size, draws, t.seed, t.augment, weights)
             model.train()
             loss = soft_label_cross_entropy(model(_as_images(x, device)), target.to(device))
             opt.zero_grad(set_to_none=True)
@@ -434,15 +458,31 @@ def train_surrogate_fresh(
             opt.step()
             sched.step()
             bar.advance(1)
-            if (step + 1) % eval_every == 0 or step + 1 == steps:
-                _fresh_validate(state, model, step, val_images, val_counts)
+            if (step + 1) % t.eval_every == 0 or step + 1 == steps:
+                _fresh_validate(state, model, step, t.val_images, t.val_counts)
                 bar.note(f"step {step + 1}/{steps} val KL {state['history']['val_kl'][-1]:.4f}")
-                if checkpoint is not None:
-                    _save_checkpoint(checkpoint, _fresh_state(signature, state, step, model, opt, sched))
+                if t.checkpoint is not None:
+                    _save_checkpoint(t.checkpoint, _fresh_state(signature, state, step, model, opt, sched))
     if state["best"] is not None:
         model.load_state_dict(state["best"])
-    history = dict(state["history"], base_evaluations=steps * batch_size * draws)
+    history = dict(state["history"], base_evaluations=steps * t.batch_size * draws)
     return model.eval(), history
+
+
+def _fresh_signature(model: nn.Module, t: Training, steps: int, draws: int, pool: int, weights) -> dict:
+    """What a fresh-target checkpoint must have been made with to be resumed."""
+    return _signature(
+        model,
+        torch.from_numpy(np.ascontiguousarray(t.val_counts)),
+        steps=steps,
+        draws=draws,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        seed=t.seed,
+        pool=pool,
+        **({} if t.augment == "none" else {"augment": t.augment}),  # earlier checkpoints still resume
+        **({} if weights is None else {"weights": _digest(torch.from_numpy(np.asarray(weights)))}),
+    )
 
 
 def _check_fresh_args(pool: int, steps: int, draws: int, batch_size: int, lr: float, eval_every: int) -> None:
