@@ -165,9 +165,8 @@ class Bundle:
         Raises
         ------
         BundleError
-            A missing folder or manifest, invalid JSON, a manifest value that is missing, mistyped,
-            out of range or inconsistent (:func:`rrise.manifest_schema.validate_manifest`), a changed,
-            missing or extra file, another id, or a signature that does not verify.
+            A missing folder or manifest, invalid JSON, an invalid manifest value (each named), a
+            changed, missing or extra file, another id, or a signature that does not verify.
 
         Examples
         --------

@@ -539,6 +539,18 @@ def _check_inputs(probs: np.ndarray, counts: np.ndarray, n_mc: int) -> tuple[np.
     return p, k
 
 
+def _quantiles(spec: CalibrationSpec, p: np.ndarray, k: np.ndarray, k2: np.ndarray | None):
+    """``(q̂, per-bin q̂)`` of checked probabilities ``p`` and counts ``k`` (and ``k2`` at the cap)."""
+    top = np.argmax(p, axis=1)
+    top_prob = p[np.arange(len(p)), top]
+    p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta, cap_counts=k2, cap_draws=spec.cap_draws)
+    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale)
+    quantile = conformal_quantile(scores, spec.alpha, spec.delta)
+    if not spec.bin_edges:
+        return quantile, ()
+    return quantile, mondrian_quantiles(scores, top_prob, spec.bin_edges, spec.alpha, spec.bin_delta)
+
+
 def conformalize(
     spec: CalibrationSpec,
     probs: np.ndarray,
@@ -551,38 +563,28 @@ def conformalize(
 ) -> Calibration:
     """Split-conformal calibration of the surrogate's radii on ``m`` calibration inputs.
 
-    ``probs`` ``[m, K]``: the surrogate's probabilities, from the exact numerics that will be
-    deployed; ``counts`` ``[m, K]``: fresh MC vote counts of the base classifier, ``spec.n_mc`` draws
-    per row; ``cap_counts`` ``[m, K]``: with ``spec.cap_draws``, that many fresh draws on each row
-    whose ``n_mc`` draws all fell on one class (zeros elsewhere). For each input Â = argmax probs,
-    p̲ = the (1−β) Clopper–Pearson lower bound on p_Â from its count (the two-stage bound with
-    ``cap_counts``), score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)) (+∞ when p̲ = 0); q̂ is the
-    ``conformal_rank(m, α, δ)``-th smallest score, and with bins one such q̂ per bin at δ/G.
+    Per input: Â = argmax probs, p̲ = the (1−β) Clopper–Pearson bound on p_Â from its counts
+    (two-stage with ``cap_counts``), score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)); q̂ is
+    the :func:`conformal_rank` (m, α, δ)-th smallest score (with bins, one per bin at δ/G).
 
-    Guarantee: if the calibration inputs were not used to train or select the base model, the
-    surrogate or anything in ``spec``, and they are exchangeable with a deployed input, then with
-    probability at least ``1 − α − β`` over calibration, input and noise,
-    :func:`rrise.certify_from_probs` with the returned Calibration either abstains or gives
-    ``p̃ ≤ p_Â(x)``, so the smoothed classifier predicts ``Â`` and is constant on the ℓ2 ball of
-    radius ``σ·Φ⁻¹(p̃)``. Marginal over inputs, not per input. With confidence bins it also holds
-    within each bin. With ``delta`` (PAC): with probability ≥ 1 − δ over the calibration draw, the
-    statement holds at ``1 − α − β`` for every later exchangeable input — with bins, in every bin at
-    once (each bin's quantile is taken at δ/G); the rank is never below the marginal one, so the
-    marginal statement holds as well, whatever δ.
+    Guarantee: if the calibration inputs served nothing else (base model, surrogate, ``spec``) and
+    are exchangeable with a deployed input, then with probability ≥ 1 − α − β over calibration,
+    input and noise, :func:`rrise.certify_from_probs` with the result abstains or the smoothed
+    classifier predicts Â and is constant on the ℓ2 ball of its radius: marginal over inputs (with
+    bins, also within each). With ``delta``, with probability ≥ 1 − δ over the calibration draw it
+    holds for every later input (in every bin at once), and marginally whatever δ.
 
     Parameters
     ----------
     spec : CalibrationSpec
         Everything fixed before the calibration inputs were seen.
-    probs : numpy.ndarray
-        float [m, K], the surrogate's probabilities on the calibration inputs.
-    counts : numpy.ndarray
-        int [m, K], fresh MC class counts of the base classifier, ``spec.n_mc`` per row.
+    probs, counts : numpy.ndarray
+        [m, K]: the surrogate's probabilities, from the deployed numerics, and fresh MC class
+        counts of the base classifier, ``spec.n_mc`` per row.
     cap_counts : numpy.ndarray or None
-        int [m, K], the second-stage draws at the cap (exactly when ``spec.cap_draws`` is set).
+        [m, K] second-stage draws at the cap, exactly when ``spec.cap_draws`` is set.
     dataset, base_sha256, surrogate_sha256 : str or None
-        Provenance kept in the record: the calibration data's name and the sha256 of the base model
-        whose counts and of the surrogate whose probabilities were used.
+        Provenance: the data's name, the sha256 of the models the counts and probabilities came from.
 
     Returns
     -------
@@ -592,42 +594,23 @@ def conformalize(
     Raises
     ------
     ValueError
-        Too few inputs (naming the smallest m that works), a bin holding too few, or ``probs`` /
-        ``counts`` / ``cap_counts`` that are not what the spec says.
-    TypeError
-        When ``spec`` is not a CalibrationSpec.
+        Too few inputs (naming the smallest m), or arrays that are not what the spec says.
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> probs = rng.dirichlet([5, 1, 1], size=500)
     >>> counts = np.stack([rng.multinomial(1000, p) for p in probs])
-    >>> spec = CalibrationSpec(sigma=0.25, n_mc=1000, alpha=0.05, beta=0.001)
-    >>> cal = conformalize(spec, probs, counts)
-    >>> cal.m, round(cal.quantile, 4), cal.spec == spec
-    (500, 0.2288, True)
+    >>> cal = conformalize(CalibrationSpec(sigma=0.25, n_mc=1000, alpha=0.05, beta=0.001), probs, counts)
+    >>> cal.m, round(cal.quantile, 4)
+    (500, 0.2288)
     """
     if not isinstance(spec, CalibrationSpec):
         raise TypeError(f"spec must be a CalibrationSpec, got {type(spec).__name__}")
     p, k = _check_inputs(probs, counts, spec.n_mc)
-    k2 = _check_cap_counts(k, cap_counts, spec)
-    top = np.argmax(p, axis=1)
-    top_prob = p[np.arange(len(p)), top]
-    p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta, cap_counts=k2, cap_draws=spec.cap_draws)
-    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale)
-    quantile = conformal_quantile(scores, spec.alpha, spec.delta)
-    bin_quantiles = ()
-    if spec.bin_edges:
-        bin_quantiles = mondrian_quantiles(scores, top_prob, spec.bin_edges, spec.alpha, spec.bin_delta)
-    return Calibration(
-        **spec.settings(),
-        quantile=quantile,
-        m=len(p),
-        bin_quantiles=bin_quantiles,
-        dataset=dataset,
-        base_sha256=base_sha256,
-        surrogate_sha256=surrogate_sha256,
-    )
+    quantile, bins = _quantiles(spec, p, k, _check_cap_counts(k, cap_counts, spec))
+    provenance = {"dataset": dataset, "base_sha256": base_sha256, "surrogate_sha256": surrogate_sha256}
+    return Calibration(**spec.settings(), quantile=quantile, m=len(p), bin_quantiles=bins, **provenance)
 
 
 def _rank(m: int, alpha: float) -> int:

@@ -174,15 +174,22 @@ def certify_from_probs(probs: np.ndarray, calibration: Calibration) -> Certifica
     if p.ndim == 1:
         return _certify_one(p, calibration)
     if len(p) <= MICRO_BATCH_LIMIT:  # a runtime micro-batch: floats beat array set-up below ~16 rows
-        rows = [_certify_one(row, calibration) for row in p]
-        return CertificateBatch(
-            top_class=np.array([c.top_class for c in rows], dtype=np.int64),
-            abstain=np.array([c.abstain for c in rows], dtype=bool),
-            radius=np.array([c.radius for c in rows], dtype=np.float64),
-            score=np.array([c.score for c in rows], dtype=np.float64),
-            p_lower=np.array([c.p_lower for c in rows], dtype=np.float64),
-        )
-    batch = p
+        return _stack([_certify_one(row, calibration) for row in p])
+    return _certify_batch(p, calibration)
+
+
+def _stack(rows: list[Certificate]) -> CertificateBatch:
+    return CertificateBatch(
+        top_class=np.array([c.top_class for c in rows], dtype=np.int64),
+        abstain=np.array([c.abstain for c in rows], dtype=bool),
+        radius=np.array([c.radius for c in rows], dtype=np.float64),
+        score=np.array([c.score for c in rows], dtype=np.float64),
+        p_lower=np.array([c.p_lower for c in rows], dtype=np.float64),
+    )
+
+
+def _certify_batch(batch: np.ndarray, calibration: Calibration) -> CertificateBatch:
+    """The same rule on a large batch ``[B, K]``, vectorized."""
     top = np.argmax(batch, axis=1)
     s = batch[np.arange(len(batch)), top]
     capped = np.minimum(s, calibration.p_cap)
