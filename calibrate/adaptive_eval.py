@@ -599,6 +599,7 @@ def adaptive_rows(
 
 # --- the figure --------------------------------------------------------------------------------
 
+LINE_STYLES = ("-", "--", ":", "-.")
 CAPTION = (
     "Certified accuracy against base-model evaluations per query (mean over the test inputs). The "
     "surrogate alone sits at 0: its one-time cost (targets, calibration, training) is left out. "
@@ -618,35 +619,48 @@ def plot_cost_accuracy(
     import matplotlib.pyplot as plt
 
     all_radii = list(result["radii"])
-    rows = result["rows"].values()
-    line = sorted(
-        (r for r in rows if r["kind"] in (KIND_SURROGATE, KIND_ADAPTIVE)), key=lambda r: r["mean_draws"]
-    )
-    cohen = [r for r in rows if r["kind"] == KIND_COHEN]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    rows = list(result["rows"].values())
+    alone = [r for r in rows if r["kind"] == KIND_SURROGATE]
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == KIND_ADAPTIVE:
+            groups.setdefault(r["routing"]["max_mean_draws"], []).append(r)
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
     for j, radius in enumerate(radii):
         if radius not in all_radii:
             raise ValueError(f"radius {radius} is not among the rows' radii {all_radii}")
         col, color = all_radii.index(radius), f"C{j}"
+        for g, (_, group) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] or 0.0)):
+            line = alone + sorted(group, key=lambda r: r["mean_draws"])
+            ax.plot(
+                [r["mean_draws"] for r in line],
+                [100 * r["certified_accuracy"][col] for r in line],
+                marker="o",
+                ls=LINE_STYLES[g % len(LINE_STYLES)],
+                color=color,
+                label=f"r = {radius:g}" if g == 0 else None,
+            )
+        for c in (r for r in rows if r["kind"] in (KIND_COHEN, KIND_SURROGATE)):
+            marker = "*" if c["kind"] == KIND_COHEN else "s"
+            ax.scatter(
+                [c["mean_draws"]], [100 * c["certified_accuracy"][col]], marker=marker, s=70, color=color
+            )
+    for g, allowance in enumerate(sorted(groups, key=lambda a: a or 0.0)):
+        style = LINE_STYLES[g % len(LINE_STYLES)]
         ax.plot(
-            [r["mean_draws"] for r in line],
-            [100 * r["certified_accuracy"][col] for r in line],
-            marker="o",
-            color=color,
-            label=f"adaptive, r = {radius:g}",
+            [], [], ls=style, color="grey", label=f"adaptive, rule ≤ {allowance:g} draws/query on selection"
         )
-        for c in cohen:
-            ax.scatter([c["mean_draws"]], [100 * c["certified_accuracy"][col]], marker="*", s=90, color=color)
-    ax.scatter([], [], marker="*", color="grey", label="Cohen MC (n0 + n)")
+    ax.scatter([], [], marker="*", color="grey", label="Cohen MC (n0 + n draws)")
+    ax.scatter([], [], marker="s", color="grey", label="the surrogate alone (0 draws)")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("base-model evaluations per query (0 = the surrogate alone)")
     ax.set_ylabel("certified accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.text(0.01, 0.01, CAPTION, fontsize=6, wrap=True)
-    fig.subplots_adjust(bottom=0.24)
+    fig.subplots_adjust(bottom=0.22, right=0.66)
     path = Path(path)
     with atomic_path(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -190,3 +190,36 @@ def test_rows_never_look_at_test_inputs_to_route(test_split, selection_split, tm
         assert v["mean_draws"] <= v["mc_budget"] and v["violations"]["inputs"] == 20
     figure = plot_cost_accuracy(result, tmp_path / "cost.png")
     assert figure.stat().st_size > 1_000
+
+
+def test_benchmark_states_every_goal_beside_its_number(test_split, selection_split, tmp_path, monkeypatch):
+    """The benchmark's contract on synthetic splits (the work folder's loaders replaced): every goal
+    with its measured number and verdict, rows at both routing allowances, the figure written."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_adaptive
+
+    with pytest.raises(SystemExit, match="not a finished work folder"):
+        bench_adaptive._open(tmp_path / "missing")
+    split, _ = test_split
+    w = SimpleNamespace(config=SimpleNamespace(sigma=SIGMA), prof=SimpleNamespace(mc_alpha=0.001))
+    monkeypatch.setattr(bench_adaptive, "_open", lambda workdir: (w, None))
+    monkeypatch.setattr(bench_adaptive, "_splits", lambda w, cal: (split, selection_split, np.arange(240)))
+    monkeypatch.setattr(bench_adaptive, "_violations", lambda w, index: None)
+    figure = tmp_path / "cost.png"
+    out = bench_adaptive.main(["--workdir", str(tmp_path), "--budgets", "0", "1000", "--figure", str(figure)])
+    assert figure.is_file() and out["mc_alpha"] == 0.001 and out["test_inputs"] == 240
+    kinds = [row["kind"] for row in out["rows"].values()]
+    assert kinds.count("adaptive") == 2 and kinds.count("cohen") == 1 and kinds.count("surrogate") == 1
+    texts = [g["goal"] for g in out["goals"]]
+    assert len(texts) == 7 and any("--require-radius 0.5" in t for t in texts)
+    cohen = next(v for v in out["rows"].values() if v["kind"] == "cohen")
+    for g in out["goals"]:
+        assert isinstance(g["met"], bool) and g["row"] in out["rows"]
+        row = out["rows"][g["row"]]
+        if "draws_ratio_to_cohen" in g:
+            assert g["draws_ratio_to_cohen"] == row["draws_ratio_to_cohen"]
+        if "abstain_points_above_cohen" in g:
+            expected = 100 * (row["abstain_rate"] - cohen["abstain_rate"])
+            assert g["abstain_points_above_cohen"] == pytest.approx(expected, abs=1e-4)
+            assert g["met"] == (abs(expected) <= 0.5)
