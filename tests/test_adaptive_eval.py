@@ -21,6 +21,7 @@ from rrise.calibrate.adaptive_eval import (
 )
 from rrise.certificate import CertificateBatch
 from rrise.runtime.adaptive import McOptions
+from rrise.sequential import SequentialOptions, required_probability, sequential_test
 from rrise.stats import norm_cdf, norm_ppf
 
 SIGMA = 0.25
@@ -92,6 +93,27 @@ def test_replayed_draws_follow_the_binomial_law():
     assert abs(np.corrcoef(iid[:, 0], iid[:, 1])[0, 1]) < 0.06  # independent batches
     fixed = _replay(lambda rng: int(n * p), n, batches, reps, seed=0)
     assert _chi2_pvalue(fixed.sum(axis=1), sum(batches), p) < 1e-6
+
+
+def test_the_sequential_test_stops_alike_on_replayed_and_on_fresh_draws():
+    """The whole path: the runtime's sequential test fed replayed stored draws stops after as many
+    draws, and with the same verdict, as when fed fresh Binomial draws (same law, two samples)."""
+    n, p, reps = 1_024, 0.985, 600
+    options = SequentialOptions(budget=n, batch_size=64)
+    required = required_probability(0.5, SIGMA)
+    rng = np.random.default_rng(11)
+    replayed = [
+        sequential_test(replayed_draws(int(rng.binomial(n, p)), n, rng), required, options)
+        for _ in range(reps)
+    ]
+    fresh = [sequential_test(lambda m: int(rng.binomial(m, p)), required, options) for _ in range(reps)]
+    cells = sorted({(r.draws, r.stop) for r in replayed + fresh})
+    table = np.array(
+        [[sum((r.draws, r.stop) == c for r in runs) for c in cells] for runs in (replayed, fresh)]
+    )
+    table = table[:, table.sum(axis=0) >= 10]
+    assert table.shape[1] >= 3  # the stopping time does vary
+    assert stats.chi2_contingency(table).pvalue > 1e-3
 
 
 def test_replayed_draws_never_invent_draws():
