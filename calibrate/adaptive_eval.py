@@ -18,6 +18,17 @@ Everything here takes arrays and returns arrays or dicts: :func:`adaptive_certif
 records), :func:`choose_routing_rule` (the routing rule for runs without a required radius, chosen on
 the selection split), :func:`adaptive_rows` and :func:`cohen_row` (report rows), and
 :func:`plot_cost_accuracy` (certified accuracy against base-model evaluations per query).
+Wiring it into the evaluation takes a few lines, with what that stage already holds::
+
+    test = EvalSplit(certify_from_probs(probs, cal), labels, cohen["counts"], cohen["counts_selection"])
+    sel = selection_data(w)  # the rule-selection inputs: their own full-size counts
+    selection = EvalSplit(certify_from_probs(sel["probs"], cal), sel["labels"], sel["counts"])
+    result = adaptive_rows(test, selection, sigma, RowPlan(mc_alpha=p.mc_alpha), violations=check)
+    plot_cost_accuracy(result, report / "adaptive_cost_accuracy.png")
+
+Violations must be counted against draws independent of the replayed ones (the `rrise reference`
+store, :func:`reference_violations_check`), never against Cohen's estimation counts: the adaptive
+bound is computed from those very draws.
 """
 
 from __future__ import annotations
@@ -583,7 +594,8 @@ def adaptive_rows(
     (never on ``test``); the adaptive mode with each required radius; Cohen at the same α. Each row
     has certified accuracy at ``plan.radii``, the abstain rate, mean and p95 draws per query and their
     ratio to Cohen's ``n0 + n``, and, given ``violations`` (``(pred, p_lower) → dict``, e.g.
-    :func:`reference_violations_check` or the evaluation's own), the violations against it."""
+    :func:`reference_violations_check`; it must count against draws independent of the replayed
+    ones, so not Cohen's estimation counts), the violations against it."""
     cohen = cohen_row(test, sigma, plan, violations)
     cohen_draws = float(cohen["mean_draws"])
     budgets = _row_budgets(plan, test, selection)
