@@ -440,28 +440,49 @@ def _typer_default(f: OptionField) -> Any:
     return default
 
 
-def bind(cls: type, *, extras: Mapping[str, type] | None = None) -> Callable[[Callable[..., Any]], Any]:
+def bind(
+    cls: type, *, extras: Mapping[str, type] | None = None, group: bool = False
+) -> Callable[[Callable[..., Any]], Any]:
     """Decorate ``fn(options)`` (``fn(options, extras)`` when ``extras`` are given) into a typer
     command taking every leaf of ``cls`` as a flag, ``--config FILE.yaml`` and trailing
     ``KEY=VALUE`` overrides; help comes from ``fn``'s docstring. A bad option prints one line and
-    exits 2."""
+    exits 2.
+
+    ``group=True``: the callback of a command group (a flat form beside sub-commands). It takes no
+    ``KEY=VALUE`` (they would read as a sub-command's name); when a sub-command is invoked, ``fn``
+    is not called and the group's own flags are refused (they go after the sub-command)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         leaves = fields_of(cls)
 
         def command(**kwargs: Any) -> Any:
+            if group and kwargs["ctx"].invoked_subcommand is not None:
+                _refuse_before_subcommand(kwargs["ctx"], leaves)
+                return None
             resolved = _resolve_from_cli(cls, leaves, kwargs, extras)
             return fn(resolved.options, resolved.extras) if extras else fn(resolved.options)
 
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-        command.__signature__, command.__annotations__ = _signature(leaves, extras)  # type: ignore[attr-defined]
+        signature, annotations = _signature(leaves, extras, overrides=not group)
+        command.__signature__, command.__annotations__ = signature, annotations  # type: ignore[attr-defined]
         return command
 
     return decorate
 
 
+def _refuse_before_subcommand(ctx: Any, leaves: Sequence[OptionField]) -> None:
+    import typer
+
+    given = [f.flag for f in leaves if _given(ctx, f.param)] + (["--config"] if _given(ctx, "config") else [])
+    if given:
+        raise typer.BadParameter(
+            f"options go after the command: {ctx.command_path} {ctx.invoked_subcommand} … "
+            f"(got {', '.join(given)} before it)"
+        )
+
+
 def _signature(
-    leaves: Sequence[OptionField], extras: Mapping[str, type] | None
+    leaves: Sequence[OptionField], extras: Mapping[str, type] | None, *, overrides: bool = True
 ) -> tuple[inspect.Signature, dict[str, Any]]:
     import typer
 
@@ -485,7 +506,7 @@ def _signature(
         params.append(
             inspect.Parameter(f.param, kind, annotation=annotations[f.param], default=_typer_default(f))
         )
-    for name in ("config", "overrides"):
+    for name in ("config", "overrides") if overrides else ("config",):
         annotations[name] = special[name]
         params.append(inspect.Parameter(name, kind, annotation=special[name], default=None))
     annotations["return"] = None
@@ -507,7 +528,7 @@ def _resolve_from_cli(
     flags = {f.key: kwargs[f.param] for f in leaves if _given(ctx, f.param)}
     try:
         return resolve(
-            cls, config=kwargs["config"], overrides=kwargs["overrides"] or (), flags=flags, extras=extras
+            cls, config=kwargs["config"], overrides=kwargs.get("overrides") or (), flags=flags, extras=extras
         )
     except OptionError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
