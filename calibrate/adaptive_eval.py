@@ -197,8 +197,13 @@ class AdaptiveRecords:
         return len(self.pred)
 
 
+def _surrogate_radius(surrogate: CertificateBatch) -> np.ndarray:
+    """``R_s``: the surrogate's calibrated radius, 0 where it abstains."""
+    return np.where(surrogate.abstain, 0.0, np.asarray(surrogate.radius, dtype=np.float64))
+
+
 def _combine(surrogate: CertificateBatch, mc: _McRun, routed: np.ndarray, sigma: float) -> AdaptiveRecords:
-    s_radius = np.where(surrogate.abstain, 0.0, np.asarray(surrogate.radius, dtype=np.float64))
+    s_radius = _surrogate_radius(surrogate)
     mc_radius = np.array(
         [radius_from_lower_bound(p, sigma) if r else 0.0 for p, r in zip(mc.p_lower, routed)]
     )
@@ -253,7 +258,7 @@ def adaptive_certify_offline(
     _check_budget(seq.budget, counts)
     if mc.require_radius is not None:
         target = mc.require_radius
-        routed = np.asarray(surrogate.radius) < target
+        routed = _surrogate_radius(surrogate) < target
     elif route is None:
         raise ValueError("without --require-radius the offline evaluation needs a routing rule")
     else:
@@ -292,7 +297,7 @@ class RoutingRule:
 
     def routes(self, surrogate: CertificateBatch) -> np.ndarray:
         """Which of ``surrogate``'s frames the rule sends to Monte Carlo."""
-        return (np.asarray(surrogate.radius) < self.target_radius) & (
+        return (_surrogate_radius(surrogate) < self.target_radius) & (
             np.asarray(surrogate.score) < self.score_below
         )
 
@@ -386,7 +391,7 @@ def choose_routing_rule(
             required_p = check_required_radius(target, sigma, seq)
         except ValueError:
             continue  # beyond what this budget can ever certify
-        run = _run_mc(top, counts, np.asarray(surrogate.radius) < target, required_p, seq, search.seed)
+        run = _run_mc(top, counts, _surrogate_radius(surrogate) < target, required_p, seq, search.seed)
         for t in search.score_grid:
             rule = RoutingRule(score_below=t, target_radius=target)
             records = _combine(surrogate, run, rule.routes(surrogate), sigma)
