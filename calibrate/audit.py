@@ -22,6 +22,9 @@ import numpy as np
 from rrise.bundle import Bundle
 from rrise.certificate import certify_from_probs
 
+from .mc import sample_counts
+from .measures import detection_limit, reference_violations
+
 __all__ = ["DEFAULT_AUDIT_DRAWS", "AuditResult", "audit_bundle", "bundle_dataset"]
 
 # Fresh draws per audited input: enough to see an over-claim near the cap (see the module docstring).
@@ -93,9 +96,6 @@ def audit_bundle(
 ) -> AuditResult:
     """Certify ``images`` with the bundle's fp32 variant and check each against fresh MC."""
     from scipy.stats import binom
-
-    from .mc import sample_counts
-    from .measures import detection_limit, reference_violations
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     probs, variant = _deployed_probs(b, images)

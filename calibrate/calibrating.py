@@ -9,7 +9,7 @@ folder's models are other ones.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,11 @@ from .counts import (
     load_store_counts,
 )
 from .provenance import StageNotReady, file_sha256
+from .rules import compare_rules, fit_rule, get_rule
 from .workdir import Workdir
 
 __all__ = [
+    "CalibrateSettings",
     "cap_stage_counts",
     "chosen_cap_draws",
     "chosen_rule",
@@ -75,8 +77,6 @@ def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = T
     ``cap_draws`` (default: the profile's; 0 = off): the rules are compared as `rrise calibrate
     --cap-draws` will run them, the rule-selection inputs whose N_cal draws all fell on one class
     getting that many more (:func:`cap_stage_counts`, a store of their own)."""
-    from .rules import compare_rules
-
     p = w.prof
     out = w.path("rules.json")
     if not p.n_rule:
@@ -118,40 +118,55 @@ def chosen_cap_draws(w: Workdir) -> int | None:
     return (read_json(w.path("rules.json")) or {}).get("cap_draws")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CalibrateSettings:
+    """The settings of the ``calibrate`` stage (``rrise calibrate``'s options), each defaulting to the
+    profile's or the folder's: ``alpha``/``beta`` (the profile's), ``delta`` (a training-conditional,
+    PAC, quantile; None: marginal), ``score`` (probit, logit, identity), ``rule`` (the one the
+    selection split chose), ``bins`` (overrides the rule's number of confidence bins),
+    ``cap_draws`` (second-stage draws at the cap; 0 = off; by default those the rule was chosen
+    with, else the profile's)."""
+
+    alpha: float | None = None
+    beta: float | None = None
+    delta: float | None = None
+    score: str = "probit"
+    bins: int | None = None
+    rule: str | None = None
+    cap_draws: int | None = None
+
+
 def rule_spec(
     w: Workdir,
     rule_name: str,
+    levels: CalibrateSettings,
     *,
     m: int,
-    alpha: float,
-    beta: float | None = None,
-    delta: float | None = None,
-    score: str = "probit",
-    bins: int | None = None,
     selection: dict[str, np.ndarray] | None = None,
 ) -> CalibrationSpec:
-    """The spec of rule ``rule_name`` (``bins`` overrides its number of confidence bins), its choices
-    (bin edges, score map) fitted on the selection split for ``m`` calibration inputs."""
-    from .rules import fit_rule, get_rule
-
+    """The spec of rule ``rule_name`` at ``levels`` (its ``alpha``, ``beta``, ``delta``, ``score``;
+    ``bins`` overrides the rule's number of confidence bins), its choices (bin edges, score map)
+    fitted on the selection split for ``m`` calibration inputs."""
     rule = get_rule(rule_name)
-    if bins is not None:
-        rule = replace(rule, bins=bins)
-    if rule.map_tau is not None and score != "probit":
-        raise ValueError(f"rule {rule.name!r} learns a probit score map; it cannot use score {score!r}")
+    if levels.bins is not None:
+        rule = replace(rule, bins=levels.bins)
+    if rule.map_tau is not None and levels.score != "probit":
+        raise ValueError(
+            f"rule {rule.name!r} learns a probit score map; it cannot use score {levels.score!r}"
+        )
     selection = selection_data(w) if selection is None else selection
     return fit_rule(
         rule,
         selection.get("probs", selection["bin_probs"]),
         selection.get("counts"),
-        sigma=w.config.sigma,
         m=m,
-        n_mc=w.prof.n_cal,
-        alpha=alpha,
-        beta=w.prof.beta if beta is None else beta,
-        delta=delta,
-        score=score,
         bin_probs=selection["bin_probs"],
+        sigma=w.config.sigma,
+        n_mc=w.prof.n_cal,
+        alpha=w.prof.alphas[0] if levels.alpha is None else levels.alpha,
+        beta=w.prof.beta if levels.beta is None else levels.beta,
+        delta=levels.delta,
+        score=levels.score,
     )
 
 
@@ -163,39 +178,25 @@ def model_hashes(w: Workdir) -> dict[str, str | None]:
     }
 
 
-def stage_calibrate(
-    w: Workdir,
-    alpha: float | None = None,
-    beta: float | None = None,
-    delta: float | None = None,
-    score: str = "probit",
-    bins: int | None = None,
-    rule: str | None = None,
-    cap_draws: int | None = None,
-    resume: bool = True,
-) -> list[Path]:
+def stage_calibrate(w: Workdir, resume: bool = True, **settings: Any) -> list[Path]:
     """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
 
-    ``alpha``/``beta`` default to the profile's; ``delta`` asks for a training-conditional (PAC)
-    quantile; ``score`` is the transform (probit, logit, identity); ``rule`` the calibration rule
-    (default: the one the selection split chose, see ``select-rule``); ``bins`` overrides the rule's
-    number of confidence bins; ``cap_draws`` (0 = off) the second-stage draws at the cap
-    (:func:`cap_stage_counts`), by default those the rule was chosen with, else the profile's. The
-    MC counts are kept, so a re-calibration with other settings costs one surrogate pass.
+    ``settings``: :class:`CalibrateSettings` by name (``alpha``, ``beta``, ``delta``, ``score``,
+    ``rule``, ``bins``, ``cap_draws``). The MC counts are kept, so a re-calibration with other
+    settings costs one surrogate pass.
     """
+    s = CalibrateSettings(**settings)
     ds, p = w.data("train"), w.prof
     idx = w.splits()["calibration"]
     hashes = model_hashes(w)  # before reading the models: a model changed meanwhile shows as stale
     # MC is the expensive half: its store is kept (and resumed) across re-calibrations
     fill_count_store(w, CALIBRATION_STORE, idx, p.n_cal, "calibration", "train", resume)
     index, counts = load_store_counts(w, CALIBRATION_STORE)
-    n2 = _cap_draws(w, chosen_cap_draws(w) if cap_draws is None else cap_draws)
+    n2 = _cap_draws(w, chosen_cap_draws(w) if s.cap_draws is None else s.cap_draws)
     cap_counts = cap_stage_counts(w, index, counts, n2, resume) if n2 else None
     probs = surrogate_probs(w.path("surrogate.onnx"), ds.images[index])
-    rule = rule or chosen_rule(w)
-    alpha = p.alphas[0] if alpha is None else alpha
-    spec = rule_spec(w, rule, m=len(index), alpha=alpha, beta=beta, delta=delta, score=score, bins=bins)
-    spec = replace(spec, cap_draws=n2 or None)
+    rule = s.rule or chosen_rule(w)
+    spec = replace(rule_spec(w, rule, s, m=len(index)), cap_draws=n2 or None)
     cal = conformalize(spec, probs, counts, cap_counts=cap_counts, dataset=w.config.dataset, **hashes)
     arrays = {"index": index, "images": ds.images[index], "labels": ds.labels[index]}
     if cap_counts is not None:

@@ -14,6 +14,7 @@ import numpy as np
 from rrise.fileio import atomic_write_text, save_npz
 
 from .counts import prepare_base_model
+from .mc import certify
 from .workdir import Workdir
 
 __all__ = ["COHEN_NPZ", "COHEN_TSV", "cohen_from_counts", "stage_cohen"]
@@ -33,8 +34,6 @@ def _certify_in_pieces(w: Workdir, images: np.ndarray, num_classes: int) -> dict
     Input i's draws depend only on (seed, i), so the pieces give the same certificates as one call.
     """
     from rrise.progress import progress_bar
-
-    from .mc import certify
 
     p = w.prof
     model, label = prepare_base_model(w, "auto", _device(), images[:1], len(images) * (p.n0 + p.n))

@@ -13,7 +13,11 @@ import numpy as np
 
 from rrise.fileio import read_json
 
+from . import distributed as dist
+from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
+from .model_files import load_model
 from .provenance import file_sha256
+from .store import CountStore, IndexedRows, fill_store, is_store, load_store
 from .workdir import Workdir
 
 __all__ = [
@@ -57,9 +61,6 @@ def prepare_base_model(w: Workdir, backend: str, device: str, sample: np.ndarray
     than it saves, and onnxruntime is the faster one for small models on a CPU. A label reopens the
     backend a store was sampled with, so that a resumed store keeps its numerics.
     """
-    from .mc import AUTO_PROBE_MIN_DRAWS, prepare_model
-    from .model_files import load_model
-
     if backend == "auto" and not w.config.model_spec.torch_checkpoint:  # base.onnx is all there is
         backend = "onnxruntime"
     if backend == "auto" and draws < AUTO_PROBE_MIN_DRAWS and not device.startswith("cuda"):
@@ -92,9 +93,6 @@ def fill_count_store(
     ``resume``: continue a store whose metadata matches, refuse (naming the field) one made otherwise;
     ``resume=False`` starts such a store over. Returns the store's ``manifest.json``.
     """
-    from . import distributed as dist
-    from .store import CountStore, IndexedRows, fill_store, is_store
-
     info, device = dist.init()
     ds, path = w.data(split), w.path(name)
     images = IndexedRows(ds.images, index)
@@ -146,8 +144,6 @@ def fill_count_store(
 
 def load_store_counts(w: Workdir, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(index [N], counts [N, K] int64)`` of the finished count store ``name`` of the work folder."""
-    from .store import load_store
-
     index, counts, _ = load_store(w.path(name))
     return index, counts
 

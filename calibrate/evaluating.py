@@ -21,6 +21,7 @@ from rrise.certificate import certify_from_probs
 from rrise.fileio import load_npz, read_json
 
 from .calibrating import (
+    CalibrateSettings,
     chosen_rule,
     load_calibration,
     load_calibration_npz,
@@ -29,10 +30,22 @@ from .calibrating import (
     selection_data,
     surrogate_probs,
 )
-from .cohen import COHEN_NPZ
-from .counts import REFERENCE_STORE, load_store_counts, prepare_base_model
+from .cohen import COHEN_NPZ, cohen_from_counts
+from .counts import (
+    CALIBRATION_STORE,
+    CAP_STORE,
+    REFERENCE_STORE,
+    RULE_CAP_STORE,
+    RULE_STORE,
+    TARGET_STORES,
+    load_store_counts,
+    prepare_base_model,
+)
+from .fit import FRESH_COST
+from .mc import certify
 from .measures import DEFAULT_RADII, detection_limit, method_metrics, pseudo_count_certify, violation_stats
 from .report import reliability_plot, write_report
+from .rules import RULES, get_rule
 from .workdir import Workdir
 
 __all__ = ["stage_evaluate"]
@@ -118,17 +131,14 @@ def _rrise_row(cal: Calibration, probs: np.ndarray, labels: np.ndarray, violatio
 
 
 def _label(cal: Calibration, rule: str, tag: str) -> str:
-    from .rules import get_rule
-
     delta = "" if cal.delta is None else f", δ={cal.delta:g}"
     return f"RRISE ({cal.score}, {get_rule(rule).describe()}, α={cal.alpha:g}{delta}), {tag}"
 
 
 def _recalibrated(w: Workdir, rule: str, cal: Calibration, calnpz, selection, alpha: float) -> Calibration:
     """``rule`` at ``alpha`` with the bundle's β, δ and score, on the same calibration inputs."""
-    spec = rule_spec(
-        w, rule, m=cal.m, alpha=alpha, beta=cal.beta, delta=cal.delta, score=cal.score, selection=selection
-    )
+    levels = CalibrateSettings(alpha=alpha, beta=cal.beta, delta=cal.delta, score=cal.score)
+    spec = rule_spec(w, rule, levels, m=cal.m, selection=selection)
     spec = replace(spec, cap_draws=cal.cap_draws)
     return conformalize(spec, calnpz["probs"], calnpz["counts"], cap_counts=calnpz.get("cap_counts"))
 
@@ -138,8 +148,6 @@ def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violatio
     the one-quantile rule and the bundle's rule at the profile's other α, and every rule at the
     bundle's α (``rules_test``: shown for transparency, never used to choose); ``not_run``: the rows
     that could not be computed (e.g. α too small for m), with why."""
-    from .rules import RULES, get_rule
-
     calnpz, selection = load_calibration_npz(w), selection_data(w)
     methods = {_label(cal, rule, "as bundled"): _rrise_row(cal, probs, labels, violations)}
     rules_test: dict[str, Any] = {}
@@ -173,8 +181,6 @@ def _side_by_side_query_seconds(
     their ratio does not depend on what else the machine was doing at another moment."""
     from rrise.runtime.backends import OnnxRuntimeBackend
 
-    from .mc import certify
-
     p = w.prof
     backend = OnnxRuntimeBackend(w.path("surrogate.onnx"))
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", images[:1], p.n0 + p.n)
@@ -202,8 +208,6 @@ def _cohen_rows(w: Workdir, cohen, labels, mc_per_query: float, violations) -> d
     """Cohen's MC baseline at the profile's α, and at every α RRISE is reported at (0.01 and 0.001
     among them), recomputed from the certify stage's stored counts: the same draws, so the rows
     differ only by the confidence they claim."""
-    from .cohen import cohen_from_counts
-
     p = w.prof
     rows = {}
     for alpha in dict.fromkeys([p.mc_alpha, *REPORT_ALPHAS, *p.alphas]):
@@ -245,9 +249,6 @@ def one_time_evaluations(w: Workdir) -> dict[str, int]:
     count store the product needs (surrogate targets and their selection split, rule selection,
     calibration) and the fresh draws of surrogate training (``FRESH_COST``). Cohen's baseline and
     the reference are evaluation, not part of the product's cost, and are left out."""
-    from .counts import CALIBRATION_STORE, CAP_STORE, RULE_CAP_STORE, RULE_STORE, TARGET_STORES
-    from .fit import FRESH_COST
-
     out: dict[str, int] = {}
     for what, name in (
         ("surrogate targets", TARGET_STORES["targets"]),

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import distributed as dist
 from . import provenance as prov
 from .counts import TARGET_STORES, stage_targets
 from .demo import run_demo as _run_demo
 from .provenance import Stage, StageNotReady
 from .stages import ALL_STAGES, OPTIONAL_STAGES, STAGES, run_stage
+from .store import discard
 from .workdir import RunConfig, Workdir
 
 __all__ = [
@@ -33,9 +35,6 @@ def run_targets(w: Workdir, force: bool = False, resume: bool = True) -> list[Pa
     """`rrise targets`, also under ``torchrun``: ``force`` or ``resume=False`` start the stores over;
     by default a partial store is resumed when its metadata matches, and refused (naming the field
     that differs) when it does not."""
-    from . import distributed as dist
-    from .store import discard
-
     info, _ = dist.init()
     try:
         ready = None

@@ -24,7 +24,7 @@ from rrise.certificate import certify_from_probs
 
 from .score_map import fit_score_map, fit_score_scale
 
-__all__ = ["Rule", "RULES", "compare_rules", "confidence_bin_edges", "fit_rule", "get_rule"]
+__all__ = ["RULES", "Comparison", "Rule", "compare_rules", "confidence_bin_edges", "fit_rule", "get_rule"]
 
 TARGET_RADII = (0.0, 0.25, 0.5, 0.75)
 
@@ -97,20 +97,21 @@ def fit_rule(
     sel_probs: np.ndarray,
     sel_counts: np.ndarray | None,
     *,
-    sigma: float,
     m: int,
-    n_mc: int,
-    alpha: float,
-    beta: float,
-    delta: float | None = None,
-    score: str = "probit",
     bin_probs: np.ndarray | None = None,
+    settings: CalibrationSpec | None = None,
+    **given: Any,
 ) -> CalibrationSpec:
     """The :class:`rrise.CalibrationSpec` of ``rule``, its choices fitted on SELECTION data: the score
     map from the surrogate's ``sel_probs`` and full-size MC ``sel_counts`` (``n_mc`` draws per input),
     the bin edges from the ŝ of ``bin_probs`` (default ``sel_probs``: bins need no MC), sized for ``m``
-    calibration inputs. Never pass calibration inputs here: the guarantee needs the choices fixed
-    before calibration."""
+    calibration inputs. ``settings`` (a :class:`~rrise.CalibrationSpec`), or its fields as keywords
+    (``sigma``, ``n_mc``, ``alpha``, ``beta``, ``delta``, ``score``): what the rule calibrates at.
+    Never pass calibration inputs here: the guarantee needs the choices fixed before calibration."""
+    base = settings if settings is not None else CalibrationSpec(**given)
+    if settings is not None and given:
+        base = replace(base, **given)
+    n_mc, beta = base.n_mc, base.beta
     score_map = scale = None
     if (rule.map_tau is not None or rule.scale) and sel_counts is None:
         raise ValueError(f"rule {rule.name!r} needs full-size MC counts on the selection split")
@@ -121,14 +122,9 @@ def fit_rule(
     edges: tuple[float, ...] = ()
     if rule.bins > 1:
         top_prob = np.asarray(sel_probs if bin_probs is None else bin_probs).max(axis=1)
-        edges = confidence_bin_edges(top_prob, m, alpha, max_bins=rule.bins, delta=delta)
-    return CalibrationSpec(
-        sigma=sigma,
-        n_mc=n_mc,
-        alpha=alpha,
-        beta=beta,
-        score=score,
-        delta=delta,
+        edges = confidence_bin_edges(top_prob, m, base.alpha, max_bins=rule.bins, delta=base.delta)
+    return replace(
+        base,
         bin_edges=edges,
         score_map_x=() if score_map is None else score_map[0],
         score_map_y=() if score_map is None else score_map[1],
@@ -137,27 +133,46 @@ def fit_rule(
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """How :func:`compare_rules` compares the rules.
+
+    ``n_mc``, ``sigma``, ``alpha``, ``beta``: the calibration the rules are compared at (``n_mc``:
+    the full-size MC draws behind the counts); ``rules`` and the target ``radii``; ``repeats``
+    random fit/calibrate/test splits (``seed``) in the shares ``fit_share``/``calibrate_share``;
+    ``deploy_m``: the calibration size the chosen rule will get; ``cap_counts``/``cap_draws``: the
+    second stage at the cap (both None: off).
+    """
+
+    n_mc: int
+    sigma: float
+    alpha: float
+    beta: float
+    rules: tuple[Rule, ...] = RULES
+    radii: tuple[float, ...] = TARGET_RADII
+    repeats: int = 50
+    seed: int = 0
+    fit_share: float = 0.25
+    calibrate_share: float = 0.5
+    deploy_m: int | None = None
+    cap_counts: np.ndarray | None = None
+    cap_draws: int | None = None
+
+    def calibration_settings(self) -> dict[str, Any]:
+        """What the rules calibrate at, as :func:`fit_rule`'s keywords."""
+        return {"sigma": self.sigma, "n_mc": self.n_mc, "alpha": self.alpha, "beta": self.beta}
+
+
 def compare_rules(
     probs: np.ndarray,
     counts: np.ndarray,
     labels: np.ndarray,
-    *,
-    n_mc: int,
-    sigma: float,
-    alpha: float,
-    beta: float,
-    rules: tuple[Rule, ...] = RULES,
-    radii: tuple[float, ...] = TARGET_RADII,
-    repeats: int = 50,
-    seed: int = 0,
-    fit_share: float = 0.25,
-    calibrate_share: float = 0.5,
-    deploy_m: int | None = None,
-    cap_counts: np.ndarray | None = None,
-    cap_draws: int | None = None,
+    comparison: Comparison | None = None,
+    **given: Any,
 ) -> dict[str, Any]:
     """Mean certified accuracy (%) of each rule over ``repeats`` random fit/calibrate/test splits of
     SELECTION inputs (``probs``: surrogate outputs, ``counts``: fresh MC with ``n_mc`` draws, ``labels``).
+    ``comparison`` (:class:`Comparison`), or its fields as keywords, says how.
 
     ``deploy_m``: the calibration size the chosen rule will get. A calibrate part smaller than that
     is resampled with replacement to ``deploy_m`` inputs, so that each rule is compared at the
@@ -174,80 +189,83 @@ def compare_rules(
     size is reported with its reason. Winner: the simplest rule (earliest in ``rules``) within one
     paired standard error of the best mean certified accuracy over ``radii`` (the one-SE rule).
     """
+    c = comparison if comparison is not None else Comparison(**given)
+    if comparison is not None and given:
+        c = replace(c, **given)
     p, k, y = np.asarray(probs, dtype=np.float64), np.asarray(counts), np.asarray(labels)
-    n = len(p)
-    rng = np.random.default_rng(seed)
-    n_fit, n_cal = int(n * fit_share), int(n * calibrate_share)
-    if not (n_fit > 0 and n_cal > 0 and n_fit + n_cal < n):
-        raise ValueError(f"fit_share {fit_share} and calibrate_share {calibrate_share} leave no test inputs")
-    settings = {"sigma": sigma, "n_mc": n_mc, "alpha": alpha, "beta": beta}
-    resample = deploy_m is not None and deploy_m > n_cal
-    splits = []
-    for _ in range(repeats):
-        perm = rng.permutation(n)
-        cal = perm[n_fit : n_fit + n_cal]
-        if resample:
-            cal = rng.choice(cal, size=deploy_m, replace=True)
-        splits.append((perm[:n_fit], cal, perm[n_fit + n_cal :]))
-    runs, errors = _run_splits(rules, splits, p, k, y, settings, radii, cap_counts, cap_draws)
+    splits, sizes = _draw_splits(len(p), c)
+    runs, errors = _run_splits(c, splits, p, k, y)
     table = {
         r.name: {"rule": r.describe(), "error": errors[r.name]}
         if r.name in errors
-        else _summary(r, runs[r.name], radii)
-        for r in rules
+        else _summary(r, runs[r.name], c.radii)
+        for r in c.rules
     }
-    ranked = [r.name for r in rules if r.name not in errors]
+    ranked = [r.name for r in c.rules if r.name not in errors]
     if not ranked:
         raise ValueError(
             f"no calibration rule could run on this selection split: {'; '.join(errors.values())}"
         )
-    winner = _one_standard_error_winner(rules, ranked, runs, table)
+    winner = _one_standard_error_winner(c.rules, ranked, runs, table)
     return {
-        "alpha": alpha,
-        "beta": beta,
-        "n_mc": n_mc,
-        "inputs": n,
-        "split": f"{repeats} random splits: fit {n_fit}, calibrate {n_cal}"
-        + (f" (resampled to m = {deploy_m})" if resample else "")
-        + f", test {n - n_fit - n_cal}",
-        "deploy_m": deploy_m,
-        "cap_draws": cap_draws,
+        "alpha": c.alpha,
+        "beta": c.beta,
+        "n_mc": c.n_mc,
+        "inputs": len(p),
+        "split": sizes,
+        "deploy_m": c.deploy_m,
+        "cap_draws": c.cap_draws,
         "criterion": "simplest rule within one paired standard error of the best mean certified accuracy",
-        "radii": list(radii),
+        "radii": list(c.radii),
         "rules": table,
         "winner": winner,
     }
 
 
+def _draw_splits(n: int, c: Comparison) -> tuple[list, str]:
+    """``c.repeats`` random (fit, calibrate, test) splits of ``n`` inputs, and their sizes in words;
+    a calibrate part smaller than ``c.deploy_m`` is resampled with replacement to that size."""
+    fit_size, cal_size = int(n * c.fit_share), int(n * c.calibrate_share)
+    if not (fit_size > 0 and cal_size > 0 and fit_size + cal_size < n):
+        raise ValueError(
+            f"fit_share {c.fit_share} and calibrate_share {c.calibrate_share} leave no test inputs"
+        )
+    rng = np.random.default_rng(c.seed)
+    resample = c.deploy_m is not None and c.deploy_m > cal_size
+    splits = []
+    for _ in range(c.repeats):
+        perm = rng.permutation(n)
+        cal = perm[fit_size : fit_size + cal_size]
+        if resample:
+            cal = rng.choice(cal, size=c.deploy_m, replace=True)
+        splits.append((perm[:fit_size], cal, perm[fit_size + cal_size :]))
+    sizes = (
+        f"{c.repeats} random splits: fit {fit_size}, calibrate {cal_size}"
+        + (f" (resampled to m = {c.deploy_m})" if resample else "")
+        + f", test {n - fit_size - cal_size}"
+    )
+    return splits, sizes
+
+
 def _run_splits(
-    rules: tuple[Rule, ...],
-    splits: list,
-    p: np.ndarray,
-    k: np.ndarray,
-    y: np.ndarray,
-    settings: dict[str, Any],
-    radii: tuple[float, ...],
-    cap_counts: np.ndarray | None = None,
-    cap_draws: int | None = None,
+    c: Comparison, splits: list, p: np.ndarray, k: np.ndarray, y: np.ndarray
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """Each rule fitted, calibrated and tested on every (fit, calibrate, test) split; a rule that
-    raises ValueError (too few inputs per bin, say) is dropped with its reason. ``cap_counts`` and
-    ``cap_draws``: the second stage at the cap (both None: off)."""
-    n2, k2 = cap_draws, None if cap_draws is None else np.asarray(cap_counts)
-    p_low = mc_lower_bounds(
-        k, p.argmax(axis=1), settings["n_mc"], settings["beta"], cap_counts=k2, cap_draws=n2
-    )
-    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rules}
+    raises ValueError (too few inputs per bin, say) is dropped with its reason."""
+    n2, k2 = c.cap_draws, None if c.cap_draws is None else np.asarray(c.cap_counts)
+    p_low = mc_lower_bounds(k, p.argmax(axis=1), c.n_mc, c.beta, cap_counts=k2, cap_draws=n2)
+    settings = c.calibration_settings()
+    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in c.rules}
     errors: dict[str, str] = {}
     for fit, cal, test in splits:
-        for rule in (r for r in rules if r.name not in errors):
+        for rule in (r for r in c.rules if r.name not in errors):
             try:
                 spec = replace(fit_rule(rule, p[fit], k[fit], m=len(cal), **settings), cap_draws=n2)
                 calibration = conformalize(spec, p[cal], k[cal], cap_counts=None if k2 is None else k2[cal])
             except ValueError as exc:
                 errors[rule.name] = str(exc)
                 continue
-            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, radii))
+            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, c.radii))
     return runs, errors
 
 

@@ -28,6 +28,8 @@ import numpy as np
 
 from rrise.fileio import atomic_write_bytes, read_json
 
+from .mc import sample_counts
+
 __all__ = [
     "FORMAT",
     "CountStore",
@@ -308,8 +310,6 @@ def fill_store(
     matching ``store.meta["backend"]``. Returns the shards it sampled.
     """
     from rrise.progress import progress_bar
-
-    from .mc import sample_counts
 
     meta = store.meta
     if len(images) != meta["num_inputs"]:
