@@ -301,6 +301,28 @@ class RoutingRule:
             np.asarray(surrogate.score) < self.score_below
         )
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoutingRule:
+        """The rule :meth:`to_dict` wrote (a manifest's or a report's); ValueError naming a bad key."""
+        try:
+            score = data["score_below"]
+            rule = cls(
+                score_below=math.inf if score is None else float(score),
+                target_radius=float(data["target_radius"]),
+                mc_budget=data.get("mc_budget"),
+                max_mean_draws=data.get("max_mean_draws"),
+                selection_inputs=data.get("selection_inputs"),
+                selection_mean_draws=data.get("selection_mean_draws"),
+                selection_certified_accuracy=None
+                if data.get("selection_certified_accuracy") is None
+                else tuple(data["selection_certified_accuracy"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"a routing rule needs score_below and target_radius numbers: {exc!r}") from None
+        if not rule.target_radius > 0 or not rule.score_below >= 0:
+            raise ValueError(f"a routing rule needs target_radius > 0 and score_below >= 0, got {dict(data)}")
+        return rule
+
     def to_dict(self) -> dict[str, Any]:
         """For the bundle manifest and the report (``score_below`` None: no ŝ condition)."""
         return {

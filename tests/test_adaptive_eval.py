@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -10,6 +13,7 @@ from rrise.calibrate.adaptive_eval import (
     BY_MC,
     BY_SURROGATE,
     EvalSplit,
+    RoutingRule,
     RoutingSearch,
     RowPlan,
     adaptive_certify_offline,
@@ -186,6 +190,11 @@ def test_routing_rule_is_chosen_within_its_draws_on_selection(selection_split):
     assert replayed.mc_draws.mean() == pytest.approx(loose.selection_mean_draws, abs=1e-3)
     d = loose.to_dict()
     assert d["chosen_on"] == "selection split" and d["mc_budget"] == 1_024 and "validity" in d
+    assert RoutingRule.from_dict(json.loads(json.dumps(d))) == loose
+    everything = RoutingRule(score_below=math.inf, target_radius=0.5)
+    assert RoutingRule.from_dict(everything.to_dict()) == everything
+    with pytest.raises(ValueError, match="target_radius"):
+        RoutingRule.from_dict({"score_below": 0.9})
 
 
 def test_rows_never_look_at_test_inputs_to_route(test_split, selection_split, tmp_path):
