@@ -733,3 +733,34 @@ def test_cli_errors_are_one_line_without_a_stray_exit_code(cli_inputs, tmp_path)
     assert lines[0].startswith("error: cannot read the surrogate checkpoint")
     assert [line for line in lines if line.startswith("error:")] == lines[:1]  # no stray "error: 1"
     assert not (tmp_path / "b").exists()
+
+
+# --- the typed options of rrise-export ------------------------------------------------------------------
+def test_export_options_name_the_flag_and_say_what_is_asked():
+    import doctest
+
+    from rrise.export import options
+    from rrise.export.options import BundleInputs, ExportOptions, VariantOptions
+    from rrise.export.precision import Precision
+
+    assert doctest.testmod(options, optionflags=doctest.ELLIPSIS).failed == 0
+    full = BundleInputs(
+        surrogate=Path("s.pt"), base=Path("b.onnx"), calibration=Path("c.npz"),
+        calibration_record=Path("c.json"), out=Path("bundle"),
+    )  # fmt: skip
+    assert ExportOptions(inputs=full).action == "bundle"
+    with pytest.raises(
+        ValueError, match="^--bundle adds to an existing bundle; it does not take --surrogate"
+    ):
+        ExportOptions(inputs=full, bundle=Path("b"))
+    with pytest.raises(ValueError, match="^--precision: every bundle has its fp32 variant already"):
+        ExportOptions(bundle=Path("b"))
+    with pytest.raises(ValueError, match="^--precision int8 needs --quant-data"):
+        ExportOptions(inputs=full, variant=VariantOptions(precision=Precision.int8))
+    for bad, flag in [({"max_batch": 0}, "--max-batch"), ({"quant_samples": 0}, "--quant-samples")]:
+        with pytest.raises(ValueError, match=f"^{flag} must be >= 1"):
+            VariantOptions(**bad)
+    with pytest.raises(ValueError, match="^--labels must be comma-separated names"):
+        BundleInputs(labels="a,,b")
+    engine = ExportOptions(bundle=Path("b"), variant=VariantOptions(precision="int8", engine="tensorrt"))
+    assert engine.action == "add-variant" and engine.variant.engine.value == "tensorrt"
