@@ -100,9 +100,42 @@ def drain(
 ) -> dict[str, Any]:
     """Send every record of ``stream`` to ``sinks`` until the stream ends; return its summary.
 
+    Parameters
+    ----------
+    stream:
+        A :class:`~rrise.runtime.stream.Stream`, not yet iterated.
+    sinks:
+        Where its records go (:func:`~rrise.runtime.sinks.open_sinks`).
+    show_progress:
+        A live progress line on stderr.
+    no_output:
+        A run without any sink is meant: no warning about it.
+
+    Returns
+    -------
+    dict
+        The stream's summary and ``warnings`` (:data:`SUMMARY_KEYS`).
+
     SIGINT/SIGTERM stop the stream after the current batch; a closed output pipe stops it quietly.
     A stream with no sink at all is warned about at the start and in the summary's ``warnings``
     (unless ``no_output``), as is a publisher that no subscriber heard; each warning is logged.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from rrise.runtime import Runtime, open_sinks
+    >>> from rrise.runtime.sources import PushSource
+    >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
+    >>> source = PushSource("robot", live=False)
+    >>> source.push(np.zeros((4, 4), np.uint8)), source.end()
+    (0, None)
+    >>> got = []
+    >>> with Runtime(bundle) as runtime, open_sinks(callback=got.append) as sinks:
+    ...     summary = drain(runtime.stream(source), sinks)
+    >>> summary["frames"], got[0]["source"], summary["warnings"]
+    (1, 'robot', [])
     """
     stats = stream.stats
     stats.count_publish_failures(lambda: sinks.publish_failed)
@@ -167,14 +200,36 @@ def run_stream(
         The summary (:data:`SUMMARY_KEYS`): counts, rates, latencies, how the stream ran, the
         publishers' delivery counts, and ``warnings`` (what went nowhere, also logged).
 
+    Raises
+    ------
+    rrise.BundleError
+        A bundle that does not load, or not the one ``expect_id``/``trust`` ask for.
+    rrise.runtime.sources.SourceError
+        A source that does not open (after the retries asked for).
+    rrise.runtime.sinks.SinkError
+        An output that cannot be opened.
+    ValueError
+        ``no_output`` with a callback, or neither ``bundle`` nor ``runtime``.
+
     SIGINT/SIGTERM stop the stream after the current batch, every sink flushed and closed.
 
-    >>> from rrise.bundle import BundleError
-    >>> try:
-    ...     run_stream("no/such/bundle", "0")
-    ... except BundleError as exc:
-    ...     print("refused:", type(exc).__name__)
-    refused: BundleError
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from rrise.runtime.options import StreamOptions
+    >>> from rrise.runtime.sources import PushSource
+    >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
+    >>> source = PushSource("robot", live=False)
+    >>> for level in (0, 120, 240):
+    ...     _ = source.push(np.full((4, 4), level, np.uint8))
+    >>> source.end()
+    >>> got = []
+    >>> options = RunOptions(stream=StreamOptions(batch=2, status_interval=0))
+    >>> summary = run_stream(bundle, source, options, callback=got.append)
+    >>> summary["frames"], summary["batch"], [r["frame"] for r in got]
+    (3, 2, [0, 1, 2])
     """
     options = options or RunOptions()
     no_output = options.outputs.no_output

@@ -67,11 +67,25 @@ class Runtime:
     ``alarm`` starts with ``"ood"`` when it is at most the flag rate. Thread-safe: ``seq``
     numbering and the monitor are under one lock, and inference is serialized.
 
-    >>> from tests.tiny_bundle import example_bundle  # doctest: +SKIP
-    >>> runtime = Runtime(example_bundle(), backend="onnxruntime")  # doctest: +SKIP
-    >>> record = runtime.certify(np.zeros((4, 4), np.uint8))  # doctest: +SKIP
-    >>> sorted(record)[:3]  # doctest: +SKIP
-    ['abstain', 'alarm', 'bundle']
+    Raises
+    ------
+    rrise.BundleError
+        A bundle that does not load, or not the one ``expect_id``/``trust`` ask for.
+    ValueError
+        A bundle whose labels do not match its classes, or bad monitor settings.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
+    >>> with Runtime(bundle, backend="onnxruntime") as runtime:
+    ...     one = runtime.certify(np.full((4, 4), 200, np.uint8))
+    ...     two = runtime.certify_batch([np.zeros((4, 4), np.uint8), None])
+    >>> one["seq"], one["label"] in ("a", "b", "c", None), one["radius"] >= 0.0
+    (0, True, True)
+    >>> [r["seq"] for r in two], two[1]["abstain"], two[1]["error"][:9]
+    ([1, 2], True, 'bad frame')
     """
 
     def __init__(
@@ -179,7 +193,22 @@ class Runtime:
         Returns
         -------
         dict
-            The record (:data:`rrise.records.RECORD_KEYS`).
+            The record (:data:`rrise.records.RECORD_KEYS`); an unusable frame gives an error
+            record (``error`` says why).
+
+        Raises
+        ------
+        TypeError
+            ``stamp_ns`` or ``frame_index`` not an int.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> runtime = Runtime(make_linear_bundle(linear_sources(folder), folder / "bundle").path)
+        >>> record = runtime.certify(np.full((4, 4), 200, np.uint8), stamp_ns=1_700_000_000_000_000_000)
+        >>> record["stamp_ns"], record["error"], record["abstain"] or record["radius"] > 0
+        (1700000000000000000, None, True)
         """
         stamp = time.time_ns() if stamp_ns is None else _stamp(stamp_ns, "stamp_ns")
         indices = None if frame_index is None else [_index(frame_index, "frame_index")]
@@ -211,8 +240,21 @@ class Runtime:
         Returns
         -------
         list of dict
-            One record per frame. Arguments of the wrong type raise TypeError, of the wrong length
-            or range ValueError, each naming the argument.
+            One record per frame, in order, with consecutive ``seq``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Arguments of the wrong type, length or range, each naming the argument.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> runtime = Runtime(make_linear_bundle(linear_sources(folder), folder / "bundle").path)
+        >>> records = runtime.certify_batch(np.zeros((3, 4, 4), np.uint8), frame_indices=[7, 8, 9])
+        >>> [r["frame"] for r in records], [r["seq"] for r in records]
+        ([7, 8, 9], [0, 1, 2])
         """
         frames = _frame_list(frames)
         stamps = _stamps(stamp_ns, len(frames))

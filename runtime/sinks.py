@@ -312,8 +312,36 @@ class CallbackSink:
 class Sinks:
     """Every sink of one stream: frame records go to each ``send``, status records (``kind ==
     "status"``) to each ``send_status``, in order. A sink that raises stops the fan-out of that
-    record (a closed stdout raises BrokenPipeError: the caller ends the stream). TypeError, naming
-    what is missing, for an object that is not a :class:`Sink`."""
+    record (a closed stdout raises BrokenPipeError: the caller ends the stream).
+
+    Parameters
+    ----------
+    sinks:
+        :class:`Sink` objects, in the order records reach them.
+
+    Raises
+    ------
+    TypeError
+        An object that is not a :class:`Sink`, naming what it lacks (:meth:`add`).
+
+    >>> class Printer:
+    ...     def send(self, record): print("record", record["seq"])
+    ...     def send_status(self, status): print("status")
+    ...     def close(self): print("closed")
+    >>> with Sinks([Printer()]) as sinks:
+    ...     sinks.send({"seq": 3})
+    ...     sinks.send({"kind": "status"})
+    record 3
+    status
+    closed
+    >>> class OnlySend:
+    ...     def send(self, record): pass
+    >>> try:
+    ...     Sinks([OnlySend()])
+    ... except TypeError as exc:
+    ...     print(exc)
+    OnlySend is not a sink: it lacks send_status, close
+    """
 
     def __init__(self, sinks: Sequence[Sink] = ()) -> None:
         self.sinks: list[Sink] = []
@@ -405,12 +433,24 @@ def open_sinks(
     ``on_status`` per status record, and ``frames`` (the
     :class:`~rrise.runtime.frame_outputs.FrameSink` of the video, recording and live view).
 
+    Parameters
+    ----------
+    options:
+        :class:`~rrise.runtime.options.OutputOptions` (default: no publisher, no file).
+    callback, on_status:
+        Called with each frame record / status record.
+    frames:
+        The frame outputs' sink, last.
+
     Returns
     -------
     Sinks
         Close it (or use it as a context manager) when done.
 
-    Raises :class:`SinkError` (naming the endpoint, file or key file) when one cannot be opened.
+    Raises
+    ------
+    SinkError
+        A sink that cannot be opened, naming the endpoint, file or key file.
 
     >>> with open_sinks(callback=print) as sinks:
     ...     sinks.send({"seq": 0})

@@ -90,6 +90,29 @@ class Stream:
     Each record is built and stamped here, once: ``stamp_ns`` is the capture time (a replayed
     recording's own), ``latency_ms`` runs from capture to hand-out, and a frame the source could not
     read says why (:meth:`FrameSource.frame_error`, e.g. the image file's name).
+
+    Raises
+    ------
+    rrise.runtime.sources.SourceError
+        A source that does not open (and ``retry`` allows no more tries).
+    ValueError
+        ``--drop-policy latest`` without threaded capture, or ``realtime``/``loop`` on an opened source.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from rrise.runtime import Runtime
+    >>> from rrise.runtime.sources import PushSource
+    >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> runtime = Runtime(make_linear_bundle(linear_sources(folder), folder / "bundle").path)
+    >>> source = PushSource("robot", live=False)
+    >>> for level in (0, 90, 180):
+    ...     _ = source.push(np.full((4, 4), level, np.uint8))
+    >>> source.end()
+    >>> with Stream(runtime, source, StreamOptions(batch=2, status_interval=0)) as stream:
+    ...     frames = [record["frame"] for record in stream]
+    >>> frames, stream.summary()["frames"], stream.summary()["drop_policy"]
+    ([0, 1, 2], 3, 'block')
     """
 
     def __init__(

@@ -50,6 +50,25 @@ class StreamStats:
     :meth:`summary` gives the totals. Whoever sends the records says where ``publish_failed`` and
     the subscriber counts come from (:meth:`count_publish_failures`, :meth:`report_delivery`): the
     sinks know what they could and could not deliver.
+
+    Parameters
+    ----------
+    source:
+        The stream's source (its name, state and reconnects go into status records).
+    bundle:
+        The bundle id the records carry.
+    monitor:
+        The shift alarm, whose word and state status records carry (None without one).
+    status_interval_s:
+        Seconds between status records (None or 0: none).
+
+    >>> from rrise.runtime.sources import PushSource
+    >>> stats = StreamStats(PushSource("robot"), bundle="b" * 16, status_interval_s=1.0)
+    >>> stats.begin()
+    >>> stats.add({"frame": 0, "latency_ms": 2.0, "alarm": None, "error": None, "abstain": True})
+    >>> status = stats.status(stats.started + 1.0, drops=0)
+    >>> status["kind"], status["frames"], status["abstain_rate"], status["source"]
+    ('status', 1, 1.0, 'robot')
     """
 
     def __init__(

@@ -45,7 +45,19 @@ _NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class RecordError(ValueError):
-    """A message that is not a valid record of a version this reader knows."""
+    """A message that is not a valid record of a version this reader knows.
+
+    Parameters
+    ----------
+    message:
+        What is wrong with it, naming the key.
+
+    >>> try:
+    ...     unpack(b"not msgpack at all")
+    ... except RecordError as exc:
+    ...     print(type(exc).__name__)
+    RecordError
+    """
 
 
 class Verdict(NamedTuple):
