@@ -118,3 +118,47 @@ def test_run_without_torch_certifies_every_frame_and_reports_bad_ones(tiny_bundl
     good = [r for r in records if not r["error"]]
     assert all(r["v"] == 1 and r["bundle"] for r in good)
     assert any(r["pred"] is not None for r in good)
+
+
+def test_run_takes_a_config_file_and_key_value_overrides_flags_winning(tiny_bundle, tmp_path):
+    frames = tiny_bundle.parent / "frames"
+    out = tmp_path / "records.jsonl"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"bundle: {tiny_bundle}\nsource: {frames}\nstream:\n  max_frames: 2\n  status_interval: 0\n"
+        f"outputs:\n  jsonl: {tmp_path / 'from-config.jsonl'}\n"
+    )
+    result = runner.invoke(
+        app, ["run", "--config", str(config), f"outputs.jsonl={out}", "stream.max_frames=5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 5 and not (tmp_path / "from-config.jsonl").exists()
+    flagged = runner.invoke(app, ["run", "--config", str(config), "stream.max_frames=5", "--max-frames", "3"])
+    assert flagged.exit_code == 0, flagged.output
+    assert len((tmp_path / "from-config.jsonl").read_text().splitlines()) == 3  # the flag wins
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["stream.batchsize=2"], "unknown option 'stream.batchsize'"),
+        (["stream.batch=0"], "--batch must be >= 1, got 0"),
+        (["--no-output", "--jsonl", "-"], "--no-output contradicts the outputs asked for"),
+        (["watch.monitor_window=many"], "watch.monitor_window takes an integer, got 'many'"),
+    ],
+)
+def test_run_refuses_bad_options_in_one_line_naming_them(tiny_bundle, args, said):
+    result = runner.invoke(app, ["run", "--bundle", str(tiny_bundle), "--source", "0", *args])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_every_run_flag_of_the_design_keeps_its_name():
+    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "300"}).output.split())
+    for flag in (
+        "--bundle", "--source", "--publish", "--jsonl", "--backend", "--max-frames", "--record",
+        "--save-video", "--foxglove", "--expect-id", "--trust", "--no-monitor", "--no-ood",
+        "--monitor-window", "--drop-policy", "--realtime", "--loop", "--retry", "--curve-secret",
+        "--no-output", "--wait-subscribers", "--precision", "--config",
+    ):  # fmt: skip
+        assert flag in text, flag
