@@ -146,15 +146,13 @@ def build(
     PosixPath('runs/mine/bundle')
     """
     options, module = build_options(model, data, workdir, **flags)
-    root = options.workdir
-    existed = root.exists()
-    state = {"stages": False}
+    existed, state = options.workdir.exists(), {"stages": False}
     try:
         return _build(options, module, log, state)
     except ValueError:
         # refused before any Monte Carlo: leave no folder behind (after it, the folder stays, resumable)
-        if not existed and not state["stages"] and root.exists():
-            shutil.rmtree(root, ignore_errors=True)
+        if not existed and not state["stages"] and options.workdir.exists():
+            shutil.rmtree(options.workdir, ignore_errors=True)
         raise
 
 

@@ -5,6 +5,7 @@ in front, unused outputs pruned, checked against the original graph on probe inp
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,8 @@ def from_onnx(path: Path, opts: ModelOptions) -> UserModel:
     check_finite_probe(ref.astype(np.float64), what)
     kind, more = detect_output_kind(ref.astype(np.float64), opts.output_kind, f"{what} output {chosen!r}")
     notes += more
-    canonical, fixed_batch, more = _canonical_onnx(
-        proto, inp.name, in_dtype, chosen, (c, h, w), batch, norm, ref, x, what
-    )
+    io = _Io(inp.name, in_dtype, chosen, (c, h, w), batch, norm)
+    canonical, fixed_batch, more = _canonical_onnx(proto, io, ref, what)
     notes += more
     return UserModel(
         onnx=canonical,
@@ -204,13 +204,29 @@ def _prune(graph, keep: str) -> None:
     graph.initializer.extend(inits)
 
 
-def _canonical_onnx(proto, input_name, in_dtype, output, chw, batch, norm, ref, x, what):
-    """The canonical ONNX bytes, its fixed batch (None if dynamic) and notes.
+@dataclass(frozen=True)
+class _Io:
+    """The source graph's image input (name, element type), its chosen output, the canonical
+    ``(C, H, W)``, the batch size the graph declares (None: dynamic) and the normalization to wrap
+    in (``(mean, std)`` or None)."""
+
+    input_name: str
+    in_dtype: Any
+    output: str
+    chw: tuple[int, int, int]
+    batch: int | None
+    norm: Any
+
+
+def _canonical_onnx(proto, io: _Io, ref: np.ndarray, what: str):
+    """The canonical ONNX bytes, its fixed batch (None if dynamic) and notes (``ref``: the source
+    graph's outputs on the probe inputs).
 
     Canonical: one float32 NCHW input in [0, 1] (normalization and input casts inside), one float32
     [B, K] output, a dynamic batch axis where the model allows one, outputs equal to the original's.
     """
-    model = _rewrite_io(proto, input_name, in_dtype, output, chw[0], norm)
+    input_name, output, chw, batch = io.input_name, io.output, io.chw, io.batch
+    model = _rewrite_io(proto, input_name, io.in_dtype, output, chw[0], io.norm)
     probe = probe_inputs(chw, PROBE_BATCH)
     forms = [None] if batch is None else [None, batch]  # a static batch: try to free it first
     last_error = None

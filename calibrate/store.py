@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "CountStore",
     "IndexedRows",
     "StoreMismatchError",
+    "StoreSpec",
     "discard",
     "fill_store",
     "is_store",
@@ -121,6 +123,48 @@ def _check_existing(path: Path, meta: dict[str, Any], resume: bool) -> None:
             raise StoreMismatchError(path, key, have.get(key), meta[key])
 
 
+@dataclass(frozen=True, kw_only=True)
+class StoreSpec:
+    """What a count store's counts are made with (its metadata, checked when it is reopened):
+    ``n`` draws per input at ``sigma`` from ``seed``, ``num_classes`` classes, ``shard_size`` inputs
+    per shard, the base model (``base_sha256``) on its ``backend``, and the images' ``dataset`` and
+    ``split``."""
+
+    n: int
+    sigma: float
+    seed: int
+    num_classes: int
+    shard_size: int
+    base_sha256: str
+    dataset: str
+    split: str
+    backend: str
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.shard_size < 1 or self.num_classes < 2:
+            raise ValueError(
+                f"need n >= 1, shard_size >= 1, num_classes >= 2; got {self.n}, {self.shard_size}, "
+                f"{self.num_classes}"
+            )
+
+    def meta(self, num_inputs: int, index_sha256: str) -> dict[str, Any]:
+        """The store's ``meta.json`` for ``num_inputs`` inputs whose index hashes to ``index_sha256``."""
+        return {
+            "format": FORMAT,
+            "base_sha256": str(self.base_sha256),
+            "sigma": float(self.sigma),
+            "n": int(self.n),
+            "seed": int(self.seed),
+            "dataset": str(self.dataset),
+            "split": str(self.split),
+            "num_inputs": num_inputs,
+            "num_classes": int(self.num_classes),
+            "shard_size": int(self.shard_size),
+            "index_sha256": index_sha256,
+            "backend": str(self.backend),
+        }
+
+
 class CountStore:
     """One split's counts on disk. Open with :meth:`open`; fill shard by shard with :meth:`write_shard`."""
 
@@ -135,50 +179,28 @@ class CountStore:
         cls,
         path: str | os.PathLike,
         index: np.ndarray,
+        spec: StoreSpec | None = None,
         *,
-        n: int,
-        sigma: float,
-        seed: int,
-        num_classes: int,
-        shard_size: int,
-        base_sha256: str,
-        dataset: str,
-        split: str,
-        backend: str,
         resume: bool = True,
         clean: bool = True,
+        **fields: Any,
     ) -> CountStore:
         """Create the store, or reopen it when every metadata field matches.
 
-        A folder with other metadata raises :class:`StoreMismatchError` naming the first field that
+        ``spec`` (:class:`StoreSpec`), or its fields as keywords: what the counts are made with. A
+        folder with other metadata raises :class:`StoreMismatchError` naming the first field that
         differs (with ``resume=False`` it is removed and started over instead). Leftover temporary
         files of an interrupted run are removed, unless ``clean=False``: a process that opens a
         store another one may already be writing (the other ranks of a multi-process run) must not
         take that writer's temporary files for leftovers.
         """
+        spec = StoreSpec(**fields) if spec is None else replace(spec, **fields)
         path = Path(path)
         index = np.ascontiguousarray(np.asarray(index, dtype=np.int64))
         if index.ndim != 1:
             raise ValueError(f"index must be 1-D, got shape {index.shape}")
-        if n < 1 or shard_size < 1 or num_classes < 2:
-            raise ValueError(
-                f"need n >= 1, shard_size >= 1, num_classes >= 2; got {n}, {shard_size}, {num_classes}"
-            )
         index_bytes = _npy_bytes(index)
-        meta = {
-            "format": FORMAT,
-            "base_sha256": str(base_sha256),
-            "sigma": float(sigma),
-            "n": int(n),
-            "seed": int(seed),
-            "dataset": str(dataset),
-            "split": str(split),
-            "num_inputs": len(index),
-            "num_classes": int(num_classes),
-            "shard_size": int(shard_size),
-            "index_sha256": _sha256(index_bytes),
-            "backend": str(backend),
-        }
+        meta = spec.meta(len(index), _sha256(index_bytes))
         _check_existing(path, meta, resume)
         path.mkdir(parents=True, exist_ok=True)
         if clean:

@@ -41,7 +41,7 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "DataSplits",
     "ImageSet",
     "ModelInputs",
+    "Reading",
     "SplitPlan",
     "UserDataError",
     "desired_sizes",
@@ -195,35 +196,49 @@ class ImageSet:
 # Loading
 
 
+@dataclass(frozen=True, kw_only=True)
+class Reading:
+    """How :func:`load_images` reads DATA: ``what`` names the option in messages (``DATA``,
+    ``TRAIN_DATA``); ``builtin_split``: the split of a built-in dataset named without ``:split``;
+    ``data_dir``: where a built-in dataset's files are; ``hwc_order``: channel order of
+    ``[N, H, W, 3|4]`` uint8 arrays in an ``.npz`` (``rgb``, the numpy/PIL convention, or ``bgr``);
+    ``bad_images``: ``skip`` (default) or ``refuse`` an image file that does not decode;
+    ``workers``: decoding threads (default: up to 8)."""
+
+    what: str = "DATA"
+    builtin_split: str = "test"
+    data_dir: str | os.PathLike | None = None
+    hwc_order: str = "rgb"
+    bad_images: str = "skip"
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bad_images not in BAD_IMAGES:
+            raise UserDataError(f"bad_images must be one of {BAD_IMAGES}, got {self.bad_images!r}")
+        if self.hwc_order not in ("rgb", "bgr"):
+            raise UserDataError(f"hwc_order must be 'rgb' or 'bgr', got {self.hwc_order!r}")
+
+
 def load_images(
     data: str | os.PathLike,
     preprocess: Mapping[str, Any],
     *,
     input_shape: Sequence[int | None] | None = None,
-    what: str = "DATA",
-    builtin_split: str = "test",
-    data_dir: str | os.PathLike | None = None,
-    hwc_order: str = "rgb",
-    bad_images: str = "skip",
-    workers: int | None = None,
+    reading: Reading | None = None,
+    **given: Any,
 ) -> ImageSet:
     """The images of ``data`` (folder, ``.npz`` or built-in name) as model inputs.
 
     ``preprocess``: the manifest ``preprocess`` dict (e.g. from
     :func:`rrise.runtime.preprocess.preprocess_spec`), the one the bundle will carry;
-    ``input_shape``: the model's ``(C, H, W)`` (default: from ``preprocess``). ``what`` names the
-    option in messages (``DATA``, ``TRAIN_DATA``). ``builtin_split``: the split of a built-in
-    dataset named without ``:split``. ``hwc_order``: channel order of ``[N, H, W, 3|4]`` uint8
-    arrays in an ``.npz`` (``rgb``, the numpy/PIL convention, or ``bgr``). ``bad_images``:
-    ``skip`` (default) or ``refuse`` an image file that does not decode. Raises
-    :class:`UserDataError`.
+    ``input_shape``: the model's ``(C, H, W)`` (default: from ``preprocess``). ``reading``
+    (:class:`Reading`), or its fields as keywords (``what``, ``builtin_split``, ``data_dir``,
+    ``hwc_order``, ``bad_images``, ``workers``): how. Raises :class:`UserDataError`.
     """
     from rrise.runtime.preprocess import COLORS, Preprocessor
 
-    if bad_images not in BAD_IMAGES:
-        raise UserDataError(f"bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
-    if hwc_order not in ("rgb", "bgr"):
-        raise UserDataError(f"hwc_order must be 'rgb' or 'bgr', got {hwc_order!r}")
+    r = Reading(**given) if reading is None else replace(reading, **given)
+    what, workers = r.what, r.workers
     if input_shape is None:
         color = str(preprocess.get("color", "gray"))
         input_shape = [COLORS.get(color), *(preprocess.get("resize") or [None, None])]
@@ -234,19 +249,19 @@ def load_images(
     text = os.fspath(data)
     path = Path(text)
     if path.is_dir():
-        return _load_folder(path, pre, what, bad_images, workers)
+        return _load_folder(path, pre, what, r.bad_images, workers)
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise UserDataError(
                 f"{what} {text} is a file but not an .npz; give an ImageFolder (root/<class>/<image>), "
                 f"an .npz or a built-in dataset name"
             )
-        return _load_npz(path, pre, what, hwc_order, workers)
+        return _load_npz(path, pre, what, r.hwc_order, workers)
     from rrise.datasets import DATASETS
 
     name, _, split = text.partition(":")
     if name in DATASETS:
-        return _load_builtin(name, split or builtin_split, pre, what, data_dir, workers)
+        return _load_builtin(name, split or r.builtin_split, pre, what, r.data_dir, workers)
     raise UserDataError(
         f"{what} {text} is neither a folder, an .npz file nor a built-in dataset ({', '.join(DATASETS)})"
     )
@@ -278,23 +293,30 @@ def _digests(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _finish(
-    name: str,
-    kind: str,
-    pixels: list[np.ndarray],
-    labels: np.ndarray,
-    classes: Sequence[str],
-    names: Sequence[str],
-    pre,
-    what: str,
-    skipped=(),
-    ignored=(),
-    source=None,
-) -> ImageSet:
+@dataclass
+class _Found:
+    """What a loader found: the images' model-input pixels with their labels and names, the classes,
+    the files it skipped (undecodable) or ignored, and where they came from."""
+
+    name: str
+    kind: str
+    pixels: list[np.ndarray]
+    labels: np.ndarray
+    classes: Sequence[str]
+    names: Sequence[str]
+    skipped: Sequence = ()
+    ignored: Sequence = ()
+    source: dict[str, Any] | None = None
+
+
+def _finish(found: _Found, pre, what: str) -> ImageSet:
+    """The found images as an :class:`ImageSet`; refused when none is usable, there are fewer than
+    two classes, or a class has no image."""
+    name, kind, pixels, classes = found.name, found.kind, found.pixels, found.classes
     if not pixels:
         raise UserDataError(f"{what} {name} holds no usable images")
     stack = np.stack(pixels)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(found.labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     empty = [c for c, k in zip(classes, counts) if k == 0]
     if len(classes) < 2:
@@ -313,11 +335,11 @@ def _finish(
         labels=labels,
         classes=tuple(str(c) for c in classes),
         digests=_digests(stack),
-        names=tuple(names),
+        names=tuple(found.names),
         preprocess=pre.spec,
-        skipped=tuple(skipped),
-        ignored=tuple(ignored),
-        source={**(source or {}), "kind": kind, "path": name, "count": len(labels)},
+        skipped=tuple(found.skipped),
+        ignored=tuple(found.ignored),
+        source={**(found.source or {}), "kind": kind, "path": name, "count": len(labels)},
     )
 
 
@@ -352,9 +374,8 @@ def _load_folder(root: Path, pre, what: str, bad_images: str, workers: int | Non
         pixels.append(res)
         labels.append(label)
         names.append(rel)
-    return _finish(
-        str(root), "folder", pixels, np.asarray(labels), classes, names, pre, what, skipped, ignored
-    )
+    found = _Found(str(root), "folder", pixels, np.asarray(labels), classes, names, skipped, ignored)
+    return _finish(found, pre, what)
 
 
 def _class_folders(root: Path, what: str) -> list[str]:
@@ -488,7 +509,7 @@ def _load_npz(path: Path, pre, what: str, hwc_order: str, workers: int | None) -
             raise UserDataError(f"{what} {path}: images[{i}]: {r}")
     names = [f"images[{i}]" for i in range(len(images))]
     source = {"sha256": sha256_file(path), "form": form}
-    return _finish(str(path), "npz", results, labels, classes, names, pre, what, source=source)
+    return _finish(_Found(str(path), "npz", results, labels, classes, names, source=source), pre, what)
 
 
 def _load_builtin(name: str, split: str, pre, what: str, data_dir, workers: int | None) -> ImageSet:
@@ -503,7 +524,8 @@ def _load_builtin(name: str, split: str, pre, what: str, data_dir, workers: int 
     frames, _ = _frames_from_array(ds.images, f"{what} {name}", "rgb")
     results = _pixels_of(pre, frames, workers)
     names = [f"{name}:{split}[{i}]" for i in range(len(ds))]
-    return _finish(f"{name}:{split}", "builtin", results, ds.labels, ds.classes, names, pre, what)
+    found = _Found(f"{name}:{split}", "builtin", results, ds.labels, ds.classes, names)
+    return _finish(found, pre, what)
 
 
 # --------------------------------------------------------------------------------------------------
