@@ -127,15 +127,15 @@ def main(argv: list[str]) -> dict:
 
 def _train_and_measure(w, labels: np.ndarray, args: argparse.Namespace) -> dict:
     """Train a surrogate on fresh targets (uniform batches, no augmentation) and measure it."""
-    from rrise.calibrate.counts import TARGET_STORES, load_store_counts
-    from rrise.calibrate.fit import _initial_surrogate, _train_fresh
+    from rrise.calibrate.bases import base_of
+    from rrise.calibrate.fit import SurrogateFit, _train_fresh
 
-    model, _ = _initial_surrogate(w, "base")
-    sel_idx, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
-    settings = {"steps": args.steps, "draws": args.draws, "augment": "none", "hard_fraction": 0.0}
+    model, _ = base_of(w).initial_surrogate("base")
+    given = {"steps": args.steps, "draws": args.draws, "augment": "none", "hard_fraction": 0.0}
+    fit = SurrogateFit.of(w, "ce", "surrogate", given)
     ckpt = w.path(f"fresh-{args.steps}-{args.draws}-{args.batch}.ckpt")
     t0 = time.perf_counter()
-    model, history = _train_fresh(w, model, w.data("train").images[sel_idx], sel_counts, ckpt, settings)
+    model, history = _train_fresh(w, model, ckpt, fit)
     return {
         "base_evaluations": history["base_evaluations"],
         "train_seconds": round(time.perf_counter() - t0, 1),
