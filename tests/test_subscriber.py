@@ -254,3 +254,32 @@ def test_an_abandoned_subscription_does_not_stop_later_sockets_from_closing(tmp_
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= 1, out.stdout
+
+
+def test_records_keep_their_wire_format_key_for_key() -> None:
+    """A record and a status record built from their Structs are the same msgpack maps, key order
+    and types included, as the dicts every v1 runtime has published."""
+    from rrise.records import Record, Status, Verdict, unpack_status
+
+    cert = Certificate(top_class=2, abstain=False, radius=0.5, score=0.9, p_lower=0.8)
+    verdict = Verdict(7, 9, cert, "c", None, "ood", 0.25)
+    rec = Record.of(verdict, stamp_ns=123, latency_ms=1.5, source="cam", bundle="b" * 16).to_dict()
+    v1 = {
+        "v": 1, "seq": 7, "frame": 9, "stamp_ns": 123, "source": "cam", "pred": 2, "label": "c",
+        "abstain": False, "radius": 0.5, "score": 0.9, "p_lower": 0.8, "latency_ms": 1.5,
+        "bundle": "b" * 16, "error": None, "alarm": "ood", "ood_p": 0.25,
+    }  # fmt: skip
+    assert pack(rec) == msgpack.packb(v1) and list(msgpack.unpackb(pack(rec))) == list(v1)
+    status = Status(
+        stamp_ns=1, source="cam", bundle="b", uptime_s=2.0, frames=3, fps=1.5, drops=0, errors=0,
+        abstain_rate=None, latency_p50_ms=1.0, latency_p99_ms=2.0, alarm=None, source_state="open",
+        reconnects=0, publish_failed=0, ood_flags=0, ood_flag_rate=None, monitor=None,
+    ).to_dict()  # fmt: skip
+    keys = list(msgpack.unpackb(pack(status)))
+    assert keys[:17] == [
+        "v", "kind", "stamp_ns", "source", "bundle", "uptime_s", "frames", "fps", "drops", "errors",
+        "abstain_rate", "latency_p50_ms", "latency_p99_ms", "alarm", "source_state", "reconnects",
+        "publish_failed",
+    ]  # fmt: skip
+    old_status = {k: status[k] for k in keys[:17]}  # a status record of an earlier v1 runtime
+    assert unpack_status(msgpack.packb(old_status))["frames"] == 3
