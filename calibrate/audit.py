@@ -21,6 +21,8 @@ import numpy as np
 
 from rrise.bundle import Bundle
 from rrise.certificate import certify_from_probs
+from rrise.datasets import DATASETS
+from rrise.runtime.backends import make_backend, variant_max_batch
 
 from .mc import sample_counts
 from .measures import detection_limit, reference_violations
@@ -59,8 +61,6 @@ def bundle_dataset(bundle: Bundle | str | Path) -> str:
     """The built-in dataset a bundle was calibrated on (its manifest's ``calibration.dataset``): where
     ``rrise audit`` draws inputs from by default. ValueError, naming ``--dataset``, when the bundle was
     calibrated on anything else (a user's images)."""
-    from rrise.datasets import DATASETS
-
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify=False)
     name = b.manifest.get("calibration", {}).get("dataset")
     if name not in DATASETS:
@@ -75,8 +75,6 @@ def _deployed_probs(bundle: Bundle, images: np.ndarray) -> tuple[np.ndarray, dic
     """The fp32 variant's probabilities on ``images``, computed exactly as the runtime computes them:
     the runtime's own backend (the variant's ``calibrated_with`` providers) in batches of at most the
     variant's ``max_batch``, so the audit checks the numerics its quantile was calibrated for."""
-    from rrise.runtime.backends import make_backend, variant_max_batch
-
     backend, variant = make_backend(bundle, "onnxruntime", precision="fp32")
     x = np.ascontiguousarray(images, dtype=np.float32)
     step = variant_max_batch(variant)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rrise.bundle import Bundle, write_manifest
 from rrise.export.bundler import build_bundle
 from rrise.export.onnx_export import onnx_parity
+from rrise.fileio import atomic_path
 
 from .bases import base_of
 from .calibrating import load_calibration, load_calibration_npz
@@ -49,8 +51,6 @@ def record_profile(bundle_dir: Path, profile: str, note: str = "") -> None:
     """Add ``made_with`` {``profile``, ``profile_note``} to the bundle's manifest (rewritten
     atomically, then loaded and verified again), so ``rrise inspect`` shows what the bundle was made
     with and a quick bundle does not pass for a full one."""
-    from rrise.bundle import Bundle, write_manifest
-
     manifest = dict(Bundle.load(bundle_dir).manifest)
     manifest["made_with"] = {"profile": profile, "profile_note": note or None}
     write_manifest(bundle_dir, manifest)
@@ -63,8 +63,6 @@ def write_selection_npz(w: Workdir) -> Path:
     These images are held out of calibration (the splits are disjoint by construction), so they may
     choose an int8 variant's activation ranges (``rrise-export … --quant-data``) without voiding the
     calibration's guarantee."""
-    from rrise.fileio import atomic_path
-
     ds, index = w.data("train"), w.splits()["selection"]
     images = np.ascontiguousarray(ds.images[index], dtype=np.float32)
     labels = np.asarray(ds.labels[index], dtype=np.int64)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rrise.calibration import Calibration, CalibrationSpec, conformalize
+from rrise.export.bundler import onnx_probs_runner
 from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz
 
 from .counts import (
@@ -50,8 +51,6 @@ CALIBRATION_NPZ_KEYS = ("index", "images", "labels", "counts", "probs")
 def surrogate_probs(onnx_path: Path, images: np.ndarray) -> np.ndarray:
     """The surrogate's probabilities with the numerics of the bundle's fp32 variant: onnxruntime on
     the CPU, one input at a time (the runtime's per-frame path)."""
-    from rrise.export.bundler import onnx_probs_runner
-
     run = onnx_probs_runner(onnx_path, "onnxruntime-cpu")
     x = np.ascontiguousarray(images, dtype=np.float32)
     return np.concatenate([run(x[i : i + 1]) for i in range(len(x))]).astype(np.float64)

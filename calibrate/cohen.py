@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from rrise.fileio import atomic_write_text, save_npz
+from rrise.progress import progress_bar
+from rrise.stats import clopper_pearson_lower, norm_ppf
 
 from .counts import prepare_base_model
 from .mc import certify
@@ -33,8 +35,6 @@ def _certify_in_pieces(w: Workdir, images: np.ndarray, num_classes: int) -> dict
 
     Input i's draws depend only on (seed, i), so the pieces give the same certificates as one call.
     """
-    from rrise.progress import progress_bar
-
     p = w.prof
     model, label = prepare_base_model(w, "auto", _device(), images[:1], len(images) * (p.n0 + p.n))
     piece = max(1, min(len(images), p.batch_size // 10 or 1))
@@ -76,8 +76,6 @@ def cohen_from_counts(
     Cohen's per-input guarantee at that level: with probability ≥ 1 − α, ``p_Â(x) ≥ p̲``, so ``g`` is
     constant on the ball of radius ``σ·Φ⁻¹(p̲)``. It lets a report set Cohen beside RRISE at the same α.
     """
-    from rrise.stats import clopper_pearson_lower, norm_ppf
-
     sel, est = np.asarray(counts_selection), np.asarray(counts)
     top = sel.argmax(axis=1)
     n = est.sum(axis=1)

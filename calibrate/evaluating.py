@@ -19,6 +19,8 @@ from rrise.bundle import GUARANTEE
 from rrise.calibration import Calibration, conformalize
 from rrise.certificate import certify_from_probs
 from rrise.fileio import load_npz, read_json
+from rrise.runtime.backends import OnnxRuntimeBackend
+from rrise.stats import norm_ppf
 
 from .calibrating import (
     CalibrateSettings,
@@ -179,8 +181,6 @@ def _side_by_side_query_seconds(
     """Median wall time of one query of RRISE (a batch-1 surrogate pass plus the certificate) and of
     Cohen MC (n0 + n base-model draws for one input), timed in alternation in this process, so that
     their ratio does not depend on what else the machine was doing at another moment."""
-    from rrise.runtime.backends import OnnxRuntimeBackend
-
     p = w.prof
     backend = OnnxRuntimeBackend(w.path("surrogate.onnx"))
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", images[:1], p.n0 + p.n)
@@ -302,8 +302,6 @@ def _cap_summary(calnpz: dict[str, np.ndarray], cal: Calibration) -> dict[str, A
     """How much the MC budget limits the radii: the share of calibration inputs whose every draw
     voted for the surrogate's class (their p̲ is at the first stage's cap), and the radius the cap
     allows; with draws at the cap, the share still at the raised cap β^(1/N₂)."""
-    from rrise.stats import norm_ppf
-
     counts, probs = calnpz["counts"], calnpz["probs"]
     top = probs.argmax(axis=1)
     rows = np.arange(len(top))

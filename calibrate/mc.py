@@ -37,6 +37,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -402,8 +403,6 @@ class PreparedModel:
 
 def _export_onnx_bytes(model: nn.Module, sample: torch.Tensor) -> bytes:
     """The module as an in-memory ONNX model with a dynamic batch (input ``input``, output ``logits``)."""
-    import warnings
-
     buf = io.BytesIO()
     was_training = model.training
     model.eval()

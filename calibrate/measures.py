@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from rrise.stats import clopper_pearson_lower, clopper_pearson_upper, norm_ppf
+
 __all__ = [
     "DEFAULT_RADII",
     "average_certified_radius",
@@ -67,8 +69,6 @@ def pseudo_count_certify(
     No calibration and NO guarantee: the surrogate's ŝ is treated as if it were an MC frequency.
     Returns ``(pred with -1 = abstain, radius, p_lower)``.
     """
-    from rrise.stats import clopper_pearson_lower, norm_ppf
-
     p = np.asarray(probs, dtype=np.float64)
     top = p.argmax(1)
     k = np.floor(n * p[np.arange(len(p)), top]).astype(np.int64)
@@ -83,8 +83,6 @@ def reference_violations(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per input: the reference count ``k`` of ``classes``, its one-sided (1 − ``level``)
     Clopper–Pearson upper bound, and whether a certified ``p_lower`` lies above that bound."""
-    from rrise.stats import clopper_pearson_upper
-
     ref = np.asarray(ref_counts)
     n_ref = int(ref[0].sum()) if len(ref) else 0
     k = ref[np.arange(len(ref)), np.asarray(classes)]
@@ -100,8 +98,6 @@ def detection_limit(p: np.ndarray | float, n_ref: int, level: float) -> np.ndarr
     ``k ≤ k*(p)``; a truth ``t`` puts the median of ``k`` at about ``n_ref·t``, so ``d = p − k*/n_ref``
     (``p`` itself when no count can flag it). Smaller excesses go unseen more often than not.
     """
-    from rrise.stats import clopper_pearson_upper
-
     p = np.atleast_1d(np.asarray(p, dtype=np.float64))
     upper = np.atleast_1d(clopper_pearson_upper(np.arange(n_ref + 1), n_ref, level))  # increasing in k
     k_star = np.searchsorted(upper, p, side="left") - 1  # largest k whose upper bound is below p
@@ -110,8 +106,6 @@ def detection_limit(p: np.ndarray | float, n_ref: int, level: float) -> np.ndarr
 
 def _rate(v: int, n: int) -> dict[str, Any]:
     """A count out of ``n`` with its rate and two-sided 95% Clopper–Pearson interval."""
-    from rrise.stats import clopper_pearson_lower, clopper_pearson_upper
-
     lo = float(clopper_pearson_lower(v, n, 0.025)) if n else 0.0
     hi = float(clopper_pearson_upper(v, n, 0.025)) if n else 1.0
     return {"count": v, "of": n, "rate": round(v / n, 6) if n else 0.0, "ci95": [round(lo, 6), round(hi, 6)]}

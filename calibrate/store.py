@@ -17,6 +17,7 @@ sampled with ``index_offset = i`` (its position), so its counts do not depend on
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from rrise.fileio import atomic_write_bytes, read_json
+from rrise.progress import progress_bar
 
 from .mc import sample_counts
 
@@ -77,8 +79,6 @@ def _sha256(data: bytes) -> str:
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
@@ -331,8 +331,6 @@ def fill_store(
     :func:`rrise.calibrate.mc.sample_counts` takes, best a :class:`~rrise.calibrate.mc.PreparedModel`
     matching ``store.meta["backend"]``. Returns the shards it sampled.
     """
-    from rrise.progress import progress_bar
-
     meta = store.meta
     if len(images) != meta["num_inputs"]:
         raise ValueError(f"store holds {meta['num_inputs']} inputs, got {len(images)} images")

@@ -47,6 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from rrise.calibration import min_calibration_size
+from rrise.datasets import DATASETS, Dataset, DatasetNotFoundError, load_dataset
+from rrise.fileio import load_npz, sha256_file
+from rrise.runtime.preprocess import COLORS, FrameError, Preprocessor, to_model_input
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
@@ -97,8 +102,6 @@ class ModelInputs:
         return tuple(self.pixels.shape)
 
     def __getitem__(self, index) -> np.ndarray:
-        from rrise.runtime.preprocess import to_model_input
-
         return to_model_input(self.pixels[index])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -171,8 +174,6 @@ class ImageSet:
 
     def to_dataset(self, split: str = "data"):
         """As an :class:`rrise.datasets.Dataset` (float32 images materialized)."""
-        from rrise.datasets import Dataset
-
         return Dataset(self.name, split, np.asarray(self.images), self.labels.copy(), list(self.classes))
 
     def notes(self) -> list[str]:
@@ -235,8 +236,6 @@ def load_images(
     (:class:`Reading`), or its fields as keywords (``what``, ``builtin_split``, ``data_dir``,
     ``hwc_order``, ``bad_images``, ``workers``): how. Raises :class:`UserDataError`.
     """
-    from rrise.runtime.preprocess import COLORS, Preprocessor
-
     r = Reading(**given) if reading is None else replace(reading, **given)
     what, workers = r.what, r.workers
     if input_shape is None:
@@ -257,8 +256,6 @@ def load_images(
                 f"an .npz or a built-in dataset name"
             )
         return _load_npz(path, pre, what, r.hwc_order, workers)
-    from rrise.datasets import DATASETS
-
     name, _, split = text.partition(":")
     if name in DATASETS:
         return _load_builtin(name, split or r.builtin_split, pre, what, r.data_dir, workers)
@@ -270,7 +267,6 @@ def load_images(
 def _pixels_of(pre, frames, workers: int | None) -> list:
     """``pre.pixels`` of each frame (in threads: OpenCV releases the GIL); a FrameError is returned
     in place of the pixels."""
-    from rrise.runtime.preprocess import FrameError
 
     def one(frame):
         try:
@@ -492,8 +488,6 @@ def _labels_and_classes(labels, classes, n: int, what: str) -> tuple[np.ndarray,
 
 
 def _load_npz(path: Path, pre, what: str, hwc_order: str, workers: int | None) -> ImageSet:
-    from rrise.fileio import load_npz, sha256_file
-
     try:
         arrays = load_npz(path, keys=("images", "labels"), what=what)
     except ValueError as exc:
@@ -513,8 +507,6 @@ def _load_npz(path: Path, pre, what: str, hwc_order: str, workers: int | None) -
 
 
 def _load_builtin(name: str, split: str, pre, what: str, data_dir, workers: int | None) -> ImageSet:
-    from rrise.datasets import DatasetNotFoundError, load_dataset
-
     try:
         ds = load_dataset(name, split, data_dir)
     except DatasetNotFoundError as exc:
@@ -553,8 +545,6 @@ def minimum_sizes(alpha: float, num_classes: int) -> dict[str, int]:
     """The fewest images per split that give a working build at calibration level ``alpha``:
     calibration ≥ :func:`rrise.calibration.min_calibration_size` (α) (the conformal rank
     ⌈(m+1)(1−α)⌉ must be ≤ m), surrogate targets ≥ 10 per class, selection and test ≥ max(20, 2K)."""
-    from rrise.calibration import min_calibration_size
-
     k = int(num_classes)
     return {
         "targets": 10 * k,
