@@ -102,10 +102,8 @@ def drain(
 
     Parameters
     ----------
-    stream:
-        A :class:`~rrise.runtime.stream.Stream`, not yet iterated.
-    sinks:
-        Where its records go (:func:`~rrise.runtime.sinks.open_sinks`).
+    stream, sinks:
+        A :class:`~rrise.runtime.stream.Stream`, not yet iterated; where its records go.
     show_progress:
         A live progress line on stderr.
     no_output:
@@ -120,11 +118,8 @@ def drain(
     A stream with no sink at all is warned about at the start and in the summary's ``warnings``
     (unless ``no_output``), as is a publisher that no subscriber heard; each warning is logged.
 
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from rrise.runtime import Runtime, open_sinks
-    >>> from rrise.runtime.sources import PushSource
+    >>> import tempfile, numpy as np; from pathlib import Path
+    >>> from rrise.runtime import Runtime, open_sinks; from rrise.runtime.sources import PushSource
     >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
     >>> folder = Path(tempfile.mkdtemp())
     >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
@@ -147,11 +142,7 @@ def drain(
         progress_bar(stream.total, "certifying", unit="frame", enabled=show_progress) as bar,
     ):
         for record in stream:
-            try:
-                sinks.send(record)
-            except BrokenPipeError:
-                log.info("output pipe closed: stopping")
-                stream.stop(interrupted=False)
+            _send(stream, sinks, record)
             if show_progress and "kind" not in record:
                 bar.advance(1)
                 if stats.frames % 5 == 0:
@@ -161,6 +152,15 @@ def drain(
     for warning in summary["warnings"]:
         log.warning("%s", warning)
     return summary
+
+
+def _send(stream: Stream, sinks: Sinks, record: dict[str, Any]) -> None:
+    """One record to every sink; a closed output pipe ends the stream in order."""
+    try:
+        sinks.send(record)
+    except BrokenPipeError:
+        log.info("output pipe closed: stopping")
+        stream.stop(interrupted=False)
 
 
 def run_stream(
@@ -174,58 +174,39 @@ def run_stream(
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Certify the frames of ``source`` with ``bundle`` and send each record to every sink; return
-    the summary. What ``rrise run`` does.
+    the summary. What ``rrise run`` does; SIGINT/SIGTERM stop it after the current batch.
 
     Parameters
     ----------
     bundle:
-        A bundle folder or a loaded :class:`rrise.Bundle` (None with ``runtime``).
+        A bundle folder or a loaded :class:`rrise.Bundle` (None with ``runtime``: reuse that one).
     source:
-        A camera index, video file, URL, GStreamer pipeline, image folder, recording, or an opened
-        :class:`~rrise.runtime.sources.FrameSource` (e.g. a ``PushSource``).
+        What ``--source`` takes, or an opened :class:`~rrise.runtime.sources.FrameSource`.
     options:
-        :class:`~rrise.runtime.options.RunOptions`: the backend and variant, pinning
-        (``expect_id``, ``trust``), how the stream reads (``stream``), where records go
-        (``outputs``) and the premise checks (``watch``). Default: ``RunOptions()``.
-    runtime:
-        A loaded Runtime to reuse (not closed here) instead of loading ``bundle``.
-    callback, on_status:
-        Called with each frame record / status record.
-    show_progress:
-        A live progress line on stderr.
+        :class:`~rrise.runtime.options.RunOptions` (default ``RunOptions()``).
+    runtime, callback, on_status, show_progress:
+        A loaded Runtime (not closed here); called with each record / status record; a live line.
 
     Returns
     -------
     dict
-        The summary (:data:`SUMMARY_KEYS`): counts, rates, latencies, how the stream ran, the
-        publishers' delivery counts, and ``warnings`` (what went nowhere, also logged).
+        The summary (:data:`SUMMARY_KEYS`), ``warnings`` included (what went nowhere, also logged).
 
     Raises
     ------
-    rrise.BundleError
-        A bundle that does not load, or not the one ``expect_id``/``trust`` ask for.
-    rrise.runtime.sources.SourceError
-        A source that does not open (after the retries asked for).
-    rrise.runtime.sinks.SinkError
-        An output that cannot be opened.
+    rrise.BundleError, rrise.runtime.sources.SourceError, rrise.runtime.sinks.SinkError
+        A bundle, source or output that does not open (or a bundle ``expect_id``/``trust`` refuse).
     ValueError
         ``no_output`` with a callback, or neither ``bundle`` nor ``runtime``.
 
-    SIGINT/SIGTERM stop the stream after the current batch, every sink flushed and closed.
-
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np
-    >>> from rrise.runtime.options import StreamOptions
-    >>> from rrise.runtime.sources import PushSource
+    >>> import tempfile, numpy as np; from pathlib import Path
+    >>> from rrise.runtime.options import StreamOptions; from rrise.runtime.sources import PushSource
     >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
     >>> folder = Path(tempfile.mkdtemp())
     >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
-    >>> source = PushSource("robot", live=False)
-    >>> for level in (0, 120, 240):
-    ...     _ = source.push(np.full((4, 4), level, np.uint8))
-    >>> source.end()
-    >>> got = []
+    >>> source, got = PushSource("robot", live=False), []
+    >>> [source.push(np.full((4, 4), level, np.uint8)) for level in (0, 120, 240)], source.end()
+    ([0, 1, 2], None)
     >>> options = RunOptions(stream=StreamOptions(batch=2, status_interval=0))
     >>> summary = run_stream(bundle, source, options, callback=got.append)
     >>> summary["frames"], summary["batch"], [r["frame"] for r in got]
