@@ -1,5 +1,5 @@
 """The bundle stage: the work folder's surrogate, base model and calibration, packed by
-:func:`rrise.export.bundler.build_bundle` (the one bundle builder, also behind ``rrise-export``),
+:func:`rrise.export.bundler.pack_bundle` (the one bundle builder, also behind ``rrise-export``),
 with the profile it was made with (``made_with``) recorded in the manifest, and the selection
 split's images written beside it (``selection.npz``) for ``rrise-export … --quant-data``."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rrise.bundle import Bundle, write_manifest
-from rrise.export.bundler import build_bundle
+from rrise.export.bundler import BundleSources, pack_bundle
 from rrise.export.onnx_export import onnx_parity
 from rrise.fileio import atomic_path
 
@@ -30,19 +30,18 @@ def stage_bundle(w: Workdir) -> list[Path]:
     model = base_of(w).load_surrogate(w.path("surrogate.pt"))
     preprocess, dataset = w.folder_data().bundle_data(cal.dataset or w.config.dataset)
     parity = onnx_parity(model, w.path("surrogate.onnx"), load_calibration_npz(w)["images"][:256])
-    build_bundle(
-        w.path("bundle"),
+    sources = BundleSources(
         surrogate_onnx=w.path("surrogate.onnx"),
         base_onnx=w.path("base.onnx"),
         calibration=cal,
         calibration_npz=w.path("calibration.npz"),
-        labels=ds.classes,
+        labels=tuple(ds.classes),
         preprocess=preprocess,
         dataset=dataset,
         input_shape=ds.shape,
         parity_max_abs_diff=parity,
-        overwrite=True,
     )
+    pack_bundle(w.path("bundle"), sources, overwrite=True)
     record_profile(w.path("bundle"), w.prof.name, w.prof.note)
     return [w.path("bundle"), write_selection_npz(w)]
 

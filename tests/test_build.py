@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -162,3 +163,99 @@ def test_rrise_build_help_names_the_interface() -> None:
                 "--output-kind", "--input-size", "--channels", "--mean", "--std", "--weights",
                 "--surrogate-arch", "--no-progress"):  # fmt: skip
         assert opt in result.output, opt
+
+
+def test_build_options_and_keywords_are_one_build(user, tmp_path) -> None:
+    import rrise.calibrate as rc
+    from rrise.calibrate.options import BuildOptions
+
+    wd = tmp_path / "opts"
+    options = BuildOptions(
+        model=str(user["onnx"]), data=str(user["folder"]), workdir=wd, profile="smoke", no_progress=True
+    )
+    assert rc.build(options, log=lambda _line: None) == wd / "bundle"
+    # the same build through DESIGN's keywords finds every stage current
+    logs: list[str] = []
+    path = rc.build(
+        model=user["onnx"], data=user["folder"], workdir=wd, sigma=0.25, profile="smoke",
+        show_progress=False, log=logs.append,
+    )  # fmt: skip
+    assert path == wd / "bundle"
+    assert any("0 base-model evaluations" in line for line in logs)
+    with pytest.raises(TypeError, match="no other arguments"):
+        rc.build(options, sigma=0.5)
+
+
+def test_build_options_refuse_bad_values_naming_the_flag() -> None:
+    from rrise.calibrate.options import BuildOptions
+
+    base = {"model": "m.onnx", "data": "d", "workdir": "w"}
+    for bad, flag in (
+        ({"sigma": 0.0}, "--sigma"),
+        ({"profile": "huge"}, "--profile"),
+        ({"channels": "cmyk"}, "--channels"),
+        ({"output_kind": "scores"}, "--output-kind"),
+        ({"input_size": (0, 8)}, "--input-size"),
+        ({"mean": 0.5}, "--mean and --std"),
+        ({"mean": 0.5, "std": -1.0}, "--std"),
+        ({"seed": -1}, "--seed"),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            BuildOptions(**base, **bad)
+    o = BuildOptions(**base, input_size=8, mean="0.5,0.4,0.3", std=[0.2, 0.2, 0.2], channels="bgr")
+    assert o.input_size == (8, 8) and o.mean == (0.5, 0.4, 0.3) and o.channels.value == "bgr"
+
+
+def test_build_options_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, rrise.calibrate.options; assert not {'torch', 'numpy'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_json_written_before_the_typed_specs_still_opens(tmp_path) -> None:
+    """run.json's `user` record as earlier versions wrote it (one-element lists, no `surrogate_arch`
+    default written out) reads into the same specs, so the folder resumes."""
+    from rrise.calibrate.specs import read_user_record
+    from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
+
+    old = {
+        "model": "/models/net.onnx",
+        "model_options": {"weights": None, "output": None, "output_kind": None, "input_size": [16, 16],
+                          "channels": None, "mean": [0.5], "std": [0.25]},
+        "data": "/data/images", "train_data": None, "data_dir": None,
+        "preprocess": {"color": "rgb", "resize": [16, 16], "interpolation": "area", "layout": "NCHW"},
+        "input_shape": [3, 16, 16], "surrogate_arch": "auto", "data_sha256": "ab" * 32, "data_name": "images",
+    }  # fmt: skip
+    wd = tmp_path / "old"
+    wd.mkdir()
+    config = {"dataset": "user", "profile": "smoke", "sigma": 0.25, "seed": 0, "user": old}
+    (wd / "run.json").write_text(json.dumps({"config": config, "stage_seconds": {}}))
+
+    model, data = read_user_record(old)
+    assert model.mean == (0.5,) and model.input_size == (16, 16) and data.input_shape == (3, 16, 16)
+    # a stage command (the record as run.json has it) and a rerun of build (the specs) both open it
+    Workdir.open(wd, RunConfig(**recorded_config(wd)), show_progress=False)
+    again = RunConfig(dataset="user", profile="smoke", sigma=0.25, model=model, data=data)
+    w = Workdir.open(wd, again, show_progress=False)
+    assert w.config.model_spec == model and w.config.data_spec == data
+    other = RunConfig(
+        dataset="user", profile="smoke", sigma=0.25, model=model, data=replace(data, sha256="cd" * 32)
+    )
+    with pytest.raises(ValueError, match="another configuration.*user"):
+        Workdir.open(wd, other, show_progress=False)
+
+
+def test_profile_fields_are_the_flag_names_and_old_names_still_read() -> None:
+    from dataclasses import fields
+
+    from rrise.calibrate.profiles import PROFILES, RENAMED, Profile
+
+    full = PROFILES["full"]
+    helps = {f.name: f.metadata.get("help") for f in fields(Profile)}
+    for flag_field in ("steps", "draws", "hard_fraction", "augment", "cap_draws", "surrogate_arch"):
+        assert helps[flag_field], flag_field
+    back = {new: old for old, new in RENAMED.items()}
+    written_before = {back.get(k, k): v for k, v in full.to_dict().items()}
+    assert "fresh_hard_fraction" in written_before and Profile.from_dict(written_before) == full
