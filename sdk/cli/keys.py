@@ -1,27 +1,27 @@
 """``rrise keys`` (Ed25519 signing and ZeroMQ CURVE key pairs), ``rrise inspect`` (a bundle's
-manifest, id, signature and integrity) and the ``--trust KEY.pub`` option they share with ``rrise run``."""
+manifest, id, signature and integrity) and the ``--trust KEY.pub`` key file they share with ``rrise
+run``; each command bound to its options (:class:`InspectOptions`, :class:`KeysOptions`)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
+from rrise.options import bind
+
 from .app import app, fail
 
-__all__ = ["TrustOpt", "trusted_key"]
+__all__ = ["InspectOptions", "KeyKind", "KeysOptions", "trusted_key"]
 
-TrustOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--trust",
-        help="Ed25519 public key (KEY.pub from `rrise keys`): refuse a bundle unless its manifest.sig "
-        "is this key's valid signature of its manifest.",
-    ),
-]
+TRUST_HELP = (
+    "Ed25519 public key (KEY.pub from `rrise keys`): refuse a bundle unless its manifest.sig is this "
+    "key's valid signature of its manifest."
+)
 
 
 def trusted_key(path: Path | None) -> Any:
@@ -36,20 +36,25 @@ def trusted_key(path: Path | None) -> Any:
         raise fail(f"--trust: {exc}") from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class InspectOptions:
+    """``rrise inspect``'s options."""
+
+    bundle: Path = field(metadata={"help": "Bundle folder.", "argument": True})
+    as_json: bool = field(default=False, metadata={"help": "Print JSON instead of text.", "flag": "--json"})
+    verify: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each variant's quantile from calibration.npz and that variant's own model "
+            "and refuse a mismatch (TensorRT engines: not verifiable off their device)."
+        },
+    )
+    trust: Path | None = field(default=None, metadata={"help": TRUST_HELP})
+
+
 @app.command()
-def inspect(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
-    verify: Annotated[
-        bool,
-        typer.Option(
-            "--verify",
-            help="Recompute each variant's quantile from calibration.npz and that variant's own model "
-            "and refuse a mismatch (TensorRT engines: not verifiable off their device).",
-        ),
-    ] = False,
-    trust: TrustOpt = None,
-) -> None:
+@bind(InspectOptions)
+def inspect(options: InspectOptions) -> None:
     """Show a bundle's manifest, id, signature, guarantee and integrity; exit 1 on any integrity
     failure (and, with --trust, unless a valid signature by that key covers the manifest).
 
@@ -57,8 +62,9 @@ def inspect(
     """
     from rrise.inspect import format_inspection, inspect_bundle
 
-    summary, problems = inspect_bundle(bundle, trust=trusted_key(trust), verify=verify)
-    if as_json:
+    key = trusted_key(options.trust)
+    summary, problems = inspect_bundle(options.bundle, trust=key, verify=options.verify)
+    if options.as_json:
         typer.echo(json.dumps({"summary": summary, "problems": problems, "ok": not problems}, indent=2))
     else:
         typer.echo(format_inspection(summary, problems))
@@ -71,34 +77,40 @@ class KeyKind(str, Enum):
     curve = "curve"
 
 
-@app.command()
-def keys(
-    prefix: Annotated[Path, typer.Argument(help="Path prefix of the key files, e.g. keys/robot.")],
-    kind: Annotated[
-        KeyKind,
-        typer.Option(
-            "--kind",
-            help="signing: an Ed25519 pair, PREFIX.key (0600, signs bundles: rrise-export --sign) and "
+@dataclass(frozen=True, kw_only=True)
+class KeysOptions:
+    """``rrise keys``'s options."""
+
+    prefix: Path = field(
+        metadata={"help": "Path prefix of the key files, e.g. keys/robot.", "argument": True}
+    )
+    kind: KeyKind = field(
+        metadata={
+            "help": "signing: an Ed25519 pair, PREFIX.key (0600, signs bundles: rrise-export --sign) and "
             "PREFIX.pub (rrise run/inspect --trust). curve: a ZeroMQ CURVE pair, PREFIX.curve.key "
-            "(rrise run --curve-secret) and PREFIX.curve.pub (rrise subscribe --curve-server-key).",
-        ),
-    ],
-) -> None:
+            "(rrise run --curve-secret) and PREFIX.curve.pub (rrise subscribe --curve-server-key)."
+        }
+    )
+
+
+@app.command()
+@bind(KeysOptions)
+def keys(options: KeysOptions) -> None:
     """Make a key pair: Ed25519 for signing bundles, or ZeroMQ CURVE for an encrypted record stream.
     Never overwrites a key.
 
     Example: `rrise keys keys/robot --kind signing`
     """
     try:
-        if kind is KeyKind.signing:
+        if options.kind is KeyKind.signing:
             from rrise.signing import key_fingerprint, load_public_key, write_signing_keypair
 
-            public, secret = write_signing_keypair(prefix)
+            public, secret = write_signing_keypair(options.prefix)
             note = f" (key {key_fingerprint(load_public_key(public))})"
         else:
             from rrise.curve import write_curve_keypair
 
-            public, secret = write_curve_keypair(prefix)
+            public, secret = write_curve_keypair(options.prefix)
             note = ""
     except (ValueError, OSError) as exc:  # SigningError and CurveKeyError are ValueErrors
         raise fail(str(exc)) from None
