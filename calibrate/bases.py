@@ -24,14 +24,30 @@ from .models import ARCHS, build_model
 from .specs import NetworkSpec, UserModelSpec
 from .surrogates import build_surrogate, surrogate_spec
 from .user_model import UserModel, UserModelError, load_user_model
-from .workdir import Workdir, model_spec
+from .workdir import Workdir
 
-__all__ = ["FRESH_MAX_EPOCHS", "FRESH_MIN_STEPS", "TrainedBase", "UserBase", "base_of"]
+__all__ = ["FRESH_MAX_EPOCHS", "FRESH_MIN_STEPS", "TrainedBase", "UserBase", "base_of", "network_config"]
 
 # A surrogate of the user's base that does not start from the base's weights gets at least this many
 # optimizer steps (batches of 128): the profiles' epoch counts are sized for fine-tuning a copy.
 FRESH_MIN_STEPS = 300
 FRESH_MAX_EPOCHS = 60
+
+
+def network_config(w: Workdir) -> dict[str, Any]:
+    """The built-in networks' config on this folder: input channels, classes, image size and the
+    input normalization (from the base training images), as :func:`~rrise.calibrate.models.build_model`
+    and :func:`~rrise.calibrate.model_files.save_model` take them."""
+    ds = w.data("train")
+    c, h, _ = ds.shape
+    imgs = ds.images[w.splits()["base"]]
+    return {
+        "in_channels": c,
+        "num_classes": len(ds.classes),
+        "image_size": h,
+        "mean": [float(imgs[:, i].mean()) for i in range(c)],
+        "std": [float(imgs[:, i].std()) for i in range(c)],
+    }
 
 
 @dataclass
@@ -45,7 +61,7 @@ class TrainedBase:
         """Train the network; write base.pt and base.onnx."""
         w, p = self.w, self.w.prof
         ds, idx = w.data("train"), w.splits()["base"]
-        shape = model_spec(w)
+        shape = network_config(w)
         model = build_model(self.spec.arch, seed=w.config.seed, **shape)
         train.train_base(
             model,
@@ -67,14 +83,14 @@ class TrainedBase:
         if arch == "base":
             return load_model(w.path("base.pt"))[0], self.spec.arch
         if arch in ARCHS:
-            return build_model(arch, seed=w.config.seed, **model_spec(w)), arch
+            return build_model(arch, seed=w.config.seed, **network_config(w)), arch
         raise ValueError(f"unknown surrogate arch {arch!r}; expected base or one of {', '.join(ARCHS)}")
 
     def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
         return self.w.prof.surrogate_epochs
 
     def save_surrogate(self, model: nn.Module, path: Path, arch: str, meta: dict[str, Any]) -> None:
-        save_model(model, path, arch=arch, **model_spec(self.w), **meta)
+        save_model(model, path, arch=arch, **network_config(self.w), **meta)
 
     def load_surrogate(self, path: Path) -> nn.Module:
         return load_model(path)[0]

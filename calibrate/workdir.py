@@ -1,4 +1,5 @@
-"""The work folder: what it was made with (``run.json``), its data splits, seeds and file paths.
+"""The work folder: what it was made with (``run.json``: :class:`RunConfig`, with its model and data
+specs), its data and splits (:mod:`rrise.calibrate.folder_data`), seeds and file paths.
 
 Data splits (fixed by the seed, disjoint by construction): the base model trains on ``base``; the
 surrogate's Monte Carlo targets come from the first ``n_targets`` of ``base``; ``selection`` (model
@@ -33,7 +34,7 @@ from .specs import (
     user_record,
 )
 
-__all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "model_spec", "recorded_config"]
+__all__ = ["SEED_STREAMS", "RunConfig", "Workdir", "recorded_config"]
 
 # One seed per random stream of a work folder: 1000 × seed + stream.
 SEED_STREAMS = {
@@ -209,17 +210,3 @@ class Workdir:
 
     def stage_seconds(self) -> dict[str, float]:
         return (read_json(self.path("run.json")) or {}).get("stage_seconds", {})
-
-
-def model_spec(w: Workdir) -> dict[str, Any]:
-    """Shape and input normalization of the work folder's models (from the base training images)."""
-    ds = w.data("train")
-    c, h, _ = ds.shape
-    imgs = ds.images[w.splits()["base"]]
-    return {
-        "in_channels": c,
-        "num_classes": len(ds.classes),
-        "image_size": h,
-        "mean": [float(imgs[:, i].mean()) for i in range(c)],
-        "std": [float(imgs[:, i].std()) for i in range(c)],
-    }
