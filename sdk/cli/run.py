@@ -39,7 +39,9 @@ def run(options: RunCommand) -> None:
     """Certify every frame of a stream and publish one record per frame.
 
     Capture runs in its own thread; live sources keep the newest frames and count drops, files
-    give every frame in order. SIGINT/SIGTERM flush every output and exit 0.
+    give every frame in order. SIGINT/SIGTERM flush every output and exit 0. Options may also come
+    from `--config run.yaml` (keys as the fields, groups nested) and `KEY=VALUE` (e.g.
+    `stream.batch=8`); flags given on the command line win.
 
     Example: `rrise run --bundle runs/demo/bundle --source runs/demo/demo_video.avi --jsonl -`
     """
