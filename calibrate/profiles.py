@@ -5,9 +5,9 @@ Every report made with a profile other than ``full`` says so, with what it lower
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-__all__ = ["PROFILES", "RENAMED", "Profile", "get_profile"]
+__all__ = ["PROFILES", "RENAMED", "Profile", "get_profile", "profile_help"]
 
 # Field names older versions used → today's (each today the name of the flag that overrides it).
 RENAMED = {
@@ -258,6 +258,19 @@ DIGITS_NOTE = (
     "α = 0.05, 60 test inputs). A check that the pipeline runs, not a measurement; install "
     "Fashion-MNIST for one."
 )
+
+
+def profile_help(name: str) -> str:
+    """The help of the flag that overrides profile field ``name`` (its metadata), saying that the
+    default is the profile's: what a command's option declares instead of restating it.
+
+    >>> profile_help("draws")
+    "Fresh base-model draws per image and step (default: the profile's)."
+    """
+    help_text = {f.name: f.metadata.get("help") for f in fields(Profile)}.get(name)
+    if not help_text:
+        raise KeyError(f"profile field {name!r} is not a flag")
+    return f"{help_text.rstrip('.')} (default: the profile's)."
 
 
 def get_profile(name: str, dataset: str | None = None) -> Profile:
