@@ -152,6 +152,17 @@ def test_the_extraction_handles_continuations_comments_and_entries() -> None:
     assert help_text(["nonesuch"])[0] != 0  # a command that does not exist fails the check
 
 
+def test_the_quick_start_demo_line_is_what_make_demo_runs() -> None:
+    """The README's `rrise demo` line is the Makefile's demo recipe with its defaults filled in."""
+    makefile = (ROOT / "Makefile").read_text()
+    defaults = dict(re.findall(r"^(\w+)\s*\?=\s*(\S+)\s*$", makefile, re.M))
+    recipe = re.search(r"\$\(BIN\)/(rrise demo [^\n]*)", makefile)
+    assert recipe, "the Makefile's demo target no longer runs rrise demo"
+    made = re.sub(r"\$\((\w+)\)", lambda m: defaults[m[1]], recipe[1]).replace("$$ds", "fashion-mnist")
+    (demo,) = [w for w in readme_commands(README.read_text()) if w[:2] == ["rrise", "demo"] and len(w) > 2]
+    assert demo == shlex.split(made)
+
+
 # --- links -----------------------------------------------------------------------------------------
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
