@@ -316,10 +316,10 @@ def _user_models(tmp: Path, user_net, shape, mean, std) -> dict:
     return {
         "um": um,
         "load_s": load_s,
-        "original": mc._open_session(str(path)),
+        "original": mc.open_onnx_session(str(path)),
         "canonical": um.session(),
         "module": module,
-        "twin": mc._open_session(mc._export_onnx_bytes(module, torch.zeros(1, *shape))),
+        "twin": mc.open_onnx_session(mc._export_onnx_bytes(module, torch.zeros(1, *shape))),
     }
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from rrise.fileio import atomic_write_bytes
 
-from .mc import BACKENDS, PreparedModel, _module_device, _open_session
+from .mc import BACKENDS, PreparedModel, module_device, open_onnx_session
 from .specs import CHANNELS, OUTPUT_KINDS
 
 PROBS_ATOL = 1e-3  # rows within this of summing to 1 (and non-negative) are probabilities
@@ -102,7 +102,7 @@ class UserModel:
         if self.onnx is None:
             raise UserModelError(f"MODEL {self.name} has no ONNX form (its export failed; see the notes)")
         if self._session is None:
-            self._session = _open_session(self.onnx)
+            self._session = open_onnx_session(self.onnx)
         return self._session
 
     def check_classes(
@@ -152,7 +152,7 @@ class UserModel:
         model without ONNX (torch). ``torch`` needs a torch form; ``onnxruntime`` needs the ONNX."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        on_gpu = self.module is not None and _module_device(self.module).type != "cpu"
+        on_gpu = self.module is not None and module_device(self.module).type != "cpu"
         if backend == "torch" or (backend == "auto" and (self.onnx is None or on_gpu)):
             if self.module is None:
                 raise ValueError(f"backend='torch' needs a torch model; MODEL {self.name} is ONNX")
@@ -320,7 +320,7 @@ def gpu_message(what: str, exc: BaseException) -> str | None:
 
 def session_or_error(model: bytes, what: str):
     try:
-        return _open_session(model)
+        return open_onnx_session(model)
     except Exception as exc:  # noqa: BLE001 - open_session raises ValueError/RuntimeError with ORT's text
         gpu = gpu_message(what, exc)
         text = str(exc).replace("onnxruntime cannot load serialized model: ", "")

@@ -58,6 +58,8 @@ __all__ = [
     "Sampling",
     "certify",
     "forget",
+    "module_device",
+    "open_onnx_session",
     "predict",
     "prepare_model",
     "sample_counts",
@@ -197,7 +199,8 @@ def _check_width(width: int, num_classes: int | None) -> int:
 # torch backend: noise on the model's device, votes counted there with bincount
 
 
-def _module_device(model: nn.Module) -> torch.device:
+def module_device(model: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (CPU for one with neither)."""
     tensors = [*model.parameters(), *model.buffers()]
     return tensors[0].device if tensors else _CPU
 
@@ -214,7 +217,7 @@ class _TorchBackend:
         autocast: str | None = None,
     ):
         self.model = model
-        self.device = _module_device(model)
+        self.device = module_device(model)
         self.channels_last = bool(channels_last)
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {autocast!r}")
@@ -293,7 +296,7 @@ def _cores() -> int:
     return max(1, cores or 1)
 
 
-def _open_session(model: str | os.PathLike | bytes):
+def open_onnx_session(model: str | os.PathLike | bytes):
     """The SDK's onnxruntime session (rrise.onnx_session) on an ``.onnx`` path or serialized bytes:
     the fastest providers here (CUDA first), one intra-op thread per usable core."""
     return open_session(model if isinstance(model, bytes) else os.fspath(model), FASTEST, threads=_cores())
@@ -389,7 +392,7 @@ class PreparedModel:
 
     @property
     def device_type(self) -> str:
-        return _module_device(self.target).type if self.backend == "torch" else "cpu"
+        return module_device(self.target).type if self.backend == "torch" else "cpu"
 
     @property
     def label(self) -> str:
@@ -483,11 +486,11 @@ def prepare_model(
     if not isinstance(model, nn.Module):
         return _prepare_other(model, backend, sample, batch_size)
     opts = {"channels_last": channels_last, "autocast": autocast}
-    on_cpu = _module_device(model).type == "cpu"
+    on_cpu = module_device(model).type == "cpu"
     if backend == "torch" or (backend == "auto" and not on_cpu):
         return PreparedModel("torch", model, **opts)
     if not on_cpu:
-        raise ValueError(f"backend='onnxruntime' needs a CPU module, this one is on {_module_device(model)}")
+        raise ValueError(f"backend='onnxruntime' needs a CPU module, this one is on {module_device(model)}")
     if sample is None and onnx is None:
         raise ValueError("prepare_model needs sample=[C, H, W] input(s) to export or probe a module")
     first = None
@@ -495,7 +498,7 @@ def prepare_model(
         xb, _ = _as_batch(sample)
         first = torch.as_tensor(xb[:1], dtype=torch.float32)
     if onnx is not None:
-        session, memo = _open_session(onnx), None
+        session, memo = open_onnx_session(onnx), None
     else:
         memo = _memo(model, tuple(first.shape[1:]), channels_last, autocast)
         try:
@@ -520,7 +523,7 @@ def _prepare_other(model, backend: str, sample, batch_size: int) -> PreparedMode
     if backend == "torch":
         raise ValueError("backend='torch' needs a torch nn.Module, got an ONNX model")
     if isinstance(model, (str, os.PathLike)):
-        return PreparedModel("onnxruntime", _open_session(model))
+        return PreparedModel("onnxruntime", open_onnx_session(model))
     if hasattr(model, "run") and hasattr(model, "get_inputs"):
         return PreparedModel("onnxruntime", model)
     raise TypeError(
@@ -613,11 +616,11 @@ def _twin(model: nn.Module, first: torch.Tensor, memo: _Memo | None):
     """An onnxruntime session on the module's in-memory ONNX export: the remembered one when the
     module's weights still have the digest it was made from, else a fresh export (remembered)."""
     if memo is None:
-        return _open_session(_export_onnx_bytes(model, first))
+        return open_onnx_session(_export_onnx_bytes(model, first))
     digest = weights_digest(model)
     if memo.session is None or memo.digest != digest:
         memo.session, memo.digest = None, None
-        memo.session, memo.digest = _open_session(_export_onnx_bytes(model, first)), digest
+        memo.session, memo.digest = open_onnx_session(_export_onnx_bytes(model, first)), digest
     return memo.session
 
 
@@ -664,7 +667,7 @@ def _backend(
     if isinstance(model, nn.Module):
         xb, _ = _as_batch(x)  # a wrong shape or a NaN is reported before any export or probe
         _check_finite_any(xb)
-        on_cpu = _module_device(model).type == "cpu"
+        on_cpu = module_device(model).type == "cpu"
         if backend != "torch" and on_cpu and len(xb):
             prepared = _remembered(model, backend, xb, len(xb) * max(n, 0), opts)
         else:

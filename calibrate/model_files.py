@@ -12,36 +12,27 @@ MODEL). Only a copy of an ``nn.Module`` passed in Python needs that module again
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rrise.fileio import atomic_path, sha256_file
+from rrise.fileio import atomic_path
 
 from .canonical_model import UserModel
-from .models import ARCHS, FORMAT, Normalize, _per_channel, build_model
+from .models import ARCHS, FORMAT, build_model, per_channel
 from .surrogates import (
-    _SPEC_ATTR,
-    EDGE_RESNET,
     SPEC_KEY,
-    EdgeResNet,
-    ProbsToLogits,
     SurrogateError,
-    _deepcopy,
-    _import_factory,
-    _make_from_factory,
+    rebuild_surrogate,
     surrogate_spec,
 )
-from .user_model import load_user_model
 
 _CONFIG_KEYS = ("arch", "in_channels", "num_classes", "image_size", "mean", "std")
 
-__all__ = ["load_model", "load_surrogate", "rebuild_surrogate", "save_model", "save_surrogate"]
+__all__ = ["load_model", "load_surrogate", "save_model", "save_surrogate"]
 
 
 def _json_like(value, where: str):
@@ -90,8 +81,8 @@ def save_model(
         "in_channels": int(in_channels),
         "num_classes": int(num_classes),
         "image_size": int(image_size),
-        "mean": _per_channel(mean, int(in_channels), "mean").tolist(),
-        "std": _per_channel(std, int(in_channels), "std").tolist(),
+        "mean": per_channel(mean, int(in_channels), "mean").tolist(),
+        "std": per_channel(std, int(in_channels), "std").tolist(),
     }
     payload = {
         "format": FORMAT,
@@ -160,86 +151,6 @@ def load_surrogate(
     model = model.cpu()
     _load_state(model, payload["state_dict"], str(path))
     return model.eval(), {**meta, **config}
-
-
-def rebuild_surrogate(
-    config: dict, meta: dict, base: UserModel | nn.Module | None = None, *, trust_code: bool = False
-) -> nn.Module:
-    """The untrained network of a saved surrogate, from its metadata's spec (``load_model`` calls
-    this for archs other than ``cnn``/``cnn-small``); its weights are loaded by the caller.
-    Torch's global RNG is left as it was. Specs that import Python code (a factory, or a copy of a
-    factory or ``.pt2`` base rebuilt without ``base``) need ``trust_code=True``."""
-    spec = meta.get(SPEC_KEY) if isinstance(meta, dict) else None
-    if isinstance(spec, dict) and not trust_code:
-        form = (spec.get("base") or {}).get("form") if isinstance(spec.get("base"), dict) else None
-        from_model = spec.get("arch") == "base" and base is None and form in ("factory", "pt2")
-        if (spec.get("arch") == "factory" or from_model) and spec.get("base_arch") not in ARCHS:
-            raise SurrogateError(
-                "this model file names Python code to rebuild its network "
-                f"({spec.get('factory') or 'a base'}); "
-                "a model file never imports code on its own: pass trust_code=True (or the base) when you "
-                "made the file yourself"
-            )
-    with torch.random.fork_rng(devices=[]):
-        return _rebuild(config, meta, base)
-
-
-def _rebuild(config: dict, meta: dict, base) -> nn.Module:
-    spec = meta.get(SPEC_KEY)
-    if not isinstance(spec, dict) or "arch" not in spec:
-        raise ValueError(
-            f"unknown model arch {config.get('arch')!r} and no surrogate spec to rebuild it from"
-        )
-    c, h, w = (int(d) for d in spec["input_shape"])
-    k = int(spec["num_classes"])
-    arch = spec["arch"]
-    if arch in ARCHS or spec.get("base_arch") in ARCHS:
-        model = build_model(spec.get("base_arch") or arch, c, k, h, spec["mean"], spec["std"])
-    elif arch == EDGE_RESNET:
-        model = EdgeResNet(c, k, spec["layout"], spec["mean"], spec["std"])
-    elif arch == "factory":
-        what = f"the surrogate's factory {spec['factory']}"
-        obj, _, _ = _import_factory(spec["factory"])
-        model = _make_from_factory(obj, spec["call"], (c, h, w), k, int(spec.get("seed", 0)), what)
-        if spec.get("normalize"):
-            model = nn.Sequential(Normalize(0.0, 1.0, c), model)
-    elif arch == "base":
-        model = _rebuild_base(spec, base, (c, h, w))
-    else:
-        raise ValueError(f"unknown surrogate arch {arch!r} in the surrogate spec")
-    setattr(model, _SPEC_ATTR, copy.deepcopy(spec))
-    return model
-
-
-def _rebuild_base(spec: dict, base, shape) -> nn.Module:
-    record = spec.get("base", {})
-    if base is not None:
-        template = base.module if isinstance(base, UserModel) else base
-        if template is None:
-            raise SurrogateError("the base model given has no torch module to rebuild the surrogate from")
-    elif record.get("model"):
-        if record["form"] == "pt2":
-            path = Path(record["model"])
-            if not path.is_file():
-                raise SurrogateError(f"the surrogate was copied from MODEL {path}, which no longer exists")
-            if record.get("sha256") and sha256_file(path) != record["sha256"]:
-                raise SurrogateError(
-                    f"the surrogate was copied from MODEL {path}, which has changed since (sha256 differs)"
-                )
-        opts = dict(record.get("options", {}))
-        opts["input_size"] = tuple(opts.get("input_size") or shape[1:])
-        template = load_user_model(record["model"], **opts).module
-    else:
-        raise SurrogateError(
-            f"the surrogate was copied from an nn.Module passed in Python ({record.get('class')}); load it "
-            f"with rrise.calibrate.model_files.load_surrogate(path, base=that_module)"
-        )
-    model = _deepcopy(template)
-    if spec.get("normalize"):
-        model = nn.Sequential(Normalize(0.0, 1.0, shape[0]), model)
-    if spec.get("probs_to_logits"):
-        model = nn.Sequential(model, ProbsToLogits())
-    return model
 
 
 def _load_state(model: nn.Module, state: dict, what: str) -> None:

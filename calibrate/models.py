@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ARCHS", "FORMAT", "Normalize", "build_model"]
+__all__ = ["ARCHS", "FORMAT", "Normalize", "build_model", "per_channel"]
 
 # The model file format (written and read by :mod:`rrise.calibrate.model_files`).
 FORMAT = "rrise.model/1"
@@ -33,8 +33,8 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: float | Sequence[float], std: float | Sequence[float], channels: int):
         super().__init__()
-        mean_t = _per_channel(mean, channels, "mean")
-        std_t = _per_channel(std, channels, "std")
+        mean_t = per_channel(mean, channels, "mean")
+        std_t = per_channel(std, channels, "std")
         if torch.any(std_t <= 0):
             raise ValueError(f"std must be positive, got {std_t.tolist()}")
         self.register_buffer("mean", mean_t.view(1, channels, 1, 1))
@@ -44,7 +44,8 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _per_channel(value: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
+def per_channel(value: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
+    """``value`` (one float or one per channel) as a float32 tensor of ``channels`` values."""
     arr = np.atleast_1d(np.asarray(value, dtype=np.float32))
     if arr.ndim != 1 or arr.size not in (1, channels):
         raise ValueError(f"{name} must be a float or {channels} floats, got {value!r}")

@@ -18,8 +18,8 @@ any mean/std normalization inside it (docs/CERTIFICATE.md). ``arch``:
   :class:`~rrise.calibrate.models.Normalize` layer is put in front of it.
 
 Files: :func:`rrise.calibrate.model_files.save_surrogate` records the spec (:func:`surrogate_spec`)
-beside the weights, and :func:`rrise.calibrate.model_files.load_surrogate` rebuilds the network
-from it.
+beside the weights; :func:`rebuild_surrogate` makes the network again from it (the weights are
+then loaded by :func:`rrise.calibrate.model_files.load_surrogate`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from rrise.fileio import sha256_file
 from .canonical_model import UserModel, UserModelError
 from .models import ARCHS, Normalize, build_model
 from .torch_import import import_attribute
+from .user_model import load_user_model
 
 __all__ = [
     "EDGE_RESNET",
@@ -53,6 +54,7 @@ __all__ = [
     "build_surrogate",
     "edge_layout",
     "model_cost",
+    "rebuild_surrogate",
     "surrogate_spec",
 ]
 
@@ -536,6 +538,90 @@ def _from_factory_string(text: str, shape, k, mean, std, seed, spec) -> nn.Modul
     if not out.is_floating_point() or not any(p.is_floating_point() for p in model.parameters()):
         raise SurrogateError(f"{what}: a surrogate needs float outputs and trainable float parameters")
     spec.update(factory=recorded, call=call, normalize=normalize, mean=mean, std=std, **record)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Rebuilding a saved surrogate's network
+
+
+def rebuild_surrogate(
+    config: dict, meta: dict, base: UserModel | nn.Module | None = None, *, trust_code: bool = False
+) -> nn.Module:
+    """The untrained network of a saved surrogate, from its metadata's spec (``load_model`` calls
+    this for archs other than ``cnn``/``cnn-small``); its weights are loaded by the caller.
+    Torch's global RNG is left as it was. Specs that import Python code (a factory, or a copy of a
+    factory or ``.pt2`` base rebuilt without ``base``) need ``trust_code=True``."""
+    spec = meta.get(SPEC_KEY) if isinstance(meta, dict) else None
+    if isinstance(spec, dict) and not trust_code:
+        form = (spec.get("base") or {}).get("form") if isinstance(spec.get("base"), dict) else None
+        from_model = spec.get("arch") == "base" and base is None and form in ("factory", "pt2")
+        if (spec.get("arch") == "factory" or from_model) and spec.get("base_arch") not in ARCHS:
+            raise SurrogateError(
+                "this model file names Python code to rebuild its network "
+                f"({spec.get('factory') or 'a base'}); "
+                "a model file never imports code on its own: pass trust_code=True (or the base) when you "
+                "made the file yourself"
+            )
+    with torch.random.fork_rng(devices=[]):
+        return _rebuild(config, meta, base)
+
+
+def _rebuild(config: dict, meta: dict, base) -> nn.Module:
+    spec = meta.get(SPEC_KEY)
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise ValueError(
+            f"unknown model arch {config.get('arch')!r} and no surrogate spec to rebuild it from"
+        )
+    c, h, w = (int(d) for d in spec["input_shape"])
+    k = int(spec["num_classes"])
+    arch = spec["arch"]
+    if arch in ARCHS or spec.get("base_arch") in ARCHS:
+        model = build_model(spec.get("base_arch") or arch, c, k, h, spec["mean"], spec["std"])
+    elif arch == EDGE_RESNET:
+        model = EdgeResNet(c, k, spec["layout"], spec["mean"], spec["std"])
+    elif arch == "factory":
+        what = f"the surrogate's factory {spec['factory']}"
+        obj, _, _ = _import_factory(spec["factory"])
+        model = _make_from_factory(obj, spec["call"], (c, h, w), k, int(spec.get("seed", 0)), what)
+        if spec.get("normalize"):
+            model = nn.Sequential(Normalize(0.0, 1.0, c), model)
+    elif arch == "base":
+        model = _rebuild_base(spec, base, (c, h, w))
+    else:
+        raise ValueError(f"unknown surrogate arch {arch!r} in the surrogate spec")
+    setattr(model, _SPEC_ATTR, copy.deepcopy(spec))
+    return model
+
+
+def _rebuild_base(spec: dict, base, shape) -> nn.Module:
+    record = spec.get("base", {})
+    if base is not None:
+        template = base.module if isinstance(base, UserModel) else base
+        if template is None:
+            raise SurrogateError("the base model given has no torch module to rebuild the surrogate from")
+    elif record.get("model"):
+        if record["form"] == "pt2":
+            path = Path(record["model"])
+            if not path.is_file():
+                raise SurrogateError(f"the surrogate was copied from MODEL {path}, which no longer exists")
+            if record.get("sha256") and sha256_file(path) != record["sha256"]:
+                raise SurrogateError(
+                    f"the surrogate was copied from MODEL {path}, which has changed since (sha256 differs)"
+                )
+        opts = dict(record.get("options", {}))
+        opts["input_size"] = tuple(opts.get("input_size") or shape[1:])
+        template = load_user_model(record["model"], **opts).module
+    else:
+        raise SurrogateError(
+            f"the surrogate was copied from an nn.Module passed in Python ({record.get('class')}); load it "
+            f"with rrise.calibrate.model_files.load_surrogate(path, base=that_module)"
+        )
+    model = _deepcopy(template)
+    if spec.get("normalize"):
+        model = nn.Sequential(Normalize(0.0, 1.0, shape[0]), model)
+    if spec.get("probs_to_logits"):
+        model = nn.Sequential(model, ProbsToLogits())
     return model
 
 
