@@ -23,6 +23,7 @@ are the ``rrise run`` flags ``--mc-budget``, ``--mc-deadline-ms``, ``--require-r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -43,7 +44,13 @@ from rrise.sequential import (
     sequential_test,
 )
 
-__all__ = ["BaseClassifier", "McCertifier", "McOptions", "McResult", "read_base_model"]
+__all__ = ["BaseClassifier", "McCertifier", "McOptions", "McRefused", "McResult", "read_base_model"]
+
+
+class McRefused(ValueError):
+    """Adaptive certification asked of a bundle or backend that cannot give it (no base model, a
+    backend without one, a required radius the budget can never certify); one line naming the
+    option. ``rrise run`` prints it and exits 2, as for any other bad option."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +86,12 @@ class McOptions:
             isinstance(self.require_radius, int | float) and 0 < self.require_radius < float("inf")
         ):
             raise ValueError(f"--require-radius must be a positive number, got {self.require_radius!r}")
+        if self.mc_deadline_ms is not None and not (
+            isinstance(self.mc_deadline_ms, int | float) and 0 < self.mc_deadline_ms < float("inf")
+        ):
+            raise ValueError(
+                f"--mc-deadline-ms must be a positive number of milliseconds, got {self.mc_deadline_ms!r}"
+            )
         if self.mc_budget:
             self.sequential()  # validates the budget, batch, deadline and alpha in one line each
         elif not (isinstance(self.mc_alpha, int | float) and 0.0 < self.mc_alpha < 1.0):
@@ -256,6 +269,11 @@ class McCertifier:
             bundle, options, require_radius=mc.require_radius, seed=seed, clock=clock, threads=threads
         )
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock (seconds) the deadline is timed with."""
+        return self._clock
+
     def improve(self, x: np.ndarray, top_class: int, surrogate_radius: float) -> McResult | None:
         """Draws for a frame whose surrogate radius falls short of ``require_radius`` (None, without
         a draw, when it does not, or when no radius is required: then the caller's routing rule
@@ -264,10 +282,21 @@ class McCertifier:
             return None
         return self.certify(x, top_class, self.require_radius)
 
-    def certify(self, x: np.ndarray, top_class: int, require_radius: float | None = None) -> McResult:
+    def certify(
+        self,
+        x: np.ndarray,
+        top_class: int,
+        require_radius: float | None = None,
+        *,
+        deadline_ms: float | None = None,
+    ) -> McResult:
         """Spend draws on ``x`` (the preprocessed model input ``[C, H, W]``, float32 in [0, 1]) for
         ``top_class``; with ``require_radius``, stop as soon as the bound certifies it (or cannot
-        within the budget); without, spend the budget or run to the deadline."""
+        within the budget); without, spend the budget or run to the deadline. ``deadline_ms``: a
+        tighter deadline for this frame (e.g. what is left of a stream step's)."""
+        options = self.options
+        if deadline_ms is not None and (options.deadline_ms is None or deadline_ms < options.deadline_ms):
+            options = dataclasses.replace(options, deadline_ms=max(float(deadline_ms), 1e-6))
         x = self._check_input(x)
         top_class = self._check_class(top_class)
         required = None if require_radius is None else required_probability(require_radius, self.sigma)
@@ -278,7 +307,7 @@ class McCertifier:
             noisy += x
             return int(np.count_nonzero(np.asarray(self.classify(noisy)) == top_class))
 
-        r = sequential_test(draw_batch, required, self.options, clock=self._clock)
+        r = sequential_test(draw_batch, required, options, clock=self._clock)
         return McResult(
             top_class=top_class,
             p_lower=r.lower_bound,

@@ -1,7 +1,8 @@
 """How a run goes, declared once: :class:`RunOptions` (backend, variant, pinning) with one nested
 group per concern: :class:`StreamOptions` (reading the source, batching, status records),
-:class:`OutputOptions` (where records go) and :class:`WatchOptions` (the premise checks: the shift
-alarm and the per-frame out-of-distribution flag).
+:class:`OutputOptions` (where records go), :class:`WatchOptions` (the premise checks: the shift
+alarm and the per-frame out-of-distribution flag) and :class:`~rrise.runtime.adaptive.McOptions`
+(adaptive certification: base-model draws where the surrogate's radius falls short).
 
 The same fields are ``rrise run``'s flags, a ``--config FILE.yaml``'s keys and ``key=value``
 overrides (:mod:`rrise.options`), and what :func:`rrise.runtime.run_stream`,
@@ -31,6 +32,7 @@ from typing import Any
 from rrise.manifest_schema import PRECISIONS
 from rrise.records import DEFAULT_TOPIC
 
+from .adaptive import McOptions
 from .backends import BACKENDS
 from .recording import RECORD_FORMATS
 
@@ -371,7 +373,7 @@ class WatchOptions:
 class RunOptions:
     """Everything about how a run goes, one group per concern (see the module docstring). The
     bundle and the source are what a run is about: :func:`~rrise.runtime.run_stream` takes them
-    beside these options. A nested ``mc`` group (adaptive Monte Carlo) joins the groups here.
+    beside these options.
 
     Parameters
     ----------
@@ -383,6 +385,8 @@ class RunOptions:
         :class:`OutputOptions`.
     watch:
         :class:`WatchOptions`.
+    mc:
+        :class:`~rrise.runtime.adaptive.McOptions` (``--mc-budget`` 0, the default: one pass).
 
     Raises
     ------
@@ -392,6 +396,8 @@ class RunOptions:
     >>> options = RunOptions(outputs=OutputOptions(jsonl="-"), stream=StreamOptions(batch=4))
     >>> options.backend.value, options.outputs.jsonl, options.stream.batch, options.watch.watch
     ('auto', '-', 4, True)
+    >>> options.mc.mc_budget, options.mc.enabled
+    (0, False)
     """
 
     backend: BackendName = field(default=BackendName.auto, metadata={"help": "Inference backend."})
@@ -420,6 +426,10 @@ class RunOptions:
     outputs: OutputOptions = field(default_factory=OutputOptions, metadata={"group": "Outputs"})
     watch: WatchOptions = field(
         default_factory=WatchOptions, metadata={"group": "Watch: shift alarm and out-of-distribution flag"}
+    )
+    mc: McOptions = field(
+        default_factory=McOptions,
+        metadata={"group": "Adaptive: Monte Carlo draws where the surrogate's radius falls short"},
     )
 
     def __post_init__(self) -> None:

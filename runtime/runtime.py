@@ -1,12 +1,16 @@
-"""``Runtime``: frames in, certified-prediction records out, one surrogate pass per frame.
+"""``Runtime``: frames in, certified-prediction records out, one surrogate pass per frame, and in
+adaptive mode (``mc_budget`` > 0) base-model draws on the frames whose radius falls short.
 
 The radius comes from :func:`rrise.certify_from_probs` with the calibration of the variant that
 actually runs: a quantile is valid only for the numerics it was calibrated on, and that includes
 the batch size (the backend never gets more rows at once than the variant's ``max_batch``).
+Adaptive mode (:mod:`rrise.runtime.routing`) adds a Monte Carlo certificate for the surrogate's
+class where it helps, and the record keeps the larger one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,15 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from rrise.bundle import Bundle
+from rrise.bundle import Bundle, BundleError
 from rrise.certificate import Calibration, Certificate, certify_from_probs
 from rrise.monitor import ShiftMonitor, load_monitors
 from rrise.ood import OodTest, combine_alarms
 from rrise.records import Record, Verdict
+from rrise.sequential import largest_certifiable_radius
 
+from .adaptive import McCertifier, McOptions, McRefused
 from .backends import make_backend, variant_max_batch
 from .options import StreamOptions
 from .preprocess import FrameError, Preprocessor
+from .routing import AdaptiveCertifier, Judged, Routing
 from .sources import FrameSource
 from .stream import Stream
 
@@ -57,6 +64,15 @@ class Runtime:
     expect_id, trust:
         Refuse (BundleError) any bundle whose id is not ``expect_id``, or that the Ed25519 public
         key ``trust`` (a key or its file) did not sign (:meth:`rrise.Bundle.load`).
+    mc:
+        Adaptive certification: :class:`~rrise.runtime.adaptive.McOptions`, or a ready
+        :class:`~rrise.runtime.adaptive.McCertifier` (another base-model runner, a test's clock).
+        None: from ``mc_options``.
+    **mc_options:
+        ``mc_budget``, ``mc_deadline_ms``, ``require_radius``, ``mc_alpha``, ``mc_batch``: the
+        fields of :class:`~rrise.runtime.adaptive.McOptions` (``mc_budget`` 0, the default: one
+        pass, records exactly as without adaptive mode). With ``mc_budget`` > 0 every record also
+        carries ``certified_by`` and ``mc_draws``.
 
     ``certify(frame)`` → record; ``certify_batch(frames)`` → records; ``stream(source)`` → an
     iterable of records for a camera, video, folder or ``PushSource``. A frame that cannot be
@@ -73,6 +89,8 @@ class Runtime:
         A bundle that does not load, or not the one ``expect_id``/``trust`` ask for.
     ValueError
         A bundle whose labels do not match its classes, or bad monitor settings.
+    rrise.runtime.adaptive.McRefused
+        Adaptive mode the bundle or backend cannot give (a ValueError naming the option).
 
     >>> import tempfile
     >>> from pathlib import Path
@@ -99,7 +117,15 @@ class Runtime:
         monitor_options: dict[str, Any] | None = None,
         expect_id: str | None = None,
         trust: Any = None,
+        mc: McOptions | McCertifier | None = None,
+        **mc_options: Any,
     ) -> None:
+        mc = _mc_choice(mc, mc_options)
+        if mc is not None and backend == "tensorrt":
+            raise McRefused(
+                "--mc-budget runs the bundle's base model, which has no TensorRT engine (a base-model "
+                "engine is future export work): use --backend onnxruntime or auto"
+            )
         if isinstance(bundle, Bundle):  # pinned or trusted: its files and manifest are checked again
             if expect_id is not None or trust is not None:
                 bundle.check_files()
@@ -133,6 +159,8 @@ class Runtime:
         self._seq = 0
         self._lock = threading.Lock()  # seq numbering and the monitor
         self._infer_lock = threading.Lock()
+        self._adaptive = None if mc is None else _adaptive(self._bundle, mc)
+        self._mc_lock = threading.Lock()
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -156,6 +184,11 @@ class Runtime:
     def max_batch(self) -> int:
         """The most frames one backend call gets: the running variant's ``max_batch`` (default 1)."""
         return self._max_batch
+
+    @property
+    def adaptive(self) -> AdaptiveCertifier | None:
+        """Adaptive certification (its Monte Carlo certifier and routing), None in one-pass mode."""
+        return self._adaptive
 
     @property
     def monitor(self) -> ShiftMonitor | None:
@@ -293,9 +326,10 @@ class Runtime:
             for j, i in enumerate(chunk):
                 certs[i], errors[i] = (None, error) if error is not None else self._certificate(probs[j])
                 ood_ps[i] = ps[j]
+        judged = self._judge(inputs, rows, certs)
         indices = [None] * n if frame_indices is None else frame_indices
         with self._lock:
-            return [self._verdict(certs[i], errors[i], indices[i], ood_ps[i]) for i in range(n)]
+            return [self._verdict(certs[i], errors[i], indices[i], ood_ps[i], judged[i]) for i in range(n)]
 
     def stream(self, source: str | int | Path | FrameSource, options: StreamOptions | None = None) -> Stream:
         """The frames of ``source`` as an iterable of records (and status records), read as
@@ -317,6 +351,20 @@ class Runtime:
             return None, f"model output shape {probs.shape} is not [{len(x)}, {self._num_classes}]"
         return probs, None
 
+    def _judge(
+        self, inputs: list[np.ndarray], rows: list[int], certs: list[Certificate | None]
+    ) -> list[Judged | None]:
+        """Adaptive mode: each frame's outcome (:class:`~rrise.runtime.routing.Judged`), None for
+        frames without a certificate; one pass: all None."""
+        judged: list[Judged | None] = [None] * len(certs)
+        if self._adaptive is None or not rows:
+            return judged
+        with self._mc_lock:
+            outcome = self._adaptive.judge(inputs, [certs[i] for i in rows])
+        for i, one in zip(rows, outcome):
+            judged[i] = one
+        return judged
+
     def _ood_p(self, x: np.ndarray, probs: np.ndarray) -> list[float | None]:
         """The out-of-distribution p-value of each row (None without the test or for NaN outputs)."""
         if self._ood is None or not np.all(np.isfinite(probs)):
@@ -330,11 +378,18 @@ class Runtime:
             return None, f"model output unusable: {exc}"
 
     def _verdict(
-        self, cert: Certificate | None, error: str | None, frame_index: int | None, ood_p: float | None
+        self,
+        cert: Certificate | None,
+        error: str | None,
+        frame_index: int | None,
+        ood_p: float | None,
+        judged: Judged | None = None,
     ) -> Verdict:
         """The next verdict; call with :attr:`_lock` held (a batch holds it throughout, so its seqs
-        are consecutive). The shift alarm sees every certified frame; error records carry its
-        current word, untested; a flagged out-of-distribution p-value puts ``ood`` first."""
+        are consecutive). The shift alarm sees every certified frame (the surrogate's certificate:
+        the premise it watches is the surrogate's); error records carry its current word,
+        untested; a flagged out-of-distribution p-value puts ``ood`` first. In adaptive mode the
+        verdict carries ``judged``'s certificate, ``certified_by`` and ``mc_draws``."""
         seq = self._seq
         self._seq = seq + 1
         alarm = None
@@ -345,9 +400,15 @@ class Runtime:
             alarm = monitor.alarm if cert is None else monitor.update(cert.score, cert.abstain, ood_p)
         if self._ood is not None and self._ood.flagged(ood_p):
             alarm = combine_alarms(["ood", alarm])
-        label = None if cert is None or cert.pred is None else self._labels[cert.pred]
         frame = seq if frame_index is None else frame_index
-        return Verdict(seq, frame, cert, label, error, alarm, ood_p)
+        if self._adaptive is None:
+            label = None if cert is None or cert.pred is None else self._labels[cert.pred]
+            return Verdict(seq, frame, cert, label, error, alarm, ood_p)
+        if judged is not None:
+            cert = judged.certificate
+        label = None if cert is None or cert.pred is None else self._labels[cert.pred]
+        by, draws = (None, 0) if judged is None else (judged.certified_by, judged.mc_draws)
+        return Verdict(seq, frame, cert, label, error, alarm, ood_p, by, draws)
 
     def _stamped(self, verdict: Verdict, stamp: int, source: str) -> dict[str, Any]:
         latency = (time.time_ns() - stamp) / 1e6
@@ -374,6 +435,48 @@ class Runtime:
             f"backend={self.backend_name}, max_batch={self._max_batch}, "
             f"quantile={self._calibration.quantile})"
         )
+
+
+def _mc_choice(mc: McOptions | McCertifier | None, fields: dict[str, Any]) -> McOptions | McCertifier | None:
+    """What adaptive mode runs with: ``mc``, or :class:`McOptions` of ``fields``; None when off."""
+    if mc is not None and fields:
+        raise TypeError(f"give mc or its fields ({', '.join(fields)}), not both")
+    if mc is None:
+        known = {f.name for f in dataclasses.fields(McOptions)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"Runtime() got unexpected keyword(s) {', '.join(unknown)}")
+        mc = McOptions(**fields)
+    if isinstance(mc, McOptions):
+        return mc if mc.enabled else None
+    if isinstance(mc, McCertifier):
+        return mc
+    raise TypeError(f"mc must be McOptions or McCertifier, got {type(mc).__name__}")
+
+
+def _adaptive(bundle: Bundle, mc: McOptions | McCertifier) -> AdaptiveCertifier:
+    """Adaptive certification for ``bundle``; :class:`McRefused` (naming the option) when the
+    bundle cannot give it: no base model, no routing rule and no required radius, a required
+    radius the budget can never certify."""
+    require = mc.require_radius
+    try:
+        routing = Routing.of_bundle(bundle.manifest, require)
+        if isinstance(mc, McOptions):
+            mc = McCertifier.from_options(bundle, mc)
+        top = largest_certifiable_radius(mc.sigma, mc.options)
+        if routing.target_radius > top:
+            raise McRefused(
+                f"--mc-budget {mc.options.budget} cannot certify the {routing.origin} target radius "
+                f"{routing.target_radius:g} (the largest it can is {top:.4f}): raise --mc-budget or "
+                "give --require-radius"
+            )
+    except McRefused:
+        raise
+    except BundleError as exc:
+        raise McRefused(f"--mc-budget needs the bundle's base model: {exc}") from None
+    except ValueError as exc:
+        raise McRefused(str(exc).splitlines()[0]) from None
+    return AdaptiveCertifier(mc, routing)
 
 
 def _listed(values: Any, name: str) -> list[Any]:

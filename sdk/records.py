@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from .certificate import Certificate
 
 __all__ = [
+    "ADAPTIVE_KEYS",
+    "CERTIFIED_BY",
     "DEFAULT_TOPIC",
     "DELIVERY_KEYS",
     "RECORD_KEYS",
@@ -42,6 +45,10 @@ DEFAULT_TOPIC = b"rrise"
 _NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 _Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 _NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+# Who certified a frame in adaptive mode (``rrise run --mc-budget N``): the surrogate's calibrated
+# pass or the base model's Monte Carlo draws; nil when the record abstains.
+CERTIFIED_BY = ("surrogate", "mc")
+_CertifiedBy = Literal[CERTIFIED_BY]
 
 
 class RecordError(ValueError):
@@ -64,7 +71,8 @@ class Verdict(NamedTuple):
     """What certification said about one frame, before the stream stamps it into a :class:`Record`:
     its ``seq`` and ``frame`` index, the :class:`~rrise.certificate.Certificate` (None when the
     frame has none, and then ``error`` says why), the class ``label``, the monitor's ``alarm`` word
-    and the out-of-distribution p-value ``ood_p``."""
+    and the out-of-distribution p-value ``ood_p``; in adaptive mode also who certified it
+    (``certified_by``) and the base-model draws spent on it (``mc_draws``), unset otherwise."""
 
     seq: int
     frame: int
@@ -73,6 +81,8 @@ class Verdict(NamedTuple):
     error: str | None
     alarm: str | None
     ood_p: float | None
+    certified_by: str | None | UnsetType = UNSET  # adaptive mode only (ADAPTIVE_KEYS)
+    mc_draws: int | UnsetType = UNSET
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +114,9 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     alarm: str | None
     ood_p: _Probability | None = None  # per-frame out-of-distribution p-value (rrise.ood)
+    # Adaptive mode (ADAPTIVE_KEYS): absent from the wire when it is off, always present when on.
+    certified_by: _CertifiedBy | None | UnsetType = UNSET
+    mc_draws: _NonNegInt | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.radius):
@@ -116,6 +129,10 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("a record that does not abstain has a pred and no error")
         if self.pred is None and self.label is not None:
             raise ValueError("a record without pred has label nil")
+        if (self.certified_by is UNSET) != (self.mc_draws is UNSET):
+            raise ValueError("certified_by and mc_draws come together (adaptive mode) or not at all")
+        if self.certified_by is not UNSET and (self.certified_by is None) != self.abstain:
+            raise ValueError("certified_by is nil exactly when the record abstains")
 
     @classmethod
     def of(cls, verdict: Verdict, *, stamp_ns: int, latency_ms: float, source: str, bundle: str) -> Record:
@@ -142,14 +159,21 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
             error=verdict.error,
             alarm=verdict.alarm,
             ood_p=None if verdict.ood_p is None else float(verdict.ood_p),
+            certified_by=verdict.certified_by,
+            mc_draws=verdict.mc_draws if verdict.mc_draws is UNSET else int(verdict.mc_draws),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as the plain dict sinks, callbacks and subscribers get (keys in wire order)."""
-        return msgspec.structs.asdict(self)
+        """The record as the plain dict sinks, callbacks and subscribers get (keys in wire order;
+        the adaptive keys only when they are set)."""
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not UNSET}
 
 
-RECORD_KEYS = Record.__struct_fields__
+# The keys adaptive certification adds (``rrise run --mc-budget N``, N > 0): on every record of
+# such a run, on none of a one-pass run (whose records are byte for byte those of earlier runtimes).
+ADAPTIVE_KEYS = ("certified_by", "mc_draws")
+# The keys of every frame record (a one-pass run's records have exactly these, in this order).
+RECORD_KEYS = tuple(k for k in Record.__struct_fields__ if k not in ADAPTIVE_KEYS)
 
 
 # --- encoding ---------------------------------------------------------------------------------
