@@ -1,13 +1,16 @@
 """`rrise build`: every stage of the work folder on the user's own classifier and images.
 
-:func:`build` loads the user's model (:func:`~rrise.calibrate.user_model.load_user_model`) and
+:func:`build` takes :class:`~rrise.calibrate.options.BuildOptions` (or the same values as
+keywords), loads the user's model (:func:`~rrise.calibrate.user_model.load_user_model`) and
 images (:func:`~rrise.calibrate.user_data.load_images`), refuses what does not fit before writing
-anything, and opens a work folder whose ``run.json`` records where both come from (dataset
-``user``, key ``user``), so that every stage command (``rrise calibrate --workdir DIR``, ...)
-reloads them. The user's model *is* the base model: the ``train-base`` stage of such a folder
-writes its canonical ONNX to ``base.onnx`` (and ``base.pt``, a JSON record of where it came from)
-instead of training one. Then: targets → train-surrogate → select-rule → calibrate → certify
-(Cohen's MC on the test split) → evaluate → bundle, each skipped when current.
+anything, and opens a work folder whose config holds both as typed specs
+(:class:`~rrise.calibrate.specs.UserModelSpec`, :class:`~rrise.calibrate.specs.ImageData`;
+``run.json`` records them as dataset ``user``, key ``user``), so that every stage command
+(``rrise calibrate --workdir DIR``, ...) reloads them. The user's model *is* the base model: the
+``train-base`` stage of such a folder writes its canonical ONNX to ``base.onnx`` (and ``base.pt``,
+a JSON record of where it came from) instead of training one. Then: targets → train-surrogate →
+select-rule → calibrate → certify (Cohen's MC on the test split) → evaluate → bundle, each skipped
+when current.
 
 The images are split into surrogate targets, selection, calibration and test by a seeded hash of
 each image's identity (:func:`~rrise.calibrate.user_data.split_images`); ``--train-data`` images
@@ -41,7 +44,7 @@ from .user_data import split_images
 from .user_model import UserModel, UserModelError, load_user_model
 from .workdir import RunConfig, Workdir
 
-__all__ = ["BUILD_STAGES", "USER_DATASET", "build", "mc_budget"]
+__all__ = ["BUILD_STAGES", "USER_DATASET", "build", "build_options", "mc_budget", "probe_rate"]
 
 # The stages `rrise build` runs after importing the base model, in order.
 BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify", "evaluate", "bundle")
