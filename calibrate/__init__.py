@@ -1,6 +1,11 @@
-"""Calibrate stage: base model, Monte Carlo targets, surrogate, conformal calibration, evaluation (torch)."""
+"""Calibrate stage: base model, Monte Carlo targets, surrogate, conformal calibration, evaluation (torch).
 
-__all__ = ["build"]
+``rrise.calibrate.build`` (:func:`rrise.calibrate.building.build`) and its options
+``rrise.calibrate.BuildOptions`` (:class:`rrise.calibrate.options.BuildOptions`) load on first use:
+importing this package loads no torch.
+"""
+
+__all__ = ["BuildOptions", "build"]
 
 
 def __getattr__(name: str):
@@ -9,4 +14,8 @@ def __getattr__(name: str):
         from .building import build
 
         return build
+    if name == "BuildOptions":
+        from .options import BuildOptions
+
+        return BuildOptions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
