@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from rrise import __version__
-from rrise.bundle import GUARANTEE, MANIFEST, SCHEMA_VERSION, Bundle, write_manifest
+from rrise.bundle import MANIFEST, SCHEMA_VERSION, Bundle, bundle_guarantee, write_manifest
 from rrise.calibration import Calibration
 from rrise.fileio import sha256_file, umask
 from rrise.onnx_session import open_session
@@ -168,6 +168,9 @@ class BundleSources:
         The model input ``(C, H, W)``.
     parity_max_abs_diff : float or None
         max |logits torch − onnxruntime| of the export, when known.
+    adaptive : dict or None
+        The manifest's ``adaptive`` entry (``{"routing": RoutingRule.to_dict()}``), when adaptive
+        certification's routing rule was chosen; the guarantee text then states the composition.
     """
 
     surrogate_onnx: Path
@@ -179,6 +182,7 @@ class BundleSources:
     dataset: str
     input_shape: tuple[int, int, int]
     parity_max_abs_diff: float | None = None
+    adaptive: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -293,11 +297,12 @@ def _manifest(sources: BundleSources, fp32: dict[str, Any]) -> dict[str, Any]:
         "calibration": record,
         "base_model": {"file": BASE_FILE, "sha256": None},
         "variants": [fp32],
-        "guarantee": GUARANTEE,
+        "guarantee": bundle_guarantee(adaptive=sources.adaptive is not None),
         "export": {
             "parity_max_abs_diff": None if parity is None else float(parity),
             "onnxruntime_version": ort.__version__,
         },
+        **({} if sources.adaptive is None else {"adaptive": dict(sources.adaptive)}),
     }
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from rrise.bundle import Bundle
+from rrise.inspect import adaptive_guarantee_text
 from rrise.progress import progress_bar
+from rrise.records import STATUS_ADAPTIVE_KEYS
 
 from .frame_outputs import open_stream
 from .options import RunOptions
@@ -26,7 +28,7 @@ from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
 
-__all__ = ["SUMMARY_KEYS", "drain", "run_stream"]
+__all__ = ["ADAPTIVE_SUMMARY_KEYS", "SUMMARY_KEYS", "adaptive_statement", "drain", "run_stream"]
 
 # What a run's summary holds: the stream's counts (``drops``: frames captured but never certified;
 # ``publish_failed``: records the publisher could not queue at all), how it ran, the publishers'
@@ -64,6 +66,8 @@ SUMMARY_KEYS = (
     "bundle",
     "warnings",
 )
+# What the summary adds in adaptive mode (``--mc-budget N``, N > 0): MC frames, draws, latency per path.
+ADAPTIVE_SUMMARY_KEYS = STATUS_ADAPTIVE_KEYS
 
 log = logging.getLogger("rrise.runtime")
 
@@ -218,11 +222,47 @@ def run_stream(
         raise ValueError("--no-output contradicts the callback asked for")
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
         runtime = _runtime(opened, bundle, options, runtime)
+        if runtime.adaptive is not None:
+            log.info("%s", adaptive_statement(runtime))
         stream, frames = open_stream(opened, runtime, source, options)
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
         return drain(stream, sinks, show_progress=show_progress, no_output=no_output)
+
+
+def adaptive_statement(runtime: Runtime) -> str:
+    """The paragraph ``rrise run`` states on stderr when adaptive certification is on: how frames
+    are routed and the composed guarantee, with this run's α, β and A filled in.
+
+    Parameters
+    ----------
+    runtime:
+        A :class:`~rrise.runtime.Runtime` in adaptive mode.
+
+    Returns
+    -------
+    str
+        One paragraph.
+
+    >>> import tempfile; from pathlib import Path
+    >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
+    >>> with Runtime(bundle, mc_budget=1024, require_radius=0.3) as runtime:
+    ...     text = adaptive_statement(runtime)
+    >>> text.split(":")[0], "1 − α − β − A = 0.889" in text
+    ('adaptive certification on (--mc-budget 1024, --mc-alpha 0.001)', True)
+    """
+    adaptive, cal = runtime.adaptive, runtime.calibration
+    mc = adaptive.mc.options
+    rule = adaptive.routing
+    score = "" if rule.score_below == float("inf") else f" and ŝ < {rule.score_below:g}"
+    head = (
+        f"adaptive certification on (--mc-budget {mc.budget}, --mc-alpha {mc.alpha:g}): draws where "
+        f"the surrogate radius < {rule.target_radius:g}{score} ({rule.origin}). "
+    )
+    return head + adaptive_guarantee_text(cal.alpha, cal.beta, mc.alpha)
 
 
 def _runtime(
@@ -234,6 +274,8 @@ def _runtime(
     """The Runtime of a run: ``runtime`` (its bundle checked again when pinned), or ``bundle``
     loaded as ``options`` say (entered in ``opened``)."""
     expect_id, trust = options.expect_id, options.trust
+    if runtime is not None and options.mc.enabled and runtime.adaptive is None:
+        raise ValueError("--mc-budget: the runtime given was loaded without it (Runtime(..., mc_budget=N))")
     if runtime is not None:
         if expect_id is not None or trust is not None:
             runtime.bundle.check_files()
@@ -250,5 +292,6 @@ def _runtime(
         monitor_options=watch.monitor_options(),
         expect_id=expect_id,
         trust=trust,
+        mc=options.mc,
     )
     return opened.enter_context(loaded)

@@ -136,7 +136,11 @@ class Stream:
         self.batch, self.max_frames = batch, options.max_frames
         self.drop_policy, self.threaded = policy, threaded
         self.stats = StreamStats(
-            src, bundle=runtime.bundle.id, monitor=runtime.monitor, status_interval_s=options.status_every_s
+            src,
+            bundle=runtime.bundle.id,
+            monitor=runtime.monitor,
+            status_interval_s=options.status_every_s,
+            adaptive=getattr(runtime, "adaptive", None) is not None,
         )
         self._frames = FrameQueue(capacity, policy) if threaded else InlineFrames(src, self.max_frames)
         self._capture: CaptureThread | None = None

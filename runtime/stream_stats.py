@@ -17,7 +17,7 @@ from rrise.records import DELIVERY_KEYS, Status
 
 from .sources import FrameSource
 
-__all__ = ["LATENCY_WINDOW", "StreamStats", "ood_flagged"]
+__all__ = ["LATENCY_WINDOW", "McCounts", "StreamStats", "ood_flagged"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -41,6 +41,72 @@ def _percentiles(latencies: Any) -> tuple[float | None, float | None]:
     return float(p50), float(p99)
 
 
+def _spread(values: Any) -> dict[str, float | None]:
+    """p50, p95 and p99 of ``values`` (None each when empty)."""
+    v = np.asarray(values, dtype=np.float64)
+    if not v.size:
+        return {"p50": None, "p95": None, "p99": None}
+    return dict(zip(("p50", "p95", "p99"), (float(x) for x in np.percentile(v, [50, 95, 99]))))
+
+
+class McCounts:
+    """What adaptive certification spent, counted from the records' ``certified_by`` and
+    ``mc_draws``: frames given draws, frames Monte Carlo certified, draws (total, and per frame
+    given draws: mean and p95), and the latency of each path (frames given no draws, ``surrogate``;
+    frames given draws, ``mc``), since the start and over the current status interval.
+
+    Parameters
+    ----------
+    window:
+        How many recent frames the percentiles cover.
+
+    >>> counts = McCounts()
+    >>> for draws, by, latency in ((0, "surrogate", 1.0), (512, "mc", 9.0), (256, None, 5.0)):
+    ...     counts.add({"mc_draws": draws, "certified_by": by, "latency_ms": latency})
+    >>> totals = counts.totals()
+    >>> totals["mc_frames"], totals["mc_certified"], totals["mc_draws"], totals["mc_draws_mean"]
+    (2, 1, 768, 384.0)
+    >>> totals["latency_by_path"]["surrogate"]["p50"], totals["latency_by_path"]["mc"]["p99"]
+    (1.0, 8.96)
+    """
+
+    def __init__(self, window: int = LATENCY_WINDOW) -> None:
+        self.frames = self.certified = self.draws = 0
+        self._draws: deque[int] = deque(maxlen=window)
+        self._latency = {"surrogate": deque(maxlen=window), "mc": deque(maxlen=window)}
+        self.begin_interval()
+
+    def begin_interval(self) -> None:
+        self._interval = {"surrogate": [], "mc": []}
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one frame record of an adaptive run."""
+        draws = int(record.get("mc_draws") or 0)
+        path = "mc" if draws else "surrogate"
+        self._latency[path].append(record["latency_ms"])
+        self._interval[path].append(record["latency_ms"])
+        if draws:
+            self.frames += 1
+            self.draws += draws
+            self._draws.append(draws)
+        if record.get("certified_by") == "mc":
+            self.certified += 1
+
+    def totals(self, interval: bool = False) -> dict[str, Any]:
+        """The counts (:data:`rrise.records.STATUS_ADAPTIVE_KEYS`); latencies over the current
+        interval when ``interval``, else since the start."""
+        latency = self._interval if interval else self._latency
+        draws = np.asarray(self._draws, dtype=np.float64)
+        return {
+            "mc_frames": self.frames,
+            "mc_certified": self.certified,
+            "mc_draws": self.draws,
+            "mc_draws_mean": float(draws.mean()) if draws.size else None,
+            "mc_draws_p95": float(np.percentile(draws, 95)) if draws.size else None,
+            "latency_by_path": {path: _spread(values) for path, values in latency.items()},
+        }
+
+
 class StreamStats:
     """Counts of one stream of records over ``source``, certified with bundle ``bundle`` (its id)
     and watched by the shift alarm ``monitor`` (None without one).
@@ -61,6 +127,9 @@ class StreamStats:
         The shift alarm, whose word and state status records carry (None without one).
     status_interval_s:
         Seconds between status records (None or 0: none).
+    adaptive:
+        Records carry ``mc_draws`` (``rrise run --mc-budget N``): status records and the summary
+        add :class:`McCounts`' keys.
 
     >>> from rrise.runtime.sources import PushSource
     >>> stats = StreamStats(PushSource("robot"), bundle="b" * 16, status_interval_s=1.0)
@@ -78,8 +147,10 @@ class StreamStats:
         bundle: str,
         monitor: ShiftMonitor | None = None,
         status_interval_s: float | None = 1.0,
+        adaptive: bool = False,
     ) -> None:
         self.source = source
+        self.mc = McCounts() if adaptive else None
         self.bundle = bundle
         self.monitor = monitor
         self.status_every = status_interval_s or None
@@ -129,6 +200,8 @@ class StreamStats:
     def add(self, record: dict[str, Any]) -> None:
         """Count one frame record (logging the first few errors)."""
         latency = record["latency_ms"]
+        if self.mc is not None:
+            self.mc.add(record)
         self.frames += 1
         self._interval_frames += 1
         self._latencies.append(latency)
@@ -179,7 +252,10 @@ class StreamStats:
             ood_flag_rate=self._interval_ood / scored if scored else None,
             monitor=None if monitor is None else monitor.state(),
             **self._delivery_counts(DELIVERY_KEYS),
+            **({} if self.mc is None else self.mc.totals(interval=True)),
         )
+        if self.mc is not None:
+            self.mc.begin_interval()
         self._begin_interval(now)
         self.status_records += 1
         return status.to_dict()
@@ -196,7 +272,8 @@ class StreamStats:
         ``elapsed_s``, and the publishers' ``subscribers`` (at the end), ``subscribers_peak``,
         ``published``, ``published_unheard`` (lost for sure: no subscriber was connected),
         ``published_offered`` (an upper bound on deliveries, summed over subscribers) and
-        ``publishers`` (those counts per endpoint); None/[] without a publisher."""
+        ``publishers`` (those counts per endpoint); None/[] without a publisher; in adaptive mode
+        also :data:`rrise.records.STATUS_ADAPTIVE_KEYS` (:class:`McCounts`)."""
         elapsed = self.elapsed_s
         p50, p99 = _percentiles(self._latencies)
         return {
@@ -217,4 +294,5 @@ class StreamStats:
             "elapsed_s": elapsed,
             **self._delivery_counts((*DELIVERY_KEYS, "published_offered")),
             "publishers": self._delivery().get("publishers", []),
+            **({} if self.mc is None else self.mc.totals()),
         }

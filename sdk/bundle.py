@@ -30,9 +30,12 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
+    "ADAPTIVE_GUARANTEE",
+    "GUARANTEE",
     "SCHEMA_VERSION",
     "Bundle",
     "BundleError",
+    "bundle_guarantee",
     "canonical_manifest",
     "manifest_id",
     "sha256_file",
@@ -48,6 +51,41 @@ GUARANTEE = (
     "It is a marginal guarantee over the input distribution, not a per-input one, and it does not "
     "survive distribution shift or a changed base model."
 )
+
+# Adaptive certification (``rrise run --mc-budget N``) composes the surrogate's marginal guarantee
+# with the per-input guarantee of the Monte Carlo bound at level A (``--mc-alpha``), union-bounded.
+ADAPTIVE_GUARANTEE = (
+    "With adaptive certification on (rrise run --mc-budget N), frames whose surrogate radius falls "
+    "short get fresh base-model draws and an anytime-valid Monte Carlo lower bound at level A "
+    "(--mc-alpha) on the surrogate's class, and the record keeps the larger of the two certificates: "
+    "then with probability at least 1 - alpha - beta - A either the record abstains or the smoothed "
+    "classifier predicts the record's class and is constant on the l2 ball of the record's radius "
+    "(the surrogate's marginal guarantee and the per-input Monte Carlo guarantee, union-bounded)."
+)
+
+
+def bundle_guarantee(adaptive: bool = False) -> str:
+    """The guarantee text a bundle states: :data:`GUARANTEE`, followed by
+    :data:`ADAPTIVE_GUARANTEE` when the bundle carries an ``adaptive`` entry (its routing rule).
+
+    Parameters
+    ----------
+    adaptive : bool
+        Whether the bundle states adaptive certification's settings (manifest key ``adaptive``).
+
+    Returns
+    -------
+    str
+        The text for the manifest's ``guarantee``.
+
+    Examples
+    --------
+    >>> bundle_guarantee() == GUARANTEE
+    True
+    >>> "1 - alpha - beta - A" in bundle_guarantee(adaptive=True)
+    True
+    """
+    return f"{GUARANTEE} {ADAPTIVE_GUARANTEE}" if adaptive else GUARANTEE
 
 
 class BundleError(Exception):

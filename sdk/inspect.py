@@ -14,11 +14,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .bundle import Bundle, BundleError
+from .bundle import ADAPTIVE_GUARANTEE, Bundle, BundleError
 from .recalibration import verify_quantiles
+from .sequential import DEFAULT_MC_ALPHA
 from .signing import SigningError, read_signature, verify_signature
 
-__all__ = ["format_inspection", "guarantee_text", "inspect_bundle"]
+__all__ = ["adaptive_guarantee_text", "format_inspection", "guarantee_text", "inspect_bundle"]
 
 _WIDTH = 100
 
@@ -34,6 +35,22 @@ def guarantee_text(guarantee: str, alpha: float | None, beta: float | None) -> s
     return f"{guarantee} Here {level}."
 
 
+def adaptive_guarantee_text(
+    alpha: float | None,
+    beta: float | None,
+    mc_alpha: float = DEFAULT_MC_ALPHA,
+    text: str = ADAPTIVE_GUARANTEE,
+) -> str:
+    """Adaptive certification's composed guarantee (:data:`rrise.bundle.ADAPTIVE_GUARANTEE`) with
+    the bundle's α and β and the Monte Carlo level A (``--mc-alpha``) filled in:
+    "... at least 1 − α − β − A = 0.948 (α = 0.05, β = 0.001, A = 0.001) ..."."""
+    if alpha is None or beta is None:
+        return text
+    a, b, m = float(alpha), float(beta), float(mc_alpha)
+    level = f"1 − α − β − A = {1.0 - a - b - m:.6g} (α = {a:g}, β = {b:g}, A = {m:g})"
+    return text.replace("1 - alpha - beta - A", level, 1)
+
+
 def inspect_bundle(
     path: str | os.PathLike, *, trust: str | os.PathLike | None = None, verify: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
@@ -41,7 +58,9 @@ def inspect_bundle(
 
     ``summary`` is JSON-serializable: id, path, created, rrise_version, schema_version, model (file,
     input, output), num_classes, labels, sigma, preprocess, calibration, variants (with their
-    quantiles), base_model (its file), guarantee (as written and with α, β filled in), export,
+    quantiles), base_model (its file), guarantee (as written and with α, β filled in), adaptive
+    (the bundle's routing rule for ``rrise run --mc-budget N``, or None), guarantee_adaptive (the
+    guarantee of a run with Monte Carlo draws, at the default ``--mc-alpha``), export,
     made_with (the pipeline profile and its note; None when not recorded), files,
     signature (``signed``, the signer's ``key``, ``trusted``: True/False, or None when no ``trust``
     key was given) and, with ``verify``, ``verification`` (one result per variant, see
@@ -73,7 +92,13 @@ def inspect_bundle(
         "variants": [_variant_summary(bundle, variant) for variant in m["variants"]],
         "base_model": m["base_model"].get("file"),
         "guarantee": m["guarantee"],
-        "guarantee_filled": guarantee_text(str(m["guarantee"]), cal.get("alpha"), cal.get("beta")),
+        "guarantee_filled": adaptive_guarantee_text(
+            cal.get("alpha"),
+            cal.get("beta"),
+            text=guarantee_text(str(m["guarantee"]), cal.get("alpha"), cal.get("beta")),
+        ),
+        "adaptive": m.get("adaptive"),
+        "guarantee_adaptive": adaptive_guarantee_text(cal.get("alpha"), cal.get("beta")),
         "export": m.get("export"),
         "made_with": m.get("made_with"),
         "files": dict(m["files"]),
@@ -253,6 +278,23 @@ def _verification_lines(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _adaptive_lines(summary: dict[str, Any]) -> list[str]:
+    """What ``rrise run --mc-budget N`` would certify with: the routing rule and its guarantee."""
+    rule = (summary.get("adaptive") or {}).get("routing")
+    if rule:
+        score = rule.get("score_below")
+        cond = "" if score is None else f" and ŝ < {_num(score)}"
+        route = (
+            f"draws where the surrogate radius < {_num(rule['target_radius'])}{cond} ({rule['chosen_on']})"
+        )
+    else:
+        route = "no routing rule in the bundle: give --require-radius R"
+    text = summary.get("guarantee_adaptive")
+    if text is None or text in summary.get("guarantee_filled", ""):
+        return [f"Adaptive     {route}"]
+    return [f"Adaptive     {route}", _wrap(f"{text} (at --mc-alpha {DEFAULT_MC_ALPHA:g}, the default)")]
+
+
 def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
     """Human-readable text of :func:`inspect_bundle`'s result, ending with an "Integrity: OK" or
     "Integrity: FAILED" section that lists every problem."""
@@ -267,7 +309,9 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
         parity = (summary.get("export") or {}).get("parity_max_abs_diff")
         if parity is not None:
             lines.append(f"Export       max |logits torch - onnx| = {parity:.3g}")
-        lines += ["Guarantee", _wrap(summary["guarantee_filled"]), "Files"]
+        lines += ["Guarantee", _wrap(summary["guarantee_filled"])]
+        lines += _adaptive_lines(summary)
+        lines.append("Files")
         lines += [f"  {name}  sha256 {digest[:16]}…" for name, digest in summary["files"].items()]
         lines.append(_signature_line(summary.get("signature")))
         if summary.get("verification"):

@@ -152,6 +152,29 @@ class MadeWith(_Struct):
     profile_note: str | None = None
 
 
+class AdaptiveRouting(_Struct):
+    """Which frames adaptive certification spends base-model draws on when no radius is required
+    (``rrise run --mc-budget N`` without ``--require-radius``): those whose surrogate radius is below
+    ``target_radius`` and whose ŝ is below ``score_below`` (null: no ŝ condition); ``chosen_on``
+    says where it was chosen (the selection split, never the calibration one)."""
+
+    score_below: float | None
+    target_radius: float
+    chosen_on: str
+    rule: str | None = None
+    mc_budget: int | None = None
+    max_mean_draws: float | None = None
+    selection_inputs: int | None = None
+    selection_mean_draws: float | None = None
+    selection_certified_accuracy: list[float] | None = None
+
+
+class Adaptive(_Struct):
+    """Adaptive certification's settings stated by the bundle (optional): the ``routing`` rule."""
+
+    routing: AdaptiveRouting | None = None
+
+
 class Manifest(_Struct):
     schema_version: int
     rrise_version: str
@@ -166,6 +189,7 @@ class Manifest(_Struct):
     files: dict[str, str]
     export: dict[str, Any] | None = None
     made_with: MadeWith | None = None
+    adaptive: Adaptive | None = None
 
 
 def validate_manifest(obj: Any) -> Manifest:
@@ -193,6 +217,8 @@ def validate_manifest(obj: Any) -> Manifest:
     _check_calibration(manifest, problems)
     _check_variants(manifest, problems)
     _check_files(manifest, problems)
+    if manifest.adaptive is not None:
+        _check_adaptive(manifest.adaptive, problems)
     if manifest.made_with is not None:
         problems.require(
             bool(manifest.made_with.profile.strip()), "made_with.profile", "be a profile name", ""
@@ -422,6 +448,30 @@ def _check_monitor(at: str, entry: dict[str, Any], m: Manifest, problems: _Probl
         )
     except ValueError as exc:
         problems.append(f"{at}.{exc}")
+
+
+def _check_adaptive(adaptive: Adaptive, problems: _Problems) -> None:
+    rule = adaptive.routing
+    if rule is None:
+        return
+    problems.in_range("adaptive.routing.target_radius", rule.target_radius, 0.0, math.inf)
+    if rule.score_below is not None:
+        problems.require(
+            math.isfinite(rule.score_below) and rule.score_below >= 0,
+            "adaptive.routing.score_below",
+            "be a number >= 0, or null for no condition on the score",
+            rule.score_below,
+        )
+    problems.require(
+        rule.chosen_on.strip() not in ("", "calibration split"),
+        "adaptive.routing.chosen_on",
+        "name the split the rule was chosen on (never the calibration split)",
+        rule.chosen_on,
+    )
+    if rule.mc_budget is not None:
+        problems.require(
+            rule.mc_budget >= 1, "adaptive.routing.mc_budget", "be an integer >= 1", rule.mc_budget
+        )
 
 
 def _check_files(m: Manifest, problems: _Problems) -> None:

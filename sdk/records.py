@@ -26,6 +26,7 @@ __all__ = [
     "DELIVERY_KEYS",
     "RECORD_KEYS",
     "RECORD_VERSION",
+    "STATUS_ADAPTIVE_KEYS",
     "STATUS_KEYS",
     "STATUS_SUFFIX",
     "STATUS_TOPIC",
@@ -284,10 +285,30 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     subscribers_peak: _NonNegInt | None = None
     published: _NonNegInt | None = None
     published_unheard: _NonNegInt | None = None
+    # Adaptive mode only (STATUS_ADAPTIVE_KEYS; absent otherwise): since the start, the frames given
+    # base-model draws, those Monte Carlo certified, the draws (total, mean and p95 per frame given
+    # draws); over the interval, latency percentiles per path ({"surrogate"|"mc": {"p50", "p95", "p99"}}).
+    mc_frames: _NonNegInt | UnsetType = UNSET
+    mc_certified: _NonNegInt | UnsetType = UNSET
+    mc_draws: _NonNegInt | UnsetType = UNSET
+    mc_draws_mean: _NonNegFloat | None | UnsetType = UNSET
+    mc_draws_p95: _NonNegFloat | None | UnsetType = UNSET
+    latency_by_path: dict[str, dict[str, float | None]] | UnsetType = UNSET
 
     def to_dict(self) -> dict[str, Any]:
-        """The status record as a plain dict (keys in wire order)."""
-        return msgspec.structs.asdict(self)
+        """The status record as a plain dict (keys in wire order; the adaptive keys only when set)."""
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not UNSET}
+
+
+# What status records and run summaries add in adaptive mode (``--mc-budget N``, N > 0).
+STATUS_ADAPTIVE_KEYS = (
+    "mc_frames",
+    "mc_certified",
+    "mc_draws",
+    "mc_draws_mean",
+    "mc_draws_p95",
+    "latency_by_path",
+)
 
 
 # The keys every v1 status record has (those added later within v1 are optional on read).

@@ -46,7 +46,9 @@ def run(options: RunCommand) -> None:
     Example: `rrise run --bundle runs/demo/bundle --source runs/demo/demo_video.avi --jsonl -`
     """
     from rrise.bundle import BundleError
+    from rrise.options import EXIT_BAD_OPTION
     from rrise.runtime import run_stream
+    from rrise.runtime.adaptive import McRefused
     from rrise.runtime.sinks import SinkError
     from rrise.runtime.sources import SourceError
 
@@ -54,6 +56,8 @@ def run(options: RunCommand) -> None:
     try:
         # a live line on a terminal: frames, fps, drops, abstain, last label
         summary = run_stream(options.bundle, options.source, options, show_progress=sys.stderr.isatty())
+    except McRefused as exc:  # a bad option for this bundle or backend: as any bad option, exit 2
+        raise fail(str(exc), EXIT_BAD_OPTION) from None
     except (BundleError, SourceError, SinkError, RuntimeError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps({"summary": summary}), err=True)
