@@ -16,6 +16,7 @@ from importlib import import_module
 from typing import Any
 
 __all__ = [
+    "McOptions",
     "OutputOptions",
     "RunOptions",
     "Runtime",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "McOptions": ".adaptive",
     "OutputOptions": ".options",
     "RunOptions": ".options",
     "StreamOptions": ".options",

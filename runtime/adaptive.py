@@ -58,7 +58,35 @@ class McOptions:
     """Adaptive Monte Carlo for ``rrise run`` and ``Runtime`` (field names are the flags).
     ``mc_budget`` 0, the default, is the one-pass runtime, unchanged. Bad values raise a one-line
     ValueError naming the flag; :meth:`McCertifier.from_options` also refuses a required radius
-    the budget can never certify, naming the largest it can."""
+    the budget can never certify, naming the largest it can.
+
+    Parameters
+    ----------
+    mc_budget:
+        Base-model draws at most per frame (``--mc-budget``; 0: off; else at least one batch).
+    mc_deadline_ms:
+        Milliseconds the draws of one stream step may take (``--mc-deadline-ms``; None: none).
+    require_radius:
+        Spend draws only on frames whose surrogate radius is below it, and stop once it is
+        certified or out of reach (``--require-radius``; None: the bundle's routing rule).
+    mc_alpha:
+        Level A of the Monte Carlo bound (``--mc-alpha``, default 0.001 as Cohen's α).
+    mc_batch:
+        Draws per base-model call (``--mc-batch``).
+
+    Raises
+    ------
+    ValueError
+        A value out of range, naming its flag.
+
+    >>> McOptions(mc_budget=1024, require_radius=0.25).enabled, McOptions().enabled
+    (True, False)
+    >>> try:
+    ...     McOptions(mc_alpha=1.5)
+    ... except ValueError as exc:
+    ...     print(exc)
+    --mc-alpha must be in (0, 1), got 1.5
+    """
 
     mc_budget: int = field(
         default=0,

@@ -32,7 +32,15 @@ BY_SURROGATE, BY_MC = "surrogate", "mc"
 class Routing:
     """Which frames get draws: those whose surrogate radius is below ``target_radius`` and whose
     ŝ is below ``score_below`` (``inf``: no ŝ condition); their draws aim at ``target_radius``.
-    ``origin`` says where the rule came from (``--require-radius`` or the bundle)."""
+    ``origin`` says where the rule came from (``--require-radius`` or the bundle).
+
+    >>> from rrise.certificate import Certificate
+    >>> rule = Routing.of_bundle({"adaptive": {"routing": {"score_below": 0.9, "target_radius": 0.5}}}, None)
+    >>> short = Certificate(top_class=1, abstain=False, radius=0.2, score=0.8, p_lower=0.79)
+    >>> abstained = Certificate(top_class=1, abstain=True, radius=0.0, score=0.95, p_lower=0.4)
+    >>> rule.routes(short), rule.routes(abstained), Routing(0.3).routes(abstained)
+    (True, False, True)
+    """
 
     target_radius: float
     score_below: float = math.inf
@@ -79,7 +87,18 @@ class Judged:
 class AdaptiveCertifier:
     """The surrogate's certificates, improved by Monte Carlo where ``routing`` says, within the
     certifier's budget per frame and its deadline per call of :meth:`judge` (a batch of frames
-    together never takes longer than the deadline plus one batch of draws)."""
+    together never takes longer than the deadline plus one batch of draws).
+
+    >>> from rrise.certificate import Certificate
+    >>> from rrise.sequential import SequentialOptions
+    >>> votes = lambda x: np.ones(len(x), dtype=np.int64)  # a base model that always says class 1
+    >>> mc = McCertifier(votes, 0.25, SequentialOptions(budget=1024, batch_size=256), seed=0)
+    >>> adaptive = AdaptiveCertifier(mc, Routing(0.3))
+    >>> abstained = Certificate(top_class=1, abstain=True, radius=0.0, score=0.6, p_lower=0.4)
+    >>> [judged] = adaptive.judge([np.zeros((1, 4, 4), np.float32)], [abstained])
+    >>> judged.certified_by, judged.certificate.pred, judged.mc_draws, judged.certificate.radius >= 0.3
+    ('mc', 1, 256, True)
+    """
 
     def __init__(self, mc: McCertifier, routing: Routing) -> None:
         self.mc = mc
