@@ -90,14 +90,24 @@ class McOptions:
 
     mc_budget: int = field(
         default=0,
-        metadata={"help": "Base-model draws per frame whose surrogate radius falls short (0: off)."},
+        metadata={
+            "help": "Base-model draws at most per frame whose surrogate radius falls short (0: off, the "
+            "one-pass runtime; else at least one --mc-batch)."
+        },
     )
     mc_deadline_ms: float | None = field(
-        default=None, metadata={"help": "Stop a frame's draws before this many milliseconds pass."}
+        default=None,
+        metadata={
+            "help": "Milliseconds the draws of one certifying step may take (the stream never stalls "
+            "longer, plus one batch); frames arriving meanwhile follow --drop-policy, counted in drops."
+        },
     )
     require_radius: float | None = field(
         default=None,
-        metadata={"help": "Spend draws on a frame only when its surrogate radius is below this radius."},
+        metadata={
+            "help": "Spend draws on a frame only when its surrogate radius is below this radius, until "
+            "it is certified or out of reach (default: the bundle's routing rule)."
+        },
     )
     mc_alpha: float = field(
         default=DEFAULT_MC_ALPHA,

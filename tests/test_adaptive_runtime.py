@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -356,3 +358,34 @@ def test_inspect_shows_the_adaptive_guarantee_and_a_bundle_with_a_rule_states_it
     text = format_inspection(summary, problems)
     assert "give --require-radius R" in text and "1 − α − β − A" in text
     assert "1 - alpha - beta - A" in bundle_guarantee(adaptive=True) and ADAPTIVE_GUARANTEE not in GUARANTEE
+
+
+def test_frames_arriving_during_draws_follow_the_drop_policy_and_are_counted(linear):
+    def slow(x):  # a base model that takes 20 ms per batch
+        time.sleep(0.02)
+        return np.zeros(len(x), dtype=np.int64)
+
+    mc = McCertifier(
+        slow, 0.25, SequentialOptions(budget=256, batch_size=256), num_classes=3, require_radius=0.3
+    )
+    source = PushSource("camera", live=True, capacity=2)
+
+    def camera():
+        for frame in _frames(40):
+            source.push(frame)
+            time.sleep(0.002)
+        source.end()
+
+    feeder = threading.Thread(target=camera)
+    got, statuses = [], []
+    with Runtime(linear, backend="onnxruntime", mc=mc) as runtime:
+        feeder.start()
+        options = RunOptions(stream=StreamOptions(drop_policy="latest", status_interval=0.01))
+        summary = run_stream(
+            None, source, options, runtime=runtime, callback=got.append, on_status=statuses.append
+        )
+    feeder.join()
+    assert (
+        summary["drops"] > 0 and summary["frames"] == len(got) and summary["frames"] + summary["drops"] == 40
+    )
+    assert summary["mc_frames"] > 0 and statuses and statuses[-1]["drops"] <= summary["drops"]
