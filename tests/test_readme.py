@@ -152,6 +152,24 @@ def test_the_extraction_handles_continuations_comments_and_entries() -> None:
     assert help_text(["nonesuch"])[0] != 0  # a command that does not exist fails the check
 
 
+def test_the_readme_is_short_and_in_a_newcomers_order() -> None:
+    """What it is, the guarantee, quick start, your own model, deploy, results, links, development."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    order = ["What the certificate promises", "Quick start", "Your own model", "Deploy", "Results"]
+    order += ["Documentation", "Development"]
+    headings = re.findall(r"^## (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S), re.M)
+    assert headings == order
+
+    # the guarantee is quoted as the bundle states it (rrise.bundle.GUARANTEE), in the README's notation
+    from rrise.bundle import GUARANTEE
+
+    quote = " ".join(line[2:] for line in text.splitlines() if line.startswith("> "))
+    for readme, bundle in (("`1 − α − β`", "1 - alpha - beta"), ("ℓ2", "l2")):
+        quote = quote.replace(readme, bundle)
+    assert quote.startswith("If the calibration inputs") and quote.rstrip(".") in GUARANTEE
+
+
 def test_the_quick_start_demo_line_is_what_make_demo_runs() -> None:
     """The README's `rrise demo` line is the Makefile's demo recipe with its defaults filled in."""
     makefile = (ROOT / "Makefile").read_text()
