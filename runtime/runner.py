@@ -221,9 +221,7 @@ def run_stream(
     if no_output and (callback is not None or on_status is not None):
         raise ValueError("--no-output contradicts the callback asked for")
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
-        runtime = _runtime(opened, bundle, options, runtime)
-        if runtime.adaptive is not None:
-            log.info("%s", adaptive_statement(runtime))
+        runtime = _announced(_runtime(opened, bundle, options, runtime))
         stream, frames = open_stream(opened, runtime, source, options)
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
@@ -263,6 +261,13 @@ def adaptive_statement(runtime: Runtime) -> str:
         f"the surrogate radius < {rule.target_radius:g}{score} ({rule.origin}). "
     )
     return head + adaptive_guarantee_text(cal.alpha, cal.beta, mc.alpha)
+
+
+def _announced(runtime: Runtime) -> Runtime:
+    """``runtime``, its adaptive mode (if on) stated first: routing and the composed guarantee."""
+    if runtime.adaptive is not None:
+        log.info("%s", adaptive_statement(runtime))
+    return runtime
 
 
 def _runtime(
