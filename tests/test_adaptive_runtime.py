@@ -389,3 +389,32 @@ def test_frames_arriving_during_draws_follow_the_drop_policy_and_are_counted(lin
         summary["drops"] > 0 and summary["frames"] == len(got) and summary["frames"] + summary["drops"] == 40
     )
     assert summary["mc_frames"] > 0 and statuses and statuses[-1]["drops"] <= summary["drops"]
+
+
+def test_a_bundle_made_with_a_routing_rule_states_the_composed_guarantee(tmp_path):
+    from rrise.export.bundler import BundleSources, pack_bundle
+
+    sources = linear_sources(tmp_path)
+    rule = {"score_below": None, "target_radius": 0.25, "chosen_on": "selection split", "mc_budget": 1024}
+    bundle = pack_bundle(
+        tmp_path / "bundle",
+        BundleSources(
+            surrogate_onnx=sources["surrogate"],
+            base_onnx=sources["base"],
+            calibration=sources["cal"],
+            calibration_npz=sources["npz"],
+            labels=["a", "b", "c"],
+            preprocess={"color": "gray", "resize": [4, 4], "interpolation": "area", "layout": "NCHW"},
+            dataset="synthetic",
+            input_shape=(1, 4, 4),
+            adaptive={"routing": rule},
+        ),
+    )
+    assert bundle.manifest["guarantee"] == bundle_guarantee(adaptive=True)
+    assert bundle.manifest["adaptive"]["routing"]["target_radius"] == 0.25
+    summary, problems = inspect_bundle(bundle.path)
+    assert not problems and "1 − α − β − A = 0.889" in summary["guarantee_filled"]
+    text = format_inspection(summary, problems)
+    assert "draws where the surrogate radius < 0.25 (selection split)" in text
+    with Runtime(bundle.path, backend="onnxruntime", mc_budget=1024) as rt:
+        assert rt.adaptive.routing.target_radius == 0.25 and rt.adaptive.routing.score_below == float("inf")
