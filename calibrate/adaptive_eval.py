@@ -639,6 +639,7 @@ def adaptive_rows(
 # --- the figure --------------------------------------------------------------------------------
 
 LINE_STYLES = ("-", "--", ":", "-.")
+POINT_MARKERS = {KIND_COHEN: "*", KIND_SURROGATE: "s", KIND_REQUIRED: "^"}
 CAPTION = (
     "Certified accuracy against base-model evaluations per query (mean over the test inputs). The "
     "surrogate alone sits at 0: its one-time cost (targets, calibration, training) is left out. "
@@ -651,7 +652,8 @@ def plot_cost_accuracy(
 ) -> Path:
     """One line per radius in ``radii``: certified accuracy of the surrogate alone (at 0 draws) and of
     the adaptive mode at each budget against mean base-model evaluations per query (symmetric log x,
-    linear below 1), with Cohen's point at its ``n0 + n``; from :func:`adaptive_rows`' result."""
+    linear below 1), with Cohen's point at its ``n0 + n`` and a point per required-radius row; from
+    :func:`adaptive_rows`' result."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -677,13 +679,16 @@ def plot_cost_accuracy(
                 marker="o",
                 ls=LINE_STYLES[g % len(LINE_STYLES)],
                 color=color,
-                label=f"r = {radius:g}" if g == 0 else None,
             )
-        for c in (r for r in rows if r["kind"] in (KIND_COHEN, KIND_SURROGATE)):
-            marker = "*" if c["kind"] == KIND_COHEN else "s"
+        for c in (r for r in rows if r["kind"] in POINT_MARKERS):
             ax.scatter(
-                [c["mean_draws"]], [100 * c["certified_accuracy"][col]], marker=marker, s=70, color=color
+                [c["mean_draws"]],
+                [100 * c["certified_accuracy"][col]],
+                marker=POINT_MARKERS[c["kind"]],
+                s=70 if c["kind"] != KIND_REQUIRED else 30,
+                color=color,
             )
+        ax.plot([], [], marker="o", color=color, label=f"r = {radius:g}")
     for g, allowance in enumerate(sorted(groups, key=lambda a: a or 0.0)):
         style = LINE_STYLES[g % len(LINE_STYLES)]
         ax.plot(
@@ -691,6 +696,8 @@ def plot_cost_accuracy(
         )
     ax.scatter([], [], marker="*", color="grey", label="Cohen MC (n0 + n draws)")
     ax.scatter([], [], marker="s", color="grey", label="the surrogate alone (0 draws)")
+    if any(r["kind"] == KIND_REQUIRED for r in rows):
+        ax.scatter([], [], marker="^", color="grey", label="adaptive, --require-radius (one per radius)")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("base-model evaluations per query (0 = the surrogate alone)")
     ax.set_ylabel("certified accuracy (%)")

@@ -1,6 +1,8 @@
 """The bundle stage: the work folder's surrogate, base model and calibration, packed by
 :func:`rrise.export.bundler.pack_bundle` (the one bundle builder, also behind ``rrise-export``),
-with the profile it was made with (``made_with``) recorded in the manifest, and the selection
+with the profile it was made with (``made_with``) and the routing rule of adaptive certification
+(``adaptive`` → ``routing``, chosen on the selection split, :mod:`rrise.calibrate.adaptive_workdir`;
+absent where the profile samples no rule-selection counts) recorded in the manifest, and the selection
 split's images written beside it (``selection.npz``) for ``rrise-export … --quant-data``."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from rrise.export.bundler import BundleSources, pack_bundle
 from rrise.export.onnx_export import onnx_parity
 from rrise.fileio import atomic_path
 
+from .adaptive_workdir import bundle_adaptive
 from .bases import base_of
 from .calibrating import load_calibration, load_calibration_npz
 from .workdir import Workdir
@@ -40,6 +43,7 @@ def stage_bundle(w: Workdir) -> list[Path]:
         dataset=dataset,
         input_shape=ds.shape,
         parity_max_abs_diff=parity,
+        adaptive=bundle_adaptive(w, cal),
     )
     pack_bundle(w.path("bundle"), sources, overwrite=True)
     record_profile(w.path("bundle"), w.prof.name, w.prof.note)

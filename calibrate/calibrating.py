@@ -17,7 +17,7 @@ import numpy as np
 
 from rrise.calibration import Calibration, CalibrationSpec, conformalize
 from rrise.export.bundler import onnx_probs_runner
-from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz
+from rrise.fileio import atomic_write_json, load_npz, read_json, save_npz, sha256_file
 
 from .counts import (
     CALIBRATION_STORE,
@@ -102,6 +102,9 @@ def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = T
         cap_counts=cap_counts,
         cap_draws=n2 or None,
     )
+    # The counts' digest: later stages read them through this file (the evaluation and the bundle's
+    # routing rule), so rules.json changes whenever they do and those stages go stale.
+    result["counts_sha256"] = sha256_file(w.path(RULE_STORE) / "manifest.json")
     atomic_write_json(out, result)
     w.log(f"[select-rule] winner on the selection split: {result['winner']}")
     return [out]

@@ -22,6 +22,8 @@ from rrise.fileio import load_npz, read_json
 from rrise.runtime.backends import OnnxRuntimeBackend
 from rrise.stats import norm_ppf
 
+from .adaptive_eval import EvalSplit
+from .adaptive_workdir import adaptive_section
 from .calibrating import (
     CalibrateSettings,
     chosen_rule,
@@ -298,6 +300,34 @@ def _cost(w: Workdir, cohen, per_query: float, mc_per_query: float) -> dict[str,
     }
 
 
+def _adaptive(w: Workdir, cal: Calibration, probs, cohen, violations: _Violations, cost) -> dict[str, Any]:
+    """The adaptive mode's rows on the test inputs (Cohen's stored draws replayed), each with its
+    per-query time and break-even counting its draws; their break-even added to ``cost``."""
+    p = w.prof
+    test = EvalSplit(
+        certify_from_probs(probs, cal), cohen["labels"], cohen["counts"], cohen["counts_selection"]
+    )
+    mc_s = cost["MC per query (s)"]
+    costs = {
+        "rrise_s": cost["RRISE per query (s)"],
+        "cohen_s": mc_s,
+        "draw_s": mc_s / (p.n0 + p.n),
+        "cohen_draws": p.n0 + p.n,
+        "one_time_s": cost["one-time seconds (that MC + surrogate training)"],
+        "one_time_evaluations": cost["one-time base-model evaluations"],
+    }
+    reference = (violations.rows, violations.counts) if violations.high_budget else None
+    section = adaptive_section(w, cal, test, reference, costs)
+    adaptive_rows = {k: r for k, r in section["rows"].items() if r["kind"] != "cohen"}
+    cost["break-even queries of the adaptive rows (their draws counted)"] = {
+        k: r["break_even_queries"] for k, r in adaptive_rows.items()
+    }
+    cost["break-even in evaluations of the adaptive rows (one-time / draws saved per query)"] = {
+        k: r["break_even_in_evaluations"] for k, r in adaptive_rows.items()
+    }
+    return section
+
+
 def _cap_summary(calnpz: dict[str, np.ndarray], cal: Calibration) -> dict[str, Any]:
     """How much the MC budget limits the radii: the share of calibration inputs whose every draw
     voted for the surrogate's class (their p̲ is at the first stage's cap), and the radius the cap
@@ -369,6 +399,8 @@ def stage_evaluate(w: Workdir) -> list[Path]:
     for m in (*methods.values(), *(r for r in rules_test.values() if "error" not in r)):
         m["per_query_s"] = per_query
     methods.update(_baseline_rows(w, cohen, images, labels, per_query, mc_per_query, violations))
+    cost = _cost(w, cohen, per_query, mc_per_query)
+    adaptive = _adaptive(w, cal, probs, cohen, violations, cost)
     calnpz = load_calibration_npz(w)
     _reliability(w, calnpz)
     metrics = {
@@ -390,7 +422,8 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         },
         "violation_note": violations.note(cal.p_cap),
         "config": _config(w, cal, rule, len(idx)),
-        "cost": _cost(w, cohen, per_query, mc_per_query),
+        "cost": cost,
+        "adaptive": adaptive,
         "cap": _cap_summary(calnpz, cal),
         "stage_seconds": w.stage_seconds(),
     }

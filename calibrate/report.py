@@ -129,7 +129,8 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report_dir: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Path]:
-    """Write ``metrics.json``, ``report.md`` and ``certified_accuracy.png`` into ``report_dir``."""
+    """Write ``metrics.json``, ``report.md`` and ``certified_accuracy.png`` into ``report_dir``
+    (the adaptive section's figure is drawn by :mod:`rrise.calibrate.adaptive_workdir`)."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -210,6 +211,45 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
+    """The adaptive mode beside the surrogate alone and Cohen: certified accuracy, abstentions, mean
+    and p95 base-model draws per query and their ratio to Cohen's, time and violations."""
+    if not section:
+        return []
+    radii, show = section["radii"], [r for r in (0.0, 0.25, 0.5, 0.75, 1.0) if r in section["radii"]]
+    lines = ["## Adaptive certification: the surrogate first, draws where it falls short", ""]
+    lines += [section.get("note", ""), ""]
+    lines += [
+        "| row | "
+        + " | ".join(f"r={r:g}" for r in show)
+        + " | abstain | mean draws | p95 draws | ÷ Cohen's | per query | violations |",
+        "|---" * (len(show) + 7) + "|",
+    ]
+    for name, row in section["rows"].items():
+        ca = " | ".join(_pct(row["certified_accuracy"][radii.index(r)]) for r in show)
+        v = row.get("violations")
+        t = row.get("per_query_s")
+        lines.append(
+            f"| {name} | {ca} | {_pct(row['abstain_rate'])}% | {row['mean_draws']:g} | "
+            f"{row['p95_draws']:g} | {row['draws_ratio_to_cohen']:.4f} | "
+            f"{'—' if t is None else _fmt_seconds(t)} | "
+            f"{'—' if v is None else str(v['violations']) + '/' + str(v['certified'])} |"
+        )
+    lines += ["", *[f"- {name}: not run: {why}" for name, why in section.get("not_run", {}).items()]]
+    rule = section.get("bundled_routing")
+    if rule:
+        score = "any ŝ" if rule["score_below"] is None else f"ŝ < {rule['score_below']:g}"
+        lines += [
+            "",
+            f"Routing rule in the bundle (`adaptive.routing`, chosen on the {rule['chosen_on']} split): "
+            f"draws where the surrogate radius < {rule['target_radius']:g} and {score}, at budget "
+            f"{rule['mc_budget']}, within {rule['max_mean_draws']:g} mean draws per query "
+            f"({100 * rule['max_draws_fraction']:g} % of Cohen's n0 + n); on its "
+            f"{rule['selection_inputs']} selection inputs it spent {rule['selection_mean_draws']:g}.",
+        ]
+    return [*lines, "", f"![cost and accuracy]({section['figure']})", ""]
+
+
 def _not_run_lines(metrics: dict[str, Any]) -> list[str]:
     """One line per row the report could not compute (e.g. an α too small for m), with why."""
     return [
@@ -240,6 +280,7 @@ def _markdown(metrics: dict[str, Any]) -> str:
         "![reliability](reliability.png)",
         "",
         *_rules_section(metrics.get("rules")),
+        *_adaptive_lines(metrics.get("adaptive")),
         "## Guarantee",
         "",
         metrics["guarantee"],

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance as prov
+from .adaptive_workdir import ADAPTIVE_FIGURE
 from .bundling import stage_bundle
 from .calibrating import stage_calibrate, stage_select_rule
 from .cohen import COHEN_NPZ, COHEN_TSV, stage_cohen
@@ -29,7 +30,12 @@ __all__ = ["ALL_STAGES", "OPTIONAL_STAGES", "STAGES", "run_stage"]
 
 _BASE = ("base.pt", "base.onnx")
 _SURROGATE = ("surrogate.pt", "surrogate.onnx")
-_REPORT = ("report/metrics.json", "report/report.md", "report/certified_accuracy.png")
+_REPORT = (
+    "report/metrics.json",
+    "report/report.md",
+    "report/certified_accuracy.png",
+    f"report/{ADAPTIVE_FIGURE}",
+)
 
 # The demo's stages, in order.
 STAGES: dict[str, Stage] = {
@@ -70,6 +76,7 @@ STAGES: dict[str, Stage] = {
             stage_bundle,
             ("bundle/manifest.json",),
             needs=("train-base", "train-surrogate", "calibrate"),
+            uses=("select-rule",),  # its counts choose the routing rule the manifest states
             command="rrise demo",
         ),
     )

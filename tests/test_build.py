@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import replace
@@ -79,8 +80,6 @@ def _build(*args: str):
 
 
 def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, tmp_path) -> None:
-    import hashlib
-
     from rrise import Bundle
 
     wd = tmp_path / "run"
@@ -99,6 +98,7 @@ def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, t
     assert bundle.calibration().base_sha256 == base_sha
     assert (wd / "report" / "metrics.json").exists() and (wd / "certify.tsv").exists()
     assert json.loads((wd / "run.json").read_text())["config"]["user"]["data"] == str(user["folder"])
+    _check_routing(wd, manifest)
 
     # a rerun does nothing: every stage is current
     mtime = (bundle_dir / "manifest.json").stat().st_mtime_ns
@@ -114,6 +114,42 @@ def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, t
     assert "up to date" in stage.output
     forced = runner.invoke(app, ["calibrate", "--workdir", str(wd), "--no-progress", "--force"])
     assert forced.exit_code == 0, forced.output
+
+
+def _check_routing(wd, manifest: dict) -> None:
+    """The routing rule of adaptive certification: chosen on the selection split's own counts, the
+    one the report states, in the manifest as ``adaptive`` → ``routing``, and what the runtime
+    routes by; the evaluation's routed rows beside the surrogate alone and Cohen, with their figure."""
+    from rrise.calibrate.adaptive_eval import RoutingRule
+    from rrise.calibrate.adaptive_workdir import ROUTING_BUDGET, ROUTING_DRAWS_FRACTION
+    from rrise.runtime import Runtime
+
+    metrics = json.loads((wd / "report" / "metrics.json").read_text())
+    routing = manifest["adaptive"]["routing"]
+    assert routing == metrics["adaptive"]["bundled_routing"]
+    assert routing["chosen_on"] == "selection" and routing["max_draws_fraction"] == ROUTING_DRAWS_FRACTION
+    config = metrics["config"]
+    n0, n = (int(x.split(" = ")[1]) for x in config["Cohen MC"].split(", ")[:2])
+    assert routing["max_mean_draws"] == pytest.approx(ROUTING_DRAWS_FRACTION * (n0 + n))
+    assert routing["selection_mean_draws"] <= routing["max_mean_draws"]
+    rules = json.loads((wd / "rules.json").read_text())
+    assert routing["selection_inputs"] == rules["inputs"]
+    assert routing["mc_budget"] == min(ROUTING_BUDGET, rules["n_mc"])
+    rule = RoutingRule.from_dict(routing)
+    # the routed rows: budgets capped at Cohen's stored n, each rule chosen on the selection split
+    rows = metrics["adaptive"]["rows"]
+    routed = [r for r in rows.values() if r["kind"] == "adaptive"]
+    assert routed and all(
+        r["mc_budget"] <= n and r["routing"]["chosen_on"] == "selection split" for r in routed
+    )
+    assert all(r["p95_draws"] <= r["mc_budget"] for r in routed)
+    assert (wd / "report" / "adaptive_cost.png").is_file()
+    # the counts the rule was chosen on are an input of the evaluation and of the bundle, by digest
+    store = wd / "selection_counts" / "manifest.json"
+    assert rules["counts_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest()
+    with Runtime(wd / "bundle", backend="onnxruntime", mc_budget=rule.mc_budget) as runtime:
+        assert runtime.adaptive.routing.origin == "bundle adaptive.routing"
+        assert runtime.adaptive.routing.target_radius == rule.target_radius
 
 
 def test_python_build_returns_the_bundle_path(user, tmp_path) -> None:
