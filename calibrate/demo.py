@@ -1,5 +1,6 @@
 """`rrise demo`: every stage in order, then the runtime on a video of test images, publishing records
-over ZeroMQ to a subscriber in another process."""
+over ZeroMQ to a subscriber in another process, and once more in adaptive mode (base-model draws
+where the surrogate's radius falls short, routed by the bundle's rule)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,24 @@ import numpy as np
 
 from rrise.fileio import atomic_path, read_json
 
+from .adaptive_eval import KIND_ADAPTIVE, KIND_COHEN, KIND_REQUIRED, KIND_SURROGATE, ROW_RADII
+from .adaptive_workdir import ROUTING_BUDGET
 from .provenance import read_record
 from .stages import OPTIONAL_STAGES, STAGES, run_stage
 from .workdir import Workdir
 
-__all__ = ["free_tcp_port", "run_demo", "stage_runtime_demo", "write_demo_video"]
+__all__ = [
+    "adaptive_summary_rows",
+    "free_tcp_port",
+    "run_adaptive_demo",
+    "run_demo",
+    "stage_runtime_demo",
+    "write_demo_video",
+]
+
+# The radius the adaptive run asks for where the bundle states no routing rule (no rule-selection
+# counts in the profile, e.g. digits).
+DEMO_REQUIRED_RADIUS = ROW_RADII[1]
 
 
 def write_demo_video(path: Path, images: np.ndarray, scale: int = 4, fps: int = 10) -> Path:
@@ -90,9 +104,66 @@ def stage_runtime_demo(w: Workdir) -> dict[str, Any]:
     }
 
 
+def adaptive_summary_rows(section: dict[str, Any] | None, budget: int = ROUTING_BUDGET) -> dict[str, Any]:
+    """Three rows of the evaluation's adaptive section for the demo's summary, on the same test
+    inputs: the surrogate alone, the routed mode at the budget closest to ``budget`` (where no routed
+    row ran, the required-radius row at :data:`DEMO_REQUIRED_RADIUS`; its ``setting`` says which)
+    and Cohen; {} without the section."""
+    rows = list((section or {}).get("rows", {}).values())
+    routed = sorted(
+        (r for r in rows if r["kind"] == KIND_ADAPTIVE), key=lambda r: abs(r["mc_budget"] - budget)
+    )
+    required = [r for r in rows if r["kind"] == KIND_REQUIRED]
+    required.sort(key=lambda r: r["require_radius"] != DEMO_REQUIRED_RADIUS)
+    out: dict[str, Any] = {}
+    for row in (r for r in rows if r["kind"] == KIND_SURROGATE):
+        out["RRISE alone"] = row
+    if routed:
+        out["Adaptive"] = {**routed[0], "setting": f"budget {routed[0]['mc_budget']}, routed by the rule"}
+    elif required:
+        r = required[0]
+        out["Adaptive"] = {
+            **r,
+            "setting": f"budget {r['mc_budget']}, --require-radius {r['require_radius']:g}",
+        }
+    for row in (r for r in rows if r["kind"] == KIND_COHEN):
+        out["Cohen MC"] = row
+    return out
+
+
+def run_adaptive_demo(w: Workdir, video: Path) -> dict[str, Any]:
+    """The demo video through the runtime once in adaptive mode: the bundle's routing rule at its
+    budget, or, where it states none, ``--require-radius`` :data:`DEMO_REQUIRED_RADIUS` at
+    :data:`ROUTING_BUDGET` draws; at Cohen's level (the profile's ``mc_alpha``)."""
+    from rrise import Bundle
+    from rrise.runtime import Runtime
+
+    bundle = Bundle.load(w.path("bundle"))
+    rule = (bundle.manifest.get("adaptive") or {}).get("routing")
+    budget = int(rule.get("mc_budget") or ROUTING_BUDGET) if rule else ROUTING_BUDGET
+    require = None if rule else DEMO_REQUIRED_RADIUS
+    t0 = time.perf_counter()
+    with Runtime(
+        bundle, backend="onnxruntime", mc_budget=budget, require_radius=require, mc_alpha=w.prof.mc_alpha
+    ) as runtime:
+        records = [r for r in runtime.stream(str(video)) if r.get("kind") != "status"]
+    draws = [int(r["mc_draws"]) for r in records]
+    return {
+        "mc_budget": budget,
+        "routing": "the bundle's rule" if rule else f"--require-radius {require:g}",
+        "frames": len(records),
+        "mc_frames": sum(d > 0 for d in draws),
+        "mc_draws": sum(draws),
+        "certified_by": {k: sum(r["certified_by"] == k for r in records) for k in ("surrogate", "mc")},
+        "abstained": sum(bool(r["abstain"]) for r in records),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
 def run_demo(w: Workdir, force: bool = False) -> dict[str, Any]:
     """Every stage in order (each skipped when current, rerun when stale), then the runtime on a
-    video; returns the metrics and the received records. Optional stages run before (`rrise
+    video (once publishing, once in adaptive mode); returns the metrics, the received records and
+    the summary's adaptive rows (:func:`adaptive_summary_rows`). Optional stages run before (`rrise
     reference`) are brought up to date too, so that the report never mixes models."""
 
     optional = [n for n in OPTIONAL_STAGES if read_record(w.root, n) is not None]
@@ -104,6 +175,8 @@ def run_demo(w: Workdir, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     stream = stage_runtime_demo(w)
     w.record_seconds("runtime", time.perf_counter() - t0)
+    stream["adaptive"] = run_adaptive_demo(w, Path(stream["video"]))
+    w.record_seconds("runtime (adaptive)", stream["adaptive"]["seconds"])
     metrics = read_json(w.path("report/metrics.json"))
     metrics["stage_seconds"] = w.stage_seconds()
-    return {"metrics": metrics, "stream": stream}
+    return {"metrics": metrics, "stream": stream, "adaptive": adaptive_summary_rows(metrics.get("adaptive"))}

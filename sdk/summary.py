@@ -38,6 +38,7 @@ def print_demo_summary(root: Path, result: dict[str, Any]) -> None:
         cells = [f"{100 * m['certified_accuracy'][radii.index(r)]:.1f}" for r in SHOWN_RADII]
         table.add_row(name, *cells, _time(m.get("per_query_s")))
     console.print(table)
+    _print_adaptive_rows(console, result.get("adaptive") or {}, radii)
     cost = metrics.get("cost", {})
     if "speedup per query" in cost:
         console.print(f"RRISE answers {cost['speedup per query']:,.0f}× faster per query than MC.")
@@ -65,4 +66,35 @@ def print_demo_summary(root: Path, result: dict[str, Any]) -> None:
             f"radius={rec['radius']:.3f} score={_round(rec['score'])} "
             f"latency={rec['latency_ms']:.2f} ms"
         )
+    adaptive = stream.get("adaptive")
+    if adaptive:
+        console.print(
+            f"Adaptive run ({adaptive['routing']}, --mc-budget {adaptive['mc_budget']}): "
+            f"{adaptive['mc_frames']} of {adaptive['frames']} frames got base-model draws, "
+            f"{adaptive['mc_draws']} draws in all; certified by the surrogate "
+            f"{adaptive['certified_by']['surrogate']}, by MC {adaptive['certified_by']['mc']}, "
+            f"abstained {adaptive['abstained']}."
+        )
     console.print(f"\nReport: {root / 'report' / 'report.md'}\nBundle: {root / 'bundle'}")
+
+
+def _print_adaptive_rows(console: Any, rows: dict[str, Any], radii: list[float]) -> None:
+    """The surrogate alone, adaptive certification and Cohen on the same test inputs, with the mean
+    base-model evaluations each spends per query (from the evaluation's adaptive rows)."""
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title="Cost and accuracy (%), same test inputs")
+    table.add_column("method")
+    for r in SHOWN_RADII:
+        table.add_column(f"r = {r:g}", justify="right")
+    table.add_column("draws", justify="right")
+    table.add_column("÷ Cohen's", justify="right")
+    for name, m in rows.items():
+        cells = [f"{100 * m['certified_accuracy'][radii.index(r)]:.1f}" for r in SHOWN_RADII]
+        table.add_row(name, *cells, f"{m['mean_draws']:g}", f"{m['draws_ratio_to_cohen']:.3f}")
+    console.print(table)
+    for name, m in rows.items():
+        if m.get("setting"):
+            console.print(f"{name}: {m['setting']}; draws are base-model evaluations per query.")

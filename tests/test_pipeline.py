@@ -53,6 +53,7 @@ def test_demo_on_digits_writes_every_output_and_streams_records(digits_demo, tmp
         assert m["per_query_s"] > 0
     assert "Certified accuracy" in result.output and "r = 0.75" in result.output
     assert "records received" in result.output
+    _check_adaptive(work, metrics, result.output)
     received = (work / "received.jsonl").read_text().splitlines()
     assert len(received) == 12
     bundle = Bundle.load(work / "bundle")
@@ -90,6 +91,10 @@ def test_demo_on_digits_writes_every_output_and_streams_records(digits_demo, tmp
     assert v["n_ref"] == 5000 and v["certified"] <= 30
     assert v["against Cohen's estimation draws on every test input"]["n_ref"] == 200
     assert "5000 fresh MC draws on each of 30 test inputs" in metrics["violation_note"]
+    # the adaptive rows too, against the reference only: never against the draws they replay
+    for row in metrics["adaptive"]["rows"].values():
+        assert row["violations"]["n_ref"] == 5000
+        assert "against Cohen's estimation draws on every test input" not in row["violations"]
     # Violations over ALL reference inputs against the point estimate, with the detection limit.
     pt = v["above_point_estimate"]
     assert pt["of"] == 30 and pt["count"] >= v["violations"] and pt["ci95"][0] <= pt["rate"] <= pt["ci95"][1]
@@ -113,6 +118,40 @@ def test_demo_on_digits_writes_every_output_and_streams_records(digits_demo, tmp
     assert name.endswith("as bundled") and "confidence bins" in name
     assert rrise["bin_edges"] == record["bin_edges"] and len(rrise["quantile"]) == 2
     assert metrics["calibration"] == record and metrics["rules"]["used"] == "bins"
+
+
+def _check_adaptive(work: Path, metrics: dict, output: str) -> None:
+    """The evaluation's adaptive rows, figure and report section, and the demo's three summary rows
+    and adaptive run; digits samples no rule-selection counts, so no routing rule: the bundle states
+    none and the adaptive run asks for a radius instead."""
+    section = metrics["adaptive"]
+    assert (work / "report" / section["figure"]).is_file()
+    rows = section["rows"]
+    kinds = [r["kind"] for r in rows.values()]
+    assert kinds[0] == "surrogate" and kinds[-1] == "cohen" and "required" in kinds
+    cohen = rows[next(k for k, r in rows.items() if r["kind"] == "cohen")]
+    assert cohen["mean_draws"] == 220 and cohen["draws_ratio_to_cohen"] == 1.0  # n0 + n
+    for row in rows.values():
+        assert 0 <= row["mean_draws"] <= 220 and 0 <= row["p95_draws"] <= 220
+        assert row["draws_ratio_to_cohen"] == pytest.approx(row["mean_draws"] / 220, abs=1e-6)
+        assert row["per_query_s"] > 0 and row["violations"] is None  # no reference yet
+        if row["kind"] == "required":
+            assert row["mean_draws"] <= row["mc_budget"] == 200  # budgets capped at the stored n
+    assert section["bundled_routing"] is None and any(
+        "selection" in why for why in section["not_run"].values()
+    )
+    assert "adaptive" not in json.loads((work / "bundle/manifest.json").read_text())
+    assert metrics["cost"]["break-even queries of the adaptive rows (their draws counted)"]
+    report = (work / "report/report.md").read_text()
+    assert "## Adaptive certification" in report and "![cost and accuracy](adaptive_cost.png)" in report
+    # the demo's summary: the surrogate alone, the adaptive mode and Cohen, with their draws
+    text = " ".join(output.split())
+    assert "Cost and accuracy" in text and "÷ Cohen's" in text
+    table = text[text.index("Cost and accuracy") :]
+    assert table.index("RRISE alone") < table.index("Adaptive") < table.index("Cohen MC")
+    assert "Adaptive: budget 200, --require-radius 0.25" in text
+    assert "Adaptive run (--require-radius 0.25, --mc-budget 1000)" in text
+    assert "runtime (adaptive)" in json.loads((work / "run.json").read_text())["stage_seconds"]
 
 
 def test_workdir_refuses_another_configuration(digits_demo, tmp_path):
