@@ -9,16 +9,12 @@ needed, and the anytime-valid bound keeps its level ``α`` whatever stops the dr
 the base model runs under onnxruntime from the bundle's own bytes, checked against the manifest
 digest before the session opens; any other backend plugs in as a ``classify`` callable.
 
-Wiring it into a runtime takes a few lines (:class:`McOptions` is a typed option group whose fields
-are the ``rrise run`` flags ``--mc-budget``, ``--mc-deadline-ms``, ``--require-radius``,
-``--mc-alpha`` and ``--mc-batch``)::
-
-    self._mc = McCertifier.from_options(bundle, mc)  # None when --mc-budget is 0; refuses a
-                                                     # --require-radius the budget cannot reach
-    ...
-    extra = self._mc.improve(model_input, cert.top_class, cert.radius) if self._mc else None
-    if extra is not None and extra.radius > cert.radius:
-        ...  # the record keeps the MC certificate: certified_by "mc", mc_draws extra.draws
+The runtime wires it in through :mod:`rrise.runtime.routing` (:class:`McOptions` is the typed
+option group whose fields are the ``rrise run`` flags ``--mc-budget``, ``--mc-deadline-ms``,
+``--require-radius``, ``--mc-alpha`` and ``--mc-batch``; ``Runtime(bundle, mc_budget=N, …)``):
+:meth:`McCertifier.from_options` opens the base model (None when ``--mc-budget`` is 0) and refuses
+a required radius the budget cannot reach; the routing decides which frames get draws, and the
+record keeps the larger certificate (``certified_by`` ``"mc"``, ``mc_draws``).
 """
 
 from __future__ import annotations
