@@ -262,7 +262,7 @@ def _run_cli(argv: list[str], capsys) -> str:
 
 
 def _user_files(root: Path) -> dict[str, Path]:
-    """A tiny ImageFolder and .npz (16×16 colour digits the model did not train on) and a small
+    """A tiny ImageFolder and .npz (8×8 colour digits the model did not train on) and a small
     ONNX classifier trained for a few seconds on other digits."""
     import warnings
 
@@ -274,7 +274,7 @@ def _user_files(root: Path) -> dict[str, Path]:
     d = load_digits()
     order = np.random.default_rng(0).permutation(len(d.target))
     held, train = order[:600], order[600:]
-    pixels = (np.kron(d.images, np.ones((2, 2))) * (255 / 16)).astype(np.uint8)  # 16×16
+    pixels = (d.images * (255 / 16)).astype(np.uint8)  # 8×8
     rgb = np.repeat(pixels[..., None], 3, axis=-1)
     folder = root / "images"
     for i in held:
@@ -287,7 +287,7 @@ def _user_files(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(8 * 8 * 8, 10))  # fmt: skip
+                        nn.Linear(8 * 4 * 4, 10))  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for _ in range(8):
         for b in torch.randperm(len(x)).split(100):
@@ -297,7 +297,7 @@ def _user_files(root: Path) -> dict[str, Path]:
             opt.step()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(root / "model.onnx"), dynamo=False,
+        torch.onnx.export(net.eval(), (torch.zeros(1, 3, 8, 8),), str(root / "model.onnx"), dynamo=False,
                           input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}})  # fmt: skip
     return {"model.onnx": root / "model.onnx", "images/": folder, "images.npz": root / "images.npz"}
