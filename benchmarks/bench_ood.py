@@ -62,15 +62,14 @@ def held_out_frames(workdir: Path) -> tuple[np.ndarray, dict[str, Any]]:
 def bundle_with_ood(bundle_dir: Path, tmp: Path) -> tuple[Path, bool]:
     """``bundle_dir`` if its fp32 variant has an ``ood`` entry, else a copy re-bundled with one."""
     from rrise import Bundle
-    from rrise.export.bundler import build_bundle
+    from rrise.export.bundler import BundleSources, pack_bundle
 
     bundle = Bundle.load(bundle_dir)
     if "ood" in (bundle.variant("fp32").get("monitor") or {}):
         return bundle_dir, False
     m = bundle.manifest
     out = tmp / "bundle"
-    build_bundle(
-        out,
+    sources = BundleSources(
         surrogate_onnx=bundle.file(m["model"]["file"]),
         base_onnx=bundle.file(m["base_model"]["file"]),
         calibration=bundle.calibration(),
@@ -80,7 +79,9 @@ def bundle_with_ood(bundle_dir: Path, tmp: Path) -> tuple[Path, bool]:
         dataset=m["calibration"]["dataset"],
         input_shape=tuple(m["model"]["input"]["shape"][1:]),
         parity_max_abs_diff=(m.get("export") or {}).get("parity_max_abs_diff"),
+        adaptive=m.get("adaptive"),
     )
+    pack_bundle(out, sources)
     return out, True
 
 

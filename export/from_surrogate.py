@@ -37,7 +37,7 @@ __all__ = [
     "surrogate_input_shape",
 ]
 
-MODEL_FORMAT = "rrise.model/1"  # the checkpoint format of rrise.calibrate.models.save_model
+MODEL_FORMAT = "rrise.model/1"  # the checkpoint format of rrise.calibrate.model_files.save_model
 
 
 class SigmaMismatchError(ValueError):

@@ -51,7 +51,9 @@ class BundleInputs:
     surrogate: Path | None = field(
         default=None,
         metadata={
-            "help": "Surrogate model file (.pt, written by rrise.calibrate.models.save_model), or its .onnx."
+            "help": (
+                "Surrogate model file (.pt, written by rrise.calibrate.model_files.save_model), or its .onnx."
+            )
         },
     )
     base: Path | None = field(
