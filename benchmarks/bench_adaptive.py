@@ -121,9 +121,11 @@ def goals(result: dict[str, Any], require_radius: float) -> list[dict[str, Any]]
 
 
 def _splits(w, cal):
-    """The test split (Cohen's stored draws) and the rule-selection split (its own full-size counts)."""
+    """The test split (Cohen's stored draws) and the rule-selection split (its own full-size counts,
+    None where the profile samples none), as the evaluation reads them."""
     from rrise.calibrate.adaptive_eval import EvalSplit
-    from rrise.calibrate.calibrating import selection_data, surrogate_probs
+    from rrise.calibrate.adaptive_workdir import selection_split
+    from rrise.calibrate.calibrating import surrogate_probs
     from rrise.calibrate.cohen import COHEN_NPZ
     from rrise.certificate import certify_from_probs
     from rrise.fileio import load_npz
@@ -133,13 +135,7 @@ def _splits(w, cal):
     test = EvalSplit(
         certify_from_probs(probs, cal), cohen["labels"], cohen["counts"], cohen["counts_selection"]
     )
-    sel = selection_data(w)
-    selection = (
-        EvalSplit(certify_from_probs(sel["probs"], cal), sel["labels"], sel["counts"])
-        if "counts" in sel
-        else None
-    )
-    return test, selection, cohen["index"]
+    return test, selection_split(w, cal), cohen["index"]
 
 
 def _violations(w, test_index: np.ndarray):
