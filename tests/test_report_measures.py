@@ -116,3 +116,36 @@ def test_report_tables_have_as_many_cells_as_columns():
     table = format_markdown_table(metrics)
     _rows_have_header_width(table)
     assert "1/1 (100.0%" in table
+
+
+def test_adaptive_section_states_draws_rule_and_figure_with_full_rows():
+    """The report's adaptive section: a row per adaptive row with its draws per query and their
+    ratio to Cohen's, every row as wide as the header, the rows not run with why, and the bundled
+    routing rule in words."""
+    from rrise.calibrate.adaptive_eval import RowPlan, adaptive_rows
+    from rrise.calibrate.report import _adaptive_lines
+    from tests.test_adaptive_eval import _synthetic
+
+    test, _ = _synthetic(80, 1_000, seed=3)
+    selection = _synthetic(80, 1_000, seed=4)[0]
+    result = adaptive_rows(test, selection, 0.25, RowPlan(budgets=(0, 100), max_draws_fraction=0.05))
+    for row in result["rows"].values():
+        row["per_query_s"] = 1e-4 + row["mean_draws"] * 1e-6
+    rule = next(r["routing"] for r in result["rows"].values() if r["kind"] == "adaptive")
+    section = {
+        **result,
+        "bundled_routing": {**rule, "chosen_on": "selection", "max_draws_fraction": 0.05},
+        "figure": "adaptive_cost.png",
+        "note": "replayed",
+    }
+    lines = _adaptive_lines(section)
+    table = "\n".join(ln for ln in lines if ln.startswith("|"))
+    _rows_have_header_width(table)
+    assert len(table.splitlines()) == 2 + len(result["rows"])
+    cohen = next(k for k, r in result["rows"].items() if r["kind"] == "cohen")
+    assert f"| {cohen} |" in table and "| 1.0000 |" in table  # Cohen's draws over Cohen's
+    text = "\n".join(lines)
+    assert "Routing rule in the bundle (`adaptive.routing`, chosen on the selection split)" in text
+    assert f"at budget {rule['mc_budget']}" in text and "![cost and accuracy](adaptive_cost.png)" in text
+    assert all(f"- {name}: not run: {why}" in text for name, why in result["not_run"].items())
+    assert _adaptive_lines(None) == []
