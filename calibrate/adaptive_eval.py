@@ -17,14 +17,14 @@ draws that were never made: it is refused, naming ``--mc-budget``.
 Everything here takes arrays and returns arrays or dicts: :func:`adaptive_certify_offline` (per-input
 records), :func:`choose_routing_rule` (the routing rule for runs without a required radius, chosen on
 the selection split), :func:`adaptive_rows` and :func:`cohen_row` (report rows), and
-:func:`plot_cost_accuracy` (certified accuracy against base-model evaluations per query).
-Wiring it into the evaluation takes a few lines, with what that stage already holds::
+:func:`plot_cost_accuracy` (certified accuracy against base-model evaluations per query). The
+evaluation stage and the bundle's routing rule take them from a work folder in
+:mod:`rrise.calibrate.adaptive_workdir`, in a few lines::
 
     test = EvalSplit(certify_from_probs(probs, cal), labels, cohen["counts"], cohen["counts_selection"])
-    sel = selection_data(w)  # the rule-selection inputs: their own full-size counts
-    selection = EvalSplit(certify_from_probs(sel["probs"], cal), sel["labels"], sel["counts"])
+    selection = selection_split(w, cal)  # the rule-selection inputs: their own full-size counts
     result = adaptive_rows(test, selection, sigma, RowPlan(mc_alpha=p.mc_alpha), violations=check)
-    plot_cost_accuracy(result, report / "adaptive_cost_accuracy.png")
+    plot_cost_accuracy(result, report / "adaptive_cost.png")
 
 Violations must be counted against draws independent of the replayed ones (the `rrise reference`
 store, :func:`reference_violations_check`), never against Cohen's estimation counts: the adaptive
@@ -647,6 +647,19 @@ CAPTION = (
 )
 
 
+def _legend_keys(ax: Any, allowances: list[Any], required: bool) -> None:
+    """Grey legend entries for what the line styles and markers mean (colours are the radii)."""
+    for g, allowance in enumerate(allowances):
+        style = LINE_STYLES[g % len(LINE_STYLES)]
+        ax.plot(
+            [], [], ls=style, color="grey", label=f"adaptive, rule ≤ {allowance:g} draws/query on selection"
+        )
+    ax.scatter([], [], marker="*", color="grey", label="Cohen MC (n0 + n draws)")
+    ax.scatter([], [], marker="s", color="grey", label="the surrogate alone (0 draws)")
+    if required:
+        ax.scatter([], [], marker="^", color="grey", label="adaptive, --require-radius (one per radius)")
+
+
 def plot_cost_accuracy(
     result: Mapping[str, Any], path: str | Path, radii: tuple[float, ...] = ROW_RADII
 ) -> Path:
@@ -689,15 +702,7 @@ def plot_cost_accuracy(
                 color=color,
             )
         ax.plot([], [], marker="o", color=color, label=f"r = {radius:g}")
-    for g, allowance in enumerate(sorted(groups, key=lambda a: a or 0.0)):
-        style = LINE_STYLES[g % len(LINE_STYLES)]
-        ax.plot(
-            [], [], ls=style, color="grey", label=f"adaptive, rule ≤ {allowance:g} draws/query on selection"
-        )
-    ax.scatter([], [], marker="*", color="grey", label="Cohen MC (n0 + n draws)")
-    ax.scatter([], [], marker="s", color="grey", label="the surrogate alone (0 draws)")
-    if any(r["kind"] == KIND_REQUIRED for r in rows):
-        ax.scatter([], [], marker="^", color="grey", label="adaptive, --require-radius (one per radius)")
+    _legend_keys(ax, sorted(groups, key=lambda a: a or 0.0), any(r["kind"] == KIND_REQUIRED for r in rows))
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("base-model evaluations per query (0 = the surrogate alone)")
     ax.set_ylabel("certified accuracy (%)")
