@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,8 @@ class Runtime:
     watch:
         Watch the premise of every frame: the distribution-shift alarm (the *monitor*) and the
         out-of-distribution flag (*ood*), where the variant's manifest entry has their references.
-        False: neither (``alarm`` and ``ood_p`` always None).
-    monitor_options:
-        Overrides of the references' settings (:func:`rrise.monitor.load_monitors`: ``window``,
+        False: neither (``alarm`` and ``ood_p`` always None). A mapping: watch, with these
+        overrides of the references' settings (:func:`rrise.monitor.load_monitors`: ``window``,
         ``false_alarm``, ``step``, ``stride``; ``ood_rate``, 0 for p-values only; ``ood=False``).
     expect_id, trust:
         Refuse (BundleError) any bundle whose id is not ``expect_id``, or that the Ed25519 public
@@ -113,8 +112,7 @@ class Runtime:
         source_name: str = "api",
         *,
         precision: str | None = None,
-        watch: bool = True,
-        monitor_options: dict[str, Any] | None = None,
+        watch: bool | Mapping[str, Any] = True,
         expect_id: str | None = None,
         trust: Any = None,
         mc: McOptions | McCertifier | None = None,
@@ -149,9 +147,9 @@ class Runtime:
                 self._variant,
                 num_classes=self._num_classes,
                 channels=self._pre.channels,
-                options=monitor_options,
+                options=None if isinstance(watch, bool) else dict(watch),
             )
-            if watch
+            if watch is not False
             else (None, None)
         )
         self._bundle_id = self._bundle.id

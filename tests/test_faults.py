@@ -390,7 +390,7 @@ def test_alarm_fires_on_a_shifted_stream_with_a_real_bundle(tiny_bundle: Path) -
 
     assert "monitor" in Bundle.load(tiny_bundle).variant("fp32")
     # the windowed shift test alone (the per-frame out-of-distribution flag has its own tests)
-    rt = Runtime(tiny_bundle, monitor_options={"window": 50, "false_alarm": 0.01, "ood": False})
+    rt = Runtime(tiny_bundle, watch={"window": 50, "false_alarm": 0.01, "ood": False})
     assert rt.monitor is not None
     records = rt.certify_batch([np.zeros((8, 8), np.uint8)] * 50)  # a dead, black camera
     assert records[-2]["alarm"] is None and records[-1]["alarm"] is not None

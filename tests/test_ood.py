@@ -216,11 +216,11 @@ def test_records_carry_ood_p_and_an_ood_frame_raises_the_alarm(ood_bundle: Path)
     assert white["ood_p"] == rt.ood.min_p and white["alarm"].startswith("ood")
     bad = rt.certify(np.full((28, 28, 2), 3, np.uint8))  # an unusable frame: no p-value
     assert bad["error"] and bad["ood_p"] is None
-    quiet = Runtime(ood_bundle, precision="fp32", monitor_options={"ood_rate": 0})
+    quiet = Runtime(ood_bundle, precision="fp32", watch={"ood_rate": 0})
     assert quiet.certify(np.full((28, 28), 255, np.uint8))["alarm"] is None
-    assert Runtime(ood_bundle, precision="fp32", monitor_options={"ood": False}).ood is None
+    assert Runtime(ood_bundle, precision="fp32", watch={"ood": False}).ood is None
     with pytest.raises(ValueError, match="unknown monitor option"):
-        Runtime(ood_bundle, monitor_options={"windw": 20})
+        Runtime(ood_bundle, watch={"windw": 20})
 
 
 def test_a_bundle_without_the_entry_works(ood_bundle: Path, tmp_path: Path) -> None:
