@@ -77,10 +77,11 @@ def _routing_mc(budget: int, mc_alpha: float) -> McOptions:
 
 def routing_rule(w: Workdir, selection: EvalSplit) -> RoutingRule:
     """The routing rule the bundle states: chosen on ``selection`` at :data:`ROUTING_BUDGET` draws
-    (capped at those stored per input) within :data:`ROUTING_DRAWS_FRACTION` of ``n0 + n`` draws per
-    query, at Cohen's level (the profile's ``mc_alpha``)."""
+    (capped at those stored per input and at Cohen's ``n``, so that the evaluation has its routed
+    row) within :data:`ROUTING_DRAWS_FRACTION` of ``n0 + n`` draws per query, at Cohen's level (the
+    profile's ``mc_alpha``)."""
     p = w.prof
-    budget = min(ROUTING_BUDGET, stored_draws(selection.counts))
+    budget = min(ROUTING_BUDGET, stored_draws(selection.counts), p.n)
     search = RoutingSearch(max_mean_draws=ROUTING_DRAWS_FRACTION * (p.n0 + p.n), seed=0)
     return choose_routing_rule(
         selection.certificates,
@@ -155,9 +156,11 @@ def adaptive_section(
     w.path("report").mkdir(exist_ok=True)
     plot_cost_accuracy(result, w.path(f"report/{ADAPTIVE_FIGURE}"))
     bundled = None if selection is None else routing_rule(w, selection)
+    same = [k for k, r in result["rows"].items() if bundled and r.get("routing") == bundled.to_dict()]
     return {
         **result,
         "bundled_routing": None if bundled is None else _manifest_routing(bundled, p.mc_alpha),
+        "bundled_row": same[0] if same else None,
         "figure": ADAPTIVE_FIGURE,
         "note": _note(p.n0 + p.n, reference is not None, bundled),
     }
@@ -170,7 +173,7 @@ def _note(cohen_draws: int, has_reference: bool, rule: RoutingRule | None) -> st
         else "no violations column: only `rrise reference`'s independent draws can judge these rows"
     )
     routing = (
-        f"the bundle's routing rule is chosen the same way at budget {rule.mc_budget}"
+        f"the bundle's routing rule is the routed row's at budget {rule.mc_budget}"
         if rule is not None
         else "no rule-selection counts in this profile, so no routing rule: routed rows are not run"
     )

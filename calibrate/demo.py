@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rrise.fileio import atomic_path, read_json
+from rrise.sequential import DEFAULT_MC_BATCH
 
 from .adaptive_eval import KIND_ADAPTIVE, KIND_COHEN, KIND_REQUIRED, KIND_SURROGATE, ROW_RADII
 from .adaptive_workdir import ROUTING_BUDGET
@@ -143,9 +144,8 @@ def run_adaptive_demo(w: Workdir, video: Path) -> dict[str, Any]:
     budget = int(rule.get("mc_budget") or ROUTING_BUDGET) if rule else ROUTING_BUDGET
     require = None if rule else DEMO_REQUIRED_RADIUS
     t0 = time.perf_counter()
-    with Runtime(
-        bundle, backend="onnxruntime", mc_budget=budget, require_radius=require, mc_alpha=w.prof.mc_alpha
-    ) as runtime:
+    mc = {"mc_budget": budget, "mc_batch": min(DEFAULT_MC_BATCH, budget), "mc_alpha": w.prof.mc_alpha}
+    with Runtime(bundle, backend="onnxruntime", require_radius=require, **mc) as runtime:
         records = [r for r in runtime.stream(str(video)) if r.get("kind") != "status"]
     draws = [int(r["mc_draws"]) for r in records]
     return {

@@ -245,7 +245,8 @@ def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
             f"draws where the surrogate radius < {rule['target_radius']:g} and {score}, at budget "
             f"{rule['mc_budget']}, within {rule['max_mean_draws']:g} mean draws per query "
             f"({100 * rule['max_draws_fraction']:g} % of Cohen's n0 + n); on its "
-            f"{rule['selection_inputs']} selection inputs it spent {rule['selection_mean_draws']:g}.",
+            f"{rule['selection_inputs']} selection inputs it spent {rule['selection_mean_draws']:g}."
+            + (f" Its row above: {section['bundled_row']}." if section.get("bundled_row") else ""),
         ]
     return [*lines, "", f"![cost and accuracy]({section['figure']})", ""]
 

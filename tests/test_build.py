@@ -134,7 +134,7 @@ def _check_routing(wd, manifest: dict) -> None:
     assert routing["selection_mean_draws"] <= routing["max_mean_draws"]
     rules = json.loads((wd / "rules.json").read_text())
     assert routing["selection_inputs"] == rules["inputs"]
-    assert routing["mc_budget"] == min(ROUTING_BUDGET, rules["n_mc"])
+    assert routing["mc_budget"] == min(ROUTING_BUDGET, rules["n_mc"], n)
     rule = RoutingRule.from_dict(routing)
     # the routed rows: budgets capped at Cohen's stored n, each rule chosen on the selection split
     rows = metrics["adaptive"]["rows"]
@@ -143,11 +143,15 @@ def _check_routing(wd, manifest: dict) -> None:
         r["mc_budget"] <= n and r["routing"]["chosen_on"] == "selection split" for r in routed
     )
     assert all(r["p95_draws"] <= r["mc_budget"] for r in routed)
+    # the bundled rule is one of them: the report shows how it does on the test inputs
+    bundled = rows[metrics["adaptive"]["bundled_row"]]
+    assert bundled["mc_budget"] == rule.mc_budget and RoutingRule.from_dict(bundled["routing"]) == rule
     assert (wd / "report" / "adaptive_cost.png").is_file()
     # the counts the rule was chosen on are an input of the evaluation and of the bundle, by digest
     store = wd / "selection_counts" / "manifest.json"
     assert rules["counts_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest()
-    with Runtime(wd / "bundle", backend="onnxruntime", mc_budget=rule.mc_budget) as runtime:
+    mc = {"mc_budget": rule.mc_budget, "mc_batch": min(100, rule.mc_budget)}
+    with Runtime(wd / "bundle", backend="onnxruntime", **mc) as runtime:
         assert runtime.adaptive.routing.origin == "bundle adaptive.routing"
         assert runtime.adaptive.routing.target_radius == rule.target_radius
 

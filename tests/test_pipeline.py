@@ -178,6 +178,15 @@ def test_fashion_mnist_pipeline_is_disjoint_and_calibrated(tmp_path):
     metrics = json.loads(w.path("report/metrics.json").read_text())
     rrise = next(v for k, v in metrics["methods"].items() if k.startswith("RRISE"))
     cohen = next(v for k, v in metrics["methods"].items() if k.startswith("Cohen"))
+    # Adaptive rows routed by rules chosen on the selection split's counts, the bundled rule among them.
+    routing = Bundle.load(w.path("bundle")).manifest["adaptive"]["routing"]
+    assert routing == metrics["adaptive"]["bundled_routing"] and routing["selection_inputs"] == w.prof.n_rule
+    routed = [r for r in metrics["adaptive"]["rows"].values() if r["kind"] == "adaptive"]
+    assert [r["mc_budget"] for r in routed] == [100, w.prof.n]  # 10², then 10³ and 10⁴ capped at n
+    assert all(r["mean_draws"] <= r["mc_budget"] for r in routed)
+    assert (
+        metrics["adaptive"]["rows"][metrics["adaptive"]["bundled_row"]]["mc_budget"] == routing["mc_budget"]
+    )
     # not vacuous: smoke-sized models on 60 test inputs certify 55–60% at r = 0 (RRISE) and 77% (Cohen)
     assert rrise["certified_accuracy"][0] > 0.3 and cohen["certified_accuracy"][0] > 0.5
     cal = np.load(w.path("calibration.npz"), allow_pickle=False)
