@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from rrise.cli import app
@@ -42,11 +43,60 @@ def test_help_lists_every_command_without_importing_torch():
     assert "torch" not in imported and "scipy" not in imported
 
 
-@pytest.mark.parametrize("name", [c for c in COMMANDS])
-def test_each_command_has_help_with_an_example(name):
-    result = runner.invoke(app, [name, "--help"])
+def _command_paths(command, path=()):
+    """Every command and command group of the CLI, as the words that call it."""
+    yield list(path)
+    for name in getattr(command, "commands", {}):
+        yield from _command_paths(command.commands[name], (*path, name))
+
+
+ALL_COMMANDS = list(_command_paths(typer.main.get_command(app)))
+
+
+@pytest.mark.parametrize("path", ALL_COMMANDS, ids=lambda p: " ".join(p) or "rrise")
+def test_each_command_has_help_with_an_example(path):
+    result = runner.invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example" in result.output
+
+
+def test_every_command_is_walked_for_its_help():
+    assert {"build", "select-rule", "keys", "train-baseline", "reference"} <= {
+        p[0] for p in ALL_COMMANDS if p
+    }
+    assert ["export", "bundle"] in ALL_COMMANDS and [] in ALL_COMMANDS
+
+
+def test_profile_backed_flags_take_their_help_from_the_profile_field():
+    from dataclasses import fields
+
+    from rrise.calibrate.profiles import PROFILES, Profile
+
+    declared = {f.name: f.metadata["help"] for f in fields(Profile) if f.metadata.get("help")}
+    text = " ".join(runner.invoke(app, ["train-surrogate", "--help"], env={"COLUMNS": "400"}).output.split())
+    for name in ("augment", "steps", "draws", "hard_fraction"):
+        assert " ".join(declared[name].rstrip(".").replace("`", "").split()) in text, name
+    steps = ", ".join(f"{p.name} {p.steps}" for p in PROFILES.values())
+    assert f"(default: the profile's: {steps})" in text
+    calibrate = " ".join(runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert " ".join(declared["cap_draws"].rstrip(".").replace("`", "").split()) in calibrate
+    assert (
+        "(default: those rrise select-rule --cap-draws chose the rule with, else the profile's)" in calibrate
+    )
+
+
+def test_run_help_groups_its_flags_by_concern():
+    text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    panels = [line.split("─ ", 1)[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    assert panels[-5:] == [
+        "Bundle and source",
+        "Stream",
+        "Outputs",
+        "Watch: shift alarm and out-of-distribution flag",
+        "Adaptive: Monte Carlo draws where the surrogate's radius falls short",
+    ]
+    adaptive = text[text.index("╭─ Adaptive") :]
+    assert "--mc-budget" in adaptive and "--mc-budget" not in text[: text.index("╭─ Adaptive")]
 
 
 def test_cohen_says_it_is_cohens_monte_carlo_baseline_and_certify_is_its_deprecated_alias():

@@ -63,7 +63,8 @@ _flags_without_metavar()
 app = typer.Typer(
     name="rrise",
     cls=PipelineOrderGroup,
-    help="Certified-robust image classification: randomized smoothing with a calibrated surrogate.",
+    help="Certified-robust image classification: randomized smoothing with a calibrated surrogate.\n\n"
+    "Example: `rrise demo --profile quick`, then `rrise COMMAND --help` for each step.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,

@@ -16,7 +16,7 @@ from rrise.options import bind
 
 from .app import app, fail
 
-__all__ = ["InspectOptions", "KeyKind", "KeysOptions", "trusted_key"]
+__all__ = ["KEY_WRITERS", "InspectOptions", "KeyKind", "KeysOptions", "trusted_key"]
 
 TRUST_HELP = (
     "Ed25519 public key (KEY.pub from `rrise keys`): refuse a bundle unless its manifest.sig is this "
@@ -72,9 +72,23 @@ def inspect(options: InspectOptions) -> None:
         raise typer.Exit(1)
 
 
-class KeyKind(str, Enum):
-    signing = "signing"
-    curve = "curve"
+def _signing_pair(prefix: Path) -> tuple[Path, Path, str]:
+    from rrise.signing import key_fingerprint, load_public_key, write_signing_keypair
+
+    public, secret = write_signing_keypair(prefix)
+    return public, secret, f" (key {key_fingerprint(load_public_key(public))})"
+
+
+def _curve_pair(prefix: Path) -> tuple[Path, Path, str]:
+    from rrise.curve import write_curve_keypair
+
+    public, secret = write_curve_keypair(prefix)
+    return public, secret, ""
+
+
+# `rrise keys --kind`: each kind of key pair → what writes it (public, secret, a note on the key)
+KEY_WRITERS = {"signing": _signing_pair, "curve": _curve_pair}
+KeyKind = Enum("KeyKind", {k: k for k in KEY_WRITERS}, type=str, module=__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,16 +116,7 @@ def keys(options: KeysOptions) -> None:
     Example: `rrise keys keys/robot --kind signing`
     """
     try:
-        if options.kind is KeyKind.signing:
-            from rrise.signing import key_fingerprint, load_public_key, write_signing_keypair
-
-            public, secret = write_signing_keypair(options.prefix)
-            note = f" (key {key_fingerprint(load_public_key(public))})"
-        else:
-            from rrise.curve import write_curve_keypair
-
-            public, secret = write_curve_keypair(options.prefix)
-            note = ""
+        public, secret, note = KEY_WRITERS[options.kind.value](options.prefix)
     except (ValueError, OSError) as exc:  # SigningError and CurveKeyError are ValueErrors
         raise fail(str(exc)) from None
     typer.echo(f"public  {public}{note}")

@@ -18,16 +18,21 @@ from .keys import trusted_key
 
 __all__ = ["RunCommand"]
 
+_SOURCE = "Bundle and source"
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunCommand(RunOptions):
     """``rrise run``'s options: what to certify (``bundle``, ``source``) and how (:class:`RunOptions`)."""
 
-    bundle: Path = field(metadata={"help": "Bundle folder (made by `rrise demo` or `rrise-export`)."})
+    bundle: Path = field(
+        metadata={"help": "Bundle folder (made by `rrise demo` or `rrise-export`).", "group": _SOURCE}
+    )
     source: str = field(
         metadata={
             "help": "Camera index, video file, RTSP/HTTP URL, GStreamer pipeline, image folder, or a "
-            "recording to replay (.mcap file, ROS 2 bag folder)."
+            "recording to replay (.mcap file, ROS 2 bag folder).",
+            "group": _SOURCE,
         }
     )
 

@@ -4,7 +4,8 @@ into a command's flags, ``--config FILE.yaml`` keys and ``key=value`` overrides)
 :class:`WorkdirOptions` is what every stage takes (the folder, and the settings a new folder is
 made with: values left out take the folder's recorded ones, then the defaults); each stage with
 settings of its own extends it. Choices come from the registries they name (profiles, datasets,
-calibration rules, augmentations, score transforms). Torch-free.
+calibration rules, augmentations, score transforms); a flag that overrides a profile field takes
+its help from that field (:func:`rrise.calibrate.profiles.profile_help`). Torch-free.
 
 >>> CalibrateOptions(workdir=Path("runs/fm"), alpha=0.01).alpha
 0.01
@@ -22,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 
 from rrise.calibrate.augmentations import AUGMENTATIONS
-from rrise.calibrate.profiles import PROFILES
+from rrise.calibrate.profiles import PROFILES, profile_help
 from rrise.calibrate.rules import RULES
 from rrise.datasets import DATASETS
 from rrise.scores import TRANSFORMS
@@ -50,6 +51,19 @@ ScoreName = Enum("ScoreName", {t: t for t in TRANSFORMS}, type=str, module=__nam
 _FOLDER = "Work folder"
 
 
+def _profile_field_help(name: str, default: str | None = None) -> str:
+    """The help of the flag overriding profile field ``name``: the field's own help, its default
+    ``default`` when given, else the profile's with each profile's value."""
+    if default is None:
+        values = ", ".join(f"{p.name} {_shown(getattr(p, name))}" for p in PROFILES.values())
+        default = f"the profile's: {values}"
+    return profile_help(name).removesuffix("(default: the profile's).") + f"(default: {default})."
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _level(flag: str, value: float | None) -> None:
     if value is not None and not 0.0 < value < 1.0:
         raise ValueError(f"{flag} must be in (0, 1), got {value:g}")
@@ -72,9 +86,8 @@ class WorkdirOptions:
     profile: ProfileName | None = field(
         default=None,
         metadata={
-            "help": "Sizes: quick (minutes on a CPU), medium (quick models, full-size MC on fewer "
-            "inputs), full (the default sizes), full-small (full sizes, edge-sized base model) or "
-            "smoke (tests only).",
+            "help": "Sizes (rrise.calibrate.profiles): quick runs in minutes on a CPU, full has the "
+            "default sizes, smoke is for tests only (default: the folder's, else quick).",
             "group": _FOLDER,
         },
     )
@@ -129,32 +142,10 @@ class TrainSurrogateOptions(WorkdirOptions):
             "network, e.g. smaller for the edge."
         },
     )
-    augment: AugmentName | None = field(
-        default=None,
-        metadata={
-            "help": "Augment training inputs: default none. With fresh targets the draws are made on the "
-            "augmented image (exact targets, more inputs); with a fixed store the targets stay the "
-            "clean image's."
-        },
-    )
-    steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Fresh-target training steps (default: the profile's; 0 fits the fixed `rrise "
-            "targets` store). Each costs batch × draws base-model evaluations."
-        },
-    )
-    draws: int | None = field(
-        default=None, metadata={"help": "Fresh base-model draws per image and step (default: the profile's)."}
-    )
-    hard_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "Share of each fresh-target batch drawn towards images the smoothed classifier is "
-            "unsure of (found with 16 draws per training image, counted in the cost); default: the "
-            "profile's (0.5 for full and full-small, 0 = uniform for quick)."
-        },
-    )
+    augment: AugmentName | None = field(default=None, metadata={"help": _profile_field_help("augment")})
+    steps: int | None = field(default=None, metadata={"help": _profile_field_help("steps")})
+    draws: int | None = field(default=None, metadata={"help": _profile_field_help("draws")})
+    hard_fraction: float | None = field(default=None, metadata={"help": _profile_field_help("hard_fraction")})
 
     def __post_init__(self) -> None:
         _at_least("--steps", self.steps, 0)
@@ -175,13 +166,11 @@ class TrainSurrogateOptions(WorkdirOptions):
 
 
 _CAP_DRAWS_SELECT = (
-    "Compare the rules as `rrise calibrate --cap-draws N₂` will run them: rule-selection inputs whose "
-    "N_cal draws all fell on one class get N₂ fresh draws (> N_cal); 0 = off (default: the profile's)."
+    "Compare the rules as `rrise calibrate --cap-draws N₂` will run them, on the rule-selection "
+    "inputs. " + _profile_field_help("cap_draws")
 )
-_CAP_DRAWS_CALIBRATE = (
-    "More draws at the cap: calibration inputs whose N_cal draws all fell on one class get this many "
-    "fresh draws (> N_cal), lifting the radius cap to σ·Φ⁻¹(β^(1/N₂)); 0 = off (default: those `rrise "
-    "select-rule --cap-draws` chose the rule with, else the profile's)."
+_CAP_DRAWS_CALIBRATE = _profile_field_help(
+    "cap_draws", "those `rrise select-rule --cap-draws` chose the rule with, else the profile's"
 )
 
 
