@@ -20,7 +20,6 @@ record keeps the larger certificate (``certified_by`` ``"mc"``, ``mc_draws``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,18 +151,7 @@ def read_base_model(bundle: Bundle) -> bytes:
     entry = bundle.manifest.get("base_model")
     if not isinstance(entry, dict) or not entry.get("file"):
         raise BundleError(f"bundle {bundle.path} names no base_model: Monte Carlo certification needs one")
-    name = entry["file"]
-    listed = bundle.manifest.get("files", {}).get(name)
-    expected = {d for d in (entry.get("sha256"), listed) if d is not None}
-    if listed is None or len(expected) != 1:
-        raise BundleError(f"bundle {bundle.path}: base_model {name} has no single sha256 in the manifest")
-    try:
-        data = bundle.file(name).read_bytes()
-    except OSError as exc:
-        raise BundleError(f"bundle {bundle.path}: cannot read base_model {name}: {exc}") from None
-    if hashlib.sha256(data).hexdigest() != listed:
-        raise BundleError(f"bundle {bundle.path}: changed file {name} (sha256 differs from the manifest)")
-    return data
+    return bundle.read_verified(entry["file"], entry.get("sha256"))
 
 
 class BaseClassifier:

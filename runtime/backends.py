@@ -71,25 +71,29 @@ def variant_max_batch(variant: dict[str, Any]) -> int:
 
 
 class OnnxRuntimeBackend:
-    """An ONNX model under onnxruntime, on the execution providers ``calibrated_with`` names
-    (``"onnxruntime-cpu"``, ``"onnxruntime-cuda"``, or ``"fastest"`` for uncalibrated uses).
-    ``run(x)`` → ``[B, K]`` float64 probabilities."""
+    """An ONNX model (a path, or its serialized bytes: a bundle's variant is opened from the bytes
+    its sha256 was checked on, :meth:`rrise.Bundle.read_verified`) under onnxruntime, on the
+    execution providers ``calibrated_with`` names (``"onnxruntime-cpu"``, ``"onnxruntime-cuda"``, or
+    ``"fastest"`` for uncalibrated uses); ``where`` names it in errors. ``run(x)`` → ``[B, K]``
+    float64 probabilities."""
 
     def __init__(
         self,
-        model_path: str | Path,
+        model: str | Path | bytes,
         calibrated_with: str = "onnxruntime-cpu",
         *,
         input_name: str | None = None,
         output_name: str | None = None,
         output_kind: str = "logits",
+        where: str | None = None,
     ) -> None:
         self.output_kind = _check_kind(output_kind)
         self.calibrated_with = calibrated_with
-        self.session = open_session(model_path, calibrated_with)
+        self.session = open_session(model, calibrated_with)
+        where = where or ("the serialized model" if isinstance(model, bytes) else model)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.input_name = _pick(input_name, [i.name for i in inputs], "input", model_path)
-        self.output_name = _pick(output_name, [o.name for o in outputs], "output", model_path)
+        self.input_name = _pick(input_name, [i.name for i in inputs], "input", where)
+        self.output_name = _pick(output_name, [o.name for o in outputs], "output", where)
         self._outputs = [self.output_name]
         batch = next(i.shape[0] for i in inputs if i.name == self.input_name)
         # The most rows one call takes (a model exported with a fixed batch); None: any. Not the
@@ -191,22 +195,27 @@ def _build(bundle: Bundle, variant: dict[str, Any]) -> OnnxRuntimeBackend | Tens
         "output_name": model.get("output", {}).get("name"),
         "output_kind": variant.get("output_kind", model.get("output", {}).get("kind", "logits")),
     }
-    path = bundle.file(variant["file"])
+    where = str(bundle.path / variant["file"])
     if variant.get("backend") == "tensorrt":
         mismatch = _engine_mismatch(variant)
         if mismatch is not None:
             raise RuntimeError(
                 f"{mismatch}: rebuild it on this device with `{_rebuild_command(bundle, variant)}`"
             )
-        return TensorRTBackend(path, **kwargs)
+        # Deserialized from the bytes whose sha256 was checked: the file cannot change in between.
+        return TensorRTBackend(
+            bundle.read_verified(variant["file"], variant.get("sha256")), where=where, **kwargs
+        )
     calibrated_with = variant.get("calibrated_with")
     if calibrated_with is None:
         raise RuntimeError(
             f"the {variant.get('precision')}/onnxruntime variant of {bundle.path} does not say which "
             "numerics its quantile was calibrated with (calibrated_with); re-export the bundle"
         )
-    # Its quantile holds for those numerics only: another provider would run other kernels.
-    return OnnxRuntimeBackend(path, calibrated_with, **kwargs)
+    # Its quantile holds for those numerics only: another provider would run other kernels. The
+    # session opens the bytes whose sha256 was checked, never the path again.
+    data = bundle.read_verified(variant["file"], variant.get("sha256"))
+    return OnnxRuntimeBackend(data, calibrated_with, where=where, **kwargs)
 
 
 def make_backend(

@@ -14,6 +14,7 @@ bundles signed by a key it holds (``trust``, ``rrise run --trust``; :mod:`rrise.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -142,6 +143,34 @@ def _expected_id(expect_id: str) -> str:
     return want
 
 
+def _link_problem(root: Path, name: str) -> str | None:
+    """Why bundle file ``name`` is not a plain file inside ``root`` (a symbolic link on its way, or
+    a path resolving outside the folder), or None."""
+    p = root
+    for part in name.split("/"):
+        p = p / part
+        if p.is_symlink():
+            return f"file {name} is a symbolic link (a bundle holds plain files only; refused)"
+    if p.exists() and not p.resolve().is_relative_to(root.resolve()):
+        return f"file {name} resolves outside the bundle folder (refused)"
+    return None
+
+
+def _files_on_disk(root: Path) -> tuple[set[str], set[str]]:
+    """The plain files under ``root`` (less the manifest and its signature) and the symbolic links
+    (to files or folders, which are never followed), as bundle names."""
+    files, links = set(), set()
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for entry in [*dirs, *names]:
+            p = Path(folder, entry)
+            name = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                links.add(name)
+            elif entry in names and name not in (MANIFEST, SIGNATURE):
+                files.add(name)
+    return files, links
+
+
 @dataclass
 class Bundle:
     """A verified bundle: its folder, its validated manifest and its id. Load with :meth:`Bundle.load`.
@@ -261,21 +290,27 @@ class Bundle:
                 raise BundleError(str(exc)) from None
 
     def integrity_problems(self) -> list[str]:
-        """Every changed, missing or extra file, and every entry whose hash disagrees with 'files'."""
+        """Every changed, missing, extra or symbolically linked file, and every entry whose hash
+        disagrees with 'files'. A bundle holds plain files only: a symbolic link (to a file or a
+        folder, inside the bundle or out of it) is refused by name, since what it points at can
+        change without the bundle changing."""
         listed: dict[str, str] = self.manifest["files"]
         problems = []
         for name, digest in listed.items():
             p = self.path / name
-            if not p.is_file():
+            link = _link_problem(self.path, name)
+            if link is not None:
+                problems.append(link)
+            elif not p.is_file():
                 problems.append(f"missing file {name}")
             elif sha256_file(p) != digest:
                 problems.append(f"changed file {name} (sha256 differs from the manifest)")
-        on_disk = {
-            p.relative_to(self.path).as_posix()
-            for p in self.path.rglob("*")
-            if p.is_file() and p.relative_to(self.path).as_posix() not in (MANIFEST, SIGNATURE)
-        }
+        on_disk, links = _files_on_disk(self.path)
         problems += [f"extra file {name} (not in the manifest)" for name in sorted(on_disk - set(listed))]
+        problems += [
+            f"file {name} is a symbolic link (a bundle holds plain files only; refused)"
+            for name in sorted(links - set(listed))
+        ]
         for entry in self._file_entries():
             f = entry.get("file")
             if f not in listed:
@@ -283,6 +318,30 @@ class Bundle:
             elif entry.get("sha256") not in (None, listed[f]):
                 problems.append(f"manifest sha256 of {f} disagrees with 'files'")
         return problems
+
+    def read_verified(self, name: str, sha256: str | None = None) -> bytes:
+        """The bytes of bundle file ``name``, read once and checked against its sha256 in 'files'
+        (and ``sha256``, an entry's own record, when given) after they were read: open a model from
+        these bytes, never from its path again, so the file cannot change between the check and
+        its use. A symbolic link, or a file resolving outside the bundle, is refused.
+
+        Raises BundleError naming the file: not listed, linked, unreadable or changed.
+        """
+        listed = self.manifest["files"].get(name)
+        if listed is None or sha256 not in (None, listed):
+            raise BundleError(f"bundle {self.path}: {name} has no single sha256 in the manifest")
+        link = _link_problem(self.path, name)
+        if link is not None:
+            raise BundleError(f"bundle {self.path}: {link}")
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise BundleError(f"bundle {self.path}: cannot read {name}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != listed:
+            raise BundleError(f"bundle {self.path}: changed file {name} (sha256 differs from the manifest)")
+        return data
 
     def _file_entries(self) -> list[dict]:
         m = self.manifest

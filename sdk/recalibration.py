@@ -43,7 +43,7 @@ CALIBRATION_FILE = "calibration.npz"
 
 
 def onnx_probs_runner(
-    path: str | os.PathLike, calibrated_with: str = "onnxruntime-cpu", output_kind: str = "logits"
+    path: str | os.PathLike | bytes, calibrated_with: str = "onnxruntime-cpu", output_kind: str = "logits"
 ):
     """A function ``[B, C, H, W] float32 → [B, K] float64 probabilities`` running the ONNX model at
     ``path`` exactly as a variant ``calibrated_with`` this runs at deployment (one session factory),
@@ -185,7 +185,8 @@ def _verify_variant(
         return {**out, "status": NOT_VERIFIABLE, "detail": why}
     kind = v.get("output_kind") or bundle.manifest["model"]["output"]["kind"]
     try:
-        run = onnx_probs_runner(bundle.file(v["file"]), v["calibrated_with"], output_kind=kind)
+        model = bundle.read_verified(v["file"], v.get("sha256"))  # the bytes checked are the bytes run
+        run = onnx_probs_runner(model, v["calibrated_with"], output_kind=kind)
     except RuntimeError as exc:  # e.g. onnxruntime-cuda numerics on a machine without CUDA
         return {**out, "status": NOT_VERIFIABLE, "detail": str(exc)}
     probs, max_batch = calibration_outputs(run, images)

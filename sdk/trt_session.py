@@ -80,12 +80,13 @@ class TensorRTBackend:
 
     def __init__(
         self,
-        engine_path: str | Path,
+        engine: str | Path | bytes,
         *,
         input_name: str | None = None,
         output_name: str | None = None,
         output_kind: str = "logits",
         device: int = 0,
+        where: str | None = None,
     ) -> None:
         try:
             import pycuda.driver as cuda
@@ -98,7 +99,10 @@ class TensorRTBackend:
         self._ctx = cuda.Device(device).retain_primary_context()
         self._ctx.push()
         try:
-            self._setup(Path(engine_path), input_name, output_name)
+            # A bundle's engine comes as the bytes its sha256 was checked on (Bundle.read_verified).
+            data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
+            where = where or ("the serialized engine" if isinstance(engine, bytes) else str(engine))
+            self._setup(data, where, input_name, output_name)
         except BaseException:
             self._ctx.pop()
             self._ctx.detach()
@@ -106,11 +110,11 @@ class TensorRTBackend:
         self._ctx.pop()
         self.name = f"tensorrt[{trt.__version__}]"
 
-    def _setup(self, engine_path: Path, input_name: str | None, output_name: str | None) -> None:
+    def _setup(self, data: bytes, engine_path: str, input_name: str | None, output_name: str | None) -> None:
         trt, cuda = self._trt, self._cuda
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise RuntimeError(
                 f"TensorRT {trt.__version__} cannot deserialize {engine_path}: an engine only runs with "
