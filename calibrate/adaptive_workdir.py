@@ -117,7 +117,7 @@ def _violations(reference: tuple[np.ndarray, np.ndarray] | None):
     return None if reference is None else reference_violations_check(*reference)
 
 
-def _with_cost(rows: dict[str, Any], rates: dict[str, float], one_time_s: float) -> None:
+def _with_cost(rows: dict[str, Any], rates: dict[str, float]) -> None:
     """Per-query seconds counting the draws (the surrogate's query plus ``mean_draws`` at the
     measured seconds per base-model draw) and the break-even against Cohen's per-query time; the
     break-even in evaluations: the one-time evaluations over the draws saved per query."""
@@ -125,7 +125,7 @@ def _with_cost(rows: dict[str, Any], rates: dict[str, float], one_time_s: float)
         per_query = rates["rrise_s"] + row["mean_draws"] * rates["draw_s"]
         row["per_query_s"] = per_query
         saved = rates["cohen_s"] - per_query
-        row["break_even_queries"] = int(np.ceil(one_time_s / saved)) if saved > 0 else None
+        row["break_even_queries"] = int(np.ceil(rates["one_time_s"] / saved)) if saved > 0 else None
         saved_draws = rates["cohen_draws"] - row["mean_draws"]
         row["break_even_in_evaluations"] = (
             int(np.ceil(rates["one_time_evaluations"] / saved_draws)) if saved_draws > 0 else None
@@ -152,7 +152,7 @@ def adaptive_section(
         mc_alpha=p.mc_alpha, max_draws_fraction=ROUTING_DRAWS_FRACTION, radii=DEFAULT_RADII, seed=0
     )
     result = adaptive_rows(test, selection, w.config.sigma, plan, violations=_violations(reference))
-    _with_cost(result["rows"], costs, costs["one_time_s"])
+    _with_cost(result["rows"], costs)
     w.path("report").mkdir(exist_ok=True)
     plot_cost_accuracy(result, w.path(f"report/{ADAPTIVE_FIGURE}"))
     bundled = None if selection is None else routing_rule(w, selection)

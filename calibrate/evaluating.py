@@ -302,7 +302,8 @@ def _cost(w: Workdir, cohen, per_query: float, mc_per_query: float) -> dict[str,
 
 def _adaptive(w: Workdir, cal: Calibration, probs, cohen, violations: _Violations, cost) -> dict[str, Any]:
     """The adaptive mode's rows on the test inputs (Cohen's stored draws replayed), each with its
-    per-query time and break-even counting its draws; their break-even added to ``cost``."""
+    per-query time and break-even counting its draws; the break-even of the bundle's routing rule's
+    row (the surrogate alone's where there is no rule) added to ``cost``."""
     p = w.prof
     test = EvalSplit(
         certify_from_probs(probs, cal), cohen["labels"], cohen["counts"], cohen["counts_selection"]
@@ -318,13 +319,10 @@ def _adaptive(w: Workdir, cal: Calibration, probs, cohen, violations: _Violation
     }
     reference = (violations.rows, violations.counts) if violations.high_budget else None
     section = adaptive_section(w, cal, test, reference, costs)
-    adaptive_rows = {k: r for k, r in section["rows"].items() if r["kind"] != "cohen"}
-    cost["break-even queries of the adaptive rows (their draws counted)"] = {
-        k: r["break_even_queries"] for k, r in adaptive_rows.items()
-    }
-    cost["break-even in evaluations of the adaptive rows (one-time / draws saved per query)"] = {
-        k: r["break_even_in_evaluations"] for k, r in adaptive_rows.items()
-    }
+    row = section["rows"].get(section["bundled_row"]) or next(iter(section["rows"].values()))
+    which = "the bundle's routing rule" if section["bundled_row"] else "the surrogate alone"
+    cost[f"break-even queries, adaptive with {which} (its draws counted)"] = row["break_even_queries"]
+    cost[f"break-even in evaluations, adaptive with {which}"] = row["break_even_in_evaluations"]
     return section
 
 

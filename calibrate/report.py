@@ -213,7 +213,8 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
 
 def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
     """The adaptive mode beside the surrogate alone and Cohen: certified accuracy, abstentions, mean
-    and p95 base-model draws per query and their ratio to Cohen's, time and violations."""
+    and p95 base-model draws per query and their ratio to Cohen's, time and break-even (queries, the
+    draws counted) and violations."""
     if not section:
         return []
     radii, show = section["radii"], [r for r in (0.0, 0.25, 0.5, 0.75, 1.0) if r in section["radii"]]
@@ -222,8 +223,8 @@ def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
     lines += [
         "| row | "
         + " | ".join(f"r={r:g}" for r in show)
-        + " | abstain | mean draws | p95 draws | ÷ Cohen's | per query | violations |",
-        "|---" * (len(show) + 7) + "|",
+        + " | abstain | mean draws | p95 draws | ÷ Cohen's | per query | break-even | violations |",
+        "|---" * (len(show) + 8) + "|",
     ]
     for name, row in section["rows"].items():
         ca = " | ".join(_pct(row["certified_accuracy"][radii.index(r)]) for r in show)
@@ -232,7 +233,7 @@ def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"| {name} | {ca} | {_pct(row['abstain_rate'])}% | {row['mean_draws']:g} | "
             f"{row['p95_draws']:g} | {row['draws_ratio_to_cohen']:.4f} | "
-            f"{'—' if t is None else _fmt_seconds(t)} | "
+            f"{'—' if t is None else _fmt_seconds(t)} | {_or_dash(row.get('break_even_queries'))} | "
             f"{'—' if v is None else str(v['violations']) + '/' + str(v['certified'])} |"
         )
     lines += ["", *[f"- {name}: not run: {why}" for name, why in section.get("not_run", {}).items()]]
@@ -249,6 +250,10 @@ def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
             + (f" Its row above: {section['bundled_row']}." if section.get("bundled_row") else ""),
         ]
     return [*lines, "", f"![cost and accuracy]({section['figure']})", ""]
+
+
+def _or_dash(v: Any) -> str:
+    return "—" if v is None else f"{v:,}"
 
 
 def _not_run_lines(metrics: dict[str, Any]) -> list[str]:

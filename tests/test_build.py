@@ -146,6 +146,10 @@ def _check_routing(wd, manifest: dict) -> None:
     # the bundled rule is one of them: the report shows how it does on the test inputs
     bundled = rows[metrics["adaptive"]["bundled_row"]]
     assert bundled["mc_budget"] == rule.mc_budget and RoutingRule.from_dict(bundled["routing"]) == rule
+    cost = metrics["cost"]
+    key = "break-even queries, adaptive with the bundle's routing rule (its draws counted)"
+    assert cost[key] == bundled["break_even_queries"]
+    assert bundled["per_query_s"] > cost["RRISE per query (s)"] or bundled["mean_draws"] == 0
     assert (wd / "report" / "adaptive_cost.png").is_file()
     # the counts the rule was chosen on are an input of the evaluation and of the bundle, by digest
     store = wd / "selection_counts" / "manifest.json"
