@@ -25,6 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .imagecodec import decode_compressed, image_defect
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FrameSource",
@@ -153,24 +155,35 @@ class ImageFolderSource(FrameSource):
         for i, f in enumerate(self.files):
             if self._stop.is_set():
                 return
-            # ANYCOLOR: grey files stay H×W, colour files come as BGR, always 8-bit.
-            frame = cv2.imread(str(f), cv2.IMREAD_ANYCOLOR)
+            frame, why = _read_image(f)
             if frame is None:
-                self._unreadable[i] = _unreadable_image(f)
+                self._unreadable[i] = why
             yield i, frame, time.time_ns()
 
 
-def _unreadable_image(path: Path) -> str:
-    """Why ``cv2.imread`` gave nothing for ``path``, naming the file."""
-    if not path.is_file():
-        return f"cannot read image file {path}: it is gone (removed after the folder was listed)"
+def _read_image(path: Path) -> tuple[np.ndarray | None, str]:
+    """The frame in image file ``path`` (grey files stay H×W, colour files come as BGR, always
+    8-bit), or None and why not, naming the file. The bytes are read once; a file cut short or
+    damaged (:func:`rrise.runtime.imagecodec.image_defect`) is refused rather than decoded into a
+    partly grey picture that would be certified as the scene."""
     try:
-        size = path.stat().st_size
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"cannot read image file {path}: it is gone (removed after the folder was listed)"
     except OSError as exc:
-        return f"cannot read image file {path}: {exc.strerror or exc}"
-    if size == 0:
-        return f"cannot read image file {path}: it is empty (0 bytes)"
-    return f"cannot read image file {path}: OpenCV cannot decode it (corrupt, truncated or not an image)"
+        return None, f"cannot read image file {path}: {exc.strerror or exc}"
+    if not data:
+        return None, f"cannot read image file {path}: it is empty (0 bytes)"
+    defect = image_defect(data)
+    if defect is not None:
+        return None, f"cannot read image file {path}: {defect}"
+    frame = decode_compressed(data)
+    if frame is None:
+        return (
+            None,
+            f"cannot read image file {path}: OpenCV cannot decode it (corrupt, truncated or not an image)",
+        )
+    return frame, ""
 
 
 @dataclass(frozen=True)
