@@ -59,17 +59,23 @@ class FrameKeeper:
 
 
 def open_frame_sink(
-    outputs: OutputOptions, keeper: FrameKeeper, source: FrameSource, max_radius: float
+    outputs: OutputOptions,
+    keeper: FrameKeeper,
+    source: FrameSource,
+    max_radius: float,
+    *,
+    adaptive: bool = False,
 ) -> FrameSink:
     """The sink for ``outputs``' frame outputs (recording, live view, annotated video at the
     source's frame rate, else :data:`DEFAULT_VIDEO_FPS`), on frames from ``keeper``; what opened
-    before a failure is closed again."""
+    before a failure is closed again. ``adaptive``: the records carry the adaptive keys (the
+    recording and live view declare them)."""
     sink = FrameSink(keeper)
     try:
         if outputs.record:
-            sink.writers.append(open_recorder(outputs.record, outputs.record_format.value))
+            sink.writers.append(open_recorder(outputs.record, outputs.record_format.value, adaptive=adaptive))
         if outputs.foxglove:
-            sink.live = FoxgloveLiveView(outputs.foxglove)
+            sink.live = FoxgloveLiveView(outputs.foxglove, adaptive=adaptive)
             sink.writers.append(sink.live)
         if outputs.save_video:
             sink.video = VideoWriterSink(str(outputs.save_video), max_radius, source.fps or DEFAULT_VIDEO_FPS)
@@ -127,6 +133,7 @@ def open_stream(
         return opened.enter_context(Stream(runtime, source, options.stream)), None
     keeper = FrameKeeper(runtime)
     stream = opened.enter_context(Stream(keeper, source, options.stream))
-    sink = open_frame_sink(options.outputs, keeper, stream.source, runtime.calibration.max_radius())
+    max_radius = runtime.calibration.max_radius()
+    sink = open_frame_sink(options.outputs, keeper, stream.source, max_radius, adaptive=options.mc.enabled)
     opened.callback(sink.close)
     return stream, sink

@@ -2,7 +2,8 @@
 Foxglove WebSocket protocol (served by ``foxglove-sdk``; open it in the Foxglove app with
 *Open connection → Foxglove WebSocket → ws://HOST:PORT*).
 
-The channels are those of :mod:`rrise.runtime.foxglove_channels`; each status record is also sent
+The channels are those of :mod:`rrise.runtime.foxglove_channels` (with the adaptive keys declared
+in an adaptive run); each status record is also sent
 as a Foxglove status message (shown in the app's problems list: a warning on a shift alarm or
 unreadable frames, an error while the source is not delivering). Nothing is queued for a client
 that is not there, and a slow client loses the oldest messages, never slowing inference.
@@ -38,9 +39,10 @@ def parse_address(spec: str) -> tuple[str, int]:
 
 
 class FoxgloveLiveView:
-    """A Foxglove WebSocket server for one run; :attr:`url` is where it listens."""
+    """A Foxglove WebSocket server for one run; :attr:`url` is where it listens. ``adaptive``: the
+    run's records carry the adaptive keys (``--mc-budget`` > 0)."""
 
-    def __init__(self, spec: str = DEFAULT_ADDRESS) -> None:
+    def __init__(self, spec: str = DEFAULT_ADDRESS, *, adaptive: bool = False) -> None:
         fg = require("foxglove", "--foxglove")
         host, port = parse_address(spec)
         self._context = fg.Context()
@@ -51,7 +53,7 @@ class FoxgloveLiveView:
         except Exception as exc:  # the SDK raises its own error type for a port in use
             raise ValueError(f"--foxglove {spec}: cannot serve on {host}:{port}: {exc}") from None
         self.url = f"ws://{host}:{self._server.port}"
-        self._channels = FoxgloveChannels(self._context)
+        self._channels = FoxgloveChannels(self._context, adaptive=adaptive)
         self._levels = {
             "ok": fg.StatusLevel.Info,
             "warning": fg.StatusLevel.Warning,

@@ -13,7 +13,11 @@ Two formats, each opened by Foxglove as is:
   ``diagnostic_msgs/msg/DiagnosticArray`` (the status records), so ``ros2 bag play`` replays it on a
   robot that has built ``ros2/rrise_msgs``.
 
-Neither overwrites: a path that exists is refused before the run starts.
+Neither overwrites: a path that exists is refused before the run starts. An adaptive run's keys
+(``certified_by``, ``mc_draws``) are in both: in the JSON records under the adaptive schemas of
+:mod:`rrise.runtime.foxglove_channels` (a one-pass recording's schemas and messages are unchanged),
+and in every ``CertifiedPrediction`` (``mc_draws`` −1 in a one-pass run, see
+:mod:`rrise.runtime.ros2_msgs`).
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ class RecordingError(ValueError):
 
 
 class FoxgloveMcapRecorder:
-    """Writes one ``.mcap`` file with Foxglove's schemas (see the module docstring)."""
+    """Writes one ``.mcap`` file with Foxglove's schemas (see the module docstring); ``adaptive``:
+    the run's records carry the adaptive keys."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, adaptive: bool = False) -> None:
         fg = require("foxglove", "--record (format foxglove)")
         self.path = Path(path)
         if self.path.suffix.lower() != ".mcap":
@@ -50,7 +55,7 @@ class FoxgloveMcapRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._context = fg.Context()
         self._writer = fg.open_mcap(self.path, context=self._context, allow_overwrite=False)
-        self._channels = FoxgloveChannels(self._context)
+        self._channels = FoxgloveChannels(self._context, adaptive=adaptive)
         self._meta: dict[str, str] = {"rrise_version": __version__}
         self.frames = self.records = 0
 
@@ -132,11 +137,14 @@ class Ros2BagRecorder:
             self._bag = None
 
 
-def open_recorder(path: str | os.PathLike, fmt: str = "foxglove") -> FoxgloveMcapRecorder | Ros2BagRecorder:
+def open_recorder(
+    path: str | os.PathLike, fmt: str = "foxglove", *, adaptive: bool = False
+) -> FoxgloveMcapRecorder | Ros2BagRecorder:
     """A recorder for ``--record PATH`` in format ``fmt`` (``foxglove``: a ``.mcap`` file; ``ros2``: a
-    ROS 2 bag folder). Refuses a path that exists."""
+    ROS 2 bag folder); ``adaptive``: the run's records carry the adaptive keys (``--mc-budget`` >
+    0). Refuses a path that exists."""
     if fmt not in RECORD_FORMATS:
         raise RecordingError(f"--record-format must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
     if Path(path).exists():
         raise RecordingError(f"--record {path} exists already: give a new name (nothing is overwritten)")
-    return FoxgloveMcapRecorder(path) if fmt == "foxglove" else Ros2BagRecorder(path)
+    return FoxgloveMcapRecorder(path, adaptive=adaptive) if fmt == "foxglove" else Ros2BagRecorder(path)

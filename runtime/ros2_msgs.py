@@ -6,7 +6,14 @@ rosbags' type system (pure Python: no ROS install), and ``sensor_msgs/msg/Compre
 so a robot that builds that package can ``ros2 bag play`` a recording and subscribe to it.
 Mapping from the record (DESIGN §3): ``pred`` → ``class_id`` (−1 for nil), nil strings → ``""``,
 nil ``score``/``p_lower`` → NaN, ``stamp_ns`` → ``header.stamp`` (``header.frame_id`` is the camera's
-frame, ``"camera"``), ``bundle`` → ``bundle_id``; :func:`record_from_prediction` maps back.
+frame, ``"camera"``), ``bundle`` → ``bundle_id``; an adaptive run's ``certified_by`` (nil → ``""``)
+and ``mc_draws`` as they are, and in a one-pass run (records without them) ``certified_by`` ``""``
+and ``mc_draws`` −1; :func:`record_from_prediction` maps back (the adaptive keys only where
+``mc_draws`` ≥ 0, and never from a message recorded before they existed).
+
+A ROS 2 message has one fixed layout, so every run's message has the two fields (a topic keeps one
+type whatever ``--mc-budget`` was); ``mc_draws`` −1 tells a one-pass frame from an adaptive one that
+abstained without draws.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ __all__ = [
     "COMPRESSED_IMAGE",
     "FRAME_ID",
     "IMAGE",
+    "ONE_PASS_DRAWS",
     "compressed_image_message",
     "diagnostic_message",
     "prediction_fields",
@@ -40,14 +48,16 @@ CERTIFIED_PREDICTION = "rrise_msgs/msg/CertifiedPrediction"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
 FRAME_ID = "camera"  # the header frame of images and predictions: one camera, one frame
+ONE_PASS_DRAWS = -1  # ``mc_draws`` of a one-pass run's message (its records have no adaptive keys)
 
 CERTIFIED_PREDICTION_MSG = """\
 # One certified prediction of the RRISE runtime for one camera frame (a record of `rrise run`).
 #
 # Guarantee: if the calibration inputs and the deployed frames are exchangeable (drawn from the same
-# distribution), then with probability at least 1 - alpha - beta either abstain is true, or the
-# smoothed classifier predicts class_id and is constant on the l2 ball of radius `radius` around the
-# frame (in [0,1]-pixel units of the model input). alpha and beta are in the bundle (rrise inspect).
+# distribution), then with probability at least 1 - alpha - beta (1 - alpha - beta - mc_alpha in an
+# adaptive run, rrise run --mc-budget N) either abstain is true, or the smoothed classifier predicts
+# class_id and is constant on the l2 ball of radius `radius` around the frame (in [0,1]-pixel units
+# of the model input). alpha and beta are in the bundle (rrise inspect).
 
 std_msgs/Header header  # stamp: the frame's capture time; frame_id: the camera's frame ("camera")
 string source           # the stream's name (camera index, file, URL)
@@ -63,6 +73,8 @@ float64 latency_ms      # capture to publish, in milliseconds
 string bundle_id        # the bundle's id (a digest of its canonical manifest)
 string error            # empty, or why this frame has no prediction
 string alarm            # empty, or the distribution-shift monitor's word
+string certified_by     # adaptive run: surrogate or mc; empty when abstaining or in a one-pass run
+int64 mc_draws          # base-model draws spent on this frame; -1 in a one-pass run (--mc-budget 0)
 """
 
 
@@ -109,6 +121,8 @@ def prediction_fields(record: dict[str, Any]) -> dict[str, Any]:
         "bundle_id": str(record.get("bundle") or ""),
         "error": record.get("error") or "",
         "alarm": record.get("alarm") or "",
+        "certified_by": record.get("certified_by") or "",
+        "mc_draws": int(record["mc_draws"]) if "mc_draws" in record else ONE_PASS_DRAWS,
     }
 
 
@@ -120,13 +134,14 @@ def prediction_message(record: dict[str, Any], store: Any | None = None, frame_i
 
 
 def record_from_prediction(msg: Any) -> dict[str, Any]:
-    """The record a ``CertifiedPrediction`` message carries (the keys of DESIGN §3)."""
+    """The record a ``CertifiedPrediction`` message carries (the keys of DESIGN §3, and an adaptive
+    run's ``certified_by`` and ``mc_draws``)."""
 
     def number(x: float) -> float | None:
         return None if math.isnan(x) else float(x)
 
     class_id = int(msg.class_id)
-    return {
+    record = {
         "v": RECORD_VERSION,
         "seq": int(msg.seq),
         "frame": int(msg.frame),
@@ -143,6 +158,10 @@ def record_from_prediction(msg: Any) -> dict[str, Any]:
         "error": msg.error or None,
         "alarm": msg.alarm or None,
     }
+    draws = int(getattr(msg, "mc_draws", ONE_PASS_DRAWS))  # absent: recorded before adaptive runs
+    if draws != ONE_PASS_DRAWS:
+        record.update(certified_by=msg.certified_by or None, mc_draws=draws)
+    return record
 
 
 def compressed_image_message(

@@ -16,10 +16,18 @@ from rosbags.highlevel import AnyReader
 from typer.testing import CliRunner
 
 from rrise.cli import app
-from rrise.records import RECORD_KEYS
+from rrise.records import ADAPTIVE_KEYS, RECORD_KEYS, STATUS_ADAPTIVE_KEYS
+from rrise.runtime.foxglove_channels import (
+    ADAPTIVE_PREDICTION_SCHEMA,
+    PREDICTION_SCHEMA,
+    STATUS_SCHEMA,
+    label_text,
+)
+from rrise.runtime.recording_reader import McapReader, Ros2BagReader
 from rrise.runtime.ros2_msgs import (
     CERTIFIED_PREDICTION,
     CERTIFIED_PREDICTION_MSG,
+    ONE_PASS_DRAWS,
     prediction_message,
     record_from_prediction,
     typestore,
@@ -29,6 +37,9 @@ from tests.runtime_fixtures import make_bundle
 
 N = 12
 BAD = 5  # this frame is unreadable: an error record, and no image message
+# adaptive mode: draws on every frame whose surrogate radius is below 0.3 (the test bundle's base
+# model is its surrogate, so Monte Carlo certifies some of them)
+ADAPTIVE = {"mc_budget": 1024, "require_radius": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +69,43 @@ def ros2_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     return out / "run_bag", records
 
 
+@pytest.fixture(scope="module")
+def adaptive_foxglove_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("fox_mc")
+    path = out / "run.mcap"
+    records, _ = record_run(bundle, out, _frames(), record=str(path), status_interval=1e-4, **ADAPTIVE)
+    return path, records
+
+
+@pytest.fixture(scope="module")
+def adaptive_ros2_run(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ros_mc")
+    path = out / "run_bag"
+    records, _ = record_run(bundle, out, _frames(), record=str(path), record_format="ros2", **ADAPTIVE)
+    return path, records
+
+
+def _mcap_messages(path: Path) -> tuple[dict[str, dict], dict[str, list]]:
+    """The JSON schema and the decoded messages of each topic of a Foxglove MCAP file."""
+    with open(path, "rb") as f:
+        reader = make_reader(f)
+        summary = reader.get_summary()
+        schemas = {
+            ch.topic: json.loads(summary.schemas[ch.schema_id].data)
+            for ch in summary.channels.values()
+            if summary.schemas[ch.schema_id].encoding == "jsonschema"
+        }
+        messages: dict[str, list] = {}
+        for schema, channel, message in reader.iter_messages():
+            decoded = (
+                json.loads(message.data)
+                if channel.message_encoding == "json"
+                else _protobuf_class(schema).FromString(message.data)
+            )
+            messages.setdefault(channel.topic, []).append(decoded)
+    return schemas, messages
+
+
 def _protobuf_class(schema):
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_pb2.FileDescriptorSet.FromString(schema.data).file:
@@ -85,6 +133,7 @@ def test_foxglove_mcap_holds_every_frame_and_record_at_its_capture_time(foxglove
         assert schema.encoding == "jsonschema" and set(json.loads(schema.data)["properties"]) == set(
             RECORD_KEYS
         )
+        assert json.loads(schema.data) == PREDICTION_SCHEMA  # a one-pass run: the schema as before
         images, predictions, statuses = [], [], []
         for schema, channel, message in reader.iter_messages():
             if channel.topic == "/rrise/image/compressed":
@@ -148,6 +197,95 @@ def test_a_prediction_message_round_trips_the_record_fields_it_carries(ros2_run)
         back = record_from_prediction(store.deserialize_cdr(raw, CERTIFIED_PREDICTION))
         assert set(back) == set(RECORD_KEYS[:15])  # DESIGN §3's keys; later additions stay in JSON
         assert back == {k: record[k] for k in back}
+
+
+def test_an_adaptive_foxglove_recording_declares_and_carries_who_certified_each_frame(
+    adaptive_foxglove_run, foxglove_run
+) -> None:
+    path, records = adaptive_foxglove_run
+    assert all(set(ADAPTIVE_KEYS) <= set(r) for r in records)
+    assert any(r["mc_draws"] > 0 for r in records)  # draws were spent below the required radius
+    schemas, messages = _mcap_messages(path)
+    assert schemas["/rrise/prediction"] == ADAPTIVE_PREDICTION_SCHEMA
+    assert list(schemas["/rrise/prediction"]["properties"]) == [*RECORD_KEYS, *ADAPTIVE_KEYS]
+    assert set(schemas["/rrise/status"]["properties"]) == {
+        *STATUS_SCHEMA["properties"],
+        *STATUS_ADAPTIVE_KEYS,
+    }
+    assert messages["/rrise/prediction"] == records  # every key, the adaptive ones too
+    assert all(set(STATUS_ADAPTIVE_KEYS) <= set(s) for s in messages["/rrise/status"])
+    labels = [a.texts[0].text for a in messages["/rrise/image/annotations"]]
+    shown = [r for r in records if r["error"] is None]
+    assert len(labels) == len(shown) == N - 1
+    for text, record in zip(labels, shown):
+        assert (f"[mc, {record['mc_draws']} draws]" in text) == (record["certified_by"] == "mc")
+    # the one-pass recording beside it keeps its schema, and its records have no adaptive key
+    one_pass_schemas, one_pass = _mcap_messages(foxglove_run[0])
+    assert one_pass_schemas["/rrise/prediction"] == PREDICTION_SCHEMA
+    assert not any(set(ADAPTIVE_KEYS) & set(r) for r in one_pass["/rrise/prediction"])
+    assert not any("[mc," in a.texts[0].text for a in one_pass["/rrise/image/annotations"])
+
+
+def test_the_image_label_says_when_monte_carlo_certified_the_frame() -> None:
+    record = {"pred": 3, "label": "coat", "abstain": False, "radius": 0.41, "error": None, "alarm": None}
+    by_mc = {**record, "certified_by": "mc", "mc_draws": 2048}
+    by_surrogate = {**record, "certified_by": "surrogate", "mc_draws": 0, "alarm": "shift"}
+    texts = [label_text(r) for r in (record, by_mc, by_surrogate)]
+    assert texts == ["coat r=0.410", "coat r=0.410 [mc, 2048 draws]", "coat r=0.410 ALARM shift"]
+
+
+def test_either_kind_of_recording_replays_its_frames_with_the_existing_readers(
+    adaptive_foxglove_run, foxglove_run, adaptive_ros2_run, ros2_run
+) -> None:
+    for path, reader in (
+        (adaptive_foxglove_run[0], McapReader),
+        (foxglove_run[0], McapReader),
+        (adaptive_ros2_run[0], Ros2BagReader),
+        (ros2_run[0], Ros2BagReader),
+    ):
+        frames = list(reader(path).frames())
+        assert [stamp for _, stamp in frames] == [s for i, s in enumerate(stamps(N)) if i != BAD], path
+        assert all(frame is not None and frame.shape[:2] == (28, 28) for frame, _ in frames)
+
+
+def test_a_ros2_prediction_carries_certified_by_and_mc_draws_minus_one_in_a_one_pass_run(
+    adaptive_ros2_run, ros2_run
+) -> None:
+    for (path, records), adaptive in ((adaptive_ros2_run, True), (ros2_run, False)):
+        with AnyReader([path]) as reader:  # the bag's own message definitions
+            messages = [
+                reader.deserialize(raw, c.msgtype)
+                for c, _, raw in reader.messages()
+                if c.topic == "/rrise/prediction"
+            ]
+        assert len(messages) == len(records) == N
+        for msg, record in zip(messages, records):
+            if adaptive:
+                assert msg.certified_by == (record["certified_by"] or "")
+                assert msg.mc_draws == record["mc_draws"] >= 0
+            else:
+                assert (msg.certified_by, msg.mc_draws) == ("", ONE_PASS_DRAWS)
+            back = record_from_prediction(msg)
+            want = [*RECORD_KEYS[:15], *(ADAPTIVE_KEYS if adaptive else ())]
+            assert list(back) == want and back == {k: record[k] for k in want}
+
+
+def test_a_prediction_recorded_before_the_adaptive_fields_reads_back_without_them(ros2_run) -> None:
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    old_msg = "".join(
+        line
+        for line in CERTIFIED_PREDICTION_MSG.splitlines(keepends=True)
+        if not line.startswith(("string certified_by", "int64 mc_draws"))
+    )
+    store = get_typestore(Stores.ROS2_JAZZY)
+    store.register(get_types_from_msg(old_msg, CERTIFIED_PREDICTION))
+    fields = {k: v for k, v in prediction_message(ros2_run[1][0]).__dict__.items() if k not in ADAPTIVE_KEYS}
+    old = store.types[CERTIFIED_PREDICTION](**fields)
+    back = record_from_prediction(
+        store.deserialize_cdr(store.serialize_cdr(old, CERTIFIED_PREDICTION), CERTIFIED_PREDICTION)
+    )
+    assert list(back) == list(RECORD_KEYS[:15])
 
 
 def test_the_ros2_package_ships_the_message_the_runtime_encodes() -> None:
