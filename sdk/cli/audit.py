@@ -4,17 +4,21 @@ model; bound to :class:`AuditOptions`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from rrise.datasets import IDX_FILES
 from rrise.options import bind
 
 from .app import app, fail
 from .stage_options import DatasetName
 
-__all__ = ["AuditOptions"]
+SplitName = Enum("SplitName", {s: s for s in IDX_FILES}, type=str, module=__name__)
+
+__all__ = ["AuditOptions", "SplitName"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +32,9 @@ class AuditOptions:
             "help": "Inputs from the deployment distribution (default: the bundle's calibration dataset)."
         },
     )
-    split: str = field(default="test", metadata={"help": "Dataset split to draw inputs from."})
+    split: SplitName = field(
+        default=SplitName("test"), metadata={"help": "Dataset split to draw inputs from."}
+    )
     n: int = field(default=100, metadata={"help": "How many inputs to audit."})
     n_mc: int = field(
         default=20_000,
@@ -61,7 +67,7 @@ def audit(options: AuditOptions) -> None:
 
     try:
         name = options.dataset.value if options.dataset is not None else bundle_dataset(options.bundle)
-        ds = load_dataset(name, options.split, options.data_dir)
+        ds = load_dataset(name, options.split.value, options.data_dir)
         idx = np.sort(np.random.default_rng(options.seed).permutation(len(ds))[: options.n])
         result = audit_bundle(options.bundle, ds.images[idx], n_mc=options.n_mc, seed=options.seed)
     except (BundleError, DatasetNotFoundError, ValueError) as exc:
