@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from rrise.fileio import output_conflict, umask
 
 from .imagecodec import to_uint8
 
@@ -95,13 +98,22 @@ def annotate(
 
 class VideoWriterSink:
     """Writes annotated frames to a video file (codec by suffix: :data:`VIDEO_CODECS`) at ``fps``.
-    The picture size is fixed by the first frame; later frames of another size are resized to it."""
+    The picture size is fixed by the first frame; later frames of another size are resized to it.
+
+    Nothing is overwritten (:func:`rrise.fileio.output_conflict`: a path that exists is refused
+    here). The frames go to a hidden temporary file beside ``path`` (``.tmp.NAME.*SUFFIX``), which
+    :meth:`close` renames to ``path`` once the video is complete, so a crash never leaves a
+    half-written file under the final name.
+    """
 
     def __init__(self, path: str | os.PathLike, max_radius: float, fps: float = 25.0) -> None:
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in VIDEO_CODECS:
             raise ValueError(f"--save-video {self.path}: use one of {', '.join(VIDEO_CODECS)}")
+        conflict = output_conflict("--save-video", self.path)
+        if conflict is not None:
+            raise ValueError(conflict)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[suffix])
         self.max_radius = float(max_radius)
@@ -109,19 +121,51 @@ class VideoWriterSink:
         self.frames = 0
         self._size: tuple[int, int] | None = None
         self._writer: Any = None
+        self._tmp: Path | None = None
 
     def write(self, record: dict[str, Any], frame: np.ndarray | None) -> None:
         picture = annotate(frame, record, self.max_radius, self._size)
         if self._writer is None:
             h, w = picture.shape[:2]
             self._size = (w, h - _panel_height(w))
-            self._writer = cv2.VideoWriter(str(self.path), self.fourcc, self.fps, (w, h))
+            fd, name = tempfile.mkstemp(
+                prefix=f".tmp.{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent
+            )
+            os.close(fd)
+            self._tmp = Path(name)
+            self._writer = cv2.VideoWriter(name, self.fourcc, self.fps, (w, h))
             if not self._writer.isOpened():
+                self._writer = None
+                self._tmp.unlink(missing_ok=True)
                 raise ValueError(f"--save-video {self.path}: OpenCV cannot write this format here")
         self._writer.write(picture)
         self.frames += 1
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+        """Finish the video and rename it to :attr:`path`; refused (ValueError, the frames kept in the
+        temporary file it names) when something has appeared at :attr:`path` meanwhile."""
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        tmp, self._tmp = self._tmp, None
+        assert tmp is not None
+        _publish(tmp, self.path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path`` without ever replacing a file there (a hard link
+    where the filesystem has them, which fails on an existing name; else a checked rename)."""
+    os.chmod(tmp, 0o666 & ~umask())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ValueError(f"--save-video {path} appeared during the run: the video is kept in {tmp}") from None
+    except OSError:  # no hard links here (e.g. FAT): the check and the rename are not one step
+        if path.exists():
+            raise ValueError(
+                f"--save-video {path} appeared during the run: the video is kept in {tmp}"
+            ) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rrise.fileio import output_conflict
 from rrise.records import Verdict
 
 from .annotate import VideoWriterSink
@@ -28,7 +29,7 @@ from .recording import open_recorder
 from .sources import FrameSource
 from .stream import Certifier, Stream
 
-__all__ = ["FrameKeeper", "FrameSink", "open_frame_sink", "open_stream"]
+__all__ = ["FrameKeeper", "FrameSink", "open_frame_sink", "open_stream", "source_paths"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -70,6 +71,10 @@ def open_frame_sink(
     source's frame rate, else :data:`DEFAULT_VIDEO_FPS`), on frames from ``keeper``; what opened
     before a failure is closed again. ``adaptive``: the records carry the adaptive keys (the
     recording and live view declare them)."""
+    for option, path in (("--record", outputs.record), ("--save-video", outputs.save_video)):
+        conflict = None if not path else output_conflict(option, path, source_paths(source))
+        if conflict is not None:  # before anything is opened, so a refused run writes nothing
+            raise ValueError(conflict)
     sink = FrameSink(keeper)
     try:
         if outputs.record:
@@ -83,6 +88,17 @@ def open_frame_sink(
         sink.close()
         raise
     return sink
+
+
+def source_paths(source: FrameSource) -> tuple[str, ...]:
+    """The files or folders ``source`` reads (a video file, an image folder, a recording): what no
+    output of the run may be written over."""
+    found = []
+    for attr in ("path", "target", "spec", "name"):
+        value = getattr(source, attr, None)
+        if isinstance(value, (str, Path)) and str(value) and Path(value).exists():
+            found.append(str(value))
+    return tuple(found)
 
 
 class FrameSink:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rrise._version import __version__
+from rrise.fileio import output_conflict
 
 from .extras import require
 from .foxglove_channels import IMAGE_TOPIC, PREDICTION_TOPIC, FoxgloveChannels
@@ -145,6 +146,7 @@ def open_recorder(
     0). Refuses a path that exists."""
     if fmt not in RECORD_FORMATS:
         raise RecordingError(f"--record-format must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
-    if Path(path).exists():
-        raise RecordingError(f"--record {path} exists already: give a new name (nothing is overwritten)")
+    conflict = output_conflict("--record", path)
+    if conflict is not None:
+        raise RecordingError(conflict)
     return FoxgloveMcapRecorder(path, adaptive=adaptive) if fmt == "foxglove" else Ros2BagRecorder(path)

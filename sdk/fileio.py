@@ -5,6 +5,8 @@ goes through :func:`atomic_path`: the content is written to a temp file in the d
 and renamed into place, so a reader (or a crash) sees the old file or the whole new one, never a
 partial write. Every ``.npz`` a user can hand the SDK is read by :func:`load_npz`, which never
 unpickles. :func:`sha256_file` is the one file hasher (bundle files, model provenance, user data).
+:func:`output_conflict` is the one check an output a run writes (``--record``, ``--save-video``)
+passes before anything is written: it never overwrites, least of all the source being read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "load_npz",
+    "output_conflict",
     "read_json",
     "save_npz",
     "sha256_file",
@@ -65,6 +68,33 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def output_conflict(
+    option: str, path: str | os.PathLike, sources: tuple[str | os.PathLike, ...] = ()
+) -> str | None:
+    """Why output ``path`` (given as ``option``) must not be written, or None: it exists already
+    (nothing is overwritten: a file, a folder, or a link even when dangling), or it is one of
+    ``sources`` (the input a run reads, compared by resolved path). One line naming the option.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+    ...     print(output_conflict("--save-video", f.name, (f.name,)).endswith("refusing to write over it"))
+    True
+    >>> output_conflict("--save-video", "no/such/folder/out.mp4") is None
+    True
+    """
+    out = Path(path)
+    target = out.resolve()
+    for source in sources:
+        src = Path(source)
+        if src.exists() and (src.resolve() == target or (out.exists() and os.path.samefile(src, out))):
+            return f"{option} {path} is the source being read: refusing to write over it"
+    if out.exists() or out.is_symlink():
+        return f"{option} {path} exists already: give a new name (nothing is overwritten)"
+    return None
 
 
 def umask() -> int:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rrise.cli import COMMAND_ORDER, app, optional_values
-from rrise.runtime.annotate import MIN_HEIGHT, annotate
+from rrise.runtime.annotate import MIN_HEIGHT, VideoWriterSink, annotate
 from tests.recording_fixtures import colour_frames
 from tests.runtime_fixtures import make_bundle, run_options
 
@@ -109,3 +109,63 @@ def test_run_shows_a_live_line_and_long_bars_keep_their_width_in_a_log(
         assert console_width(log_file) == LOG_WIDTH
         monkeypatch.setenv("COLUMNS", "132")
         assert console_width(log_file) == 132
+
+
+def _clip(path: Path, n: int = 4) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 20, (28, 28))
+    for frame in colour_frames(n):
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_save_video_never_writes_over_the_source_or_any_existing_file(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", color="bgr")
+    video = _clip(tmp_path / "clip.avi")
+    before = video.read_bytes()
+    base = ["run", "--bundle", str(bundle), "--source", str(video), "--jsonl", str(tmp_path / "r.jsonl")]
+    over_source = CliRunner().invoke(app, [*base, "--save-video", str(video)])
+    assert over_source.exit_code == 1 and "is the source being read" in over_source.output
+    assert "Traceback" not in over_source.output
+    via_link = tmp_path / "link.avi"
+    via_link.symlink_to(video)
+    assert (
+        "is the source being read" in CliRunner().invoke(app, [*base, "--save-video", str(via_link)]).output
+    )
+    other = tmp_path / "keep.mp4"
+    other.write_bytes(b"someone's video")
+    exists = CliRunner().invoke(app, [*base, "--save-video", str(other)])
+    assert exists.exit_code == 1 and "exists already" in exists.output and "--save-video" in exists.output
+    assert video.read_bytes() == before and other.read_bytes() == b"someone's video"
+    assert not (tmp_path / "r.jsonl").exists() or (tmp_path / "r.jsonl").read_text() == ""
+
+
+def test_record_and_save_video_share_one_check(tmp_path: Path) -> None:
+    from rrise.fileio import output_conflict
+
+    src = _clip(tmp_path / "clip.avi")
+    for option in ("--record", "--save-video"):
+        assert output_conflict(option, src, (str(src),)).startswith(f"{option} {src} is the source")
+        assert "exists already" in output_conflict(option, src)
+        assert output_conflict(option, tmp_path / "new.mcap", (str(src),)) is None
+
+
+def test_the_video_appears_under_its_name_only_when_complete(tmp_path: Path) -> None:
+    out = tmp_path / "annotated.mp4"
+    sink = VideoWriterSink(out, 0.5, 20)
+    for frame in colour_frames(3):
+        sink.write(CERTIFIED, frame)
+    assert not out.exists()  # while it is written, only a hidden temporary file holds it
+    (partial,) = tmp_path.glob(".tmp.annotated.mp4.*.mp4")
+    sink.close()
+    assert out.is_file() and not partial.exists()
+    capture = cv2.VideoCapture(str(out))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    with pytest.raises(ValueError, match="exists already"):
+        VideoWriterSink(out, 0.5, 20)
+    late = VideoWriterSink(tmp_path / "late.mp4", 0.5, 20)
+    late.write(CERTIFIED, colour_frames(1)[0])
+    (tmp_path / "late.mp4").write_bytes(b"appeared meanwhile")
+    with pytest.raises(ValueError, match="appeared during the run"):
+        late.close()
+    assert (tmp_path / "late.mp4").read_bytes() == b"appeared meanwhile"
