@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +210,7 @@ class Bundle:
         *,
         expect_id: str | None = None,
         trust: Ed25519PublicKey | str | os.PathLike | None = None,
+        min_release: int | None = None,
     ) -> Bundle:
         """Read ``path/manifest.json``, validate every value and, with ``verify``, check every file.
 
@@ -222,7 +224,10 @@ class Bundle:
             Refuse any bundle whose id is not this one (``rrise run --expect-id``).
         trust : Ed25519PublicKey or str or os.PathLike or None
             A public key (or its file): refuse the bundle unless its ``manifest.sig`` is that key's
-            valid signature of this manifest (``rrise run --trust``).
+            valid signature of this manifest (``rrise run --trust``), not expired.
+        min_release : int or None
+            With ``trust``: refuse a bundle whose signature states a lower release, or none (a
+            rollback to an older, validly signed bundle; :mod:`rrise.signing`, "Releases").
 
         Returns
         -------
@@ -233,7 +238,8 @@ class Bundle:
         ------
         BundleError
             A missing folder or manifest, invalid JSON, an invalid manifest value (each named), a
-            changed, missing or extra file, another id, or a signature that does not verify.
+            changed, missing or extra file, another id, a signature that does not verify or has
+            expired, a release below ``min_release``, or ``min_release`` without ``trust``.
 
         Examples
         --------
@@ -260,7 +266,7 @@ class Bundle:
         bundle = cls(path=path, manifest=manifest, id=manifest_id(manifest))
         if verify or expect_id is not None or trust is not None:
             bundle.check_files()
-        bundle.require(expect_id=expect_id, trust=trust)
+        bundle.require(expect_id=expect_id, trust=trust, min_release=min_release)
         return bundle
 
     def check_files(self) -> None:
@@ -270,11 +276,22 @@ class Bundle:
             raise BundleError(f"bundle {self.path} failed its integrity check: " + "; ".join(problems))
 
     def require(
-        self, *, expect_id: str | None = None, trust: Ed25519PublicKey | str | os.PathLike | None = None
+        self,
+        *,
+        expect_id: str | None = None,
+        trust: Ed25519PublicKey | str | os.PathLike | None = None,
+        min_release: int | None = None,
     ) -> None:
         """Refuse (BundleError) unless this manifest's id is ``expect_id`` and its ``manifest.sig``
-        verifies with the ``trust`` key; each check only when given. The id is recomputed from the
-        manifest, so an edited ``id`` attribute or manifest dict does not pass."""
+        verifies with the ``trust`` key, unexpired and of release ``min_release`` or later; each
+        check only when given (``min_release`` needs ``trust``: only a trusted signature states a
+        release). The id is recomputed from the manifest, so an edited ``id`` attribute or manifest
+        dict does not pass."""
+        if min_release is not None and trust is None:
+            raise BundleError(
+                f"a lowest release ({min_release}) was asked for bundle {self.path} without a trusted "
+                "key: a release number is known only from a signature verified with --trust"
+            )
         actual = manifest_id(self.manifest)
         if expect_id is not None:
             want = _expected_id(expect_id)
@@ -285,7 +302,7 @@ class Bundle:
                 )
         if trust is not None:
             try:
-                verify_signature(self, trust)
+                verify_signature(self, trust, min_release=min_release)
             except SigningError as exc:
                 raise BundleError(str(exc)) from None
 
@@ -395,11 +412,18 @@ class Bundle:
         return cal
 
 
-def sign_bundle(bundle_dir: str | os.PathLike, key: Ed25519PrivateKey | str | os.PathLike) -> Path:
+def sign_bundle(
+    bundle_dir: str | os.PathLike,
+    key: Ed25519PrivateKey | str | os.PathLike,
+    *,
+    release: int | None = None,
+    expires: str | datetime | None = None,
+) -> Path:
     """Sign the bundle at ``bundle_dir``, verified first, into its ``manifest.sig``.
 
     The signature covers the canonical manifest (:func:`canonical_manifest`), which lists the sha256
-    of every file; it replaces any older signature, and neither the manifest nor the id change.
+    of every file, and the ``release`` number and ``expires`` time when given (:mod:`rrise.signing`,
+    "Releases"); it replaces any older signature, and neither the manifest nor the id change.
 
     Parameters
     ----------
@@ -407,6 +431,11 @@ def sign_bundle(bundle_dir: str | os.PathLike, key: Ed25519PrivateKey | str | os
         The bundle folder.
     key : Ed25519PrivateKey or str or os.PathLike
         The signing key, or its file (PEM, OpenSSH or raw 32 bytes).
+    release : int or None
+        This bundle's release number: raise it with each bundle published, so a device loading with
+        ``min_release`` refuses older ones.
+    expires : str or datetime or None
+        When the signature stops vouching for the bundle (UTC, ISO 8601, e.g. ``2027-01-31T00:00:00Z``).
 
     Returns
     -------
@@ -418,7 +447,12 @@ def sign_bundle(bundle_dir: str | os.PathLike, key: Ed25519PrivateKey | str | os
     BundleError
         When the bundle does not verify.
     rrise.signing.SigningError
-        When the key cannot be used.
+        When the key cannot be used, or the release or expiry is not one (it is a ValueError).
     """
     bundle = Bundle.load(bundle_dir)
-    return write_signature(bundle.path, bundle.manifest, key)
+    try:
+        return write_signature(bundle.path, bundle.manifest, key, release=release, expires=expires)
+    except SigningError:
+        raise
+    except ValueError as exc:
+        raise SigningError(str(exc)) from None

@@ -112,14 +112,21 @@ def inspect_bundle(
 def _signature(bundle: Bundle, trust: str | os.PathLike | None, problems: list[str]) -> dict[str, Any]:
     """What ``manifest.sig`` says and, given a ``trust`` key, whether it verifies (a failure, or a
     malformed signature, is added to ``problems`` only when a key was given)."""
-    out: dict[str, Any] = {"signed": False, "key": None, "trusted": None, "trusted_key": None}
+    out: dict[str, Any] = {
+        "signed": False,
+        "key": None,
+        "trusted": None,
+        "trusted_key": None,
+        "release": None,
+        "expires": None,
+    }
     try:
         info = read_signature(bundle.path)
     except SigningError as exc:
         info = None
         out["error"] = str(exc)
-    if info is not None:
-        out.update(signed=True, key=info.key)
+    if info is not None:  # release and expires as the signature states them (verified only with trust)
+        out.update(signed=True, key=info.key, release=info.release, expires=info.expires)
     if trust is None:
         return out
     out["trusted"] = False
@@ -256,10 +263,15 @@ def _signature_line(sig: dict[str, Any] | None) -> str:
         return f"Signature    {state}" + (
             "; a trusted key was given: FAILED" if sig["trusted"] is False else ""
         )
+    release = ""
+    if sig.get("release") is not None or sig.get("expires") is not None:
+        release = f", release {sig.get('release')}" + (
+            f", expires {sig['expires']}" if sig.get("expires") else ""
+        )
     if sig["trusted"] is None:
-        return f"Signature    Ed25519 by key {sig['key']} (not checked: pass --trust KEY.pub)"
+        return f"Signature    Ed25519 by key {sig['key']}{release} (not checked: pass --trust KEY.pub)"
     if sig["trusted"]:
-        return f"Signature    OK: Ed25519 by the trusted key {sig['trusted_key']}"
+        return f"Signature    OK: Ed25519 by the trusted key {sig['trusted_key']}{release}"
     return f"Signature    FAILED: not a valid signature by the trusted key (it names key {sig['key']})"
 
 
