@@ -166,8 +166,8 @@ class TrainSurrogateOptions(WorkdirOptions):
 
 
 _CAP_DRAWS_SELECT = (
-    "Compare the rules as `rrise calibrate --cap-draws N₂` will run them, on the rule-selection "
-    "inputs. " + _profile_field_help("cap_draws")
+    "Compare the rules as `rrise calibrate --cap-draws N₂` will run them (what it does to "
+    "calibration inputs, done to the rule-selection inputs). " + _profile_field_help("cap_draws")
 )
 _CAP_DRAWS_CALIBRATE = _profile_field_help(
     "cap_draws", "those `rrise select-rule --cap-draws` chose the rule with, else the profile's"
