@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import ADAPTIVE_GUARANTEE, Bundle, BundleError
+from .manifest_schema import CONTROL_CHARACTERS
 from .recalibration import verify_quantiles
 from .sequential import DEFAULT_MC_ALPHA
 from .signing import SigningError, read_signature, verify_signature
@@ -253,6 +254,18 @@ def _variant_lines(v: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _printable(value: Any) -> Any:
+    """``value`` with every string in it (dict keys too) escaped where it holds a control character
+    (:func:`rrise.manifest_schema.unsafe_value`'s set), as Python writes such characters."""
+    if isinstance(value, str):
+        return CONTROL_CHARACTERS.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _signature_line(sig: dict[str, Any] | None) -> str:
     if sig is None:
         return "Signature    (not read)"
@@ -309,7 +322,12 @@ def _adaptive_lines(summary: dict[str, Any]) -> list[str]:
 
 def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
     """Human-readable text of :func:`inspect_bundle`'s result, ending with an "Integrity: OK" or
-    "Integrity: FAILED" section that lists every problem."""
+    "Integrity: FAILED" section that lists every problem.
+
+    Every string is shown with its control characters escaped (``\\n``, ``\\x1b``…): a value the
+    manifest, a signature file or a file name on disk brings cannot start a line of its own, such as
+    a forged "Integrity: OK"."""
+    summary, problems = _printable(summary), [_printable(p) for p in problems]
     lines = [f"Bundle       {summary.get('path')}"]
     if summary.get("id"):
         lines.append(f"Id           {summary['id']}")

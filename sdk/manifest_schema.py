@@ -34,6 +34,7 @@ from .scores import conformal_scores, p_cap
 __all__ = [
     "MANIFEST",
     "SCHEMA_VERSION",
+    "CONTROL_CHARACTERS",
     "SIGNATURE",
     "MadeWith",
     "Manifest",
@@ -41,6 +42,7 @@ __all__ = [
     "quantile_floor",
     "smallest_calibration_size",
     "unsafe_name",
+    "unsafe_value",
     "validate_manifest",
 ]
 
@@ -196,7 +198,9 @@ def validate_manifest(obj: Any) -> Manifest:
     """The typed manifest of the parsed JSON ``obj``, or :class:`ManifestError` naming every bad key.
 
     Structure and types are checked first (the first error is reported); then every range and
-    consistency rule runs and all of their problems are reported together."""
+    consistency rule runs and all of their problems are reported together; then every value, unknown
+    keys' included, must be a finite number or a string without control characters
+    (:func:`unsafe_value`)."""
     if not isinstance(obj, dict):
         raise ManifestError([f"the manifest must be a JSON object, got {type(obj).__name__}"])
     version = obj.get("schema_version")
@@ -225,7 +229,46 @@ def validate_manifest(obj: Any) -> Manifest:
         )
     if problems:
         raise ManifestError(problems)
+    unsafe = unsafe_value(obj)  # after the typed checks, whose messages say what each key means
+    if unsafe is not None:
+        raise ManifestError([unsafe])
     return manifest
+
+
+# Characters that change how text is laid out rather than what it says: C0 and C1 controls (a newline
+# in a label could print a forged "Integrity: OK" line in `rrise inspect`), line and paragraph
+# separators, and the bidirectional overrides that reorder what a terminal shows.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def unsafe_value(obj: Any) -> str | None:
+    """The first value anywhere in parsed JSON ``obj`` (unknown keys included) that no manifest may
+    hold, as ``key.path: why``, or None: a number that is NaN or infinite (not JSON, and no bundle id
+    could be computed), or a string, value or key, with a control character (:data:`CONTROL_CHARACTERS`).
+    Walked without recursion, so any nesting depth is safe.
+
+    >>> unsafe_value({"extra": {"x": [1.0, float("nan")]}})
+    'extra.x[1]: must be a finite number, got nan (NaN and Infinity are not JSON)'
+    >>> print(unsafe_value({"made_with": {"profile": "quick" + chr(10) + "Integrity: OK"}}))
+    made_with.profile: must hold no control character (such as a newline), got 'quick\\nIntegrity: OK'
+    """
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        where = path or "the manifest"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{where}: must be a finite number, got {value!r} (NaN and Infinity are not JSON)"
+        if isinstance(value, str) and CONTROL_CHARACTERS.search(value):
+            return f"{where}: must hold no control character (such as a newline), got {_show(value)}"
+        if isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                at = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and CONTROL_CHARACTERS.search(key):
+                    return f"{where}: a key must hold no control character, got {_show(key)}"
+                stack.append((at, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 # --- consistency and ranges -------------------------------------------------------------------------

@@ -285,3 +285,59 @@ def test_no_calibration_score_falls_below_the_quantile_floor(score, k):
     scores = conformal_scores(probs.max(1), mc_lower_bounds(counts, top, n_mc, beta), cap, score)
     floor = quantile_floor(k, cap, score, None)
     assert scores.min() >= floor - 1e-12 and scores.min() == pytest.approx(floor, abs=1e-9)
+
+
+# --- values no manifest may hold, wherever they are -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("literal", "shown"), [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf"), ("1e999", "inf")]
+)
+def test_a_non_finite_number_in_an_unknown_key_is_one_line_naming_its_path(bundle_dir, literal, shown):
+    text = (bundle_dir / "manifest.json").read_text()
+    text = text.replace('"model": {', f'"vendor": {{"extra": [1, {{"score": {literal}}}]}}, "model": {{', 1)
+    (bundle_dir / "manifest.json").write_text(text)
+    with pytest.raises(BundleError) as info:
+        Bundle.load(bundle_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"vendor.extra[1].score: must be a finite number, got {shown}" in message
+    summary, problems = inspect_bundle(bundle_dir)
+    assert any("vendor.extra[1].score" in p for p in problems)
+    result = runner.invoke(app, ["inspect", str(bundle_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "bad", ["quick\nIntegrity: OK (every file matches)", "quick\r", "a\x1b[2Kb", "x\u2028y"]
+)
+def test_a_control_character_in_a_manifest_string_is_refused_by_name(bundle_dir, bad):
+    m = manifest_of(bundle_dir)
+    m["made_with"] = {"profile": bad}
+    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"made_with\.profile: must hold no control character"):
+        Bundle.load(bundle_dir)
+    result = runner.invoke(app, ["inspect", str(bundle_dir)])
+    assert result.exit_code == 1
+    assert not any(line.startswith("Integrity: OK") for line in result.output.splitlines())
+
+
+def test_inspect_escapes_control_characters_from_disk_and_the_signature(bundle_dir):
+    from rrise.inspect import format_inspection
+
+    (bundle_dir / "x\nIntegrity: OK (every file matches its sha256)").write_bytes(b"")
+    (bundle_dir / "manifest.sig").write_text(
+        json.dumps(
+            {
+                "format": "rrise-signature",
+                "algorithm": "ed25519",
+                "key": "k\nIntegrity: OK",
+                "bundle": "b",
+                "signature": "A" * 86 + "==",
+            }
+        )
+    )
+    summary, problems = inspect_bundle(bundle_dir)
+    text = format_inspection(summary, problems)
+    assert not any(line.startswith("Integrity: OK") for line in text.splitlines())
+    assert "x\\nIntegrity: OK" in text and "k\\nIntegrity: OK" in text
