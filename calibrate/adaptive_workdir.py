@@ -4,9 +4,10 @@ adaptive rows, both from draws the pipeline already stored (no base-model evalua
 The routing rule (which frames get base-model draws when ``rrise run --mc-budget N`` is given no
 ``--require-radius``) is chosen on the rule-selection inputs of the selection split, with their own
 full-size counts (the ``select-rule`` store), never on calibration or test inputs: at a budget of
-:data:`ROUTING_BUDGET` draws (capped at the draws stored per selection input) and an allowance of
-:data:`ROUTING_DRAWS_FRACTION` of Cohen's ``n0 + n`` draws per query on average. The bundle stage
-writes it into the manifest (``adaptive`` → ``routing``), the evaluation states it beside its rows.
+:data:`ROUTING_BUDGET` draws (capped at the draws stored per selection input and at Cohen's ``n``)
+and an allowance of :data:`ROUTING_DRAWS_FRACTION` of Cohen's ``n0 + n`` draws per query on
+average. The bundle stage writes it into the manifest (``adaptive`` → ``routing``), the evaluation
+states it beside its rows (``bundled_row``: its routed row on the test inputs).
 A profile without rule-selection inputs (``digits``) has no routing rule: its bundle runs adaptive
 only with ``--require-radius``.
 
