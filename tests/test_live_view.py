@@ -17,7 +17,9 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from websockets.sync.client import connect
 
+from rrise.records import ADAPTIVE_KEYS
 from rrise.runtime import run_stream
+from rrise.runtime.foxglove_channels import ADAPTIVE_PREDICTION_SCHEMA, PREDICTION_SCHEMA
 from rrise.runtime.live_view import parse_address
 from rrise.runtime.sources import PushSource
 from tests.recording_fixtures import colour_frames
@@ -52,15 +54,18 @@ def _decoder(channel: dict):
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(channel["schemaName"])).FromString
 
 
-def test_a_foxglove_client_subscribes_and_receives_a_frame_and_its_record(tmp_path: Path) -> None:
+# an adaptive run (draws below radius 0.3; the test bundle's base model is its surrogate) and a one-pass one
+MODES = {"adaptive": {"mc_budget": 512, "require_radius": 0.3}, "one-pass": {}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_foxglove_client_subscribes_and_receives_a_frame_and_its_record(tmp_path: Path, mode: str) -> None:
     bundle = make_bundle(tmp_path / "bundle", color="bgr")
     port = _free_port()
     source = PushSource("camera", live=False, capacity=4)
     result: dict = {}
-    run = threading.Thread(
-        target=lambda: result.update(run_stream(bundle, source, run_options(foxglove=f"127.0.0.1:{port}"))),
-        daemon=True,
-    )
+    options = run_options(foxglove=f"127.0.0.1:{port}", **MODES[mode])
+    run = threading.Thread(target=lambda: result.update(run_stream(bundle, source, options)), daemon=True)
     run.start()
     deadline = time.monotonic() + 20
     got: dict[str, object] = {}
@@ -77,6 +82,8 @@ def test_a_foxglove_client_subscribes_and_receives_a_frame_and_its_record(tmp_pa
             assert (
                 prediction["schemaName"] == "rrise.CertifiedPrediction" and prediction["encoding"] == "json"
             )
+            declared = json.loads(prediction["schema"])  # the adaptive keys only in an adaptive run
+            assert declared == (ADAPTIVE_PREDICTION_SCHEMA if mode == "adaptive" else PREDICTION_SCHEMA)
             subs = [{"id": 1, "channelId": image["id"]}, {"id": 2, "channelId": prediction["id"]}]
             ws.send(json.dumps({"op": "subscribe", "subscriptions": subs}))
             frames = iter(colour_frames(1000))
@@ -97,6 +104,7 @@ def test_a_foxglove_client_subscribes_and_receives_a_frame_and_its_record(tmp_pa
     log_time, payload = got["record"]
     record = json.loads(payload)
     assert record["stamp_ns"] == log_time and record["source"] == "camera" and "radius" in record
+    assert (set(ADAPTIVE_KEYS) <= set(record)) == (mode == "adaptive")
     log_time, payload = got["image"]
     image_msg = _decoder(image)(payload)
     assert (
