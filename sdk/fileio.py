@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -158,18 +159,25 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
     return Path(path)
 
 
-def load_npz(path: str | os.PathLike, keys: tuple[str, ...] = (), what: str = "") -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` as a dict, read with ``allow_pickle=False``.
+def load_npz(
+    path: str | os.PathLike | bytes, keys: tuple[str, ...] = (), what: str = ""
+) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` (a file, or its bytes: e.g. a bundle file read once and checked,
+    :meth:`rrise.Bundle.read_verified`) as a dict, read with ``allow_pickle=False``.
 
     Raises ValueError, naming the file (and ``what`` it is for), when it is missing, unreadable,
     a single ``.npy`` array, holds object arrays, or lacks any of ``keys``.
     """
-    path = Path(path)
-    label = f"{what} {path}".strip()
-    if not path.is_file():
-        raise ValueError(f"{label} does not exist")
+    if isinstance(path, bytes):
+        source: Any = io.BytesIO(path)
+        label = what or "the .npz bytes"
+    else:
+        source = Path(path)
+        label = f"{what} {source}".strip()
+        if not source.is_file():
+            raise ValueError(f"{label} does not exist")
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(source, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{label} is not a readable .npz file: {exc}") from None
     if not isinstance(z, np.lib.npyio.NpzFile):

@@ -78,7 +78,7 @@ def calibration_outputs(
     return probs, step
 
 
-def read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def read_calibration_npz(path: Path | bytes) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(counts, cap_counts, images)`` of a ``calibration.npz``, read without unpickling;
     ``cap_counts`` (the second-stage draws at the cap) is None for a calibration without them."""
     z = load_npz(path, ("counts", "images"), "calibration file")
@@ -109,7 +109,7 @@ def calibration_images(bundle: Bundle) -> np.ndarray:
     """The bundle's calibration images ``[m, C, H, W]`` (``calibration.npz``, read without unpickling)."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
-    return load_npz(bundle.file(CALIBRATION_FILE), ("images",), "calibration file")["images"]
+    return load_npz(bundle.read_verified(CALIBRATION_FILE), ("images",), "calibration file")["images"]
 
 
 def micro_batched(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
@@ -129,7 +129,7 @@ def variant_recalibration(bundle: Bundle, probs: np.ndarray) -> Calibration:
     vectors, so a variant that picks another class than fp32 is scored against that class's count."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; it cannot be recalibrated")
-    counts, cap_counts, _ = read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    counts, cap_counts, _ = read_calibration_npz(bundle.read_verified(CALIBRATION_FILE))
     if np.shape(probs) != counts.shape:
         raise ValueError(
             f"probs must be [m, K] = {list(counts.shape)} (the variant on the bundle's calibration "
@@ -153,7 +153,7 @@ def verify_quantiles(bundle: Bundle) -> list[dict[str, Any]]:
     quantile) agrees to 1e-6 and its ``max_batch`` is reproduced."""
     if CALIBRATION_FILE not in bundle.manifest["files"]:
         raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; its quantiles cannot be verified")
-    counts, cap_counts, images = read_calibration_npz(bundle.file(CALIBRATION_FILE))
+    counts, cap_counts, images = read_calibration_npz(bundle.read_verified(CALIBRATION_FILE))
     record = bundle.calibration()
     check_calibration_arrays(counts, images, record, tuple(images.shape[1:]))
     if counts.shape[1] != bundle.num_classes:

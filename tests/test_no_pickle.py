@@ -115,6 +115,8 @@ def test_npz_files_are_read_without_unpickling(crafted):
     files, marker = crafted
     with pytest.raises(ValueError, match="needs unpickling"):
         load_npz(files["npz"], ("images",), "calibration file")
+    with pytest.raises(ValueError, match="calibration file holds an array that needs unpickling"):
+        load_npz(Path(files["npz"]).read_bytes(), ("images",), "calibration file")  # bytes read once
     assert not marker.exists()
 
 

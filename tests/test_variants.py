@@ -421,8 +421,9 @@ def test_variants_calibrated_on_the_cpu_are_pinned_to_the_cpu_provider(with_vari
     asked = {}
 
     class Recorder:
-        def __init__(self, path, calibrated_with=None, **kw):
-            asked[Path(path).name] = calibrated_with
+        def __init__(self, model, calibrated_with=None, *, where=None, **kw):
+            assert isinstance(model, bytes)  # the checked bytes, never the path again
+            asked[Path(where).name] = calibrated_with
 
     monkeypatch.setattr(backends, "OnnxRuntimeBackend", Recorder)
     for precision in ("fp32", "int8", "fp16"):
