@@ -103,3 +103,24 @@ def test_the_runtime_still_certifies_from_checked_bytes(bundle_dir):
     probs = backend.run(np.zeros((2, 1, 4, 4), np.float32))
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0)
     assert variant["file"] == "surrogate.onnx"
+
+
+def test_a_tensorrt_engine_is_deserialized_from_the_checked_bytes(tmp_path, monkeypatch):
+    from tests.runtime_fixtures import make_bundle
+
+    folder = make_bundle(tmp_path / "engine_bundle", engine=True)
+    bundle = Bundle.load(folder)
+    got: dict = {}
+
+    class Recorder:
+        def __init__(self, engine, **kw):
+            got.update(engine=engine, **kw)
+
+    monkeypatch.setattr(backends, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(backends, "TensorRTBackend", Recorder)
+    _, variant = backends.make_backend(bundle, "tensorrt")
+    assert variant["file"] == "surrogate.fp16.engine"
+    assert got["engine"] == b"not a real engine" and got["where"].endswith("surrogate.fp16.engine")
+    (folder / "surrogate.fp16.engine").write_bytes(b"another engine")
+    with pytest.raises(BundleError, match="changed file surrogate.fp16.engine"):
+        backends.make_backend(bundle, "tensorrt")
