@@ -5,9 +5,11 @@ Every report made with a profile other than ``full`` says so, with what it lower
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
-__all__ = ["PROFILES", "RENAMED", "Profile", "get_profile", "profile_help"]
+__all__ = ["FIXED_FIELDS", "PROFILES", "RENAMED", "Profile", "get_profile", "overridden", "profile_help"]
 
 # Field names older versions used → today's (each today the name of the flag that overrides it).
 RENAMED = {
@@ -282,3 +284,21 @@ def get_profile(name: str, dataset: str | None = None) -> Profile:
     if dataset == "digits" and name != "smoke":
         return replace(DIGITS, name=name, note=DIGITS_NOTE)
     return profile
+
+
+# What ``profile.FIELD=VALUE`` may not change: the name the folder records and the report's note.
+FIXED_FIELDS = ("name", "note")
+
+
+def overridden(profile: Profile, values: Mapping[str, Any]) -> Profile:
+    """``profile`` with ``values`` (field name → value, e.g. ``{"n_targets": 7}``) in its place;
+    ValueError naming ``profile.FIELD`` for a field that is unknown or fixed (:data:`FIXED_FIELDS`).
+
+    >>> overridden(PROFILES["smoke"], {"n_targets": 7}).n_targets
+    7
+    """
+    known = [f.name for f in fields(Profile) if f.name not in FIXED_FIELDS]
+    for name in values:
+        if name not in known:
+            raise ValueError(f"profile.{name} is not a profile field you can set (known: {', '.join(known)})")
+    return replace(profile, **{k: tuple(v) if k == "alphas" else v for k, v in values.items()})

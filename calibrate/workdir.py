@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from rrise.datasets import Dataset
 from rrise.fileio import atomic_write_json, read_json
 
 from .folder_data import FolderData, open_data
-from .profiles import Profile, get_profile
+from .profiles import Profile, get_profile, overridden
 from .specs import (
     BuiltinData,
     DataSpec,
@@ -57,7 +57,9 @@ class RunConfig:
     ``model``/``data``: the folder's base model and images (:mod:`rrise.calibrate.specs`); left
     None, the profile's built-in network and the built-in dataset ``dataset`` (see
     :attr:`model_spec`, :attr:`data_spec`). ``user``: the run.json record of a `rrise build` folder
-    (``recorded_config(root)["user"]``), read into ``model`` and ``data``.
+    (``recorded_config(root)["user"]``), read into ``model`` and ``data``. ``profile_overrides``:
+    profile fields set otherwise than ``profile`` has them (``{"n_targets": 7}``), recorded in
+    run.json when there are any.
     """
 
     dataset: str = "fashion-mnist"
@@ -68,6 +70,7 @@ class RunConfig:
     user: InitVar[Mapping[str, Any] | None] = None
     model: ModelSpec | None = None
     data: DataSpec | None = None
+    profile_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self, user: Mapping[str, Any] | None) -> None:
         """Every value checked before anything is written: a bad one raises ValueError naming it."""
@@ -86,11 +89,12 @@ class RunConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset must be a name, got {self.dataset!r}")
-        self.prof  # noqa: B018 - an unknown profile raises here, naming it
+        object.__setattr__(self, "profile_overrides", dict(self.profile_overrides or {}))
+        self.prof  # noqa: B018 - an unknown profile or profile field raises here, naming it
 
     @property
     def prof(self) -> Profile:
-        return get_profile(self.profile, self.dataset)
+        return overridden(get_profile(self.profile, self.dataset), self.profile_overrides)
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -106,6 +110,10 @@ class RunConfig:
     def record(self) -> dict[str, Any]:
         """The ``config`` object of run.json (a `rrise build` folder's specs as its ``user`` record)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in _CONFIG_KEYS}
+        if self.profile_overrides:  # JSON's form (lists), so that run.json reads back equal
+            out["profile_overrides"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self.profile_overrides.items())
+            }
         if isinstance(self.model, UserModelSpec) and isinstance(self.data, ImageData):
             out["user"] = user_record(self.model, self.data)
         return out
@@ -114,7 +122,7 @@ class RunConfig:
 def _differences(have: dict[str, Any], config: RunConfig) -> list[str]:
     """How the configuration recorded in run.json (``have``) differs from ``config``; the user
     record is compared as specs, so that a record an older version wrote matches its reading."""
-    wanted = config.record()
+    wanted = {"profile_overrides": None, **config.record()}  # overrides on one side only differ too
     diff = [
         f"{k}: folder has {have.get(k)!r}, asked for {v!r}"
         for k, v in wanted.items()

@@ -212,3 +212,39 @@ def test_every_run_flag_of_the_design_keeps_its_name():
         "--no-output", "--wait-subscribers", "--precision", "--config",
     ):  # fmt: skip
         assert flag in text, flag
+
+
+def _targets(workdir, *args):
+    return runner.invoke(app, ["targets", "--workdir", str(workdir), "--dataset", "digits", *args])
+
+
+def test_a_profile_field_set_on_the_command_line_is_recorded_in_run_json(tmp_path):
+    done = _targets(tmp_path / "w", "--profile", "quick", "profile.n_targets=7", "--no-progress")
+    assert "train-base" in done.output  # the stage needs the base model; the folder is made
+    config = json.loads((tmp_path / "w" / "run.json").read_text())["config"]
+    assert config["profile"] == "quick" and config["profile_overrides"] == {"n_targets": 7}
+    again = _targets(tmp_path / "w", "--no-progress")  # the recorded value holds without restating it
+    assert "another configuration" not in again.output and "train-base" in again.output
+    other = _targets(tmp_path / "w", "profile.n_targets=8")
+    assert (
+        other.exit_code == 1 and "profile_overrides" in other.output and "another --workdir" in other.output
+    )
+
+
+def test_a_profile_mapping_in_a_config_file_is_the_same_as_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("profile:\n  name: quick\n  n_targets: 9\n  alphas: [0.05]\n")
+    _targets(tmp_path / "w", "--config", str(config), "--no-progress")
+    recorded = json.loads((tmp_path / "w" / "run.json").read_text())["config"]
+    assert recorded["profile"] == "quick"
+    assert recorded["profile_overrides"] == {"alphas": [0.05], "n_targets": 9}
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [("profile.n_targetz=7", "profile.n_targetz"), ("profile.n_targets=many", "profile.n_targets")],
+)
+def test_a_bad_profile_field_is_refused_in_one_line_naming_it(tmp_path, override, said):
+    done = _targets(tmp_path / "w", "--profile", "smoke", override)
+    assert done.exit_code == 2 and said in done.output and len(done.output.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
