@@ -391,8 +391,19 @@ def _class_folders(root: Path, what: str) -> list[str]:
 def _images_under(root: Path, cls: str, ignored: list[str]) -> list[Path]:
     """Image files under ``root/cls`` in sorted order (hidden files skipped; others added to ``ignored``)."""
     found = []
+    base = (root / cls).resolve()
+    seen: set[tuple[int, int]] = set()  # folders already walked: a linked folder is read once
     for folder, dirs, names in os.walk(root / cls, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        # A linked folder is followed only inside its class folder: a link to `..` or to another
+        # class would loop or give that class's images this class's label.
+        inside = [d for d in dirs if (Path(folder) / d).resolve().is_relative_to(base)]
+        ignored += [str((Path(folder) / d).relative_to(root)) for d in dirs if d not in inside]
+        dirs[:] = sorted(d for d in inside if not d.startswith("."))
         for fname in sorted(names):
             p = Path(folder) / fname
             if fname.startswith("."):

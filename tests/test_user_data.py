@@ -53,6 +53,21 @@ def test_image_folder_classes_labels_and_identity(tmp_path) -> None:
     assert ds.images.shape == (10, 3, 8, 8) and ds.classes == ["cat", "dog", "zebra"]
 
 
+def test_links_out_of_a_class_folder_are_not_followed(tmp_path) -> None:
+    root = _folder(tmp_path / "d", {"cat": 2, "dog": 3})
+    (root / "cat" / "up").symlink_to("..", target_is_directory=True)
+    (root / "cat" / "up2").symlink_to("../..", target_is_directory=True)
+    (root / "cat" / "sub").mkdir()
+    cv2.imwrite(str(root / "cat" / "sub" / "x.png"), np.full((9, 9, 3), 7, np.uint8))
+    (root / "cat" / "sub" / "again").symlink_to("..", target_is_directory=True)  # back to cat: read once
+    data = load_images(root, RGB8)
+    assert data.names == ("cat/img000.png", "cat/img001.png", "cat/sub/x.png") + tuple(
+        f"dog/img{i:03d}.png" for i in range(3)
+    )
+    np.testing.assert_array_equal(data.labels, [0, 0, 0, 1, 1, 1])
+    assert {"cat/up", "cat/up2"} <= set(data.ignored)
+
+
 def test_bad_folders_are_refused_by_name(tmp_path) -> None:
     one = _folder(tmp_path / "one", {"only": 3})
     with pytest.raises(UserDataError, match=r"1 class folder\(s\) \(only\).*at least 2"):
