@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from rrise.bundle import Bundle
+from rrise.fileio import output_conflict
 from rrise.inspect import adaptive_guarantee_text
 from rrise.progress import progress_bar
 from rrise.records import STATUS_ADAPTIVE_KEYS
 
-from .frame_outputs import open_stream
+from .frame_outputs import open_stream, source_paths
 from .options import RunOptions
 from .runtime import Runtime
-from .sinks import NO_OUTPUT_HINT, Sinks, open_sinks
+from .sinks import NO_OUTPUT_HINT, SinkError, Sinks, open_sinks
 from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
@@ -223,10 +224,20 @@ def run_stream(
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
         runtime = _announced(_runtime(opened, bundle, options, runtime))
         stream, frames = open_stream(opened, runtime, source, options)
+        _jsonl_not_over_source(options.outputs.jsonl, stream.source)
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
         return drain(stream, sinks, show_progress=show_progress, no_output=no_output)
+
+
+def _jsonl_not_over_source(jsonl: str | None, source: FrameSource) -> None:
+    """Refuse ``--jsonl`` naming the file or folder the run reads (it would be truncated first)."""
+    if jsonl in (None, "-"):
+        return
+    conflict = output_conflict("--jsonl", jsonl, source_paths(source))
+    if conflict is not None and conflict.endswith("refusing to write over it"):
+        raise SinkError(conflict)
 
 
 def adaptive_statement(runtime: Runtime) -> str:

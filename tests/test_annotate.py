@@ -169,3 +169,16 @@ def test_the_video_appears_under_its_name_only_when_complete(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="appeared during the run"):
         late.close()
     assert (tmp_path / "late.mp4").read_bytes() == b"appeared meanwhile"
+
+
+def test_jsonl_never_truncates_the_source(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", color="bgr")
+    video = _clip(tmp_path / "clip.avi")
+    before = video.read_bytes()
+    result = CliRunner().invoke(
+        app, ["run", "--bundle", str(bundle), "--source", str(video), "--jsonl", str(video)]
+    )
+    assert (
+        result.exit_code == 1 and "--jsonl" in result.output and "is the source being read" in result.output
+    )
+    assert "Traceback" not in result.output and video.read_bytes() == before
