@@ -377,7 +377,7 @@ class RunOptions:
 
     Parameters
     ----------
-    backend, precision, expect_id, trust:
+    backend, precision, expect_id, trust, min_release:
         Which variant runs where, and which bundle is accepted (``rrise run``'s flags).
     stream:
         :class:`StreamOptions`.
@@ -420,6 +420,13 @@ class RunOptions:
         metadata={
             "help": "Ed25519 public key (KEY.pub from `rrise keys`): refuse a bundle unless its "
             "manifest.sig is this key's valid signature of its manifest."
+        },
+    )
+    min_release: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --trust: refuse a bundle whose signature states a lower release number "
+            "(or none), so that an older signed bundle cannot be rolled back in."
         },
     )
     stream: StreamOptions = field(default_factory=StreamOptions, metadata={"group": "Stream"})

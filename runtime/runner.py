@@ -293,9 +293,9 @@ def _runtime(
     if runtime is not None and options.mc.enabled and runtime.adaptive is None:
         raise ValueError("--mc-budget: the runtime given was loaded without it (Runtime(..., mc_budget=N))")
     if runtime is not None:
-        if expect_id is not None or trust is not None:
+        if expect_id is not None or trust is not None or options.min_release is not None:
             runtime.bundle.check_files()
-            runtime.bundle.require(expect_id=expect_id, trust=trust)
+            runtime.bundle.require(expect_id=expect_id, trust=trust, min_release=options.min_release)
         return runtime
     if bundle is None:
         raise ValueError("run_stream needs a bundle or a runtime")
@@ -309,4 +309,6 @@ def _runtime(
         trust=trust,
         mc=options.mc,
     )
+    if options.min_release is not None:
+        loaded.bundle.require(trust=trust, min_release=options.min_release)
     return opened.enter_context(loaded)

@@ -111,3 +111,22 @@ def test_inspect_shows_the_release_and_refuses_an_expired_signature(bundle_dir, 
     summary, problems = inspect_bundle(bundle_dir, trust=keys["pub"])
     assert any("expired at 2020-01-01T00:00:00Z" in p for p in problems)
     assert "Integrity: OK" not in format_inspection(summary, problems)
+
+
+def test_rrise_run_min_release_refuses_a_rollback(bundle_dir, keys, tmp_path):
+    import cv2
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from rrise.cli import app
+
+    sign_bundle(bundle_dir, keys["key"], release=3)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "f.png"), np.full((4, 4), 128, np.uint8))
+    base = ["run", "--bundle", str(bundle_dir), "--source", str(frames), "--trust", str(keys["pub"])]
+    ok = CliRunner().invoke(app, [*base, "--min-release", "3", "--jsonl", str(tmp_path / "ok.jsonl")])
+    assert ok.exit_code == 0, ok.output
+    old = CliRunner().invoke(app, [*base, "--min-release", "4", "--jsonl", str(tmp_path / "no.jsonl")])
+    assert old.exit_code == 1 and "older than the lowest release accepted (4)" in old.output
+    assert "Traceback" not in old.output
