@@ -90,6 +90,13 @@ def open_frame_sink(
     return sink
 
 
+def _jsonl_not_over_source(jsonl: str | None, source: FrameSource) -> None:
+    """Refuse ``--jsonl`` naming the file or folder the run reads (opening it would truncate it)."""
+    conflict = None if jsonl in (None, "-") else output_conflict("--jsonl", jsonl, source_paths(source))
+    if conflict is not None and conflict.endswith("refusing to write over it"):
+        raise ValueError(conflict)
+
+
 def source_paths(source: FrameSource) -> tuple[str, ...]:
     """The files or folders ``source`` reads (a video file, an image folder, a recording): what no
     output of the run may be written over."""
@@ -146,9 +153,12 @@ def open_stream(
     """The Stream of a run (entered in ``opened``) and the FrameSink its frame outputs need (None
     when none is asked for; closed by ``opened`` too)."""
     if not options.outputs.frame_outputs:
-        return opened.enter_context(Stream(runtime, source, options.stream)), None
+        stream = opened.enter_context(Stream(runtime, source, options.stream))
+        _jsonl_not_over_source(options.outputs.jsonl, stream.source)
+        return stream, None
     keeper = FrameKeeper(runtime)
     stream = opened.enter_context(Stream(keeper, source, options.stream))
+    _jsonl_not_over_source(options.outputs.jsonl, stream.source)
     max_radius = runtime.calibration.max_radius()
     sink = open_frame_sink(options.outputs, keeper, stream.source, max_radius, adaptive=options.mc.enabled)
     opened.callback(sink.close)

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from rrise.bundle import Bundle
-from rrise.fileio import output_conflict
 from rrise.inspect import adaptive_guarantee_text
 from rrise.progress import progress_bar
 from rrise.records import STATUS_ADAPTIVE_KEYS
 
-from .frame_outputs import open_stream, source_paths
+from .frame_outputs import open_stream
 from .options import RunOptions
 from .runtime import Runtime
-from .sinks import NO_OUTPUT_HINT, SinkError, Sinks, open_sinks
+from .sinks import NO_OUTPUT_HINT, Sinks, open_sinks
 from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
@@ -178,8 +177,8 @@ def run_stream(
     on_status: Callable[[dict[str, Any]], Any] | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Certify the frames of ``source`` with ``bundle`` and send each record to every sink; return
-    the summary. What ``rrise run`` does; SIGINT/SIGTERM stop it after the current batch.
+    """Certify ``source``'s frames with ``bundle``, send each record to every sink, return the
+    summary: what ``rrise run`` does (SIGINT/SIGTERM stop it after the current batch).
 
     Parameters
     ----------
@@ -204,14 +203,14 @@ def run_stream(
     ValueError
         ``no_output`` with a callback, or neither ``bundle`` nor ``runtime``.
 
-    >>> import tempfile, numpy as np; from pathlib import Path
-    >>> from rrise.runtime.options import StreamOptions; from rrise.runtime.sources import PushSource
+    >>> import tempfile, numpy as np; from pathlib import Path; from rrise.runtime.sources import PushSource
     >>> from tests.tiny_bundle import linear_sources, make_linear_bundle  # a real 1×4×4 bundle
     >>> folder = Path(tempfile.mkdtemp())
     >>> bundle = make_linear_bundle(linear_sources(folder), folder / "bundle").path
     >>> source, got = PushSource("robot", live=False), []
     >>> [source.push(np.full((4, 4), level, np.uint8)) for level in (0, 120, 240)], source.end()
     ([0, 1, 2], None)
+    >>> from rrise.runtime.options import StreamOptions
     >>> options = RunOptions(stream=StreamOptions(batch=2, status_interval=0))
     >>> summary = run_stream(bundle, source, options, callback=got.append)
     >>> summary["frames"], summary["batch"], [r["frame"] for r in got]
@@ -224,20 +223,10 @@ def run_stream(
     with contextlib.ExitStack() as opened:  # closed in reverse: sinks, stream (and source), runtime
         runtime = _announced(_runtime(opened, bundle, options, runtime))
         stream, frames = open_stream(opened, runtime, source, options)
-        _jsonl_not_over_source(options.outputs.jsonl, stream.source)
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
         return drain(stream, sinks, show_progress=show_progress, no_output=no_output)
-
-
-def _jsonl_not_over_source(jsonl: str | None, source: FrameSource) -> None:
-    """Refuse ``--jsonl`` naming the file or folder the run reads (it would be truncated first)."""
-    if jsonl in (None, "-"):
-        return
-    conflict = output_conflict("--jsonl", jsonl, source_paths(source))
-    if conflict is not None and conflict.endswith("refusing to write over it"):
-        raise SinkError(conflict)
 
 
 def adaptive_statement(runtime: Runtime) -> str:

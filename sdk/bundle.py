@@ -172,6 +172,24 @@ def _files_on_disk(root: Path) -> tuple[set[str], set[str]]:
     return files, links
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """``path/manifest.json`` parsed and validated, or BundleError naming what is wrong."""
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} is not a folder")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"bundle {path} has no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON: {exc}") from None
+    try:
+        validate_manifest(manifest)
+    except ManifestError as exc:
+        raise BundleError(f"{mpath}: {exc}") from None
+    return manifest
+
+
 @dataclass
 class Bundle:
     """A verified bundle: its folder, its validated manifest and its id. Load with :meth:`Bundle.load`.
@@ -249,20 +267,7 @@ class Bundle:
         rrise.bundle.BundleError: bundle no/such/bundle is not a folder
         """
         path = Path(path)
-        if not path.is_dir():
-            raise BundleError(f"bundle {path} is not a folder")
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise BundleError(f"bundle {path} has no {MANIFEST}")
-        raw = mpath.read_bytes()
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON: {exc}") from None
-        try:
-            validate_manifest(manifest)
-        except ManifestError as exc:
-            raise BundleError(f"{mpath}: {exc}") from None
+        manifest = _read_manifest(path)
         bundle = cls(path=path, manifest=manifest, id=manifest_id(manifest))
         if verify or expect_id is not None or trust is not None:
             bundle.check_files()
