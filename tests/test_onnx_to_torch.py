@@ -242,3 +242,42 @@ def test_an_unsupported_operator_is_named_before_anything_is_built() -> None:
     with pytest.raises(UnsupportedOperator) as info:
         onnx_to_torch(proto)
     assert str(info.value) == message
+
+
+def _older_graph(opset: int) -> onnx.ModelProto:
+    """Clip bounds as attributes (before opset 11) or inputs, uneven Conv pads, Squeeze/Unsqueeze
+    axes and ReduceMean axes as attributes, Softmax over the flattened trailing axes (before opset
+    13), Dropout and Identity."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    if opset < 11:
+        clip = helper.make_node("Clip", ["c"], ["r6"], min=0.0, max=6.0)
+    else:
+        clip = helper.make_node("Clip", ["c", "lo", "hi"], ["r6"])
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 0, 2, 1], strides=[1, 2]),
+        clip,
+        helper.make_node("Dropout", ["r6"], ["d"]),
+        helper.make_node("Identity", ["d"], ["i"]),
+        helper.make_node("ReduceMean", ["i"], ["m"], axes=[3], keepdims=0),
+        helper.make_node("Unsqueeze", ["m"], ["u"], axes=[1]),
+        helper.make_node("Squeeze", ["u"], ["s"], axes=[1]),
+        helper.make_node("Softmax", ["s"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"opset{opset}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 17])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [10, 11])
+def test_older_opset_attribute_forms_match_onnxruntime(opset: int) -> None:
+    proto = _older_graph(opset)
+    module = onnx_to_torch(proto)
+    for x in _inputs((3, 16, 16)):
+        assert _relative_error(module, proto, x) < RTOL
