@@ -52,6 +52,7 @@ __all__ = [
     "NOT_VERIFIABLE",
     "PREPROCESS_KEYS",
     "BundleSources",
+    "add_file",
     "add_variant",
     "build_bundle",
     "pack_bundle",
@@ -545,4 +546,20 @@ def add_variant(
         entry = _recalibrated_entry(bundle, key, probs, calibrated_with, max_batch, extra)
     manifest, keep_files = _variant_manifest(bundle, entry)
     _publish_folder(bundle.path, _linked_copy(bundle.path, keep_files, src, name), manifest, overwrite=True)
+    return Bundle.load(bundle.path)
+
+
+def add_file(
+    bundle_dir: str | os.PathLike, file: str | os.PathLike, name: str, manifest: dict[str, Any]
+) -> Bundle:
+    """Rewrite the bundle at ``bundle_dir`` with ``file`` copied in as ``name`` (replacing a file of
+    that name) and ``manifest`` as its manifest (``files`` recomputed), in a hard-linked copy renamed
+    into place as :func:`add_variant` does; a signature no longer holds and is not carried over.
+    Raises BundleError or ValueError when the result does not load; the bundle is unchanged then."""
+    bundle = Bundle.load(bundle_dir)
+    keep_files = [f for f in bundle.manifest["files"] if f != name]
+    manifest = {k: v for k, v in manifest.items() if k != "files"}
+    _publish_folder(
+        bundle.path, _linked_copy(bundle.path, keep_files, Path(file), name), manifest, overwrite=True
+    )
     return Bundle.load(bundle.path)

@@ -15,6 +15,11 @@ bundle records both (:func:`engine_info`), and its quantile must be recalibrated
 own outputs, run through the engine runner the runtime uses too
 (:class:`rrise.trt_session.TensorRTBackend`) at the runtime's batch sizes, so the numbers are the
 ones deployment will see: :mod:`rrise.export.engine` does that.
+
+:func:`build_base_engine` builds the base classifier's engine, which adaptive certification runs its
+Monte Carlo draws through (``rrise run --backend tensorrt --mc-budget N``): fp32 numerics, with no
+reduced-precision flag (TensorRT 11 has none) and TF32 cleared where the builder has it, so the
+engine computes the base classifier the bundle's ONNX holds as closely as the GPU allows.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from rrise.fileio import atomic_write_bytes
 
 from .onnx_export import INPUT_NAME
 
-__all__ = ["INSTALL_HINT", "build_engine", "engine_info", "require_tensorrt"]
+__all__ = ["INSTALL_HINT", "build_base_engine", "build_engine", "engine_info", "require_tensorrt"]
 
 INSTALL_HINT = (
     "install it on the target device with `pip install 'rrise[tensorrt]'` (TensorRT wheels come from "
@@ -107,6 +112,42 @@ def build_engine(
     config = _builder_config(trt, builder, network, (min_batch, opt_batch, max_batch), cache_path)
     if fp16:
         _set_fp16(trt, config, network, onnx_path)
+    return _serialize(builder, network, config, (onnx_path, engine_path), cache_path)
+
+
+def build_base_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    max_batch: int,
+    timing_cache: str | os.PathLike | None = None,
+) -> Path:
+    """Build the base classifier's engine from its ONNX (``base_model.file``) with fp32 numerics and
+    write it atomically to ``engine_path``: no FP16/INT8 builder flag, TF32 cleared where the builder
+    has the flag, a network created as :func:`build_engine` creates an fp32 one. The base ONNX may
+    name its one input anything; a dynamic batch gets the profile ``[1, max_batch]`` tuned for
+    ``max_batch`` (Monte Carlo hands it whole batches of draws), a fixed batch stays as it is.
+    Raises RuntimeError if TensorRT is missing, the ONNX does not parse, or the build fails."""
+    trt = require_tensorrt()
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, False))
+    parser = trt.OnnxParser(network, logger)  # kept alive while the network is
+    _parse(trt, parser, network, onnx_path, input_name=None)
+    batch = tuple(network.get_input(0).shape)[0]
+    batches = (1, max_batch, max_batch) if batch == -1 else (batch, batch, batch)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    config = _builder_config(trt, builder, network, batches, cache_path)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return _serialize(builder, network, config, (onnx_path, engine_path), cache_path)
+
+
+def _serialize(builder, network, config, paths: tuple, cache_path: Path | None) -> Path:
+    """Build ``network`` with ``config``, write the timing cache back and the engine to ``paths[1]``."""
+    onnx_path, engine_path = paths
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
@@ -132,22 +173,26 @@ def _network_flags(trt, strongly_typed: bool) -> int:
     return flags
 
 
-def _parse(trt, parser, network, onnx_path: str | os.PathLike) -> None:
-    """Parse the ONNX file into ``network``; it must have exactly the one input ``input``."""
+def _parse(trt, parser, network, onnx_path: str | os.PathLike, input_name: str | None = INPUT_NAME) -> None:
+    """Parse the ONNX file into ``network``; it must have exactly one input, named ``input_name``
+    unless that is None."""
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors or 'unknown error'}")
-    if network.num_inputs != 1 or network.get_input(0).name != INPUT_NAME:
-        raise RuntimeError(f"{onnx_path} must have exactly one input named {INPUT_NAME!r}")
+    if network.num_inputs != 1:
+        raise RuntimeError(f"{onnx_path} must have exactly one input, it has {network.num_inputs}")
+    if input_name is not None and network.get_input(0).name != input_name:
+        raise RuntimeError(f"{onnx_path} must have exactly one input named {input_name!r}")
 
 
 def _builder_config(trt, builder, network, batches: tuple[int, int, int], cache_path: Path | None):
     """A builder config with one optimization profile over ``batches`` (min, opt, max) and the
     timing cache read from ``cache_path`` (empty when there is none yet)."""
-    _, c, h, w = tuple(network.get_input(0).shape)
+    tensor = network.get_input(0)
+    _, c, h, w = tuple(tensor.shape)
     profile = builder.create_optimization_profile()
     lo, opt, hi = ((b, c, h, w) for b in batches)
-    profile.set_shape(INPUT_NAME, lo, opt, hi)
+    profile.set_shape(tensor.name, lo, opt, hi)
     config = builder.create_builder_config()
     config.add_optimization_profile(profile)
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""

@@ -6,8 +6,11 @@ calibration did, runs the base classifier in batches, counts the votes for the s
 ``Â`` and stops by :func:`rrise.sequential.sequential_test`: on success, futility, the budget or
 the deadline. The class was picked by the surrogate before any draw, so no selection draws are
 needed, and the anytime-valid bound keeps its level ``α`` whatever stops the draws. Torch-free:
-the base model runs under onnxruntime from the bundle's own bytes, checked against the manifest
-digest before the session opens; any other backend plugs in as a ``classify`` callable.
+the base model runs on the runtime's own backend from the bundle's own bytes, checked against the
+manifest digest before the model opens: under onnxruntime (:class:`BaseClassifier`), or, with
+``--backend tensorrt`` (or ``auto`` where one fits), on the bundle's TensorRT engine of the base model
+built for this GPU and TensorRT version (``base_model.engines``, :class:`EngineClassifier`;
+:func:`base_engine` picks it or refuses by name). Any other runner plugs in as a ``classify`` callable.
 
 The runtime wires it in through :mod:`rrise.runtime.routing` (:class:`McOptions` is the typed
 option group whose fields are the ``rrise run`` flags ``--mc-budget``, ``--mc-deadline-ms``,
@@ -38,8 +41,18 @@ from rrise.sequential import (
     required_probability,
     sequential_test,
 )
+from rrise.trt_session import TensorRTBackend, engine_mismatch, tensorrt_available
 
-__all__ = ["BaseClassifier", "McCertifier", "McOptions", "McRefused", "McResult", "read_base_model"]
+__all__ = [
+    "BaseClassifier",
+    "EngineClassifier",
+    "McCertifier",
+    "McOptions",
+    "McRefused",
+    "McResult",
+    "base_engine",
+    "read_base_model",
+]
 
 
 class McRefused(ValueError):
@@ -154,6 +167,64 @@ def read_base_model(bundle: Bundle) -> bytes:
     return bundle.read_verified(entry["file"], entry.get("sha256"))
 
 
+def _rebuild_hint(bundle: Bundle) -> str:
+    return f"build one on this device with `rrise-export --engine tensorrt --bundle {bundle.path}`"
+
+
+def base_engine(bundle: Bundle, backend: str) -> dict[str, Any] | None:
+    """The ``base_model.engines`` entry Monte Carlo runs on for the runtime's ``backend``, or None
+    for onnxruntime. ``tensorrt``: the engine built for this GPU and TensorRT version, else
+    :class:`McRefused` naming ``--backend`` (no engine of the base model, none for this GPU, or no
+    TensorRT here). ``auto``: that engine where there is one and TensorRT imports, else None."""
+    if backend == "onnxruntime":
+        return None
+    engines = list(bundle.manifest.get("base_model", {}).get("engines") or ())
+    usable = tensorrt_available()
+    matching = [e for e in engines if engine_mismatch(e) is None] if usable else []
+    if backend != "tensorrt":
+        return matching[0] if matching else None
+    where = f"--backend tensorrt with --mc-budget runs the base model on TensorRT, but bundle {bundle.path}"
+    if not engines:
+        raise McRefused(
+            f"{where} has no engine of it (base_model.engines): {_rebuild_hint(bundle)}, or use "
+            "--backend onnxruntime"
+        )
+    if not usable:
+        raise McRefused(f"{where}: tensorrt and pycuda do not import here; use --backend onnxruntime")
+    if not matching:
+        raise McRefused(
+            f"{where} has no engine of it for this GPU and TensorRT ({engine_mismatch(engines[0])}): "
+            f"{_rebuild_hint(bundle)}, or use --backend onnxruntime"
+        )
+    return matching[0]
+
+
+def _votes(out: np.ndarray, rows: int) -> np.ndarray:
+    """A model's ``[B, K]`` outputs → ``[B]`` votes, −1 for a row that is not finite."""
+    if out.ndim != 2 or len(out) != rows:
+        raise ValueError(f"the base model must output [B, K], got shape {out.shape}")
+    votes = out.argmax(axis=1).astype(np.int64)
+    votes[~np.isfinite(out).all(axis=1)] = -1
+    return votes
+
+
+class EngineClassifier:
+    """The base model's TensorRT engine (bytes checked against the manifest) through the runtime's
+    engine runner (:class:`rrise.trt_session.TensorRTBackend`): ``[B, C, H, W]`` float32 → ``[B]``
+    votes, −1 for a row whose output is not finite. ``close`` frees its GPU memory."""
+
+    def __init__(self, engine: bytes, where: str) -> None:
+        self.backend = TensorRTBackend(engine, output_kind="probs", where=where)  # raw outputs
+        self.input_shape = tuple(self.backend.sample_shape)
+        self.name = self.backend.name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return _votes(self.backend.run(x), len(x))
+
+    def close(self) -> None:
+        self.backend.close()
+
+
 class BaseClassifier:
     """The base model under onnxruntime: ``[B, C, H, W]`` float32 → ``[B]`` predicted classes, −1
     for a row whose output is not finite (a vote for no class). ``model``: a path or ONNX bytes;
@@ -186,12 +257,7 @@ class BaseClassifier:
         return np.concatenate(parts)
 
     def _votes(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: x})[0]
-        if out.ndim != 2 or len(out) != len(x):
-            raise ValueError(f"the base model must output [B, K], got shape {out.shape}")
-        votes = out.argmax(axis=1).astype(np.int64)
-        votes[~np.isfinite(out).all(axis=1)] = -1
-        return votes
+        return _votes(self.session.run(None, {self.input_name: x})[0], len(x))
 
 
 @dataclass(frozen=True)
@@ -257,9 +323,17 @@ class McCertifier:
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         threads: int | None = None,
+        backend: str = "onnxruntime",
     ) -> McCertifier:
-        """The bundle's base model (its bytes checked against the manifest) at the bundle's σ."""
-        classify = BaseClassifier(read_base_model(bundle), threads=threads)
+        """The bundle's base model (its bytes checked against the manifest) at the bundle's σ, on
+        the runtime's ``backend`` (:func:`base_engine`: a TensorRT engine of the base model for
+        ``tensorrt``, and for ``auto`` where one fits this GPU; onnxruntime otherwise)."""
+        engine = base_engine(bundle, backend)
+        if engine is None:
+            classify: Any = BaseClassifier(read_base_model(bundle), threads=threads)
+        else:
+            data = bundle.read_verified(engine["file"], engine.get("sha256"))
+            classify = EngineClassifier(data, where=str(bundle.file(engine["file"])))
         return cls(
             classify,
             bundle.sigma,
@@ -279,17 +353,31 @@ class McCertifier:
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         threads: int | None = None,
+        backend: str = "onnxruntime",
     ) -> McCertifier | None:
-        """:meth:`from_bundle` for ``rrise run``'s options; None when ``mc_budget`` is 0 (off). A
-        ``require_radius`` the budget can never certify is refused before the model is opened."""
+        """:meth:`from_bundle` for ``rrise run``'s options and ``--backend``; None when
+        ``mc_budget`` is 0 (off). A ``require_radius`` the budget can never certify is refused
+        before the model is opened."""
         if not mc.enabled:
             return None
         options = mc.sequential()
         if mc.require_radius is not None:
             check_required_radius(mc.require_radius, bundle.sigma, options)
         return cls.from_bundle(
-            bundle, options, require_radius=mc.require_radius, seed=seed, clock=clock, threads=threads
+            bundle,
+            options,
+            require_radius=mc.require_radius,
+            seed=seed,
+            clock=clock,
+            threads=threads,
+            backend=backend,
         )
+
+    def close(self) -> None:
+        """Release the base model's resources (an engine's GPU memory)."""
+        close = getattr(self.classify, "close", None)
+        if close is not None:
+            close()
 
     @property
     def clock(self) -> Callable[[], float]:

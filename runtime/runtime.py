@@ -27,7 +27,7 @@ from rrise.ood import OodTest, combine_alarms
 from rrise.records import Record, Verdict
 from rrise.sequential import largest_certifiable_radius
 
-from .adaptive import McCertifier, McOptions, McRefused
+from .adaptive import McCertifier, McOptions, McRefused, base_engine
 from .backends import make_backend, variant_max_batch
 from .options import StreamOptions
 from .preprocess import FrameError, Preprocessor
@@ -119,11 +119,6 @@ class Runtime:
         **mc_options: Any,
     ) -> None:
         mc = _mc_choice(mc, mc_options)
-        if mc is not None and backend == "tensorrt":
-            raise McRefused(
-                "--mc-budget runs the bundle's base model, which has no TensorRT engine (a base-model "
-                "engine is future export work): use --backend onnxruntime or auto"
-            )
         if isinstance(bundle, Bundle):  # pinned or trusted: its files and manifest are checked again
             if expect_id is not None or trust is not None:
                 bundle.check_files()
@@ -132,6 +127,8 @@ class Runtime:
         else:
             self._bundle = Bundle.load(bundle, expect_id=expect_id, trust=trust)
         manifest = self._bundle.manifest
+        if isinstance(mc, McOptions):  # the base model's backend, refused by name before any model opens
+            base_engine(self._bundle, backend)
         self._backend, self._variant = make_backend(self._bundle, backend, precision=precision)
         self._max_batch = variant_max_batch(self._variant)
         self._calibration = self._bundle.calibration(self._variant)
@@ -157,7 +154,7 @@ class Runtime:
         self._seq = 0
         self._lock = threading.Lock()  # seq numbering and the monitor
         self._infer_lock = threading.Lock()
-        self._adaptive = None if mc is None else _adaptive(self._bundle, mc)
+        self._adaptive = None if mc is None else _adaptive(self._bundle, mc, backend)
         self._mc_lock = threading.Lock()
 
     # --- views ------------------------------------------------------------------------------
@@ -419,6 +416,8 @@ class Runtime:
         close = getattr(self._backend, "close", None)
         if close is not None:
             close()
+        if self._adaptive is not None:  # the base model's engine, if it runs on one
+            self._adaptive.mc.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -452,7 +451,7 @@ def _mc_choice(mc: McOptions | McCertifier | None, fields: dict[str, Any]) -> Mc
     raise TypeError(f"mc must be McOptions or McCertifier, got {type(mc).__name__}")
 
 
-def _adaptive(bundle: Bundle, mc: McOptions | McCertifier) -> AdaptiveCertifier:
+def _adaptive(bundle: Bundle, mc: McOptions | McCertifier, backend: str) -> AdaptiveCertifier:
     """Adaptive certification for ``bundle``; :class:`McRefused` (naming the option) when the
     bundle cannot give it: no base model, no routing rule and no required radius, a required
     radius the budget can never certify."""
@@ -460,7 +459,7 @@ def _adaptive(bundle: Bundle, mc: McOptions | McCertifier) -> AdaptiveCertifier:
     try:
         routing = Routing.of_bundle(bundle.manifest, require)
         if isinstance(mc, McOptions):
-            mc = McCertifier.from_options(bundle, mc)
+            mc = McCertifier.from_options(bundle, mc, backend=backend)
         top = largest_certifiable_radius(mc.sigma, mc.options)
         if routing.target_radius > top:
             raise McRefused(

@@ -129,6 +129,21 @@ class FileEntry(_Struct):
     sha256: str | None = None
 
 
+class BaseEngine(_Struct):
+    """A TensorRT engine of the base classifier (``base_model.engines``, optional): built on one GPU
+    and TensorRT version by ``rrise-export --engine tensorrt``, run by adaptive certification."""
+
+    file: str
+    sha256: str
+    trt_version: str
+    compute_capability: str
+    max_batch: int | None = None
+
+
+class BaseModel(FileEntry):
+    engines: list[BaseEngine] | None = None
+
+
 class Variant(_Struct):
     precision: Literal[PRECISIONS]
     backend: Literal[BACKENDS]
@@ -185,7 +200,7 @@ class Manifest(_Struct):
     preprocess: Preprocess
     smoothing: Smoothing
     calibration: CalibrationRecord
-    base_model: FileEntry
+    base_model: BaseModel
     variants: list[Variant]
     guarantee: str
     files: dict[str, str]
@@ -520,6 +535,18 @@ def _check_adaptive(adaptive: Adaptive, problems: _Problems) -> None:
 def _check_files(m: Manifest, problems: _Problems) -> None:
     problems.file_name("base_model.file", m.base_model.file)
     problems.sha("base_model.sha256", m.base_model.sha256)
+    seen: set[tuple[str, str]] = set()
+    for i, e in enumerate(m.base_model.engines or ()):
+        at = f"base_model.engines[{i}]"
+        problems.file_name(f"{at}.file", e.file)
+        problems.require(
+            m.files.get(e.file) == e.sha256, f"{at}.sha256", "be its file's sha256 in files", e.sha256
+        )
+        key = (e.trt_version, e.compute_capability)
+        problems.require(key not in seen, at, "be the only engine of its TensorRT version and GPU", e.file)
+        seen.add(key)
+        if e.max_batch is not None:
+            problems.require(e.max_batch >= 1, f"{at}.max_batch", "be an integer >= 1", e.max_batch)
     for name, digest in m.files.items():
         at = f"files[{name!r}]"
         problems.file_name(at, name)

@@ -19,7 +19,15 @@ import numpy as np
 
 from .numerics import to_probs
 
-__all__ = ["OUTPUT_KINDS", "TENSORRT_HELP", "TensorRTBackend", "tensorrt_available"]
+__all__ = [
+    "OUTPUT_KINDS",
+    "TENSORRT_HELP",
+    "TensorRTBackend",
+    "device_compute_capability",
+    "engine_mismatch",
+    "installed_tensorrt_version",
+    "tensorrt_available",
+]
 
 OUTPUT_KINDS = ("logits", "probs")
 TENSORRT_HELP = (
@@ -69,6 +77,48 @@ def tensorrt_available() -> bool:
     except Exception:  # a broken CUDA install raises more than ImportError
         return False
     return True
+
+
+def device_compute_capability(device: int = 0) -> str | None:
+    """The compute capability of GPU ``device`` as ``"major.minor"`` (None without pycuda or a GPU)."""
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        major, minor = cuda.Device(device).compute_capability()
+    except Exception:  # no pycuda, no driver, no GPU
+        return None
+    return f"{major}.{minor}"
+
+
+def installed_tensorrt_version() -> str | None:
+    """The installed TensorRT's version string (None without TensorRT)."""
+    try:
+        import tensorrt as trt
+    except Exception:  # a broken CUDA install raises more than ImportError
+        return None
+    return str(getattr(trt, "__version__", "")) or None
+
+
+def engine_mismatch(entry: dict[str, Any]) -> str | None:
+    """Why the engine a manifest ``entry`` describes (its ``file``, ``trt_version`` and
+    ``compute_capability``) cannot run here, or None: a serialized TensorRT engine runs only with the
+    TensorRT version and the GPU compute capability it was built with. What this machine cannot
+    tell (no TensorRT, no GPU) is not counted as a mismatch; opening the engine says why then.
+
+    >>> engine_mismatch({"file": "a.engine"}) is None
+    True
+    """
+    problems = []
+    want_trt, have_trt = entry.get("trt_version"), installed_tensorrt_version()
+    if want_trt is not None and have_trt is not None and str(want_trt) != have_trt:
+        problems.append(f"built with TensorRT {want_trt}, this device has TensorRT {have_trt}")
+    want_cc, have_cc = entry.get("compute_capability"), device_compute_capability()
+    if want_cc is not None and have_cc is not None and str(want_cc) != have_cc:
+        problems.append(f"built for compute capability {want_cc}, this GPU is compute capability {have_cc}")
+    if not problems:
+        return None
+    return f"engine {entry.get('file')} was " + " and ".join(problems)
 
 
 class TensorRTBackend:
@@ -128,6 +178,7 @@ class TensorRTBackend:
         self.input_name = _pick(input_name, ins, "input", engine_path)
         self.output_name = _pick(output_name, outs, "output", engine_path)
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.fixed_batch = shape[0] != -1  # a fixed batch: a shorter chunk is padded to it
         if shape[0] == -1:  # dynamic batch: optimization profile 0 bounds it
             max_shape = tuple(self.engine.get_tensor_profile_shape(self.input_name, 0)[2])
         else:
@@ -160,6 +211,9 @@ class TensorRTBackend:
         return probs[0] if len(probs) == 1 else np.concatenate(probs)
 
     def _run_chunk(self, x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if self.fixed_batch and rows < self.batch_capacity:  # the engine takes its one batch only
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch_capacity - rows, axis=0)])
         cuda, b = self._cuda, len(x)
         if b != self._bound_batch:
             self.context.set_input_shape(self.input_name, (b, *self.sample_shape))
@@ -172,7 +226,7 @@ class TensorRTBackend:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         cuda.memcpy_dtoh_async(h_out, self._d_out, self._stream)
         self._stream.synchronize()
-        return to_probs(h_out.reshape(out_shape).copy(), self.output_kind)
+        return to_probs(h_out.reshape(out_shape)[:rows].copy(), self.output_kind)
 
     def close(self) -> None:
         """Free the engine's GPU memory and release the CUDA context."""
