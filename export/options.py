@@ -133,7 +133,9 @@ class VariantOptions:
         metadata={
             "help": "Also build a TensorRT engine on this machine from the bundle's ONNX of --precision, "
             "with a quantile from its own outputs at the runtime's batch sizes; records trt_version, "
-            "compute_capability and max_batch (the largest micro-batch with exact numerics)."
+            "compute_capability and max_batch (the largest micro-batch with exact numerics). Also builds "
+            "an fp32 engine of the base model (base_model.engines), which `rrise run --backend tensorrt "
+            "--mc-budget N` runs its Monte Carlo draws on."
         },
     )
     quant_data: Path | None = field(
