@@ -5,7 +5,10 @@ every model of the SDK it takes float32 NCHW pixels in [0, 1] and returns logits
 any mean/std normalization inside it (docs/CERTIFICATE.md). ``arch``:
 
 - ``auto`` (the default): ``base`` when the base classifier is a torch module whose copy can be
-  trained and exported; otherwise ``edge``.
+  trained and exported, or an ONNX graph that :func:`rrise.calibrate.onnx_to_torch.onnx_to_torch`
+  imports as one (its weights become trainable parameters); otherwise ``edge``. For an ONNX base
+  the spec's ``onnx_start`` says which start was taken: ``imported`` or ``fresh`` (``why`` names
+  the operator the importer lacks).
 - ``base``: a deep copy of the base classifier (its weights are the starting point; training the
   surrogate never changes the base). A base whose output is probabilities gets a ``log`` layer on
   top, so the surrogate's logits are ``log p`` and ``softmax(log p) = p`` at the start.
@@ -41,6 +44,7 @@ from rrise.fileio import sha256_file
 
 from .canonical_model import UserModel, UserModelError
 from .models import ARCHS, Normalize, build_model
+from .onnx_to_torch import UnsupportedOperator, onnx_to_torch
 from .torch_import import import_attribute
 from .user_model import load_user_model
 
@@ -214,6 +218,8 @@ def build_surrogate(
         "seed": int(seed),
         "why": why,
     }
+    if user is not None and user.module is None and user.onnx is not None:
+        spec["onnx_start"] = "imported" if choice == "base" else "fresh"
     if choice == "base":
         model = _copy_base(user, template, clone[0], shape, k, mean, std, spec)
     elif choice == "factory":
@@ -296,9 +302,10 @@ def _choose(arch: str, user, template, shape, k, clone: list) -> tuple[str, str]
         problem = _base_problem(user, template, shape, k, clone)
         if problem is None:
             n = sum(p.numel() for p in clone[0].parameters())
+            imported = " (imported from its ONNX graph)" if user is not None and user.module is None else ""
             return "base", (
-                f"initialised from the base model's weights ({n / 1e6:.2g}M parameters; a copy: the "
-                f"base is not changed)"
+                f"initialised from the base model's weights{imported} ({n / 1e6:.2g}M parameters; a copy: "
+                f"the base is not changed)"
             )
         if arch == "base":
             raise SurrogateError(f"--surrogate-arch base: {problem}; use --surrogate-arch edge")
@@ -314,9 +321,14 @@ def _choose(arch: str, user, template, shape, k, clone: list) -> tuple[str, str]
 def _base_problem(user, template, shape, k, clone: list) -> str | None:
     """Why the base cannot be the surrogate's starting point (None when it can: then its deep copy,
     checked to map the input shape to ``[B, K]``, is appended to ``clone``)."""
+    if template is None and user is not None and user.onnx is not None:
+        if user.fixed_batch is not None:
+            return f"MODEL {user.name} only runs batches of {user.fixed_batch}"
+        try:
+            template = onnx_to_torch(user.onnx)
+        except UnsupportedOperator as exc:
+            return f"MODEL {user.name} is ONNX and {exc}"
     if template is None:
-        if user is not None:
-            return f"MODEL {user.name} is ONNX (no torch weights to start from)"
         return "no base model was given"
     if user is not None and user.onnx is None:
         return (
@@ -413,7 +425,7 @@ def _base_record(user: UserModel) -> dict[str, Any]:
     src = user.source
     record: dict[str, Any] = {"form": user.form, "name": user.name}
     model = None
-    if user.form == "pt2":
+    if user.form in ("pt2", "onnx"):
         model = src.get("path")
         record["sha256"] = src.get("sha256")
     elif user.form == "factory":
@@ -598,10 +610,12 @@ def _rebuild_base(spec: dict, base, shape) -> nn.Module:
     record = spec.get("base", {})
     if base is not None:
         template = base.module if isinstance(base, UserModel) else base
+        if template is None and isinstance(base, UserModel) and base.onnx is not None:
+            template = onnx_to_torch(base.onnx)
         if template is None:
             raise SurrogateError("the base model given has no torch module to rebuild the surrogate from")
     elif record.get("model"):
-        if record["form"] == "pt2":
+        if record["form"] in ("pt2", "onnx"):
             path = Path(record["model"])
             if not path.is_file():
                 raise SurrogateError(f"the surrogate was copied from MODEL {path}, which no longer exists")
@@ -611,7 +625,8 @@ def _rebuild_base(spec: dict, base, shape) -> nn.Module:
                 )
         opts = dict(record.get("options", {}))
         opts["input_size"] = tuple(opts.get("input_size") or shape[1:])
-        template = load_user_model(record["model"], **opts).module
+        loaded = load_user_model(record["model"], **opts)
+        template = loaded.module if loaded.module is not None else onnx_to_torch(loaded.onnx)
     else:
         raise SurrogateError(
             f"the surrogate was copied from an nn.Module passed in Python ({record.get('class')}); load it "

@@ -281,3 +281,63 @@ def test_older_opset_attribute_forms_match_onnxruntime(opset: int) -> None:
     module = onnx_to_torch(proto)
     for x in _inputs((3, 16, 16)):
         assert _relative_error(module, proto, x) < RTOL
+
+
+# --------------------------------------------------------------------------------------------------
+# The surrogate of an ONNX base
+
+
+def _resize_classifier(path) -> None:
+    """A 3×16×16 → 4-class ONNX classifier with a Resize node (which the importer lacks)."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["r"], name="xyz", mode="nearest"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_an_onnx_base_starts_the_surrogate_from_its_weights_and_round_trips(tmp_path) -> None:
+    from rrise.calibrate.model_files import load_surrogate, save_surrogate
+    from rrise.calibrate.surrogates import build_surrogate, surrogate_spec
+
+    base = build_model("cnn-small", 3, 10, 16, seed=0).eval()
+    export_onnx(base, tmp_path / "base.onnx", (3, 16, 16))
+    user = load_user_model(tmp_path / "base.onnx", mean=0.5, std=0.25)
+    surrogate = build_surrogate(user)
+    spec = surrogate_spec(surrogate)
+    assert spec["arch"] == "base" and spec["onnx_start"] == "imported"
+    assert surrogate.training and all(p.requires_grad for p in surrogate.parameters())
+    x = _inputs((3, 16, 16))[1]
+    assert _relative_error(surrogate, onnx.load_from_string(user.onnx), x) < RTOL
+    save_surrogate(surrogate, tmp_path / "s.pt")
+    for kwargs in ({}, {"base": user}):  # rebuilt from the recorded ONNX file, or from the base given
+        again = load_surrogate(tmp_path / "s.pt", **kwargs)[0].eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(torch.from_numpy(x)), surrogate.eval()(torch.from_numpy(x)))
+
+
+def test_an_onnx_base_with_an_unsupported_operator_gets_a_fresh_edge_network(tmp_path) -> None:
+    from rrise.calibrate.surrogates import SurrogateError, build_surrogate, surrogate_spec
+
+    _resize_classifier(tmp_path / "resize.onnx")
+    user = load_user_model(tmp_path / "resize.onnx")
+    spec = surrogate_spec(build_surrogate(user))
+    assert spec["arch"] == "cnn-small" and spec["onnx_start"] == "fresh"
+    assert "is ONNX and the ONNX graph uses 'Resize' (node 'xyz')" in spec["why"]
+    with pytest.raises(SurrogateError, match="--surrogate-arch base: .*'Resize'"):
+        build_surrogate(user, arch="base")

@@ -306,16 +306,15 @@ def test_a_base_that_outputs_probabilities_gets_a_log_layer(factories, tmp_path)
     _same_outputs(load_surrogate(tmp_path / "s.pt", trust_code=True)[0], surrogate, user.input_shape)
 
 
-def test_an_onnx_base_gets_an_edge_network(tmp_path) -> None:
+def test_an_onnx_base_is_imported_as_the_surrogates_start(tmp_path) -> None:
     base = build_model("cnn-small", 3, K, 32, seed=0).eval()
     export_onnx(base, tmp_path / "base.onnx", (3, 32, 32))
     user = load_user_model(tmp_path / "base.onnx", mean=0.5, std=0.25)
     auto = build_surrogate(user)
     spec = surrogate_spec(auto)
-    assert spec["arch"] == "edge-resnet" and "is ONNX" in spec["why"]
+    assert spec["arch"] == "base" and spec["onnx_start"] == "imported"
+    assert "imported from its ONNX graph" in spec["why"]
     assert spec["mean"] == [0.5] * 3 and spec["std"] == [0.25] * 3  # the base's normalization
-    with pytest.raises(SurrogateError, match="--surrogate-arch base: .*is ONNX"):
-        build_surrogate(user, arch="base")
     with pytest.raises(SurrogateError, match="differs"):
         build_surrogate(user, (3, 28, 28))
     assert surrogate_spec(build_surrogate(user, arch="cnn-small"))["arch"] == "cnn-small"
