@@ -21,3 +21,42 @@ def test_audit_certifies_with_the_runtime_numerics_and_counts_violations(tiny_bu
     assert result.certified == int(np.sum(cert.pred >= 0)) and result.n_mc == 300
     assert result.allowed_rate == bundle.calibration().alpha + bundle.calibration().beta
     assert 0 <= result.violations <= result.certified and 0.0 <= result.p_value <= 1.0
+
+
+def test_adaptive_audit_checks_every_record_by_the_path_that_certified_it(tiny_bundle):
+    from rrise.calibrate.audit import audit_adaptive
+    from rrise.runtime.adaptive import McOptions
+    from rrise.stats import clopper_pearson_upper
+
+    bundle = Bundle.load(tiny_bundle)
+    images = load_npz(bundle.file("calibration.npz"), ("images",))["images"][:16]
+    mc = McOptions(mc_budget=1024, mc_batch=256, require_radius=0.25)
+    result = audit_adaptive(bundle, images, mc, n_mc=300, show_progress=False)
+    backend, variant = make_backend(bundle, "onnxruntime", precision="fp32")
+    first = certify_from_probs(
+        np.concatenate([backend.run(x[None]) for x in images]), bundle.calibration(variant)
+    )
+    surrogate_radius = np.where(first.abstain, 0.0, first.radius)
+    # routed as `rrise run --require-radius 0.25`: draws only below it; the larger certificate kept
+    np.testing.assert_array_equal(result.mc_draws > 0, surrogate_radius < 0.25)
+    assert np.all(result.mc_draws <= 1024) and np.all(result.radius >= surrogate_radius - 1e-12)
+    by = result.certified_by
+    assert set(by) <= {"surrogate", "mc", ""} and np.array_equal(by == "", result.pred < 0)
+    assert np.all(result.mc_draws[by == "surrogate"] == 0)
+    np.testing.assert_array_equal(result.p_lower[by == "surrogate"], first.p_lower[by == "surrogate"])
+    # each certificate, whichever path gave it, against the fresh reference count of its class
+    upper = clopper_pearson_upper(result.mc_count, 300, 0.001)
+    np.testing.assert_allclose(result.mc_upper, upper)
+    np.testing.assert_array_equal(result.violation, (result.pred >= 0) & (result.p_lower > upper))
+    paths = result.paths
+    assert set(paths) == {"surrogate", "mc"}
+    assert paths["surrogate"].certified + paths["mc"].certified == result.certified
+    assert paths["mc"].certified == int(np.sum(by == "mc")) > 0
+    for path in paths.values():
+        lo, hi = path.ci95
+        assert path.violations == int(np.sum(result.violation & (by == path.path)))
+        assert 0.0 <= lo <= path.rate <= hi <= 1.0
+    cal = bundle.calibration()
+    assert result.allowed_rate == cal.alpha + cal.beta + mc.mc_alpha and 0.0 <= result.p_value <= 1.0
+    again = audit_adaptive(bundle, images, mc, n_mc=300, show_progress=False)  # seeded: reproducible
+    np.testing.assert_array_equal(again.p_lower, result.p_lower)
