@@ -140,6 +140,11 @@ def _print_bundle(bundle, result=None) -> None:
         else:
             shown = f"quantile {q:.6g} ({v.get('calibrated_with', '?')}, max batch {v.get('max_batch', '?')})"
         typer.echo(f"variant   {v['precision']}/{v['backend']} {v['file']}: {shown}")
+    for e in bundle.manifest["base_model"].get("engines") or ():
+        typer.echo(
+            f"base      {e['file']}: TensorRT {e['trt_version']}, compute capability "
+            f"{e['compute_capability']} (Monte Carlo draws of --backend tensorrt --mc-budget N)"
+        )
     if result is not None and result.parity is not None:
         typer.echo(f"parity    max |logits torch - onnxruntime| = {result.parity:.3g}")
         if result.parity > 1e-4:

@@ -93,7 +93,8 @@ def add_engine(
     ONNX on the CPU. ``info`` is :func:`rrise.export.tensorrt_build.engine_info` (looked up if not
     given). fp16 and int8 engines are built strongly typed from the bundle's fp16 / int8 QDQ ONNX,
     which must be in the bundle already. Raises RuntimeError (no TensorRT, build failure),
-    BundleError or ValueError naming the problem; the bundle is unchanged then.
+    BundleError or ValueError naming the problem; the bundle is unchanged then, unless only the
+    base model's engine failed (a RuntimeError saying the surrogate's engine was added).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -101,7 +102,13 @@ def add_engine(
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     info = info if info is not None else tensorrt_build.engine_info()
     _add_surrogate_engine(bundle_dir, precision, timing_cache, max_batch, info)
-    return add_base_engine(bundle_dir, timing_cache=timing_cache, info=info)
+    try:
+        return add_base_engine(bundle_dir, timing_cache=timing_cache, info=info)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise RuntimeError(
+            f"the surrogate's {precision} engine was added to {bundle_dir}, but the base model's engine "
+            f"failed ({exc}); `rrise run --backend tensorrt --mc-budget N` needs it: fix that and rerun"
+        ) from exc
 
 
 def _add_surrogate_engine(

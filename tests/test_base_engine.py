@@ -308,3 +308,26 @@ def test_the_engine_is_opened_from_the_checked_bytes(with_engines):
     shutil.copyfile(with_engines / "surrogate.onnx", with_engines / ENGINE_FILE)  # changed after load
     with pytest.raises(BundleError, match=f"changed file {ENGINE_FILE}"):
         McCertifier.from_bundle(bundle, SequentialOptions(budget=1024, batch_size=256), backend="tensorrt")
+
+
+def test_rrise_export_engine_prints_the_base_models_engine(linear, device, builds, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rrise.export.cli import app
+
+    monkeypatch.setattr(tensorrt_build, "engine_info", lambda: dict(INFO))
+    result = CliRunner().invoke(app, ["add-variant", "--bundle", str(linear), "--engine", "tensorrt"])
+    assert result.exit_code == 0, result.output
+    assert f"base      {ENGINE_FILE}: TensorRT 10.3.0, compute capability 8.7" in result.output
+    assert [kind for kind, _, _ in builds] == ["surrogate", "base"]
+
+
+def test_a_failed_base_engine_says_the_surrogates_engine_was_added(linear, device, builds, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("TensorRT could not parse base.onnx: unsupported operator Foo")
+
+    monkeypatch.setattr(tensorrt_build, "build_base_engine", fails)
+    with pytest.raises(RuntimeError, match=r"surrogate's fp32 engine was added.*unsupported operator Foo"):
+        engine_mod.add_engine(linear, "fp32", info=INFO)
+    bundle = Bundle.load(linear)
+    assert bundle.variant("fp32", "tensorrt") and "engines" not in bundle.manifest["base_model"]
