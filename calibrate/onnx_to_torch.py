@@ -98,7 +98,7 @@ def _split_pads(pairs: list[tuple[int, int]]) -> tuple[list[int], list[int] | No
     return [0] * len(pairs), _torch_pad(pairs)
 
 
-def _conv(m: OnnxModule, n: _Node, x, w, b=None):
+def _conv(m: _Run, n: _Node, x, w, b=None):
     a = n.attrs
     k = list(w.shape[2:])
     same, extra = _split_pads(_spatial_pads(a, x, a.get("kernel_shape") or k))
@@ -110,7 +110,7 @@ def _conv(m: OnnxModule, n: _Node, x, w, b=None):
     return fn(x, w, b, strides, same, dil, int(a.get("group", 1)))
 
 
-def _gemm(m: OnnxModule, n: _Node, x, w, c=None):
+def _gemm(m: _Run, n: _Node, x, w, c=None):
     a = n.attrs
     x = x.transpose(0, 1) if a.get("transA", 0) else x
     w = w.transpose(0, 1) if a.get("transB", 0) else w
@@ -122,11 +122,11 @@ def _gemm(m: OnnxModule, n: _Node, x, w, c=None):
     return y
 
 
-def _batch_norm(m: OnnxModule, n: _Node, x, *_stats):
-    return m.norms[m.norm_keys[n.name]](x)
+def _batch_norm(m: _Run, n: _Node, x, *_stats):
+    return m.batch_norm(n.name)(x)
 
 
-def _clip(m: OnnxModule, n: _Node, x, lo=None, hi=None):
+def _clip(m: _Run, n: _Node, x, lo=None, hi=None):
     lo = n.attrs.get("min") if lo is None else lo
     hi = n.attrs.get("max") if hi is None else hi
     lo = float(lo) if lo is not None else None
@@ -134,13 +134,13 @@ def _clip(m: OnnxModule, n: _Node, x, lo=None, hi=None):
     return torch.clamp(x, min=lo, max=hi)
 
 
-def _div(m: OnnxModule, n: _Node, x, y):
+def _div(m: _Run, n: _Node, x, y):
     if not x.is_floating_point() and not y.is_floating_point():
         return torch.div(x, y, rounding_mode="trunc")
     return x / y
 
 
-def _pool(m: OnnxModule, n: _Node, x):
+def _pool(m: _Run, n: _Node, x):
     a = n.attrs
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
@@ -164,7 +164,7 @@ def _pool(m: OnnxModule, n: _Node, x):
     return fn(x, kernel, strides, same, ceil, include)
 
 
-def _flatten(m: OnnxModule, n: _Node, x):
+def _flatten(m: _Run, n: _Node, x):
     axis = int(n.attrs.get("axis", 1))
     axis = axis + x.dim() if axis < 0 else axis
     if axis == 1:
@@ -172,7 +172,7 @@ def _flatten(m: OnnxModule, n: _Node, x):
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
-def _reshape(m: OnnxModule, n: _Node, x, shape):
+def _reshape(m: _Run, n: _Node, x, shape):
     dims = []
     for i, d in enumerate(shape):
         if isinstance(d, _Dim):
@@ -184,7 +184,7 @@ def _reshape(m: OnnxModule, n: _Node, x, shape):
     return x.reshape(dims)
 
 
-def _softmax(m: OnnxModule, n: _Node, x):
+def _softmax(m: _Run, n: _Node, x):
     axis = int(n.attrs.get("axis", -1 if m.opset >= 13 else 1))
     fn = torch.softmax if n.op == "Softmax" else torch.log_softmax
     if m.opset >= 13 or axis in (-1, x.dim() - 1):
@@ -193,7 +193,7 @@ def _softmax(m: OnnxModule, n: _Node, x):
     return fn(x.reshape(int(np.prod(lead)), -1), 1).reshape(x.shape)
 
 
-def _transpose(m: OnnxModule, n: _Node, x):
+def _transpose(m: _Run, n: _Node, x):
     perm = n.attrs.get("perm") or list(reversed(range(x.dim())))
     return x.permute(*[int(p) for p in perm])
 
@@ -203,7 +203,7 @@ def _axes(n: _Node, given) -> list[int] | None:
     return None if axes is None else [int(a) for a in np.atleast_1d(np.asarray(axes))]
 
 
-def _squeeze(m: OnnxModule, n: _Node, x, axes=None):
+def _squeeze(m: _Run, n: _Node, x, axes=None):
     axes = _axes(n, axes)
     if axes is None:
         return torch.squeeze(x)
@@ -212,7 +212,7 @@ def _squeeze(m: OnnxModule, n: _Node, x, axes=None):
     return x
 
 
-def _unsqueeze(m: OnnxModule, n: _Node, x, axes=None):
+def _unsqueeze(m: _Run, n: _Node, x, axes=None):
     axes = _axes(n, axes)
     rank = x.dim() + len(axes)
     for a in sorted(a + rank if a < 0 else a for a in axes):
@@ -220,7 +220,7 @@ def _unsqueeze(m: OnnxModule, n: _Node, x, axes=None):
     return x
 
 
-def _pad(m: OnnxModule, n: _Node, x, pads=None, value=None, axes=None):
+def _pad(m: _Run, n: _Node, x, pads=None, value=None, axes=None):
     mode = n.attrs.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else str(mode)
     if mode != "constant" or axes is not None:
@@ -230,7 +230,7 @@ def _pad(m: OnnxModule, n: _Node, x, pads=None, value=None, axes=None):
     return F.pad(x, _torch_pad(_pairs(pads, x.dim())), value=fill)
 
 
-def _reduce_mean(m: OnnxModule, n: _Node, x, axes=None):
+def _reduce_mean(m: _Run, n: _Node, x, axes=None):
     axes = _axes(n, axes)
     keep = bool(n.attrs.get("keepdims", 1))
     if axes is None or len(axes) == 0:
@@ -238,7 +238,7 @@ def _reduce_mean(m: OnnxModule, n: _Node, x, axes=None):
     return x.mean(dim=axes, keepdim=keep)
 
 
-def _gather(m: OnnxModule, n: _Node, x, idx):
+def _gather(m: _Run, n: _Node, x, idx):
     axis = int(n.attrs.get("axis", 0))
     idx_t = torch.as_tensor(idx, dtype=torch.int64)
     if idx_t.dim() == 0:
@@ -248,7 +248,7 @@ def _gather(m: OnnxModule, n: _Node, x, idx):
     )
 
 
-def _cast(m: OnnxModule, n: _Node, x):
+def _cast(m: _Run, n: _Node, x):
     from onnx import helper
 
     dtype = helper.tensor_dtype_to_np_dtype(int(n.attrs["to"]))
@@ -267,7 +267,7 @@ def _slice_index(n: _Node, rank: int, starts, ends, axes=None, steps=None) -> tu
     return tuple(index)
 
 
-def _slice(m: OnnxModule, n: _Node, x, starts, ends, axes=None, steps=None):
+def _slice(m: _Run, n: _Node, x, starts, ends, axes=None, steps=None):
     index = _slice_index(n, x.dim(), starts, ends, axes, steps)
     if any(s.step is not None and s.step < 0 for s in index):
         raise UnsupportedOperator(f"Slice node {n.name!r}: a negative step on a value computed at run time")
@@ -365,7 +365,6 @@ class OnnxModule(nn.Module):
         self.nodes = graph.nodes
         self.norm_keys: dict[str, str] = {}
         self.sources: dict[str, tuple[str, Any]] = {}  # value name -> (kind, key or static value)
-        self._env: dict[str, torch.Tensor] = {}
         keys = _Keys()
         for name in graph.params:
             key = keys(name)
@@ -383,10 +382,7 @@ class OnnxModule(nn.Module):
                 self.norm_keys[node.name] = key
                 self.norms[key] = _batch_norm_layer(node, graph.arrays)
 
-    def env_dim(self, dim: _Dim):
-        return self._env[dim.value].shape[dim.axis]
-
-    def _value(self, name: str):
+    def _value(self, name: str, env: dict[str, torch.Tensor]):
         kind, key = self.sources.get(name, ("env", name))
         if kind == "param":
             return self.weights[key]
@@ -394,18 +390,27 @@ class OnnxModule(nn.Module):
             return getattr(self.constants, key)
         if kind == "static":
             return key
-        return self._env[name]
+        return env[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._env = {self.input_name: x}
-        try:
-            for node in self.nodes:
-                args = [self._value(i) if i else None for i in node.inputs]
-                out = _OPS[node.op](self, node, *args)
-                self._env[node.outputs[0]] = out
-            return self._env[self.output_name]
-        finally:
-            self._env = {}
+        run = _Run(self, {self.input_name: x})
+        for node in self.nodes:
+            args = [self._value(i, run.env) if i else None for i in node.inputs]
+            run.env[node.outputs[0]] = _OPS[node.op](run, node, *args)
+        return run.env[self.output_name]
+
+
+class _Run:
+    """One forward pass of an :class:`OnnxModule`: its layers and the values computed so far."""
+
+    def __init__(self, module: OnnxModule, env: dict[str, torch.Tensor]):
+        self.module, self.env, self.opset = module, env, module.opset
+
+    def env_dim(self, dim: _Dim):
+        return self.env[dim.value].shape[dim.axis]
+
+    def batch_norm(self, node_name: str) -> nn.Module:
+        return self.module.norms[self.module.norm_keys[node_name]]
 
 
 def _batch_norm_layer(node: _Node, arrays: dict[str, np.ndarray]) -> _BatchNorm:
@@ -484,13 +489,24 @@ def _unsupported(op: str, name: str) -> UnsupportedOperator:
     )
 
 
+def _check_supported(g) -> None:
+    """Raise :class:`UnsupportedOperator` for the first node the importer cannot run."""
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
+            raise _unsupported(node.op_type, node.name)
+        if any(o in read for o in node.output[1:]):  # MaxPool indices, a Dropout mask
+            raise UnsupportedOperator(
+                f"the ONNX graph reads a second output of {node.op_type!r} (node {node.name!r}), which the "
+                f"surrogate importer does not support; the surrogate starts from a fresh edge network instead"
+            )
+
+
 def _read_graph(proto) -> _Graph:
     from onnx import helper, numpy_helper, shape_inference
 
     g = proto.graph
-    for node in g.node:
-        if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
-            raise _unsupported(node.op_type, node.name)
+    _check_supported(g)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
     arrays = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     inputs = [i.name for i in g.input if i.name not in arrays]

@@ -341,3 +341,19 @@ def test_an_onnx_base_with_an_unsupported_operator_gets_a_fresh_edge_network(tmp
     assert "is ONNX and the ONNX graph uses 'Resize' (node 'xyz')" in spec["why"]
     with pytest.raises(SurrogateError, match="--surrogate-arch base: .*'Resize'"):
         build_surrogate(user, arch="base")
+
+
+@pytest.mark.parametrize("which", ["every-group", "hand"])
+def test_the_imported_module_goes_through_torch_export_with_a_dynamic_batch(which, tmp_path) -> None:
+    torch.manual_seed(0)
+    proto = (
+        _export(EveryGroup(), (1, 16, 16), tmp_path / "every.onnx")
+        if which == "every-group"
+        else _hand_graph()
+    )
+    module = onnx_to_torch(proto)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(module, (torch.rand(2, 1, 16, 16),), dynamic_shapes=({0: batch},))
+    x = torch.from_numpy(_digits(16, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), module(x))
