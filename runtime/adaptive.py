@@ -179,7 +179,7 @@ def base_engine(bundle: Bundle, backend: str) -> dict[str, Any] | None:
     if backend == "onnxruntime":
         return None
     engines = list(bundle.manifest.get("base_model", {}).get("engines") or ())
-    usable = tensorrt_available()
+    usable = bool(engines) and tensorrt_available()
     matching = [e for e in engines if engine_mismatch(e) is None] if usable else []
     if backend != "tensorrt":
         return matching[0] if matching else None
