@@ -123,7 +123,7 @@ def _gemm(m: _Run, n: _Node, x, w, c=None):
 
 
 def _batch_norm(m: _Run, n: _Node, x, *_stats):
-    return m.batch_norm(n.name)(x)
+    return m.batch_norm(n.outputs[0])(x)
 
 
 def _clip(m: _Run, n: _Node, x, lo=None, hi=None):
@@ -364,7 +364,7 @@ class OnnxModule(nn.Module):
         self.input_name, self.output_name = graph.input, graph.output
         self.nodes = graph.nodes
         self.norm_keys: dict[str, str] = {}
-        self.sources: dict[str, tuple[str, Any]] = {}  # value name -> (kind, key or static value)
+        self.sources: dict[str, tuple[str, str]] = {}  # value name -> ("param" | "buffer", key)
         keys = _Keys()
         for name in graph.params:
             key = keys(name)
@@ -374,28 +374,30 @@ class OnnxModule(nn.Module):
             key = keys(name)
             self.constants.register_buffer(key, torch.from_numpy(graph.arrays[name].copy()))
             self.sources[name] = ("buffer", key)
-        for name, value in graph.static.items():
-            self.sources[name] = ("static", value)
+        self.static = dict(graph.static)  # shapes, axes, pads, bounds: read as Python values
         for node in self.nodes:
             if node.op == "BatchNormalization":
                 key = keys(node.name or node.outputs[0])
-                self.norm_keys[node.name] = key
+                self.norm_keys[node.outputs[0]] = key
                 self.norms[key] = _batch_norm_layer(node, graph.arrays)
 
-    def _value(self, name: str, env: dict[str, torch.Tensor]):
+    def _value(self, name: str, env: dict[str, torch.Tensor], static: bool):
+        if not name:
+            return None
+        if static:
+            return self.static[name]
         kind, key = self.sources.get(name, ("env", name))
         if kind == "param":
             return self.weights[key]
         if kind == "buffer":
             return getattr(self.constants, key)
-        if kind == "static":
-            return key
         return env[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = _Run(self, {self.input_name: x})
         for node in self.nodes:
-            args = [self._value(i, run.env) if i else None for i in node.inputs]
+            static = _STATIC_INPUTS.get(node.op, ())
+            args = [self._value(name, run.env, k in static) for k, name in enumerate(node.inputs)]
             run.env[node.outputs[0]] = _OPS[node.op](run, node, *args)
         return run.env[self.output_name]
 
@@ -409,8 +411,8 @@ class _Run:
     def env_dim(self, dim: _Dim):
         return self.env[dim.value].shape[dim.axis]
 
-    def batch_norm(self, node_name: str) -> nn.Module:
-        return self.module.norms[self.module.norm_keys[node_name]]
+    def batch_norm(self, output: str) -> nn.Module:
+        return self.module.norms[self.module.norm_keys[output]]
 
 
 def _batch_norm_layer(node: _Node, arrays: dict[str, np.ndarray]) -> _BatchNorm:
@@ -678,8 +680,10 @@ def _fold_symbolic(n: _Node, values: list) -> Any:
 
 
 def _classify(graph: _Graph) -> None:
-    """Sort the constants the remaining nodes read into weights, buffers and static values."""
+    """Sort the constants the remaining nodes read into weights, buffers and static values (read as
+    Python values: shapes, axes, pads, bounds); sizes known only at run time may only shape a Reshape."""
     weights = _weight_names(graph)
+    symbolic = set(graph.static)  # after _fold, only shapes holding run-time sizes are left here
     params, buffers = [], []
     for n in graph.nodes:
         if n.op == "BatchNormalization":
@@ -687,20 +691,19 @@ def _classify(graph: _Graph) -> None:
             n.inputs = n.inputs[:1]
             continue
         for k, name in enumerate(n.inputs):
-            if not name or name in graph.static:
+            static = k in _STATIC_INPUTS.get(n.op, ())
+            if name in symbolic and not (static and n.op == "Reshape"):
+                raise _unsupported(n.op, n.name)
+            if not name or name in symbolic:
                 continue
-            if k in _STATIC_INPUTS.get(n.op, ()):
-                if name not in graph.arrays:
-                    raise UnsupportedOperator(
-                        f"node {n.name!r} ({n.op}) computes input {k} in the graph; the importer needs a "
-                        f"constant there"
-                    )
+            if static and name not in graph.arrays:
+                raise UnsupportedOperator(
+                    f"node {n.name!r} ({n.op}) computes input {k} in the graph; the importer needs a "
+                    f"constant there"
+                )
+            if static:
                 graph.static[name] = graph.arrays[name].tolist()
             elif name in graph.arrays:
                 (params if name in weights else buffers).append(name)
-    for n in graph.nodes:
-        for name in n.inputs:
-            if name in graph.static and _symbolic(graph.static[name]) and n.op != "Reshape":
-                raise _unsupported(n.op, n.name)
     graph.params = list(dict.fromkeys(params))
     graph.buffers = [b for b in dict.fromkeys(buffers) if b not in graph.params]
