@@ -197,6 +197,8 @@ class AdaptiveAuditResult:
     allowed_rate: float
     p_value: float
     paths: dict[str, PathAudit]
+    # as AuditResult's: median and largest over the certified inputs (0 when none is certified)
+    detection_limit: tuple[float, float] = (0.0, 0.0)
 
     @property
     def audited(self) -> int:
@@ -268,6 +270,7 @@ def audit_adaptive(
     k, upper, violation = reference_violations(top, pred >= 0, p_lower, counts, level=alpha_ref)
     allowed = cal.alpha + cal.beta + mc.mc_alpha
     v = int(np.sum(violation))
+    limit = detection_limit(p_lower[pred >= 0], n_mc, alpha_ref) if np.any(pred >= 0) else np.zeros(1)
     paths = {
         path: PathAudit(path, int(np.sum(by == path)), int(np.sum(violation & (by == path))))
         for path in (BY_SURROGATE, BY_MC)
@@ -285,4 +288,5 @@ def audit_adaptive(
         allowed_rate=allowed,
         p_value=float(binom.sf(v - 1, len(pred), allowed)) if len(pred) else 1.0,
         paths=paths,
+        detection_limit=(float(np.median(limit)), float(np.max(limit))),
     )

@@ -58,5 +58,6 @@ def test_adaptive_audit_checks_every_record_by_the_path_that_certified_it(tiny_b
         assert 0.0 <= lo <= path.rate <= hi <= 1.0
     cal = bundle.calibration()
     assert result.allowed_rate == cal.alpha + cal.beta + mc.mc_alpha and 0.0 <= result.p_value <= 1.0
+    assert 0.0 < result.detection_limit[0] <= result.detection_limit[1] < 1.0
     again = audit_adaptive(bundle, images, mc, n_mc=300, show_progress=False)  # seeded: reproducible
     np.testing.assert_array_equal(again.p_lower, result.p_lower)

@@ -41,7 +41,7 @@ def test_audit_of_adaptive_records_reports_violations_per_path(tiny_bundle: Path
     assert result.exit_code in (0, 1), result.output  # 1 only if the binomial test fails
     lines = result.stdout.splitlines()
     assert lines[0].startswith("audited 8 inputs with 100 fresh draws each (adaptive, --mc-budget 1024)")
-    assert "α+β+A" in lines[0]
+    assert "α+β+A" in lines[0] and "detection limit" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:3]] == ["surrogate", "mc"]
     assert all("Clopper-Pearson interval" in line for line in lines[1:3])
     rows = [r.split("\t") for r in table.read_text().splitlines()]

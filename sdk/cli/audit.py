@@ -121,7 +121,9 @@ def _report_adaptive(options: AuditOptions, idx: Any, labels: Any, result: Any) 
         f"{options.mc.mc_budget}): {result.certified} certified, {int(result.mc_draws.sum())} runtime "
         f"draws, {result.violations} violation(s) over all inputs (rate "
         f"{result.violations / max(result.audited, 1):.4f}; the composed guarantee allows α+β+A = "
-        f"{result.allowed_rate:g}); binomial test p = {result.p_value:.3g}"
+        f"{result.allowed_rate:g}); binomial test p = {result.p_value:.3g}; detection limit "
+        f"{result.detection_limit[0]:.4f} (median over certified inputs, up to "
+        f"{result.detection_limit[1]:.4f})"
     )
     for path in result.paths.values():
         lo, hi = path.ci95
