@@ -255,7 +255,7 @@ class FakeEngineBackend:
 
     scale_per_extra_row = 0.0
 
-    def __init__(self, engine_path):
+    def __init__(self, engine_path, **kwargs):
         from rrise.onnx_session import open_session
 
         self.session = open_session(Path(engine_path).read_text(), "onnxruntime-cpu")
@@ -284,7 +284,13 @@ def fake_engine_build(monkeypatch, backend=FakeEngineBackend) -> dict:
         Path(engine_path).write_text(str(onnx_path))
         return Path(engine_path)
 
+    def fake_base_build(onnx_path, engine_path, **kw):  # the base model's engine, built alongside
+        calls["base"] = dict(kw, onnx=Path(onnx_path).name)
+        Path(engine_path).write_text(str(onnx_path))
+        return Path(engine_path)
+
     monkeypatch.setattr(tensorrt_build, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt_build, "build_base_engine", fake_base_build)
     monkeypatch.setattr(
         tensorrt_build,
         "engine_info",
