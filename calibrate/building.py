@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from rrise.fileio import atomic_write_json
+from rrise.fileio import atomic_write_json, read_json
 from rrise.runtime.preprocess import preprocess_spec
 
 from . import provenance as prov
@@ -42,6 +42,7 @@ from .specs import USER_DATASET, ImageData, UserModelSpec
 from .stages import ALL_STAGES, run_stage
 from .user_data import split_images
 from .user_model import UserModel, UserModelError, load_user_model
+from .verdict import verdict_lines
 from .workdir import RunConfig, Workdir
 
 __all__ = ["BUILD_STAGES", "USER_DATASET", "build", "build_options", "mc_budget", "probe_rate"]
@@ -279,4 +280,8 @@ def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state
     state["stages"] = True
     for name in BUILD_STAGES:
         run_stage(w, name)
+    metrics = read_json(w.path("report/metrics.json"))
+    if metrics:
+        for line in verdict_lines(metrics):
+            log(line)
     return w.path("bundle")
