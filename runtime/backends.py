@@ -20,7 +20,17 @@ import numpy as np
 
 from rrise.numerics import MICRO_BATCH_LIMIT, to_probs
 from rrise.onnx_session import open_session
-from rrise.trt_session import TensorRTBackend, tensorrt_available
+from rrise.trt_session import (
+    TENSORRT_HELP,
+    TensorRTBackend,
+    check_batch_input,
+    check_output_kind,
+    device_compute_capability,
+    engine_mismatch,
+    installed_tensorrt_version,
+    pick_name,
+    tensorrt_available,
+)
 
 if TYPE_CHECKING:
     from rrise.bundle import Bundle
@@ -37,24 +47,6 @@ __all__ = [
 log = logging.getLogger("rrise.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-OUTPUT_KINDS = ("logits", "probs")
-TENSORRT_HELP = (
-    "install the tensorrt extra on the target device (pip install 'rrise[tensorrt]', or JetPack's "
-    "python3-libnvinfer plus pycuda) and build an engine there with `rrise-export --engine tensorrt`"
-)
-
-
-def _check_kind(output_kind: str) -> str:
-    if output_kind not in OUTPUT_KINDS:
-        raise ValueError(f"model output kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
-    return output_kind
-
-
-def _check_input(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ValueError(f"backend input must be [B, C, H, W] with B >= 1, got shape {x.shape}")
-    return x
 
 
 def variant_max_batch(variant: dict[str, Any]) -> int:
@@ -87,13 +79,13 @@ class OnnxRuntimeBackend:
         output_kind: str = "logits",
         where: str | None = None,
     ) -> None:
-        self.output_kind = _check_kind(output_kind)
+        self.output_kind = check_output_kind(output_kind)
         self.calibrated_with = calibrated_with
         self.session = open_session(model, calibrated_with)
         where = where or ("the serialized model" if isinstance(model, bytes) else model)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.input_name = _pick(input_name, [i.name for i in inputs], "input", where)
-        self.output_name = _pick(output_name, [o.name for o in outputs], "output", where)
+        self.input_name = pick_name(input_name, [i.name for i in inputs], "input", where)
+        self.output_name = pick_name(output_name, [o.name for o in outputs], "output", where)
         self._outputs = [self.output_name]
         batch = next(i.shape[0] for i in inputs if i.name == self.input_name)
         # The most rows one call takes (a model exported with a fixed batch); None: any. Not the
@@ -103,7 +95,7 @@ class OnnxRuntimeBackend:
         self.name = f"onnxruntime[{self.providers[0]}]"
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x)
+        x = check_batch_input(x)
         run, step = self.session.run, self.batch_capacity
         if step is None or len(x) <= step:
             out = run(self._outputs, {self.input_name: x})[0]
@@ -112,14 +104,6 @@ class OnnxRuntimeBackend:
                 [run(self._outputs, {self.input_name: x[i : i + step]})[0] for i in range(0, len(x), step)]
             )
         return to_probs(out, self.output_kind)
-
-
-def _pick(wanted: str | None, names: list[str], what: str, path: Any) -> str:
-    if wanted is not None and wanted in names:
-        return wanted
-    if len(names) == 1:
-        return names[0]
-    raise RuntimeError(f"{path} has {what}s {names}; cannot tell which one is {wanted!r}")
 
 
 def _variants(bundle: Bundle, backend: str, precision: str | None) -> list[dict[str, Any]]:
@@ -140,50 +124,16 @@ def _variants(bundle: Bundle, backend: str, precision: str | None) -> list[dict[
     return found
 
 
-def _device_compute_capability() -> str | None:
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        major, minor = cuda.Device(0).compute_capability()
-    except Exception:
-        return None
-    return f"{major}.{minor}"
-
-
-def _installed_trt_version() -> str | None:
-    try:
-        import tensorrt as trt
-    except Exception:
-        return None
-    return str(getattr(trt, "__version__", "")) or None
-
-
 def _rebuild_command(bundle: Bundle, variant: dict[str, Any]) -> str:
     """The command that rebuilds ``variant``'s engine on this device, recalibrating its quantile."""
     precision = variant.get("precision", "fp32")
     return f"rrise-export --engine tensorrt --precision {precision} --bundle {bundle.path}"
 
 
-def _engine_mismatch(variant: dict[str, Any]) -> str | None:
-    """Why the engine ``variant`` cannot run here, or None: a serialized TensorRT engine runs only
-    with the TensorRT version and the GPU compute capability it was built with."""
-    problems = []
-    want_trt, have_trt = variant.get("trt_version"), _installed_trt_version()
-    if want_trt is not None and have_trt is not None and str(want_trt) != have_trt:
-        problems.append(f"built with TensorRT {want_trt}, this device has TensorRT {have_trt}")
-    want_cc, have_cc = variant.get("compute_capability"), _device_compute_capability()
-    if want_cc is not None and have_cc is not None and str(want_cc) != have_cc:
-        problems.append(f"built for compute capability {want_cc}, this GPU is compute capability {have_cc}")
-    if not problems:
-        return None
-    return f"engine {variant.get('file')} was " + " and ".join(problems)
-
-
 def _pick_engine(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The engine built for this GPU and TensorRT version (engines do not move between them)."""
     for v in variants:
-        if _engine_mismatch(v) is None:
+        if engine_mismatch(v) is None:
             return v
     return None
 
@@ -197,7 +147,7 @@ def _build(bundle: Bundle, variant: dict[str, Any]) -> OnnxRuntimeBackend | Tens
     }
     where = str(bundle.path / variant["file"])
     if variant.get("backend") == "tensorrt":
-        mismatch = _engine_mismatch(variant)
+        mismatch = engine_mismatch(variant)
         if mismatch is not None:
             raise RuntimeError(
                 f"{mismatch}: rebuild it on this device with `{_rebuild_command(bundle, variant)}`"
@@ -243,8 +193,8 @@ def make_backend(
             if variant is None:
                 msg = (
                     f"no TensorRT engine in {bundle.path} matches this GPU "
-                    f"(compute capability {_device_compute_capability()}) and TensorRT "
-                    f"{_installed_trt_version()}: {_engine_mismatch(engines[0])}; rebuild it on this "
+                    f"(compute capability {device_compute_capability()}) and TensorRT "
+                    f"{installed_tensorrt_version()}: {engine_mismatch(engines[0])}; rebuild it on this "
                     f"device with `{_rebuild_command(bundle, engines[0])}`"
                 )
                 if backend == "tensorrt":

@@ -17,19 +17,22 @@ from typing import Any
 
 import numpy as np
 
+from .manifest_schema import OUTPUT_KINDS
 from .numerics import to_probs
 
 __all__ = [
     "OUTPUT_KINDS",
     "TENSORRT_HELP",
     "TensorRTBackend",
+    "check_batch_input",
+    "check_output_kind",
     "device_compute_capability",
     "engine_mismatch",
     "installed_tensorrt_version",
+    "pick_name",
     "tensorrt_available",
 ]
 
-OUTPUT_KINDS = ("logits", "probs")
 TENSORRT_HELP = (
     "install the tensorrt extra on the target device (pip install 'rrise[tensorrt]', or JetPack's "
     "python3-libnvinfer plus pycuda) and build an engine there with `rrise-export --engine tensorrt`"
@@ -38,20 +41,23 @@ TENSORRT_HELP = (
 _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_}
 
 
-def _check_kind(output_kind: str) -> str:
+def check_output_kind(output_kind: str) -> str:
+    """``output_kind`` if it is one of :data:`OUTPUT_KINDS`, else ValueError naming it."""
     if output_kind not in OUTPUT_KINDS:
         raise ValueError(f"model output kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
     return output_kind
 
 
-def _check_input(x: np.ndarray) -> np.ndarray:
+def check_batch_input(x: np.ndarray) -> np.ndarray:
+    """``x`` as a contiguous float32 ``[B, C, H, W]`` batch (B ≥ 1), else ValueError naming its shape."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"backend input must be [B, C, H, W] with B >= 1, got shape {x.shape}")
     return x
 
 
-def _pick(wanted: str | None, names: list[str], what: str, path: Any) -> str:
+def pick_name(wanted: str | None, names: list[str], what: str, path: Any) -> str:
+    """``wanted`` if it is among ``names``, the only name if there is one, else RuntimeError."""
     if wanted is not None and wanted in names:
         return wanted
     if len(names) == 1:
@@ -143,7 +149,7 @@ class TensorRTBackend:
             import tensorrt as trt
         except Exception as exc:  # a broken CUDA install raises more than ImportError
             raise RuntimeError(f"the TensorRT backend cannot start ({exc}): {TENSORRT_HELP}") from exc
-        self.output_kind = _check_kind(output_kind)
+        self.output_kind = check_output_kind(output_kind)
         self._trt, self._cuda = trt, cuda
         cuda.init()
         self._ctx = cuda.Device(device).retain_primary_context()
@@ -175,8 +181,8 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.input_name = _pick(input_name, ins, "input", engine_path)
-        self.output_name = _pick(output_name, outs, "output", engine_path)
+        self.input_name = pick_name(input_name, ins, "input", engine_path)
+        self.output_name = pick_name(output_name, outs, "output", engine_path)
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         self.fixed_batch = shape[0] != -1  # a fixed batch: a shorter chunk is padded to it
         if shape[0] == -1:  # dynamic batch: optimization profile 0 bounds it
@@ -199,7 +205,7 @@ class TensorRTBackend:
         self._bound_batch = self.batch_capacity
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = _check_input(x)
+        x = check_batch_input(x)
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"engine expects [B, {', '.join(map(str, self.sample_shape))}], got {x.shape}")
         self._ctx.push()
