@@ -106,6 +106,8 @@ def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = T
     # routing rule), so rules.json changes whenever they do and those stages go stale.
     result["counts_sha256"] = sha256_file(w.path(RULE_STORE) / "manifest.json")
     atomic_write_json(out, result)
+    for name, why in result["excluded"].items():
+        w.log(f"[select-rule] rule {name} excluded: {why}")
     w.log(f"[select-rule] winner on the selection split: {result['winner']}")
     return [out]
 

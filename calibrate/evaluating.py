@@ -153,7 +153,9 @@ def _rrise_rows(w: Workdir, cal: Calibration, rule: str, probs, labels, violatio
     bundle's α (``rules_test``: shown for transparency, never used to choose); ``not_run``: the rows
     that could not be computed (e.g. α too small for m), with why."""
     calnpz, selection = load_calibration_npz(w), selection_data(w)
-    methods = {_label(cal, rule, "as bundled"): _rrise_row(cal, probs, labels, violations)}
+    # the bundle refuses an infinite quantile: such a row is never called the bundle's
+    tag = "as bundled" if math.isfinite(cal.quantile) else "NOT bundled (its quantile is infinite)"
+    methods = {_label(cal, rule, tag): _rrise_row(cal, probs, labels, violations)}
     rules_test: dict[str, Any] = {}
     not_run: dict[str, str] = {}
     for r in RULES:

@@ -174,8 +174,9 @@ def _rules_section(rules: dict[str, Any] | None) -> list[str]:
                 lines.append(_error_row(name, row, len(radii) + 5))
                 continue
             cells = " | ".join(f"{row['certified_accuracy'][r]:.1f}" for r in radii)
+            out = f" — excluded: {row['excluded']}" if row.get("excluded") else ""
             lines.append(
-                f"| {name} ({row['rule']}) | {cells} | {row['mean_certified_accuracy']:.2f} | "
+                f"| {name} ({row['rule']}){out} | {cells} | {row['mean_certified_accuracy']:.2f} | "
                 f"{row.get('behind_best', 0):.2f} ({row.get('behind_best_se', 0):.2f}) | "
                 f"{row['acr']:.3f} | {row['abstain_pct']:.1f}% | {row['miss_rate']:.4f} |"
             )

@@ -201,11 +201,14 @@ def compare_rules(
         else _summary(r, runs[r.name], c.radii)
         for r in c.rules
     }
-    ranked = [r.name for r in c.rules if r.name not in errors]
-    if not ranked:
+    ran = [r.name for r in c.rules if r.name not in errors]
+    if not ran:
         raise ValueError(
             f"no calibration rule could run on this selection split: {'; '.join(errors.values())}"
         )
+    ranked, excluded = _bundleable(ran, runs, len(splits))
+    for name, why in excluded.items():
+        table[name]["excluded"] = why
     winner = _one_standard_error_winner(c.rules, ranked, runs, table)
     return {
         "alpha": c.alpha,
@@ -218,8 +221,27 @@ def compare_rules(
         "criterion": "simplest rule within one paired standard error of the best mean certified accuracy",
         "radii": list(c.radii),
         "rules": table,
+        "excluded": excluded,
         "winner": winner,
     }
+
+
+def _bundleable(
+    ran: list[str], runs: dict[str, list[dict[str, Any]]], n_splits: int
+) -> tuple[list[str], dict[str, str]]:
+    """``(candidates, excluded)``: the rules the winner may be taken from, and why each other one is
+    not. A rule whose conformal quantile came out infinite on some calibrate part (every certificate
+    would abstain, which the bundle refuses) is excluded while a rule with fewer such parts is left;
+    when none is finite on every part, those with the fewest infinite ones stay candidates."""
+    inf = {name: sum(not r["bundleable"] for r in runs[name]) for name in ran}
+    fewest = min(inf.values())
+    excluded = {
+        name: f"its calibration quantile was infinite on {inf[name]} of {n_splits} calibrate parts: "
+        "it cannot be bundled"
+        for name in ran
+        if inf[name] > fewest
+    }
+    return [name for name in ran if name not in excluded], excluded
 
 
 def _draw_splits(n: int, c: Comparison) -> tuple[list, str]:
@@ -265,7 +287,8 @@ def _run_splits(
             except ValueError as exc:
                 errors[rule.name] = str(exc)
                 continue
-            runs[rule.name].append(_test_metrics(p[test], y[test], p_low[test], calibration, c.radii))
+            metrics = _test_metrics(p[test], y[test], p_low[test], calibration, c.radii)
+            runs[rule.name].append({**metrics, "bundleable": math.isfinite(calibration.quantile)})
     return runs, errors
 
 

@@ -89,6 +89,8 @@ def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, t
     assert "base-model evaluations" in result.output and "evaluations/s" in result.output
     bundle_dir = wd / "bundle"
     assert result.output.strip().splitlines()[-1] == str(bundle_dir)
+    verdict = [line for line in result.output.splitlines() if line.startswith("[verdict]")]
+    assert len(verdict) == 3 and "RRISE as bundled" in verdict[0] and "Cohen MC" in verdict[0], verdict
     bundle = Bundle.load(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     pre = manifest["preprocess"]
