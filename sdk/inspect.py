@@ -16,7 +16,7 @@ from typing import Any
 
 from .bundle import ADAPTIVE_GUARANTEE, Bundle, BundleError
 from .manifest_schema import CONTROL_CHARACTERS
-from .recalibration import verify_quantiles
+from .recalibration import verify_counts, verify_quantiles
 from .sequential import DEFAULT_MC_ALPHA
 from .signing import SigningError, read_signature, verify_signature
 
@@ -65,7 +65,9 @@ def inspect_bundle(
     made_with (the pipeline profile and its note; None when not recorded), files,
     signature (``signed``, the signer's ``key``, ``trusted``: True/False, or None when no ``trust``
     key was given) and, with ``verify``, ``verification`` (one result per variant, see
-    :func:`rrise.recalibration.verify_quantiles`).
+    :func:`rrise.recalibration.verify_quantiles`) and ``count_verification`` (the record against
+    ``calibration.npz`` and the Monte Carlo spot-check of σ and the counts, see
+    :func:`rrise.recalibration.verify_counts`).
     ``problems`` is empty exactly when :meth:`Bundle.load` (with ``trust``) would accept the bundle
     and every verifiable quantile was reproduced; otherwise it lists each changed, missing or extra
     file (by name), the manifest error, the signature failure or the quantile mismatch.
@@ -107,6 +109,7 @@ def inspect_bundle(
     summary["signature"] = _signature(bundle, trust, problems)
     if verify:
         summary["verification"] = _verification(bundle, problems)
+        summary["count_verification"] = _count_verification(bundle, problems)
     return summary, problems
 
 
@@ -157,6 +160,24 @@ def _verification(bundle: Bundle, problems: list[str]) -> list[dict[str, Any]]:
         if r["status"] == "mismatch"
     ]
     return results
+
+
+def _count_verification(bundle: Bundle, problems: list[str]) -> dict[str, Any] | None:
+    """The calibration record against ``calibration.npz`` and the stored counts against fresh draws
+    of the base model at σ (:func:`rrise.recalibration.verify_counts`); each failure is added to
+    ``problems`` by name."""
+    if problems:
+        return None
+    try:
+        result = verify_counts(bundle)
+    except (BundleError, ValueError, RuntimeError, ImportError) as exc:
+        problems.append(f"calibration counts could not be verified: {exc}")
+        return None
+    problems += [f"the calibration record does not match calibration.npz: {p}" for p in result["record"]]
+    spot = result["spot_check"]
+    if spot is not None and spot["status"] == "mismatch":
+        problems.append(f"σ or the calibration counts do not match the base model: {spot['detail']}")
+    return result
 
 
 def _variant_summary(bundle: Bundle, variant: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +309,16 @@ def _signature_line(sig: dict[str, Any] | None) -> str:
     return f"Signature    FAILED: not a valid signature by the trusted key (it names key {sig['key']})"
 
 
-def _verification_lines(results: list[dict[str, Any]]) -> list[str]:
+NOT_RECOMPUTED = (
+    "Not recomputable from the bundle: the preprocess, what each label means, whether the calibration "
+    "images are exchangeable with deployment inputs, and the base model's own fitness; only a signature "
+    "(--trust) by someone who checked them protects these."
+)
+
+
+def _verification_lines(
+    results: list[dict[str, Any]], counts: dict[str, Any] | None, bundle_id: str
+) -> list[str]:
     lines = ["Verify       each variant's quantile recomputed from calibration.npz and its own model"]
     for r in results:
         if r["status"] == "ok":
@@ -300,6 +330,25 @@ def _verification_lines(results: list[dict[str, Any]]) -> list[str]:
         else:
             state = f"{r['status']}: {r['detail']}"
         lines.append(_wrap(f"{r['variant']}  {r['file']}  {state}", "  "))
+    if counts is not None:
+        record = "OK" if not counts["record"] else "MISMATCH: " + "; ".join(counts["record"])
+        lines.append(
+            _wrap(f"record  σ, N, m, cap draws, classes and input shape against calibration.npz: {record}")
+        )
+        spot = counts["spot_check"]
+        if spot is not None:
+            head = (
+                f"counts  {spot['inputs']} calibration inputs × {spot['draws']} fresh draws of the base "
+                f"model at σ = {_num(spot['sigma'])} ({spot['seconds']:.2f} s): "
+            )
+            state = (
+                f"OK (smallest Fisher p {spot['min_p']:.3g} ≥ {spot['threshold']:.2g})"
+                if spot["status"] == "ok"
+                else f"MISMATCH: {spot['detail']}"
+            )
+            lines.append(_wrap(head + state))
+    lines.append(_wrap(f"id      {bundle_id}: the digest of the manifest verified here"))
+    lines.append(_wrap(NOT_RECOMPUTED))
     return lines
 
 
@@ -344,8 +393,10 @@ def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:
         lines.append("Files")
         lines += [f"  {name}  sha256 {digest[:16]}…" for name, digest in summary["files"].items()]
         lines.append(_signature_line(summary.get("signature")))
-        if summary.get("verification"):
-            lines += _verification_lines(summary["verification"])
+        if "verification" in summary and (summary["verification"] or summary.get("count_verification")):
+            lines += _verification_lines(
+                summary["verification"], summary.get("count_verification"), summary["id"]
+            )
     if problems:
         lines.append(f"Integrity: FAILED ({len(problems)} problem{'s' if len(problems) > 1 else ''})")
         lines += [

@@ -22,6 +22,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .calibration import Calibration
+from .count_check import SpotCheckOptions, spot_check_counts
 from .fileio import load_npz
 from .numerics import MICRO_BATCH_LIMIT, to_probs
 from .onnx_session import open_session
@@ -35,7 +36,9 @@ __all__ = [
     "micro_batched",
     "onnx_probs_runner",
     "read_calibration_npz",
+    "record_problems",
     "variant_recalibration",
+    "verify_counts",
     "verify_quantiles",
 ]
 
@@ -212,3 +215,51 @@ def _verify_variant(
     if differs:
         return {**out, "status": "mismatch", "detail": "; ".join(differs)}
     return {**out, "status": "ok", "detail": None}
+
+
+def record_problems(
+    bundle: Bundle, counts: np.ndarray, cap_counts: np.ndarray | None, images: np.ndarray
+) -> list[str]:
+    """Every disagreement between the manifest (σ, labels, num_classes, input shape), the
+    calibration record (σ, N, m, cap draws) and the arrays of ``calibration.npz``; empty when they
+    all agree."""
+    m, record = bundle.manifest, bundle.calibration()
+    k = bundle.num_classes
+    out: list[str] = []
+    sigma, cal_sigma = m["smoothing"]["sigma"], m["calibration"].get("sigma")
+    if cal_sigma is not None and float(cal_sigma) != float(sigma):
+        out.append(f"calibration.sigma {cal_sigma} differs from smoothing.sigma {sigma}")
+    labels = m["model"].get("labels")
+    if labels is not None and len(labels) != k:
+        out.append(f"{len(labels)} labels for num_classes = {k}")
+    if counts.ndim != 2 or counts.shape[1] != k:
+        out.append(f"counts are {list(counts.shape)}, not [m, num_classes = {k}]")
+    if len(counts) != record.m:
+        out.append(f"{len(counts)} count rows, but the calibration says m = {record.m}")
+    sums = counts.sum(axis=1) if counts.ndim == 2 else np.array([])
+    if sums.size and not np.all(sums == record.n_mc):
+        out.append(f"count rows sum to {sorted({int(s) for s in sums})[:3]}, not n_mc = {record.n_mc}")
+    if (cap_counts is None) != (record.cap_draws is None):
+        out.append(
+            f"cap_counts {'missing' if cap_counts is None else 'present'}, cap_draws = {record.cap_draws}"
+        )
+    elif cap_counts is not None and not np.all(np.isin(cap_counts.sum(axis=1), [0, record.cap_draws])):
+        out.append(f"cap_counts rows must sum to 0 or cap_draws = {record.cap_draws}")
+    want = [len(counts), *(d for d in m["model"]["input"]["shape"][1:])]
+    if len(want) != images.ndim or any(w is not None and w != g for w, g in zip(want, images.shape)):
+        out.append(f"images are {list(images.shape)}, not {want} (m and the model input)")
+    return out
+
+
+def verify_counts(bundle: Bundle, options: SpotCheckOptions | None = None) -> dict[str, Any]:
+    """The calibration record checked against ``calibration.npz`` (``record``: the list of
+    :func:`record_problems`) and the stored counts against fresh draws through the base model at the
+    manifest's σ (``spot_check``: :func:`rrise.count_check.spot_check_counts`; None when the record
+    already disagrees with the arrays)."""
+    if CALIBRATION_FILE not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} has no {CALIBRATION_FILE}; its counts cannot be verified")
+    counts, cap_counts, images = read_calibration_npz(bundle.read_verified(CALIBRATION_FILE))
+    problems = record_problems(bundle, counts, cap_counts, images)
+    if problems:
+        return {"record": problems, "spot_check": None}
+    return {"record": [], "spot_check": spot_check_counts(bundle, counts, images, options)}

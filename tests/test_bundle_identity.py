@@ -37,14 +37,15 @@ from rrise.signing import (
     write_signing_keypair,
 )
 from tests.conftest import NO_TORCH_PRELUDE
-from tests.tiny_bundle import linear_onnx, linear_sources, make_linear_bundle
+from tests.sound_bundle import sound_linear_sources
+from tests.tiny_bundle import linear_onnx, make_linear_bundle
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict:
-    return linear_sources(tmp_path_factory.mktemp("sources"))
+    return sound_linear_sources(tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="module")
