@@ -94,14 +94,17 @@ class BuildOptions:
     model: str = field(
         metadata={
             "help": "Your classifier: path.onnx, path.pt2 (torch.export) or package.module:attribute "
-            "(an nn.Module or a function returning one).",
+            "(an nn.Module, or a factory: a function called with no arguments that returns one, "
+            "importable from the current folder or the Python path).",
             "group": _MODEL,
         }
     )
     data: str = field(
         metadata={
             "help": "Images the model did NOT train on, from the deployment distribution: an ImageFolder "
-            "(root/<class>/<image>), an .npz (images, labels, optional classes) or a built-in name.",
+            "(`root/<class>/<image>`; a class's index is the position of its folder name in sorted "
+            "order, as torchvision's ImageFolder numbers them: your model's outputs must follow "
+            "that order), an .npz (images, labels, optional classes) or a built-in name.",
             "group": _IMAGES,
         }
     )
@@ -154,7 +157,8 @@ class BuildOptions:
     weights: Path | None = field(
         default=None,
         metadata={
-            "help": "Weights for a factory MODEL: .pt (weights_only) or .safetensors.",
+            "help": "Weights for a factory MODEL: a state_dict of the module the factory returns, as "
+            "a .pt file (loaded with weights_only=True, never unpickled) or a .safetensors file.",
             "group": _MODEL,
         },
     )
@@ -167,6 +171,14 @@ class BuildOptions:
         },
     )
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars.", "group": _RUN})
+    force: bool = field(
+        default=False,
+        metadata={
+            "help": "Go on although the model's top-1 accuracy on a sample of DATA is near chance "
+            "(usually a class order other than the sorted folder names, or other preprocessing).",
+            "group": _RUN,
+        },
+    )
 
     def __post_init__(self) -> None:
         """Normalize plain Python values to the fields' types and check each, naming the flag."""

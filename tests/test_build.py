@@ -207,8 +207,12 @@ def test_rrise_build_help_names_the_interface() -> None:
     assert result.exit_code == 0
     for opt in ("--model", "--data", "--workdir", "--sigma", "--profile", "--train-data", "--output",
                 "--output-kind", "--input-size", "--channels", "--mean", "--std", "--weights",
-                "--surrogate-arch", "--no-progress"):  # fmt: skip
+                "--surrogate-arch", "--no-progress", "--force"):  # fmt: skip
         assert opt in result.output, opt
+    wide = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(wide.output.replace("│", " ").split())
+    assert "root/<class>/<image>" in text and "sorted order" in text  # the placeholders survive markup
+    assert "called with no arguments" in text and "state_dict" in text
 
 
 def test_build_options_and_keywords_are_one_build(user, tmp_path) -> None:
