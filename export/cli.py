@@ -28,7 +28,7 @@ import typer
 
 from rrise.options import bind
 
-from .options import BundleInputs, ExportOptions, VariantOptions
+from .options import EXPIRES_HELP, RELEASE_HELP, BundleInputs, ExportOptions, VariantOptions
 
 __all__ = ["AddVariantCommand", "BundleCommand", "SignCommand", "app", "main"]
 
@@ -72,6 +72,8 @@ class SignCommand:
 
     bundle: Path = field(metadata={"help": "The bundle to sign."})
     sign: Path = field(metadata={"help": "Ed25519 private key (KEY.key from `rrise keys`)."})
+    release: int | None = field(default=None, metadata={"help": RELEASE_HELP})
+    expires: str | None = field(default=None, metadata={"help": EXPIRES_HELP})
 
 
 # --- shared steps ---------------------------------------------------------------------------------
@@ -163,8 +165,30 @@ def _signing_key(sign: Path | None):
     return load_private_key(sign)
 
 
-def _sign(bundle_dir: Path, key, was_signed: bool = False) -> None:
-    """Sign the bundle with ``key``; without one, say that a signature the rewrite dropped is gone."""
+@dataclass(frozen=True)
+class _Release:
+    """What a signature states beside the manifest: ``--release N`` and ``--expires ISO``."""
+
+    release: int | None = None
+    expires: str | None = None
+
+
+def _verified_for_signing(bundle_dir: Path) -> None:
+    """Refuse (exit 1, one line naming the failed check) a bundle ``rrise inspect --verify`` does not
+    accept: a signature vouches for every value a certificate depends on, so each is recomputed first."""
+    from rrise.inspect import inspect_bundle
+
+    _, problems = inspect_bundle(bundle_dir, verify=True)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more: rrise inspect --verify lists them)" if len(problems) > 1 else ""
+        )
+        raise _fail(f"not signed: the bundle does not verify: {problems[0]}{more}")
+
+
+def _sign(bundle_dir: Path, key, was_signed: bool = False, release: _Release | None = None) -> None:
+    """Verify, then sign the bundle with ``key``; without one, say that a signature the rewrite
+    dropped is gone."""
     if key is None:
         if was_signed:
             typer.echo(
@@ -175,7 +199,9 @@ def _sign(bundle_dir: Path, key, was_signed: bool = False) -> None:
     from rrise.bundle import sign_bundle
     from rrise.signing import key_fingerprint
 
-    path = sign_bundle(bundle_dir, key)
+    release = release or _Release()
+    _verified_for_signing(bundle_dir)
+    path = sign_bundle(bundle_dir, key, release=release.release, expires=release.expires)
     typer.echo(f"signed    {path.name} by key {key_fingerprint(key.public_key())}")
 
 
@@ -210,13 +236,16 @@ def _add(bundle_dir: Path, variant: VariantOptions, quant: Any, trt_info: dict[s
     )
 
 
-def _make_bundle(inputs: BundleInputs, variant: VariantOptions, sign: Path | None) -> None:
+def _make_bundle(
+    inputs: BundleInputs, variant: VariantOptions, sign: Path | None, release: _Release | None = None
+) -> None:
     """Make a bundle, then add the variant asked for (if any); TensorRT and the quantization data
     are checked before the bundle is made."""
     _check_files(inputs, variant)
     calibration = _read_record(inputs.calibration_record)
     with _errors():
         key = _signing_key(sign)
+        _check_release(release or _Release())
         trt_info = _engine_info(variant.engine)
         quant = None
         if variant.quant_data is not None:
@@ -230,14 +259,17 @@ def _make_bundle(inputs: BundleInputs, variant: VariantOptions, sign: Path | Non
         if variant.adds_something:
             bundle = _add(inputs.out, variant, quant, trt_info)
         _print_bundle(bundle, result)
-        _sign(bundle.path, key)
+        _sign(bundle.path, key, release=release)
 
 
-def _add_variant(bundle_dir: Path, variant: VariantOptions, sign: Path | None) -> None:
+def _add_variant(
+    bundle_dir: Path, variant: VariantOptions, sign: Path | None, release: _Release | None = None
+) -> None:
     """Add the variant to the bundle at ``bundle_dir`` (and sign it, or say an old signature went)."""
     _check_files(None, variant)
     with _errors():
         key = _signing_key(sign)
+        _check_release(release or _Release())
         was_signed = _was_signed(bundle_dir)
         trt_info = _engine_info(variant.engine)
         quant = None
@@ -251,18 +283,32 @@ def _add_variant(bundle_dir: Path, variant: VariantOptions, sign: Path | None) -
             quant = selection_images(variant.quant_data, cal_npz, max_images=variant.quant_samples)
         bundle = _add(bundle_dir, variant, quant, trt_info)
         _print_bundle(bundle)
-        _sign(bundle.path, key, was_signed)
+        _sign(bundle.path, key, was_signed, release)
 
 
-def _sign_as_is(bundle_dir: Path, sign: Path) -> None:
+def _sign_as_is(bundle_dir: Path, sign: Path, release: _Release) -> None:
     from rrise.bundle import Bundle
 
     with _errors():
         key = _signing_key(sign)
+        _check_release(release)
         bundle = Bundle.load(bundle_dir)
         typer.echo(f"bundle    {bundle.path.resolve()}")
         typer.echo(f"id        {bundle.id}")
-        _sign(bundle.path, key)
+        _sign(bundle.path, key, release=release)
+
+
+def _check_release(release: _Release) -> None:
+    """``--release`` and ``--expires`` checked before anything is verified or written."""
+    from rrise.signing import MAX_RELEASE, parse_expiry
+
+    if release.release is not None and not 0 <= release.release <= MAX_RELEASE:
+        raise _fail(f"--release must be an integer in [0, {MAX_RELEASE}], got {release.release}")
+    if release.expires is not None:
+        try:
+            parse_expiry(release.expires)
+        except ValueError as exc:
+            raise _fail(f"--expires: {exc}") from None
 
 
 # --- the verbs ------------------------------------------------------------------------------------
@@ -316,7 +362,7 @@ def sign_command(options: SignCommand) -> None:
 
         rrise-export sign --bundle runs/demo/bundle --sign keys/release.key
     """
-    _sign_as_is(options.bundle, options.sign)
+    _sign_as_is(options.bundle, options.sign, _Release(options.release, options.expires))
 
 
 # --- the flat form --------------------------------------------------------------------------------
@@ -342,12 +388,13 @@ def export_command(options: ExportOptions) -> None:
 
         rrise-export --bundle runs/demo/bundle-fp32 --precision fp16 --engine tensorrt
     """
+    release = _Release(options.release, options.expires)
     if options.action == "sign":
-        _sign_as_is(options.bundle, options.sign)
+        _sign_as_is(options.bundle, options.sign, release)
     elif options.action == "add-variant":
-        _add_variant(options.bundle, options.variant, options.sign)
+        _add_variant(options.bundle, options.variant, options.sign, release)
     else:
-        _make_bundle(options.inputs, options.variant, options.sign)
+        _make_bundle(options.inputs, options.variant, options.sign, release)
 
 
 def main(args: list[str] | None = None) -> None:

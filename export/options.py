@@ -197,6 +197,15 @@ class VariantOptions:
             )
 
 
+RELEASE_HELP = (
+    "With --sign: this bundle's release number, signed with it; raise it with each bundle published, "
+    "so a device run with --min-release N refuses older ones."
+)
+EXPIRES_HELP = (
+    "With --sign: when the signature stops vouching for the bundle, UTC ISO 8601 (e.g. 2027-01-31T00:00:00Z)."
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExportOptions:
     """Everything ``rrise-export`` takes (the flat form): make a bundle from :class:`BundleInputs`,
@@ -232,9 +241,12 @@ class ExportOptions:
         default=None,
         metadata={
             "help": "Ed25519 private key (KEY.key from `rrise keys KEY --kind signing`, PEM or raw): sign "
-            "the bundle's manifest into manifest.sig, which `rrise run/inspect --trust KEY.pub` check."
+            "the bundle's manifest into manifest.sig, which `rrise run/inspect --trust KEY.pub` check. "
+            "The bundle is verified first (`rrise inspect --verify`); one that fails is not signed."
         },
     )
+    release: int | None = field(default=None, metadata={"help": RELEASE_HELP})
+    expires: str | None = field(default=None, metadata={"help": EXPIRES_HELP})
 
     def __post_init__(self) -> None:
         given = self.inputs.given()
