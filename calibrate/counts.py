@@ -160,5 +160,5 @@ def stage_targets(w: Workdir, resume: bool = True) -> list[Path]:
 def stage_reference(w: Workdir, resume: bool = True) -> list[Path]:
     """High-budget reference MC (N_ref draws) on the first test inputs, for violation rates."""
     p = w.prof
-    index = w.splits()["test"][: p.n_ref_inputs]
+    index = w.folder_data().first_inputs("test", p.n_ref_inputs)
     return [fill_count_store(w, REFERENCE_STORE, index, p.n_ref, "reference", "test", resume)]

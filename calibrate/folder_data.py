@@ -48,6 +48,10 @@ class FolderData(Protocol):
         """Indices of each of the folder's splits into its dataset."""
         ...
 
+    def first_inputs(self, split: str, n: int) -> np.ndarray:
+        """``n`` sorted indices of ``split`` that sample it without regard to load order."""
+        ...
+
     def fresh_pool(self) -> np.ndarray:
         """Indices into ``dataset("train")`` of every image fresh targets may be drawn from."""
         ...
@@ -101,6 +105,10 @@ class BuiltinFolderData:
             "test": test,
         }
 
+    def first_inputs(self, split: str, n: int) -> np.ndarray:
+        """The first ``n`` inputs of ``split`` (its indices are a seeded random draw, sorted)."""
+        return self.splits()[split][:n]
+
     def fresh_pool(self) -> np.ndarray:
         """Every training image outside selection and calibration (the base model's training
         images and the held-out ones)."""
@@ -127,6 +135,11 @@ class UserFolderData:
 
     def splits(self) -> dict[str, np.ndarray]:
         return dict(self.index)
+
+    def first_inputs(self, split: str, n: int) -> np.ndarray:
+        """``n`` inputs of ``split`` (one of DATA's: selection, calibration, test), the first by the
+        seeded hash order of the images, as sorted positions: every class in proportion."""
+        return self.split.first_by_hash(split, n)
 
     def fresh_pool(self) -> np.ndarray:
         """The targets split and ``--train-data``'s targets."""
@@ -156,7 +169,7 @@ def combine(spec: ImageData, sp: DataSplits, profile: Profile) -> UserFolderData
         "base": targets,
         "targets": targets,
         "selection": sel,
-        "rules": sel[: profile.n_rule],
+        "rules": sp.first_by_hash("selection", profile.n_rule),  # every class, not the first ones
         "calibration": sp.index["calibration"],
         "test": sp.index["test"],
     }

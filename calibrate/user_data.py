@@ -673,6 +673,14 @@ class DataSplits:
             preprocess=part.preprocess,
         )
 
+    def first_by_hash(self, split: str, n: int) -> np.ndarray:
+        """The ``n`` images of ``split`` of smallest seeded hash key (the key the split was drawn
+        by), as sorted positions in ``data``: a subset that samples every class in proportion, where
+        the first ``n`` positions would be the first classes of a folder loaded class by class."""
+        index = self.index[split]
+        keys = _hash_keys(self.data.digests[index], self.seed)
+        return np.sort(index[np.argsort(keys, kind="stable")[: max(int(n), 0)]])
+
     def sizes(self) -> dict[str, int]:
         out = {s: len(self.index[s]) for s in SPLITS}
         out["targets"] += len(self.train_index)

@@ -264,3 +264,29 @@ def test_train_data_only_feeds_targets_and_duplicates_never_straddle(tmp_path) -
     bad = load_images("digits", GRAY8)
     with pytest.raises(UserDataError, match="classes"):
         split_images(data, sizes, alpha=0.05, train=bad)
+
+
+def test_rule_and_reference_subsets_sample_every_class_in_proportion(tmp_path) -> None:
+    """A folder loads class by class: the first n indices of a split are its first classes; the
+    subsets `rrise build` takes (rule selection, reference inputs) go by the seeded hash instead."""
+    from dataclasses import replace
+
+    from rrise.calibrate.folder_data import combine
+    from rrise.calibrate.specs import USER_DATASET
+
+    classes = [f"c{k}" for k in range(10)]
+    data = load_images(str(_folder(tmp_path / "f", dict.fromkeys(classes, 60), size=(6, 6))), RGB8)
+    sizes = {"targets": 200, "selection": 200, "calibration": 100, "test": 100}
+    sp = split_images(data, sizes, alpha=0.1, seed=3)
+    prof = replace(get_profile("smoke", USER_DATASET), n_rule=50, n_ref_inputs=50)
+    folder = combine(None, sp, prof)
+    labels = folder.dataset("test").labels
+    in_load_order = np.bincount(labels[sp.index["selection"][:50]], minlength=10)
+    assert (in_load_order == 0).sum() >= 5  # the finding: half the classes never seen
+    for subset in (folder.splits()["rules"], folder.first_inputs("test", prof.n_ref_inputs)):
+        assert len(subset) == 50 and np.all(np.diff(subset) > 0)
+        per_class = np.bincount(labels[subset], minlength=10)
+        assert per_class.min() >= 1 and per_class.max() <= 12, per_class  # 5 expected each
+    assert set(folder.splits()["rules"]) <= set(sp.index["selection"])
+    again = combine(None, split_images(data, sizes, alpha=0.1, seed=3), prof)
+    assert np.array_equal(again.splits()["rules"], folder.splits()["rules"])  # seeded: the same subset
