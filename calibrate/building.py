@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from rrise.fileio import atomic_write_json, read_json
+from rrise.runtime.backends import OnnxRuntimeBackend
 from rrise.runtime.preprocess import preprocess_spec
 
 from . import provenance as prov
@@ -40,12 +41,23 @@ from .profiles import Profile, get_profile
 from .provenance import file_sha256
 from .specs import USER_DATASET, ImageData, UserModelSpec
 from .stages import ALL_STAGES, run_stage
-from .user_data import split_images
+from .user_data import DataSplits, split_images
 from .user_model import UserModel, UserModelError, load_user_model
 from .verdict import verdict_lines
 from .workdir import RunConfig, Workdir
 
-__all__ = ["BUILD_STAGES", "USER_DATASET", "build", "build_options", "mc_budget", "probe_rate"]
+__all__ = [
+    "ACCURACY_SAMPLE",
+    "BUILD_STAGES",
+    "NEAR_CHANCE",
+    "USER_DATASET",
+    "base_accuracy",
+    "build",
+    "build_options",
+    "class_mapping",
+    "mc_budget",
+    "probe_rate",
+]
 
 # The stages `rrise build` runs after importing the base model, in order.
 BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify", "evaluate", "bundle")
@@ -234,6 +246,55 @@ def _load_images(options: BuildOptions, um: UserModel, prof: Profile, log: Calla
     return replace(spec, sha256=images.sha256, name=images.name), sp
 
 
+# How many images of the targets split the base model's top-1 accuracy is checked on, and the
+# accuracy (a multiple of chance, 1/K) at or below which `rrise build` refuses without --force.
+ACCURACY_SAMPLE = 200
+NEAR_CHANCE = 1.5
+
+
+def class_mapping(classes: list[str], show: int = 20) -> str:
+    """``index name`` of every class (the first and last ones when there are more than ``show``)."""
+    pairs = [f"{k} {name}" for k, name in enumerate(classes)]
+    if len(pairs) > show:
+        pairs = [*pairs[: show - 3], f"... ({len(pairs) - show + 2} more)", *pairs[-2:]]
+    return ", ".join(pairs)
+
+
+def base_accuracy(w: Workdir, sp: DataSplits, n: int = ACCURACY_SAMPLE) -> tuple[float, int]:
+    """``(top-1 accuracy, images)`` of the work folder's base model on up to ``n`` images of the
+    targets split (the first by the seeded hash: every class in proportion), no noise."""
+    index = sp.first_by_hash("targets", n)
+    ds = w.data("test")
+    backend = OnnxRuntimeBackend(w.path("base.onnx"))
+    pred = np.concatenate(
+        [
+            backend.run(np.asarray(ds.images[part])).argmax(1)
+            for part in np.array_split(index, max(1, len(index) // 50))
+        ]
+    )
+    return float(np.mean(pred == np.asarray(ds.labels)[index])), len(index)
+
+
+def _check_base_model(w: Workdir, sp: DataSplits, force: bool, log: Callable[[str], None]) -> None:
+    """Print the class-to-index mapping and the base model's top-1 accuracy on a sample of DATA;
+    refuse (unless ``force``) when it is near chance, before any Monte Carlo is spent."""
+    classes = list(sp.data.classes)
+    log(f"[check] class index → name (sorted folder names): {class_mapping(classes)}")
+    acc, n = base_accuracy(w, sp)
+    chance = 1.0 / len(classes)
+    log(f"[check] your model's top-1 accuracy on {n} targets-split images: {acc:.1%} (chance {chance:.1%})")
+    if acc > NEAR_CHANCE * chance:
+        return
+    near = f"your model's top-1 accuracy on {n} images of DATA is {acc:.1%}, near chance ({chance:.1%})"
+    if force:
+        log(f"[check] --force: going on although {near}")
+        return
+    raise UserModelError(
+        f"{near}: are its outputs in the order of the sorted class names above, and its input as "
+        "--channels and --mean/--std say? (--force goes on anyway)"
+    )
+
+
 def _log_budget(w: Workdir, log: Callable[[str], None]) -> None:
     """Say how many base-model evaluations the stages will spend, and how long at the measured rate."""
     budget = mc_budget(w)
@@ -272,6 +333,7 @@ def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state
     atomic_write_json(w.path("data_splits.json"), sp.to_dict())
     stale_base = file_sha256(w.path("base.onnx")) not in (None, um.onnx_sha256)
     run_stage(w, "train-base", force=stale_base)
+    _check_base_model(w, sp, options.force, log)
 
     # 3. what the Monte Carlo will cost, at a measured rate
     _log_budget(w, log)

@@ -24,6 +24,7 @@ from .counts import REFERENCE_STORE, TARGET_STORES, stage_reference, stage_targe
 from .evaluating import stage_evaluate
 from .fit import stage_train_base, stage_train_baseline, stage_train_surrogate
 from .provenance import Stage
+from .specs import USER_DATASET
 from .workdir import Workdir
 
 __all__ = ["ALL_STAGES", "OPTIONAL_STAGES", "STAGES", "run_stage"]
@@ -120,11 +121,14 @@ def run_stage(
         kwargs["resume"] = (
             (not force and prov.read_record(w.root, name) is None) if resume is None else resume
         )
-    w.log(f"[{name}] {stage.run.__doc__.splitlines()[0]}")
+    imported = name == "train-base" and w.config.dataset == USER_DATASET
+    # the user's own model is imported, not trained: say so, not the training stage's words
+    w.log(f"[{name}] " + ("importing your model as the base model (nothing is trained)" if imported
+                          else stage.run.__doc__.splitlines()[0]))  # fmt: skip
     t0 = time.perf_counter()
     out = stage.run(w, **kwargs)
     seconds = time.perf_counter() - t0
     prov.write_record(w.root, ALL_STAGES, name, inputs, options)
     w.record_seconds(name, seconds)
-    w.log(f"[{name}] done in {seconds:.1f} s")
+    w.log(f"[{name}] " + ("your model imported" if imported else "done") + f" in {seconds:.1f} s")
     return out

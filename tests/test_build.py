@@ -89,6 +89,10 @@ def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, t
     assert "base-model evaluations" in result.output and "evaluations/s" in result.output
     bundle_dir = wd / "bundle"
     assert result.output.strip().splitlines()[-1] == str(bundle_dir)
+    assert "[train-base] importing your model as the base model" in result.output
+    assert "[train-base] your model imported in" in result.output
+    accuracy = [line for line in result.output.splitlines() if "top-1 accuracy on 200" in line]
+    assert len(accuracy) == 1 and "(chance 10.0%)" in accuracy[0], result.output
     verdict = [line for line in result.output.splitlines() if line.startswith("[verdict]")]
     assert len(verdict) == 3 and "RRISE as bundled" in verdict[0] and "Cohen MC" in verdict[0], verdict
     bundle = Bundle.load(bundle_dir)
@@ -173,6 +177,50 @@ def test_python_build_returns_the_bundle_path(user, tmp_path) -> None:
     )  # fmt: skip
     assert path == tmp_path / "py" / "bundle" and (path / "manifest.json").exists()
     assert any("initialised from the base model's weights" in line for line in logs)
+
+
+class _Shifted(nn.Module):
+    """The model with its outputs in another class order (class k's score at position k + 1)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.roll(self.net(x), 1, dims=1)
+
+
+def test_a_model_in_another_class_order_is_refused_before_any_monte_carlo(
+    user, tmp_path, monkeypatch
+) -> None:
+    import rrise.calibrate as rc
+    import rrise.calibrate.building as building
+    from rrise.calibrate.user_model import UserModelError
+
+    kw = dict(
+        data=str(user["folder"]), sigma=0.25, profile="smoke", input_size=(SIZE, SIZE), show_progress=False
+    )
+    logs: list[str] = []
+    with pytest.raises(UserModelError, match=r"near chance \(10\.0%\).*--force"):
+        rc.build(model=_Shifted(user["net"]), workdir=tmp_path / "shifted", log=logs.append, **kw)
+    assert not (tmp_path / "shifted").exists()  # refused: no folder left behind
+    assert any(
+        line.startswith("[check] class index → name (sorted folder names): 0 digit0, 1 digit1")
+        for line in logs
+    )
+    assert not any("base-model evaluations" in line for line in logs)  # nothing spent on the Monte Carlo
+
+    class Stop(Exception):
+        pass
+
+    def stop(w, log) -> None:
+        raise Stop
+
+    monkeypatch.setattr(building, "_log_budget", stop)  # --force goes on, to the Monte Carlo
+    logs.clear()
+    with pytest.raises(Stop):
+        rc.build(model=_Shifted(user["net"]), workdir=tmp_path / "forced", log=logs.append, force=True, **kw)
+    assert any(line.startswith("[check] --force: going on although") for line in logs), logs
 
 
 def test_bad_input_exits_1_with_one_clear_line_and_writes_nothing(user, tmp_path) -> None:
