@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from rrise import __version__
-from rrise.bundle import MANIFEST, SCHEMA_VERSION, Bundle, bundle_guarantee, write_manifest
+from rrise.bundle import MANIFEST, Bundle, bundle_guarantee, required_schema_version, write_manifest
 from rrise.calibration import Calibration
 from rrise.fileio import sha256_file, umask
 from rrise.onnx_session import open_session
@@ -273,7 +273,7 @@ def _manifest(sources: BundleSources, fp32: dict[str, Any]) -> dict[str, Any]:
     record["dataset"] = sources.dataset
     parity = sources.parity_max_abs_diff
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": required_schema_version({"calibration": record, "variants": [fp32]}),
         "rrise_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": {

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 from .bundle_id import canonical_manifest, is_bundle_id, manifest_id
 from .calibration import Calibration
 from .fileio import atomic_path, sha256_file
-from .manifest_schema import MANIFEST, SCHEMA_VERSION, SIGNATURE, ManifestError, validate_manifest
+from .manifest_schema import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SIGNATURE,
+    ManifestError,
+    required_schema_version,
+    validate_manifest,
+)
 from .signing import SigningError, verify_signature, write_signature
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ __all__ = [
     "bundle_guarantee",
     "canonical_manifest",
     "manifest_id",
+    "required_schema_version",
     "sha256_file",
     "sign_bundle",
     "write_manifest",

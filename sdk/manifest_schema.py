@@ -40,13 +40,17 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "quantile_floor",
+    "required_schema_version",
     "smallest_calibration_size",
     "unsafe_name",
     "unsafe_value",
     "validate_manifest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest manifest schema this SDK reads; it reads every older one too
+# Calibration keys an SDK reading schema 1 would drop, then subtract q̂ alone (not q̂·u(z), not the
+# bin's quantile, not after the map g): a manifest using any of them needs schema 2.
+SCHEMA_2_CALIBRATION_KEYS = ("score_scale_x", "score_map_x", "bin_edges")
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # the detached signature: never listed in the manifest it signs
 
@@ -218,15 +222,7 @@ def validate_manifest(obj: Any) -> Manifest:
     (:func:`unsafe_value`)."""
     if not isinstance(obj, dict):
         raise ManifestError([f"the manifest must be a JSON object, got {type(obj).__name__}"])
-    version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
-        why = "missing" if version is None else f"unknown schema_version {version!r}"
-        raise ManifestError(
-            [
-                f"schema_version: {why} (this rrise reads {SCHEMA_VERSION}); "
-                "upgrade rrise or re-export the bundle"
-            ]
-        )
+    _check_schema_version(obj)
     try:
         manifest = msgspec.convert(obj, Manifest)
     except msgspec.ValidationError as exc:
@@ -248,6 +244,52 @@ def validate_manifest(obj: Any) -> Manifest:
     if unsafe is not None:
         raise ManifestError([unsafe])
     return manifest
+
+
+def required_schema_version(manifest: dict[str, Any]) -> int:
+    """The oldest manifest schema that reads ``manifest``'s certificate right: 2 when its calibration
+    applies more than one quantile at deployment (a score scale u, a score map g or confidence bins,
+    :mod:`rrise.scores`), which a schema-1 reader would drop and misapply; else 1, so a plain
+    one-quantile bundle stays readable by older SDKs.
+
+    >>> required_schema_version({"calibration": {"quantile": 0.4}, "variants": [{"quantile": 0.4}]})
+    1
+    >>> required_schema_version({"calibration": {"quantile": 0.4, "score_scale_x": [0.0, 1.0]}})
+    2
+    """
+    cal, variants = manifest.get("calibration"), manifest.get("variants")
+    cal = cal if isinstance(cal, dict) else {}
+    variants = variants if isinstance(variants, list) else []
+    uses = any(cal.get(k) for k in SCHEMA_2_CALIBRATION_KEYS) or any(
+        isinstance(v, dict) and v.get("bin_quantiles") for v in variants
+    )
+    return 2 if uses else 1
+
+
+def _check_schema_version(obj: dict[str, Any]) -> None:
+    """Refuse a schema newer than this SDK reads (by name), and one older than the manifest's
+    calibration needs (an older SDK would misread it)."""
+    version = obj.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise ManifestError(
+            [f"bundle schema {version} is newer than this SDK reads ({SCHEMA_VERSION}): upgrade rrise"]
+        )
+    if version not in range(1, SCHEMA_VERSION + 1) or isinstance(version, bool):
+        why = "missing" if version is None else f"unknown schema_version {version!r}"
+        raise ManifestError(
+            [
+                f"schema_version: {why} (this rrise reads 1 to {SCHEMA_VERSION}); "
+                "upgrade rrise or re-export the bundle"
+            ]
+        )
+    needed = required_schema_version(obj)
+    if version < needed:
+        raise ManifestError(
+            [
+                f"schema_version: {version}, but its calibration (score scale, score map or bins) needs "
+                f"schema {needed}: an older SDK would apply its quantile alone; re-export the bundle"
+            ]
+        )
 
 
 # Characters that change how text is laid out rather than what it says: C0 and C1 controls (a newline

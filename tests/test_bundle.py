@@ -122,7 +122,11 @@ def test_malformed_json_is_refused(bundle_dir):
 
 def test_unknown_schema_version_is_refused(bundle_dir):
     edit_manifest(bundle_dir, lambda m: m.update(schema_version=99))
-    assert "unknown schema_version 99" in refused(bundle_dir, "manifest.json")
+    assert "bundle schema 99 is newer than this SDK reads (2): upgrade rrise" in refused(
+        bundle_dir, "manifest.json"
+    )
+    edit_manifest(bundle_dir, lambda m: m.update(schema_version=0))
+    assert "unknown schema_version 0" in refused(bundle_dir, "manifest.json")
 
 
 @pytest.mark.parametrize("drop", ["guarantee", "variants", "calibration.alpha", "smoothing.sigma"])

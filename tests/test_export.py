@@ -21,7 +21,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from rrise import Bundle, BundleError, Calibration
-from rrise.bundle import GUARANTEE, SCHEMA_VERSION, sha256_file
+from rrise.bundle import GUARANTEE, required_schema_version, sha256_file
 from rrise.calibration import conformal_quantile
 from rrise.export import tensorrt_build
 from rrise.export.bundler import BundleSources, add_variant, build_bundle, pack_bundle, recalibrate_variant
@@ -195,7 +195,7 @@ def test_bundle_has_every_design_key(bundle):
         for obj in objs:
             missing = [k for k in keys if k not in obj]
             assert not missing, f"manifest {where or 'top level'} lacks {missing}"
-    assert m["schema_version"] == SCHEMA_VERSION and m["guarantee"] == GUARANTEE
+    assert m["schema_version"] == required_schema_version(m) and m["guarantee"] == GUARANTEE
     assert datetime.fromisoformat(m["created"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
     assert m["model"]["input"] == {
         "name": "input",

@@ -21,6 +21,7 @@ from rrise.inspect import inspect_bundle
 from rrise.manifest_schema import (
     ManifestError,
     quantile_floor,
+    required_schema_version,
     smallest_calibration_size,
     validate_manifest,
 )
@@ -341,3 +342,46 @@ def test_inspect_escapes_control_characters_from_disk_and_the_signature(bundle_d
     text = format_inspection(summary, problems)
     assert not any(line.startswith("Integrity: OK") for line in text.splitlines())
     assert "x\\nIntegrity: OK" in text and "k\\nIntegrity: OK" in text
+
+
+# --- schema versions ------------------------------------------------------------------------------
+def test_a_newer_schema_is_refused_by_name():
+    manifest = manifest_of_pristine()
+    manifest["schema_version"] = 3
+    with pytest.raises(
+        ManifestError, match=re.escape("bundle schema 3 is newer than this SDK reads (2): upgrade rrise")
+    ):
+        validate_manifest(manifest)
+    manifest["schema_version"] = 2  # a plain bundle may say 2: this SDK reads both
+    validate_manifest(manifest)
+
+
+def test_a_plain_bundle_stays_schema_1_for_older_readers(pristine):
+    assert manifest_of(pristine)["schema_version"] == 1 == required_schema_version(manifest_of(pristine))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"score_scale_x": [0.0, 1.0], "score_scale_y": [1.0, 2.0]},
+        {"score_map_x": [0.0, 1.0], "score_map_y": [0.0, 1.0]},
+        {"bin_edges": [0.9]},
+    ],
+)
+def test_a_calibration_beyond_one_quantile_needs_schema_2(extra):
+    manifest = manifest_of_pristine()
+    manifest["calibration"].update(extra)
+    assert required_schema_version(manifest) == 2
+    with pytest.raises(ManifestError, match="needs schema 2: an older SDK would apply its quantile alone"):
+        validate_manifest(manifest)
+
+
+def test_the_bundler_writes_schema_2_for_a_scaled_score(tmp_path):
+    import dataclasses
+
+    (tmp_path / "sources").mkdir()
+    sources = linear_sources(tmp_path / "sources")
+    scaled = dataclasses.replace(sources["cal"], score_scale_x=(-1.0, 2.0), score_scale_y=(1.0, 1.5))
+    bundle = make_linear_bundle(sources, tmp_path / "bundle", cal=scaled)
+    assert bundle.manifest["schema_version"] == 2
+    assert Bundle.load(bundle.path).calibration().score_scale_x == (-1.0, 2.0)
