@@ -18,10 +18,24 @@ bundle already carries, with the variant's own probabilities on them, split by p
 sorted scores are stored. The split does not look at the data, so the reference stays exchangeable
 with a deployed frame and independent of the fitted score.
 
-p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. If the frame and the reference inputs
-are exchangeable (the certificate's own premise), ``P(p ≤ a) ≤ a`` for every ``a``: a clean frame is
-flagged at rate at most ``a``, marginally over the reference and the frame. The smallest p-value is
-``1 / (n_ref + 1)``, so a rate below that flags nothing.
+Geometry (version 2): the statistics above are blind to where the mass of the image lies, so a
+rotated, flipped, shifted or tiled frame passes them. Version 2 adds one feature,
+``template_distance``: ``log(1 + TEMPLATE_EPS − ρ)``, with ρ the correlation between the frame's
+model input (averaged down to at most :data:`TEMPLATE_SIDE` pixels a side, each image standardized
+to mean 0 and norm 1) and the *template* of its predicted class, the standardized mean of the fit
+part's reduced inputs predicted as that class (the global mean where a class has fewer than two).
+The templates are stored in the entry (``templates``, K rows of C·h·w numbers rounded to
+:data:`TEMPLATE_DECIMALS` decimals, ``template_shape`` [C, h, w]); the feature joins the others in
+the max of z-scores, so the score stays one number and its reference one sorted list. A version-1
+entry (no templates) keeps being read with the version-1 score.
+
+p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. Why it is valid: everything the
+score depends on (centres, scales and templates) is computed from the fit part alone, chosen by
+position, so given the fit part the score is a fixed function, and the reference inputs and a
+clean deployed frame are exchangeable (the certificate's own premise); their scores are then
+exchangeable too, and the rank of the frame's score among them is uniform, so ``P(p ≤ a) ≤ a``
+for every ``a``: a clean frame is flagged at rate at most ``a``, marginally over the reference and
+the frame. The smallest p-value is ``1 / (n_ref + 1)``, so a rate below that flags nothing.
 """
 
 from __future__ import annotations
@@ -45,11 +59,18 @@ __all__ = [
     "frame_features",
     "ood_reference",
     "p_values",
+    "geometry_features",
+    "template_shape",
 ]
 
 log = logging.getLogger("rrise.ood")
 
-OOD_VERSION = 1
+OOD_VERSION = 2
+OOD_VERSIONS = (1, 2)  # version 1: no templates, read with the version-1 score
+TEMPLATE_SIDE = 16  # templates are at most this many pixels a side
+TEMPLATE_EPS = 1e-3  # keeps the log of 1 − ρ finite for a frame equal to its template
+TEMPLATE_DECIMALS = 4  # stored templates are rounded; the reference is scored with the rounded ones
+SHIFT_FRACTION = 0.2  # the shifts orientation_gain tries, as a fraction of a side
 DEFAULT_OOD_RATE = 1e-3
 FIT_EVERY = 5  # calibration inputs 0, 5, 10, … fit the score; the others are the reference
 SHRINK = 10.0  # pseudo-count pulling a class's centre and scale towards the global ones
@@ -71,20 +92,112 @@ FEATURES = (
     "elongation",
     "log_surprise",
 )
+GEOMETRY = ("template_distance", "orientation_gain")
+ONE_SIDED = ("orientation_gain",)  # only a large value is unusual
 CHROMA = ("chroma_0", "chroma_1", "chroma_2")
-SCORE_TEXT = (
+SCORE_TEXT_V1 = (
     "max over features of |feature - centre of the predicted class| / scale of that class; "
     "features: statistics of the model input and -log of the top-class probability"
 )
+SCORE_TEXT = (
+    "max over features of |feature - centre of the predicted class| / scale of that class; "
+    "features: statistics of the model input, -log of the top-class probability and the "
+    "distance log(1 + eps - correlation) to the predicted class's template"
+)
 FIT_TEXT = (
-    f"calibration inputs at positions divisible by {FIT_EVERY} fit centres and scales; "
+    f"calibration inputs at positions divisible by {FIT_EVERY} fit centres, scales and templates; "
     "the others are the reference sample"
 )
 
 
-def feature_names(channels: int) -> tuple[str, ...]:
-    """The feature names of a ``channels``-channel model input (colour cast only for C = 3)."""
-    return FEATURES + (CHROMA if channels == 3 else ())
+def feature_names(channels: int, version: int = OOD_VERSION) -> tuple[str, ...]:
+    """The feature names of a ``channels``-channel model input (colour cast only for C = 3; the
+    template distance from version 2 on)."""
+    geometry = GEOMETRY if version >= 2 else ()
+    return FEATURES + geometry + (CHROMA if channels == 3 else ())
+
+
+def _grid_step(h: int, w: int) -> int:
+    """The stride at which inputs of 224 pixels a side and more are read."""
+    return max(1, min(h, w) // GRID)
+
+
+def _block(h: int, w: int) -> tuple[int, int]:
+    """The block (rows, columns) averaged into one template pixel of an ``h`` × ``w`` input read
+    on the grid: the smallest one that leaves at most :data:`TEMPLATE_SIDE` pixels a side."""
+    f = max(1, -(-max(h, w) // TEMPLATE_SIDE))
+    return min(f, h), min(f, w)
+
+
+def template_shape(channels: int, height: int, width: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the templates of a ``channels`` × ``height`` × ``width`` model input."""
+    s = _grid_step(height, width)
+    h, w = -(-height // s), -(-width // s)
+    bh, bw = _block(h, w)
+    return channels, h // bh, w // bw
+
+
+def _block_means(x: np.ndarray) -> np.ndarray:
+    """``[B, C, H, W]`` → ``[B, C, h, w]`` float32: block means of the input read on the grid."""
+    s = _grid_step(*x.shape[2:])
+    g = np.asarray(x[:, :, ::s, ::s] if s > 1 else x, dtype=np.float32)
+    b, c, h, w = g.shape
+    bh, bw = _block(h, w)
+    th, tw = h // bh, w // bw
+    if bh > 1 or bw > 1:
+        g = g[:, :, : th * bh, : tw * bw].reshape(b, c, th, bh, tw, bw).mean(axis=(3, 5))
+    return g
+
+
+def _standardized(flat: np.ndarray) -> np.ndarray:
+    """Rows ``[..., n]`` to mean 0 and norm 1 (a flat row stays all zeros), float64."""
+    out = flat.astype(np.float64)
+    out -= out.mean(axis=-1, keepdims=True)
+    norm = np.sqrt(np.einsum("...i,...i->...", out, out))
+    return out / np.where(norm > 1e-9, norm, 1.0)[..., None]
+
+
+def _moved(g: np.ndarray) -> np.ndarray:
+    """``[B, C, h, w]`` → ``[B, V, C, h, w]``: the frame rotated by 180° (and by ±90° when square),
+    flipped either way, and shifted by about a fifth of a side each way (edges repeated)."""
+    h, w = g.shape[2:]
+    out = [g[:, :, ::-1, ::-1], g[:, :, :, ::-1], g[:, :, ::-1, :]]
+    if h == w:
+        out += [np.rot90(g, 1, axes=(2, 3)), np.rot90(g, 3, axes=(2, 3))]
+    dy, dx = max(1, round(h * SHIFT_FRACTION)), max(1, round(w * SHIFT_FRACTION))
+    if h > dy and w > dx:
+        pad = np.pad(g, ((0, 0), (0, 0), (dy, dy), (dx, dx)), mode="edge")
+        for oy, ox in ((0, dx), (2 * dy, dx), (dy, 0), (dy, 2 * dx)):
+            out.append(pad[:, :, oy : oy + h, ox : ox + w])
+    return np.stack(out, axis=1)
+
+
+def _templates(x: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[K, C·h·w]`` standardized class-mean images of ``x``'s standardized block means, rounded
+    as stored; the global mean for a class with fewer than two inputs."""
+    r = _standardized(_block_means(x).reshape(len(x), -1))
+    out = np.repeat(r.mean(axis=0)[None], num_classes, 0)
+    for k in range(num_classes):
+        own = r[classes == k]
+        if len(own) >= 2:
+            out[k] = own.mean(axis=0)
+    return np.round(_standardized(out), TEMPLATE_DECIMALS)
+
+
+def geometry_features(x: np.ndarray, classes: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """``[B, 2]``: ``template_distance`` ``log(1 + eps − ρ)``, ρ the correlation of each input
+    ``x`` [B, C, H, W] with the template (a row of ``templates`` [K, C·h·w]) of its class
+    ``classes`` [B]; ``orientation_gain``, how much better the best template fits the frame once
+    rotated, flipped or shifted (:func:`_moved`) than as it is."""
+    g = _block_means(x)
+    b = len(g)
+    here = _standardized(g.reshape(b, -1))
+    moved = _standardized(_moved(g).reshape(b, -1, here.shape[1]))
+    fit_here = here @ templates.T
+    rho = fit_here[np.arange(b), classes]
+    gain = (moved @ templates.T).max(axis=(1, 2)) - fit_here.max(axis=1)
+    dist = np.log(np.maximum(1.0 + TEMPLATE_EPS - rho, TEMPLATE_EPS))
+    return np.stack([dist, gain], axis=1)
 
 
 def _gradient_energy(x: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +255,7 @@ def frame_features(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     if full.ndim != 4 or p.ndim != 2 or len(full) != len(p):
         raise ValueError(f"need x [B, C, H, W] and probs [B, K], got {full.shape} and {p.shape}")
-    s = max(1, min(full.shape[2:]) // GRID)
+    s = _grid_step(*full.shape[2:])
     x = full[:, :, ::s, ::s] if s > 1 else full
     b, c, h, w = x.shape
     n = c * h * w
@@ -194,9 +307,17 @@ def _fit(feats: np.ndarray, classes: np.ndarray, num_classes: int) -> tuple[np.n
     return centres, scales
 
 
-def _scores(feats: np.ndarray, classes: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _one_sided(names: Sequence[str]) -> np.ndarray:
+    """The features (a mask over ``names``) where only a value above the centre is unusual."""
+    return np.isin(np.asarray(names), ONE_SIDED)
+
+
+def _scores(
+    feats: np.ndarray, classes: np.ndarray, centre: np.ndarray, scale: np.ndarray, one_sided: np.ndarray
+) -> np.ndarray:
     rows = classes if len(centre) > 1 else np.zeros(len(feats), dtype=np.int64)
-    z = np.abs(feats - centre[rows]) / scale[rows]
+    z = (feats - centre[rows]) / scale[rows]
+    z = np.where(one_sided, np.maximum(z, 0.0), np.abs(z))
     s = z.max(axis=1)
     return np.where(np.isnan(s), np.inf, s)
 
@@ -208,13 +329,28 @@ def p_values(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (1.0 + above) / (n + 1.0)
 
 
-def ood_reference(images: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def _all_features(x: np.ndarray, p: np.ndarray, templates: np.ndarray | None) -> np.ndarray:
+    """:func:`frame_features`, with the template distance inserted after :data:`FEATURES` when
+    there are ``templates`` (the order of :func:`feature_names`)."""
+    feats = frame_features(x, p)
+    if templates is None:
+        return feats
+    geo = geometry_features(x, p.argmax(axis=1), templates)
+    k = len(FEATURES)
+    return np.concatenate([feats[:, :k], geo, feats[:, k:]], axis=1)
+
+
+def ood_reference(images: np.ndarray, probs: np.ndarray, *, version: int = OOD_VERSION) -> dict[str, Any]:
     """The manifest's ``monitor.ood`` entry of one variant, from the calibration ``images``
     ``[m, C, H, W]`` (the model inputs) and that variant's own ``probs`` ``[m, K]`` on them.
 
     Keys: ``version``, ``score``, ``fit`` (what fitted it), ``features``, ``n_fit``, ``centre`` and
-    ``scale`` (one row, or one per class), ``reference`` (the sorted scores of the reference part).
+    ``scale`` (one row, or one per class), ``template_shape`` and ``templates`` (one row per class;
+    version 2 only), ``reference`` (the sorted scores of the reference part). ``version`` 1 makes
+    the entry of earlier releases (for comparisons).
     """
+    if version not in OOD_VERSIONS:
+        raise ValueError(f"ood reference version must be one of {list(OOD_VERSIONS)}, got {version!r}")
     x, p = np.asarray(images), np.asarray(probs, dtype=np.float64)
     if x.ndim != 4 or p.ndim != 2 or len(x) != len(p):
         raise ValueError(f"need images [m, C, H, W] and probs [m, K], got {x.shape} and {p.shape}")
@@ -224,31 +360,39 @@ def ood_reference(images: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
             f"{len(x)} calibration inputs leave {int((~fit).sum())} for the out-of-distribution "
             f"reference; it needs at least {MIN_REFERENCE}"
         )
-    feats, classes = frame_features(x, p), p.argmax(axis=1)
+    classes = p.argmax(axis=1)
+    templates = _templates(x[fit], classes[fit], p.shape[1]) if version >= 2 else None
+    feats = _all_features(x, p, templates)
     centre, scale = _fit(feats[fit], classes[fit], p.shape[1])
-    ref = np.sort(_scores(feats[~fit], classes[~fit], centre, scale))
+    names = feature_names(x.shape[1], version)
+    ref = np.sort(_scores(feats[~fit], classes[~fit], centre, scale, _one_sided(names)))
     if not np.all(np.isfinite(ref)):
         raise ValueError("out-of-distribution scores of the calibration inputs are not finite")
-    return {
-        "version": OOD_VERSION,
-        "score": SCORE_TEXT,
+    entry: dict[str, Any] = {
+        "version": version,
+        "score": SCORE_TEXT if templates is not None else SCORE_TEXT_V1,
         "fit": FIT_TEXT,
-        "features": list(feature_names(x.shape[1])),
+        "features": list(names),
         "n_fit": int(fit.sum()),
         "centre": centre.tolist(),
         "scale": scale.tolist(),
-        "reference": ref.tolist(),
     }
+    if templates is not None:
+        entry["template_shape"] = list(template_shape(*x.shape[1:]))
+        entry["templates"] = templates.tolist()
+    return {**entry, "reference": ref.tolist()}
 
 
-def _matrix(entry: Mapping[str, Any], key: str, rows: tuple[int, ...], d: int, positive: bool) -> np.ndarray:
+def _matrix(
+    entry: Mapping[str, Any], key: str, rows: tuple[int, ...], d: int, positive: bool, unit: str = "feature"
+) -> np.ndarray:
     name = f"monitor.ood.{key}"
     value = entry.get(key)
     if not isinstance(value, list) or len(value) not in rows:
         raise ValueError(f"{name} must be a list of {' or '.join(map(str, rows))} rows")
     for i, row in enumerate(value):
         if not isinstance(row, list) or len(row) != d:
-            raise ValueError(f"{name}[{i}] must be a list of {d} numbers (one per feature)")
+            raise ValueError(f"{name}[{i}] must be a list of {d} numbers (one per {unit})")
         for j, v in enumerate(row):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name}[{i}][{j}] must be a finite number, got {v!r}")
@@ -270,6 +414,28 @@ def _reference(entry: Mapping[str, Any]) -> np.ndarray:
     if np.any(np.diff(ref) < 0):
         raise ValueError("monitor.ood.reference must be sorted in ascending order")
     return ref
+
+
+def _entry_templates(entry: Mapping[str, Any], num_classes: int, channels: int) -> np.ndarray:
+    """``[K, C·h·w]`` templates of a version-2 entry, shape and values checked by key name."""
+    shape = entry.get("template_shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape)
+        or shape[0] != channels
+        or shape[1] > TEMPLATE_SIDE
+        or shape[2] > TEMPLATE_SIDE
+    ):
+        raise ValueError(
+            f"monitor.ood.template_shape must be [C, h, w] with C = {channels} and h, w in "
+            f"1..{TEMPLATE_SIDE}, got {shape!r}"
+        )
+    size = shape[0] * shape[1] * shape[2]
+    templates = _matrix(entry, "templates", (num_classes,), size, positive=False, unit="pixel")
+    if np.any(np.abs(templates) > 1.0):
+        raise ValueError("monitor.ood.templates must hold standardized images (values in [-1, 1])")
+    return templates
 
 
 def check_rate(rate: float | None, n_ref: int) -> float:
@@ -304,9 +470,10 @@ class OodTest:
     ) -> None:
         if not isinstance(entry, Mapping):
             raise ValueError("monitor.ood must be an object")
-        if entry.get("version") != OOD_VERSION:
-            raise ValueError(f"monitor.ood.version {entry.get('version')!r} is not {OOD_VERSION}")
-        names = list(feature_names(channels))
+        version = entry.get("version")
+        if isinstance(version, bool) or version not in OOD_VERSIONS:
+            raise ValueError(f"monitor.ood.version {version!r} is not one of {list(OOD_VERSIONS)}")
+        names = list(feature_names(channels, version))
         if entry.get("features") != names:
             raise ValueError(f"monitor.ood.features must be {names} for a {channels}-channel input")
         rows = (1, num_classes)
@@ -315,6 +482,10 @@ class OodTest:
         if len(self.centre) != len(self.scale):
             raise ValueError("monitor.ood.centre and monitor.ood.scale must have the same rows")
         self.reference = _reference(entry)
+        self.one_sided = _one_sided(names)
+        self.templates = _entry_templates(entry, num_classes, channels) if version >= 2 else None
+        self.template_shape = tuple(entry["template_shape"]) if version >= 2 else None
+        self.version = int(version)
         self.channels = channels
         self.rate = check_rate(rate, self.n_ref)
 
@@ -340,8 +511,16 @@ class OodTest:
 
         Guarantee: for a frame exchangeable with the calibration inputs, ``P(p ≤ a) ≤ a``."""
         p = np.asarray(probs, dtype=np.float64)
-        scores = _scores(frame_features(x, p), p.argmax(axis=1), self.centre, self.scale)
-        return p_values(self.reference, scores)
+        x = np.asarray(x)
+        if self.templates is not None and x.ndim == 4 and self.template_shape != template_shape(*x.shape[1:]):
+            raise ValueError(
+                f"monitor.ood.template_shape {list(self.template_shape)} does not fit inputs of shape "
+                f"{list(x.shape[1:])}"
+            )
+        feats = _all_features(x, p, self.templates)
+        return p_values(
+            self.reference, _scores(feats, p.argmax(axis=1), self.centre, self.scale, self.one_sided)
+        )
 
     def flagged(self, p: float | None) -> bool:
         """Whether a frame with p-value ``p`` is flagged (never when ``p`` is None or the rate 0)."""
@@ -351,7 +530,10 @@ class OodTest:
         return {"rate": self.rate, "n_ref": self.n_ref, "min_p": self.min_p}
 
     def __repr__(self) -> str:
-        return f"OodTest(n_ref={self.n_ref}, rate={self.rate:g}, rows={len(self.centre)})"
+        return (
+            f"OodTest(version={self.version}, n_ref={self.n_ref}, rate={self.rate:g}, "
+            f"rows={len(self.centre)})"
+        )
 
 
 def combine_alarms(words: Sequence[str | None]) -> str | None:

@@ -13,10 +13,20 @@ from typer.testing import CliRunner
 from rrise.bundle import Bundle, BundleError, write_manifest
 from rrise.cli import app
 from rrise.monitor import reference_from_probs
-from rrise.ood import FIT_EVERY, OodTest, check_rate, feature_names, frame_features, ood_reference, p_values
+from rrise.ood import (
+    FIT_EVERY,
+    GEOMETRY,
+    OodTest,
+    check_rate,
+    feature_names,
+    frame_features,
+    ood_reference,
+    p_values,
+)
 from tests.runtime_fixtures import make_bundle, sample_frames
 
 runner = CliRunner()
+D = len(feature_names(1))  # features of a grey input
 
 
 def clean_images(rng: np.random.Generator, n: int, size: int = 8) -> np.ndarray:
@@ -92,7 +102,8 @@ def test_the_reference_is_the_calibration_inputs_the_fit_did_not_see() -> None:
     assert entry["features"] == list(feature_names(1))
     # Changing an input of the fit part changes nothing but the fit; the reference scores are a
     # function of the reference inputs and the fitted centres and scales only.
-    assert len(frame_features(x, p)[0]) == len(entry["features"])
+    assert len(frame_features(x, p)[0]) + len(GEOMETRY) == len(entry["features"])
+    assert len(entry["templates"]) == 4 and entry["template_shape"] == [1, 8, 8]
     moved = x.copy()
     moved[FIT_EVERY] = 1.0 - moved[FIT_EVERY]
     assert ood_reference(moved, p)["centre"] != entry["centre"]
@@ -139,15 +150,15 @@ def entry() -> dict:
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({"version": 2}, "monitor.ood.version"),
+        ({"version": 3}, "monitor.ood.version"),
         ({"features": ["mean"]}, "monitor.ood.features"),
-        ({"centre": [[0.0] * 11] * 3}, "monitor.ood.centre"),
+        ({"centre": [[0.0] * D] * 3}, "monitor.ood.centre"),
         ({"centre": "zero"}, "monitor.ood.centre"),
-        ({"scale": [[1.0] * 11]}, "monitor.ood.centre and monitor.ood.scale"),
-        ({"scale": [[1.0] * 10 + [0.0]] * 4}, r"monitor.ood.scale\[0\]\[10\]"),
-        ({"scale": [[1.0] * 10 + ["x"]] * 4}, r"monitor.ood.scale\[0\]\[10\]"),
-        ({"scale": [[1.0] * 10 + [float("nan")]] * 4}, r"monitor.ood.scale\[0\]\[10\]"),
-        ({"scale": [[1.0] * 10]}, r"monitor.ood.scale\[0\]"),
+        ({"scale": [[1.0] * D]}, "monitor.ood.centre and monitor.ood.scale"),
+        ({"scale": [[1.0] * (D - 1) + [0.0]] * 4}, rf"monitor.ood.scale\[0\]\[{D - 1}\]"),
+        ({"scale": [[1.0] * (D - 1) + ["x"]] * 4}, rf"monitor.ood.scale\[0\]\[{D - 1}\]"),
+        ({"scale": [[1.0] * (D - 1) + [float("nan")]] * 4}, rf"monitor.ood.scale\[0\]\[{D - 1}\]"),
+        ({"scale": [[1.0] * (D - 1)]}, r"monitor.ood.scale\[0\]"),
         ({"reference": [1.0] * 5}, "monitor.ood.reference"),
         ({"reference": list(range(30, 0, -1))}, "monitor.ood.reference must be sorted"),
         ({"reference": [float("inf")] * 30}, "monitor.ood.reference"),
