@@ -424,6 +424,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         "config": _config(w, cal, rule, len(idx)),
         "cost": cost,
         "adaptive": adaptive,
+        "images": read_json(w.path("data_splits.json")),  # `rrise build`'s images (None otherwise)
         "cap": _cap_summary(calnpz, cal),
         "stage_seconds": w.stage_seconds(),
     }

@@ -253,6 +253,29 @@ def _adaptive_lines(section: dict[str, Any] | None) -> list[str]:
     return [*lines, "", f"![cost and accuracy]({section['figure']})", ""]
 
 
+def _images_lines(record: dict[str, Any] | None) -> list[str]:
+    """The user's images (``data_splits.json`` of `rrise build`): how many each split got, how many
+    no split used (per split), and what the loader and the split left out."""
+    if not record:
+        return []
+    sizes = ", ".join(f"{s} {n:,}" for s, n in record["sizes"].items())
+    lines = ["## Your images", "", f"Splits: {sizes} (seed {record['seed']})."]
+    if "used" in record:
+        lines.append(f"{record['used']:,} of {record['images']:,} images used.")
+        unused = {s: n for s, n in (record.get("unused") or {}).items() if n}
+        if unused:
+            lines.append(
+                "Not used: "
+                + ", ".join(
+                    f"{n:,} in the {s} split's hash share" if s != "none" else f"{n:,} in none"
+                    for s, n in unused.items()
+                )
+                + " (a split uses its images of smallest hash key up to the size it needs; none: "
+                "beyond every split's size, or left out as duplicates or images the model trained on)."
+            )
+    return [*lines, "", *[f"- {note}" for note in record.get("notes", [])], ""]
+
+
 def _or_dash(v: Any) -> str:
     return "—" if v is None else f"{v:,}"
 
@@ -288,6 +311,7 @@ def _markdown(metrics: dict[str, Any]) -> str:
         "",
         *_rules_section(metrics.get("rules")),
         *_adaptive_lines(metrics.get("adaptive")),
+        *_images_lines(metrics.get("images")),
         "## Guarantee",
         "",
         metrics["guarantee"],

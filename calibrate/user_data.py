@@ -651,6 +651,10 @@ class DataSplits:
     plan: SplitPlan
     seed: int
     notes: list[str]
+    # images of DATA no split uses, by the hash split they fell in (``profile`` regime: a split's
+    # hash bucket beyond its size) or ``none`` (beyond the scaled sizes, or left out: duplicates,
+    # images also in TRAIN_DATA)
+    unused: dict[str, int] = field(default_factory=dict)
 
     def subset(self, split: str) -> ImageSet:
         """The images of ``split``; ``targets`` includes the ``--train-data`` targets (after DATA's)."""
@@ -702,13 +706,31 @@ class DataSplits:
             "data": self.data.source,
             "data_sha256": self.data.sha256,
             "train": None if self.train is None else self.train.source,
+            "images": len(self.data),
+            "used": self.used(),
+            "unused": dict(self.unused),
             "notes": list(self.notes),
         }
+
+    def used(self) -> int:
+        """How many of DATA's images some split uses."""
+        return sum(len(self.index[s]) for s in SPLITS)
+
+    def unused_text(self) -> str:
+        """``N of M images used`` and, when some are not, how many each split left unused."""
+        text = f"{self.used():,} of {len(self.data):,} images of {self.data.name} used"
+        if not self.unused:
+            return text
+        parts = ", ".join(f"{s} {n:,}" for s, n in self.unused.items() if n)
+        return (
+            f"{text}; unused: {parts} (a split's hash share beyond the size it needs; none: beyond "
+            "every split's size, or left out as a duplicate or a TRAIN_DATA image)"
+        )
 
     def summary(self) -> str:
         sizes = self.sizes()
         text = ", ".join(f"{s} {sizes[s]}" for s in SPLITS)
-        return f"{self.data.name}: {text} ({self.plan.regime} sizes, seed {self.seed})"
+        return f"{self.data.name}: {text} ({self.plan.regime} sizes, seed {self.seed}); {self.unused_text()}"
 
 
 def split_images(
@@ -758,7 +780,35 @@ def split_images(
             f"({sum(plan.desired.values())}): sizes scaled to "
             + ", ".join(f"{s} {plan.sizes[s]}" for s in SPLITS)
         )
-    return DataSplits(data, train, index, train_index, plan, int(seed), notes)
+    unused = _unused(len(data), pool, keys, plan, index)
+    return DataSplits(data, train, index, train_index, plan, int(seed), notes, unused)
+
+
+def _unused(n: int, pool: np.ndarray, keys: np.ndarray, plan: SplitPlan, index) -> dict[str, int]:
+    """DATA's images no split uses, counted by the split whose hash bucket they fell in (the
+    ``profile`` regime) or as ``none``; only the nonzero counts."""
+    used = np.zeros(n, dtype=bool)
+    for s in SPLITS:
+        used[index[s]] = True
+    in_pool = np.zeros(n, dtype=bool)
+    in_pool[pool] = True
+    out = dict.fromkeys(SPLITS, 0)
+    out["none"] = int((~in_pool).sum())
+    spare = ~used[pool]
+    if plan.regime == "profile":
+        bucket = _buckets(keys[spare], plan.sizes)
+        for b, s in enumerate(SPLITS):
+            out[s] = int((bucket == b).sum())
+    else:
+        out["none"] += int(spare.sum())
+    return {k: v for k, v in out.items() if v}
+
+
+def _buckets(keys: np.ndarray, sizes: Mapping[str, int]) -> np.ndarray:
+    """The split (its position in SPLITS) each key's hash bucket belongs to: fractions by ``sizes``."""
+    total = sum(sizes.values())
+    bounds = np.cumsum([sizes[s] for s in SPLITS]) / max(total, 1)
+    return np.searchsorted(bounds, keys.astype(np.float64) / 2.0**64, side="right")
 
 
 def _check_train_matches(train: ImageSet, data: ImageSet) -> None:
@@ -828,10 +878,7 @@ def _split_by_fraction(pool, keys, plan: SplitPlan, mins, extra: int, notes: lis
 def _fixed_fraction_split(
     pool: np.ndarray, keys: np.ndarray, sizes: Mapping[str, int]
 ) -> dict[str, np.ndarray]:
-    total = sum(sizes.values())
-    bounds = np.cumsum([sizes[s] for s in SPLITS]) / max(total, 1)
-    u = keys.astype(np.float64) / 2.0**64
-    bucket = np.searchsorted(bounds, u, side="right")
+    bucket = _buckets(keys, sizes)
     out = {}
     for b, s in enumerate(SPLITS):
         members = np.flatnonzero(bucket == b)

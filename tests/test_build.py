@@ -89,6 +89,8 @@ def test_build_onnx_on_an_image_folder_to_a_bundle_then_rerun_is_a_no_op(user, t
     assert "base-model evaluations" in result.output and "evaluations/s" in result.output
     bundle_dir = wd / "bundle"
     assert result.output.strip().splitlines()[-1] == str(bundle_dir)
+    assert "of 1,000 images of" in result.output and " used" in result.output  # none dropped silently
+    assert "## Your images" in (wd / "report" / "report.md").read_text()
     assert "[train-base] importing your model as the base model" in result.output
     assert "[train-base] your model imported in" in result.output
     accuracy = [line for line in result.output.splitlines() if "top-1 accuracy on 200" in line]

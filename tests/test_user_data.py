@@ -290,3 +290,30 @@ def test_rule_and_reference_subsets_sample_every_class_in_proportion(tmp_path) -
     assert set(folder.splits()["rules"]) <= set(sp.index["selection"])
     again = combine(None, split_images(data, sizes, alpha=0.1, seed=3), prof)
     assert np.array_equal(again.splits()["rules"], folder.splits()["rules"])  # seeded: the same subset
+
+
+def test_images_no_split_uses_are_counted_per_split_and_said(tmp_path) -> None:
+    from rrise.calibrate.report import _images_lines
+
+    sizes = {"targets": 300, "selection": 50, "calibration": 150, "test": 50}
+    small, images, _ = _npz_set(tmp_path, 1500)
+    a = split_images(small, sizes, alpha=0.05, seed=1)
+    assert a.plan.regime == "profile" and a.used() == 550
+    assert set(a.unused) <= set(SPLITS) and sum(a.unused.values()) == 1500 - 550
+    share = {s: n / 550 for s, n in sizes.items()}  # each hash bucket holds about its share of 1,500
+    for s in SPLITS:
+        assert abs(a.unused.get(s, 0) + sizes[s] - 1500 * share[s]) < 0.25 * 1500 * share[s] + 10, a.unused
+    assert "550 of 1,500 images of" in a.summary() and f"targets {a.unused['targets']:,}" in a.summary()
+    record = a.to_dict()
+    assert record["used"] == 550 and record["unused"] == a.unused and record["images"] == 1500
+    text = "\n".join(_images_lines(record))
+    assert (
+        "550 of 1,500 images used." in text and f"{a.unused['test']:,} in the test split's hash share" in text
+    )
+
+    # duplicates and scaled sizes: what no split takes is counted as "none"
+    doubled = np.concatenate([images[:300], images[:100]])
+    np.savez(tmp_path / "dup.npz", images=doubled, labels=np.arange(400) % 3)
+    dup = split_images(load_images(tmp_path / "dup.npz", GRAY8), sizes, alpha=0.05, seed=1)
+    assert dup.plan.regime == "scaled" and dup.unused.get("none", 0) >= 100
+    assert dup.used() + sum(dup.unused.values()) == 400
