@@ -262,8 +262,11 @@ def class_mapping(classes: list[str], show: int = 20) -> str:
 
 def base_accuracy(w: Workdir, sp: DataSplits, n: int = ACCURACY_SAMPLE) -> tuple[float, int]:
     """``(top-1 accuracy, images)`` of the work folder's base model on up to ``n`` images of the
-    targets split (the first by the seeded hash: every class in proportion), no noise."""
+    targets split (the first by the seeded hash: every class in proportion; topped up from the
+    selection split where DATA's targets are fewer), no noise."""
     index = sp.first_by_hash("targets", n)
+    if len(index) < n:
+        index = np.concatenate([index, sp.first_by_hash("selection", n - len(index))])
     ds = w.data("test")
     backend = OnnxRuntimeBackend(w.path("base.onnx"))
     pred = np.concatenate(
@@ -282,7 +285,7 @@ def _check_base_model(w: Workdir, sp: DataSplits, force: bool, log: Callable[[st
     log(f"[check] class index → name (sorted folder names): {class_mapping(classes)}")
     acc, n = base_accuracy(w, sp)
     chance = 1.0 / len(classes)
-    log(f"[check] your model's top-1 accuracy on {n} targets-split images: {acc:.1%} (chance {chance:.1%})")
+    log(f"[check] your model's top-1 accuracy on {n} images of DATA: {acc:.1%} (chance {chance:.1%})")
     if acc > NEAR_CHANCE * chance:
         return
     near = f"your model's top-1 accuracy on {n} images of DATA is {acc:.1%}, near chance ({chance:.1%})"
