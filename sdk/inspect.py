@@ -319,7 +319,10 @@ NOT_RECOMPUTED = (
 def _verification_lines(
     results: list[dict[str, Any]], counts: dict[str, Any] | None, bundle_id: str
 ) -> list[str]:
-    lines = ["Verify       each variant's quantile recomputed from calibration.npz and its own model"]
+    lines = [
+        "Verify       each variant's quantile and monitor reference recomputed from calibration.npz and "
+        "its own model"
+    ]
     for r in results:
         if r["status"] == "ok":
             state = f"OK (quantile {_num(r['recomputed'])} reproduced)"

@@ -5,9 +5,10 @@ A conformal quantile holds only for the numerics it was computed with (docs/CERT
 of ``calibration.npz``, scored against the full MC count vectors stored beside them: a variant that
 picks another class than fp32 is scored against that class's count. This module is the one home of
 that recomputation: export uses it to give a new variant its quantile (:func:`calibration_outputs`,
-:func:`variant_recalibration`) and ``rrise inspect --verify`` to check every recorded one
-(:func:`verify_quantiles`). numpy and onnxruntime only (:mod:`rrise.onnx_session`); a TensorRT
-engine runs through :mod:`rrise.trt_session` where it was built.
+:func:`variant_recalibration`) and ``rrise inspect --verify`` to check every recorded one with its
+monitor reference (:func:`verify_quantiles`), the record against the arrays and the counts against
+fresh draws of the base model (:func:`verify_counts`). numpy and onnxruntime only
+(:mod:`rrise.onnx_session`); a TensorRT engine runs through :mod:`rrise.trt_session` where it was built.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "calibration_outputs",
     "check_calibration_arrays",
     "micro_batched",
+    "monitor_differences",
     "onnx_probs_runner",
     "read_calibration_npz",
     "record_problems",
@@ -208,6 +210,7 @@ def _verify_variant(
         ]
         if not (a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6))
     ]
+    differs += monitor_differences(v.get("monitor"), probs, images, recorded)
     if int(v["max_batch"]) > max_batch:
         differs.append(
             f"max_batch {v['max_batch']} recorded, but only batch size {max_batch} reproduces its outputs"
@@ -215,6 +218,51 @@ def _verify_variant(
     if differs:
         return {**out, "status": "mismatch", "detail": "; ".join(differs)}
     return {**out, "status": "ok", "detail": None}
+
+
+_OOD_KEYS = ("version", "features", "n_fit", "centre", "scale", "template_shape", "templates", "reference")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two manifest values agree, numbers to 1e-6 (JSON keeps what the bundler wrote)."""
+    try:
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError):
+        return a == b
+    return x.shape == y.shape and bool(np.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True))
+
+
+def monitor_differences(
+    monitor: dict[str, Any] | None, probs: np.ndarray, images: np.ndarray, calibration: Calibration
+) -> list[str]:
+    """What a variant's ``monitor`` entry records that its own ``probs`` on the calibration
+    ``images`` do not give: the shift reference (bin edges and counts of ŝ, abstentions, m) and the
+    out-of-distribution reference (:func:`rrise.ood.ood_reference`: fit and sorted reference scores).
+    The simulated thresholds are not recomputed."""
+    from .certificate import certify_from_probs
+    from .ood import ood_reference
+
+    if not monitor:
+        return []
+    out: list[str] = []
+    cert = certify_from_probs(probs, calibration)
+    score = np.asarray(cert.score, dtype=np.float64)
+    edges = np.asarray(monitor.get("edges") or [], dtype=np.float64)
+    counts = np.bincount(np.searchsorted(edges, score, side="right"), minlength=len(edges) + 1)
+    if not _same(counts, monitor.get("counts")) or monitor.get("m") != len(score):
+        out.append("monitor.counts (the shift reference) do not follow from the variant's outputs")
+    abstain = int(np.count_nonzero(cert.abstain))
+    if monitor.get("abstain") != abstain:
+        out.append(f"monitor.abstain {monitor.get('abstain')} recorded, {abstain} recomputed")
+    stored = monitor.get("ood")
+    if stored:
+        fresh = ood_reference(images, probs, version=int(stored.get("version", 1)))
+        bad = [k for k in _OOD_KEYS if (k in stored or k in fresh) and not _same(stored.get(k), fresh.get(k))]
+        if bad:
+            out.append(
+                f"monitor.ood ({', '.join(bad)}) does not follow from the calibration images and outputs"
+            )
+    return out
 
 
 def record_problems(

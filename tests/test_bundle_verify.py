@@ -91,3 +91,15 @@ def test_fisher_exact_matches_the_hypergeometric_tails():
     # 2x2 table [[3, 1], [1, 3]]: two-sided p = 17/35 (the textbook value, as scipy gives)
     assert fisher_exact_two_sided(3, 4, 1, 4) == pytest.approx(17 / 35)
     assert fisher_exact_two_sided(188, 200, 153, 256) < 1e-10
+
+
+def test_an_edited_ood_reference_is_refused(copy):
+    def shift(m):
+        ood = m["variants"][0]["monitor"]["ood"]
+        ood["reference"] = [r + 1.0 for r in ood["reference"]]  # every frame looks in-distribution
+
+    _edit(copy, shift)
+    Bundle.load(copy)
+    summary, problems = inspect_bundle(copy, verify=True)
+    assert [r["status"] for r in summary["verification"]] == ["mismatch"]
+    assert len(problems) == 1 and "monitor.ood (reference) does not follow from" in problems[0]
