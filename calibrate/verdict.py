@@ -34,34 +34,35 @@ def _cohen_row(metrics: dict[str, Any], alpha: float) -> tuple[str, dict[str, An
     return None
 
 
-def _adaptive_row(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The adaptive row to quote: the bundled routing rule's, else the largest-budget routed row."""
+def _adaptive_row(metrics: dict[str, Any], radii: tuple[float, ...]) -> dict[str, Any] | None:
+    """The adaptive row to quote: of the routed and required-radius rows, the one of highest mean
+    certified accuracy at ``radii`` (fewer mean draws on a tie); None without an adaptive section."""
     section = metrics.get("adaptive") or {}
-    rows = section.get("rows") or {}
-    name = section.get("bundled_row")
-    if name in rows:
-        return name, rows[name]
-    routed = [(n, r) for n, r in rows.items() if r.get("kind") == "adaptive"]
-    return max(routed, key=lambda nr: nr[1].get("mc_budget") or 0) if routed else None
+    at = [section.get("radii", []).index(r) for r in radii if r in section.get("radii", [])]
+    rows = [r for r in (section.get("rows") or {}).values() if r.get("kind") in ("adaptive", "required")]
+    if not rows or not at:
+        return None
+    return max(rows, key=lambda r: (sum(r["certified_accuracy"][i] for i in at), -r["mean_draws"]))
+
+
+def _command(row: dict[str, Any]) -> str:
+    """The `rrise run` flags of an adaptive row."""
+    flags = f"--mc-budget {row['mc_budget']}"
+    if row.get("require_radius") is not None:
+        flags += f" --require-radius {row['require_radius']:g}"
+    return f"`rrise run {flags}`"
 
 
 def _next_steps(metrics: dict[str, Any], radii: tuple[float, ...]) -> str:
-    advice = (
-        "more images (calibration and surrogate targets), a larger --profile, or the adaptive mode "
-        "`rrise run --mc-budget N`"
-    )
-    adaptive = _adaptive_row(metrics)
-    if adaptive is None:
-        return advice
-    name, row = adaptive
+    advice = "more images (calibration and surrogate targets), a larger --profile, or the adaptive mode"
+    row = _adaptive_row(metrics, radii)
+    if row is None:
+        return f"{advice} (`rrise run --mc-budget N`: base-model draws where the surrogate falls short)"
     section = metrics["adaptive"]
     at = [row["certified_accuracy"][section["radii"].index(r)] for r in radii if r in section["radii"]]
-    budget = row.get("mc_budget")
-    how = f"`rrise run --mc-budget {budget}`" if budget else "`rrise run --mc-budget N`"
     return (
-        f"{advice}; {how} ({name}) certifies {_pct(at)} at r = "
-        f"{' / '.join(f'{r:g}' for r in radii)} with {row['mean_draws']:g} mean draws per query "
-        f"(report/report.md, adaptive section)"
+        f"{advice}: on these test inputs {_command(row)} certifies {_pct(at)} with {row['mean_draws']:g} "
+        "mean base-model draws per query (report/report.md, adaptive section)"
     )
 
 

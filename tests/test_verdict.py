@@ -43,13 +43,22 @@ def test_far_behind_names_the_adaptive_row_and_its_numbers() -> None:
     assert "Cohen MC 92.0% / 80.0% / 60.0%" in lines[0]  # the row at RRISE's α, not Cohen's own 0.001
     assert "RRISE 12.0%" in lines[1] and "Cohen MC 7.0%" in lines[1]
     assert "30.0 points behind" in lines[2] and "--profile" in lines[2]
-    assert "rrise run --mc-budget 256" in lines[2] and "90.0% / 80.0% / 70.0%" in lines[2]
-    assert "12.5 mean draws" in lines[2]
+    assert "`rrise run --mc-budget 256` certifies 90.0% / 80.0% / 70.0% with 12.5 mean" in lines[2]
 
 
 def test_far_behind_without_an_adaptive_section_still_says_what_to_do() -> None:
     lines = verdict_lines(_metrics([0.9, 0.6, 0.3, 0.1], [0.92, 0.8, 0.6, 0.3], adaptive=False))
     assert "more images" in lines[2] and "rrise run --mc-budget N" in lines[2]
+
+
+def test_the_best_adaptive_row_is_quoted_with_its_flags() -> None:
+    m = _metrics([0.9, 0.6, 0.3, 0.1], [0.92, 0.8, 0.6, 0.3])
+    m["adaptive"]["rows"]["Adaptive (--require-radius 0.5, budget 256, α_MC=0.001)"] = {
+        "kind": "required", "mc_budget": 256, "require_radius": 0.5, "mean_draws": 80.0,
+        "certified_accuracy": [0.9, 0.85, 0.75, 0.5],
+    }  # fmt: skip
+    line = verdict_lines(m)[2]
+    assert "`rrise run --mc-budget 256 --require-radius 0.5` certifies 90.0% / 85.0% / 75.0%" in line
 
 
 def test_close_to_cohen_says_the_bundle_is_ready() -> None:
