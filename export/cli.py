@@ -356,11 +356,14 @@ def add_variant_command(options: AddVariantCommand) -> None:
 @bind(SignCommand)
 def sign_command(options: SignCommand) -> None:
     r"""Sign a bundle as it is: its verified manifest, into manifest.sig (replacing any older
-    signature); the manifest and the bundle id do not change.
+    signature); the manifest and the bundle id do not change. The bundle is verified first, as
+    `rrise inspect --verify` does (quantiles, monitor references, the calibration record, and σ and
+    the counts against fresh draws of the base model); one that fails is not signed.
 
     Example:
 
-        rrise-export sign --bundle runs/demo/bundle --sign keys/release.key
+        rrise-export sign --bundle runs/demo/bundle --sign keys/release.key --release 3 \
+            --expires 2027-01-31T00:00:00Z
     """
     _sign_as_is(options.bundle, options.sign, _Release(options.release, options.expires))
 
