@@ -15,8 +15,8 @@ numpy and onnxruntime only (:mod:`rrise.onnx_session`): no torch, so it runs nex
 
 from __future__ import annotations
 
-import hashlib
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +31,17 @@ __all__ = ["SpotCheckOptions", "fisher_exact_two_sided", "noisy_top_counts", "sp
 
 @dataclass(frozen=True)
 class SpotCheckOptions:
-    """How many calibration ``inputs`` get ``draws`` fresh draws each, and the total false-alarm
-    ``level`` (split over the inputs by Bonferroni)."""
+    """How many calibration ``inputs`` get ``draws`` fresh draws each, the total false-alarm
+    ``level`` (split over the inputs by Bonferroni), and the ``seed`` that picks the inputs and
+    draws the noise (None: a fresh one from the operating system, reported with the result so a
+    failure can be reproduced; unpredictable, so a bundle cannot be tuned, by its id or its files,
+    until the sample misses the inputs whose counts were forged)."""
 
     inputs: int = 16
     draws: int = 256
     level: float = 1e-3
     batch: int = 256
+    seed: int | None = None
 
 
 def _log_choose(n: int, k: int) -> float:
@@ -86,24 +90,19 @@ def noisy_top_counts(
     return hits
 
 
-def _seed(bundle: Bundle) -> int:
-    """A seed fixed by the bundle id: the same bundle is always checked on the same draws."""
-    return int.from_bytes(hashlib.sha256(bundle.id.encode()).digest()[:8], "little")
-
-
 def spot_check_counts(
     bundle: Bundle, counts: np.ndarray, images: np.ndarray, options: SpotCheckOptions | None = None
 ) -> dict[str, Any]:
     """Fresh draws through the base model at the manifest's σ on a seeded sample of the calibration
     inputs, against the stored ``counts`` ``[m, K]`` of those ``images``.
 
-    Returns ``status`` (``ok`` or ``mismatch``), ``inputs``, ``draws``, ``level``, ``sigma``,
+    Returns ``status`` (``ok`` or ``mismatch``), ``inputs``, ``draws``, ``level``, ``sigma``, ``seed``,
     ``min_p`` (the smallest per-input p-value), ``threshold`` (``level / inputs``), ``worst``
     (that input's index, stored share and fresh share), ``seconds`` and ``detail``."""
     opts = options or SpotCheckOptions()
     m = bundle.manifest
     sigma = float(m["smoothing"]["sigma"])
-    seed = _seed(bundle)
+    seed = secrets.randbits(62) if opts.seed is None else int(opts.seed)
     chosen = np.sort(np.random.default_rng(seed).choice(len(counts), min(opts.inputs, len(counts)), False))
     classes = counts[chosen].argmax(axis=1)
     base = m["base_model"]
@@ -129,6 +128,7 @@ def spot_check_counts(
         "draws": opts.draws,
         "level": opts.level,
         "sigma": sigma,
+        "seed": seed,
         "min_p": float(p.min()) if p.size else 1.0,
         "threshold": threshold,
         "seconds": time.perf_counter() - start,
@@ -148,7 +148,7 @@ def spot_check_counts(
             f"calibration input {w['input']}: class {int(classes[worst])} holds {w['stored_share']:.3f} of "
             f"the stored {n_mc} draws but {w['fresh_share']:.3f} of {opts.draws} fresh draws at "
             f"sigma = {sigma:g} (Fisher p = {p[worst]:.2g} < {threshold:.2g}, {len(chosen)} inputs, "
-            f"level {opts.level:g})"
+            f"level {opts.level:g}, seed {seed})"
         )
         return {**out, "status": "mismatch"}
     return {**out, "status": "ok"}

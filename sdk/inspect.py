@@ -345,7 +345,7 @@ def _verification_lines(
                 f"model at σ = {_num(spot['sigma'])} ({spot['seconds']:.2f} s): "
             )
             state = (
-                f"OK (smallest Fisher p {spot['min_p']:.3g} ≥ {spot['threshold']:.2g})"
+                f"OK (smallest Fisher p {spot['min_p']:.3g} ≥ {spot['threshold']:.2g}; seed {spot['seed']})"
                 if spot["status"] == "ok"
                 else f"MISMATCH: {spot['detail']}"
             )

@@ -103,3 +103,14 @@ def test_an_edited_ood_reference_is_refused(copy):
     summary, problems = inspect_bundle(copy, verify=True)
     assert [r["status"] for r in summary["verification"]] == ["mismatch"]
     assert len(problems) == 1 and "monitor.ood (reference) does not follow from" in problems[0]
+
+
+def test_the_spot_check_reproduces_with_its_seed(tiny_bundle):
+    from rrise.count_check import SpotCheckOptions, spot_check_counts
+
+    bundle = Bundle.load(tiny_bundle)
+    counts, _, images = read_calibration_npz(tiny_bundle / "calibration.npz")
+    first = spot_check_counts(bundle, counts, images)  # a fresh seed, reported
+    again = spot_check_counts(bundle, counts, images, SpotCheckOptions(seed=first["seed"]))
+    assert again["seed"] == first["seed"] and again["min_p"] == first["min_p"]
+    assert again["worst"] == first["worst"]
