@@ -19,18 +19,23 @@ sorted scores are stored. The split does not look at the data, so the reference 
 with a deployed frame and independent of the fitted score.
 
 Geometry (version 2): the statistics above are blind to where the mass of the image lies, so a
-rotated, flipped, shifted or tiled frame passes them. Version 2 adds one feature,
-``template_distance``: ``log(1 + TEMPLATE_EPS − ρ)``, with ρ the correlation between the frame's
-model input (averaged down to at most :data:`TEMPLATE_SIDE` pixels a side, each image standardized
-to mean 0 and norm 1) and the *template* of its predicted class, the standardized mean of the fit
-part's reduced inputs predicted as that class (the global mean where a class has fewer than two).
-The templates are stored in the entry (``templates``, K rows of C·h·w numbers rounded to
-:data:`TEMPLATE_DECIMALS` decimals, ``template_shape`` [C, h, w]); the feature joins the others in
-the max of z-scores, so the score stays one number and its reference one sorted list. A version-1
-entry (no templates) keeps being read with the version-1 score.
+rotated, flipped, shifted or tiled frame passes them. Version 2 reduces the model input to block
+means (at most :data:`TEMPLATE_SIDE` pixels a side), standardizes it (mean 0, norm 1) and compares
+it with the *templates*, the standardized mean of the fit part's reduced inputs per predicted class
+(the global mean where a class has fewer than two), stored in the entry (``templates``, K rows of
+C·h·w numbers rounded to :data:`TEMPLATE_DECIMALS` decimals; ``template_shape`` [C, h, w]). Two
+features (:data:`GEOMETRY`): ``template_distance`` ``log(1 + eps − ρ)``, ρ the correlation with the
+predicted class's template; ``orientation_gain``, how much better the best-fitting template fits
+once the frame is rotated, flipped or shifted by a fifth of a side than as it is (one-sided: a
+clean frame sits the way the calibration inputs do, so moving it rarely helps; a rotated one fits
+better rotated back). Their centre and scale are global, not per class. The score is the larger of
+the two groups' largest z (image statistics; geometry), each divided by its largest value on the
+fit part (``norms``), so that neither group's tail drowns the other's. A version-1 entry (no
+templates) keeps being read with the version-1 score. Cost: one block mean, 10 moved copies and a
+``(11·C·h·w) × K`` product per frame, a few µs beside the version-1 features.
 
 p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. Why it is valid: everything the
-score depends on (centres, scales and templates) is computed from the fit part alone, chosen by
+score depends on (centres, scales, templates and norms) is computed from the fit part alone, chosen by
 position, so given the fit part the score is a fixed function, and the reference inputs and a
 clean deployed frame are exchangeable (the certificate's own premise); their scores are then
 exchangeable too, and the rank of the frame's score among them is uniform, so ``P(p ≤ a) ≤ a``
@@ -51,6 +56,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_OOD_RATE",
     "FEATURES",
+    "GEOMETRY",
     "OOD_VERSION",
     "OodTest",
     "check_rate",
@@ -71,6 +77,7 @@ TEMPLATE_SIDE = 16  # templates are at most this many pixels a side
 TEMPLATE_EPS = 1e-3  # keeps the log of 1 − ρ finite for a frame equal to its template
 TEMPLATE_DECIMALS = 4  # stored templates are rounded; the reference is scored with the rounded ones
 SHIFT_FRACTION = 0.2  # the shifts orientation_gain tries, as a fraction of a side
+NORM_FLOOR = 1e-3
 DEFAULT_OOD_RATE = 1e-3
 FIT_EVERY = 5  # calibration inputs 0, 5, 10, … fit the score; the others are the reference
 SHRINK = 10.0  # pseudo-count pulling a class's centre and scale towards the global ones
@@ -93,16 +100,17 @@ FEATURES = (
     "log_surprise",
 )
 GEOMETRY = ("template_distance", "orientation_gain")
-ONE_SIDED = ("orientation_gain",)  # only a large value is unusual
 CHROMA = ("chroma_0", "chroma_1", "chroma_2")
 SCORE_TEXT_V1 = (
     "max over features of |feature - centre of the predicted class| / scale of that class; "
     "features: statistics of the model input and -log of the top-class probability"
 )
 SCORE_TEXT = (
-    "max over features of |feature - centre of the predicted class| / scale of that class; "
-    "features: statistics of the model input, -log of the top-class probability and the "
-    "distance log(1 + eps - correlation) to the predicted class's template"
+    "max over two groups of (max over the group's features of |feature - centre| / scale) / the "
+    "group's norm; group 1: statistics of the model input and -log of the top-class probability, "
+    "centred on the predicted class; group 2 (global centres, orientation_gain one-sided): the "
+    "distance to the predicted class's template and the gain in template fit from rotating, "
+    "flipping or shifting the frame"
 )
 FIT_TEXT = (
     f"calibration inputs at positions divisible by {FIT_EVERY} fit centres, scales and templates; "
@@ -138,15 +146,21 @@ def template_shape(channels: int, height: int, width: int) -> tuple[int, int, in
 
 
 def _block_means(x: np.ndarray) -> np.ndarray:
-    """``[B, C, H, W]`` → ``[B, C, h, w]`` float32: block means of the input read on the grid."""
+    """``[B, C, H, W]`` → ``[B, C, h, w]`` float32: block sums of the input read on the grid (the
+    block means times the block size: the same correlations)."""
     s = _grid_step(*x.shape[2:])
     g = np.asarray(x[:, :, ::s, ::s] if s > 1 else x, dtype=np.float32)
     b, c, h, w = g.shape
     bh, bw = _block(h, w)
     th, tw = h // bh, w // bw
-    if bh > 1 or bw > 1:
-        g = g[:, :, : th * bh, : tw * bw].reshape(b, c, th, bh, tw, bw).mean(axis=(3, 5))
-    return g
+    g = g[:, :, : th * bh, : tw * bw]
+    rows = g[:, :, 0::bh]  # strided adds: far faster than a sum over reshaped axes
+    for i in range(1, bh):
+        rows = rows + g[:, :, i::bh]
+    out = rows[..., 0::bw]
+    for j in range(1, bw):
+        out = out + rows[..., j::bw]
+    return out
 
 
 def _standardized(flat: np.ndarray) -> np.ndarray:
@@ -157,19 +171,21 @@ def _standardized(flat: np.ndarray) -> np.ndarray:
     return out / np.where(norm > 1e-9, norm, 1.0)[..., None]
 
 
-def _moved(g: np.ndarray) -> np.ndarray:
-    """``[B, C, h, w]`` → ``[B, V, C, h, w]``: the frame rotated by 180° (and by ±90° when square),
-    flipped either way, and shifted by about a fifth of a side each way (edges repeated)."""
-    h, w = g.shape[2:]
-    out = [g[:, :, ::-1, ::-1], g[:, :, :, ::-1], g[:, :, ::-1, :]]
+@functools.lru_cache(maxsize=16)
+def _moved_index(c: int, h: int, w: int) -> np.ndarray:
+    """``[V, C·h·w]`` gathers of a flattened ``[C, h, w]`` image: itself (row 0), rotated by 180°
+    (and by ±90° when square), flipped either way, and shifted by about a fifth of a side each way
+    (edges repeated)."""
+    base = np.arange(c * h * w).reshape(c, h, w)
+    moved = [base, base[:, ::-1, ::-1], base[:, :, ::-1], base[:, ::-1, :]]
     if h == w:
-        out += [np.rot90(g, 1, axes=(2, 3)), np.rot90(g, 3, axes=(2, 3))]
+        moved += [np.rot90(base, 1, axes=(1, 2)), np.rot90(base, 3, axes=(1, 2))]
     dy, dx = max(1, round(h * SHIFT_FRACTION)), max(1, round(w * SHIFT_FRACTION))
+    rows, cols = np.arange(h), np.arange(w)
     if h > dy and w > dx:
-        pad = np.pad(g, ((0, 0), (0, 0), (dy, dy), (dx, dx)), mode="edge")
-        for oy, ox in ((0, dx), (2 * dy, dx), (dy, 0), (dy, 2 * dx)):
-            out.append(pad[:, :, oy : oy + h, ox : ox + w])
-    return np.stack(out, axis=1)
+        for sy, sx in ((0, dx), (0, -dx), (dy, 0), (-dy, 0)):
+            moved.append(base[:, np.clip(rows - sy, 0, h - 1)][:, :, np.clip(cols - sx, 0, w - 1)])
+    return np.stack([m.reshape(-1) for m in moved])
 
 
 def _templates(x: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -184,20 +200,47 @@ def _templates(x: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarr
     return np.round(_standardized(out), TEMPLATE_DECIMALS)
 
 
+def _moved_maps(templates: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """For a ``shape`` [C, h, w] reduced image ``g`` (flattened): ``weights`` [n, V·K] with
+    ``g @ weights`` = every moved copy's dot product with every template, and ``counts`` [n, V]
+    with ``g @ counts`` and ``(g·g) @ counts`` = each moved copy's sum and sum of squares."""
+    idx = _moved_index(*shape)
+    moves, n = idx.shape
+    t = np.asarray(templates, dtype=np.float64).T  # [n, K]
+    weights = np.zeros((moves, n, t.shape[1]))
+    counts = np.zeros((moves, n))
+    for v in range(moves):
+        np.add.at(weights[v], idx[v], t)
+        np.add.at(counts[v], idx[v], 1.0)
+    flat_weights = weights.transpose(1, 0, 2).reshape(n, -1)
+    return flat_weights.astype(np.float32), counts.T.astype(np.float32)
+
+
+def _geometry(g: np.ndarray, classes: np.ndarray, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """:func:`geometry_features` of block sums ``g`` [B, C, h, w] with :func:`_moved_maps`."""
+    weights, counts = maps
+    b = len(g)
+    flat = g.reshape(b, -1)
+    moves = counts.shape[1]
+    moments = (np.concatenate([flat, flat * flat]) @ counts).astype(np.float64)  # [2B, V]
+    total, squares = moments[:b], moments[b:]
+    var = squares - total * total / flat.shape[1]
+    inv = np.where(var > 1e-7 * squares + 1e-30, 1.0 / np.sqrt(np.maximum(var, 1e-30)), 0.0)  # flat: ρ = 0
+    fit = (flat @ weights).reshape(b, moves, -1) * inv[..., None]  # [B, V, K] correlations
+    here = fit[:, 0]
+    out = np.empty((b, 2))
+    out[:, 0] = np.log(np.maximum(1.0 + TEMPLATE_EPS - here[np.arange(b), classes], TEMPLATE_EPS))
+    out[:, 1] = fit[:, 1:].max(axis=(1, 2)) - here.max(axis=1)
+    return out
+
+
 def geometry_features(x: np.ndarray, classes: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """``[B, 2]``: ``template_distance`` ``log(1 + eps − ρ)``, ρ the correlation of each input
-    ``x`` [B, C, H, W] with the template (a row of ``templates`` [K, C·h·w]) of its class
-    ``classes`` [B]; ``orientation_gain``, how much better the best template fits the frame once
-    rotated, flipped or shifted (:func:`_moved`) than as it is."""
+    ``x`` [B, C, H, W] with the template (a row of ``templates`` [K, C·h·w], mean 0, norm 1) of
+    its class ``classes`` [B]; ``orientation_gain``, how much better the best template fits the
+    frame once rotated, flipped or shifted (:func:`_moved_index`) than as it is."""
     g = _block_means(x)
-    b = len(g)
-    here = _standardized(g.reshape(b, -1))
-    moved = _standardized(_moved(g).reshape(b, -1, here.shape[1]))
-    fit_here = here @ templates.T
-    rho = fit_here[np.arange(b), classes]
-    gain = (moved @ templates.T).max(axis=(1, 2)) - fit_here.max(axis=1)
-    dist = np.log(np.maximum(1.0 + TEMPLATE_EPS - rho, TEMPLATE_EPS))
-    return np.stack([dist, gain], axis=1)
+    return _geometry(g, classes, _moved_maps(templates, g.shape[1:]))
 
 
 def _gradient_energy(x: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,19 +350,47 @@ def _fit(feats: np.ndarray, classes: np.ndarray, num_classes: int) -> tuple[np.n
     return centres, scales
 
 
-def _one_sided(names: Sequence[str]) -> np.ndarray:
-    """The features (a mask over ``names``) where only a value above the centre is unusual."""
-    return np.isin(np.asarray(names), ONE_SIDED)
+class _Scorer:
+    """The score of an entry: ``scores(x, probs)`` → ``[B]``, the same code for the reference at
+    bundle time and for a frame at run time. ``centre``/``scale`` [rows, d] in the order of
+    :func:`feature_names`; with ``templates`` (version 2) the two groups of the module docstring,
+    ``norms`` dividing their largest z (None: not yet fitted, only :meth:`group_z` is usable)."""
 
+    def __init__(
+        self,
+        centre: np.ndarray,
+        scale: np.ndarray,
+        templates: np.ndarray | None = None,
+        norms: np.ndarray | None = None,
+    ) -> None:
+        self.centre, self.scale, self.norms = centre, scale, norms
+        self.templates = None if templates is None else np.asarray(templates, dtype=np.float32)
+        self._maps: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        geo = list(range(len(FEATURES), len(FEATURES) + len(GEOMETRY))) if templates is not None else []
+        self._stat_centre, self._stat_scale = np.delete(centre, geo, axis=1), np.delete(scale, geo, axis=1)
+        self._geo_centre, self._geo_scale = centre[:, geo], scale[:, geo]
 
-def _scores(
-    feats: np.ndarray, classes: np.ndarray, centre: np.ndarray, scale: np.ndarray, one_sided: np.ndarray
-) -> np.ndarray:
-    rows = classes if len(centre) > 1 else np.zeros(len(feats), dtype=np.int64)
-    z = (feats - centre[rows]) / scale[rows]
-    z = np.where(one_sided, np.maximum(z, 0.0), np.abs(z))
-    s = z.max(axis=1)
-    return np.where(np.isnan(s), np.inf, s)
+    def group_z(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """``[B, 1]`` the largest |z| of the image statistics (version 1), or ``[B, 2]`` that and
+        the geometry's largest z (|z| of the distance, the gain's z when above its centre)."""
+        classes = p.argmax(axis=1)
+        rows = classes if len(self.centre) > 1 else np.zeros(len(p), dtype=np.int64)
+        f = frame_features(x, p)
+        stat = (np.abs(f - self._stat_centre[rows]) / self._stat_scale[rows]).max(axis=1)
+        if self.templates is None:
+            return stat[:, None]
+        g = _block_means(x)
+        key = tuple(g.shape[1:])
+        if key not in self._maps:
+            self._maps[key] = _moved_maps(self.templates, key)
+        z = (_geometry(g, classes, self._maps[key]) - self._geo_centre[rows]) / self._geo_scale[rows]
+        return np.stack([stat, np.maximum(np.abs(z[:, 0]), z[:, 1])], axis=1)
+
+    def scores(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """The score of each row; NaN counts as infinitely unusual."""
+        z = self.group_z(x, p)
+        s = z[:, 0] if self.norms is None else (z / self.norms).max(axis=1)
+        return np.where(np.isnan(s), np.inf, s)
 
 
 def p_values(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -362,10 +433,16 @@ def ood_reference(images: np.ndarray, probs: np.ndarray, *, version: int = OOD_V
         )
     classes = p.argmax(axis=1)
     templates = _templates(x[fit], classes[fit], p.shape[1]) if version >= 2 else None
-    feats = _all_features(x, p, templates)
-    centre, scale = _fit(feats[fit], classes[fit], p.shape[1])
+    centre, scale = _fit(_all_features(x[fit], p[fit], templates), classes[fit], p.shape[1])
     names = feature_names(x.shape[1], version)
-    ref = np.sort(_scores(feats[~fit], classes[~fit], centre, scale, _one_sided(names)))
+    norms = None
+    if templates is not None:  # the geometry features: one global centre and scale
+        geo = slice(len(FEATURES), len(FEATURES) + len(GEOMETRY))
+        g_centre, g_scale = _centre_scale(geometry_features(x[fit], classes[fit], templates))
+        centre[:, geo], scale[:, geo] = g_centre, np.maximum(g_scale, SCALE_FLOOR)
+        fit_z = _Scorer(centre, scale, templates).group_z(x[fit], p[fit])
+        norms = np.maximum(fit_z.max(axis=0), NORM_FLOOR)
+    ref = np.sort(_Scorer(centre, scale, templates, norms).scores(x[~fit], p[~fit]))
     if not np.all(np.isfinite(ref)):
         raise ValueError("out-of-distribution scores of the calibration inputs are not finite")
     entry: dict[str, Any] = {
@@ -378,6 +455,7 @@ def ood_reference(images: np.ndarray, probs: np.ndarray, *, version: int = OOD_V
         "scale": scale.tolist(),
     }
     if templates is not None:
+        entry["norms"] = norms.tolist()
         entry["template_shape"] = list(template_shape(*x.shape[1:]))
         entry["templates"] = templates.tolist()
     return {**entry, "reference": ref.tolist()}
@@ -414,6 +492,21 @@ def _reference(entry: Mapping[str, Any]) -> np.ndarray:
     if np.any(np.diff(ref) < 0):
         raise ValueError("monitor.ood.reference must be sorted in ascending order")
     return ref
+
+
+def _norms(entry: Mapping[str, Any]) -> np.ndarray:
+    """The two group norms of a version-2 entry, checked."""
+    value = entry.get("norms")
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            for v in value
+        )
+    ):
+        raise ValueError(f"monitor.ood.norms must be a list of 2 finite numbers > 0, got {value!r}")
+    return np.asarray(value, dtype=np.float64)
 
 
 def _entry_templates(entry: Mapping[str, Any], num_classes: int, channels: int) -> np.ndarray:
@@ -482,8 +575,9 @@ class OodTest:
         if len(self.centre) != len(self.scale):
             raise ValueError("monitor.ood.centre and monitor.ood.scale must have the same rows")
         self.reference = _reference(entry)
-        self.one_sided = _one_sided(names)
+        self.norms = _norms(entry) if version >= 2 else None
         self.templates = _entry_templates(entry, num_classes, channels) if version >= 2 else None
+        self._scorer = _Scorer(self.centre, self.scale, self.templates, self.norms)
         self.template_shape = tuple(entry["template_shape"]) if version >= 2 else None
         self.version = int(version)
         self.channels = channels
@@ -517,10 +611,7 @@ class OodTest:
                 f"monitor.ood.template_shape {list(self.template_shape)} does not fit inputs of shape "
                 f"{list(x.shape[1:])}"
             )
-        feats = _all_features(x, p, self.templates)
-        return p_values(
-            self.reference, _scores(feats, p.argmax(axis=1), self.centre, self.scale, self.one_sided)
-        )
+        return p_values(self.reference, self._scorer.scores(x, p))
 
     def flagged(self, p: float | None) -> bool:
         """Whether a frame with p-value ``p`` is flagged (never when ``p`` is None or the rate 0)."""
