@@ -90,6 +90,33 @@ def noisy_top_counts(
     return hits
 
 
+def _base_runner(session: Any) -> Any:
+    """``[B, C, H, W] → [B, K]`` through the base model's session, in chunks of its batch size
+    when the model fixes one (the last chunk padded with copies of its last row)."""
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+
+    def once(x: np.ndarray) -> np.ndarray:
+        try:
+            return session.run(None, {inp.name: x})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RuntimeError(f"the base model does not run on noisy calibration inputs: {exc}") from None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if fixed is None:
+            return once(x)
+        outs = []
+        for start in range(0, len(x), fixed):
+            part = x[start : start + fixed]
+            pad = fixed - len(part)
+            if pad:
+                part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+            outs.append(once(part)[: fixed - pad])
+        return np.concatenate(outs)
+
+    return run
+
+
 def spot_check_counts(
     bundle: Bundle, counts: np.ndarray, images: np.ndarray, options: SpotCheckOptions | None = None
 ) -> dict[str, Any]:
@@ -106,11 +133,12 @@ def spot_check_counts(
     chosen = np.sort(np.random.default_rng(seed).choice(len(counts), min(opts.inputs, len(counts)), False))
     classes = counts[chosen].argmax(axis=1)
     base = m["base_model"]
-    session = open_session(bundle.read_verified(base["file"], base.get("sha256")), "onnxruntime-cpu")
-    name = session.get_inputs()[0].name
+    run = _base_runner(
+        open_session(bundle.read_verified(base["file"], base.get("sha256")), "onnxruntime-cpu")
+    )
     start = time.perf_counter()
     fresh = noisy_top_counts(
-        lambda x: session.run(None, {name: x})[0],
+        run,
         images[chosen],
         classes,
         sigma,

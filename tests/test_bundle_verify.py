@@ -114,3 +114,20 @@ def test_the_spot_check_reproduces_with_its_seed(tiny_bundle):
     again = spot_check_counts(bundle, counts, images, SpotCheckOptions(seed=first["seed"]))
     assert again["seed"] == first["seed"] and again["min_p"] == first["min_p"]
     assert again["worst"] == first["worst"]
+
+
+def test_a_base_model_with_a_fixed_batch_runs_in_padded_chunks(tmp_path):
+    import onnx
+
+    from rrise.count_check import _base_runner
+    from rrise.onnx_session import open_session
+    from tests.tiny_bundle import linear_onnx
+
+    dynamic = linear_onnx(tmp_path / "dynamic.onnx", seed=1)
+    model = onnx.load(str(dynamic))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    x = np.random.default_rng(0).random((10, 1, 4, 4), dtype=np.float32)
+    want = _base_runner(open_session(dynamic, "onnxruntime-cpu"))(x)
+    got = _base_runner(open_session(tmp_path / "fixed.onnx", "onnxruntime-cpu"))(x)
+    assert got.shape == (10, 3) and np.allclose(got, want, atol=1e-5)
