@@ -220,9 +220,6 @@ def _verify_variant(
     return {**out, "status": "ok", "detail": None}
 
 
-_OOD_KEYS = ("version", "features", "n_fit", "centre", "scale", "template_shape", "templates", "reference")
-
-
 def _same(a: Any, b: Any) -> bool:
     """Whether two manifest values agree, numbers to 1e-6 (JSON keeps what the bundler wrote)."""
     try:
@@ -237,7 +234,8 @@ def monitor_differences(
 ) -> list[str]:
     """What a variant's ``monitor`` entry records that its own ``probs`` on the calibration
     ``images`` do not give: the shift reference (bin edges and counts of ŝ, abstentions, m) and the
-    out-of-distribution reference (:func:`rrise.ood.ood_reference`: fit and sorted reference scores).
+    out-of-distribution reference (:func:`rrise.ood.ood_reference`: every key, its fit and sorted
+    reference scores included).
     The simulated thresholds are not recomputed."""
     from .certificate import certify_from_probs
     from .ood import ood_reference
@@ -257,7 +255,7 @@ def monitor_differences(
     stored = monitor.get("ood")
     if stored:
         fresh = ood_reference(images, probs, version=int(stored.get("version", 1)))
-        bad = [k for k in _OOD_KEYS if (k in stored or k in fresh) and not _same(stored.get(k), fresh.get(k))]
+        bad = [k for k in sorted({*stored, *fresh}) if not _same(stored.get(k), fresh.get(k))]
         if bad:
             out.append(
                 f"monitor.ood ({', '.join(bad)}) does not follow from the calibration images and outputs"

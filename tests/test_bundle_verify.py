@@ -93,16 +93,17 @@ def test_fisher_exact_matches_the_hypergeometric_tails():
     assert fisher_exact_two_sided(188, 200, 153, 256) < 1e-10
 
 
-def test_an_edited_ood_reference_is_refused(copy):
+@pytest.mark.parametrize("key", ["reference", "norms"])
+def test_an_edited_ood_reference_is_refused(copy, key):
     def shift(m):
         ood = m["variants"][0]["monitor"]["ood"]
-        ood["reference"] = [r + 1.0 for r in ood["reference"]]  # every frame looks in-distribution
+        ood[key] = [r * 2.0 for r in ood[key]]  # every frame looks more in-distribution
 
     _edit(copy, shift)
     Bundle.load(copy)
     summary, problems = inspect_bundle(copy, verify=True)
     assert [r["status"] for r in summary["verification"]] == ["mismatch"]
-    assert len(problems) == 1 and "monitor.ood (reference) does not follow from" in problems[0]
+    assert len(problems) == 1 and f"monitor.ood ({key}) does not follow from" in problems[0]
 
 
 def test_the_spot_check_reproduces_with_its_seed(tiny_bundle):
