@@ -117,6 +117,11 @@ def _base_runner(session: Any) -> Any:
     return run
 
 
+def fresh_seed() -> int:
+    """A seed no one could have searched for: from the operating system, printed with the result."""
+    return secrets.randbits(62)
+
+
 def spot_check_counts(
     bundle: Bundle, counts: np.ndarray, images: np.ndarray, options: SpotCheckOptions | None = None
 ) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def spot_check_counts(
     opts = options or SpotCheckOptions()
     m = bundle.manifest
     sigma = float(m["smoothing"]["sigma"])
-    seed = secrets.randbits(62) if opts.seed is None else int(opts.seed)
+    seed = fresh_seed() if opts.seed is None else int(opts.seed)
     chosen = np.sort(np.random.default_rng(seed).choice(len(counts), min(opts.inputs, len(counts)), False))
     classes = counts[chosen].argmax(axis=1)
     base = m["base_model"]
