@@ -31,8 +31,10 @@ clean frame sits the way the calibration inputs do, so moving it rarely helps; a
 better rotated back). Their centre and scale are global, not per class. The score is the larger of
 the two groups' largest z (image statistics; geometry), each divided by its largest value on the
 fit part (``norms``), so that neither group's tail drowns the other's. A version-1 entry (no
-templates) keeps being read with the version-1 score. Cost: one block mean, 10 moved copies and a
-``(11·C·h·w) × K`` product per frame, a few µs beside the version-1 features.
+templates) keeps being read with the version-1 score. Cost per frame: block sums by strided adds,
+then two small products (every moved copy's dot product with every template and its moments are
+linear in the block sums, :func:`_moved_maps`); on a 28×28 input about 3 µs per frame more than
+version 1 in batches of 32, about 40 µs more for a batch of one (numpy's per-call overhead).
 
 p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. Why it is valid: everything the
 score depends on (centres, scales, templates and norms) is computed from the fit part alone, chosen by

@@ -337,3 +337,115 @@ def test_bad_monitor_options_are_one_clear_message(
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists() or out.read_text() == ""
+
+
+# --- geometry (version 2) on sklearn's digits -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as [n, 1, 8, 8] inputs in [0, 1], and the probabilities of a nearest-class-
+    mean classifier fitted on the first 300 (which the returned 1,497, shuffled, exclude)."""
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().images[300:] / 16.0).astype(np.float32)[:, None]
+    x = x[np.random.default_rng(12).permutation(len(x))]  # sklearn's order is by writer, not random
+    return x, _probs_of(x)
+
+
+def _probs_of(x: np.ndarray) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    ref = (data.images[:300] / 16.0).reshape(300, -1)
+    means = np.stack([ref[data.target[:300] == k].mean(axis=0) for k in range(10)])
+    logits = -np.square(x.reshape(len(x), 1, -1) - means[None]).sum(axis=2) / 2.0
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_clean_digits_are_flagged_at_most_at_the_rate_over_exchangeable_splits(digits) -> None:
+    # The guarantee is marginal over the reference draw: a fresh random split of exchangeable
+    # digits into calibration (fit + reference) and deployment each time, version 2's score.
+    x, p = digits
+    rng = np.random.default_rng(11)
+    rates = (0.02, 0.05, 0.1)
+    flagged, frames = np.zeros(len(rates)), 0
+    for _ in range(25):
+        order = rng.permutation(len(x))
+        cal, rest = order[:400], order[400:]
+        test = OodTest(ood_reference(x[cal], p[cal]), num_classes=10, channels=1, rate=0.05)
+        pv = test.p_values(x[rest], p[rest])
+        flagged += [(pv <= a).sum() for a in rates]
+        frames += len(rest)
+    observed = flagged / frames
+    for a, seen in zip(rates, observed):
+        assert seen <= a + 3 * np.sqrt(a / (25 * 320)) + 0.005, (a, seen)
+    assert observed[-1] > 0.05  # the rate is used, not wasted
+
+
+def test_rotated_and_flipped_digits_are_flagged_far_more_often_than_clean(digits) -> None:
+    x, p = digits
+    cal, rest = x[:500], x[500:]
+    test = OodTest(ood_reference(cal, p[:500]), num_classes=10, channels=1, rate=0.02)
+    old = OodTest(ood_reference(cal, p[:500], version=1), num_classes=10, channels=1, rate=0.02)
+    clean = (test.p_values(rest, p[500:]) <= test.rate).mean()
+    assert clean <= 0.05
+    moves = (
+        np.rot90(rest, 1, axes=(2, 3)),
+        np.rot90(rest, 2, axes=(2, 3)),
+        rest[:, :, ::-1],
+        rest[..., ::-1],
+    )
+    for moved in moves:  # rotated by 90° and 180°, flipped upside down and left to right
+        moved = np.ascontiguousarray(moved)
+        probs = _probs_of(moved)
+        new_rate = (test.p_values(moved, probs) <= test.rate).mean()
+        assert new_rate >= max(10 * clean, 0.2), new_rate  # measured: 1.0, 0.25, 0.30, 0.31; clean 0.014
+        assert new_rate >= (old.p_values(moved, probs) <= old.rate).mean()
+
+
+def test_the_entry_round_trips_through_json_and_the_monitor_validation(digits) -> None:
+    from rrise import Calibration
+    from rrise.monitor import validate_monitor
+
+    x, p = digits
+    cal = Calibration(sigma=0.25, quantile=0.5, alpha=0.05, beta=0.001, n_mc=1000, m=500)
+    monitor = json.loads(json.dumps(reference_from_probs(p[:500], cal, images=x[:500], window=50)))
+    validate_monitor(monitor, num_classes=10, channels=1)
+    entry = monitor["ood"]
+    assert entry["version"] == 2 and entry["template_shape"] == [1, 8, 8] and len(entry["norms"]) == 2
+    direct = OodTest(ood_reference(x[:500], p[:500]), num_classes=10, channels=1)
+    loaded = OodTest(entry, num_classes=10, channels=1)
+    assert np.allclose(direct.p_values(x[500:], p[500:]), loaded.p_values(x[500:], p[500:]))
+    with pytest.raises(ValueError, match="monitor.ood.template_shape"):
+        loaded.p_values(np.zeros((1, 1, 28, 28), np.float32), p[:1])
+
+
+def test_a_version_1_entry_without_templates_still_loads_and_scores(digits) -> None:
+    x, p = digits
+    old = json.loads(json.dumps(ood_reference(x[:500], p[:500], version=1)))
+    assert "templates" not in old and len(old["features"]) == len(feature_names(1, 1))
+    test = OodTest(old, num_classes=10, channels=1)
+    assert test.version == 1 and test.templates is None
+    pv = test.p_values(x[500:], p[500:])
+    assert pv.shape == (len(x) - 500,) and np.all((pv > 0) & (pv <= 1))
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"templates": None}, "monitor.ood.templates"),
+        ({"templates": [[0.0] * 64] * 3}, "monitor.ood.templates"),
+        ({"templates": [[2.0] * 64] * 4}, "monitor.ood.templates"),
+        ({"template_shape": [1, 8]}, "monitor.ood.template_shape"),
+        ({"template_shape": [3, 8, 8]}, "monitor.ood.template_shape"),
+        ({"template_shape": [1, 40, 40]}, "monitor.ood.template_shape"),
+        ({"norms": [1.0]}, "monitor.ood.norms"),
+        ({"norms": [1.0, 0.0]}, "monitor.ood.norms"),
+        ({"norms": None}, "monitor.ood.norms"),
+    ],
+)
+def test_every_bad_geometry_value_is_refused_by_name(entry: dict, change: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        OodTest({**entry, **change}, num_classes=4, channels=1)
