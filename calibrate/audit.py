@@ -53,8 +53,23 @@ __all__ = [
 DEFAULT_AUDIT_DRAWS = 20_000
 
 
+class _Counts:
+    """What both audit results count: certified records (``pred`` ≥ 0) and refuted ones."""
+
+    pred: np.ndarray
+    violation: np.ndarray
+
+    @property
+    def certified(self) -> int:
+        return int(np.sum(self.pred >= 0))
+
+    @property
+    def violations(self) -> int:
+        return int(np.sum(self.violation))
+
+
 @dataclass
-class AuditResult:
+class AuditResult(_Counts):
     pred: np.ndarray  # -1 = abstain
     radius: np.ndarray
     p_lower: np.ndarray
@@ -67,14 +82,6 @@ class AuditResult:
     # smallest excess of p̃ over the truth the test flags at least half the time: median and
     # largest over the certified inputs (0 when none is certified)
     detection_limit: tuple[float, float] = (0.0, 0.0)
-
-    @property
-    def certified(self) -> int:
-        return int(np.sum(self.pred >= 0))
-
-    @property
-    def violations(self) -> int:
-        return int(np.sum(self.violation))
 
 
 def bundle_dataset(bundle: Bundle | str | Path) -> str:
@@ -178,7 +185,7 @@ class PathAudit:
 
 
 @dataclass
-class AdaptiveAuditResult:
+class AdaptiveAuditResult(_Counts):
     """:func:`audit_adaptive`'s result: per input the record's certificate (``pred`` −1 when it
     abstains), who gave it (``certified_by``: ``surrogate``, ``mc`` or empty), the draws the
     runtime spent, the fresh reference count of the certified class, its upper bound and whether it
@@ -203,14 +210,6 @@ class AdaptiveAuditResult:
     @property
     def audited(self) -> int:
         return len(self.pred)
-
-    @property
-    def certified(self) -> int:
-        return int(np.sum(self.pred >= 0))
-
-    @property
-    def violations(self) -> int:
-        return int(np.sum(self.violation))
 
 
 def _adaptive_certifier(b: Bundle, mc: McOptions, seed: int) -> AdaptiveCertifier:

@@ -19,7 +19,7 @@ quick start's ``rrise demo`` line on scikit-learn's digits (every profile shrink
 the "Your own model" block's ``rrise build`` lines for an ONNX model (folder and ``.npz``) at the
 ``smoke`` profile, on a tiny ONNX classifier and image set written here; then the deploy section's
 ``rrise run … --jsonl -`` line on the bundle. The ``.pt2`` and factory forms are only parsed here;
-tests/test_own_model_e2e.py builds them on real data.
+tests/calibrate/test_own_model_e2e.py builds them on real data.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rrise.calibrate import distributed as dist
 from rrise.calibrate.store import CountStore
 from rrise.cli import app
-from tests.test_store import _copy_workdir, _tree, digits_workdir  # noqa: F401 - a shared fixture
+from tests.calibrate.test_store import _copy_workdir, _tree, digits_workdir  # noqa: F401 - a shared fixture
 
 
 @pytest.mark.parametrize(("num_shards", "world"), [(0, 2), (1, 3), (7, 2), (16, 4), (5, 8)])

@@ -18,7 +18,7 @@ from rrise.bundle import Bundle, BundleError, write_manifest
 from rrise.cli import app as rrise_app
 from rrise.export.cli import app as export_app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 runner = CliRunner()
 
 

@@ -31,7 +31,7 @@ pytestmark = [
     ),
 ]
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # smoke sizes and a narrow network keep each build short; the ONNX base gets the small built-in
 # surrogate (a torch base's surrogate is a copy of it)
 BUILD = ["--sigma", "0.25", "--profile", "smoke", "--no-progress"]

@@ -124,7 +124,7 @@ def test_adaptive_section_states_draws_rule_and_figure_with_full_rows():
     routing rule in words."""
     from rrise.calibrate.adaptive_eval import RowPlan, adaptive_rows
     from rrise.calibrate.report import _adaptive_lines
-    from tests.test_adaptive_eval import _synthetic
+    from tests.calibrate.test_adaptive_eval import _synthetic
 
     test, _ = _synthetic(80, 1_000, seed=3)
     selection = _synthetic(80, 1_000, seed=4)[0]

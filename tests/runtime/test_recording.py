@@ -289,7 +289,7 @@ def test_a_prediction_recorded_before_the_adaptive_fields_reads_back_without_the
 
 
 def test_the_ros2_package_ships_the_message_the_runtime_encodes() -> None:
-    msg_file = Path(__file__).parents[1] / "ros2" / "rrise_msgs" / "msg" / "CertifiedPrediction.msg"
+    msg_file = Path(__file__).parents[2] / "ros2" / "rrise_msgs" / "msg" / "CertifiedPrediction.msg"
     assert msg_file.read_text() == CERTIFIED_PREDICTION_MSG
 
 

@@ -366,7 +366,7 @@ def test_engine_whose_outputs_depend_on_the_batch_size_gets_max_batch_1(with_var
 
 
 def test_build_engine_strongly_typed_sets_the_network_flag(monkeypatch, tmp_path):
-    from tests.test_export import fake_tensorrt
+    from tests.export.test_export import fake_tensorrt
 
     onnx_path = tmp_path / "m.onnx"
     onnx_path.write_bytes(b"onnx")

@@ -17,7 +17,7 @@ from rrise.calibrate import mc
 from rrise.calibrate.user_model import UserModel, UserModelError, load_user_model
 from tests.conftest import FASHION_AVAILABLE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (3, 12, 12)
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 

@@ -27,7 +27,7 @@ from rrise.runtime.sources import PushSource
 from rrise.subscriber import subscribe
 from tests.runtime_fixtures import make_bundle, record_of, run_options, sample_frames
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "subscriber.py"
 
 
