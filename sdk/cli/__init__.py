@@ -5,7 +5,10 @@ command imports its stage when it runs: ``rrise --help`` needs no torch."""
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the ``rrise`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
     args = sys.argv[1:] if argv is None else list(argv)
     interrupt_reported.clear()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _interrupt_not_lost(sys.unraisablehook)
     try:
         app(args=spread_vector_options(optional_values(args)), prog_name="rrise")
     except KeyboardInterrupt:  # Ctrl-C before a command started (e.g. while the CLI is built)
@@ -54,3 +58,19 @@ def main(argv: list[str] | None = None) -> None:
         if exc.code == 130 and not interrupt_reported:
             typer.secho("error: interrupted", err=True, fg="red")
         raise
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _interrupt_not_lost(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An unraisable-exception hook that re-sends a Ctrl-C swallowed by native code (the option
+    parser builds validators in a compiled library, which can only print an interrupt it receives
+    as "Exception ignored … Traceback"): the signal comes again and ends the command as usual."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+            return
+        previous(unraisable)
+
+    return hook

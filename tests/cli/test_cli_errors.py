@@ -173,3 +173,27 @@ def test_a_signal_while_rrise_run_starts_is_a_message(bundle_dir, frames_dir, tm
     else:
         assert proc.returncode == 130, proc.stderr  # while parsing options, typer exits 130 quietly
         assert proc.stderr == "" or proc.stderr.strip().splitlines()[-1].startswith("error: interrupted")
+
+
+def test_a_ctrl_c_swallowed_by_native_code_comes_again() -> None:
+    """A compiled library can only print an interrupt raised in a callback it runs ("Exception
+    ignored … Traceback"); the CLI's hook sends the signal again instead, so Ctrl-C still ends it."""
+    import signal
+    import types
+
+    from rrise.cli import _interrupt_not_lost
+
+    passed_on = []
+    hook = _interrupt_not_lost(passed_on.append)
+    other = types.SimpleNamespace(exc_value=ValueError("x"))
+    hook(other)
+    assert passed_on == [other]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert passed_on == [other]
