@@ -2,9 +2,13 @@
 
 A certificate claims p_Â(x) ≥ p̃. The audit draws ``n_mc`` fresh noisy copies of each input through
 ``base.onnx`` and counts a violation when p̃ exceeds the one-sided (1 − ``alpha_ref``) Clopper–Pearson
-upper bound of the observed frequency of Â: evidence at level ``alpha_ref`` that p_Â(x) < p̃. Over the
-audited inputs, the bundle's guarantee allows a violation rate of at most α + β; a one-sided binomial
-test says whether the observed count is compatible with that.
+upper bound of the observed frequency of Â: evidence at level ``alpha_ref`` that p_Â(x) < p̃. The
+bundle's guarantee bounds the rate of wrong certificates over all inputs (an abstention is never
+wrong) by α + β, and the reference test flags a sound certificate with probability at most
+``alpha_ref``; so over the audited inputs a sound bundle's flagged rate is at most
+α + β + ``alpha_ref`` (:func:`violation_p_value`), and a one-sided binomial test says whether the
+observed count is compatible with that. (Testing among certified inputs only, or without the
+reference's own false alarms, failed sound bundles too often.)
 
 The test sees an excess of p̃ over the truth only from its detection limit up
 (:func:`~rrise.calibrate.measures.detection_limit`): at ``n_mc`` = 2,000 that is 0.0028 at
@@ -78,7 +82,7 @@ class AuditResult(_Counts):
     violation: np.ndarray
     n_mc: int
     allowed_rate: float
-    p_value: float  # P(X ≥ violations) for X ~ Binomial(certified, α + β)
+    p_value: float  # P(X ≥ violations) for X ~ Binomial(audited, α + β + alpha_ref)
     # smallest excess of p̃ over the truth the test flags at least half the time: median and
     # largest over the certified inputs (0 when none is certified)
     detection_limit: tuple[float, float] = (0.0, 0.0)
@@ -133,7 +137,6 @@ def audit_bundle(
     show_progress: bool = True,
 ) -> AuditResult:
     """Certify ``images`` with the bundle's fp32 variant and check each against fresh MC."""
-    from scipy.stats import binom
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     probs, variant = _deployed_probs(b, images)
@@ -143,9 +146,9 @@ def audit_bundle(
     k, upper, violation = reference_violations(
         cert.top_class, ~cert.abstain, cert.p_lower, counts, level=alpha_ref
     )
-    allowed = cal.alpha + cal.beta
-    n_cert, v = int(np.sum(~cert.abstain)), int(np.sum(violation))
-    p_value = float(binom.sf(v - 1, n_cert, allowed)) if n_cert else 1.0
+    allowed = cal.alpha + cal.beta + alpha_ref
+    n_cert = int(np.sum(~cert.abstain))
+    p_value = violation_p_value(int(np.sum(violation)), len(cert.pred), allowed)
     limit = detection_limit(cert.p_lower[~cert.abstain], n_mc, alpha_ref) if n_cert else np.zeros(1)
     return AuditResult(
         pred=cert.pred,
@@ -159,6 +162,15 @@ def audit_bundle(
         p_value=p_value,
         detection_limit=(float(np.median(limit)), float(np.max(limit))),
     )
+
+
+def violation_p_value(violations: int, audited: int, allowed: float) -> float:
+    """P(X ≥ ``violations``) for X ~ Binomial(``audited``, ``allowed``): small when the flagged
+    certificates are more than a sound bundle gives (``allowed`` = the guarantee's rate over all
+    inputs plus the reference test's own false-alarm level); 1.0 with nothing audited."""
+    from scipy.stats import binom
+
+    return float(binom.sf(violations - 1, audited, allowed)) if audited else 1.0
 
 
 @dataclass(frozen=True)
@@ -248,7 +260,6 @@ def audit_adaptive(
     """Certify ``images`` as ``rrise run --mc-budget …`` does (the fp32 variant's certificates,
     improved by the runtime's adaptive certifier with ``mc``, one frame per step) and check each
     record's certificate against ``n_mc`` fresh draws of the base model at level ``alpha_ref``."""
-    from scipy.stats import binom
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     adaptive = _adaptive_certifier(b, mc, seed + 1)
@@ -267,8 +278,7 @@ def audit_adaptive(
     counts = _reference_counts(b, images, n_mc, seed, 1_000, show_progress)
     top = np.array([c.top_class for c in certs], dtype=np.int64)
     k, upper, violation = reference_violations(top, pred >= 0, p_lower, counts, level=alpha_ref)
-    allowed = cal.alpha + cal.beta + mc.mc_alpha
-    v = int(np.sum(violation))
+    allowed = cal.alpha + cal.beta + mc.mc_alpha + alpha_ref
     limit = detection_limit(p_lower[pred >= 0], n_mc, alpha_ref) if np.any(pred >= 0) else np.zeros(1)
     paths = {
         path: PathAudit(path, int(np.sum(by == path)), int(np.sum(violation & (by == path))))
@@ -285,7 +295,7 @@ def audit_adaptive(
         violation=violation,
         n_mc=n_mc,
         allowed_rate=allowed,
-        p_value=float(binom.sf(v - 1, len(pred), allowed)) if len(pred) else 1.0,
+        p_value=violation_p_value(int(np.sum(violation)), len(pred), allowed),
         paths=paths,
         detection_limit=(float(np.median(limit)), float(np.max(limit))),
     )

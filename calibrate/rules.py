@@ -189,9 +189,7 @@ def compare_rules(
     size is reported with its reason. Winner: the simplest rule (earliest in ``rules``) within one
     paired standard error of the best mean certified accuracy over ``radii`` (the one-SE rule).
     """
-    c = comparison if comparison is not None else Comparison(**given)
-    if comparison is not None and given:
-        c = replace(c, **given)
+    c = replace(comparison, **given) if comparison is not None else Comparison(**given)
     p, k, y = np.asarray(probs, dtype=np.float64), np.asarray(counts), np.asarray(labels)
     splits, sizes = _draw_splits(len(p), c)
     runs, errors = _run_splits(c, splits, p, k, y)

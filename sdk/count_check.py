@@ -142,15 +142,7 @@ def spot_check_counts(
         open_session(bundle.read_verified(base["file"], base.get("sha256")), "onnxruntime-cpu")
     )
     start = time.perf_counter()
-    fresh = noisy_top_counts(
-        run,
-        images[chosen],
-        classes,
-        sigma,
-        opts.draws,
-        seed + 1,
-        opts.batch,
-    )
+    fresh = noisy_top_counts(run, images[chosen], classes, sigma, opts.draws, seed + 1, opts.batch)
     n_mc = int(counts[0].sum()) if len(counts) else 0
     stored = counts[chosen, classes]
     p = np.array([fisher_exact_two_sided(int(a), n_mc, int(b), opts.draws) for a, b in zip(stored, fresh)])

@@ -146,3 +146,20 @@ def test_no_stage_imports_a_later_one():
         if _stage(dep) not in ALLOWED[_stage(module)]
     ]
     assert upward == []
+
+
+def test_functions_stay_short_and_take_few_parameters():
+    """No function over 60 lines (docstring included) and none over 8 parameters (self and
+    ``*args``/``**kwargs`` aside): longer lists belong in an option dataclass."""
+    offenders = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            params = len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+            lines = node.end_lineno - node.lineno + 1
+            if lines > 60 or params > 8:
+                offenders.append(f"{module}.{node.name}: {lines} lines, {params} parameters")
+    assert offenders == []

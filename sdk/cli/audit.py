@@ -95,8 +95,9 @@ def audit(options: AuditOptions) -> None:
         _write_table(options.out, idx, ds.labels, result)
     typer.echo(
         f"audited {len(idx)} inputs with {options.n_mc} fresh draws each: {result.certified} certified, "
-        f"{result.violations} violation(s) (rate {result.violations / max(result.certified, 1):.4f}; "
-        f"the guarantee allows α+β = {result.allowed_rate:g}); binomial test p = {result.p_value:.3g}; "
+        f"{result.violations} violation(s) (rate over all inputs {result.violations / max(len(idx), 1):.4f}; "
+        f"a sound bundle gives at most α+β plus the reference test's false alarms = "
+        f"{result.allowed_rate:g}); binomial test p = {result.p_value:.3g}; "
         f"detection limit {result.detection_limit[0]:.4f} (median over certified inputs, up to "
         f"{result.detection_limit[1]:.4f}): a smaller excess of p̃ over the true p_Â goes unseen more "
         "often than not, raise --n-mc to see it"
@@ -120,8 +121,9 @@ def _report_adaptive(options: AuditOptions, idx: Any, labels: Any, result: Any) 
         f"audited {result.audited} inputs with {options.n_mc} fresh draws each (adaptive, --mc-budget "
         f"{options.mc.mc_budget}): {result.certified} certified, {int(result.mc_draws.sum())} runtime "
         f"draws, {result.violations} violation(s) over all inputs (rate "
-        f"{result.violations / max(result.audited, 1):.4f}; the composed guarantee allows α+β+A = "
-        f"{result.allowed_rate:g}); binomial test p = {result.p_value:.3g}; detection limit "
+        f"{result.violations / max(result.audited, 1):.4f}; a sound bundle gives at most α+β+A plus the "
+        f"reference test's false alarms = {result.allowed_rate:g}); binomial test p = "
+        f"{result.p_value:.3g}; detection limit "
         f"{result.detection_limit[0]:.4f} (median over certified inputs, up to "
         f"{result.detection_limit[1]:.4f})"
     )
