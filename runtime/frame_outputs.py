@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rrise.fileio import output_conflict
+from rrise.fileio import output_conflict, reads_source
 from rrise.records import Verdict
 
 from .annotate import VideoWriterSink
@@ -92,9 +92,8 @@ def open_frame_sink(
 
 def _jsonl_not_over_source(jsonl: str | None, source: FrameSource) -> None:
     """Refuse ``--jsonl`` naming the file or folder the run reads (opening it would truncate it)."""
-    conflict = None if jsonl in (None, "-") else output_conflict("--jsonl", jsonl, source_paths(source))
-    if conflict is not None and conflict.endswith("refusing to write over it"):
-        raise ValueError(conflict)
+    if jsonl not in (None, "-") and reads_source(jsonl, source_paths(source)):
+        raise ValueError(output_conflict("--jsonl", jsonl, source_paths(source)))
 
 
 def source_paths(source: FrameSource) -> tuple[str, ...]:

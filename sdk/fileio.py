@@ -88,14 +88,22 @@ def output_conflict(
     True
     """
     out = Path(path)
+    if reads_source(out, sources):
+        return f"{option} {path} is the source being read: refusing to write over it"
+    if out.exists() or out.is_symlink():
+        return f"{option} {path} exists already: give a new name (nothing is overwritten)"
+    return None
+
+
+def reads_source(path: str | os.PathLike, sources: tuple[str | os.PathLike, ...]) -> bool:
+    """Whether ``path`` is one of ``sources`` (by resolved path, or the same file through a link)."""
+    out = Path(path)
     target = out.resolve()
     for source in sources:
         src = Path(source)
         if src.exists() and (src.resolve() == target or (out.exists() and os.path.samefile(src, out))):
-            return f"{option} {path} is the source being read: refusing to write over it"
-    if out.exists() or out.is_symlink():
-        return f"{option} {path} exists already: give a new name (nothing is overwritten)"
-    return None
+            return True
+    return False
 
 
 def umask() -> int:

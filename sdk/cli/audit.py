@@ -102,14 +102,7 @@ def audit(options: AuditOptions) -> None:
         f"{result.detection_limit[1]:.4f}): a smaller excess of p̃ over the true p_Â goes unseen more "
         "often than not, raise --n-mc to see it"
     )
-    if result.p_value < 0.01:
-        typer.secho(
-            "the violation rate is above what the guarantee allows: recalibrate or check for "
-            "distribution shift",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        raise typer.Exit(1)
+    _exit_if_refuted(result.p_value, "guarantee")
 
 
 def _report_adaptive(options: AuditOptions, idx: Any, labels: Any, result: Any) -> None:
@@ -133,9 +126,14 @@ def _report_adaptive(options: AuditOptions, idx: Any, labels: Any, result: Any) 
             f"  {path.path}: {path.certified} certified, {path.violations} violation(s), rate "
             f"{path.rate:.4f} (95% Clopper-Pearson interval [{lo:.4f}, {hi:.4f}])"
         )
-    if result.p_value < 0.01:
+    _exit_if_refuted(result.p_value, "composed guarantee")
+
+
+def _exit_if_refuted(p_value: float, guarantee: str) -> None:
+    """Exit 1, saying so, when the binomial test refutes the bundle at p < 0.01."""
+    if p_value < 0.01:
         typer.secho(
-            "the violation rate is above what the composed guarantee allows: recalibrate or check for "
+            f"the violation rate is above what the {guarantee} allows: recalibrate or check for "
             "distribution shift",
             fg=typer.colors.RED,
             err=True,
