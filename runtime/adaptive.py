@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from rrise.bundle import Bundle, BundleError
+from rrise.numerics import noisy_votes
 from rrise.onnx_session import FASTEST, open_session
 from rrise.sequential import (
     DEFAULT_MC_ALPHA,
@@ -412,10 +413,7 @@ class McCertifier:
         required = None if require_radius is None else required_probability(require_radius, self.sigma)
 
         def draw_batch(m: int) -> int:
-            noisy = self._rng.standard_normal((m, *x.shape), dtype=np.float32)
-            noisy *= np.float32(self.sigma)
-            noisy += x
-            return int(np.count_nonzero(np.asarray(self.classify(noisy)) == top_class))
+            return noisy_votes(self.classify, x, top_class, self.sigma, m, self._rng)
 
         r = sequential_test(draw_batch, required, options, clock=self._clock)
         return McResult(

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
+from .numerics import noisy_votes
 from .onnx_session import open_session
 
 __all__ = ["SpotCheckOptions", "fisher_exact_two_sided", "noisy_top_counts", "spot_check_counts"]
@@ -81,11 +82,7 @@ def noisy_top_counts(
         done = 0
         while done < draws:
             rows = min(batch, draws - done)
-            noisy = rng.standard_normal((rows, *x.shape), dtype=np.float32)
-            noisy *= np.float32(sigma)
-            noisy += x
-            out = np.asarray(run(noisy))
-            hits[i] += int(np.count_nonzero(out.argmax(axis=1) == c))
+            hits[i] += noisy_votes(lambda b: np.asarray(run(b)).argmax(axis=1), x, c, sigma, rows, rng)
             done += rows
     return hits
 

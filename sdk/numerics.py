@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["MICRO_BATCH_LIMIT", "softmax", "to_probs"]
+__all__ = ["MICRO_BATCH_LIMIT", "noisy_votes", "softmax", "to_probs"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,3 +36,13 @@ def to_probs(out: np.ndarray, output_kind: str) -> np.ndarray:
 # The largest micro-batch the runtime hands a backend at once. A variant's quantile holds for the
 # batch sizes its outputs were checked at (the variant's ``max_batch``, at most this).
 MICRO_BATCH_LIMIT = 16
+
+
+def noisy_votes(classify: Any, x: np.ndarray, top_class: int, sigma: float, m: int, rng: Any) -> int:
+    """How many of ``m`` noisy copies ``x + σ·ε`` (ε standard normal float32 from ``rng``, in the
+    model input's [0, 1] units) ``classify`` (``[m, C, H, W]`` → class indices) puts in ``top_class``:
+    one batch of Monte Carlo votes, shared by the runtime's adaptive certifier and ``--verify``."""
+    noisy = rng.standard_normal((m, *x.shape), dtype=np.float32)
+    noisy *= np.float32(sigma)
+    noisy += x
+    return int(np.count_nonzero(np.asarray(classify(noisy)) == top_class))
