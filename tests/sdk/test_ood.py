@@ -17,13 +17,17 @@ from rrise.ood import (
     FIT_EVERY,
     GEOMETRY,
     OodTest,
+    _block_means,
+    _templates,
     check_rate,
     feature_names,
     frame_features,
+    geometry_features,
     ood_reference,
     p_values,
 )
 from tests.runtime_fixtures import make_bundle, sample_frames
+from tests.sdk import ood_oracle
 
 runner = CliRunner()
 D = len(feature_names(1))  # features of a grey input
@@ -107,6 +111,50 @@ def test_the_reference_is_the_calibration_inputs_the_fit_did_not_see() -> None:
     moved = x.copy()
     moved[FIT_EVERY] = 1.0 - moved[FIT_EVERY]
     assert ood_reference(moved, p)["centre"] != entry["centre"]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 40, 40), (1, 8, 8), (3, 224, 224), (1, 1, 5), (2, 6, 9)])
+def test_frame_features_equal_the_plain_numpy_definition(shape: tuple[int, int, int]) -> None:
+    """The per-frame path (batched reductions, Python floats per input) computes the same features
+    as whole-array numpy (tests/sdk/ood_oracle.py), on natural, saturated, blank and flat inputs,
+    one frame and a batch alike."""
+    rng = np.random.default_rng(11)
+    x = rng.random((6, *shape), dtype=np.float32) ** 3
+    x[1] = 0.0  # blank
+    x[2] = 1.0  # saturated
+    x[3, :, : shape[1] // 2] = 1.0  # half saturated
+    p = rng.dirichlet(np.ones(5), size=6)
+    p[4] = [1.0, 0, 0, 0, 0]
+    want = ood_oracle.frame_features(x, p)
+    np.testing.assert_allclose(frame_features(x, p), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(frame_features(x[:1], p[:1]), want[:1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 40, 40), (1, 8, 12)])
+def test_geometry_equals_moving_each_frame_explicitly(shape: tuple[int, int, int]) -> None:
+    """The geometry features from the precomputed maps (sums, dot products and squares of every
+    moved copy as products with the block sums) equal moving, standardizing and correlating each
+    frame explicitly; a flat frame correlates 0 with every template."""
+    rng = np.random.default_rng(5)
+    x = rng.random((5, *shape), dtype=np.float32) ** 2
+    x[1] = 0.25  # flat
+    classes = np.array([0, 1, 2, 3, 0])
+    templates = _templates(x, classes, 4)
+    g = _block_means(x)
+    want = ood_oracle.geometry(g, classes, templates)
+    np.testing.assert_allclose(geometry_features(x, classes, templates), want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        geometry_features(x[:1], classes[:1], templates), want[:1], rtol=1e-9, atol=1e-9
+    )
+
+
+def test_frame_features_keep_numpy_answers_outside_the_domain() -> None:
+    """A NaN frame gives NaN features (scored as infinitely unusual), never a Python math error."""
+    x = np.full((1, 1, 8, 8), np.nan, dtype=np.float32)
+    f = frame_features(x, np.full((1, 3), 1 / 3))
+    assert np.isnan(f).any()
+    neg = np.full((1, 1, 8, 8), -0.5, dtype=np.float32)  # outside [0, 1]: NaN, not a ValueError
+    assert np.isnan(frame_features(neg, np.full((1, 3), 1 / 3))).any()
 
 
 def test_colour_inputs_add_a_colour_cast_feature() -> None:
