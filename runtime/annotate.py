@@ -103,7 +103,9 @@ class VideoWriterSink:
     Nothing is overwritten (:func:`rrise.fileio.output_conflict`: a path that exists is refused
     here). The frames go to a hidden temporary file beside ``path`` (``.tmp.NAME.*SUFFIX``), which
     :meth:`close` renames to ``path`` once the video is complete, so a crash never leaves a
-    half-written file under the final name.
+    half-written file under the final name. OpenCV's writer does not report write errors, so
+    :meth:`close` reads the finished file's frame count back and raises (ValueError naming the
+    path) when it holds fewer frames than were written (a full disk).
     """
 
     def __init__(self, path: str | os.PathLike, max_radius: float, fps: float = 25.0) -> None:
@@ -150,7 +152,22 @@ class VideoWriterSink:
         self._writer = None
         tmp, self._tmp = self._tmp, None
         assert tmp is not None
+        held = _frames_in(tmp)  # OpenCV's writer does not report a full disk: read the file back
         _publish(tmp, self.path)
+        if held < self.frames:
+            raise ValueError(
+                f"--save-video {self.path} holds {held} of the run's {self.frames} frames: the disk is "
+                "full or a write failed"
+            )
+
+
+def _frames_in(path: Path) -> int:
+    """How many frames the video file at ``path`` holds, as its container says (0 when unreadable)."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+    finally:
+        capture.release()
 
 
 def _publish(tmp: Path, path: Path) -> None:

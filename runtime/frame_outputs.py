@@ -5,14 +5,16 @@ view (``--foxglove``, :mod:`rrise.runtime.live_view`).
 Frames reach them through :class:`FrameKeeper`, a view of the Runtime that keeps the frames of the
 batch it just certified until their records come out (so at most one batch is held, whatever the
 source's pace). :class:`FrameSink` is the one sink that feeds them all: it encodes each frame to
-JPEG once and hands frame and record to every output.
+JPEG once and hands frame and record to every output. An output that cannot write (a full disk)
+or cannot finish its file raises :class:`~rrise.runtime.sinks.SinkError` naming it (``--record
+run.mcap: No space left on device``): the run stops and exits 1 with that message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from .imagecodec import encode_jpeg
 from .live_view import FoxgloveLiveView
 from .options import OutputOptions, RunOptions
 from .recording import open_recorder
+from .sinks import SinkError
 from .sources import FrameSource
 from .stream import Certifier, Stream
 
@@ -117,30 +120,66 @@ class FrameSink:
         self.live: Any = None
 
     def send(self, record: dict[str, Any]) -> None:
+        """``record`` and its frame to every output; a write error raises SinkError naming it."""
         frame = self.keeper.take(record["frame"])
         if self.writers:
             jpeg = None if frame is None else encode_jpeg(frame)
             width = 0 if frame is None else int(frame.shape[1])
             for writer in self.writers:
-                writer.write(record, jpeg, width)
+                with _named(writer):
+                    writer.write(record, jpeg, width)
         if self.video is not None:
-            self.video.write(record, frame)
+            with _named(self.video):
+                self.video.write(record, frame)
 
     def send_status(self, status: dict[str, Any]) -> None:
         for writer in self.writers:
-            writer.write_status(status)
+            with _named(writer):
+                writer.write_status(status)
 
     def close(self) -> None:
-        """Close every output; one that fails is logged and does not keep the others open."""
+        """Close every output; one that fails does not keep the others open. Raises SinkError with
+        every failure's message (each naming its output) once all are closed."""
         outputs = [*self.writers, self.video]
         self.writers, self.video = [], None
+        failed = []
         for output in outputs:
             if output is None:
                 continue
             try:
-                output.close()
-            except Exception:
-                log.warning("closing %s failed", type(output).__name__, exc_info=True)
+                with _named(output):
+                    output.close()
+            except SinkError as exc:
+                failed.append(str(exc))
+            except Exception as exc:  # a writer's own failure to finish: said, never lost silently
+                failed.append(f"{output_name(output)}: closing failed: {exc}")
+        if failed:
+            raise SinkError("; ".join(failed))
+
+
+def output_name(output: Any) -> str:
+    """How messages name a frame output: the option and path that asked for it."""
+    path = getattr(output, "path", None)
+    if isinstance(output, VideoWriterSink):
+        return f"--save-video {path}"
+    if path is not None:
+        return f"--record {path}"
+    return "--foxglove" if isinstance(output, FoxgloveLiveView) else type(output).__name__
+
+
+@contextlib.contextmanager
+def _named(output: Any) -> Iterator[None]:
+    """An OSError (a full disk, a removed drive) or ValueError of ``output`` as a SinkError naming
+    it."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise SinkError(f"{output_name(output)}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        text = str(exc)
+        raise SinkError(text if text.startswith("--") else f"{output_name(output)}: {text}") from None
 
 
 def open_stream(

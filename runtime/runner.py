@@ -23,7 +23,7 @@ from rrise.records import STATUS_ADAPTIVE_KEYS
 from .frame_outputs import open_stream
 from .options import RunOptions
 from .runtime import Runtime
-from .sinks import NO_OUTPUT_HINT, Sinks, open_sinks
+from .sinks import NO_OUTPUT_HINT, SinkError, Sinks, open_sinks
 from .sources import FrameSource
 from .status_text import live_note
 from .stream import Stream
@@ -57,6 +57,7 @@ SUMMARY_KEYS = (
     "publishers",
     "interrupted",
     "source_error",
+    "output_errors",
     "drop_policy",
     "threaded",
     "batch",
@@ -152,6 +153,7 @@ def drain(
                 if stats.frames % 5 == 0:
                     bar.note(live_note(stats.frames, stats.abstained, stats.errors, stream.drops, record))
     summary = stream.summary()
+    summary["output_errors"] = list(sinks.errors)
     summary["warnings"] = [] if no_output and not sinks.sinks else sinks.warnings(stats.frames)
     for warning in summary["warnings"]:
         log.warning("%s", warning)
@@ -159,11 +161,15 @@ def drain(
 
 
 def _send(stream: Stream, sinks: Sinks, record: dict[str, Any]) -> None:
-    """One record to every sink; a closed output pipe ends the stream in order."""
+    """One record to every sink; a closed output pipe ends the stream in order, and so does an
+    output that cannot write (its message in ``sinks.errors``, the summary's ``output_errors``)."""
     try:
         sinks.send(record)
     except BrokenPipeError:
         log.info("output pipe closed: stopping")
+        stream.stop(interrupted=False)
+    except SinkError as exc:
+        log.error("%s: stopping the run", exc)
         stream.stop(interrupted=False)
 
 
@@ -226,7 +232,13 @@ def run_stream(
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
-        return drain(stream, sinks, show_progress=show_progress, no_output=no_output)
+        summary = drain(stream, sinks, show_progress=show_progress, no_output=no_output)
+        said = len(sinks.errors)
+        sinks.close()  # every output finished before the summary says whether all of it was written
+        for error in sinks.errors[said:]:
+            log.error("%s", error)
+        summary["output_errors"] = list(sinks.errors)
+        return summary
 
 
 def adaptive_statement(runtime: Runtime) -> str:

@@ -23,6 +23,11 @@ those subscribers; one that fell ``hwm`` behind still lost it, which only its ow
 show), records sent while none was (``unheard``: lost for sure) and their sum over subscriptions
 (``offered``: an upper bound on records delivered, summed over subscribers). :meth:`Sinks.warnings`
 turns those into the sentences a run ends with, e.g. "0 of 60 records reached a subscriber".
+
+Write errors (a full disk, a removed drive): a sink that fails to write raises :class:`SinkError`
+naming its output (``--jsonl runs/x.jsonl: No space left on device``); :class:`Sinks` keeps every
+such message, those of closing too, in :attr:`Sinks.errors`, and ``rrise run`` ends with exit 1
+and each message. A closed stdout pipe is not an error (``| head``): it stops the run quietly.
 """
 
 from __future__ import annotations
@@ -237,6 +242,7 @@ class JsonlSink:
 
     def __init__(self, path_or_dash: str | os.PathLike) -> None:
         self.path = str(path_or_dash)
+        self.name = f"--jsonl {self.path}"
         self._own = self.path != "-"
         self._file: IO[str] = _open_jsonl(Path(self.path)) if self._own else sys.stdout
         self._closed = False
@@ -345,6 +351,8 @@ class Sinks:
 
     def __init__(self, sinks: Sequence[Sink] = ()) -> None:
         self.sinks: list[Sink] = []
+        self.errors: list[str] = []  # write and close errors, each naming its output
+        self._closed = False
         for sink in sinks:
             self.add(sink)
 
@@ -356,12 +364,20 @@ class Sinks:
         self.sinks.append(sink)
 
     def send(self, record: dict[str, Any]) -> None:
-        if record.get("kind") == "status":
-            for sink in self.sinks:
-                sink.send_status(record)
-        else:
-            for sink in self.sinks:
-                sink.send(record)
+        """``record`` to every sink, in order. A write error (OSError, but not a closed pipe) becomes
+        a :class:`SinkError` naming the sink, kept in :attr:`errors`; it stops the fan-out."""
+        status = record.get("kind") == "status"
+        for sink in self.sinks:
+            try:
+                sink.send_status(record) if status else sink.send(record)
+            except BrokenPipeError:
+                raise
+            except SinkError as exc:
+                self.errors.append(str(exc))
+                raise
+            except OSError as exc:
+                self.errors.append(f"{sink_name(sink)}: {exc.strerror or exc}")
+                raise SinkError(self.errors[-1]) from None
 
     @property
     def publish_failed(self) -> int:
@@ -404,18 +420,35 @@ class Sinks:
         return said
 
     def close(self) -> None:
-        """Close every sink; one that fails to close is logged and does not keep the others open."""
+        """Close every sink (once); one that fails to close does not keep the others open, and its
+        message joins :attr:`errors` (a file that could not be finished is an output error)."""
+        if self._closed:
+            return
+        self._closed = True
         for sink in self.sinks:
             try:
                 sink.close()
-            except Exception:
-                log.warning("closing %s failed", type(sink).__name__, exc_info=True)
+            except BrokenPipeError:
+                continue
+            except (SinkError, OSError, ValueError) as exc:
+                message = (
+                    str(exc) if not isinstance(exc, OSError) else f"{sink_name(sink)}: {exc.strerror or exc}"
+                )
+                self.errors.append(message)
+            except Exception as exc:  # a sink's own bug: said, never a silent loss
+                self.errors.append(f"closing {sink_name(sink)} failed: {exc}")
 
     def __enter__(self) -> Sinks:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sink_name(sink: object) -> str:
+    """How messages name ``sink``: its ``name`` (e.g. ``--jsonl runs/x.jsonl``), else its type."""
+    name = getattr(sink, "name", None)
+    return name if isinstance(name, str) and name else type(sink).__name__
 
 
 def open_sinks(

@@ -68,3 +68,5 @@ def run(options: RunCommand) -> None:
     typer.echo(json.dumps({"summary": summary}), err=True)
     if summary.get("source_error"):
         raise fail(f"the source failed: {summary['source_error']}")
+    if summary.get("output_errors"):
+        raise fail("an output failed, the run stopped: " + "; ".join(summary["output_errors"]))
