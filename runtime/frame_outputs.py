@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ class FrameSink:
             except SinkError as exc:
                 failed.append(str(exc))
             except Exception as exc:  # a writer's own failure to finish: said, never lost silently
-                failed.append(f"{output_name(output)}: closing failed: {exc}")
+                failed.append(f"{output_name(output)}: closing failed: {exc}{_free_space(output)}")
         if failed:
             raise SinkError("; ".join(failed))
 
@@ -165,6 +166,17 @@ def output_name(output: Any) -> str:
     if path is not None:
         return f"--record {path}"
     return "--foxglove" if isinstance(output, FoxgloveLiveView) else type(output).__name__
+
+
+def _free_space(output: Any) -> str:
+    """`` (N KiB free on its disk)`` when ``output``'s disk is nearly full (a writer that reports
+    only "a write failed" then says why), else ``""``."""
+    path = getattr(output, "path", None)
+    try:
+        free = shutil.disk_usage(Path(path).parent).free if path is not None else None
+    except OSError:
+        return ""
+    return f" ({free // 1024} KiB free on its disk)" if free is not None and free < 64 * 2**20 else ""
 
 
 @contextlib.contextmanager

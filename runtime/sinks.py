@@ -373,11 +373,12 @@ class Sinks:
             except BrokenPipeError:
                 raise
             except SinkError as exc:
-                self.errors.append(str(exc))
+                self._error(str(exc))
                 raise
             except OSError as exc:
-                self.errors.append(f"{sink_name(sink)}: {exc.strerror or exc}")
-                raise SinkError(self.errors[-1]) from None
+                message = f"{sink_name(sink)}: {exc.strerror or exc}"
+                self._error(message)
+                raise SinkError(message) from None
 
     @property
     def publish_failed(self) -> int:
@@ -434,9 +435,16 @@ class Sinks:
                 message = (
                     str(exc) if not isinstance(exc, OSError) else f"{sink_name(sink)}: {exc.strerror or exc}"
                 )
-                self.errors.append(message)
+                self._error(message)
             except Exception as exc:  # a sink's own bug: said, never a silent loss
-                self.errors.append(f"closing {sink_name(sink)} failed: {exc}")
+                self._error(f"closing {sink_name(sink)} failed: {exc}")
+
+    def _error(self, message: str) -> None:
+        """Keep ``message`` once per output (closing a file that could not be written usually fails
+        the same way again)."""
+        for part in message.split("; "):
+            if part not in self.errors:
+                self.errors.append(part)
 
     def __enter__(self) -> Sinks:
         return self
