@@ -32,6 +32,7 @@ import numpy as np
 from rrise.fileio import atomic_write_json, read_json
 from rrise.runtime.backends import OnnxRuntimeBackend
 from rrise.runtime.preprocess import preprocess_spec
+from rrise.stats import norm_ppf
 
 from . import provenance as prov
 from .folder_data import combine, load_sets
@@ -298,8 +299,44 @@ def _check_base_model(w: Workdir, sp: DataSplits, force: bool, log: Callable[[st
     )
 
 
+def radius_caps(prof: Profile, sigma: float) -> dict[str, float]:
+    """The largest radius each method can certify with ``prof``'s sizes, before any draw is spent:
+    RRISE ``σ·Φ⁻¹(β^(1/N_cal))`` (``N_cal + cap_draws`` draws at the cap; a calibration quantile
+    above 0 lowers it further), Cohen ``σ·Φ⁻¹(α^(1/n))`` (every one of n draws on one class).
+
+    >>> from rrise.calibrate.profiles import get_profile
+    >>> caps = radius_caps(get_profile("quick"), 0.25)
+    >>> round(caps["rrise"], 3), round(caps["cohen"], 3)
+    (0.616, 0.616)
+    """
+    n_top = prof.n_cal + prof.cap_draws if prof.cap_draws else prof.n_cal
+    return {
+        "rrise": sigma * float(norm_ppf(prof.beta ** (1.0 / n_top))),
+        "cohen": sigma * float(norm_ppf(prof.mc_alpha ** (1.0 / prof.n))),
+    }
+
+
+def _log_caps(w: Workdir, log: Callable[[str], None]) -> None:
+    """Say, before any draw is spent, the largest radius these sizes can certify, and when they
+    cap RRISE below what Cohen's test on the same run can reach."""
+    p, sigma = w.prof, w.config.sigma
+    caps = radius_caps(p, sigma)
+    log(
+        f"[build] largest radius these sizes can certify: RRISE {caps['rrise']:.3f} (N_cal = "
+        f"{p.n_cal:,}, β = {p.beta:g}, less its calibration quantile), Cohen {caps['cohen']:.3f} "
+        f"(n = {p.n:,}, α = {p.mc_alpha:g}); σ = {sigma:g}"
+    )
+    if caps["rrise"] < caps["cohen"] - 1e-9:
+        log(
+            f"[build] N_cal = {p.n_cal:,} caps RRISE below Cohen's {caps['cohen']:.3f}: a larger "
+            "profile (or profile.n_cal=N, profile.cap_draws=N) lifts it"
+        )
+
+
 def _log_budget(w: Workdir, log: Callable[[str], None]) -> None:
-    """Say how many base-model evaluations the stages will spend, and how long at the measured rate."""
+    """Say how many base-model evaluations the stages will spend, and how long at the measured
+    rate, and the largest radius the sizes can certify."""
+    _log_caps(w, log)
     budget = mc_budget(w)
     total = sum(budget.values())
     if not total:
