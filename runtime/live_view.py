@@ -24,6 +24,7 @@ log = logging.getLogger("rrise.runtime")
 
 DEFAULT_ADDRESS = "127.0.0.1:8765"
 BACKLOG = 64  # messages buffered per client before the oldest are dropped
+EVERY_INTERFACE = ("0.0.0.0", "::", "[::]", "*")
 
 
 def parse_address(spec: str) -> tuple[str, int]:
@@ -53,6 +54,13 @@ class FoxgloveLiveView:
         except Exception as exc:  # the SDK raises its own error type for a port in use
             raise ValueError(f"--foxglove {spec}: cannot serve on {host}:{port}: {exc}") from None
         self.url = f"ws://{host}:{self._server.port}"
+        if host in EVERY_INTERFACE:
+            log.warning(
+                "--foxglove %s serves every frame and record on every interface, to anyone who can "
+                "reach this machine (the Foxglove WebSocket protocol has no authentication): bind one "
+                "interface (127.0.0.1, or the robot network's address) unless the network is trusted",
+                spec,
+            )
         self._channels = FoxgloveChannels(self._context, adaptive=adaptive)
         self._levels = {
             "ok": fg.StatusLevel.Info,

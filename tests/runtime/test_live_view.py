@@ -125,3 +125,15 @@ def test_live_view_address_forms(spec: str, expected: tuple[str, int]) -> None:
 def test_a_bad_live_view_address_names_the_option() -> None:
     with pytest.raises(ValueError, match="--foxglove"):
         parse_address("host:port")
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_serving_every_interface_is_warned(host: str, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A live view on every interface hands every frame to anyone on the network (the protocol has
+    no authentication): said, as publishing on tcp://* without CURVE is."""
+    from rrise.runtime.live_view import FoxgloveLiveView
+
+    with caplog.at_level("WARNING", logger="rrise.runtime"):
+        view = FoxgloveLiveView(f"{host}:0")
+        view.close()
+    assert any("every interface" in r.getMessage() for r in caplog.records) == warned
