@@ -137,7 +137,7 @@ def load_surrogate(
     the template for any ``base`` surrogate when given). A file whose network is built by Python code
     it names (a factory, or a copy of a factory or ``.pt2`` base) is refused unless ``trust_code``:
     a model file never makes the SDK import or run code on its own."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _read_model_file(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rrise model file (expected format {FORMAT!r})")
     config, meta = payload["config"], payload.get("meta", {})
@@ -151,6 +151,25 @@ def load_surrogate(
     model = model.cpu()
     _load_state(model, payload["state_dict"], str(path))
     return model.eval(), {**meta, **config}
+
+
+def _read_model_file(path: str | os.PathLike) -> object:
+    """The payload of a model file, read with ``torch.load(weights_only=True)``; a file it refuses
+    (pickled code or objects, a damaged file) is one ValueError naming it, never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        kind = (
+            "holds objects other than tensors and plain values"
+            if "Weights only" in str(exc)
+            else (f"is damaged or not a torch file ({type(exc).__name__})")
+        )
+        raise ValueError(
+            f"{path} is not an rrise model file: it {kind}, so it was not loaded (model files are read "
+            "without unpickling code)"
+        ) from None
 
 
 def _load_state(model: nn.Module, state: dict, what: str) -> None:

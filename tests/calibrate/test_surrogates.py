@@ -425,3 +425,25 @@ def test_train_surrogate_fits_an_edge_resnet(tmp_path) -> None:
     assert len(history["train_kl"]) == 2 and not model.training
     save_surrogate(model, tmp_path / "s.pt", history=history)
     _same_outputs(load_model(tmp_path / "s.pt")[0], model, (3, 16, 16), atol=0)
+
+
+class _Payload:
+    """Pickled as a global reference: what a crafted checkpoint carries to run code on load."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("content", ["pickled-object", "damaged"])
+def test_a_crafted_or_damaged_model_file_is_refused_by_name(tmp_path, content: str, capsys) -> None:
+    import torch
+
+    path = tmp_path / "surrogate.ckpt"
+    if content == "pickled-object":
+        torch.save({"format": "x", "evil": _Payload()}, path)
+    else:
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ValueError, match="is not an rrise model file") as err:
+        load_surrogate(path)
+    assert "weights_only=False" not in str(err.value)
+    assert "this must never run" not in capsys.readouterr().out
