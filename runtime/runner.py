@@ -232,13 +232,18 @@ def run_stream(
         sinks = opened.enter_context(
             open_sinks(options.outputs, callback=callback, on_status=on_status, frames=frames)
         )
-        summary = drain(stream, sinks, show_progress=show_progress, no_output=no_output)
-        said = len(sinks.errors)
-        sinks.close()  # every output finished before the summary says whether all of it was written
-        for error in sinks.errors[said:]:
-            log.error("%s", error)
-        summary["output_errors"] = list(sinks.errors)
-        return summary
+        return _finished(sinks, drain(stream, sinks, show_progress=show_progress, no_output=no_output))
+
+
+def _finished(sinks: Sinks, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` once every output is closed: the errors closing them raised (a file that could
+    not be finished) logged and added to ``output_errors``."""
+    said = len(sinks.errors)
+    sinks.close()
+    for error in sinks.errors[said:]:
+        log.error("%s", error)
+    summary["output_errors"] = list(sinks.errors)
+    return summary
 
 
 def adaptive_statement(runtime: Runtime) -> str:
