@@ -40,3 +40,27 @@ def record_run(
     summary = run_stream(bundle, source, run_options(jsonl=str(jsonl), **options))
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     return records, summary
+
+
+def write_frames(
+    recorder: Any, records: list[dict[str, Any]], frames: list[np.ndarray | None], per_chunk: int = 0
+) -> None:
+    """Write ``records`` with their ``frames`` (as JPEG) into an open recorder, closing a chunk on
+    disk after every ``per_chunk`` frames (0: never; the recorder's own flush thread may); the
+    recorder is left open."""
+    import cv2
+
+    for i, (record, frame) in enumerate(zip(records, frames), start=1):
+        jpeg = None if frame is None else cv2.imencode(".jpg", frame)[1].tobytes()
+        recorder.write(record, jpeg, 0 if frame is None else int(frame.shape[1]))
+        if per_chunk and i % per_chunk == 0:
+            recorder.flusher.flush_now()
+
+
+def chunk_spans(path: Path) -> list[tuple[int, int]]:
+    """``(start, length)`` in bytes of each chunk of a complete MCAP file, in file order."""
+    from mcap.reader import make_reader
+
+    with open(path, "rb") as f:
+        indexes = make_reader(f).get_summary().chunk_indexes
+    return sorted((c.chunk_start_offset, c.chunk_length) for c in indexes)
