@@ -11,11 +11,12 @@ Damage: messages are decoded one at a time, and one that does not decode gives `
 and a warning (the stream makes an error record of it and goes on). An MCAP file without a readable
 summary section (a recording killed before it finished, or cut short) is salvaged: it is read record
 by record in file order up to the first record that cannot be read (the chunk being written when
-it stopped), with a warning that names the file and how many image messages it gave, and
-:attr:`RecordingReader.ended_early` says so. A complete file whose data is damaged is read up to the
-damage, and ``ended_early`` says how far. A ROS 2 bag folder without ``metadata.yaml`` (a crashed
-bag) or whose storage ``rosbags`` cannot open is read from its one ``.mcap`` storage file the same
-way, with a warning.
+it stopped), skipping a chunk whose data fails its CRC, with a warning that names the file and how
+many image messages it gave, and :attr:`RecordingReader.ended_early` says so. A complete MCAP file
+is read chunk by chunk from its index: a damaged chunk is skipped, and ``ended_early`` names it and
+says how many of the announced frames were read (a ROS 2 bag read with ``rosbags`` stops at the
+damage instead). A ROS 2 bag folder without ``metadata.yaml`` (a crashed bag) or whose storage
+``rosbags`` cannot open is read from its one ``.mcap`` storage file the same way, with a warning.
 """
 
 from __future__ import annotations
@@ -120,12 +121,29 @@ class _JsonDecoders:
         return (lambda data: json.loads(data)) if message_encoding == "json" else None
 
 
+MAX_DECODE_WARNINGS = 5  # messages that do not decode named in a warning per pass; the rest counted
+
+
+def _undecodable(path: Path, failures: int, log_time: int, topic: str, exc: Exception) -> None:
+    """Warn that the ``failures``-th message of a pass (at ``log_time`` on ``topic``) does not decode."""
+    if failures > MAX_DECODE_WARNINGS:
+        return
+    more = " (further ones are not logged)" if failures == MAX_DECODE_WARNINGS else ""
+    log.warning(
+        "recording %s: the message at %d on %s does not decode (%s: %s); an error record stands for it%s",
+        path,
+        log_time,
+        topic,
+        type(exc).__name__,
+        exc,
+        more,
+    )
+
+
 class _MessageDecoder:
     """Decodes one message at a time (the decoders of the recording's own schemas: ROS 2 CDR,
     protobuf, JSON): a message that fails to decode gives ``(None, log_time)`` and a warning, so
     the stream makes an error record of it and goes on."""
-
-    MAX_WARNINGS = 5
 
     def __init__(self, path: Path) -> None:
         ros2 = require("mcap_ros2.decoder", "replaying ROS 2 messages from MCAP")
@@ -140,18 +158,7 @@ class _MessageDecoder:
             return image_frame(schema.name, decoded), _stamp(decoded, message.log_time)
         except Exception as exc:  # any decoder's error: this message is skipped, not the replay
             self.failures += 1
-            if self.failures <= self.MAX_WARNINGS:
-                more = " (further ones are not logged)" if self.failures == self.MAX_WARNINGS else ""
-                log.warning(
-                    "recording %s: the message at %d on %s does not decode (%s: %s); an error record "
-                    "stands for it%s",
-                    self.path,
-                    message.log_time,
-                    channel.topic,
-                    type(exc).__name__,
-                    exc,
-                    more,
-                )
+            _undecodable(self.path, self.failures, message.log_time, channel.topic, exc)
             return None, int(message.log_time)
 
     def _decoder(self, schema: Any, channel: Any) -> Any:
@@ -461,16 +468,7 @@ class Ros2BagReader(RecordingReader):
                     item = image_frame(connection.msgtype, msg), _stamp(msg, log_time)
                 except Exception as exc:  # one message that does not decode is skipped, not the bag
                     failures += 1
-                    if failures <= _MessageDecoder.MAX_WARNINGS:
-                        log.warning(
-                            "recording %s: the message at %d on %s does not decode (%s: %s); an error "
-                            "record stands for it",
-                            self.path,
-                            log_time,
-                            self.topic,
-                            type(exc).__name__,
-                            exc,
-                        )
+                    _undecodable(self.path, failures, log_time, self.topic, exc)
                     item = None, int(log_time)
                 yield item
         self._check_pass(read, stopped)
