@@ -33,6 +33,7 @@ bound is computed from those very draws.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -264,6 +265,7 @@ def adaptive_certify_offline(
     else:
         target = route.target_radius
         routed = route.routes(surrogate)
+        seq = replace(seq, step_down=route.step_down)
         if not routed.any():  # a rule that routes nothing spends no draw, whatever its target
             return _combine(surrogate, _idle(len(counts)), routed, sigma)
     required_p = check_required_radius(target, sigma, seq)
@@ -279,7 +281,8 @@ class RoutingRule:
     """Which frames get base-model draws when no radius is required: those whose surrogate radius is
     below ``target_radius`` and whose top-class probability ``ŝ`` is below ``score_below`` (abstaining
     frames, radius 0, included when their ``ŝ`` is); their draws stop on success for ``target_radius``,
-    futility or the budget. Chosen on the selection split (:func:`choose_routing_rule`), never on
+    futility or the budget (with ``step_down``, futility aims at half the radius, then at any radius
+    before it stops). Chosen on the selection split (:func:`choose_routing_rule`), never on
     calibration or test inputs; the other fields record how.
 
     The rule affects only cost and power, never validity: the MC bound holds at level ``A``
@@ -289,6 +292,7 @@ class RoutingRule:
 
     score_below: float
     target_radius: float
+    step_down: bool = False
     mc_budget: int | None = None
     max_mean_draws: float | None = None
     selection_inputs: int | None = None
@@ -309,6 +313,7 @@ class RoutingRule:
             rule = cls(
                 score_below=math.inf if score is None else float(score),
                 target_radius=float(data["target_radius"]),
+                step_down=data.get("step_down") is True,
                 mc_budget=data.get("mc_budget"),
                 max_mean_draws=data.get("max_mean_draws"),
                 selection_inputs=data.get("selection_inputs"),
@@ -329,6 +334,7 @@ class RoutingRule:
             "rule": "draws where the surrogate radius < target_radius and ŝ < score_below",
             "score_below": None if math.isinf(self.score_below) else self.score_below,
             "target_radius": self.target_radius,
+            "step_down": self.step_down,
             "chosen_on": "selection split",
             "mc_budget": self.mc_budget,
             "max_mean_draws": self.max_mean_draws,
@@ -395,8 +401,9 @@ def choose_routing_rule(
 ) -> RoutingRule:
     """The routing rule for ``mc``'s budget, chosen on SELECTION inputs only (their surrogate
     certificates, labels and their own full-size stored counts): every (``ŝ`` threshold, target
-    radius) of ``search``'s grid is replayed, targets the budget cannot certify are skipped, and the
-    rule of highest mean certified accuracy within ``search.max_mean_draws`` wins. The rule that
+    radius, step-down or not) of ``search``'s grid is replayed, targets the budget cannot certify
+    are skipped, and the rule of highest mean certified accuracy within ``search.max_mean_draws``
+    wins. The rule that
     routes nothing (``score_below`` 0) is always a candidate, so a rule always exists."""
     counts = _check_inputs(surrogate, counts)
     seq = _sequential_options(replace(mc, require_radius=None))
@@ -408,14 +415,15 @@ def choose_routing_rule(
         labels,
         search.radii,
     )
-    for target in search.target_grid:
+    for target, step_down in itertools.product(search.target_grid, (False, True)):
         try:
             required_p = check_required_radius(target, sigma, seq)
         except ValueError:
             continue  # beyond what this budget can ever certify
-        run = _run_mc(top, counts, _surrogate_radius(surrogate) < target, required_p, seq, search.seed)
+        routed = _surrogate_radius(surrogate) < target
+        run = _run_mc(top, counts, routed, required_p, replace(seq, step_down=step_down), search.seed)
         for t in search.score_grid:
-            rule = RoutingRule(score_below=t, target_radius=target)
+            rule = RoutingRule(score_below=t, target_radius=target, step_down=step_down)
             records = _combine(surrogate, run, rule.routes(surrogate), sigma)
             if records.mc_draws.mean() <= search.max_mean_draws:
                 best = max(best, _rule_with(rule, records, labels, search.radii), key=lambda c: c[0])

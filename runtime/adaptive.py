@@ -400,12 +400,15 @@ class McCertifier:
         require_radius: float | None = None,
         *,
         deadline_ms: float | None = None,
+        step_down: bool = False,
     ) -> McResult:
         """Spend draws on ``x`` (the preprocessed model input ``[C, H, W]``, float32 in [0, 1]) for
         ``top_class``; with ``require_radius``, stop as soon as the bound certifies it (or cannot
         within the budget); without, spend the budget or run to the deadline. ``deadline_ms``: a
-        tighter deadline for this frame (e.g. what is left of a stream step's)."""
-        options = self.options
+        tighter deadline for this frame (e.g. what is left of a stream step's). ``step_down``: once
+        ``require_radius`` is out of reach, aim at half of it, then at any radius
+        (:func:`rrise.sequential.fallback_rungs`)."""
+        options = dataclasses.replace(self.options, step_down=bool(step_down))
         if deadline_ms is not None and (options.deadline_ms is None or deadline_ms < options.deadline_ms):
             options = dataclasses.replace(options, deadline_ms=max(float(deadline_ms), 1e-6))
         x = self._check_input(x)

@@ -31,7 +31,8 @@ BY_SURROGATE, BY_MC = "surrogate", "mc"
 @dataclass(frozen=True)
 class Routing:
     """Which frames get draws: those whose surrogate radius is below ``target_radius`` and whose
-    ŝ is below ``score_below`` (``inf``: no ŝ condition); their draws aim at ``target_radius``.
+    ŝ is below ``score_below`` (``inf``: no ŝ condition); their draws aim at ``target_radius``
+    (and with ``step_down``, once it is out of reach, at half of it, then at any radius).
     ``origin`` says where the rule came from (``--require-radius`` or the bundle).
 
     >>> from rrise.certificate import Certificate
@@ -45,6 +46,7 @@ class Routing:
     target_radius: float
     score_below: float = math.inf
     origin: str = "--require-radius"
+    step_down: bool = False
 
     def routes(self, cert: Certificate) -> bool:
         """Whether ``cert``'s frame gets draws (its radius is 0 when it abstains)."""
@@ -68,6 +70,7 @@ class Routing:
             target_radius=float(rule["target_radius"]),
             score_below=math.inf if score is None else float(score),
             origin="bundle adaptive.routing",
+            step_down=rule.get("step_down") is True,
         )
 
 
@@ -128,7 +131,13 @@ class AdaptiveCertifier:
             ):
                 out.append(_judged(cert, None))
                 continue
-            result = self.mc.certify(x, cert.top_class, self.routing.target_radius, deadline_ms=left_ms)
+            result = self.mc.certify(
+                x,
+                cert.top_class,
+                self.routing.target_radius,
+                deadline_ms=left_ms,
+                step_down=self.routing.step_down,
+            )
             batches = max(1, math.ceil(result.draws / self.mc.options.batch_size))
             self._slowest_batch_s = max(self._slowest_batch_s, result.elapsed_ms / 1000.0 / batches)
             out.append(_judged(cert, result))

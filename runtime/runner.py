@@ -273,9 +273,10 @@ def adaptive_statement(runtime: Runtime) -> str:
     mc = adaptive.mc.options
     rule = adaptive.routing
     score = "" if rule.score_below == float("inf") else f" and ŝ < {rule.score_below:g}"
+    step = ", then half of it, then any radius, where out of reach" if rule.step_down else ""
     head = (
         f"adaptive certification on (--mc-budget {mc.budget}, --mc-alpha {mc.alpha:g}): draws where "
-        f"the surrogate radius < {rule.target_radius:g}{score} ({rule.origin}). "
+        f"the surrogate radius < {rule.target_radius:g}{score}, aiming at it{step} ({rule.origin}). "
     )
     return head + adaptive_guarantee_text(cal.alpha, cal.beta, mc.alpha)
 

@@ -361,8 +361,10 @@ def _adaptive_lines(summary: dict[str, Any]) -> list[str]:
     if rule:
         score = rule.get("score_below")
         cond = "" if score is None else f" and ŝ < {_num(score)}"
+        step = ", stepping down to half of it, then any radius" if rule.get("step_down") else ""
         route = (
-            f"draws where the surrogate radius < {_num(rule['target_radius'])}{cond} ({rule['chosen_on']})"
+            f"draws where the surrogate radius < {_num(rule['target_radius'])}{cond}{step} "
+            f"({rule['chosen_on']})"
         )
     else:
         route = "no routing rule in the bundle: give --require-radius R"

@@ -176,12 +176,14 @@ class MadeWith(_Struct):
 class AdaptiveRouting(_Struct):
     """Which frames adaptive certification spends base-model draws on when no radius is required
     (``rrise run --mc-budget N`` without ``--require-radius``): those whose surrogate radius is below
-    ``target_radius`` and whose ŝ is below ``score_below`` (null: no ŝ condition); ``chosen_on``
-    says where it was chosen (the selection split, never the calibration one)."""
+    ``target_radius`` and whose ŝ is below ``score_below`` (null: no ŝ condition); ``step_down``:
+    a frame whose draws show ``target_radius`` out of reach aims at half of it, then at any radius;
+    ``chosen_on`` says where it was chosen (the selection split, never the calibration one)."""
 
     score_below: float | None
     target_radius: float
     chosen_on: str
+    step_down: bool = False
     rule: str | None = None
     mc_budget: int | None = None
     max_mean_draws: float | None = None

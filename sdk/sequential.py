@@ -40,6 +40,7 @@ __all__ = [
     "SequentialOptions",
     "SequentialResult",
     "check_required_radius",
+    "fallback_rungs",
     "largest_certifiable_radius",
     "lower_bound",
     "radius_from_lower_bound",
@@ -165,8 +166,9 @@ class SequentialOptions:
     """How many draws, how long and at what level: ``budget`` (``--mc-budget``, draws per frame),
     ``deadline_ms`` (``--mc-deadline-ms``, None: no deadline), ``alpha`` (``--mc-alpha``),
     ``batch_size`` (draws per batch), the mixture ``prior`` and ``futility_alpha`` (the chance of
-    giving up on a frame that would reach the requirement). Bad values raise a one-line ValueError
-    naming the option."""
+    giving up on a frame that would reach the requirement). ``step_down``: when the requirement is
+    shown out of reach, aim at the next rung of :func:`fallback_rungs` (half the radius, then any
+    radius) instead of stopping. Bad values raise a one-line ValueError naming the option."""
 
     budget: int
     deadline_ms: float | None = None
@@ -174,12 +176,15 @@ class SequentialOptions:
     batch_size: int = DEFAULT_MC_BATCH
     prior: tuple[float, float] = DEFAULT_PRIOR
     futility_alpha: float = DEFAULT_FUTILITY_ALPHA
+    step_down: bool = False
 
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
         if not (isinstance(self.futility_alpha, int | float) and 0.0 < self.futility_alpha < 1.0):
             raise ValueError(f"the futility level must be in (0, 1), got {self.futility_alpha!r}")
         _check_prior(self.prior)
+        if not isinstance(self.step_down, bool):
+            raise ValueError(f"step_down must be True or False, got {self.step_down!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"--mc-batch must be a positive integer, got {self.batch_size!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < self.batch_size:
@@ -259,6 +264,24 @@ def _verdict(cs: ConfidenceSequence, required_p: float | None, options: Sequenti
     return None
 
 
+def fallback_rungs(required_p: float) -> tuple[float, ...]:
+    """The requirements a step-down test aims at in turn: ``required_p`` (radius ``R``), then the
+    probability of radius ``R/2`` (``Φ(Φ⁻¹(p)/2)``), then any radius at all (``p > 1/2``).
+
+    >>> [round(p, 4) for p in fallback_rungs(float(norm_cdf(2.0)))]
+    [0.9772, 0.8413, 0.5]
+    """
+    any_radius = math.nextafter(0.5, 1.0)
+    rungs = [required_p]
+    if required_p < 1.0:
+        half = float(norm_cdf(float(norm_ppf(required_p)) / 2.0))
+        if any_radius < half < required_p:
+            rungs.append(half)
+    if any_radius < required_p:
+        rungs.append(any_radius)
+    return tuple(rungs)
+
+
 def sequential_test(
     draw_batch: Callable[[int], int],
     required_p: float | None,
@@ -268,15 +291,22 @@ def sequential_test(
     """Draw batches (``draw_batch(m)`` returns the successes among ``m`` fresh Bernoulli draws) and
     stop on success (the bound reaches ``required_p``), futility (see :func:`_verdict`), the budget,
     or the deadline (a batch starts only if the slowest batch so far still fits before it). With
-    ``required_p`` None it runs to the budget or the deadline. The bound holds at every sample size
-    at once, so ``P(lower_bound > p) ≤ α`` whatever stops it; the futility rule only decides how
-    often a frame that could have been certified is given up (at most ``futility_alpha``)."""
+    ``options.step_down``, futility moves the requirement down :func:`fallback_rungs` (stopping on
+    success at any rung, or futility at the last). With ``required_p`` None it runs to the budget or
+    the deadline. The bound holds at every sample size at once, so ``P(lower_bound > p) ≤ α``
+    whatever stops it (the rungs, like the futility rule, only decide when to stop); futility only
+    decides how often a frame that could have been certified is given up (at most
+    ``futility_alpha`` per rung)."""
     if required_p is not None and not 0.0 < required_p <= 1.0:  # 1: a radius beyond any budget, Φ(R/σ) = 1
         raise ValueError(f"the required probability must be in (0, 1], got {required_p}")
+    rungs = [required_p] if required_p is None or not options.step_down else list(fallback_rungs(required_p))
     cs = ConfidenceSequence(options.alpha, options.prior)
     start, slowest = clock(), 0.0
     deadline = None if options.deadline_ms is None else options.deadline_ms / 1000.0
-    while (stop := _verdict(cs, required_p, options)) is None:
+    while (stop := _verdict(cs, rungs[0], options)) is None or (stop == STOP_FUTILITY and len(rungs) > 1):
+        if stop is not None:  # futility at this rung: aim at the next one
+            rungs.pop(0)
+            continue
         before = clock()
         if deadline is not None and before - start + slowest > deadline:
             stop = STOP_DEADLINE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,6 +196,24 @@ def test_routing_rule_is_chosen_within_its_draws_on_selection(selection_split):
     assert RoutingRule.from_dict(everything.to_dict()) == everything
     with pytest.raises(ValueError, match="target_radius"):
         RoutingRule.from_dict({"score_below": 0.9})
+    stepping = RoutingRule(score_below=0.99, target_radius=0.5, step_down=True)
+    assert RoutingRule.from_dict(json.loads(json.dumps(stepping.to_dict()))) == stepping
+
+
+def test_a_step_down_rule_certifies_at_least_as_much_as_the_same_rule_without(selection_split):
+    """Routed frames the target is out of reach for keep drawing for half of it, then any radius:
+    certified accuracy at every radius never falls (same draws replayed), and draws only grow."""
+    s = selection_split
+    mc = McOptions(mc_budget=1_024)
+    plain = RoutingRule(score_below=math.inf, target_radius=0.5)
+    stepped = replace(plain, step_down=True)
+    a = adaptive_certify_offline(s.certificates, s.counts, SIGMA, mc, route=plain, seed=0)
+    b = adaptive_certify_offline(s.certificates, s.counts, SIGMA, mc, route=stepped, seed=0)
+    ok_a, ok_b = a.pred == s.labels, b.pred == s.labels
+    for r in (0.0, 0.125, 0.25, 0.5):
+        assert np.sum(ok_b & (b.radius >= r)) >= np.sum(ok_a & (a.radius >= r))
+    assert np.all(b.mc_draws >= a.mc_draws) and b.mc_draws.sum() > a.mc_draws.sum()
+    assert np.sum(ok_b & (b.radius >= 0.25)) > np.sum(ok_a & (a.radius >= 0.25))
 
 
 def test_rows_never_look_at_test_inputs_to_route(test_split, selection_split, tmp_path):

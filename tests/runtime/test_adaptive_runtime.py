@@ -222,6 +222,32 @@ def test_the_bundle_routing_rule_decides_without_a_required_radius(linear, tmp_p
         validate_manifest(manifest)
 
 
+def test_a_step_down_rule_in_the_bundle_reaches_the_draws_and_the_statement(linear, tmp_path):
+    """A routing rule with step_down: frames whose target is out of reach keep drawing for half of
+    it (never fewer draws than without), and rrise run states it."""
+    from rrise.runtime.runner import adaptive_statement
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(linear, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    rule = {"score_below": None, "target_radius": 0.6, "chosen_on": "selection split", "step_down": True}
+    frames = _frames(40)
+    draws = {}
+    for step_down in (False, True):
+        manifest["adaptive"] = {"routing": {**rule, "step_down": step_down}}
+        write_manifest(copy, manifest)
+        with Runtime(copy, backend="onnxruntime", mc_budget=2048) as rt:
+            assert rt.adaptive.routing.step_down is step_down
+            draws[step_down] = [r["mc_draws"] for r in rt.certify_batch(frames)]
+            stated = adaptive_statement(rt)
+        assert ("then half of it" in stated) is step_down
+    assert all(b >= a for a, b in zip(draws[False], draws[True], strict=True))
+    assert sum(draws[True]) > sum(draws[False])
+    manifest["adaptive"]["routing"]["step_down"] = "yes"
+    with pytest.raises(ManifestError, match="step_down"):
+        validate_manifest(manifest)
+
+
 def test_status_records_and_the_summary_count_mc_frames_draws_and_latency_per_path(linear):
     source = PushSource("robot", live=False)
     for frame in _frames(12):

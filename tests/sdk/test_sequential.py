@@ -20,6 +20,7 @@ from rrise.sequential import (
     ConfidenceSequence,
     SequentialOptions,
     check_required_radius,
+    fallback_rungs,
     largest_certifiable_radius,
     lower_bound,
     radius_from_lower_bound,
@@ -242,3 +243,43 @@ def test_imports_neither_scipy_nor_torch():
         "bad = [m for m in ('scipy', 'torch') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_step_down_certifies_half_the_radius_where_the_full_one_is_out_of_reach():
+    """p = 0.9 cannot certify 2σ (it needs Φ(2) = 0.977): stopping there leaves a bound below what
+    one σ needs; stepping down to Φ(1) = 0.841 certifies one σ on nearly every frame."""
+    required = float(norm_cdf(2.0))
+    plain = SequentialOptions(budget=10_000, alpha=0.001, batch_size=64)
+    stepped = SequentialOptions(budget=10_000, alpha=0.001, batch_size=64, step_down=True)
+    stop = [sequential_test(_bernoulli_draws(0.9, s), required, plain) for s in range(100)]
+    step = [sequential_test(_bernoulli_draws(0.9, s), required, stepped) for s in range(100)]
+    assert all(r.stop == STOP_FUTILITY for r in stop)
+    assert np.mean([r.lower_bound >= norm_cdf(1.0) for r in stop]) < 0.2
+    assert np.mean([r.stop == STOP_SUCCESS and r.lower_bound >= norm_cdf(1.0) for r in step]) >= 0.95
+    assert all(r.lower_bound < norm_cdf(2.0) for r in step)
+
+
+def test_step_down_ends_at_any_radius_and_then_futility():
+    stepped = SequentialOptions(budget=4_096, alpha=0.001, batch_size=64, step_down=True)
+    near_half = [sequential_test(_bernoulli_draws(0.7, s), float(norm_cdf(2.0)), stepped) for s in range(50)]
+    assert np.mean([r.stop == STOP_SUCCESS and 0.5 < r.lower_bound < norm_cdf(1.0) for r in near_half]) >= 0.9
+    coin = sequential_test(_bernoulli_draws(0.3, 0), float(norm_cdf(2.0)), stepped)
+    assert coin.stop == STOP_FUTILITY and coin.lower_bound < 0.5
+
+
+def test_step_down_keeps_the_level():
+    """Whatever rung it stops at, the bound exceeds the true p at most at rate α (α = 0.05 so that
+    1,000 frames resolve it). The crossing-rate test above covers every stopping rule at once; this
+    one checks that the step-down test reports that same running bound."""
+    p = 0.85
+    stepped = SequentialOptions(budget=512, alpha=0.05, batch_size=64, step_down=True)
+    results = [sequential_test(_bernoulli_draws(p, s), float(norm_cdf(2.0)), stepped) for s in range(1_000)]
+    rate = np.mean([r.lower_bound > p for r in results])
+    assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 1_000), rate
+
+
+def test_fallback_rungs_halve_the_radius_then_ask_for_any():
+    rungs = fallback_rungs(float(norm_cdf(2.0)))
+    assert rungs[1] == pytest.approx(norm_cdf(1.0)) and 0.5 < rungs[2] < 0.5 + 1e-12
+    assert fallback_rungs(1.0)[0] == 1.0 and fallback_rungs(1.0)[-1] < 0.5 + 1e-12
+    assert len(fallback_rungs(math.nextafter(0.5, 1.0))) == 1
