@@ -23,7 +23,7 @@ from typing import Any
 from .options import DROP_POLICIES
 from .sources import Frame, FrameSource
 
-__all__ = ["DROP_POLICIES", "CaptureThread", "FrameQueue", "InlineFrames"]
+__all__ = ["DROP_POLICIES", "CaptureThread", "FrameQueue", "InlineFrames", "PushedFrames"]
 
 log = logging.getLogger("rrise.runtime")
 
@@ -125,6 +125,30 @@ class CaptureThread(threading.Thread):
 
     def describe_error(self) -> Any:
         return None if self.error is None else f"{type(self.error).__name__}: {self.error}"
+
+
+class PushedFrames:
+    """The :class:`FrameQueue` interface read straight from a source that buffers its newest frames
+    itself (a live :class:`~rrise.runtime.sources.PushSource`, bounded to the queue's size): no
+    capture thread and no second buffer, so a frame waits only for the batch being certified. The
+    source counts its drops; waits time out like the queue's, so status records keep coming while
+    the producer is silent."""
+
+    policy = "latest"
+    drops = 0  # counted by the source (FrameSource.dropped)
+
+    def __init__(self, source: Any, capacity: int) -> None:
+        source.keep_newest(capacity)
+        self.source = source
+
+    def get_batch(self, max_items: int, timeout_s: float | None) -> list[Frame] | None:
+        return self.source.next_batch(max_items, timeout_s)
+
+    def abort(self) -> None:
+        self.source.stop()
+
+    def describe_error(self) -> Any:
+        return None
 
 
 class InlineFrames:

@@ -75,7 +75,9 @@ class FrameSource:
     ``ended_early`` (why a finite source stopped short of its announced frames); ``waits_to_open``
     (it opens when iterated, after retries); ``keeps_stamps`` (its frames carry recorded capture
     times, :meth:`recorded_stamp`, to put back into their records); ``fps`` (the frame rate it
-    plays at, where known)."""
+    plays at, where known); ``buffers_newest`` (another thread pushes frames into the source's own
+    buffer, which :meth:`keep_newest` bounds: the stream then reads it in its own thread, with no
+    capture thread between, and the source counts what it drops)."""
 
     name: str = "source"
     is_live: bool = False
@@ -85,6 +87,7 @@ class FrameSource:
     waits_to_open: bool = False
     keeps_stamps: bool = False
     fps: float | None = None
+    buffers_newest: bool = False
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -413,6 +416,38 @@ class PushSource(FrameSource):
             self._items.append((index, frame, stamp))
             self._cond.notify_all()
         return index
+
+    @property
+    def buffers_newest(self) -> bool:  # type: ignore[override]
+        """Live, and its frames are the pushed ones (a subclass that makes its own frames by
+        overriding ``__iter__`` is read by a capture thread, as any source)."""
+        return self.is_live and type(self).__iter__ is PushSource.__iter__
+
+    def keep_newest(self, n: int) -> None:
+        """A live source keeps at most the newest ``n`` waiting frames (what the stream's queue
+        would hold): a frame waits for at most the batch being certified, never a backlog."""
+        with self._cond:
+            self._capacity = max(1, int(n))
+            while len(self._items) > self._capacity and self._items[0] is not None:
+                self._items.popleft()
+                self.dropped += 1
+
+    def next_batch(self, max_items: int, timeout_s: float | None) -> list[Frame] | None:
+        """Up to ``max_items`` waiting frames, oldest first, waiting up to ``timeout_s`` for the
+        first (the stream's queue interface, :class:`~rrise.runtime.capture.FrameQueue`): ``[]`` on
+        timeout, None once ended (after the frames pushed before :meth:`end`) or stopped."""
+        with self._cond:
+            if not self._items and not self._stop.is_set():
+                self._cond.wait(timeout_s)
+            if self._stop.is_set():
+                return None
+            batch: list[Frame] = []
+            while self._items and self._items[0] is not None and len(batch) < max_items:
+                batch.append(self._items.popleft())
+            if not batch and self._items:  # only the end marker is left
+                return None
+            self._cond.notify_all()
+            return batch
 
     def end(self) -> None:
         """No more frames: the stream ends after those already pushed."""

@@ -36,7 +36,7 @@ from rrise.certificate import Calibration
 from rrise.monitor import ShiftMonitor
 from rrise.records import Record, Verdict
 
-from .capture import CaptureThread, FrameQueue, InlineFrames
+from .capture import CaptureThread, FrameQueue, InlineFrames, PushedFrames
 from .options import DropPolicy, StreamOptions
 from .retry import open_with_retry
 from .source_specs import open_source
@@ -83,7 +83,9 @@ class Stream:
         drops older ones (counted in ``drops``); ``"block"`` makes capture wait so every frame is
         certified in order (default queue ``2 * batch``); ``"auto"``: ``"latest"`` for live sources,
         ``"block"`` for files and folders. ``threaded``: capture in its own thread (default for live
-        sources and for ``"latest"``, which needs it). ``retry``: how often to retry a source that
+        sources and for ``"latest"``, which needs it; not for a source that buffers its newest
+        frames itself, a live :class:`~rrise.runtime.sources.PushSource`: it is bounded to the queue
+        size and read directly, one hand-off fewer). ``retry``: how often to retry a source that
         does not open at start (while it waits, status records say ``source_state:
         "connecting"``). ``realtime``/``loop``: replay a video file or a recording.
 
@@ -124,14 +126,17 @@ class Stream:
         if policy == DropPolicy.auto.value:
             policy = "latest" if src.is_live else "block"
         threaded = options.threaded
-        if threaded is None:
+        batch = options.batch
+        capacity = options.queue_size or (batch if policy == "latest" else 2 * batch)
+        pushed = threaded is None and policy == "latest" and src.buffers_newest
+        if pushed:  # the source is the queue: no capture thread, no second buffer
+            threaded = False
+        elif threaded is None:
             threaded = policy == "latest" or src.is_live or src.waits_to_open
-        if not threaded and policy == "latest":
+        if not threaded and policy == "latest" and not pushed:
             if src is not source:
                 src.close()
             raise ValueError("--drop-policy latest needs threaded capture")
-        batch = options.batch
-        capacity = options.queue_size or (batch if policy == "latest" else 2 * batch)
         self.runtime, self.source, self.options = runtime, src, options
         self.batch, self.max_frames = batch, options.max_frames
         self.drop_policy, self.threaded = policy, threaded
@@ -142,7 +147,11 @@ class Stream:
             status_interval_s=options.status_every_s,
             adaptive=getattr(runtime, "adaptive", None) is not None,
         )
-        self._frames = FrameQueue(capacity, policy) if threaded else InlineFrames(src, self.max_frames)
+        self._frames: FrameQueue | InlineFrames | PushedFrames
+        if pushed:
+            self._frames = PushedFrames(src, capacity)
+        else:
+            self._frames = FrameQueue(capacity, policy) if threaded else InlineFrames(src, self.max_frames)
         self._capture: CaptureThread | None = None
         self._stopped = threading.Event()
         self._interrupted = True

@@ -224,7 +224,7 @@ def test_the_bundle_routing_rule_decides_without_a_required_radius(linear, tmp_p
 
 def test_a_step_down_rule_in_the_bundle_reaches_the_draws_and_the_statement(linear, tmp_path):
     """A routing rule with step_down: frames whose target is out of reach keep drawing for half of
-    it (never fewer draws than without), and rrise run states it."""
+    it, and rrise run states it."""
     from rrise.runtime.runner import adaptive_statement
 
     copy = tmp_path / "bundle"
@@ -241,8 +241,7 @@ def test_a_step_down_rule_in_the_bundle_reaches_the_draws_and_the_statement(line
             draws[step_down] = [r["mc_draws"] for r in rt.certify_batch(frames)]
             stated = adaptive_statement(rt)
         assert ("then half of it" in stated) is step_down
-    assert all(b >= a for a, b in zip(draws[False], draws[True], strict=True))
-    assert sum(draws[True]) > sum(draws[False])
+    assert sum(draws[True]) > 2 * sum(draws[False])  # out of reach: most frames step down and draw on
     manifest["adaptive"]["routing"]["step_down"] = "yes"
     with pytest.raises(ManifestError, match="step_down"):
         validate_manifest(manifest)

@@ -291,7 +291,8 @@ def test_overload_drops_are_counted_and_status_records_report_health(bundle_dir:
     summary = run_stream(bundle_dir, src, run_options(status_interval=0.1), on_status=statuses.append)
     t.join(5)
     assert summary["drops"] > 0 and summary["frames"] + summary["drops"] == pushed[0]
-    assert summary["drop_policy"] == "latest" and summary["threaded"]
+    # a live PushSource is the stream's queue itself, bounded to it: no capture thread between
+    assert summary["drop_policy"] == "latest" and not summary["threaded"]
     assert len(statuses) >= 3 and summary["status_records"] == len(statuses)
     for s in statuses:
         assert set(STATUS_KEYS) <= set(s) and s["kind"] == "status" and s["source_state"] == "open"
@@ -405,3 +406,35 @@ def test_no_monitor_entry_means_no_alarm(bundle_dir: Path) -> None:
     rt = Runtime(bundle_dir)
     assert rt.monitor is None
     assert {r["alarm"] for r in rt.certify_batch(sample_frames(20))} == {None}
+
+
+def test_a_live_push_source_is_the_queue_a_backlog_never_waits(bundle_dir: Path) -> None:
+    """Frames pushed while nothing certifies are dropped down to the queue's size (the newest kept),
+    so the first certified frame is the newest one, not the oldest of a backlog."""
+    src = PushSource("camera", live=True)  # 64 waiting frames by default, 1 once a stream reads it
+    frames = sample_frames(8)
+    got: list[dict] = []
+    with Runtime(bundle_dir) as rt, rt.stream(src) as stream:
+        for i in range(40):
+            src.push(frames[i % 8])
+        src.end()
+        got = [r for r in stream if "kind" not in r]
+    assert [r["frame"] for r in got] == [39]
+    assert stream.drops == 39 and stream.summary()["drops"] == 39
+
+
+def test_status_records_keep_coming_while_a_push_producer_is_silent(bundle_dir: Path) -> None:
+    src = PushSource("camera", live=True)
+    statuses: list[dict] = []
+
+    def produce() -> None:
+        time.sleep(0.6)  # nothing for a while: the stream must still say how it is doing
+        src.push(sample_frames(1)[0])
+        src.end()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    summary = run_stream(bundle_dir, src, run_options(status_interval=0.1), on_status=statuses.append)
+    t.join(5)
+    assert summary["frames"] == 1 and len(statuses) >= 3
+    assert statuses[0]["frames"] == 0
