@@ -165,18 +165,27 @@ def test_a_recording_cut_short_replays_its_whole_chunks_and_says_how_many(
     assert "8 frames salvaged" in summary["source_ended_early"]
 
 
-def test_a_complete_recording_with_a_damaged_chunk_skips_it_and_says_so(
-    made: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _damaged(made: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture, damage) -> tuple:
+    """A complete Foxglove recording, its bytes changed by ``damage(data, path)``, then replayed:
+    (records, summary), the warnings in ``caplog``."""
     path = tmp_path / "run.mcap"
     _chunked(made, path, "foxglove")
     data = bytearray(path.read_bytes())
-    start, length = chunk_spans(path)[1]
-    middle = start + length // 2
-    data[middle - 1024 : middle + 1024] = os.urandom(2048)  # 2 KB overwritten inside chunk 2
+    damage(data, path)
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="rrise"):
-        records, summary = _replay(made["bundle"], path, tmp_path)
+        return _replay(made["bundle"], path, tmp_path)
+
+
+def test_a_complete_recording_with_a_damaged_chunk_skips_it_and_says_so(
+    made: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def overwrite_chunk_2(data: bytearray, path: Path) -> None:
+        start, length = chunk_spans(path)[1]
+        middle = start + length // 2
+        data[middle - 1024 : middle + 1024] = os.urandom(2048)  # 2 KB overwritten inside chunk 2
+
+    records, summary = _damaged(made, tmp_path, caplog, overwrite_chunk_2)
     kept = stamps(N)[:PER_CHUNK] + stamps(N)[2 * PER_CHUNK :]  # chunks 1 and 3
     assert [r["stamp_ns"] for r in records] == kept and summary["errors"] == 0
     ended = summary["source_ended_early"]
@@ -187,13 +196,10 @@ def test_a_complete_recording_with_a_damaged_chunk_skips_it_and_says_so(
 def test_a_recording_whose_summary_is_overwritten_is_salvaged_whole(
     made: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "run.mcap"
-    _chunked(made, path, "foxglove")
-    data = bytearray(path.read_bytes())
-    data[-2048:] = b"\xff" * 2048  # the summary, its offsets and the footer
-    path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="rrise"):
-        records, summary = _replay(made["bundle"], path, tmp_path)
+    def overwrite_the_end(data: bytearray, path: Path) -> None:
+        data[-2048:] = b"\xff" * 2048  # the summary, its offsets and the footer
+
+    records, summary = _damaged(made, tmp_path, caplog, overwrite_the_end)
     assert [r["stamp_ns"] for r in records] == stamps(N)
     assert f"salvaged {N} image messages" in _warnings(caplog)
     assert f"{N} frames salvaged" in summary["source_ended_early"]
