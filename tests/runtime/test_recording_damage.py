@@ -301,3 +301,21 @@ def test_realtime_caps_an_absurd_gap_and_does_not_wait_for_stamps_going_back(
     assert "jump ahead by 31.0 years" in warned and "waiting 0.3 s instead" in warned
     assert "go back by 0.02 s" in warned
     assert "go back by 31.0 years" in warned
+
+
+def test_a_bag_whose_metadata_announces_more_messages_than_it_holds_says_so(
+    made: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trial's corrupt ``message_count``: every frame the bag holds is replayed, and the run
+    says the recording ended short of what it announces instead of ending silently."""
+    path = _path(tmp_path, "ros2")
+    _chunked(made, path, "ros2")
+    meta = path / "metadata.yaml"
+    text = meta.read_text()
+    assert f"message_count: {N}" in text
+    meta.write_text(text.replace(f"message_count: {N}", f"message_count: {N + 500}"))
+    with caplog.at_level(logging.WARNING, logger="rrise"):
+        records, summary = _replay(made["bundle"], path, tmp_path)
+    assert [r["stamp_ns"] for r in records] == stamps(N)
+    ended = summary["source_ended_early"]
+    assert ended and f"{N} of" in ended and ended in _warnings(caplog)
