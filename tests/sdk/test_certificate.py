@@ -16,8 +16,11 @@ from rrise.stats import clopper_pearson_lower
 SIGMA = 0.25
 
 
-def cal(q: float, score: str = "probit", beta: float = 0.001, n_mc: int = 10_000) -> Calibration:
-    return Calibration(sigma=SIGMA, quantile=q, alpha=0.01, beta=beta, n_mc=n_mc, m=3000, score=score)
+def cal(
+    q: float, score: str = "probit", beta: float = 0.001, n_mc: int = 10_000, m: int = 3000, **bins
+) -> Calibration:
+    """The tests' calibration at σ = SIGMA, α = 0.01; ``bins``: ``bin_edges`` and ``bin_quantiles``."""
+    return Calibration(sigma=SIGMA, quantile=q, alpha=0.01, beta=beta, n_mc=n_mc, m=m, score=score, **bins)
 
 
 def probs_with_top(top: float, k: int = 10, cls: int = 3) -> np.ndarray:
@@ -77,17 +80,7 @@ def test_single_path_matches_batch_path_for_every_transform_and_bins(score):
     probs = rng.dirichlet(np.full(10, 0.1), size=200)
     for c in (
         cal(0.3, score),
-        Calibration(
-            sigma=SIGMA,
-            quantile=0.4,
-            alpha=0.01,
-            beta=0.001,
-            n_mc=10_000,
-            m=3000,
-            score=score,
-            bin_edges=(0.9,),
-            bin_quantiles=(0.6, 0.2),
-        ),
+        cal(0.4, score, bin_edges=(0.9,), bin_quantiles=(0.6, 0.2)),
     ):
         batch = certify_from_probs(probs, c)
         for i in range(len(probs)):
@@ -266,16 +259,7 @@ def test_mondrian_refuses_a_bin_with_too_few_inputs_and_names_it():
 
 
 def test_binned_calibration_uses_each_inputs_bin():
-    c = Calibration(
-        sigma=SIGMA,
-        quantile=0.8,
-        alpha=0.01,
-        beta=0.001,
-        n_mc=10_000,
-        m=3000,
-        bin_edges=(0.99,),
-        bin_quantiles=(0.8, 0.1),
-    )
+    c = cal(0.8, bin_edges=(0.99,), bin_quantiles=(0.8, 0.1))
     low = certify_from_probs(probs_with_top(0.95), c)
     high = certify_from_probs(probs_with_top(0.999), c)
     assert low.radius == pytest.approx(SIGMA * (norm.ppf(0.95) - 0.8))
@@ -287,16 +271,7 @@ def test_binned_calibration_uses_each_inputs_bin():
 def test_infinite_bin_quantile_round_trips_through_json_and_abstains():
     import json
 
-    c = Calibration(
-        sigma=SIGMA,
-        quantile=0.8,
-        alpha=0.01,
-        beta=0.001,
-        n_mc=10_000,
-        m=3000,
-        bin_edges=(0.9,),
-        bin_quantiles=(np.inf, 0.2),
-    )
+    c = cal(0.8, bin_edges=(0.9,), bin_quantiles=(np.inf, 0.2))
     d = json.loads(json.dumps(c.to_dict(), allow_nan=False))
     assert d["bin_quantiles"] == [None, 0.2]
     back = Calibration(**d)
@@ -306,24 +281,6 @@ def test_infinite_bin_quantile_round_trips_through_json_and_abstains():
 
 def test_bad_bins_are_refused():
     with pytest.raises(ValueError, match="bin quantiles"):
-        Calibration(
-            sigma=SIGMA,
-            quantile=0.5,
-            alpha=0.01,
-            beta=0.001,
-            n_mc=100,
-            m=100,
-            bin_edges=(0.9,),
-            bin_quantiles=(0.5,),
-        )
+        cal(0.5, n_mc=100, m=100, bin_edges=(0.9,), bin_quantiles=(0.5,))
     with pytest.raises(ValueError, match="increase"):
-        Calibration(
-            sigma=SIGMA,
-            quantile=0.5,
-            alpha=0.01,
-            beta=0.001,
-            n_mc=100,
-            m=100,
-            bin_edges=(0.9, 0.8),
-            bin_quantiles=(0.5, 0.4, 0.3),
-        )
+        cal(0.5, n_mc=100, m=100, bin_edges=(0.9, 0.8), bin_quantiles=(0.5, 0.4, 0.3))
