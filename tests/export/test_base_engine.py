@@ -29,6 +29,7 @@ from rrise.runtime import adaptive as adaptive_mod
 from rrise.runtime import backends as backends_mod
 from rrise.runtime.adaptive import BaseClassifier, EngineClassifier, McCertifier, McOptions, McRefused
 from rrise.sequential import SequentialOptions
+from tests.export.fake_tensorrt import fake_module
 from tests.tiny_bundle import LINEAR_SHAPE, linear_sources, make_linear_bundle
 
 INFO = {"trt_version": "10.3.0", "compute_capability": "8.7", "device": "Orin"}
@@ -114,11 +115,6 @@ def with_engines(linear, device, builds) -> Path:
 def fake_builder(version: str, *, batch: int = -1, has_tf32: bool = True):
     """Just enough of the tensorrt module to drive build_base_engine, recording what it is asked."""
     calls: dict = {"set": [], "cleared": []}
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
-    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32") if has_tf32 else types.SimpleNamespace()
     tensor = types.SimpleNamespace(name="pixels", shape=(batch, *LINEAR_SHAPE), dtype="float")
     network = types.SimpleNamespace(num_inputs=1, num_layers=0, get_input=lambda i: tensor)
     config = types.SimpleNamespace(
@@ -130,35 +126,10 @@ def fake_builder(version: str, *, batch: int = -1, has_tf32: bool = True):
         clear_flag=calls["cleared"].append,
     )
 
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            calls["shape"] = (name, lo, opt, hi)
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            calls["network_flags"] = flags
-            return network
-
-        create_optimization_profile = staticmethod(Profile)
-        create_builder_config = staticmethod(lambda: config)
-
-        def build_serialized_network(self, net, cfg):
-            return b"base engine"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, net, logger):
-            pass
-
-        def parse(self, data):
-            calls["parsed"] = data
-            return True
-
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    flags = types.SimpleNamespace(TF32="TF32") if has_tf32 else types.SimpleNamespace()
+    trt = fake_module(
+        version, network=network, config=config, calls=calls, flags=flags, engine=b"base engine"
+    )
     return trt, calls
 
 

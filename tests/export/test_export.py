@@ -30,6 +30,7 @@ from rrise.export.onnx_export import export_onnx, onnx_logits, onnx_parity
 from rrise.numerics import MICRO_BATCH_LIMIT, softmax
 from rrise.scores import conformal_scores
 from rrise.stats import clopper_pearson_lower
+from tests.export.fake_tensorrt import fake_module
 
 SHAPE = (1, 8, 8)
 K = 3
@@ -377,16 +378,11 @@ def test_tensorrt_absent_gives_the_install_hint(monkeypatch, tmp_path):
 def fake_tensorrt(version: str, *, has_fp16_flag: bool, half_tensor: bool = False, parses: bool = True):
     """Just enough of the tensorrt module to drive build_engine, recording what it is asked."""
     calls: dict = {"flags": []}
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
-    trt.BuilderFlag = (
+    flags = (
         types.SimpleNamespace(FP16="FP16", TF32="TF32")
         if has_fp16_flag
         else types.SimpleNamespace(TF32="TF32")
     )
-    trt.DataType = types.SimpleNamespace(FLOAT="float", HALF="half")
     tensor = types.SimpleNamespace(name="input", shape=(-1, *SHAPE), dtype="float")
     out = types.SimpleNamespace(dtype="half" if half_tensor else "float")
     layer = types.SimpleNamespace(num_outputs=1, get_output=lambda j: out)
@@ -402,37 +398,7 @@ def fake_tensorrt(version: str, *, has_fp16_flag: bool, half_tensor: bool = Fals
         set_flag=lambda f: calls["flags"].append(f),
     )
 
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            calls["shape"] = (name, lo, opt, hi)
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            calls["network_flags"] = flags
-            return network
-
-        create_optimization_profile = staticmethod(Profile)
-        create_builder_config = staticmethod(lambda: config)
-
-        def build_serialized_network(self, net, cfg):
-            return b"engine"
-
-    class OnnxParser:
-        num_errors = 0 if parses else 1
-
-        def __init__(self, net, logger):
-            pass
-
-        def parse(self, data):
-            return parses
-
-        def get_error(self, i):
-            return "unsupported operator Foo"
-
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    trt = fake_module(version, network=network, config=config, calls=calls, flags=flags, parses=parses)
     return trt, calls
 
 
