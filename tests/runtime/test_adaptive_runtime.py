@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -290,6 +291,13 @@ def frames_dir(tmp_path_factory):
     return folder
 
 
+def _run_quietly(bundle: Path, frames_dir: Path, *flags: str):
+    """``rrise run`` on the frames with ``--no-output`` and ``flags``; the CLI result."""
+    return runner.invoke(
+        app, ["run", "--bundle", str(bundle), "--source", str(frames_dir), "--no-output", *flags]
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -306,30 +314,14 @@ def frames_dir(tmp_path_factory):
     ],
 )
 def test_rrise_run_refuses_bad_adaptive_options_in_one_line_with_exit_2(linear, frames_dir, flags, named):
-    result = runner.invoke(
-        app, ["run", "--bundle", str(linear), "--source", str(frames_dir), "--no-output", *flags]
-    )
+    result = _run_quietly(linear, frames_dir, *flags)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and named in lines[-1] and "Traceback" not in result.output
 
 
 def test_the_largest_certifiable_radius_is_named_when_the_required_one_is_out_of_reach(linear, frames_dir):
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--bundle",
-            str(linear),
-            "--source",
-            str(frames_dir),
-            "--no-output",
-            "--mc-budget",
-            "1024",
-            "--require-radius",
-            "5",
-        ],
-    )
+    result = _run_quietly(linear, frames_dir, "--mc-budget", "1024", "--require-radius", "5")
     top = largest_certifiable_radius(0.25, SequentialOptions(budget=1024))
     assert f"{top:.4f}" in result.output
 
@@ -357,21 +349,7 @@ def test_rrise_run_with_budget_zero_is_the_one_pass_run(linear, frames_dir, tmp_
 
 
 def test_rrise_run_states_the_composed_guarantee_when_the_mode_is_on(linear, frames_dir):
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--bundle",
-            str(linear),
-            "--source",
-            str(frames_dir),
-            "--no-output",
-            "--mc-budget",
-            "1024",
-            "--require-radius",
-            "0.3",
-        ],
-    )
+    result = _run_quietly(linear, frames_dir, "--mc-budget", "1024", "--require-radius", "0.3")
     assert result.exit_code == 0, result.output
     assert "1 − α − β − A = 0.889 (α = 0.1, β = 0.01, A = 0.001)" in result.output
 
