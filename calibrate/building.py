@@ -32,6 +32,7 @@ import numpy as np
 from rrise.fileio import atomic_write_json, read_json
 from rrise.runtime.backends import OnnxRuntimeBackend
 from rrise.runtime.preprocess import preprocess_spec
+from rrise.scores import p_cap
 from rrise.stats import norm_ppf
 
 from . import provenance as prov
@@ -311,8 +312,8 @@ def radius_caps(prof: Profile, sigma: float) -> dict[str, float]:
     """
     n_top = prof.n_cal + prof.cap_draws if prof.cap_draws else prof.n_cal
     return {
-        "rrise": sigma * float(norm_ppf(prof.beta ** (1.0 / n_top))),
-        "cohen": sigma * float(norm_ppf(prof.mc_alpha ** (1.0 / prof.n))),
+        "rrise": sigma * float(norm_ppf(p_cap(prof.beta, n_top))),
+        "cohen": sigma * float(norm_ppf(p_cap(prof.mc_alpha, prof.n))),
     }
 
 

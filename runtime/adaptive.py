@@ -408,7 +408,9 @@ class McCertifier:
         tighter deadline for this frame (e.g. what is left of a stream step's). ``step_down``: once
         ``require_radius`` is out of reach, aim at half of it, then at any radius
         (:func:`rrise.sequential.fallback_rungs`)."""
-        options = dataclasses.replace(self.options, step_down=bool(step_down))
+        options = self.options
+        if options.step_down != bool(step_down):
+            options = dataclasses.replace(options, step_down=bool(step_down))
         if deadline_ms is not None and (options.deadline_ms is None or deadline_ms < options.deadline_ms):
             options = dataclasses.replace(options, deadline_ms=max(float(deadline_ms), 1e-6))
         x = self._check_input(x)
