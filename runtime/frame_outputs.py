@@ -29,7 +29,7 @@ from .imagecodec import encode_jpeg
 from .live_view import FoxgloveLiveView
 from .options import OutputOptions, RunOptions
 from .recording import open_recorder
-from .sinks import SinkError
+from .sinks import SinkError, write_error
 from .sources import FrameSource
 from .stream import Certifier, Stream
 
@@ -188,7 +188,7 @@ def _named(output: Any) -> Iterator[None]:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise SinkError(f"{output_name(output)}: {exc.strerror or exc}") from None
+        raise SinkError(write_error(output_name(output), exc)) from None
     except ValueError as exc:
         text = str(exc)
         raise SinkError(text if text.startswith("--") else f"{output_name(output)}: {text}") from None

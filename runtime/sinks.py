@@ -376,7 +376,7 @@ class Sinks:
                 self._error(str(exc))
                 raise
             except OSError as exc:
-                message = f"{sink_name(sink)}: {exc.strerror or exc}"
+                message = write_error(sink_name(sink), exc)
                 self._error(message)
                 raise SinkError(message) from None
 
@@ -432,9 +432,7 @@ class Sinks:
             except BrokenPipeError:
                 continue
             except (SinkError, OSError, ValueError) as exc:
-                message = (
-                    str(exc) if not isinstance(exc, OSError) else f"{sink_name(sink)}: {exc.strerror or exc}"
-                )
+                message = write_error(sink_name(sink), exc) if isinstance(exc, OSError) else str(exc)
                 self._error(message)
             except Exception as exc:  # a sink's own bug: said, never a silent loss
                 self._error(f"closing {sink_name(sink)} failed: {exc}")
@@ -451,6 +449,12 @@ class Sinks:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_error(name: str, exc: OSError) -> str:
+    """The one-line message of an output ``name`` that failed with ``exc`` (``--jsonl x.jsonl: No
+    space left on device``)."""
+    return f"{name}: {exc.strerror or exc}"
 
 
 def sink_name(sink: object) -> str:
