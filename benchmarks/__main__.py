@@ -39,6 +39,13 @@ def _module(name: str):
     return importlib.import_module(f"benchmarks.bench_{name}")
 
 
+def result_name(name: str, args: list[str]) -> str:
+    """The stem of a benchmark's JSON: its name, or what its ``result_name(args)`` says (one bench
+    run at two settings keeps both results)."""
+    namer = getattr(_module(name), "result_name", None)
+    return name if namer is None else namer(args)
+
+
 def parse(argv: list[str], names: list[str]) -> list[tuple[str, list[str]]] | str:
     """``[(name, its args), …]`` from ``NAME [args] NAME [args] …``, or an error line."""
     groups: list[tuple[str, list[str]]] = []
@@ -60,7 +67,7 @@ def main(argv: list[str]) -> int:
     for name, args in groups or [(n, []) for n in by_default()]:
         command = " ".join(["python -m benchmarks", name, *args])
         record = run_recorded(f"benchmarks.bench_{name}", name, command, args)
-        path = write_record(RESULTS / f"{name}.json", record)
+        path = write_record(RESULTS / f"{result_name(name, args)}.json", record)
         print(f"{name}: wrote {path}")
     return 0
 

@@ -28,9 +28,9 @@ crash) loses at most the messages of its last ~1 s; the file it leaves has no su
 ``--source`` salvages its complete chunks (:mod:`rrise.runtime.recording_reader`). The flush hands
 the data to the operating system and does not ``fsync``: a power cut may lose what the OS still
 held. One second keeps a crash's loss to about a second of frames, as a camera's operator would
-expect, while chunks stay large enough (tens of frames at camera rates) to compress and index well. For the ROS 2 bag the
-flush closes the chunk of ``rosbags``' MCAP storage writer (``close_chunk``), which has no flush of
-its own.
+expect, while chunks stay large enough (tens of frames at camera rates) to compress and index well.
+For the ROS 2 bag the flush closes the chunk of ``rosbags``' MCAP storage writer (``close_chunk``),
+which has no flush of its own.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rrise.certificate import Certificate
+from rrise.sequential import batch_schedule
 
 from .adaptive import McCertifier, McResult
 
@@ -106,7 +107,10 @@ class AdaptiveCertifier:
     def __init__(self, mc: McCertifier, routing: Routing) -> None:
         self.mc = mc
         self.routing = routing
-        self._slowest_batch_s = 0.0
+        self._slowest_draw_s = (
+            0.0  # the slowest rate per draw seen: a frame starts only if its first batch fits
+        )
+        self._first_batch = batch_schedule(mc.options)[0]
 
     @property
     def deadline_ms(self) -> float | None:
@@ -127,7 +131,7 @@ class AdaptiveCertifier:
                 continue
             left_ms = None if deadline is None else deadline - 1000.0 * (clock() - start)
             if not self.routing.routes(cert) or (
-                left_ms is not None and left_ms <= 1000.0 * self._slowest_batch_s
+                left_ms is not None and left_ms <= 1000.0 * self._slowest_draw_s * self._first_batch
             ):
                 out.append(_judged(cert, None))
                 continue
@@ -138,8 +142,8 @@ class AdaptiveCertifier:
                 deadline_ms=left_ms,
                 step_down=self.routing.step_down,
             )
-            batches = max(1, math.ceil(result.draws / self.mc.options.batch_size))
-            self._slowest_batch_s = max(self._slowest_batch_s, result.elapsed_ms / 1000.0 / batches)
+            if result.draws:
+                self._slowest_draw_s = max(self._slowest_draw_s, result.elapsed_ms / 1000.0 / result.draws)
             out.append(_judged(cert, result))
         return out
 

@@ -14,6 +14,12 @@ is a nonnegative martingale with mean 1 when the draws are Bernoulli(p0), so by 
 ``P(∃ n: M_n(p) ≥ 1/α) ≤ α``. The bound is ``L_n = inf {p0 : M_n(p0) < 1/α}`` (``M_n`` decreases on
 ``(0, k/n]``, so that set's lower part is an interval), and its running maximum is reported. Only
 ``math.lgamma`` and numpy: no scipy.
+
+When to stop is free to choose, and two choices set the cost. Batches grow from ``first_batch``
+to ``batch_size`` (doubling), so a frame that is plainly out of reach stops after a few dozen
+draws. Futility is cost-aware: a frame stops once even an optimistic remainder of its budget (every
+draw left succeeding at the Chernoff upper bound of ``p``, level ``futility_alpha``) could not lift
+the bound to the requirement. Neither touches the level: only the bound decides what is certified.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .stats import norm_cdf, norm_ppf
 
 __all__ = [
     "DEFAULT_MC_ALPHA",
+    "DEFAULT_FIRST_BATCH",
     "DEFAULT_FUTILITY_ALPHA",
     "DEFAULT_MC_BATCH",
     "DEFAULT_PRIOR",
@@ -39,7 +46,9 @@ __all__ = [
     "ConfidenceSequence",
     "SequentialOptions",
     "SequentialResult",
+    "batch_schedule",
     "check_required_radius",
+    "chernoff_upper_bound",
     "fallback_rungs",
     "largest_certifiable_radius",
     "lower_bound",
@@ -51,15 +60,18 @@ __all__ = [
 
 DEFAULT_MC_ALPHA = 0.001
 DEFAULT_MC_BATCH = 256
-# The futility rule's level: a frame whose p does reach the requirement is given up with probability
-# at most this. It costs power, never validity: the lower bound holds at every stopping time.
+# The first batch of a frame; later ones double up to the batch size. Most routed frames whose p is
+# far below the requirement are given up after it (measured on the selection split, docs/RESULTS.md).
+DEFAULT_FIRST_BATCH = 64
+# The futility rule's level: the upper bound on p it projects the remaining budget with. It costs
+# power, never validity: the lower bound holds at every stopping time.
 DEFAULT_FUTILITY_ALPHA = 0.01
 # Beta(1, 0.1): density 0.1·(1−q)^(−0.9), 93% of its mass above 1/2 and half of it above 0.999, where
 # the frames worth certifying at a large radius lie; it costs little at the cap (all draws succeed).
 DEFAULT_PRIOR = (1.0, 0.1)
 
 STOP_SUCCESS = "success"  # the bound reached the required probability
-STOP_FUTILITY = "futility"  # the upper bound fell below it, or the budget left cannot lift the bound to it
+STOP_FUTILITY = "futility"  # even an optimistic remainder of the budget cannot lift the bound to it
 STOP_BUDGET = "budget"  # every draw of the budget was spent
 STOP_DEADLINE = "deadline"  # the next batch would not finish before the deadline
 
@@ -151,6 +163,28 @@ def upper_bound(
     return 1.0 - lower_bound(n - k, n, alpha, (prior[1], prior[0]))
 
 
+def chernoff_upper_bound(successes: int, trials: int, alpha: float) -> float:
+    """The fixed-n Chernoff upper bound ``sup {q ≥ k/n : n·KL(k/n ‖ q) ≤ log(1/α)}`` on a Bernoulli
+    mean (``P(bound < p) ≤ α`` at one pre-set ``n``; 1 when every draw succeeded, or with no draws).
+    Not a confidence sequence: the futility rule uses it only to decide when to give up, never to
+    certify."""
+    k, n = int(successes), int(trials)
+    if not 0 <= k <= n:
+        raise ValueError(f"counts must satisfy 0 <= successes <= trials, got {k} of {n}")
+    if k == n:
+        return 1.0
+    p_hat, level = k / n, math.log(1.0 / _check_alpha(alpha)) / n
+    lo, hi = p_hat, 1.0
+    for _ in range(_BISECTIONS):
+        q = 0.5 * (lo + hi)
+        kl = (p_hat * math.log(p_hat / q) if k else 0.0) + (1.0 - p_hat) * math.log((1.0 - p_hat) / (1.0 - q))
+        if kl > level:
+            hi = q
+        else:
+            lo = q
+    return hi
+
+
 def radius_from_lower_bound(p_lower: float, sigma: float) -> float:
     """Cohen's radius ``σ·Φ⁻¹(p̲)`` when ``p̲ > 1/2``, else 0 (no certificate)."""
     return float(sigma) * float(norm_ppf(float(p_lower))) if p_lower > 0.5 else 0.0
@@ -165,8 +199,9 @@ def required_probability(radius: float, sigma: float) -> float:
 class SequentialOptions:
     """How many draws, how long and at what level: ``budget`` (``--mc-budget``, draws per frame),
     ``deadline_ms`` (``--mc-deadline-ms``, None: no deadline), ``alpha`` (``--mc-alpha``),
-    ``batch_size`` (draws per batch), the mixture ``prior`` and ``futility_alpha`` (the chance of
-    giving up on a frame that would reach the requirement). ``step_down``: when the requirement is
+    ``batch_size`` (draws per batch; a frame's first batch has ``first_batch`` draws and each next
+    one twice as many, up to ``batch_size``), the mixture ``prior`` and ``futility_alpha`` (the level
+    of the upper bound the futility rule projects with). ``step_down``: when the requirement is
     shown out of reach, aim at the next rung of :func:`fallback_rungs` (half the radius, then any
     radius) instead of stopping. Bad values raise a one-line ValueError naming the option."""
 
@@ -177,6 +212,7 @@ class SequentialOptions:
     prior: tuple[float, float] = DEFAULT_PRIOR
     futility_alpha: float = DEFAULT_FUTILITY_ALPHA
     step_down: bool = False
+    first_batch: int = DEFAULT_FIRST_BATCH
 
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
@@ -192,6 +228,12 @@ class SequentialOptions:
                 f"--mc-budget must be an integer of at least one batch (--mc-batch {self.batch_size}), "
                 f"got {self.budget!r}"
             )
+        if (
+            isinstance(self.first_batch, bool)
+            or not isinstance(self.first_batch, int)
+            or self.first_batch < 1
+        ):
+            raise ValueError(f"the first batch must be a positive integer of draws, got {self.first_batch!r}")
         if self.deadline_ms is not None and not (
             isinstance(self.deadline_ms, int | float)
             and math.isfinite(self.deadline_ms)
@@ -227,10 +269,12 @@ class ConfidenceSequence:
     def lower_bound(self) -> float:
         return self._best
 
-    def reachable(self, more_trials: int) -> float:
-        """The bound after ``more_trials`` further draws that all succeed: the most it can become.
-        (The bound increases with the successes and along an all-success path; a test checks both.)"""
-        k, n = self.successes + int(more_trials), self.trials + int(more_trials)
+    def reachable(self, more_trials: int, rate: float = 1.0) -> float:
+        """The bound after ``more_trials`` further draws of which a share ``rate`` succeeds (rounded
+        up): with ``rate`` 1, the most it can become. (The bound increases with the successes and
+        along an all-success path; a test checks both.)"""
+        more = int(more_trials)
+        k, n = self.successes + min(more, math.ceil(rate * more)), self.trials + more
         return max(self._best, float(lower_bound(k, n, self.alpha, self.prior)))
 
 
@@ -248,20 +292,34 @@ class SequentialResult:
 
 
 def _verdict(cs: ConfidenceSequence, required_p: float | None, options: SequentialOptions) -> str | None:
-    """``success``, ``budget``, ``futility`` or None (draw on). Futility: the sequence's upper end at
-    level ``futility_alpha`` is below ``required_p``, or even an all-success remainder of the budget
-    cannot lift the bound to it."""
+    """``success``, ``budget``, ``futility`` or None (draw on). Futility: even if the rest of the
+    budget succeeded at ``u``, the Chernoff upper bound on ``p`` at level ``futility_alpha`` (1 before
+    any draw), the bound would stay below ``required_p``."""
     if required_p is not None and cs.lower_bound() >= required_p:
         return STOP_SUCCESS
     if cs.trials >= options.budget:
         return STOP_BUDGET
     if required_p is None:
         return None
-    if cs.trials and upper_bound(cs.successes, cs.trials, options.futility_alpha, options.prior) < required_p:
-        return STOP_FUTILITY
-    if cs.reachable(options.budget - cs.trials) < required_p:
+    u = chernoff_upper_bound(cs.successes, cs.trials, options.futility_alpha)
+    if u < required_p or cs.reachable(options.budget - cs.trials, u) < required_p:
         return STOP_FUTILITY
     return None
+
+
+def batch_schedule(options: SequentialOptions) -> list[int]:
+    """The batch sizes a frame's draws come in: ``first_batch`` (at most ``batch_size``), doubling up
+    to ``batch_size``, the last one cut to the budget; they add up to ``options.budget``.
+
+    >>> batch_schedule(SequentialOptions(budget=1000, batch_size=256, first_batch=64))
+    [64, 128, 256, 256, 256, 40]
+    """
+    sizes, total, size = [], 0, min(options.first_batch, options.batch_size)
+    while total < options.budget:
+        sizes.append(min(size, options.budget - total))
+        total += sizes[-1]
+        size = min(2 * size, options.batch_size)
+    return sizes
 
 
 def fallback_rungs(required_p: float) -> tuple[float, ...]:
@@ -290,30 +348,31 @@ def sequential_test(
 ) -> SequentialResult:
     """Draw batches (``draw_batch(m)`` returns the successes among ``m`` fresh Bernoulli draws) and
     stop on success (the bound reaches ``required_p``), futility (see :func:`_verdict`), the budget,
-    or the deadline (a batch starts only if the slowest batch so far still fits before it). With
+    or the deadline (a batch starts only if it still fits before it at the slowest rate per draw
+    seen so far). Batches follow :func:`batch_schedule`. With
     ``options.step_down``, futility moves the requirement down :func:`fallback_rungs` (stopping on
     success at any rung, or futility at the last). With ``required_p`` None it runs to the budget or
     the deadline. The bound holds at every sample size at once, so ``P(lower_bound > p) ≤ α``
     whatever stops it (the rungs, like the futility rule, only decide when to stop); futility only
-    decides how often a frame that could have been certified is given up (at most
-    ``futility_alpha`` per rung)."""
+    decides how often a frame that could have been certified is given up, a loss of power."""
     if required_p is not None and not 0.0 < required_p <= 1.0:  # 1: a radius beyond any budget, Φ(R/σ) = 1
         raise ValueError(f"the required probability must be in (0, 1], got {required_p}")
     rungs = [required_p] if required_p is None or not options.step_down else list(fallback_rungs(required_p))
     cs = ConfidenceSequence(options.alpha, options.prior)
-    start, slowest = clock(), 0.0
+    batches = iter(batch_schedule(options))
+    start, per_draw = clock(), 0.0
     deadline = None if options.deadline_ms is None else options.deadline_ms / 1000.0
     while (stop := _verdict(cs, rungs[0], options)) is None or (stop == STOP_FUTILITY and len(rungs) > 1):
         if stop is not None:  # futility at this rung: aim at the next one
             rungs.pop(0)
             continue
+        m = next(batches)
         before = clock()
-        if deadline is not None and before - start + slowest > deadline:
+        if deadline is not None and before - start + per_draw * m > deadline:
             stop = STOP_DEADLINE
             break
-        m = min(options.batch_size, options.budget - cs.trials)
         cs.update(int(draw_batch(m)), m)
-        slowest = max(slowest, clock() - before)
+        per_draw = max(per_draw, (clock() - before) / m)
     return SequentialResult(cs.lower_bound(), cs.successes, cs.trials, stop, cs.alpha, clock() - start)
 
 

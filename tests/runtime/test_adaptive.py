@@ -105,7 +105,7 @@ def test_success_stops_early_with_the_required_radius(bundle, frames, cohen_coun
 
 
 def test_budget_is_never_exceeded(bundle, frames, cohen_counts):
-    options = SequentialOptions(budget=1_000, alpha=ALPHA, batch_size=300)
+    options = SequentialOptions(budget=1_000, alpha=ALPHA, batch_size=300, first_batch=300)
     mc, classify = _certifier(bundle, options)
     r = mc.certify(frames[0][0], int(np.argmax(cohen_counts[0])))
     assert (r.draws, r.stop) == (1_000, STOP_BUDGET)
@@ -118,7 +118,7 @@ def test_budget_is_never_exceeded(bundle, frames, cohen_counts):
 
 def test_deadline_is_respected_on_an_injected_clock(bundle, frames, cohen_counts):
     """Each base-model call takes 5 ms of a fake clock: with 12 ms, a third call would end at 15."""
-    options = SequentialOptions(budget=N_FIXED, deadline_ms=12, alpha=ALPHA, batch_size=100)
+    options = SequentialOptions(budget=N_FIXED, deadline_ms=12, alpha=ALPHA, batch_size=100, first_batch=100)
     mc, classify = _certifier(bundle, options, seconds_per_call=0.005)
     r = mc.certify(frames[0][0], int(np.argmax(cohen_counts[0])))
     assert (r.stop, r.draws, classify.batches) == (STOP_DEADLINE, 200, [100, 100])

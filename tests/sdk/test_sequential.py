@@ -19,7 +19,9 @@ from rrise.sequential import (
     STOP_SUCCESS,
     ConfidenceSequence,
     SequentialOptions,
+    batch_schedule,
     check_required_radius,
+    chernoff_upper_bound,
     fallback_rungs,
     largest_certifiable_radius,
     lower_bound,
@@ -28,7 +30,7 @@ from rrise.sequential import (
     sequential_test,
     upper_bound,
 )
-from rrise.stats import clopper_pearson_lower, norm_cdf, norm_ppf
+from rrise.stats import clopper_pearson_lower, clopper_pearson_upper, norm_cdf, norm_ppf
 
 SEQUENCES = 20_000
 LOOK_ALPHA = 0.05  # large enough that 20,000 sequences resolve the crossing rate around it
@@ -104,12 +106,43 @@ def test_futility_gives_up_a_hopeless_frame_early():
 
 
 def test_futility_when_the_budget_left_cannot_lift_the_bound():
-    options = SequentialOptions(budget=200, alpha=0.001, batch_size=50, futility_alpha=1e-12)
+    """p = 0.6 with 200 draws cannot reach 0.9: it stops once even the rest of the budget at the
+    Chernoff upper end of p would leave the bound below 0.9, which the rule's own terms confirm."""
+    options = SequentialOptions(budget=200, alpha=0.001, batch_size=50, futility_alpha=0.01)
     r = sequential_test(_bernoulli_draws(0.6, 0), 0.9, options)
     assert r.stop == STOP_FUTILITY and r.draws < options.budget and r.lower_bound < 0.9
-    assert upper_bound(r.successes, r.draws, 1e-12) >= 0.9  # not the upper end: the budget rule
-    left = options.budget - r.draws
-    assert lower_bound(r.successes + left, r.draws + left, 0.001) < 0.9
+    u = chernoff_upper_bound(r.successes, r.draws, options.futility_alpha)
+    cs = ConfidenceSequence(0.001)
+    cs.update(r.successes, r.draws)
+    assert cs.reachable(options.budget - r.draws, u) < 0.9
+
+
+def test_chernoff_upper_bound_is_the_kl_root_and_holds_at_fixed_n():
+    """The bound solves n·KL(k/n ‖ q) = log(1/α) (scipy's root, 1e-9), is never below Clopper–
+    Pearson's exact upper bound, and covers p at one fixed n with probability ≥ 1 − α."""
+    from scipy.optimize import brentq
+
+    def kl(a: float, b: float) -> float:
+        return (a * np.log(a / b) if a else 0.0) + (1 - a) * np.log((1 - a) / (1 - b))
+
+    for k, n, a in ((0, 10, 0.05), (37, 50, 0.01), (995, 1_000, 0.001), (9_800, 10_000, 0.2)):
+        root = brentq(
+            lambda q, k=k, n=n, a=a: n * kl(k / n, q) - np.log(1 / a), k / n + 1e-15, 1 - 1e-15, xtol=1e-14
+        )
+        assert chernoff_upper_bound(k, n, a) == pytest.approx(root, abs=1e-9)
+        assert chernoff_upper_bound(k, n, a) >= clopper_pearson_upper(k, n, a) - 1e-12
+    assert chernoff_upper_bound(5, 5, 0.01) == 1.0 == chernoff_upper_bound(0, 0, 0.01)
+    k = np.random.default_rng(3).binomial(200, 0.95, size=SEQUENCES)
+    misses = np.mean([chernoff_upper_bound(int(j), 200, LOOK_ALPHA) < 0.95 for j in k])
+    assert misses <= LOOK_ALPHA
+    with pytest.raises(ValueError, match="successes <= trials"):
+        chernoff_upper_bound(3, 2, 0.01)
+
+
+def test_batches_double_from_the_first_to_the_batch_size():
+    assert batch_schedule(SequentialOptions(budget=1_000, batch_size=256)) == [64, 128, 256, 256, 256, 40]
+    assert batch_schedule(SequentialOptions(budget=300, batch_size=100, first_batch=500)) == [100, 100, 100]
+    assert batch_schedule(SequentialOptions(budget=10, batch_size=10, first_batch=1)) == [1, 2, 4, 3]
 
 
 def test_a_requirement_above_the_cap_is_futile_before_any_draw():
@@ -124,7 +157,8 @@ def test_a_requirement_above_the_cap_is_futile_before_any_draw():
 
 
 def test_budget_is_spent_exactly_with_a_partial_last_batch():
-    options = SequentialOptions(budget=1_050, alpha=0.01, batch_size=100)
+    """Batches double from the first one up to the batch size; the last one is cut to the budget."""
+    options = SequentialOptions(budget=1_050, alpha=0.01, batch_size=100, first_batch=25)
     asked = []
     rng = np.random.default_rng(1)
 
@@ -133,7 +167,8 @@ def test_budget_is_spent_exactly_with_a_partial_last_batch():
         return int(rng.binomial(m, 0.8))
 
     r = sequential_test(draw, None, options)
-    assert r.stop == STOP_BUDGET and r.draws == 1_050 and asked[-1] == 50 and sum(asked) == 1_050
+    assert r.stop == STOP_BUDGET and r.draws == 1_050 and sum(asked) == 1_050
+    assert asked == batch_schedule(options) == [25, 50] + [100] * 9 + [75]
     assert 0.5 < r.lower_bound < r.successes / r.draws
 
 
@@ -145,10 +180,25 @@ def test_deadline_with_an_injected_clock():
         now[0] += 0.010
         return m // 2
 
-    options = SequentialOptions(budget=10_000, deadline_ms=35, alpha=0.01, batch_size=100)
+    options = SequentialOptions(budget=10_000, deadline_ms=35, alpha=0.01, batch_size=100, first_batch=100)
     r = sequential_test(draw, None, options, clock=lambda: now[0])
     assert r.stop == STOP_DEADLINE and r.draws == 300
     assert r.elapsed_s == pytest.approx(0.030)
+
+
+def test_deadline_scales_the_next_batch_by_its_size():
+    """Each draw takes 0.1 ms: batches of 25, 50, 100, 100 end at 2.5, 7.5, 17.5 and 27.5 ms; the next
+    100 would end at 37.5 ms, past the 35 ms deadline, so it is not started."""
+    now = [0.0]
+
+    def draw(m: int) -> int:
+        now[0] += 1e-4 * m
+        return m // 2
+
+    options = SequentialOptions(budget=10_000, deadline_ms=35, alpha=0.01, batch_size=100, first_batch=25)
+    r = sequential_test(draw, None, options, clock=lambda: now[0])
+    assert (r.stop, r.draws) == (STOP_DEADLINE, 275)
+    assert r.elapsed_s == pytest.approx(0.0275)
 
 
 def test_success_on_the_last_batch_reports_success():
@@ -218,6 +268,7 @@ def test_radius_helpers_and_largest_certifiable_radius():
         ({"budget": 1_000, "deadline_ms": 0}, "--mc-deadline-ms"),
         ({"budget": 1_000, "deadline_ms": float("inf")}, "--mc-deadline-ms"),
         ({"budget": 1_000, "futility_alpha": 0.0}, "the futility level"),
+        ({"budget": 1_000, "first_batch": 0}, "the first batch"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_naming_the_option(kwargs, option):
