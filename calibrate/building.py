@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,21 +31,18 @@ import numpy as np
 from rrise.fileio import atomic_write_json, read_json
 from rrise.runtime.backends import OnnxRuntimeBackend
 from rrise.runtime.preprocess import preprocess_spec
-from rrise.scores import p_cap
-from rrise.stats import norm_ppf
 
-from . import provenance as prov
+from .build_cost import apply_budget, log_budget
 from .folder_data import combine, load_sets
-from .mc import prepare_model, sample_counts
 from .options import BuildOptions
 from .profiles import Profile, get_profile
 from .provenance import file_sha256
 from .specs import USER_DATASET, ImageData, UserModelSpec
-from .stages import ALL_STAGES, run_stage
+from .stages import run_stage
 from .user_data import DataSplits, split_images
 from .user_model import UserModel, UserModelError, load_user_model
 from .verdict import verdict_lines
-from .workdir import RunConfig, Workdir
+from .workdir import RunConfig, Workdir, recorded_config
 
 __all__ = [
     "ACCURACY_SAMPLE",
@@ -57,56 +53,10 @@ __all__ = [
     "build",
     "build_options",
     "class_mapping",
-    "mc_budget",
-    "probe_rate",
 ]
 
 # The stages `rrise build` runs after importing the base model, in order.
 BUILD_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify", "evaluate", "bundle")
-
-
-# --------------------------------------------------------------------------------------------------
-# What the Monte Carlo costs
-
-
-def mc_budget(w: Workdir) -> dict[str, int]:
-    """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done)."""
-    p, sp = w.prof, w.splits()
-    plan = {
-        "targets": (len(sp["targets"]) + len(sp["selection"])) * p.target_draws,
-        "train-surrogate": p.steps * p.fresh_batch * p.draws,  # fresh targets (0 when off)
-        "select-rule": len(sp["rules"]) * p.n_cal if p.n_rule else 0,
-        # with cap draws, at most every calibration input gets N₂ more (only those at the cap do)
-        "calibrate": len(sp["calibration"]) * (p.n_cal + p.cap_draws),
-        "certify": len(sp["test"]) * (p.n0 + p.n),
-    }
-    done = {}
-    for name in plan:
-        try:
-            done[name] = prov.is_current(w.root, ALL_STAGES, name) and prov.read_record(w.root, name)
-        except Exception:  # noqa: BLE001 - only an estimate
-            done[name] = False
-    return {k: (0 if done[k] else v) for k, v in plan.items()}
-
-
-def probe_rate(w: Workdir, draws: int = 512) -> float:
-    """Noisy base-model evaluations per second on this machine (onnxruntime, a short timed probe)."""
-    ds = w.data("test")
-    x = np.asarray(ds.images[w.splits()["test"][:2]], dtype=np.float32)
-    prepared = prepare_model(str(w.path("base.onnx")), "onnxruntime")
-    kw = {"sigma": w.config.sigma, "batch_size": w.prof.batch_size, "seed": 0}
-    sample_counts(prepared, x[:1], 32, **kw)  # warm-up
-    t0 = time.perf_counter()
-    sample_counts(prepared, x, draws, **kw)
-    return len(x) * draws / max(time.perf_counter() - t0, 1e-9)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,61 +250,18 @@ def _check_base_model(w: Workdir, sp: DataSplits, force: bool, log: Callable[[st
     )
 
 
-def radius_caps(prof: Profile, sigma: float) -> dict[str, float]:
-    """The largest radius each method can certify with ``prof``'s sizes, before any draw is spent:
-    RRISE ``σ·Φ⁻¹(β^(1/N_cal))`` (``N_cal + cap_draws`` draws at the cap; a calibration quantile
-    above 0 lowers it further), Cohen ``σ·Φ⁻¹(α^(1/n))`` (every one of n draws on one class).
-
-    >>> from rrise.calibrate.profiles import get_profile
-    >>> caps = radius_caps(get_profile("quick"), 0.25)
-    >>> round(caps["rrise"], 3), round(caps["cohen"], 3)
-    (0.616, 0.616)
-    """
-    n_top = prof.n_cal + prof.cap_draws if prof.cap_draws else prof.n_cal
-    return {
-        "rrise": sigma * float(norm_ppf(p_cap(prof.beta, n_top))),
-        "cohen": sigma * float(norm_ppf(p_cap(prof.mc_alpha, prof.n))),
-    }
-
-
-def _log_caps(w: Workdir, log: Callable[[str], None]) -> None:
-    """Say, before any draw is spent, the largest radius these sizes can certify, and when they
-    cap RRISE below what Cohen's test on the same run can reach."""
-    p, sigma = w.prof, w.config.sigma
-    caps = radius_caps(p, sigma)
-    log(
-        f"[build] largest radius these sizes can certify: RRISE {caps['rrise']:.3f} (N_cal = "
-        f"{p.n_cal:,}, β = {p.beta:g}, less its calibration quantile), Cohen {caps['cohen']:.3f} "
-        f"(n = {p.n:,}, α = {p.mc_alpha:g}); σ = {sigma:g}"
-    )
-    if caps["rrise"] < caps["cohen"] - 1e-9:
-        log(
-            f"[build] N_cal = {p.n_cal:,} caps RRISE below Cohen's {caps['cohen']:.3f}: a larger "
-            "profile (or profile.n_cal=N, profile.cap_draws=N) lifts it"
-        )
-
-
-def _log_budget(w: Workdir, log: Callable[[str], None]) -> None:
-    """Say how many base-model evaluations the stages will spend, and how long at the measured
-    rate, and the largest radius the sizes can certify."""
-    _log_caps(w, log)
-    budget = mc_budget(w)
-    total = sum(budget.values())
-    if not total:
-        log("[build] Monte Carlo: every count store is current (0 base-model evaluations)")
-        return
-    rate = probe_rate(w)
-    parts = ", ".join(f"{k} {v:,}" for k, v in budget.items() if v)
-    log(
-        f"[build] Monte Carlo: {total:,} base-model evaluations ({parts}); at the measured "
-        f"{rate:,.0f} evaluations/s that is about {_duration(total / rate)}"
-    )
-
-
 def _source(x: str | os.PathLike) -> str:
     """A path as an absolute path (stage commands run from anywhere); a name as it is."""
     text = os.fspath(x)
     return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def _budget_sizes(options: BuildOptions) -> dict[str, Any]:
+    """With ``--budget-minutes``, the sizes an earlier run chose for this folder (run.json), so
+    that a rerun resumes; otherwise none (a new folder is sized once its base model is in)."""
+    if options.budget_minutes is None:
+        return {}
+    return dict(recorded_config(options.workdir).get("profile_overrides") or {})
 
 
 def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state: dict[str, bool]) -> Path:
@@ -367,7 +274,7 @@ def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state
 
     # 2. the work folder; the user's model is its base model
     config = RunConfig(dataset=USER_DATASET, profile=prof.name, sigma=float(options.sigma), seed=options.seed,
-                       model=model, data=data)  # fmt: skip
+                       model=model, data=data, profile_overrides=_budget_sizes(options))  # fmt: skip
     w = Workdir.open(options.workdir, config, show_progress=not options.no_progress, log=log)
     w.user_model = um
     w.loaded_data = combine(data, sp, prof)
@@ -376,8 +283,10 @@ def _build(options: BuildOptions, module: Any, log: Callable[[str], None], state
     run_stage(w, "train-base", force=stale_base)
     _check_base_model(w, sp, options.force, log)
 
-    # 3. what the Monte Carlo will cost, at a measured rate
-    _log_budget(w, log)
+    # 3. the sizes (fitted to --budget-minutes), and what they will cost at the measured rates
+    if options.budget_minutes is not None:
+        w = apply_budget(w, options.budget_minutes, log)
+    log_budget(w, log)
 
     # 4. the stages
     state["stages"] = True

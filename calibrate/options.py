@@ -170,6 +170,16 @@ class BuildOptions:
             "group": _MODEL,
         },
     )
+    budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Size the build to about this many minutes on this machine: the surrogate's "
+            "fresh-target steps and the draws per calibration and test input (N_cal = n) are scaled "
+            "together from the measured speed of your model, between a floor and the full profile's "
+            "sizes. Chosen once, when the folder is made.",
+            "group": _RUN,
+        },
+    )
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars.", "group": _RUN})
     force: bool = field(
         default=False,
@@ -209,3 +219,8 @@ class BuildOptions:
             raise ValueError(f"--std must be positive, got {list(self.std)}")
         if not self.surrogate_arch:
             raise ValueError("--surrogate-arch must name an architecture, got ''")
+        budget = self.budget_minutes
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget < math.inf
+        ):
+            raise ValueError(f"--budget-minutes must be a positive number of minutes, got {budget!r}")

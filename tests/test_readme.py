@@ -214,12 +214,12 @@ def test_every_relative_link_points_to_an_existing_file(doc: Path) -> None:
 
 # --- numbers the README derives from the code ------------------------------------------------------
 def test_the_readme_cost_per_profile_is_what_rrise_build_plans(tmp_path: Path) -> None:
-    """The base-model evaluations `rrise build` announces (rrise.calibrate.building.mc_budget) for a
+    """The base-model evaluations `rrise build` announces (rrise.calibrate.build_cost.mc_budget) for a
     data set that fills each profile's splits, as the README quotes them."""
     from types import SimpleNamespace
 
     pytest.importorskip("torch")
-    from rrise.calibrate.building import mc_budget
+    from rrise.calibrate.build_cost import mc_budget
     from rrise.calibrate.profiles import PROFILES
 
     text = " ".join(README.read_text().split())

@@ -218,7 +218,7 @@ def test_a_model_in_another_class_order_is_refused_before_any_monte_carlo(
     def stop(w, log) -> None:
         raise Stop
 
-    monkeypatch.setattr(building, "_log_budget", stop)  # --force goes on, to the Monte Carlo
+    monkeypatch.setattr(building, "log_budget", stop)  # --force goes on, to the Monte Carlo
     logs.clear()
     with pytest.raises(Stop):
         rc.build(model=_Shifted(user["net"]), workdir=tmp_path / "forced", log=logs.append, force=True, **kw)
@@ -252,12 +252,49 @@ def test_bad_input_exits_1_with_one_clear_line_and_writes_nothing(user, tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output and not wd.exists()
 
 
+def test_budget_minutes_sizes_the_build_once_and_a_rerun_resumes(user, tmp_path, monkeypatch) -> None:
+    """With the rates fixed (the probe replaced), `--budget-minutes` records the sizes it chose in
+    run.json (N_cal = n), the stages run at them, the estimate fits the budget, and the same command
+    again finds every stage current. A budget below the smallest sizes is refused, leaving nothing."""
+    import rrise.calibrate.build_cost as build_cost
+    from rrise.calibrate.sizing import Rates, SplitSizes, stage_seconds
+    from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
+
+    rates = Rates(evaluations_per_s=20_000.0, train_step_s=0.01, train_batch=128)
+    monkeypatch.setattr(build_cost, "measure_rates", lambda w: (rates, 3))
+    wd = tmp_path / "budget"
+    args = ["--model", str(user["onnx"]), "--data", str(user["folder"]), "--workdir", str(wd), *SMOKE]
+    result = _build(*args, "--budget-minutes", "0.5")
+    assert result.exit_code == 0, result.output
+    sizes = recorded_config(wd)["profile_overrides"]
+    assert set(sizes) == {"n_cal", "n"} and sizes["n_cal"] == sizes["n"] >= 500  # smoke: a fixed target store
+    assert f"[build] --budget-minutes 0.5: n {sizes['n']:,}, n_cal {sizes['n_cal']:,}" in result.output
+    assert "[build] the whole build: about" in result.output
+    w = Workdir(root=wd, config=RunConfig(**recorded_config(wd)), show_progress=False, log=lambda _s: None)
+    assert json.loads((wd / "calibration.json").read_text())["n_mc"] == sizes["n_cal"]
+    estimate = stage_seconds(w.prof, SplitSizes.of(w.splits()), rates, 3)
+    assert sum(estimate.values()) <= 30.0
+
+    again = _build(*args, "--budget-minutes", "0.5")
+    assert again.exit_code == 0, again.output
+    assert (
+        "sizes chosen when this folder was made" in again.output
+        and "0 base-model evaluations" in again.output
+    )
+
+    short = _build(
+        *[a if a != str(wd) else str(tmp_path / "short") for a in args], "--budget-minutes", "0.001"
+    )
+    assert short.exit_code == 1 and "--budget-minutes 0.001 is too short" in short.output
+    assert "Traceback" not in short.output and not (tmp_path / "short").exists()
+
+
 def test_rrise_build_help_names_the_interface() -> None:
     result = runner.invoke(app, ["build", "--help"])
     assert result.exit_code == 0
     for opt in ("--model", "--data", "--workdir", "--sigma", "--profile", "--train-data", "--output",
                 "--output-kind", "--input-size", "--channels", "--mean", "--std", "--weights",
-                "--surrogate-arch", "--no-progress", "--force"):  # fmt: skip
+                "--surrogate-arch", "--budget-minutes", "--no-progress", "--force"):  # fmt: skip
         assert opt in result.output, opt
     wide = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "400"})
     text = " ".join(wide.output.replace("│", " ").split())

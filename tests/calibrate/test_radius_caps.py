@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rrise.calibrate.building import _log_caps, radius_caps
+from rrise.calibrate.build_cost import log_caps, radius_caps
 from rrise.calibrate.profiles import get_profile
 from rrise.stats import norm_ppf
 
@@ -25,10 +25,10 @@ def test_caps_follow_the_sizes() -> None:
 def test_a_calibration_smaller_than_cohens_test_is_called_out() -> None:
     lines: list[str] = []
     small = replace(get_profile("quick"), n_cal=500)
-    _log_caps(SimpleNamespace(prof=small, config=SimpleNamespace(sigma=0.25)), lines.append)
+    log_caps(SimpleNamespace(prof=small, config=SimpleNamespace(sigma=0.25)), lines.append)
     assert lines[0].startswith("[build] largest radius these sizes can certify: RRISE 0.551")
     assert "Cohen 0.616" in lines[0]
     assert "N_cal = 500 caps RRISE below Cohen's 0.616" in lines[1]
     same: list[str] = []
-    _log_caps(SimpleNamespace(prof=get_profile("quick"), config=SimpleNamespace(sigma=0.25)), same.append)
+    log_caps(SimpleNamespace(prof=get_profile("quick"), config=SimpleNamespace(sigma=0.25)), same.append)
     assert len(same) == 1

@@ -1,0 +1,227 @@
+"""What a build will cost, said before it is spent: the largest radius its sizes can certify, the
+base-model evaluations of each Monte Carlo stage, the whole build's time at rates measured on this
+machine, and (``--budget-minutes``) the sizes that fit a time budget (:mod:`rrise.calibrate.sizing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from rrise.fileio import atomic_write_json, read_json
+from rrise.scores import p_cap
+from rrise.stats import norm_ppf
+
+from . import provenance as prov
+from .mc import prepare_model, sample_counts
+from .profiles import Profile
+from .sizing import (
+    Rates,
+    Sizing,
+    SplitSizes,
+    monte_carlo_evaluations,
+    size_to_budget,
+    stage_seconds,
+    training_seconds,
+)
+from .stages import ALL_STAGES
+from .workdir import Workdir
+
+__all__ = [
+    "SIZED_STAGES",
+    "apply_budget",
+    "log_budget",
+    "log_caps",
+    "mc_budget",
+    "measure_rates",
+    "probe_rate",
+    "radius_caps",
+]
+
+_PROBE_STEPS = 3  # timed surrogate training steps (after one warm-up)
+# The stages whose outputs depend on the sizes a budget sets: once one has run, the sizes stay.
+SIZED_STAGES = ("targets", "train-surrogate", "select-rule", "calibrate", "certify")
+
+
+def _split_sizes(w: Workdir) -> SplitSizes:
+    """The folder's split sizes; the fresh-target pool where the folder's images are at hand."""
+    folder_data = getattr(w, "folder_data", None)
+    pool = len(folder_data().fresh_pool()) if callable(folder_data) else None
+    return SplitSizes.of(w.splits(), pool)
+
+
+def _done(w: Workdir, name: str) -> bool:
+    try:
+        return bool(prov.is_current(w.root, ALL_STAGES, name) and prov.read_record(w.root, name))
+    except Exception:  # noqa: BLE001 - only an estimate
+        return False
+
+
+def mc_budget(w: Workdir) -> dict[str, int]:
+    """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done)."""
+    plan = monte_carlo_evaluations(w.prof, _split_sizes(w))
+    return {k: 0 if _done(w, k) else v for k, v in plan.items()}
+
+
+def probe_rate(w: Workdir, draws: int = 512) -> float:
+    """Noisy base-model evaluations per second on this machine (onnxruntime, a short timed probe)."""
+    ds = w.data("test")
+    x = np.asarray(ds.images[w.splits()["test"][:2]], dtype=np.float32)
+    prepared = prepare_model(str(w.path("base.onnx")), "onnxruntime")
+    kw = {"sigma": w.config.sigma, "batch_size": w.prof.batch_size, "seed": 0}
+    sample_counts(prepared, x[:1], 32, **kw)  # warm-up
+    t0 = time.perf_counter()
+    sample_counts(prepared, x, draws, **kw)
+    return len(x) * draws / max(time.perf_counter() - t0, 1e-9)
+
+
+def _initial_surrogate(w: Workdir) -> tuple[Any, int]:
+    """The surrogate the train-surrogate stage would start from, and the epochs a fit on the fixed
+    target store would take (the folder's log silenced: this is only a probe)."""
+    from .bases import base_of
+
+    quiet = dataclasses.replace(w, log=lambda _line: None)
+    base = base_of(quiet)
+    model, _ = base.initial_surrogate(w.config.model_spec.surrogate_arch)
+    return model, base.surrogate_epochs(model, len(w.splits()["targets"]))
+
+
+def _train_step_seconds(model: Any, shape: tuple[int, ...], classes: int, batch: int) -> float:
+    """Seconds per soft-label training step (forward, backward, Adam) on ``batch`` random inputs."""
+    import torch
+
+    from .train import soft_label_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, *shape), generator=gen)
+    target = torch.softmax(torch.randn((batch, classes), generator=gen), dim=1)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    seconds = []
+    for _ in range(_PROBE_STEPS + 1):
+        t0 = time.perf_counter()
+        loss = soft_label_cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+    return float(np.median(seconds[1:]))
+
+
+def measure_rates(w: Workdir) -> tuple[Rates, int]:
+    """The two rates a build's time follows, measured here on the folder's models, and the epochs a
+    fixed-store surrogate fit takes: ``(Rates, store_epochs)``. Takes a few seconds."""
+    ds = w.data("train")
+    model, epochs = _initial_surrogate(w)
+    batch = w.prof.fresh_batch
+    step = _train_step_seconds(model, tuple(ds.shape), len(ds.classes), batch)
+    return Rates(evaluations_per_s=probe_rate(w), train_step_s=step, train_batch=batch), epochs
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def radius_caps(prof: Profile, sigma: float) -> dict[str, float]:
+    """The largest radius each method can certify with ``prof``'s sizes, before any draw is spent:
+    RRISE ``σ·Φ⁻¹(β^(1/N_cal))`` (``N_cal + cap_draws`` draws at the cap; a calibration quantile
+    above 0 lowers it further), Cohen ``σ·Φ⁻¹(α^(1/n))`` (every one of n draws on one class).
+
+    >>> from rrise.calibrate.profiles import get_profile
+    >>> caps = radius_caps(get_profile("quick"), 0.25)
+    >>> round(caps["rrise"], 3), round(caps["cohen"], 3)
+    (0.616, 0.616)
+    """
+    n_top = prof.n_cal + prof.cap_draws if prof.cap_draws else prof.n_cal
+    return {
+        "rrise": sigma * float(norm_ppf(p_cap(prof.beta, n_top))),
+        "cohen": sigma * float(norm_ppf(p_cap(prof.mc_alpha, prof.n))),
+    }
+
+
+def log_caps(w: Workdir, log: Callable[[str], None]) -> None:
+    """Say, before any draw is spent, the largest radius these sizes can certify, and when they
+    cap RRISE below what Cohen's test on the same run can reach."""
+    p, sigma = w.prof, w.config.sigma
+    caps = radius_caps(p, sigma)
+    log(
+        f"[build] largest radius these sizes can certify: RRISE {caps['rrise']:.3f} (N_cal = "
+        f"{p.n_cal:,}, β = {p.beta:g}, less its calibration quantile), Cohen {caps['cohen']:.3f} "
+        f"(n = {p.n:,}, α = {p.mc_alpha:g}); σ = {sigma:g}"
+    )
+    if caps["rrise"] < caps["cohen"] - 1e-9:
+        log(
+            f"[build] N_cal = {p.n_cal:,} caps RRISE below Cohen's {caps['cohen']:.3f}: a larger "
+            "profile (or profile.n_cal=N, profile.cap_draws=N) lifts it"
+        )
+
+
+def log_budget(w: Workdir, log: Callable[[str], None]) -> None:
+    """Say how many base-model evaluations the stages will spend, and how long the whole build
+    (Monte Carlo and surrogate training) takes at the rates measured here; and the largest radius
+    the sizes can certify."""
+    log_caps(w, log)
+    budget = mc_budget(w)
+    total = sum(budget.values())
+    if not total:
+        log("[build] Monte Carlo: every count store is current (0 base-model evaluations)")
+        return
+    rates, epochs = measure_rates(w)
+    parts = ", ".join(f"{k} {v:,}" for k, v in budget.items() if v)
+    rate = rates.evaluations_per_s
+    log(
+        f"[build] Monte Carlo: {total:,} base-model evaluations ({parts}); at the measured "
+        f"{rate:,.0f} evaluations/s that is about {_duration(total / rate)}"
+    )
+    sizes = _split_sizes(w)
+    seconds = [v for k, v in stage_seconds(w.prof, sizes, rates, epochs).items() if not _done(w, k)]
+    training = sum(v for k, v in training_seconds(w.prof, sizes, rates, epochs).items() if not _done(w, k))
+    log(
+        f"[build] the whole build: about {_duration(sum(seconds))} (surrogate training "
+        f"{_duration(training)} at {1000 * rates.train_step_s:.0f} ms a step of {rates.train_batch} images)"
+    )
+
+
+def apply_budget(w: Workdir, minutes: float, log: Callable[[str], None]) -> Workdir:
+    """The folder sized to ``minutes`` (:func:`rrise.calibrate.sizing.size_to_budget` at the rates
+    measured here), its sizes recorded in run.json as profile overrides. A folder sized before keeps
+    its sizes (so that a rerun resumes); ValueError naming ``--budget-minutes`` when even the
+    smallest sizes do not fit."""
+    if w.config.profile_overrides:
+        log(f"[build] sizes chosen when this folder was made: {_overrides_text(w.config.profile_overrides)}")
+        return w
+    if any(prov.read_record(w.root, name) for name in SIZED_STAGES):
+        log(
+            f"[build] --budget-minutes is ignored: this folder's Monte Carlo started with the {w.prof.name} "
+            "profile's sizes (use another --workdir to size a build)"
+        )
+        return w
+    rates, epochs = measure_rates(w)
+    sizing = size_to_budget(w.prof, _split_sizes(w), rates, minutes, epochs)
+    log(
+        f"[build] --budget-minutes {minutes:g}: {_overrides_text(sizing.overrides)} (the {w.prof.name} "
+        f"profile's steps {w.prof.steps:,}, N_cal {w.prof.n_cal:,}, n {w.prof.n:,}, scaled by "
+        f"{sizing.factor:.2f}); estimated {_duration(sizing.total_s)}"
+    )
+    return _resized(w, sizing)
+
+
+def _overrides_text(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(overrides.items()))
+
+
+def _resized(w: Workdir, sizing: Sizing) -> Workdir:
+    """``w`` with ``sizing``'s overrides in its config and its run.json (written before any Monte
+    Carlo stage has run, so nothing made with the old sizes exists)."""
+    config = dataclasses.replace(w.config, profile_overrides=sizing.overrides)
+    meta = read_json(w.path("run.json")) or {}
+    atomic_write_json(w.path("run.json"), {**meta, "config": config.record()})
+    return dataclasses.replace(w, config=config)
