@@ -27,7 +27,7 @@ import numpy as np
 from rrise.calibration import Calibration
 from rrise.certificate import certify_from_probs
 from rrise.runtime.adaptive import McOptions
-from rrise.sequential import DEFAULT_MC_BATCH
+from rrise.sequential import DEFAULT_MC_BATCH, stated_stopping
 
 from .adaptive_eval import (
     EvalSplit,
@@ -104,12 +104,15 @@ def _manifest_routing(rule: RoutingRule, mc_alpha: float) -> dict[str, Any]:
 
 
 def bundle_adaptive(w: Workdir, cal: Calibration) -> dict[str, Any] | None:
-    """The manifest's ``adaptive`` entry, ``{"routing": {...}}`` (:meth:`RoutingRule.to_dict` with
-    ``chosen_on``, the draws allowance and the MC level), or None without rule-selection counts."""
+    """The manifest's ``adaptive`` entry: ``routing`` (:meth:`RoutingRule.to_dict` with ``chosen_on``,
+    the draws allowance and the MC level) and ``sequential`` (the stopping rule the rule was chosen
+    with, :func:`rrise.sequential.stated_stopping`), or None without rule-selection counts."""
     selection = selection_split(w, cal)
     if selection is None:
         return None
-    return {"routing": _manifest_routing(routing_rule(w, selection), w.prof.mc_alpha)}
+    rule = routing_rule(w, selection)
+    stopping = stated_stopping(_routing_mc(rule.mc_budget or ROUTING_BUDGET, w.prof.mc_alpha).sequential())
+    return {"routing": _manifest_routing(rule, w.prof.mc_alpha), "sequential": stopping}
 
 
 def _violations(reference: tuple[np.ndarray, np.ndarray] | None):

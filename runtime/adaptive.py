@@ -41,6 +41,7 @@ from rrise.sequential import (
     radius_from_lower_bound,
     required_probability,
     sequential_test,
+    with_stated_stopping,
 )
 from rrise.trt_session import TensorRTBackend, engine_mismatch, tensorrt_available
 
@@ -356,12 +357,14 @@ class McCertifier:
         threads: int | None = None,
         backend: str = "onnxruntime",
     ) -> McCertifier | None:
-        """:meth:`from_bundle` for ``rrise run``'s options and ``--backend``; None when
-        ``mc_budget`` is 0 (off). A ``require_radius`` the budget can never certify is refused
-        before the model is opened."""
+        """:meth:`from_bundle` for ``rrise run``'s options and ``--backend``, with the stopping rule
+        the bundle states (manifest ``adaptive.sequential``: the prior, futility level and first
+        batch its routing rule was chosen with); None when ``mc_budget`` is 0 (off). A
+        ``require_radius`` the budget can never certify is refused before the model is opened."""
         if not mc.enabled:
             return None
-        options = mc.sequential()
+        stated = (bundle.manifest.get("adaptive") or {}).get("sequential")
+        options = with_stated_stopping(mc.sequential(), stated)
         if mc.require_radius is not None:
             check_required_radius(mc.require_radius, bundle.sigma, options)
         return cls.from_bundle(

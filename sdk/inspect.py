@@ -368,10 +368,18 @@ def _adaptive_lines(summary: dict[str, Any]) -> list[str]:
         )
     else:
         route = "no routing rule in the bundle: give --require-radius R"
+    seq = (summary.get("adaptive") or {}).get("sequential")
+    if seq:
+        a, b = seq["prior"]
+        route += (
+            f"; {seq['bound']} bound (prior Beta({_num(a)}, {_num(b)})), {seq['futility']} futility at "
+            f"{_num(seq['futility_alpha'])}, first batch {seq['first_batch']}"
+        )
     text = summary.get("guarantee_adaptive")
+    head = textwrap.fill(f"Adaptive     {route}", width=_WIDTH, subsequent_indent=" " * 13)
     if text is None or text in summary.get("guarantee_filled", ""):
-        return [f"Adaptive     {route}"]
-    return [f"Adaptive     {route}", _wrap(f"{text} (at --mc-alpha {DEFAULT_MC_ALPHA:g}, the default)")]
+        return [head]
+    return [head, _wrap(f"{text} (at --mc-alpha {DEFAULT_MC_ALPHA:g}, the default)")]
 
 
 def format_inspection(summary: dict[str, Any], problems: list[str]) -> str:

@@ -30,6 +30,7 @@ from .calibration import Calibration, min_calibration_size, record_fields
 from .numerics import MICRO_BATCH_LIMIT
 from .onnx_session import CALIBRATED_WITH as ORT_NUMERICS
 from .scores import conformal_scores, p_cap
+from .sequential import BOUND_NAME, FUTILITY_NAME
 
 __all__ = [
     "MANIFEST",
@@ -192,10 +193,24 @@ class AdaptiveRouting(_Struct):
     selection_certified_accuracy: list[float] | None = None
 
 
+class AdaptiveSequential(_Struct):
+    """How the sequential test bounds and stops (:func:`rrise.sequential.stated_stopping`): the
+    ``bound`` and its mixture ``prior``, the ``futility`` rule and its level, the ``first_batch``.
+    The routing rule's numbers were measured with them, and the runtime runs them."""
+
+    bound: str
+    prior: list[float]
+    futility: str
+    futility_alpha: float
+    first_batch: int
+
+
 class Adaptive(_Struct):
-    """Adaptive certification's settings stated by the bundle (optional): the ``routing`` rule."""
+    """Adaptive certification's settings stated by the bundle (optional): the ``routing`` rule and
+    the ``sequential`` test's stopping rule."""
 
     routing: AdaptiveRouting | None = None
+    sequential: AdaptiveSequential | None = None
 
 
 class Manifest(_Struct):
@@ -552,7 +567,23 @@ def _check_monitor(at: str, entry: dict[str, Any], m: Manifest, problems: _Probl
         problems.append(f"{at}.{exc}")
 
 
+def _check_sequential(seq: AdaptiveSequential, problems: _Problems) -> None:
+    at = "adaptive.sequential"
+    problems.require(seq.bound == BOUND_NAME, f"{at}.bound", f"be {BOUND_NAME!r}", seq.bound)
+    problems.require(seq.futility == FUTILITY_NAME, f"{at}.futility", f"be {FUTILITY_NAME!r}", seq.futility)
+    problems.require(
+        len(seq.prior) == 2 and all(math.isfinite(v) and v > 0 for v in seq.prior),
+        f"{at}.prior",
+        "be two positive numbers [a, b] (the Beta prior)",
+        seq.prior,
+    )
+    problems.in_range(f"{at}.futility_alpha", seq.futility_alpha, 0.0, 1.0)
+    problems.require(seq.first_batch >= 1, f"{at}.first_batch", "be an integer >= 1", seq.first_batch)
+
+
 def _check_adaptive(adaptive: Adaptive, problems: _Problems) -> None:
+    if adaptive.sequential is not None:
+        _check_sequential(adaptive.sequential, problems)
     rule = adaptive.routing
     if rule is None:
         return

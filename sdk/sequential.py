@@ -24,10 +24,12 @@ the bound to the requirement. Neither touches the level: only the bound decides 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +53,8 @@ __all__ = [
     "chernoff_upper_bound",
     "fallback_rungs",
     "largest_certifiable_radius",
+    "stated_stopping",
+    "with_stated_stopping",
     "lower_bound",
     "radius_from_lower_bound",
     "required_probability",
@@ -374,6 +378,43 @@ def sequential_test(
         cs.update(int(draw_batch(m)), m)
         per_draw = max(per_draw, (clock() - before) / m)
     return SequentialResult(cs.lower_bound(), cs.successes, cs.trials, stop, cs.alpha, clock() - start)
+
+
+BOUND_NAME = "beta-binomial mixture"
+FUTILITY_NAME = "chernoff projection"
+
+
+def stated_stopping(options: SequentialOptions) -> dict[str, Any]:
+    """How the test bounds and stops, as a bundle states it (manifest ``adaptive.sequential``): the
+    bound and its ``prior``, the futility rule and its level, the first batch. The routing rule's
+    selection-split numbers were measured with these; the runtime runs them
+    (:func:`with_stated_stopping`)."""
+    return {
+        "bound": BOUND_NAME,
+        "prior": [float(v) for v in options.prior],
+        "futility": FUTILITY_NAME,
+        "futility_alpha": float(options.futility_alpha),
+        "first_batch": int(options.first_batch),
+    }
+
+
+def with_stated_stopping(options: SequentialOptions, stated: Mapping[str, Any] | None) -> SequentialOptions:
+    """``options`` with a bundle's stated stopping rule (:func:`stated_stopping`; None: as they are,
+    an older bundle). ValueError naming ``adaptive.sequential`` for a bound or futility rule this
+    version does not run."""
+    if not stated:
+        return options
+    for key, name in (("bound", BOUND_NAME), ("futility", FUTILITY_NAME)):
+        if stated.get(key) != name:
+            raise ValueError(
+                f"the bundle's adaptive.sequential.{key} is {stated.get(key)!r}; this version runs {name!r}"
+            )
+    return dataclasses.replace(
+        options,
+        prior=tuple(float(v) for v in stated["prior"]),
+        futility_alpha=float(stated["futility_alpha"]),
+        first_batch=int(stated["first_batch"]),
+    )
 
 
 def largest_certifiable_radius(sigma: float, options: SequentialOptions) -> float:

@@ -131,6 +131,7 @@ def _check_routing(wd, manifest: dict) -> None:
     from rrise.calibrate.adaptive_eval import RoutingRule
     from rrise.calibrate.adaptive_workdir import ROUTING_BUDGET, ROUTING_DRAWS_FRACTION
     from rrise.runtime import Runtime
+    from rrise.sequential import SequentialOptions, stated_stopping
 
     metrics = json.loads((wd / "report" / "metrics.json").read_text())
     routing = manifest["adaptive"]["routing"]
@@ -163,6 +164,8 @@ def _check_routing(wd, manifest: dict) -> None:
     store = wd / "selection_counts" / "manifest.json"
     assert rules["counts_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest()
     mc = {"mc_budget": rule.mc_budget, "mc_batch": min(100, rule.mc_budget)}
+    # the stopping rule it was chosen with is stated beside it, and is what the runtime runs
+    assert manifest["adaptive"]["sequential"] == stated_stopping(SequentialOptions(budget=1_000))
     with Runtime(wd / "bundle", backend="onnxruntime", **mc) as runtime:
         assert runtime.adaptive.routing.origin == "bundle adaptive.routing"
         assert runtime.adaptive.routing.target_radius == rule.target_radius

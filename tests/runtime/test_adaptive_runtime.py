@@ -223,6 +223,42 @@ def test_the_bundle_routing_rule_decides_without_a_required_radius(linear, tmp_p
         validate_manifest(manifest)
 
 
+def test_the_bundle_stopping_rule_is_what_the_runtime_runs(linear, tmp_path):
+    """manifest adaptive.sequential (the prior, futility level and first batch the routing rule was
+    chosen with) reaches the runtime's sequential test; a value out of range or a rule this version
+    does not run is refused by name; a bundle without it runs the defaults."""
+    from rrise.sequential import DEFAULT_PRIOR, SequentialOptions, stated_stopping
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(linear, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    rule = {"score_below": None, "target_radius": 0.3, "chosen_on": "selection split", "mc_budget": 1024}
+    stated = stated_stopping(
+        SequentialOptions(budget=1024, prior=(2.0, 0.5), futility_alpha=0.05, first_batch=32)
+    )
+    manifest["adaptive"] = {"routing": rule, "sequential": stated}
+    write_manifest(copy, manifest)
+    with Runtime(copy, backend="onnxruntime", mc_budget=1024) as rt:
+        options = rt.adaptive.mc.options
+        assert (options.prior, options.futility_alpha, options.first_batch) == ((2.0, 0.5), 0.05, 32)
+        records = rt.certify_batch(_frames(20))
+    assert all(r["mc_draws"] in (0, 32) or r["mc_draws"] >= 96 for r in records)  # 32, then 64, 128, ...
+    for key, bad in (
+        ("prior", [1.0, 0.0]),
+        ("futility_alpha", 1.5),
+        ("first_batch", 0),
+        ("bound", "betting"),
+    ):
+        broken = json.loads(json.dumps(manifest))
+        broken["adaptive"]["sequential"][key] = bad
+        with pytest.raises(ManifestError, match=f"adaptive.sequential.{key}"):
+            validate_manifest(broken)
+    del manifest["adaptive"]["sequential"]
+    write_manifest(copy, manifest)
+    with Runtime(copy, backend="onnxruntime", mc_budget=1024) as rt:
+        assert rt.adaptive.mc.options.prior == DEFAULT_PRIOR
+
+
 def test_a_step_down_rule_in_the_bundle_reaches_the_draws_and_the_statement(linear, tmp_path):
     """A routing rule with step_down: frames whose target is out of reach keep drawing for half of
     it, and rrise run states it."""

@@ -334,3 +334,21 @@ def test_fallback_rungs_halve_the_radius_then_ask_for_any():
     assert rungs[1] == pytest.approx(norm_cdf(1.0)) and 0.5 < rungs[2] < 0.5 + 1e-12
     assert fallback_rungs(1.0)[0] == 1.0 and fallback_rungs(1.0)[-1] < 0.5 + 1e-12
     assert len(fallback_rungs(math.nextafter(0.5, 1.0))) == 1
+
+
+def test_a_stated_stopping_rule_round_trips_and_an_unknown_one_is_refused():
+    from rrise.sequential import stated_stopping, with_stated_stopping
+
+    mine = SequentialOptions(budget=2_048, prior=(3.0, 0.2), futility_alpha=0.02, first_batch=16)
+    stated = stated_stopping(mine)
+    assert stated == {
+        "bound": "beta-binomial mixture",
+        "prior": [3.0, 0.2],
+        "futility": "chernoff projection",
+        "futility_alpha": 0.02,
+        "first_batch": 16,
+    }
+    assert with_stated_stopping(SequentialOptions(budget=2_048), stated) == mine
+    assert with_stated_stopping(mine, None) is mine
+    with pytest.raises(ValueError, match="adaptive.sequential.futility is 'upper end'"):
+        with_stated_stopping(mine, {**stated, "futility": "upper end"})
