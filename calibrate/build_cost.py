@@ -183,10 +183,11 @@ def log_budget(w: Workdir, log: Callable[[str], None]) -> None:
     )
     sizes = _split_sizes(w)
     seconds = [v for k, v in stage_seconds(w.prof, sizes, rates, epochs).items() if not _done(w, k)]
-    training = sum(v for k, v in training_seconds(w.prof, sizes, rates, epochs).items() if not _done(w, k))
+    training = 0.0 if _done(w, "train-surrogate") else training_seconds(w.prof, sizes, rates, epochs)
     log(
-        f"[build] the whole build: about {_duration(sum(seconds))} (surrogate training "
-        f"{_duration(training)} at {1000 * rates.train_step_s:.0f} ms a step of {rates.train_batch} images)"
+        f"[build] the whole build: about {_duration(sum(seconds))} of Monte Carlo and surrogate training "
+        f"(training steps {_duration(training)}, at {1000 * rates.train_step_s:.0f} ms a step of "
+        f"{rates.train_batch} images), plus rule fitting, the report and the bundle"
     )
 
 

@@ -35,7 +35,9 @@ def test_the_estimate_is_evaluations_at_the_rate_plus_training_steps() -> None:
     }
     seconds = stage_seconds(quick, SIZES, RATES, EPOCHS)
     assert seconds["train-surrogate"] == pytest.approx(400 * 128 * 16 / 20_000 + 400 * 0.05)
-    assert seconds["train-baseline"] == pytest.approx(EPOCHS * math.ceil(1_500 / 128) * 0.05)  # on the store
+    store = stage_seconds(replace(quick, steps=0), SIZES, RATES, EPOCHS)["train-surrogate"]
+    assert store == pytest.approx(EPOCHS * math.ceil(1_500 / 128) * 0.05)  # epochs over the fixed store
+    assert set(seconds) == set(evals)  # the stages `rrise build` runs (no baseline)
     assert seconds["calibrate"] == pytest.approx(1_200_000 / 20_000)
     # the hard-example probe (16 draws on every pool image) counts where the profile draws hard examples
     hard = monte_carlo_evaluations(replace(quick, hard_fraction=0.5), SIZES)["train-surrogate"]
