@@ -33,8 +33,20 @@ the two groups' largest z (image statistics; geometry), each divided by its larg
 fit part (``norms``), so that neither group's tail drowns the other's. A version-1 entry (no
 templates) keeps being read with the version-1 score. Cost per frame: block sums by strided adds,
 then two small products (every moved copy's dot product with every template and its moments are
-linear in the block sums, :func:`_moved_maps`); on a 28×28 input about 3 µs per frame more than
-version 1 in batches of 32, about 40 µs more for a batch of one (numpy's per-call overhead).
+linear in the block sums, :func:`_moved_maps`); on a 28×28 input about 8 µs per frame more than
+version 1 in batches of 32, about 25 µs more for a frame alone (numpy's per-call overhead).
+
+Cost: a frame alone (a batch of one, the runtime's usual case) takes its own path,
+:meth:`OodTest.p_values` → :meth:`_Scorer.one_score`: the same features and score, with the pixel
+reductions as matrix-vector products and whole-array reductions (:func:`_pixel_reductions`),
+everything that depends only on the entry or on the input shape prepared once (:func:`_plan`, the
+moved maps, the centres and scales as Python floats, the reference as a list) and the few dozen
+scalars combined in Python floats, where numpy's overhead per call would dominate. It agrees with
+the batched path to float64 rounding (about 1e-15 relative: BLAS sums in an order that depends on
+the batch size, as it always has). Version 2, per frame, on a 2-core x86 CPU shared with other work
+(so best read as ratios): a 28×28 grey input about 55 µs alone (the batched path takes 1.8 times
+as long on one frame) and 16 µs in batches of 32; a 3×64×64 input about 120 µs alone (1.7 times)
+and 85 µs in batches of 32.
 
 p-value: ``p = (1 + #{reference scores ≥ s}) / (n_ref + 1)``. Why it is valid: everything the
 score depends on (centres, scales, templates and norms) is computed from the fit part alone, chosen by
@@ -47,11 +59,12 @@ the frame. The smallest p-value is ``1 / (n_ref + 1)``, so a rate below that fla
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,6 +100,7 @@ MIN_PER_CLASS = 5  # class-wise centres only when the fit part has this many inp
 MIN_REFERENCE = 19  # p can reach 0.05
 SCALE_FLOOR = 1e-3
 GRID = 112  # features read about GRID × GRID pixels of a larger input
+HIGH, LOW = 254.5 / 255, 0.5 / 255  # a pixel at least HIGH is saturated high, at most LOW low
 _IQR80 = 2.5631031310892007  # q90 − q10 of a standard normal
 FEATURES = (
     "mean",
@@ -147,22 +161,29 @@ def template_shape(channels: int, height: int, width: int) -> tuple[int, int, in
     return channels, h // bh, w // bw
 
 
+_template_shape = functools.lru_cache(maxsize=16)(template_shape)
+
+
 def _block_means(x: np.ndarray) -> np.ndarray:
     """``[B, C, H, W]`` → ``[B, C, h, w]`` float32: block sums of the input read on the grid (the
     block means times the block size: the same correlations)."""
-    s = _grid_step(*x.shape[2:])
+    plan = _plan(*x.shape[1:])
+    s = plan.step
     g = np.asarray(x[:, :, ::s, ::s] if s > 1 else x, dtype=np.float32)
-    b, c, h, w = g.shape
-    bh, bw = _block(h, w)
-    th, tw = h // bh, w // bw
-    g = g[:, :, : th * bh, : tw * bw]
-    rows = g[:, :, 0::bh]  # strided adds: far faster than a sum over reshaped axes
-    for i in range(1, bh):
-        rows = rows + g[:, :, i::bh]
-    out = rows[..., 0::bw]
-    for j in range(1, bw):
-        out = out + rows[..., j::bw]
-    return out
+    bh, bw, h, w = plan.block
+    if g.shape[2:] != (h, w):
+        g = g[:, :, :h, :w]
+    if bh > 1:  # strided adds, in this order: far faster than a sum over reshaped axes
+        rows = g[:, :, 0::bh] + g[:, :, 1::bh]
+        for i in range(2, bh):
+            rows += g[:, :, i::bh]
+        g = rows
+    if bw > 1:
+        out = g[..., 0::bw] + g[..., 1::bw]
+        for j in range(2, bw):
+            out += g[..., j::bw]
+        g = out
+    return g
 
 
 def _standardized(flat: np.ndarray) -> np.ndarray:
@@ -234,19 +255,21 @@ def _geometry_row(
     return distance, max(fits[1:]) - fits[0]
 
 
-def _geometry(g: np.ndarray, classes: np.ndarray, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """:func:`geometry_features` of block sums ``g`` [B, C, h, w] with :func:`_moved_maps`."""
+def _geometry_rows(
+    g: np.ndarray, classes: list[int], maps: tuple[np.ndarray, np.ndarray]
+) -> list[tuple[float, float]]:
+    """:func:`geometry_features` of block sums ``g`` [B, C, h, w] with :func:`_moved_maps`, one
+    (distance, gain) per frame: two float64 products, then Python floats per frame."""
     linear, counts = maps
-    b = len(g)
+    b, moves = len(g), counts.shape[1]
     flat = g.reshape(b, -1).astype(np.float64)
-    moves = counts.shape[1]
     lin = flat @ linear
-    dots = lin[:, moves:].reshape(b, moves, -1)
     sums, squares = lin[:, :moves].tolist(), ((flat * flat) @ counts).tolist()
-    best = dots.max(axis=2).tolist()
-    own = dots[np.arange(b), 0, classes].tolist()
-    rows = [_geometry_row(sums[i], squares[i], best[i], own[i], flat.shape[1]) for i in range(b)]
-    return np.array(rows, dtype=np.float64).reshape(b, 2)
+    best = lin[:, moves:].reshape(b, moves, -1).max(axis=2).tolist()
+    n = flat.shape[1]
+    return [
+        _geometry_row(sums[i], squares[i], best[i], lin.item(i, moves + k), n) for i, k in enumerate(classes)
+    ]
 
 
 def geometry_features(x: np.ndarray, classes: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -255,24 +278,8 @@ def geometry_features(x: np.ndarray, classes: np.ndarray, templates: np.ndarray)
     its class ``classes`` [B]; ``orientation_gain``, how much better the best template fits the
     frame once rotated, flipped or shifted (:func:`_moved_index`) than as it is."""
     g = _block_means(x)
-    return _geometry(g, classes, _moved_maps(templates, g.shape[1:]))
-
-
-def _gradient_energy(x: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean squared difference between neighbouring pixels along width and along height, per
-    image, over the pairs that start on the grid of every ``s``-th row and column (float64 sums,
-    so an input's value does not depend on the batch it is in)."""
-    b, _, h, w = x.shape
-    ex, ey = np.zeros(b), np.zeros(b)
-    if w > 1:
-        rows = x[:, :, ::s]
-        d = rows[..., 1::s] - rows[..., : w - 1 : s]
-        ex = np.einsum("bchw,bchw->b", d, d, dtype=np.float64) / d[0].size
-    if h > 1:
-        cols = x[..., ::s]
-        d = cols[:, :, 1::s] - cols[:, :, : h - 1 : s]
-        ey = np.einsum("bchw,bchw->b", d, d, dtype=np.float64) / d[0].size
-    return ex, ey
+    rows = _geometry_rows(g, np.asarray(classes).tolist(), _moved_maps(templates, g.shape[1:]))
+    return np.array(rows, dtype=np.float64).reshape(len(g), 2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -290,6 +297,111 @@ def _linear_map(c: int, h: int, w: int) -> tuple[np.ndarray, int]:
     if c == 3:
         cols += list(np.repeat(np.eye(3), h * w, axis=1))
     return np.stack(cols, axis=1), max(int(border.sum()) * c, 1)
+
+
+class _Plan(NamedTuple):
+    """What the features of a ``[C, H, W]`` input need that depends on its shape alone."""
+
+    step: int  # the grid step (:func:`_grid_step`)
+    size: int  # pixels read
+    linear: np.ndarray  # the :func:`_linear_map` of the pixels read, [size, 6 or 9]
+    linear_t: np.ndarray  # its transpose, C-ordered: one frame's sums by one matrix-vector product
+    n_border: int
+    pairs: tuple[int, int]  # neighbouring pixel pairs read along width and along height
+    block: tuple[int, int, int, int]  # template pixel rows and columns (:func:`_block`), rows and
+    # columns of the input read that the template covers
+    wraps: tuple[int, np.ndarray, np.ndarray] | None  # read whole (step 1): the width, and where
+    # the differences of the flattened input pair the end of a row (of a channel) with the next
+
+
+def _wraps(c: int, h: int, w: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """For a flattened ``[c, h, w]`` input ``v``: ``w``, the indices ``i`` of ``v[1:] − v[:-1]``
+    that pair the last pixel of a row with the first of the next, and those of ``v[w:] − v[:-w]``
+    that pair the last row of a channel with the first row of the next."""
+    across_rows = np.arange(1, c * h) * w - 1
+    across_channels = (np.arange(1, c)[:, None] * h * w - w + np.arange(w)).reshape(-1)
+    return w, across_rows, across_channels
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(c: int, height: int, width: int) -> _Plan:
+    """The :class:`_Plan` of a ``c`` × ``height`` × ``width`` input (cached by shape)."""
+    s = _grid_step(height, width)
+    h, w = -(-height // s), -(-width // s)
+    linear, n_border = _linear_map(c, h, w)
+    pairs = c * h * len(range(0, width - 1, s)), c * len(range(0, height - 1, s)) * w
+    bh, bw = _block(h, w)
+    block = (bh, bw, h // bh * bh, w // bw * bw)
+    wraps = _wraps(c, h, w) if s == 1 else None
+    linear_t = np.ascontiguousarray(linear.T)
+    for shared in (linear, linear_t, *(wraps[1:] if wraps else ())):
+        shared.setflags(write=False)  # cached for every later input of the shape
+    return _Plan(s, c * h * w, linear, linear_t, n_border, pairs, block, wraps)
+
+
+def _pixel_reductions(full: np.ndarray, plan: _Plan) -> tuple[list, list, list, list, list, list]:
+    """Per input of ``full`` [B, C, H, W] float32: the :func:`_linear_map` sums, the sum of squared
+    pixels, the mean squared difference between neighbouring pixels along width and along height
+    over the pairs that start on the grid, and the saturated-high and -low pixel counts. Float32
+    differences, float64 sums, each input's own. The products' summation order, and so the last
+    bits of a sum, may depend on the batch size (BLAS picks its kernel by shape); the sum of
+    squares, on which a flat input's variance depends, is summed alike in every batch."""
+    b, s = len(full), plan.step
+    flat = (full[:, :, ::s, ::s] if s > 1 else full).reshape(b, plan.size)
+    if b == 1:  # a matrix-vector product, reductions over all axes: the same sums, less overhead
+        sums = [np.dot(plan.linear_t, flat[0].astype(np.float64)).tolist()]
+        high, low = [int(np.count_nonzero(flat >= HIGH))], [int(np.count_nonzero(flat <= LOW))]
+    else:
+        sums = (flat.astype(np.float64) @ plan.linear).tolist()
+        high = np.count_nonzero(flat >= HIGH, axis=1).tolist()
+        low = np.count_nonzero(flat <= LOW, axis=1).tolist()
+    # one einsum per row, as before: var = squares / n − mean² of a flat input depends on its order
+    squares = np.einsum("bi,bi->b", flat, flat, dtype=np.float64).tolist()
+    if b == 1 and plan.wraps is not None:
+        ex, ey = _edges_flat(flat[0], plan)
+    else:
+        ex, ey = _edges(full, plan)
+    return sums, squares, ex, ey, high, low
+
+
+def _edges(full: np.ndarray, plan: _Plan) -> tuple[list[float], list[float]]:
+    """Per input of ``full`` [B, C, H, W], the mean squared difference between neighbouring pixels
+    along width and along height, over the pairs that start on the grid (float32 differences)."""
+    b, s = len(full), plan.step
+    (nx, ny), (h, w) = plan.pairs, full.shape[2:]
+    ex = ey = [0.0] * b
+    if nx:  # the pairs (x[.., i, j], x[.., i, j + 1]) with i, j on the grid
+        rows = full[:, :, ::s]
+        ex = _mean_square((rows[..., 1::s] - rows[..., : w - 1 : s]).reshape(b, nx))
+    if ny:
+        cols = full[..., ::s]
+        ey = _mean_square((cols[:, :, 1::s] - cols[:, :, : h - 1 : s]).reshape(b, ny))
+    return ex, ey
+
+
+def _edges_flat(v: np.ndarray, plan: _Plan) -> tuple[list[float], list[float]]:
+    """:func:`_edges` of one input read whole, flattened to ``v``: the differences of the whole
+    vector shifted by one pixel and by one row, those that wrap (:func:`_wraps`) set to 0."""
+    (nx, ny), (w, across_rows, across_channels) = plan.pairs, plan.wraps
+    out = []
+    for shift, wrapped, pairs in ((1, across_rows, nx), (w, across_channels, ny)):
+        if not pairs:
+            out.append([0.0])
+            continue
+        d = v[shift:] - v[:-shift]
+        d[wrapped] = 0.0
+        d = d.astype(np.float64)
+        out.append([float(np.dot(d, d)) / pairs])
+    return out[0], out[1]
+
+
+def _mean_square(d: np.ndarray) -> list[float]:
+    """The mean square of each row of ``d`` [B, n] (float32 differences), summed in float64."""
+    n = d.shape[1]
+    if len(d) == 1:  # one dot product: several times cheaper than the cast einsum, same to 1e-15
+        v = d[0].astype(np.float64)
+        return [float(np.dot(v, v)) / n]
+    return [total / n for total in np.einsum("bi,bi->b", d, d, dtype=np.float64).tolist()]
 
 
 def _log(v: float) -> float:
@@ -319,54 +431,60 @@ def _row_features(
     vy = max(syy / mass - (sy / mass) ** 2, 0.0)
     vx = max(sxx / mass - (sx / mass) ** 2, 0.0)
 
-    def odds(k: int) -> float:  # log of the fraction against its complement, each + 1/n
-        return _log((k + 1) / n) - _log((n - k + 1) / n)
-
-    rough = _log(ex + ey + 1e-4)
+    # math.log where the argument is > 0 or NaN (no error, the same value as _log); _log where
+    # it can be ≤ 0 (the border of an input outside [0, 1])
+    log = math.log
+    odds = [log((k + 1) / n) - log((n - k + 1) / n) for k in (high, low, n - high - low)]
+    rough = log(ex + ey + 1e-4)
     feats = [
         mean,
-        _log(math.sqrt(var) + 1 / 255),
-        odds(high),
-        odds(low),
-        odds(n - high - low),
+        log(math.sqrt(var) + 1 / 255),
+        *odds,  # log of each fraction against its complement, each + 1/n
         rough,
-        rough - _log(2 * var + 1e-4),
+        rough - log(2 * var + 1e-4),
         _log(border / n_border + 1 / 255),
-        _log(ex + 1e-4) - _log(ey + 1e-4),
-        _log(vy + 1) - _log(vx + 1),
-        _log(1e-4 - _log(min(max(top, 1e-12), 1.0))),
+        log(ex + 1e-4) - log(ey + 1e-4),
+        log(vy + 1) - log(vx + 1),
+        log(1e-4 - log(min(max(top, 1e-12), 1.0))),
     ]
     return feats + [s / (n / 3) - mean for s in sums[6:]]
 
 
 def frame_features(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """``[B, C, H, W]`` model inputs in [0, 1] and ``[B, K]`` probabilities → ``[B, d]`` features,
-    in the order of :func:`feature_names` (C). The pixel reductions run batched (float32 pixels;
-    the sums, moments and border by one float64 product with :func:`_linear_map`), the few
-    scalars per input are then combined in Python floats: for one frame that is several times
-    cheaper than numpy's per-call overhead on arrays of one row. Inputs of 224 pixels a side and
-    more are read on a grid of every ``min(H, W) // 112``-th row and column (gradients still
-    between neighbouring pixels), so the cost stays ~ 112² pixels."""
+    in the order of :func:`feature_names` (C). The pixel reductions run batched
+    (:func:`_pixel_reductions`: float32 pixels, float64 sums), the few scalars per input are then
+    combined in Python floats: for one frame that is several times cheaper than numpy's per-call
+    overhead on arrays of one row. Inputs of 224 pixels a side and more are read on a grid of
+    every ``min(H, W) // 112``-th row and column (gradients still between neighbouring pixels), so
+    the cost stays ~ 112² pixels."""
+    full, p = _checked(x, probs)
+    top = p.max(axis=1).tolist() if p.shape[1] else [math.nan] * len(p)
+    rows = _feature_rows(full, top)
+    return np.array(rows, dtype=np.float64).reshape(
+        len(full), len(FEATURES) + (3 if full.shape[1] == 3 else 0)
+    )
+
+
+def _checked(x: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` as float32 [B, C, H, W] and ``probs`` as float64 [B, K], or a ValueError."""
     full = np.asarray(x, dtype=np.float32)
     p = np.asarray(probs, dtype=np.float64)
     if full.ndim != 4 or p.ndim != 2 or len(full) != len(p):
         raise ValueError(f"need x [B, C, H, W] and probs [B, K], got {full.shape} and {p.shape}")
-    s = _grid_step(*full.shape[2:])
-    x = full[:, :, ::s, ::s] if s > 1 else full
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c * h * w)
-    linear, n_border = _linear_map(c, h, w)
-    sums = (flat @ linear).tolist()
-    squares = np.einsum("bi,bi->b", flat, flat, dtype=np.float64).tolist()
-    high = np.count_nonzero(flat >= 254.5 / 255, axis=1).tolist()
-    low = np.count_nonzero(flat <= 0.5 / 255, axis=1).tolist()
-    ex, ey = (e.tolist() for e in _gradient_energy(full, s))
-    top = p.max(axis=1).tolist() if p.shape[1] else [math.nan] * b
-    shape = (c * h * w, n_border)
-    rows = [
-        _row_features(sums[i], squares[i], (high[i], low[i]), (ex[i], ey[i]), top[i], shape) for i in range(b)
+    return full, p
+
+
+def _feature_rows(full: np.ndarray, top: list[float]) -> list[list[float]]:
+    """:func:`frame_features` of float32 inputs ``full`` with top-class probabilities ``top``, one
+    list per input."""
+    plan = _plan(*full.shape[1:])
+    sums, squares, ex, ey, high, low = _pixel_reductions(full, plan)
+    shape = (plan.size, plan.n_border)
+    return [
+        _row_features(sums[i], squares[i], (high[i], low[i]), (ex[i], ey[i]), top[i], shape)
+        for i in range(len(full))
     ]
-    return np.array(rows, dtype=np.float64).reshape(b, len(FEATURES) + (3 if c == 3 else 0))
 
 
 def _centre_scale(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -391,11 +509,24 @@ def _fit(feats: np.ndarray, classes: np.ndarray, num_classes: int) -> tuple[np.n
     return centres, scales
 
 
+def _nan_max(values: list[float]) -> float:
+    """``max`` of ``values`` ≥ 0, NaN when one is NaN (numpy's answer, not Python's)."""
+    total = sum(values)  # NaN exactly when one of them is: they are ≥ 0 or NaN
+    return max(values) if total == total else math.nan
+
+
+def _maximum(a: float, b: float) -> float:
+    """``np.maximum`` of two floats: NaN when either is."""
+    return math.nan if a != a or b != b else max(a, b)
+
+
 class _Scorer:
     """The score of an entry: ``scores(x, probs)`` → ``[B]``, the same code for the reference at
     bundle time and for a frame at run time. ``centre``/``scale`` [rows, d] in the order of
     :func:`feature_names`; with ``templates`` (version 2) the two groups of the module docstring,
-    ``norms`` dividing their largest z (None: not yet fitted, only :meth:`group_z` is usable)."""
+    ``norms`` dividing their largest z (None: not yet fitted, only :meth:`group_z` is usable).
+    Everything that depends on the entry alone is prepared here, as Python floats per row, so a
+    frame costs its pixel reductions and a few dozen float operations."""
 
     def __init__(
         self,
@@ -410,26 +541,56 @@ class _Scorer:
         geo = list(range(len(FEATURES), len(FEATURES) + len(GEOMETRY))) if templates is not None else []
         self._stat_centre, self._stat_scale = np.delete(centre, geo, axis=1), np.delete(scale, geo, axis=1)
         self._geo_centre, self._geo_scale = centre[:, geo], scale[:, geo]
+        # one frame (:meth:`one_score`): the same numbers as Python floats, per row
+        self._stat = list(zip(self._stat_centre.tolist(), self._stat_scale.tolist()))
+        self._geo = np.concatenate([self._geo_centre, self._geo_scale], axis=1).tolist()
+        self._norms = None if norms is None or templates is None else [float(v) for v in norms]
 
-    def group_z(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    def maps(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The :func:`_moved_maps` of the templates for block sums of ``shape`` [C, h, w]."""
+        key = tuple(shape)
+        if key not in self._maps:
+            self._maps[key] = _moved_maps(self.templates, key)
+        return self._maps[key]
+
+    def group_z(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """``[B, 1]`` the largest |z| of the image statistics (version 1), or ``[B, 2]`` that and
         the geometry's largest z (|z| of the distance, the gain's z when above its centre)."""
+        full, p = _checked(x, probs)
+        b = len(p)
         classes = p.argmax(axis=1)
-        rows = classes if len(self.centre) > 1 else np.zeros(len(p), dtype=np.int64)
-        f = frame_features(x, p)
+        rows = classes if len(self.centre) > 1 else np.zeros(b, dtype=np.int64)
+        f = np.array(_feature_rows(full, p.max(axis=1).tolist()), dtype=np.float64).reshape(b, -1)
         stat = (np.abs(f - self._stat_centre[rows]) / self._stat_scale[rows]).max(axis=1)
         if self.templates is None:
             return stat[:, None]
-        g = _block_means(x)
-        key = tuple(g.shape[1:])
-        if key not in self._maps:
-            self._maps[key] = _moved_maps(self.templates, key)
-        z = (_geometry(g, classes, self._maps[key]) - self._geo_centre[rows]) / self._geo_scale[rows]
+        g = _block_means(full)
+        geo = np.array(_geometry_rows(g, classes.tolist(), self.maps(g.shape[1:])), dtype=np.float64)
+        z = (geo.reshape(b, 2) - self._geo_centre[rows]) / self._geo_scale[rows]
         return np.stack([stat, np.maximum(np.abs(z[:, 0]), z[:, 1])], axis=1)
 
-    def scores(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    def one_score(self, full: np.ndarray, p: np.ndarray) -> float:
+        """:meth:`scores` of one frame (``full`` float32 [1, C, H, W], ``p`` float64 [1, K]): the
+        same float operations in Python floats, without numpy's per-call overhead."""
+        label = int(p.argmax())
+        row = label if len(self._stat) > 1 else 0
+        (f,) = _feature_rows(full, [p.item(0, label)])
+        centre, scale = self._stat[row]
+        s = _nan_max([abs(v - c) / d for v, c, d in zip(f, centre, scale)])
+        if self._norms is not None:  # templates: the geometry group
+            g = _block_means(full)
+            ((distance, gain),) = _geometry_rows(g, [label], self.maps(g.shape[1:]))
+            c_d, c_g, s_d, s_g = self._geo[row]
+            geo = _maximum(abs((distance - c_d) / s_d), (gain - c_g) / s_g)
+            s = _maximum(s / self._norms[0], geo / self._norms[1])
+        return math.inf if s != s else s
+
+    def scores(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """The score of each row; NaN counts as infinitely unusual."""
-        z = self.group_z(x, p)
+        full, p = _checked(x, probs)
+        if len(p) == 1:
+            return np.array([self.one_score(full, p)])
+        z = self.group_z(full, p)
         s = z[:, 0] if self.norms is None else (z / self.norms).max(axis=1)
         return np.where(np.isnan(s), np.inf, s)
 
@@ -620,6 +781,9 @@ class OodTest:
         self.templates = _entry_templates(entry, num_classes, channels) if version >= 2 else None
         self._scorer = _Scorer(self.centre, self.scale, self.templates, self.norms)
         self.template_shape = tuple(entry["template_shape"]) if version >= 2 else None
+        if self.template_shape is not None:
+            self._scorer.maps(self.template_shape)  # the moved maps, ready before the first frame
+        self._reference = self.reference.tolist()
         self.version = int(version)
         self.channels = channels
         self.rate = check_rate(rate, self.n_ref)
@@ -645,14 +809,22 @@ class OodTest:
         """``[B, C, H, W]`` model inputs and the variant's ``[B, K]`` probabilities → ``[B]`` p-values.
 
         Guarantee: for a frame exchangeable with the calibration inputs, ``P(p ≤ a) ≤ a``."""
-        p = np.asarray(probs, dtype=np.float64)
         x = np.asarray(x)
-        if self.templates is not None and x.ndim == 4 and self.template_shape != template_shape(*x.shape[1:]):
+        if (
+            self.templates is not None
+            and x.ndim == 4
+            and self.template_shape != _template_shape(*x.shape[1:])
+        ):
             raise ValueError(
                 f"monitor.ood.template_shape {list(self.template_shape)} does not fit inputs of shape "
                 f"{list(x.shape[1:])}"
             )
-        return p_values(self.reference, self._scorer.scores(x, p))
+        full, p = _checked(x, probs)
+        if len(p) != 1:
+            return p_values(self.reference, self._scorer.scores(full, p))
+        n = len(self._reference)  # one frame: the same count, without numpy's per-call overhead
+        above = n - bisect.bisect_left(self._reference, self._scorer.one_score(full, p))
+        return np.array([(1.0 + above) / (n + 1.0)])
 
     def flagged(self, p: float | None) -> bool:
         """Whether a frame with p-value ``p`` is flagged (never when ``p`` is None or the rate 0)."""

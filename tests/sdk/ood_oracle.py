@@ -1,6 +1,6 @@
-"""The out-of-distribution features written the plain way (numpy on whole arrays), as an oracle
-for the per-frame path of :func:`rrise.ood.frame_features`, which computes the same quantities
-with fewer numpy calls."""
+"""The out-of-distribution features and score written the plain way (numpy on whole arrays), as
+an oracle for the per-frame paths of :mod:`rrise.ood` (:func:`rrise.ood.frame_features`, the
+scorer's batch and one-frame paths), which compute the same quantities with fewer numpy calls."""
 
 from __future__ import annotations
 
@@ -92,3 +92,32 @@ def geometry(g: np.ndarray, classes: np.ndarray, templates: np.ndarray) -> np.nd
     here = rho[:, 0]
     distance = np.log(np.maximum(1.0 + TEMPLATE_EPS - here[np.arange(len(g)), classes], TEMPLATE_EPS))
     return np.stack([distance, rho[:, 1:].max(axis=(1, 2)) - here.max(axis=1)], axis=1)
+
+
+def scores(
+    x: np.ndarray,
+    p: np.ndarray,
+    centre: np.ndarray,
+    scale: np.ndarray,
+    templates: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
+) -> np.ndarray:
+    """[B] scores of an entry (``centre``/``scale`` rows in the order of feature_names; version 2
+    with ``templates``, as the scorer holds them, and ``norms``): every frame's features and
+    geometry, its z-scores against its predicted class's row, the largest |z| of the image
+    statistics and the geometry's largest z (the gain's one-sided), each over its norm; NaN as
+    infinitely unusual."""
+    from rrise.ood import FEATURES, GEOMETRY, _block_means
+
+    p = np.asarray(p, dtype=np.float64)
+    classes = p.argmax(axis=1)
+    rows = classes if len(centre) > 1 else np.zeros(len(p), dtype=np.int64)
+    k, d = len(FEATURES), centre.shape[1]
+    geo = np.arange(k, k + len(GEOMETRY)) if templates is not None else np.arange(0)
+    stat = np.setdiff1d(np.arange(d), geo)
+    z = np.abs(frame_features(x, p) - centre[rows][:, stat]) / scale[rows][:, stat]
+    s = z.max(axis=1)
+    if templates is not None:
+        zg = (geometry(_block_means(x), classes, templates) - centre[rows][:, geo]) / scale[rows][:, geo]
+        s = np.maximum(s / norms[0], np.maximum(np.abs(zg[:, 0]), zg[:, 1]) / norms[1])
+    return np.where(np.isnan(s), np.inf, s)
