@@ -66,6 +66,10 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
         )
 
     batch = min(p.fresh_batch, len(pool))
+    w.log(
+        f"[train-surrogate] fresh targets: {steps} steps × {batch} images × {draws} draws, "
+        f"drawn from {len(pool):,} images"
+    )
     weights, probe_cost = _hard_weights(w, pool, label, fit.hard_fraction, steps * batch)
     model, history = train.train_surrogate_fresh(
         model,

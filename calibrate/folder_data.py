@@ -142,8 +142,10 @@ class UserFolderData:
         return self.split.first_by_hash(split, n)
 
     def fresh_pool(self) -> np.ndarray:
-        """The targets split and ``--train-data``'s targets."""
-        return np.sort(self.index["targets"])
+        """The targets split, ``--train-data``'s targets and DATA's images no split uses (a split's
+        hash share beyond its size): none of them is a selection, calibration or test input, so the
+        surrogate may learn from every one (DATA's positions come first in the joined set)."""
+        return np.union1d(self.index["targets"], self.split.spare)
 
     def bundle_data(self, recorded: str | None) -> tuple[dict[str, Any], str]:
         return dict(self.spec.preprocess), self.spec.name or "user"

@@ -655,6 +655,9 @@ class DataSplits:
     # hash bucket beyond its size) or ``none`` (beyond the scaled sizes, or left out: duplicates,
     # images also in TRAIN_DATA)
     unused: dict[str, int] = field(default_factory=dict)
+    # positions in ``data`` of the images no split uses and that may still teach the surrogate: in the
+    # pool (not duplicates, not TRAIN_DATA images), outside selection, calibration and test
+    spare: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def subset(self, split: str) -> ImageSet:
         """The images of ``split``; ``targets`` includes the ``--train-data`` targets (after DATA's)."""
@@ -781,7 +784,8 @@ def split_images(
             + ", ".join(f"{s} {plan.sizes[s]}" for s in SPLITS)
         )
     unused = _unused(len(data), pool, keys, plan, index)
-    return DataSplits(data, train, index, train_index, plan, int(seed), notes, unused)
+    spare = np.setdiff1d(pool, np.concatenate([index[s] for s in SPLITS]))
+    return DataSplits(data, train, index, train_index, plan, int(seed), notes, unused, spare)
 
 
 def _unused(n: int, pool: np.ndarray, keys: np.ndarray, plan: SplitPlan, index) -> dict[str, int]:

@@ -311,9 +311,23 @@ def test_images_no_split_uses_are_counted_per_split_and_said(tmp_path) -> None:
         "550 of 1,500 images used." in text and f"{a.unused['test']:,} in the test split's hash share" in text
     )
 
+    # the images no split needs may teach the surrogate (fresh targets), never a held-out split's
+    from rrise.calibrate.folder_data import UserFolderData
+
+    held_out = np.concatenate([a.index[s] for s in ("selection", "calibration", "test")])
+    assert len(a.spare) == 1500 - 550 and not np.intersect1d(a.spare, held_out).size
+    folder = UserFolderData(spec=None, images=small, split=a, joined=None, index=dict(a.index))
+    pool = folder.fresh_pool()
+    assert len(pool) == 300 + 950 and not np.intersect1d(pool, held_out).size
+    assert np.array_equal(pool, np.union1d(a.index["targets"], a.spare))
+
     # duplicates and scaled sizes: what no split takes is counted as "none"
     doubled = np.concatenate([images[:300], images[:100]])
     np.savez(tmp_path / "dup.npz", images=doubled, labels=np.arange(400) % 3)
     dup = split_images(load_images(tmp_path / "dup.npz", GRAY8), sizes, alpha=0.05, seed=1)
     assert dup.plan.regime == "scaled" and dup.unused.get("none", 0) >= 100
     assert dup.used() + sum(dup.unused.values()) == 400
+    assert not np.intersect1d(dup.spare, np.concatenate([dup.index[s] for s in SPLITS])).size
+    assert len(np.unique(dup.data.digests[np.union1d(dup.index["targets"], dup.spare)], axis=0)) == len(
+        np.union1d(dup.index["targets"], dup.spare)
+    )  # no duplicate image twice in the pool
