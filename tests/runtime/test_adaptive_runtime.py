@@ -243,6 +243,9 @@ def test_the_bundle_stopping_rule_is_what_the_runtime_runs(linear, tmp_path):
         assert (options.prior, options.futility_alpha, options.first_batch) == ((2.0, 0.5), 0.05, 32)
         records = rt.certify_batch(_frames(20))
     assert all(r["mc_draws"] in (0, 32) or r["mc_draws"] >= 96 for r in records)  # 32, then 64, 128, ...
+    text = " ".join(format_inspection(*inspect_bundle(copy)).split())  # rrise inspect states it
+    assert "beta-binomial mixture bound (prior Beta(2, 0.5)), chernoff projection futility at 0.05" in text
+    assert "first batch 32" in text
     for key, bad in (
         ("prior", [1.0, 0.0]),
         ("futility_alpha", 1.5),
