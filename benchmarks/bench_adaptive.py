@@ -55,6 +55,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--mc-alpha", type=float, default=None, help="MC level (default: Cohen's, the profile's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the replayed draws")
+    ap.add_argument("--tag", default=None, help="a name for these results (file adaptive-TAG.json)")
     ap.add_argument("--figure", type=Path, default=None, help="figure path (default: beside the JSON)")
     args = ap.parse_args(argv)
     if args.figure is None:
@@ -63,12 +64,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def result_name(argv: list[str]) -> str:
-    """The results file's stem: ``adaptive`` at the profile's α, ``adaptive-alpha0.01`` with
-    ``--mc-alpha 0.01``, so that the two levels' results sit side by side."""
+    """The results file's stem: ``adaptive``, then ``-TAG`` with ``--tag TAG`` (e.g. the work folder's
+    σ) and ``-alphaA`` with ``--mc-alpha A``, so that results at other settings sit side by side."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--mc-alpha", type=float, default=None)
-    alpha = ap.parse_known_args(argv)[0].mc_alpha
-    return "adaptive" if alpha is None else f"adaptive-alpha{alpha:g}"
+    ap.add_argument("--tag", default=None)
+    known = ap.parse_known_args(argv)[0]
+    tag = "" if known.tag is None else f"-{known.tag}"
+    alpha = "" if known.mc_alpha is None else f"-alpha{known.mc_alpha:g}"
+    return f"adaptive{tag}{alpha}"
 
 
 def _points(row: dict[str, Any], radii: list[float], r: float) -> float:

@@ -288,6 +288,7 @@ def test_benchmark_results_at_another_level_keep_their_own_file():
 
     assert result_name("adaptive", ["--workdir", "w"]) == "adaptive"
     assert result_name("adaptive", ["--workdir", "w", "--mc-alpha", "0.01"]) == "adaptive-alpha0.01"
+    assert result_name("adaptive", ["--tag", "s0.5", "--mc-alpha", "0.01"]) == "adaptive-s0.5-alpha0.01"
     assert result_name("mc", ["--quick"]) == "mc"
     args = bench_adaptive._parse(["--workdir", "w", "--mc-alpha", "0.01"])
     assert args.figure.name == "adaptive-alpha0.01_cost_accuracy.png"
