@@ -101,7 +101,7 @@ class AdaptiveCertifier:
     >>> abstained = Certificate(top_class=1, abstain=True, radius=0.0, score=0.6, p_lower=0.4)
     >>> [judged] = adaptive.judge([np.zeros((1, 4, 4), np.float32)], [abstained])
     >>> judged.certified_by, judged.certificate.pred, judged.mc_draws, judged.certificate.radius >= 0.3
-    ('mc', 1, 256, True)
+    ('mc', 1, 64, True)
     """
 
     def __init__(self, mc: McCertifier, routing: Routing) -> None:
