@@ -257,10 +257,8 @@ def _source(x: str | os.PathLike) -> str:
 
 
 def _budget_sizes(options: BuildOptions) -> dict[str, Any]:
-    """With ``--budget-minutes``, the sizes an earlier run chose for this folder (run.json), so
-    that a rerun resumes; otherwise none (a new folder is sized once its base model is in)."""
-    if options.budget_minutes is None:
-        return {}
+    """The sizes a ``--budget-minutes`` run chose for this folder (run.json), so that a rerun, with
+    the flag or without it, resumes at them; none for a new folder (sized once its base model is in)."""
     return dict(recorded_config(options.workdir).get("profile_overrides") or {})
 
 

@@ -284,6 +284,8 @@ def test_budget_minutes_sizes_the_build_once_and_a_rerun_resumes(user, tmp_path,
         "sizes chosen when this folder was made" in again.output
         and "0 base-model evaluations" in again.output
     )
+    plain = _build(*args)  # without the flag: the folder's sizes, resumed
+    assert plain.exit_code == 0 and "0 base-model evaluations" in plain.output, plain.output
 
     short = _build(
         *[a if a != str(wd) else str(tmp_path / "short") for a in args], "--budget-minutes", "0.001"
