@@ -328,6 +328,27 @@ def _adaptive(w: Workdir, cal: Calibration, probs, cohen, violations: _Violation
     return section
 
 
+def agreement_summary(calnpz: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How often the surrogate's top class is the smoothed base classifier's on the calibration
+    inputs (the Monte Carlo count vector's largest entry; a tie counts as agreement when the
+    surrogate's class is among the tied), overall and among inputs where that class holds more than
+    half the draws (the ones MC could certify)."""
+    counts, probs = calnpz["counts"], calnpz["probs"]
+    if not len(counts):
+        return {}
+    rows = np.arange(len(counts))
+    ours = counts[rows, probs.argmax(axis=1)]
+    agree = ours == counts.max(axis=1)
+    confident = counts.max(axis=1) > counts.sum(axis=1) / 2
+    out: dict[str, Any] = {"calibration inputs": len(counts)}
+    out["top class agrees"] = round(float(agree.mean()), 4)
+    if confident.any():
+        out["top class agrees where MC's top class holds > 1/2 of the draws"] = round(
+            float(agree[confident].mean()), 4
+        )
+    return out
+
+
 def _cap_summary(calnpz: dict[str, np.ndarray], cal: Calibration) -> dict[str, Any]:
     """How much the MC budget limits the radii: the share of calibration inputs whose every draw
     voted for the surrogate's class (their p̲ is at the first stage's cap), and the radius the cap
@@ -426,6 +447,7 @@ def stage_evaluate(w: Workdir) -> list[Path]:
         "adaptive": adaptive,
         "images": read_json(w.path("data_splits.json")),  # `rrise build`'s images (None otherwise)
         "cap": _cap_summary(calnpz, cal),
+        "agreement": agreement_summary(calnpz),
         "stage_seconds": w.stage_seconds(),
     }
     return list(write_report(w.path("report"), metrics).values())

@@ -326,6 +326,11 @@ def _markdown(metrics: dict[str, Any]) -> str:
     if cost:
         lines += ["", "## Cost", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in cost.items()]
+    agreement = metrics.get("agreement", {})
+    if agreement:
+        lines += ["", "## Surrogate against the smoothed base classifier", ""]
+        lines += ["| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in agreement.items()]
     cap = metrics.get("cap", {})
     if cap:
         lines += ["", "## The Monte Carlo cap", "", "| quantity | value |", "|---|---|"]

@@ -1,9 +1,10 @@
 """Train a small image classifier with plain PyTorch and export it, as a team would before using rrise.
 
-Nothing here imports ``rrise``: this is "your own model". It trains a small residual network on an
-ImageFolder of colour images (``root/<class>/<image>``; class index = position of the folder name
-in sorted order, torchvision's convention) with Gaussian-noise augmentation at σ (randomized
-smoothing certifies a classifier that is accurate under that noise), then writes
+Nothing here imports ``rrise``: this is "your own model". It trains a small residual network (or,
+with ``--arch mobilenet``, a MobileNet-style depthwise network) on an ImageFolder of colour images
+(``root/<class>/<image>``; class index = position of the folder name in sorted order, torchvision's
+convention) with Gaussian-noise augmentation at σ (randomized smoothing certifies a classifier that
+is accurate under that noise), then writes
 
 - ``OUT/model.onnx``: the classifier with a dynamic batch axis, taking *normalized* NCHW RGB input
   (as most training code does: ``(x - mean) / std`` outside the model);
@@ -78,9 +79,44 @@ class SmallResNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(num_classes: int = 10, width: int = 16) -> nn.Module:
+def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """A MobileNet block: 3×3 depthwise conv-BN-Hardswish, then 1×1 pointwise conv-BN-ReLU6."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.Hardswish(),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(),
+    )  # fmt: skip
+
+
+class SmallMobileNet(nn.Module):
+    """A MobileNet-style network: strided stem, five depthwise-separable blocks, pooled linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        w = width
+        stem = nn.Conv2d(in_channels, w, 3, 2, 1, bias=False)
+        self.stem = nn.Sequential(stem, nn.BatchNorm2d(w), nn.ReLU6())
+        self.blocks = nn.Sequential(
+            separable(w, 2 * w, 1), separable(2 * w, 2 * w, 2), separable(2 * w, 4 * w, 1),
+            separable(4 * w, 4 * w, 2), separable(4 * w, 8 * w, 1),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(8 * w, num_classes))
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+ARCHITECTURES = {"resnet": SmallResNet, "mobilenet": SmallMobileNet}
+
+
+def build_model(num_classes: int = 10, width: int = 16, arch: str = "resnet") -> nn.Module:
     """The factory ``train_own_classifier:build_model`` (weights: ``--weights OUT/model_state.pt``)."""
-    return SmallResNet(num_classes, width=width)
+    return ARCHITECTURES[arch](num_classes, width=width)
+
+
+def build_mobilenet(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """The factory ``train_own_classifier:build_mobilenet`` for a ``--arch mobilenet`` model."""
+    return build_model(num_classes, width, "mobilenet")
 
 
 def load_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -170,6 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise σ in [0, 1]-pixel units")
     ap.add_argument("--size", type=int, default=32, help="input height and width")
     ap.add_argument("--width", type=int, default=16, help="channels of the first stage (16, 32, 64 wide)")
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet", help="network family")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
@@ -189,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_val = int(len(y) * args.val_fraction)
     val, tr = order[:n_val], order[n_val:]
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model = build_model(len(classes), args.width)
+    model = build_model(len(classes), args.width, args.arch)
     t0 = time.perf_counter()
     train(model, xt[tr], yt[tr], args)
     seconds = round(time.perf_counter() - t0, 1)
@@ -199,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = {
         "classes": classes, "mean": list(MEAN), "std": list(STD), "input_size": [args.size, args.size],
         "channels": "rgb", "sigma": args.sigma, "epochs": args.epochs, "width": args.width,
+        "arch": args.arch,
         "train_images": len(tr), "val_accuracy_clean": clean, "val_accuracy_noisy": noisy,
         "seconds": seconds, "files": written,
     }  # fmt: skip
