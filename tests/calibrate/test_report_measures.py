@@ -149,3 +149,17 @@ def test_adaptive_section_states_draws_rule_and_figure_with_full_rows():
     assert f"at budget {rule['mc_budget']}" in text and "![cost and accuracy](adaptive_cost.png)" in text
     assert all(f"- {name}: not run: {why}" in text for name, why in result["not_run"].items())
     assert _adaptive_lines(None) == []
+
+
+def test_agreement_counts_the_surrogates_class_against_the_monte_carlo_majority():
+    from rrise.calibrate.evaluating import agreement_summary
+
+    counts = np.array([[90, 10, 0], [30, 70, 0], [50, 50, 0], [40, 30, 30]])
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.9, 0.0], [0.2, 0.7, 0.1]])
+    out = agreement_summary({"counts": counts, "probs": probs})
+    # rows 0 and 2 (a tie that includes the surrogate's class) agree; rows 1 and 3 do not
+    assert out["calibration inputs"] == 4
+    assert out["top class agrees"] == 0.5
+    # MC's top class holds more than half the draws on rows 0 and 1 only: one of the two agrees
+    assert out["top class agrees where MC's top class holds > 1/2 of the draws"] == 0.5
+    assert agreement_summary({"counts": counts[:0], "probs": probs[:0]}) == {}
