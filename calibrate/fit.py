@@ -24,6 +24,8 @@ __all__ = ["FRESH_COST", "fresh_pool", "stage_train_base", "stage_train_baseline
 FRESH_COST = "surrogate_cost.json"
 # Seed stream of the fresh draws (the work folder's named streams are 1..6).
 FRESH_SEED_STREAM = 100
+# the distil-first phase's draws and image choice: a stream of their own
+DISTIL_SEED_STREAM = 101
 # Draws per pool image that find the hard examples (``hard_fraction`` > 0).
 HARD_PROBE_DRAWS = 16
 
@@ -45,27 +47,28 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
     """:func:`~rrise.calibrate.train.train_surrogate_fresh` with the work folder's base model
     (``base.onnx`` on onnxruntime) labelling each step's images, augmented with ``fit.augment``,
     with ``fit.draws`` draws each, for ``fit.steps`` steps, drawn as ``fit.hard_fraction`` says
-    (:func:`_hard_weights`); selected on the selection store; records its evaluations."""
+    (:func:`_hard_weights`); selected on the selection store; records its evaluations. With
+    ``fit.distil_steps``, a first phase distils the base model's own noisy votes (:func:`_distil`)."""
     ds, p = w.data("train"), w.prof
     sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
     steps, draws = fit.steps, fit.draws
     pool = IndexedRows(ds.images, fresh_pool(w))
-    base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], steps * p.fresh_batch * draws)
-    seed = 1000 * w.config.seed + FRESH_SEED_STREAM
+    planned = (steps * draws + fit.distil_steps) * p.fresh_batch
+    base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], planned)
 
-    def label(x: np.ndarray, offset: int, n: int = draws) -> np.ndarray:
-        return sample_counts(
-            base,
-            x,
-            n,
-            w.config.sigma,
-            batch_size=p.batch_size,
-            num_classes=len(ds.classes),
-            seed=seed,
-            index_offset=offset,
-        )
+    def labeller(stream: int, n: int):
+        def label(x: np.ndarray, offset: int, n: int = n) -> np.ndarray:
+            return sample_counts(
+                base, x, n, w.config.sigma, batch_size=p.batch_size, num_classes=len(ds.classes),
+                seed=1000 * w.config.seed + stream, index_offset=offset,
+            )  # fmt: skip
 
+        return label
+
+    label = labeller(FRESH_SEED_STREAM, draws)
     batch = min(p.fresh_batch, len(pool))
+    validation = {"val_images": ds.images[sel_index], "val_counts": sel_counts}
+    model, distilled = _distil(w, model, pool, labeller(DISTIL_SEED_STREAM, 1), fit, batch, validation)
     w.log(
         f"[train-surrogate] fresh targets: {steps} steps × {batch} images × {draws} draws, "
         f"drawn from {len(pool):,} images"
@@ -79,24 +82,54 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
         draws=draws,
         batch_size=batch,  # a small user data set: every image, every step
         seed=w.config.seed,
-        val_images=ds.images[sel_index],
-        val_counts=sel_counts,
         eval_every=max(1, steps // 8),
         show_progress=w.show_progress,
         checkpoint=ckpt,
         augment=fit.augment,
         weights=weights,
+        **validation,
     )
-    history["base_evaluations"] += probe_cost
+    history["base_evaluations"] += probe_cost + distilled.get("base_evaluations", 0)
+    if distilled:
+        history["distil"] = distilled
     cost = {
         "fresh_steps": steps,
         "fresh_draws": draws,
         "fresh_batch": batch,
         "fresh_hard_fraction": fit.hard_fraction,
         "hard_probe_evaluations": probe_cost,
+        "distil_steps": fit.distil_steps,
     }
     atomic_write_json(w.path(FRESH_COST), {"base_evaluations": history["base_evaluations"], **cost})
     return model, history
+
+
+def _distil(w: Workdir, model, pool, label, fit: SurrogateFit, batch: int, validation: dict):
+    """The distil-first phase: ``fit.distil_steps`` steps on which each image gets a single noisy
+    base-model vote (one pass per noisy image, no counting), selected on the selection store like
+    the fresh-target phase; ``(model, its history)``, or the model untouched and ``{}`` without it.
+    A single vote is an unbiased, if noisy, target for the smoothed distribution, so this phase
+    fits the same thing as the next at a sixteenth of the draws per step."""
+    if not fit.distil_steps:
+        return model, {}
+    w.log(
+        f"[train-surrogate] distil first: {fit.distil_steps} steps × {batch} images × 1 draw "
+        "(the base model's own noisy votes)"
+    )
+    return train.train_surrogate_fresh(
+        model,
+        pool,
+        label,
+        steps=fit.distil_steps,
+        draws=1,
+        batch_size=batch,
+        seed=1000 * w.config.seed + DISTIL_SEED_STREAM,
+        eval_every=max(1, fit.distil_steps // 4),
+        show_progress=w.show_progress,
+        checkpoint=w.path(f"{fit.stem}-distil.ckpt"),
+        augment=fit.augment,
+        **validation,
+    )
 
 
 def _hard_weights(w: Workdir, pool, label, hard_fraction: float, offset: int):
@@ -129,6 +162,7 @@ class SurrogateFit:
     steps: int
     draws: int
     hard_fraction: float
+    distil_steps: int = 0
 
     @property
     def fresh(self) -> bool:
@@ -145,6 +179,7 @@ class SurrogateFit:
             "draws": p.draws,
             "hard_fraction": p.hard_fraction,
         }
+        defaults["distil_steps"] = 0  # not a profile field: measured, not a default
         unknown = set(given) - set(defaults)
         if unknown:
             raise TypeError(f"unknown surrogate setting {sorted(unknown)[0]!r}")
@@ -171,6 +206,7 @@ def _fit_surrogate(w: Workdir, fit: SurrogateFit) -> list[Path]:
     base.save_surrogate(model, w.path(f"{fit.stem}.pt"), arch, meta)
     export_onnx(model, w.path(f"{fit.stem}.onnx"), ds.shape)
     ckpt.unlink(missing_ok=True)  # the finished model supersedes it
+    w.path(f"{fit.stem}-distil.ckpt").unlink(missing_ok=True)
     return [w.path(f"{fit.stem}.pt"), w.path(f"{fit.stem}.onnx")]
 
 
@@ -202,6 +238,7 @@ def stage_train_surrogate(
     steps: int | None = None,
     draws: int | None = None,
     hard_fraction: float | None = None,
+    distil_steps: int | None = None,
 ) -> list[Path]:
     """Fit the surrogate to counts/N (soft-label cross-entropy), selected by held-out KL.
 
@@ -210,9 +247,11 @@ def stage_train_surrogate(
     ``steps``/``draws``: fresh-target training steps and draws per image (default: the profile's;
     ``steps=0`` fits the fixed target store instead); ``hard_fraction``: the share of each
     fresh-target batch drawn towards images the smoothed classifier is unsure of (default: the
-    profile's).
+    profile's); ``distil_steps``: a first phase of that many steps on single noisy votes of the base
+    model (default 0: none; see :func:`_distil`).
     """
     given = {"arch": arch, "augment": augment, "steps": steps, "draws": draws, "hard_fraction": hard_fraction}
+    given["distil_steps"] = distil_steps
     return _fit_surrogate(w, SurrogateFit.of(w, "ce", "surrogate", given))
 
 

@@ -146,9 +146,17 @@ class TrainSurrogateOptions(WorkdirOptions):
     steps: int | None = field(default=None, metadata={"help": _profile_field_help("steps")})
     draws: int | None = field(default=None, metadata={"help": _profile_field_help("draws")})
     hard_fraction: float | None = field(default=None, metadata={"help": _profile_field_help("hard_fraction")})
+    distil_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "A first phase of this many steps in which each image gets one noisy base-model "
+            "vote, before the fresh targets (default 0: none; measured in docs/RESULTS.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         _at_least("--steps", self.steps, 0)
+        _at_least("--distil-steps", self.distil_steps, 0)
         _at_least("--draws", self.draws, 1)
         if self.hard_fraction is not None and not 0.0 <= self.hard_fraction <= 0.95:
             raise ValueError(f"--hard-fraction must be in [0, 0.95], got {self.hard_fraction:g}")
@@ -161,6 +169,7 @@ class TrainSurrogateOptions(WorkdirOptions):
             "steps": self.steps,
             "draws": self.draws,
             "hard_fraction": self.hard_fraction,
+            "distil_steps": self.distil_steps,
         }
         return {k: v for k, v in named.items() if v is not None}
 

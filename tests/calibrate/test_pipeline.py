@@ -389,6 +389,24 @@ def test_train_surrogate_hard_fraction_probes_the_pool_and_counts_it(digits_demo
     assert bad.exit_code == 2 and "--hard-fraction" in bad.output
 
 
+def test_train_surrogate_distil_first_spends_one_vote_per_image_then_the_fresh_targets(digits_demo, tmp_path):
+    work = _copy(digits_demo[0], tmp_path / "w")
+    options = ["--steps", "3", "--draws", "2", "--distil-steps", "4", "--no-progress"]
+    result = runner.invoke(app, ["train-surrogate", "--workdir", str(work), *options])
+    assert result.exit_code == 0, result.output
+    assert "distil first: 4 steps" in result.output
+    cost = json.loads((work / "surrogate_cost.json").read_text())
+    batch = cost["fresh_batch"]
+    assert cost["distil_steps"] == 4
+    assert cost["base_evaluations"] == 4 * batch * 1 + 3 * batch * 2  # every vote counted
+    history = torch_load_meta(work / "surrogate.pt")["history"]
+    assert history["distil"]["eval_steps"][-1] == 4 and history["distil"]["base_evaluations"] == 4 * batch
+    assert history["eval_steps"][-1] == 3
+    assert not list(work.glob("*.ckpt"))  # both phases' checkpoints are gone once the model is saved
+    bad = runner.invoke(app, ["train-surrogate", "--workdir", str(work), "--distil-steps", "-1"])
+    assert bad.exit_code == 2 and "--distil-steps" in bad.output
+
+
 def torch_load_meta(path: Path) -> dict:
     import torch
 
