@@ -89,6 +89,10 @@ class TrainedBase:
     def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
         return self.w.prof.surrogate_epochs
 
+    def starts_from_weights(self, model: nn.Module, arch: str) -> bool:
+        """Whether the surrogate :meth:`initial_surrogate` gave is a copy of the trained base."""
+        return arch == "base"
+
     def save_surrogate(self, model: nn.Module, path: Path, arch: str, meta: dict[str, Any]) -> None:
         save_model(model, path, arch=arch, **network_config(self.w), **meta)
 
@@ -131,6 +135,11 @@ class UserBase:
         model = build_surrogate(base, ds.shape, len(ds.classes), arch=arch, seed=w.config.seed)
         w.log(f"[train-surrogate] surrogate: {surrogate_spec(model)['why']}")
         return model, arch
+
+    def starts_from_weights(self, model: nn.Module, arch: str) -> bool:
+        """Whether the surrogate :meth:`initial_surrogate` gave is a copy of the user's model (not a
+        fresh network, which ``auto`` falls back to when the model cannot be copied)."""
+        return surrogate_spec(model)["arch"] == "base"
 
     def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
         """The profile's epochs for a copy of the base; a fresh network gets at least

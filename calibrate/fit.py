@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
         checkpoint=ckpt,
         augment=fit.augment,
         weights=weights,
+        freeze_norm=fit.freeze_norm,
         **validation,
     )
     history["base_evaluations"] += probe_cost + distilled.get("base_evaluations", 0)
@@ -128,6 +129,7 @@ def _distil(w: Workdir, model, pool, label, fit: SurrogateFit, batch: int, valid
         show_progress=w.show_progress,
         checkpoint=w.path(f"{fit.stem}-distil.ckpt"),
         augment=fit.augment,
+        freeze_norm=fit.freeze_norm,
         **validation,
     )
 
@@ -163,6 +165,8 @@ class SurrogateFit:
     draws: int
     hard_fraction: float
     distil_steps: int = 0
+    # set from the initial surrogate (a copy of the trained base keeps its batch-norm statistics)
+    freeze_norm: bool = False
 
     @property
     def fresh(self) -> bool:
@@ -192,6 +196,7 @@ def _fit_surrogate(w: Workdir, fit: SurrogateFit) -> list[Path]:
     and resumed after a crash; save it as the base says (:mod:`rrise.calibrate.bases`)."""
     ds, base = w.data("train"), base_of(w)
     model, arch = base.initial_surrogate(fit.arch)
+    fit = replace(fit, freeze_norm=base.starts_from_weights(model, fit.arch))
     ckpt = w.path(f"{fit.stem}.ckpt")
     if fit.fresh:
         model, history = _train_fresh(w, model, ckpt, fit)
@@ -200,7 +205,7 @@ def _fit_surrogate(w: Workdir, fit: SurrogateFit) -> list[Path]:
             w.path(FRESH_COST).unlink(missing_ok=True)  # no fresh draws behind this surrogate
         model, history = _train_on_store(w, model, ckpt, fit, base.surrogate_epochs)
     meta = {"labels": ds.classes, "dataset": w.config.dataset, "sigma": w.config.sigma}
-    meta.update(history=history, loss=fit.loss, augment=fit.augment)
+    meta.update(history=history, loss=fit.loss, augment=fit.augment, freeze_norm=fit.freeze_norm)
     if fit.fresh:
         meta["hard_fraction"] = fit.hard_fraction
     base.save_surrogate(model, w.path(f"{fit.stem}.pt"), arch, meta)
@@ -228,6 +233,7 @@ def _train_on_store(w: Workdir, model, ckpt: Path, fit: SurrogateFit, epochs_for
         loss=fit.loss,
         augment=fit.augment,
         checkpoint=ckpt,
+        freeze_norm=fit.freeze_norm,
     )
 
 

@@ -69,8 +69,10 @@ class Training:
     ``batch_size``, ``lr`` (Adam, cosine decay), ``seed`` (shuffling, noise, augmentation) and
     ``show_progress`` apply to every loop; the surrogate's loops also take ``augment`` (see
     :func:`augment_batch`), a held-out ``val_images``/``val_counts`` pair (the best weights on it are
-    kept), a ``checkpoint`` file to resume from, and, for fresh targets, ``eval_every`` (steps
-    between validations).
+    kept), a ``checkpoint`` file to resume from, for fresh targets ``eval_every`` (steps between
+    validations), and ``freeze_norm``: batch-norm layers keep their running statistics and normalize
+    with them while the rest trains (for a surrogate that starts as a copy of a trained base model,
+    whose statistics describe the noisy inputs it was trained on; see :func:`set_training_mode`).
     """
 
     batch_size: int = 128
@@ -82,6 +84,7 @@ class Training:
     val_counts: np.ndarray | None = None
     checkpoint: str | os.PathLike | None = None
     eval_every: int = 50
+    freeze_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -91,6 +94,19 @@ class Training:
 
 
 _BASE_SETTINGS = ("batch_size", "lr", "seed", "show_progress")
+
+
+def set_training_mode(model: nn.Module, freeze_norm: bool) -> nn.Module:
+    """``model.train()``, except that with ``freeze_norm`` every batch-norm layer stays in eval mode:
+    it normalizes with its running statistics and does not update them (its scale and shift still
+    train). Fine-tuning a copy of a trained network on a few clean images per step would otherwise
+    replace statistics the base model learned under noise with those of small clean batches."""
+    model.train()
+    if freeze_norm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
 
 
 def _training(training: Training | None, given: dict, allowed: tuple[str, ...] | None = None) -> Training:
@@ -274,7 +290,8 @@ def train_surrogate(
     steps_per_epoch = math.ceil(n / t.batch_size)
     fit = _SurrogateFit.start(model, t.lr, epochs, steps_per_epoch, t.seed)
     run = {"epochs": epochs, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed}
-    signature = _signature(model, t_all, **run, loss=loss, augment=t.augment)
+    frozen = {"freeze_norm": True} if t.freeze_norm else {}  # earlier checkpoints still resume
+    signature = _signature(model, t_all, **run, loss=loss, augment=t.augment, **frozen)
     first_epoch = 0 if t.checkpoint is None else fit.restore(t.checkpoint, signature, device)
     with progress_bar(epochs * steps_per_epoch, "train surrogate", "batch", enabled=t.show_progress) as bar:
         bar.advance(first_epoch * steps_per_epoch)
@@ -311,9 +328,10 @@ class _SurrogateFit:
         history = {"train_kl": [], "val_kl": [], "best_epoch": epochs - 1}
         return cls(model, opt, sched, np.random.default_rng(seed), aug_gen, history)
 
-    def epoch(self, x_all, t_all, loss_fn, augment: str, batch_size: int, bar) -> float:
+    def epoch(self, x_all, t_all, loss_fn, t: Training, bar) -> float:
         """One pass over the shuffled inputs; returns the running mean KL over its batches."""
-        self.model.train()
+        set_training_mode(self.model, t.freeze_norm)
+        augment, batch_size = t.augment, t.batch_size
         n, device = len(x_all), x_all.device
         order = torch.as_tensor(self.order_rng.permutation(n), device=device)
         kl_sum = torch.zeros((), device=device)  # accumulated on the device: no sync per step
@@ -333,7 +351,7 @@ class _SurrogateFit:
     def run_epoch(self, epoch: int, epochs: int, data: tuple, t: Training, bar) -> None:
         """One epoch on ``data`` = ``(images, targets, loss_fn)``, then its validation; notes both."""
         x_all, t_all, loss_fn = data
-        train_kl = self.epoch(x_all, t_all, loss_fn, t.augment, t.batch_size, bar)
+        train_kl = self.epoch(x_all, t_all, loss_fn, t, bar)
         self.history["train_kl"].append(train_kl)
         note = f"epoch {epoch + 1}/{epochs} train KL {train_kl:.4f}"
         if t.val_images is not None:
@@ -451,7 +469,7 @@ def train_surrogate_fresh(
         bar.advance(state["step"])
         for step in range(state["step"], steps):
             x, target = _fresh_batch(pool, label, step, t.batch_size, draws, t.seed, t.augment, weights)
-            model.train()
+            set_training_mode(model, t.freeze_norm)
             loss = soft_label_cross_entropy(model(_as_images(x, device)), target.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -482,6 +500,7 @@ def _fresh_signature(model: nn.Module, t: Training, steps: int, draws: int, pool
         pool=pool,
         **({} if t.augment == "none" else {"augment": t.augment}),  # earlier checkpoints still resume
         **({} if weights is None else {"weights": _digest(torch.from_numpy(np.asarray(weights)))}),
+        **({"freeze_norm": True} if t.freeze_norm else {}),
     )
 
 

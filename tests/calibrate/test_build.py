@@ -182,6 +182,9 @@ def test_python_build_returns_the_bundle_path(user, tmp_path) -> None:
     )  # fmt: skip
     assert path == tmp_path / "py" / "bundle" and (path / "manifest.json").exists()
     assert any("initialised from the base model's weights" in line for line in logs)
+    # a copy of the user's trained model keeps its batch-norm statistics while it learns the counts
+    meta = torch.load(tmp_path / "py" / "surrogate.pt", weights_only=True, map_location="cpu")["meta"]
+    assert meta["freeze_norm"] is True
 
 
 class _Shifted(nn.Module):

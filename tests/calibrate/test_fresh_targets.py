@@ -191,3 +191,36 @@ def test_fresh_pool_is_every_training_image_outside_selection_and_calibration(tm
     assert not set(pool) & set(held_out)  # the calibration inputs never train the surrogate
     assert set(sp["base"]) <= set(pool)  # the base model's training images, and the rest
     assert len(pool) + len(set(held_out)) == len(w.data("train"))
+
+
+def test_frozen_norm_layers_keep_their_statistics_while_the_rest_trains(setting):
+    from torch import nn
+
+    from rrise.calibrate.train import set_training_mode
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                             nn.Dropout(0.5), nn.Linear(4 * 8 * 8, 10))  # fmt: skip
+
+    x = torch.randn(16, 1, 8, 8) * 3 + 1
+    frozen, live = net(), net()
+    set_training_mode(frozen, True)
+    set_training_mode(live, False)
+    assert not frozen[1].training and frozen[4].training  # batch norm in eval mode, dropout trains
+    assert live[1].training
+    before = frozen[1].running_mean.clone()
+    frozen(x), live(x)
+    torch.testing.assert_close(frozen[1].running_mean, before)  # statistics untouched
+    assert not torch.allclose(live[1].running_mean, before)
+    # the fresh-target loop trains with them frozen: scale and shift move, statistics do not
+    pool, val_x, val_counts, label, _ = setting
+    model = net()
+    model[1].running_mean.fill_(0.3)
+    weight = model[1].weight.detach().clone()
+    train_surrogate_fresh(
+        model, pool, label, steps=3, draws=4, batch_size=64, lr=3e-3, seed=0, val_images=val_x,
+        val_counts=val_counts, eval_every=3, show_progress=False, freeze_norm=True,
+    )  # fmt: skip
+    torch.testing.assert_close(model[1].running_mean, torch.full((4,), 0.3))
+    assert not torch.allclose(model[1].weight, weight)
