@@ -77,6 +77,7 @@ def _adaptive(metrics: dict) -> dict:
     radii = section.get("radii", [])
     return {
         name: {
+            "kind": row.get("kind"),
             "certified_accuracy": dict(zip(map(str, radii), row["certified_accuracy"], strict=True)),
             "abstain_rate": row["abstain_rate"],
             "mean_draws": row["mean_draws"],
@@ -210,7 +211,7 @@ def _gaps(rrise: dict, cohen: dict, radii: tuple[str, ...]) -> dict[str, float]:
 def _adaptive_goal(form: dict, cohen: dict) -> dict[str, Any]:
     """The cheapest adaptive row within 1 point of Cohen at every r ≤ 0.5, else the closest one."""
     radii = ("0.0", "0.25", "0.5")
-    rows = {n: r for n, r in form["adaptive"].items() if r["mean_draws"] > 0}
+    rows = {n: r for n, r in form["adaptive"].items() if r.get("kind") in ("adaptive", "required")}
     if not rows:
         return {"goal": "adaptive within 1 point at r ≤ 0.5 at ≤ 10 % of Cohen's draws", "met": False}
     worst = {n: max(_gaps(r, cohen, radii).values()) for n, r in rows.items()}
