@@ -63,6 +63,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results carry no machine paths)."""
+    root = RESULTS.parent.parent.resolve()
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
 def result_name(argv: list[str]) -> str:
     """The results file's stem: ``adaptive``, then ``-TAG`` with ``--tag TAG`` (e.g. the work folder's
     σ) and ``-alphaA`` with ``--mc-alpha A``, so that results at other settings sit side by side."""
@@ -248,5 +255,5 @@ def main(argv: list[str]) -> dict[str, Any]:
         "violations_against": "rrise reference store" if violations is not None else None,
         "goals": goals(result, args.require_radius),
         **result,
-        "figure": str(figure),
+        "figure": _repo_relative(figure),
     }

@@ -180,7 +180,7 @@ def _build_form(form: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     metrics = json.loads((wd / "report" / "metrics.json").read_text())
     info = json.loads((args.work / "data" / "info.json").read_text())
-    lines = log.read_text().splitlines()
+    lines = log.read_text().replace(f"{ROOT}/", "").splitlines()  # no machine paths in results
     stage_seconds = json.loads((wd / "run.json").read_text()).get("stage_seconds", {})
     return {
         "command_seconds": seconds,
