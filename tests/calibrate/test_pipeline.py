@@ -370,17 +370,23 @@ def test_train_surrogate_steps_and_draws_set_the_fresh_targets_and_their_cost(di
     assert bad.exit_code == 2 and "--draws" in bad.output
 
 
+def _train_surrogate_on_copy(digits_demo, tmp_path: Path, *options: str) -> tuple[Path, str, dict]:
+    """`rrise train-surrogate` with 3 fresh steps of 2 draws and ``options`` on a copy of the demo
+    folder: ``(folder, output, surrogate_cost.json)``."""
+    work = _copy(digits_demo[0], tmp_path / "w")
+    args = ["--steps", "3", "--draws", "2", *options, "--no-progress"]
+    result = runner.invoke(app, ["train-surrogate", "--workdir", str(work), *args])
+    assert result.exit_code == 0, result.output
+    return work, result.output, json.loads((work / "surrogate_cost.json").read_text())
+
+
 def test_train_surrogate_hard_fraction_probes_the_pool_and_counts_it(digits_demo, tmp_path):
     from rrise.calibrate.fit import HARD_PROBE_DRAWS, fresh_pool
     from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
 
-    work = _copy(digits_demo[0], tmp_path / "w")
-    options = ["--steps", "3", "--draws", "2", "--hard-fraction", "0.5", "--no-progress"]
-    result = runner.invoke(app, ["train-surrogate", "--workdir", str(work), *options])
-    assert result.exit_code == 0, result.output
-    assert "pool images to find hard ones" in result.output
+    work, output, cost = _train_surrogate_on_copy(digits_demo, tmp_path, "--hard-fraction", "0.5")
+    assert "pool images to find hard ones" in output
     pool = len(fresh_pool(Workdir(work, RunConfig(**recorded_config(work)), show_progress=False)))
-    cost = json.loads((work / "surrogate_cost.json").read_text())
     assert cost["hard_probe_evaluations"] == pool * HARD_PROBE_DRAWS
     assert cost["base_evaluations"] == 3 * cost["fresh_batch"] * 2 + pool * HARD_PROBE_DRAWS
     assert cost["fresh_hard_fraction"] == 0.5
@@ -390,12 +396,8 @@ def test_train_surrogate_hard_fraction_probes_the_pool_and_counts_it(digits_demo
 
 
 def test_train_surrogate_distil_first_spends_one_vote_per_image_then_the_fresh_targets(digits_demo, tmp_path):
-    work = _copy(digits_demo[0], tmp_path / "w")
-    options = ["--steps", "3", "--draws", "2", "--distil-steps", "4", "--no-progress"]
-    result = runner.invoke(app, ["train-surrogate", "--workdir", str(work), *options])
-    assert result.exit_code == 0, result.output
-    assert "distil first: 4 steps" in result.output
-    cost = json.loads((work / "surrogate_cost.json").read_text())
+    work, output, cost = _train_surrogate_on_copy(digits_demo, tmp_path, "--distil-steps", "4")
+    assert "distil first: 4 steps" in output
     batch = cost["fresh_batch"]
     assert cost["distil_steps"] == 4
     assert cost["base_evaluations"] == 4 * batch * 1 + 3 * batch * 2  # every vote counted
