@@ -120,6 +120,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--deploy", type=int, default=6_000)
     ap.add_argument("--epochs", type=int, default=12)
     args = ap.parse_args(argv)
+    args.argv = list(argv)
     args.forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     if unknown := sorted(set(args.forms) - set(FORMS)):
         ap.error(f"unknown form(s) {', '.join(unknown)}; expected {', '.join(FORMS)}")
@@ -169,9 +170,10 @@ def _model_args(form: str, args: argparse.Namespace) -> list[str]:
 
 def _build_form(form: str, args: argparse.Namespace) -> dict[str, Any]:
     """`rrise build` on one form (resumes a finished or interrupted folder), its report and video."""
-    wd = args.work / f"build-{form}"
     budget = [] if args.budget_minutes is None else ["--budget-minutes", f"{args.budget_minutes:g}"]
-    log = args.work / f"build-{form}-{args.profile}.log"
+    sized = result_name(args.argv).split("/")[-1]  # PROFILE[-budgetM]: one folder per sizing
+    wd = args.work / (f"build-{form}" if sized == "quick" else f"build-{form}-{sized}")
+    log = args.work / f"build-{form}-{sized}.log"
     seconds = _timed(
         [sys.executable, "-m", "rrise", "build", *_model_args(form, args),
          "--data", str(args.work / "data" / "deploy"), "--workdir", str(wd),
