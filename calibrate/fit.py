@@ -110,7 +110,7 @@ def _distil(w: Workdir, model, pool, label, fit: SurrogateFit, batch: int, valid
     base-model vote (one pass per noisy image, no counting), selected on the selection store like
     the fresh-target phase; ``(model, its history)``, or the model untouched and ``{}`` without it.
     A single vote is an unbiased, if noisy, target for the smoothed distribution, so this phase
-    fits the same thing as the next at a sixteenth of the draws per step."""
+    fits the same thing as the next at one draw per image instead of ``fit.draws``."""
     if not fit.distil_steps:
         return model, {}
     w.log(
@@ -182,8 +182,8 @@ class SurrogateFit:
             "steps": p.steps,
             "draws": p.draws,
             "hard_fraction": p.hard_fraction,
+            "distil_steps": 0,  # not a profile field: measured (docs/RESULTS.md), not a default
         }
-        defaults["distil_steps"] = 0  # not a profile field: measured, not a default
         unknown = set(given) - set(defaults)
         if unknown:
             raise TypeError(f"unknown surrogate setting {sorted(unknown)[0]!r}")
