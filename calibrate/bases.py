@@ -93,6 +93,11 @@ class TrainedBase:
         """Whether the surrogate :meth:`initial_surrogate` gave is a copy of the trained base."""
         return arch == "base"
 
+    def distil_steps(self, model: nn.Module, arch: str) -> int:
+        """The distil-first steps a surrogate of a built-in base gets by default: none (the phase
+        was measured on users' models, not on these)."""
+        return 0
+
     def save_surrogate(self, model: nn.Module, path: Path, arch: str, meta: dict[str, Any]) -> None:
         save_model(model, path, arch=arch, **network_config(self.w), **meta)
 
@@ -140,6 +145,11 @@ class UserBase:
         """Whether the surrogate :meth:`initial_surrogate` gave is a copy of the user's model (not a
         fresh network, which ``auto`` falls back to when the model cannot be copied)."""
         return surrogate_spec(model)["arch"] == "base"
+
+    def distil_steps(self, model: nn.Module, arch: str) -> int:
+        """The distil-first steps by default: the profile's ``distil_steps`` for a copy of the user's
+        model (where the phase was measured to help), none for a fresh network."""
+        return self.w.prof.distil_steps if self.starts_from_weights(model, arch) else 0
 
     def surrogate_epochs(self, model: nn.Module, n_targets: int) -> int:
         """The profile's epochs for a copy of the base; a fresh network gets at least

@@ -61,9 +61,12 @@ def _done(w: Workdir, name: str) -> bool:
         return False
 
 
-def mc_budget(w: Workdir) -> dict[str, int]:
-    """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done)."""
-    plan = monte_carlo_evaluations(w.prof, _split_sizes(w))
+def mc_budget(w: Workdir, distil_steps: int = 0) -> dict[str, int]:
+    """Base-model evaluations each MC stage of a `rrise build` folder spends (0 for one already done),
+    with ``distil_steps`` distil-first steps before the fresh targets (what the folder's base gives
+    its surrogate: :func:`measure_rates`)."""
+    prof = dataclasses.replace(w.prof, distil_steps=distil_steps)
+    plan = monte_carlo_evaluations(prof, _split_sizes(w))
     return {k: 0 if _done(w, k) else v for k, v in plan.items()}
 
 
@@ -87,15 +90,17 @@ def probe_rate(w: Workdir, draws: int = 512, inputs: int = 4, runs: int = 2) -> 
     return best
 
 
-def _initial_surrogate(w: Workdir) -> tuple[Any, int]:
-    """The surrogate the train-surrogate stage would start from, and the epochs a fit on the fixed
-    target store would take (the folder's log silenced: this is only a probe)."""
+def _initial_surrogate(w: Workdir) -> tuple[Any, int, int]:
+    """The surrogate the train-surrogate stage would start from, the epochs a fit on the fixed
+    target store would take and the distil-first steps it gets (the folder's log silenced: this is
+    only a probe)."""
     from .bases import base_of
 
     quiet = dataclasses.replace(w, log=lambda _line: None)
     base = base_of(quiet)
-    model, _ = base.initial_surrogate(w.config.model_spec.surrogate_arch)
-    return model, base.surrogate_epochs(model, len(w.splits()["targets"]))
+    arch = w.config.model_spec.surrogate_arch
+    model, _ = base.initial_surrogate(arch)
+    return model, base.surrogate_epochs(model, len(w.splits()["targets"])), base.distil_steps(model, arch)
 
 
 def _train_step_seconds(model: Any, shape: tuple[int, ...], classes: int, batch: int) -> float:
@@ -120,14 +125,16 @@ def _train_step_seconds(model: Any, shape: tuple[int, ...], classes: int, batch:
     return float(np.median(seconds[1:]))
 
 
-def measure_rates(w: Workdir) -> tuple[Rates, int]:
-    """The two rates a build's time follows, measured here on the folder's models, and the epochs a
-    fixed-store surrogate fit takes: ``(Rates, store_epochs)``. Takes a few seconds."""
+def measure_rates(w: Workdir) -> tuple[Rates, int, Profile]:
+    """The two rates a build's time follows, measured here on the folder's models, the epochs a
+    fixed-store surrogate fit takes, and the folder's profile with the distil-first steps its
+    surrogate gets (the base's default): ``(Rates, store_epochs, profile)``. Takes a few seconds."""
     ds = w.data("train")
-    model, epochs = _initial_surrogate(w)
+    model, epochs, distil = _initial_surrogate(w)
     batch = w.prof.fresh_batch
     step = _train_step_seconds(model, tuple(ds.shape), len(ds.classes), batch)
-    return Rates(evaluations_per_s=probe_rate(w), train_step_s=step, train_batch=batch), epochs
+    rates = Rates(evaluations_per_s=probe_rate(w), train_step_s=step, train_batch=batch)
+    return rates, epochs, dataclasses.replace(w.prof, distil_steps=distil)
 
 
 def _duration(seconds: float) -> str:
@@ -177,12 +184,12 @@ def log_budget(w: Workdir, log: Callable[[str], None]) -> None:
     (Monte Carlo and surrogate training) takes at the rates measured here; and the largest radius
     the sizes can certify."""
     log_caps(w, log)
-    budget = mc_budget(w)
-    total = sum(budget.values())
-    if not total:
+    if not sum(mc_budget(w).values()):
         log("[build] Monte Carlo: every count store is current (0 base-model evaluations)")
         return
-    rates, epochs = measure_rates(w)
+    rates, epochs, prof = measure_rates(w)
+    budget = mc_budget(w, prof.distil_steps)
+    total = sum(budget.values())
     parts = ", ".join(f"{k} {v:,}" for k, v in budget.items() if v)
     rate = rates.evaluations_per_s
     log(
@@ -190,13 +197,21 @@ def log_budget(w: Workdir, log: Callable[[str], None]) -> None:
         f"{rate:,.0f} evaluations/s that is about {_duration(total / rate)}"
     )
     sizes = _split_sizes(w)
-    seconds = [v for k, v in stage_seconds(w.prof, sizes, rates, epochs).items() if not _done(w, k)]
-    training = 0.0 if _done(w, "train-surrogate") else training_seconds(w.prof, sizes, rates, epochs)
+    seconds = [v for k, v in stage_seconds(prof, sizes, rates, epochs).items() if not _done(w, k)]
+    training = 0.0 if _done(w, "train-surrogate") else training_seconds(prof, sizes, rates, epochs)
     log(
         f"[build] the whole build: about {_duration(sum(seconds))} of Monte Carlo and surrogate training "
-        f"(training steps {_duration(training)}, at {1000 * rates.train_step_s:.0f} ms a step of "
+        f"({_steps_text(prof)} {_duration(training)}, at {1000 * rates.train_step_s:.0f} ms a step of "
         f"{rates.train_batch} images), plus rule fitting, the report and the bundle"
     )
+
+
+def _steps_text(prof: Profile) -> str:
+    """What the surrogate's training steps are, for the estimate."""
+    if not prof.steps:
+        return "training steps on the fixed target store"
+    distil = f"{prof.distil_steps:,} distil-first and " if prof.distil_steps else ""
+    return f"training steps: {distil}{prof.steps:,} fresh-target"
 
 
 def apply_budget(w: Workdir, minutes: float, log: Callable[[str], None]) -> Workdir:
@@ -213,8 +228,8 @@ def apply_budget(w: Workdir, minutes: float, log: Callable[[str], None]) -> Work
             "profile's sizes (use another --workdir to size a build)"
         )
         return w
-    rates, epochs = measure_rates(w)
-    sizing = size_to_budget(w.prof, _split_sizes(w), rates, minutes, epochs)
+    rates, epochs, prof = measure_rates(w)
+    sizing = size_to_budget(prof, _split_sizes(w), rates, minutes, epochs)
     log(
         f"[build] --budget-minutes {minutes:g}: {_overrides_text(sizing.overrides)} (the {w.prof.name} "
         f"profile's steps {w.prof.steps:,}, N_cal {w.prof.n_cal:,}, n {w.prof.n:,}, scaled by "

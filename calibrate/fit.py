@@ -53,7 +53,7 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
     sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
     steps, draws = fit.steps, fit.draws
     pool = IndexedRows(ds.images, fresh_pool(w))
-    planned = (steps * draws + fit.distil_steps) * p.fresh_batch
+    planned = (steps * draws + (fit.distil_steps or 0)) * p.fresh_batch
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], planned)
 
     def labeller(stream: int, n: int):
@@ -164,7 +164,9 @@ class SurrogateFit:
     steps: int
     draws: int
     hard_fraction: float
-    distil_steps: int = 0
+    # None: the base's default (:meth:`~rrise.calibrate.bases.UserBase.distil_steps`), set once the
+    # initial surrogate is known
+    distil_steps: int | None = None
     # set from the initial surrogate (a copy of the trained base keeps its batch-norm statistics)
     freeze_norm: bool = False
 
@@ -182,7 +184,7 @@ class SurrogateFit:
             "steps": p.steps,
             "draws": p.draws,
             "hard_fraction": p.hard_fraction,
-            "distil_steps": 0,  # not a profile field: measured (docs/RESULTS.md), not a default
+            "distil_steps": None,  # the base's default, once the initial surrogate is known
         }
         unknown = set(given) - set(defaults)
         if unknown:
@@ -196,7 +198,8 @@ def _fit_surrogate(w: Workdir, fit: SurrogateFit) -> list[Path]:
     and resumed after a crash; save it as the base says (:mod:`rrise.calibrate.bases`)."""
     ds, base = w.data("train"), base_of(w)
     model, arch = base.initial_surrogate(fit.arch)
-    fit = replace(fit, freeze_norm=base.starts_from_weights(model, fit.arch))
+    distil = base.distil_steps(model, fit.arch) if fit.distil_steps is None else fit.distil_steps
+    fit = replace(fit, freeze_norm=base.starts_from_weights(model, fit.arch), distil_steps=distil)
     ckpt = w.path(f"{fit.stem}.ckpt")
     if fit.fresh:
         model, history = _train_fresh(w, model, ckpt, fit)
@@ -254,7 +257,8 @@ def stage_train_surrogate(
     ``steps=0`` fits the fixed target store instead); ``hard_fraction``: the share of each
     fresh-target batch drawn towards images the smoothed classifier is unsure of (default: the
     profile's); ``distil_steps``: a first phase of that many steps on single noisy votes of the base
-    model (default 0: none; see :func:`_distil`).
+    model (default: the profile's ``distil_steps`` for a copy of your own model, else none; see
+    :func:`_distil`).
     """
     given = {"arch": arch, "augment": augment, "steps": steps, "draws": draws, "hard_fraction": hard_fraction}
     given["distil_steps"] = distil_steps

@@ -82,7 +82,8 @@ class SplitSizes:
 def monte_carlo_evaluations(prof: Profile, sizes: SplitSizes) -> dict[str, int]:
     """Base-model evaluations per stage, every stage counted as if none had run."""
     pool = prof.fresh_batch if sizes.pool is None else sizes.pool
-    fresh = prof.steps * min(prof.fresh_batch, pool) * prof.draws if prof.steps else 0
+    batch = min(prof.fresh_batch, pool)
+    fresh = (prof.steps * prof.draws + prof.distil_steps) * batch if prof.steps else 0
     probe = HARD_PROBE_DRAWS * (sizes.pool or 0) if prof.steps and prof.hard_fraction > 0 else 0
     return {
         "targets": (sizes.targets + sizes.selection) * prof.target_draws,
@@ -95,8 +96,11 @@ def monte_carlo_evaluations(prof: Profile, sizes: SplitSizes) -> dict[str, int]:
 
 
 def _training_steps(prof: Profile, sizes: SplitSizes, rates: Rates, store_epochs: int) -> int:
-    """The surrogate's training steps: fresh targets (``steps``) or epochs over the fixed store."""
-    return prof.steps if prof.steps else store_epochs * math.ceil(sizes.targets / rates.train_batch)
+    """The surrogate's training steps: fresh targets (``steps``, after ``distil_steps`` steps on
+    single votes) or epochs over the fixed store."""
+    if prof.steps:
+        return prof.distil_steps + prof.steps
+    return store_epochs * math.ceil(sizes.targets / rates.train_batch)
 
 
 def training_seconds(prof: Profile, sizes: SplitSizes, rates: Rates, store_epochs: int) -> float:
@@ -137,6 +141,8 @@ def _scaled(prof: Profile, f: float) -> dict[str, int]:
     out = {"n_cal": draws, "n": draws}
     if prof.steps:
         out["steps"] = clamp(prof.steps * f, min(MIN_STEPS, prof.steps), max(full.steps, prof.steps))
+        if prof.distil_steps:  # the first phase keeps its share of the steps
+            out["distil_steps"] = max(1, round(prof.distil_steps * out["steps"] / prof.steps))
     return out
 
 

@@ -150,7 +150,8 @@ class TrainSurrogateOptions(WorkdirOptions):
         default=None,
         metadata={
             "help": "A first phase of this many steps in which each image gets one noisy base-model "
-            "vote, before the fresh targets (default 0: none; measured in docs/RESULTS.md)."
+            "vote, before the fresh targets (default: the profile's distil_steps for a copy of your own "
+            "model, else 0: none; measured in docs/RESULTS.md)."
         },
     )
 

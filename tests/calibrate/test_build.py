@@ -267,7 +267,7 @@ def test_budget_minutes_sizes_the_build_once_and_a_rerun_resumes(user, tmp_path,
     from rrise.calibrate.workdir import RunConfig, Workdir, recorded_config
 
     rates = Rates(evaluations_per_s=20_000.0, train_step_s=0.01, train_batch=128)
-    monkeypatch.setattr(build_cost, "measure_rates", lambda w: (rates, 3))
+    monkeypatch.setattr(build_cost, "measure_rates", lambda w: (rates, 3, w.prof))
     wd = tmp_path / "budget"
     args = ["--model", str(user["onnx"]), "--data", str(user["folder"]), "--workdir", str(wd), *SMOKE]
     result = _build(*args, "--budget-minutes", "0.5")

@@ -24,7 +24,8 @@ EPOCHS = 4
 
 
 def test_the_estimate_is_evaluations_at_the_rate_plus_training_steps() -> None:
-    quick = get_profile("quick")  # fresh targets: 400 steps × 128 images × 16 draws
+    # fresh targets: 400 steps × 128 images × 16 draws; a built-in base's surrogate does not distil first
+    quick = replace(get_profile("quick"), distil_steps=0)
     evals = monte_carlo_evaluations(quick, SIZES)
     assert evals == {
         "targets": (1_500 + 500) * 64,
@@ -46,6 +47,21 @@ def test_the_estimate_is_evaluations_at_the_rate_plus_training_steps() -> None:
     assert monte_carlo_evaluations(quick, replace(SIZES, pool=100))["train-surrogate"] == 400 * 100 * 16
 
 
+def test_the_estimate_counts_the_distil_first_steps_and_the_budget_keeps_their_share() -> None:
+    quick = replace(get_profile("quick"), distil_steps=400)  # a copy of your own model's default
+    plain = replace(quick, distil_steps=0)
+    evals = monte_carlo_evaluations(quick, SIZES)["train-surrogate"]
+    assert evals == 400 * 128 * 16 + 400 * 128 * 1  # one vote per image a distil step
+    seconds = stage_seconds(quick, SIZES, RATES, EPOCHS)["train-surrogate"]
+    assert seconds == pytest.approx(evals / 20_000 + (400 + 400) * 0.05)
+    assert seconds > stage_seconds(plain, SIZES, RATES, EPOCHS)["train-surrogate"]
+    # a fixed-store fit has no distil phase: nothing counted
+    assert monte_carlo_evaluations(replace(quick, steps=0), SIZES)["train-surrogate"] == 0
+    s = size_to_budget(quick, SIZES, RATES, 2.0, EPOCHS)
+    assert s.overrides["distil_steps"] == round(400 * s.overrides["steps"] / 400)
+    assert "distil_steps" not in size_to_budget(plain, SIZES, RATES, 2.0, EPOCHS).overrides
+
+
 def test_the_budget_gets_the_largest_sizes_that_fit() -> None:
     quick = get_profile("quick")
     at_quick = sum(stage_seconds(quick, SIZES, RATES, EPOCHS).values()) / 60
@@ -55,9 +71,8 @@ def test_the_budget_gets_the_largest_sizes_that_fit() -> None:
         assert s.total_s <= 60 * minutes
         assert s.overrides["n_cal"] == s.overrides["n"] and s.overrides["n_cal"] % 100 == 0
         # the largest: a few percent more of both sizes would not fit (unless already at the full sizes)
-        bigger = replace(
-            quick, steps=math.ceil(s.overrides["steps"] * 1.05) + 1, n_cal=s.overrides["n"] + 300
-        )
+        steps = math.ceil(s.overrides["steps"] * 1.05) + 1
+        bigger = replace(quick, steps=steps, distil_steps=steps, n_cal=s.overrides["n"] + 300)  # 1:1 in quick
         bigger = replace(bigger, n=bigger.n_cal)
         assert sum(stage_seconds(bigger, SIZES, RATES, EPOCHS).values()) > 60 * minutes
         chosen.append((s.overrides["steps"], s.overrides["n"]))
@@ -68,7 +83,10 @@ def test_the_budget_gets_the_largest_sizes_that_fit() -> None:
 def test_sizes_stay_between_the_floor_and_the_full_profile() -> None:
     quick, full = get_profile("quick"), get_profile("full")
     huge = size_to_budget(quick, SIZES, RATES, 1e6, EPOCHS)
-    assert huge.overrides == {"steps": full.steps, "n_cal": full.n_cal, "n": full.n}
+    share = quick.distil_steps / quick.steps  # the distil-first phase keeps its share of the steps
+    assert huge.overrides == {
+        "steps": full.steps, "distil_steps": round(share * full.steps), "n_cal": full.n_cal, "n": full.n
+    }  # fmt: skip
     floor = size_to_budget(
         quick, SIZES, replace(RATES, evaluations_per_s=1e9, train_step_s=1e-9), 1e-3, EPOCHS
     )

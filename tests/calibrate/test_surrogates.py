@@ -447,3 +447,24 @@ def test_a_crafted_or_damaged_model_file_is_refused_by_name(tmp_path, content: s
         load_surrogate(path)
     assert "weights_only=False" not in str(err.value)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_distil_first_is_the_default_for_a_copy_of_your_model_only() -> None:
+    """The profile's ``distil_steps`` (measured on users' models) for a surrogate that is a copy of the
+    user's model; none for a fresh network in its place, nor for a built-in base's surrogate."""
+    from types import SimpleNamespace
+
+    from rrise.calibrate.bases import TrainedBase, UserBase
+    from rrise.calibrate.profiles import get_profile
+
+    quick = get_profile("quick")
+    assert quick.distil_steps > 0 and get_profile("full").distil_steps == 0
+    w = SimpleNamespace(prof=quick)
+    base = build_model("cnn-small", 3, K, 8, seed=0).eval()
+    user = load_user_model(base, input_size=8)
+    copy = build_surrogate(user, (3, 8, 8), K, arch="auto", seed=0)
+    fresh = build_surrogate(None, (3, 8, 8), K, arch="edge", seed=0)
+    mine = UserBase(w=w, spec=None)
+    assert mine.distil_steps(copy, "auto") == quick.distil_steps
+    assert mine.distil_steps(fresh, "edge") == 0
+    assert TrainedBase(w=w, spec=None).distil_steps(base, "base") == 0
