@@ -129,7 +129,8 @@ class CalibrateSettings:
     PAC, quantile; None: marginal), ``score`` (probit, logit, identity), ``rule`` (the one the
     selection split chose), ``bins`` (overrides the rule's number of confidence bins),
     ``cap_draws`` (second-stage draws at the cap; 0 = off; by default those the rule was chosen
-    with, else the profile's)."""
+    with, else the profile's), ``clip_at_abstention`` (scores clipped at each input's abstention
+    threshold: :class:`rrise.CalibrationSpec`)."""
 
     alpha: float | None = None
     beta: float | None = None
@@ -138,6 +139,7 @@ class CalibrateSettings:
     bins: int | None = None
     rule: str | None = None
     cap_draws: int | None = None
+    clip_at_abstention: bool = True
 
 
 def rule_spec(
@@ -171,6 +173,7 @@ def rule_spec(
         beta=w.prof.beta if levels.beta is None else levels.beta,
         delta=levels.delta,
         score=levels.score,
+        clip_at_abstention=levels.clip_at_abstention,
     )
 
 
@@ -186,8 +189,8 @@ def stage_calibrate(w: Workdir, resume: bool = True, **settings: Any) -> list[Pa
     """Fresh MC on the held-out calibration inputs, then the split-conformal quantile q̂.
 
     ``settings``: :class:`CalibrateSettings` by name (``alpha``, ``beta``, ``delta``, ``score``,
-    ``rule``, ``bins``, ``cap_draws``). The MC counts are kept, so a re-calibration with other
-    settings costs one surrogate pass.
+    ``rule``, ``bins``, ``cap_draws``, ``clip_at_abstention``). The MC counts are kept, so a
+    re-calibration with other settings costs one surrogate pass.
     """
     s = CalibrateSettings(**settings)
     ds, p = w.data("train"), w.prof

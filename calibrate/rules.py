@@ -141,7 +141,8 @@ class Comparison:
     the full-size MC draws behind the counts); ``rules`` and the target ``radii``; ``repeats``
     random fit/calibrate/test splits (``seed``) in the shares ``fit_share``/``calibrate_share``;
     ``deploy_m``: the calibration size the chosen rule will get; ``cap_counts``/``cap_draws``: the
-    second stage at the cap (both None: off).
+    second stage at the cap (both None: off); ``clip_at_abstention``: the scores as `rrise calibrate`
+    computes them (:class:`rrise.CalibrationSpec`).
     """
 
     n_mc: int
@@ -157,10 +158,14 @@ class Comparison:
     deploy_m: int | None = None
     cap_counts: np.ndarray | None = None
     cap_draws: int | None = None
+    clip_at_abstention: bool = True
 
     def calibration_settings(self) -> dict[str, Any]:
         """What the rules calibrate at, as :func:`fit_rule`'s keywords."""
-        return {"sigma": self.sigma, "n_mc": self.n_mc, "alpha": self.alpha, "beta": self.beta}
+        return {
+            "sigma": self.sigma, "n_mc": self.n_mc, "alpha": self.alpha, "beta": self.beta,
+            "clip_at_abstention": self.clip_at_abstention,
+        }  # fmt: skip
 
 
 def compare_rules(

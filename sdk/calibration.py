@@ -115,6 +115,10 @@ class CalibrationSpec:
     cap_draws : int or None
         N₂ > N_cal further draws for the calibration inputs whose N_cal draws all fell on one class
         (:func:`two_stage_lower`); the cap becomes β^(1/N₂).
+    clip_at_abstention : bool
+        Clip each score at its input's abstention threshold, min(e, (g(z) − T(½))/u(z))
+        (:func:`rrise.scores.conformal_scores`): the same guarantee, a quantile never larger.
+        False (the plain score) for a record that does not name it.
 
     Every choice here must come from data disjoint from the calibration inputs, or the guarantee
     of :func:`conformalize` is void.
@@ -147,9 +151,12 @@ class CalibrationSpec:
     score_scale_x: tuple[float, ...] = ()
     score_scale_y: tuple[float, ...] = ()
     cap_draws: int | None = None
+    clip_at_abstention: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__
+        if not isinstance(self.clip_at_abstention, bool):
+            raise ValueError(f"clip_at_abstention must be true or false, got {self.clip_at_abstention!r}")
         put(self, "sigma", _number("sigma", self.sigma, lo=0.0, hi=math.inf, open_lo=True, open_hi=True))
         put(self, "n_mc", _count("n_mc", self.n_mc))
         put(self, "alpha", _probability("alpha", self.alpha))
@@ -237,7 +244,7 @@ class Calibration(CalibrationSpec):
     Parameters
     ----------
     sigma, n_mc, alpha, beta, score, delta, bin_edges, score_map_x, score_map_y, score_scale_x, \
-score_scale_y, cap_draws
+score_scale_y, cap_draws, clip_at_abstention
         The spec's settings (see :class:`CalibrationSpec`).
     quantile : float
         The single conformal quantile q̂ (+inf: every certificate abstains).
@@ -364,7 +371,7 @@ score_scale_y, cap_draws
         record: dict[str, Any] = {}
         for name, _, required in record_fields():
             value = getattr(self, name)
-            if required or value not in (None, ()):
+            if required or (value not in (None, ()) and value is not False):
                 record[name] = _json_value(value)
         return record
 
@@ -544,7 +551,9 @@ def _quantiles(spec: CalibrationSpec, p: np.ndarray, k: np.ndarray, k2: np.ndarr
     top = np.argmax(p, axis=1)
     top_prob = p[np.arange(len(p)), top]
     p_low = mc_lower_bounds(k, top, spec.n_mc, spec.beta, cap_counts=k2, cap_draws=spec.cap_draws)
-    scores = conformal_scores(top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale)
+    scores = conformal_scores(
+        top_prob, p_low, spec.p_cap, spec.score, spec.score_map, spec.score_scale, spec.clip_at_abstention
+    )
     quantile = conformal_quantile(scores, spec.alpha, spec.delta)
     if not spec.bin_edges:
         return quantile, ()
@@ -563,9 +572,9 @@ def conformalize(
 ) -> Calibration:
     """Split-conformal calibration of the surrogate's radii on ``m`` calibration inputs.
 
-    Per input: Â = argmax probs, p̲ = the (1−β) Clopper–Pearson bound on p_Â from its counts
-    (two-stage with ``cap_counts``), score e = (g(z) − T(p̲))/u(z) with z = T(min(ŝ, p_cap)); q̂ is
-    the :func:`conformal_rank` (m, α, δ)-th smallest score (with bins, one per bin at δ/G).
+    Per input: Â = argmax probs, p̲ = the (1−β) Clopper–Pearson bound on p_Â from its counts (two-stage
+    with ``cap_counts``), score e = (g(z) − T(p̲))/u(z), z = T(min(ŝ, p_cap)) (``clip_at_abstention``:
+    min(e, (g(z) − T(½))/u(z))); q̂: the :func:`conformal_rank` (m, α, δ)-th smallest (per bin at δ/G).
 
     Guarantee: if the calibration inputs served nothing else (base model, surrogate, ``spec``) and
     are exchangeable with a deployed input, then with probability ≥ 1 − α − β over calibration,

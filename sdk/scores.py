@@ -92,15 +92,25 @@ def conformal_scores(
     score: str = "probit",
     score_map: ScoreMap | None = None,
     score_scale: ScoreMap | None = None,
+    clip_at_abstention: bool = False,
 ) -> np.ndarray:
     """Nonconformity scores e_i = (g(z_i) − T(p̲_i)) / u(z_i) with z_i = T(min(ŝ_i, p_cap)), +∞ where
     p̲_i = 0 (g: the learned score map, identity when None; u: the learned positive scale, 1 when
-    None). The deployment rule inverts exactly this: T(p̃) = g(z) − q̂·u(z)."""
+    None). The deployment rule inverts exactly this: T(p̃) = g(z) − q̂·u(z).
+
+    ``clip_at_abstention``: each score clipped at its input's abstention threshold,
+    e'_i = min(e_i, a_i) with a_i = (g(z_i) − T(½)) / u(z_i). The rule certifies an input only when
+    q̂ < a (else T(p̃) ≤ T(½): it abstains), and a certified input with e > q̂ has e' > q̂ too, so the
+    event the guarantee bounds (certified, and p̲ < p̃) implies e' > q̂, which split conformal bounds
+    by α. Since e' ≤ e, the quantile can only fall: inputs the rule would abstain on anyway (a
+    confident surrogate that disagrees with the smoothed classifier) no longer widen every margin."""
     s = np.minimum(np.asarray(top_prob, dtype=np.float64), calibration_p_cap)
     lo = np.asarray(p_lower_mc, dtype=np.float64)
     z = transform(s, score)
     with np.errstate(divide="ignore", invalid="ignore"):
-        e = apply_score_map(z, score_map) - transform(lo, score)
-        if score_scale is not None:
-            e = e / apply_score_scale(z, score_scale)
-    return np.where(lo <= 0.0, np.inf, e)
+        g = apply_score_map(z, score_map)
+        u = 1.0 if score_scale is None else apply_score_scale(z, score_scale)
+        e = np.where(lo <= 0.0, np.inf, (g - transform(lo, score)) / u)
+        if clip_at_abstention:
+            e = np.minimum(e, (g - transform(0.5, score)) / u)
+    return e

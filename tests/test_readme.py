@@ -215,7 +215,8 @@ def test_every_relative_link_points_to_an_existing_file(doc: Path) -> None:
 # --- numbers the README derives from the code ------------------------------------------------------
 def test_the_readme_cost_per_profile_is_what_rrise_build_plans(tmp_path: Path) -> None:
     """The base-model evaluations `rrise build` announces (rrise.calibrate.build_cost.mc_budget) for a
-    data set that fills each profile's splits, as the README quotes them."""
+    data set that fills each profile's splits, with the surrogate a copy of the user's model (so with
+    the profile's distil-first votes), as the README quotes them."""
     from types import SimpleNamespace
 
     pytest.importorskip("torch")
@@ -228,7 +229,8 @@ def test_the_readme_cost_per_profile_is_what_rrise_build_plans(tmp_path: Path) -
         sizes = {"targets": p.n_targets, "selection": p.n_selection, "rules": p.n_rule}
         sizes.update(calibration=p.m, test=p.n_test)
         splits = {k: list(range(n)) for k, n in sizes.items()}
-        total = sum(mc_budget(SimpleNamespace(prof=p, splits=lambda s=splits: s, root=tmp_path)).values())
+        w = SimpleNamespace(prof=p, splits=lambda s=splits: s, root=tmp_path)
+        total = sum(mc_budget(w, p.distil_steps).values())
         assert f"{name} {total:,}" in text, f"the README's cost for {name} is not {total:,}"
 
 

@@ -221,6 +221,13 @@ class CalibrateOptions(WorkdirOptions):
         },
     )
     cap_draws: int | None = field(default=None, metadata={"help": _CAP_DRAWS_CALIBRATE})
+    clip_at_abstention: bool = field(
+        default=True,
+        metadata={
+            "help": "Clip each calibration score at the value beyond which that input abstains anyway "
+            "(the same guarantee, a quantile never larger); --no-clip-at-abstention: the plain score."
+        },
+    )
 
     def __post_init__(self) -> None:
         for flag, value in (("--alpha", self.alpha), ("--beta", self.beta), ("--delta", self.delta)):
@@ -238,5 +245,6 @@ class CalibrateOptions(WorkdirOptions):
             "bins": self.bins,
             "rule": None if self.rule is None else self.rule.value,
             "cap_draws": self.cap_draws,
+            "clip_at_abstention": None if self.clip_at_abstention else False,
         }
         return {k: v for k, v in named.items() if v is not None}

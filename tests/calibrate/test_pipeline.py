@@ -133,7 +133,7 @@ def _check_adaptive(work: Path, metrics: dict, output: str) -> None:
     assert cohen["mean_draws"] == 220 and cohen["draws_ratio_to_cohen"] == 1.0  # n0 + n
     for row in rows.values():
         assert 0 <= row["mean_draws"] <= 220 and 0 <= row["p95_draws"] <= 220
-        assert row["draws_ratio_to_cohen"] == pytest.approx(row["mean_draws"] / 220, abs=1e-6)
+        assert row["draws_ratio_to_cohen"] == pytest.approx(row["mean_draws"] / 220, abs=5e-6)  # 5 decimals
         assert row["per_query_s"] > 0 and row["violations"] is None  # no reference yet
         if row["kind"] == "required":
             assert row["mean_draws"] <= row["mc_budget"] == 200  # budgets capped at the stored n

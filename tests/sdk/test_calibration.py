@@ -121,3 +121,14 @@ def test_conformalize_uses_the_per_bin_delta():
 
     scores = conformal_scores(top, mc_lower_bounds(counts, probs.argmax(1), SPEC.n_mc, SPEC.beta), spec.p_cap)
     assert cal.bin_quantiles == mondrian_quantiles(scores, top, spec.bin_edges, spec.alpha, plain.delta)
+
+
+def test_clip_at_abstention_is_recorded_only_when_on_and_an_old_record_reads_as_off():
+    probs, counts = _problem(400, np.random.default_rng(5))
+    on = conformalize(replace(SPEC, clip_at_abstention=True), probs, counts)
+    off = conformalize(SPEC, probs, counts)
+    assert on.to_dict()["clip_at_abstention"] is True and "clip_at_abstention" not in off.to_dict()
+    assert Calibration.from_dict(on.to_dict()) == on and Calibration.from_dict(off.to_dict()).spec == SPEC
+    assert on.quantile <= off.quantile
+    with pytest.raises(ValueError, match="clip_at_abstention must be true or false"):
+        Calibration.from_dict({**on.to_dict(), "clip_at_abstention": "yes"})

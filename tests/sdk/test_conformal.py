@@ -267,3 +267,58 @@ def test_mondrian_calibration_is_conservative_within_each_bin_and_widens_confide
         rate = np.mean([v for b, v in violations if b == g])
         assert rate <= alpha + beta + 0.02, (g, rate)
     assert np.mean(binned_radius) > np.mean(single_radius) + 0.05
+
+
+def _flipped_trial(seed: int, m: int = 300, m_test: int = 3000, share: float = 0.08) -> dict[str, tuple]:
+    """The honest surrogate, confidently wrong (its two classes swapped) on ``share`` of the inputs:
+    the disagreements that set a plain quantile. ``{clip: (q̂, certificates, violation rate)}``."""
+    rng = np.random.default_rng(seed)
+    p1 = norm.cdf(rng.normal(0.8, 1.2, m + m_test))
+    probs = _surrogate(p1, rng)
+    flip = rng.random(len(p1)) < share
+    probs[flip] = probs[flip, ::-1]
+    top = probs.argmax(axis=1)
+    p_top = np.where(top == 1, p1, 1 - p1)
+    counts = _counts_for(top[:m], rng.binomial(N_MC, p_top[:m]), N_MC)
+    out = {}
+    for clip in (False, True):
+        spec = CalibrationSpec(n_mc=N_MC, sigma=SIGMA, alpha=ALPHA, beta=BETA, clip_at_abstention=clip)
+        cal = conformalize(spec, probs[:m], counts)
+        certs = certify_from_probs(probs[m:], cal)
+        out[clip] = (cal.quantile, certs, _violation_rate(probs[m:], p1[m:], cal))
+    return out
+
+
+def test_scores_clipped_at_abstention_keep_the_guarantee_and_never_lose_a_certificate():
+    """min(e, a) with a the input's abstention threshold: the violation rate stays within α + β, the
+    quantile never rises, and every certificate the plain score gives is kept with a radius as large."""
+    trials = [_flipped_trial(seed) for seed in range(30)]
+    violations = np.array([t[True][2] for t in trials])
+    assert violations.mean() <= ALPHA + BETA + SLACK, violations.mean()
+    for t in trials:
+        (q_plain, plain, _), (q_clip, clipped, _) = t[False], t[True]
+        assert q_clip <= q_plain
+        assert not np.any(clipped.abstain & ~plain.abstain)
+        assert np.all(clipped.radius >= plain.radius - 1e-12)
+    # here the confident disagreements set the plain quantile: clipping gives real certificates back
+    gained = np.mean([(~t[True][1].abstain).mean() - (~t[False][1].abstain).mean() for t in trials])
+    assert gained > 0.05, gained
+
+
+def test_clipped_scores_follow_the_definition():
+    """e' = min(Φ⁻¹(min(ŝ, p_cap)) − Φ⁻¹(p̲), Φ⁻¹(min(ŝ, p_cap)) − Φ⁻¹(½)), +∞ → the threshold where p̲ = 0."""
+    from rrise.scores import conformal_scores
+
+    s = np.array([0.9, 0.9, 0.6, 0.999999])
+    lower = np.array([0.95, 0.2, 0.0, 0.5])
+    cap = BETA ** (1 / N_MC)
+    z = norm.ppf(np.minimum(s, cap))
+    plain = conformal_scores(s, lower, cap)
+    clipped = conformal_scores(s, lower, cap, clip_at_abstention=True)
+    np.testing.assert_allclose(plain[[0, 1, 3]], (z - norm.ppf(lower))[[0, 1, 3]])
+    assert plain[2] == np.inf
+    np.testing.assert_allclose(clipped, np.minimum(plain, z))
+    # with a learned scale u the threshold is g(z)/u(z), as the deployment rule inverts it
+    scale = ((0.0, 3.0), (0.5, 0.5))
+    scaled = conformal_scores(s, lower, cap, score_scale=scale, clip_at_abstention=True)
+    np.testing.assert_allclose(scaled, 2 * clipped)
