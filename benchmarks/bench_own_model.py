@@ -14,6 +14,7 @@ The path a team takes with its own classifier and camera images, timed stage by 
     python -m benchmarks own_model                                  # resnet, 40×40, quick, 3 forms
     python -m benchmarks own_model --arch mobilenet --size 64 --forms onnx
     python -m benchmarks own_model --profile smoke --train 3000 --deploy 800 --epochs 2
+    python -m benchmarks own_model --forms onnx --tag now   # new builds beside the first: quick-now.json
 
 Writes ``benchmarks/results/own_model-ARCHSIZE/PROFILE.json``: per form, the certified-accuracy
 table (RRISE against Cohen's Monte Carlo at the same α on the same counts, with violations), the
@@ -115,6 +116,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated: onnx, pt2, factory")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--budget-minutes", type=float, default=None, help="size each build to about M minutes")
+    ap.add_argument("--tag", default="", help="a name for this run: its builds and results get their own")
     ap.add_argument("--sigma", default="0.25")
     ap.add_argument("--train", type=int, default=8_000)
     ap.add_argument("--deploy", type=int, default=6_000)
@@ -129,10 +131,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def result_name(argv: list[str]) -> str:
-    """``own_model-ARCHSIZE/PROFILE`` (with ``-budgetM`` when sized to a budget)."""
+    """``own_model-ARCHSIZE/PROFILE`` (with ``-budgetM`` when sized to a budget, ``-TAG`` when tagged)."""
     args = _parse(argv)
     budget = "" if args.budget_minutes is None else f"-budget{args.budget_minutes:g}"
-    return f"own_model-{args.arch}{args.size}/{args.profile}{budget}"
+    tag = f"-{args.tag}" if args.tag else ""
+    return f"own_model-{args.arch}{args.size}/{args.profile}{budget}{tag}"
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +174,7 @@ def _model_args(form: str, args: argparse.Namespace) -> list[str]:
 def _build_form(form: str, args: argparse.Namespace) -> dict[str, Any]:
     """`rrise build` on one form (resumes a finished or interrupted folder), its report and video."""
     budget = [] if args.budget_minutes is None else ["--budget-minutes", f"{args.budget_minutes:g}"]
-    sized = result_name(args.argv).split("/")[-1]  # PROFILE[-budgetM]: one folder per sizing
+    sized = result_name(args.argv).split("/")[-1]  # PROFILE[-budgetM][-TAG]: one folder per sizing
     wd = args.work / (f"build-{form}" if sized == "quick" else f"build-{form}-{sized}")
     log = args.work / f"build-{form}-{sized}.log"
     seconds = _timed(

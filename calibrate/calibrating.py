@@ -70,12 +70,15 @@ def selection_data(w: Workdir) -> dict[str, np.ndarray]:
     return out
 
 
-def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = True) -> list[Path]:
+def stage_select_rule(
+    w: Workdir, cap_draws: int | None = None, resume: bool = True, clip_at_abstention: bool = True
+) -> list[Path]:
     """Choose the calibration rule on the selection split (full-size MC there; never calibration).
 
     ``cap_draws`` (default: the profile's; 0 = off): the rules are compared as `rrise calibrate
     --cap-draws` will run them, the rule-selection inputs whose N_cal draws all fell on one class
-    getting that many more (:func:`cap_stage_counts`, a store of their own)."""
+    getting that many more (:func:`cap_stage_counts`, a store of their own). ``clip_at_abstention``:
+    the rules' scores as `rrise calibrate` computes them (:class:`rrise.CalibrationSpec`)."""
     p = w.prof
     out = w.path("rules.json")
     if not p.n_rule:
@@ -101,7 +104,9 @@ def stage_select_rule(w: Workdir, cap_draws: int | None = None, resume: bool = T
         deploy_m=len(w.splits()["calibration"]),
         cap_counts=cap_counts,
         cap_draws=n2 or None,
+        clip_at_abstention=clip_at_abstention,
     )
+    result["clip_at_abstention"] = clip_at_abstention
     # The counts' digest: later stages read them through this file (the evaluation and the bundle's
     # routing rule), so rules.json changes whenever they do and those stages go stale.
     result["counts_sha256"] = sha256_file(w.path(RULE_STORE) / "manifest.json")

@@ -140,8 +140,15 @@ def _label(cal: Calibration, rule: str, tag: str) -> str:
 
 
 def _recalibrated(w: Workdir, rule: str, cal: Calibration, calnpz, selection, alpha: float) -> Calibration:
-    """``rule`` at ``alpha`` with the bundle's β, δ and score, on the same calibration inputs."""
-    levels = CalibrateSettings(alpha=alpha, beta=cal.beta, delta=cal.delta, score=cal.score)
+    """``rule`` at ``alpha`` with the bundle's β, δ and score (its transform and clip), on the same
+    calibration inputs."""
+    levels = CalibrateSettings(
+        alpha=alpha,
+        beta=cal.beta,
+        delta=cal.delta,
+        score=cal.score,
+        clip_at_abstention=cal.clip_at_abstention,
+    )
     spec = rule_spec(w, rule, levels, m=cal.m, selection=selection)
     spec = replace(spec, cap_draws=cal.cap_draws)
     return conformalize(spec, calnpz["probs"], calnpz["counts"], cap_counts=calnpz.get("cap_counts"))

@@ -238,6 +238,8 @@ def _calibration_lines(cal: dict[str, Any]) -> list[str]:
         knots = ", ".join(f"{a:.4g}→{b:.4g}" for a, b in zip(cal["score_scale_x"], cal["score_scale_y"]))
         count = len(cal["score_scale_x"])
         lines.append(f"Score scale  learned on the selection split, {count} knots: {knots}")
+    if cal.get("clip_at_abstention"):
+        lines.append("Scores       clipped at each calibration input's abstention threshold (same guarantee)")
     made_from = [f"{k} {cal[k][:16]}…" for k in ("base_sha256", "surrogate_sha256") if cal.get(k)]
     if made_from:
         lines.append("Made from    " + ", ".join(made_from))

@@ -184,11 +184,21 @@ _CAP_DRAWS_CALIBRATE = _profile_field_help(
 )
 
 
+_CLIP_HELP = (
+    "clip each calibration score at the value beyond which that input abstains anyway (the same "
+    "guarantee, a quantile never larger); --no-clip-at-abstention: the plain score."
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SelectRuleOptions(WorkdirOptions):
     """``rrise select-rule``."""
 
     cap_draws: int | None = field(default=None, metadata={"help": _CAP_DRAWS_SELECT})
+    clip_at_abstention: bool = field(
+        default=True,
+        metadata={"help": "Compare the rules with the scores `rrise calibrate` will use: " + _CLIP_HELP},
+    )
 
     def __post_init__(self) -> None:
         _at_least("--cap-draws", self.cap_draws, 0)
@@ -221,13 +231,7 @@ class CalibrateOptions(WorkdirOptions):
         },
     )
     cap_draws: int | None = field(default=None, metadata={"help": _CAP_DRAWS_CALIBRATE})
-    clip_at_abstention: bool = field(
-        default=True,
-        metadata={
-            "help": "Clip each calibration score at the value beyond which that input abstains anyway "
-            "(the same guarantee, a quantile never larger); --no-clip-at-abstention: the plain score."
-        },
-    )
+    clip_at_abstention: bool = field(default=True, metadata={"help": _CLIP_HELP[0].upper() + _CLIP_HELP[1:]})
 
     def __post_init__(self) -> None:
         for flag, value in (("--alpha", self.alpha), ("--beta", self.beta), ("--delta", self.delta)):

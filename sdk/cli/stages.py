@@ -133,7 +133,9 @@ def select_rule(options: SelectRuleOptions, extras: dict[str, dict[str, Any]]) -
 
     Example: `rrise select-rule --workdir runs/fmnist --cap-draws 30000`
     """
-    settings = {} if options.cap_draws is None else {"cap_draws": options.cap_draws}
+    settings: dict[str, Any] = {} if options.cap_draws is None else {"cap_draws": options.cap_draws}
+    if not options.clip_at_abstention:
+        settings["clip_at_abstention"] = False
     _run_stage(options, extras, "select-rule", **settings)
 
 

@@ -88,8 +88,9 @@ def test_onnx_far_from_the_factory_form_misses():
     assert out["onnx_vs_factory"]["factory_minus_onnx"]["0.0"] == pytest.approx(0.03)
 
 
-def test_result_name_names_architecture_size_profile_and_budget():
+def test_result_name_names_architecture_size_profile_budget_and_tag():
     assert result_name([]) == "own_model-resnet40/quick"
     assert result_name(["--arch", "mobilenet", "--size", "64", "--budget-minutes", "20"]) == (
         "own_model-mobilenet64/quick-budget20"
     )
+    assert result_name(["--profile", "medium", "--tag", "now"]) == "own_model-resnet40/medium-now"

@@ -522,3 +522,23 @@ def test_draws_at_the_cap_reach_the_calibration_report_and_bundle(digits_demo, t
     verified = runner.invoke(app, ["inspect", str(work / "bundle"), "--verify"])
     assert verified.exit_code == 0, verified.output
     assert "cap_draws = 2000" in verified.output
+    # the scores were clipped at abstention (the default), and --verify recomputed them so
+    assert manifest["calibration"]["clip_at_abstention"] is True
+    assert "clipped at each calibration input's abstention threshold" in verified.output
+
+
+def test_calibrate_clips_scores_at_abstention_by_default_and_can_keep_the_plain_score(digits_demo, tmp_path):
+    """The default calibration clips each score at its input's abstention threshold: recorded, and
+    its quantile no larger than the plain score's on the same counts (`--no-clip-at-abstention`)."""
+    work = _copy(digits_demo[0], tmp_path / "w")
+    clipped = json.loads((work / "calibration.json").read_text())
+    plain_run = runner.invoke(
+        app, ["calibrate", "--workdir", str(work), "--force", "--no-clip-at-abstention", "--no-progress"]
+    )
+    assert plain_run.exit_code == 0, plain_run.output
+    plain = json.loads((work / "calibration.json").read_text())
+    assert clipped["clip_at_abstention"] is True and "clip_at_abstention" not in plain
+    assert clipped["quantile"] <= plain["quantile"]
+    assert {k: v for k, v in clipped.items() if k not in ("quantile", "clip_at_abstention")} == {
+        k: v for k, v in plain.items() if k != "quantile"
+    }
