@@ -53,7 +53,7 @@ def _train_fresh(w: Workdir, model, ckpt: Path, fit: SurrogateFit) -> tuple[Any,
     sel_index, sel_counts = load_store_counts(w, TARGET_STORES["selection"])
     steps, draws = fit.steps, fit.draws
     pool = IndexedRows(ds.images, fresh_pool(w))
-    planned = (steps * draws + (fit.distil_steps or 0)) * p.fresh_batch
+    planned = (steps * draws + fit.distil_steps) * p.fresh_batch
     base, _ = prepare_base_model(w, "onnxruntime", "cpu", pool[:1], planned)
 
     def labeller(stream: int, n: int):

@@ -132,6 +132,7 @@ def _train_and_measure(w, labels: np.ndarray, args: argparse.Namespace) -> dict:
 
     model, _ = base_of(w).initial_surrogate("base")
     given = {"steps": args.steps, "draws": args.draws, "augment": "none", "hard_fraction": 0.0}
+    given["distil_steps"] = 0  # fresh targets alone
     fit = SurrogateFit.of(w, "ce", "surrogate", given)
     ckpt = w.path(f"fresh-{args.steps}-{args.draws}-{args.batch}.ckpt")
     t0 = time.perf_counter()

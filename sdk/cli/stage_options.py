@@ -185,7 +185,7 @@ _CAP_DRAWS_CALIBRATE = _profile_field_help(
 
 
 _CLIP_HELP = (
-    "clip each calibration score at the value beyond which that input abstains anyway (the same "
+    "Clip each calibration score at the value beyond which that input abstains anyway (the same "
     "guarantee, a quantile never larger); --no-clip-at-abstention: the plain score."
 )
 
@@ -197,7 +197,7 @@ class SelectRuleOptions(WorkdirOptions):
     cap_draws: int | None = field(default=None, metadata={"help": _CAP_DRAWS_SELECT})
     clip_at_abstention: bool = field(
         default=True,
-        metadata={"help": "Compare the rules with the scores `rrise calibrate` will use: " + _CLIP_HELP},
+        metadata={"help": "Compare the rules with the scores `rrise calibrate` will use. " + _CLIP_HELP},
     )
 
     def __post_init__(self) -> None:
@@ -231,7 +231,7 @@ class CalibrateOptions(WorkdirOptions):
         },
     )
     cap_draws: int | None = field(default=None, metadata={"help": _CAP_DRAWS_CALIBRATE})
-    clip_at_abstention: bool = field(default=True, metadata={"help": _CLIP_HELP[0].upper() + _CLIP_HELP[1:]})
+    clip_at_abstention: bool = field(default=True, metadata={"help": _CLIP_HELP})
 
     def __post_init__(self) -> None:
         for flag, value in (("--alpha", self.alpha), ("--beta", self.beta), ("--delta", self.delta)):
